@@ -1,0 +1,104 @@
+"""The library API the CLI and (later) the server wrap: build an engine, generate, list, report."""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+from pathlib import Path
+
+from darkroom import offline
+from darkroom.home import Home
+from darkroom.request import GenerationRequest, GenerationResult
+
+
+def build_engine(home: Home, *, device: str | None = None, precision: str | None = None, allow_pickle: bool = False):
+    """An Engine with its model cache and library, for one process."""
+    from darkroom.engine.cache import ModelCache
+    from darkroom.engine.device import choose_device
+    from darkroom.engine.generate import Engine
+    from darkroom.models.library import ModelLibrary
+    from darkroom.models.starter import starter_path
+
+    library = ModelLibrary(home)
+    cache = ModelCache(choose_device(device, precision), allow_pickle=allow_pickle)
+    return Engine(library, cache, default_model=lambda: starter_path(home))
+    return engine
+
+
+def generate(request: GenerationRequest, *, home: Home | None = None, output_dir: Path | None = None,
+             engine=None, **engine_options) -> GenerationResult:
+    """One-call generation: `generate(GenerationRequest(prompt="a lighthouse"))`."""
+    home = (home or Home.resolve()).ensure()
+    engine = engine or build_engine(home, **engine_options)
+    return engine.generate(request, output_dir=output_dir)
+
+
+def output_folder(home: Home, kind: str = "txt2img") -> Path:
+    return home.outputs / kind / dt.date.today().isoformat()
+
+
+def request_from_png(path: Path) -> GenerationRequest:
+    from darkroom.errors import InvalidRequest
+    from darkroom.infotext import request_from_infotext
+    from darkroom.pngmeta import read_image_metadata
+
+    meta = read_image_metadata(path)
+    if not meta.parameters:
+        raise InvalidRequest(f"{path}: no generation parameters found in this image, nothing to rerun")
+    return request_from_infotext(meta.parameters)
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def list_models(home: Home, *, hashes: bool = True) -> list[dict]:
+    from darkroom.models.library import ModelLibrary
+
+    library = ModelLibrary(home)
+    rows = []
+    for e in library.scan():
+        if e.error:
+            family = "error: " + e.error.split(": ", 1)[-1][:40]
+        elif e.is_diffusers:
+            family = "diffusers folder"
+        else:
+            family = e.detection.label if e.detection else "?"
+        rows.append({
+            "name": e.name, "family": family, "size": _human_size(e.size),
+            "hash": (library.short_hash(e) if hashes and not e.error else None), "path": str(e.path),
+        })
+    return rows
+
+
+def doctor_report(home: Home, *, device: str | None = None, precision: str | None = None) -> str:
+    import diffusers
+    import torch
+    import transformers
+
+    import darkroom
+    from darkroom.engine.device import choose_device
+
+    choice = choose_device(device, precision)
+    attempts = offline.read_log(home.network_log)
+    lines = [
+        f"Darkroom {darkroom.__version__} on Python {platform.python_version()} ({platform.platform()})",
+        f"Device: {choice.device} at {choice.precision} ({choice.reason})",
+        f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}",
+        f"Home: {home.root}",
+        "Model folders: " + ", ".join(str(d) + ("" if d.is_dir() else " (missing)") for d in home.checkpoint_dirs()),
+        "Offline switches: " + ", ".join(f"{k}={v}" for k, v in offline.OFFLINE_ENV.items() if k.startswith("HF_HUB_OFF")
+                                          or k.endswith("OFFLINE") or k == "DO_NOT_TRACK"),
+        f"Network guard: {'installed' if offline.process_guard().installed else 'NOT installed'};"
+        f" log {home.network_log}",
+    ]
+    if attempts:
+        lines.append(f"Blocked outbound connection attempts: {len(attempts)}")
+        lines += [f"  {a.when}  {a.host}:{a.port}  from {a.caller}" for a in attempts[-20:]]
+    else:
+        lines.append("Blocked outbound connection attempts: none (all is well)")
+    return "\n".join(lines)

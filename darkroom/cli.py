@@ -1,0 +1,240 @@
+"""The `darkroom` command: a thin layer over the library API (no generation logic here)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+import darkroom
+from darkroom import offline
+from darkroom.errors import DarkroomError
+from darkroom.home import Home
+
+log = logging.getLogger("darkroom")
+
+
+class Context:
+    """Objects built once per invocation and passed down (no globals)."""
+
+    def __init__(self, home: Home):
+        self.home = home
+
+    def setup_logging(self) -> None:
+        self.home.logs.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(self.home.logs / "darkroom.log", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
+def user_errors(fn):
+    """Render user mistakes as one line on stderr with a non-zero exit, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from pydantic import ValidationError
+
+        try:
+            return fn(*args, **kwargs)
+        except DarkroomError as e:
+            log.error("%s", e)
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2 if isinstance(e, darkroom.errors.InvalidRequest) else 1)
+        except ValidationError as e:
+            msgs = [f"{'.'.join(str(p) for p in err['loc']) or 'request'}: {err['msg'].removeprefix('Value error, ')}"
+                    for err in e.errors()]
+            log.error("invalid request: %s", "; ".join(msgs))
+            click.echo(f"error: invalid request: {'; '.join(msgs)}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--home", type=click.Path(file_okay=False, path_type=Path), envvar="DARKROOM_HOME",
+              help="Folder holding all Darkroom state (default: $DARKROOM_HOME, else the per-user data folder).")
+@click.option("--models-dir", "models_dirs", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Extra models folder used in place (an AUTOMATIC1111/Forge or ComfyUI root, or a plain folder).")
+@click.version_option(darkroom.__version__, prog_name="darkroom")
+@click.pass_context
+def cli(ctx: click.Context, home: Path | None, models_dirs: tuple[Path, ...]) -> None:
+    """Darkroom: private, offline Stable Diffusion. Never opens an outbound connection."""
+    h = Home.resolve(home)
+    h.extra_model_dirs = [p.expanduser().resolve() for p in models_dirs]
+    h.ensure()
+    offline.process_guard(h.network_log)
+    obj = Context(h)
+    obj.setup_logging()
+    ctx.obj = obj
+
+
+def _engine(home: Home, device: str | None, precision: str | None, allow_pickle: bool):
+    from darkroom.api import build_engine
+
+    return build_engine(home, device=device, precision=precision, allow_pickle=allow_pickle)
+
+
+@cli.command()
+@click.argument("prompt", required=False, default=None)
+@click.option("-N", "--negative", "negative_prompt", default=None, help="Negative prompt.")
+@click.option("-m", "--model", default=None, help="Checkpoint: a name or short hash in the models folders, or a path.")
+@click.option("-n", "--count", "n_iter", type=int, default=None, help="How many batches to make (images = count x batch size).")
+@click.option("-b", "--batch-size", type=int, default=None, help="Images sampled together in one batch.")
+@click.option("-s", "--steps", type=int, default=None)
+@click.option("--cfg", "cfg_scale", type=float, default=None, help="Classifier-free guidance scale.")
+@click.option("--sampler", default=None, help="A1111 sampler name, e.g. 'Euler a', 'DPM++ 2M' (see `darkroom samplers`).")
+@click.option("--schedule", default=None, help="Schedule type: Automatic, Uniform, Karras, Exponential, SGM Uniform.")
+@click.option("--seed", type=int, default=None, help="-1 picks a random seed (recorded in the image).")
+@click.option("-W", "--width", type=int, default=None)
+@click.option("-H", "--height", type=int, default=None)
+@click.option("--clip-skip", type=int, default=None)
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the PNGs (default: <home>/outputs/txt2img/<date>).")
+@click.option("--from-png", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Rerun the parameters stored in an image; options given here override them.")
+@click.option("--device", default=None, help="auto (default), cpu, cuda, cuda:N, mps.")
+@click.option("--precision", default=None, help="auto (default), fp32, fp16, bf16.")
+@click.option("--allow-pickle", is_flag=True, help="Allow .ckpt pickles (loaded with torch.load(weights_only=True)).")
+@click.pass_obj
+@user_errors
+def generate(obj: Context, prompt, negative_prompt, model, n_iter, batch_size, steps, cfg_scale, sampler, schedule,
+             seed, width, height, clip_skip, output, from_png, device, precision, allow_pickle) -> None:
+    """Generate images from PROMPT and write PNGs with their parameters inside."""
+    from darkroom.api import output_folder, request_from_png
+    from darkroom.models import starter
+    from darkroom.request import GenerationRequest
+
+    fields = dict(prompt=prompt, negative_prompt=negative_prompt, model=model, n_iter=n_iter, batch_size=batch_size,
+                  steps=steps, cfg_scale=cfg_scale, sampler=sampler, schedule=schedule, seed=seed, width=width,
+                  height=height, clip_skip=clip_skip)
+    given = {k: v for k, v in fields.items() if v is not None}
+    if from_png is not None:
+        base = request_from_png(from_png)
+        req = base.model_copy(update=given)
+        req = GenerationRequest.model_validate(req.model_dump())
+    else:
+        if prompt is None:
+            raise click.UsageError("give a PROMPT (or --from-png FILE)")
+        req = GenerationRequest(**given)
+    engine = _engine(obj.home, device, precision, allow_pickle)
+    path = engine.model_path(req)
+    click.echo(f"Model: {path.name}" + (f"  ({starter.DESCRIPTION})" if starter.is_builtin(path) else ""), err=True)
+    out_dir = output or output_folder(obj.home)
+
+    cancel = threading.Event()
+    progress = _Progress(req)
+
+    def on_sigint(signum, frame):
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+        click.echo("\nInterrupting after this step (Ctrl-C again to abort at once)...", err=True)
+
+    old = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        result = engine.generate(req, on_step=progress.update, cancel=cancel, output_dir=out_dir)
+    finally:
+        signal.signal(signal.SIGINT, old)
+        progress.close()
+    for image in result.images:
+        click.echo(image.path)
+    done = f"{len(result.images)} image(s) in {out_dir}"
+    if result.interrupted:
+        done = f"interrupted: kept {done}"
+    t = result.timings
+    click.echo(f"{done} (seed {result.seeds[0] if result.seeds else req.seed}; load {t.get('load', 0):.1f}s,"
+               f" sampling {t.get('sampling', 0):.1f}s, total {t.get('total', 0):.1f}s)", err=True)
+    log.info("generated %d image(s) into %s", len(result.images), out_dir)
+    if result.interrupted:
+        sys.exit(130)
+
+
+class _Progress:
+    """A tqdm bar over all steps of all batches: step count, it/s and ETA."""
+
+    def __init__(self, req):
+        self.total = req.steps * req.n_iter
+        self.bar = None
+
+    def update(self, event) -> None:
+        if self.bar is None:  # created at the first step, so model loading does not skew it/s and ETA
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, unit="step", desc="Sampling", dynamic_ncols=True, file=sys.stderr,
+                            mininterval=0.2)
+        self.bar.set_postfix_str(f"image batch {event.batch_index + 1}/{event.batch_count}", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@cli.command("png-info")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@user_errors
+def png_info(files: tuple[Path, ...]) -> None:
+    """Print the generation parameters stored in images (Darkroom, A1111, Forge, ComfyUI, sd.cpp)."""
+    from darkroom.pngmeta import describe, read_image_metadata
+
+    status = 0
+    for i, f in enumerate(files):
+        if len(files) > 1:
+            click.echo(("\n" if i else "") + f"== {f}")
+        meta = read_image_metadata(f)
+        click.echo(describe(meta, str(f)))
+        status = status or (0 if meta.parameters else 1)
+    sys.exit(status)
+
+
+@cli.command()
+@click.option("--hashes/--no-hashes", default=True, help="Compute short hashes (cached after the first time).")
+@click.pass_obj
+@user_errors
+def models(obj: Context, hashes: bool) -> None:
+    """List the checkpoints in the models folders: family, size, short hash."""
+    from darkroom.api import list_models
+
+    rows = list_models(obj.home, hashes=hashes)
+    if not rows:
+        click.echo(f"No checkpoints found in {obj.home.checkpoints}. Copy .safetensors files there or use --models-dir.")
+        return
+    width = max(len(r["name"]) for r in rows)
+    click.echo(f"{'NAME':<{width}}  {'FAMILY':<22} {'SIZE':>9}  HASH        PATH")
+    for r in rows:
+        click.echo(f"{r['name']:<{width}}  {r['family']:<22} {r['size']:>9}  {r['hash'] or '-':<10}  {r['path']}")
+
+
+@cli.command()
+def samplers() -> None:
+    """List the samplers and the schedule types each accepts."""
+    from darkroom.engine.samplers import SAMPLERS
+
+    for s in SAMPLERS:
+        click.echo(f"{s.name:<14} schedules: Automatic (= {s.default_schedule}), {', '.join(s.schedules)}")
+
+
+@cli.command()
+@click.option("--device", default=None)
+@click.option("--precision", default=None)
+@click.pass_obj
+@user_errors
+def doctor(obj: Context, device, precision) -> None:
+    """Show device, precision, versions, model folders and the network guard's record."""
+    from darkroom.api import doctor_report
+
+    click.echo(doctor_report(obj.home, device=device, precision=precision))
+
+
+def main() -> None:
+    cli(prog_name="darkroom")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The loaded-model cache: one model kept in memory between generations of a process."""
+
+from __future__ import annotations
+
+import gc
+import threading
+from pathlib import Path
+
+import torch
+
+from darkroom.engine.device import DeviceChoice
+from darkroom.models.loader import LoadedModel, LoadOptions, load_checkpoint
+
+
+class ModelCache:
+    """Keeps the last loaded model; loading another frees it first (peak memory = one model)."""
+
+    def __init__(self, device: DeviceChoice, *, allow_pickle: bool = False):
+        self.device = device
+        self.allow_pickle = allow_pickle
+        self._model: LoadedModel | None = None
+        self._key: tuple | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> LoadedModel | None:
+        return self._model
+
+    def get(self, path: Path, *, v_prediction: bool | None = None) -> LoadedModel:
+        path = Path(path).resolve()
+        st = path.stat()
+        key = (str(path), st.st_mtime_ns, v_prediction)
+        with self._lock:
+            if self._model is not None and self._key == key:
+                return self._model
+            self.unload()
+            family_hint = "sdxl" if self._looks_sdxl(path) else "sd"
+            opts = LoadOptions(
+                device=self.device.device,
+                dtype=self.device.dtype,
+                vae_dtype=self.device.vae_dtype(family_hint),
+                allow_pickle=self.allow_pickle,
+                v_prediction=v_prediction,
+            )
+            self._model = load_checkpoint(path, opts)
+            self._key = key
+            return self._model
+
+    @staticmethod
+    def _looks_sdxl(path: Path) -> bool:
+        if path.is_dir():
+            return (path / "text_encoder_2").exists()
+        if path.suffix.lower() != ".safetensors":
+            return False
+        from darkroom.models.header import read_header
+
+        return read_header(path).has_prefix("conditioner.")
+
+    def unload(self) -> None:
+        self._model = None
+        self._key = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

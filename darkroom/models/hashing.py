@@ -1,0 +1,83 @@
+"""File hashes users see (CivitAI's short hash), cached by (path, size, mtime) in SQLite."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from pathlib import Path
+
+CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+class HashCache:
+    """SHA-256 per file, recomputed only when size or mtime change."""
+
+    def __init__(self, db_path: Path | None):
+        self.db_path = db_path
+        self._memory: dict[tuple[str, int, int], str] = {}
+
+    def _connect(self) -> sqlite3.Connection | None:
+        if self.db_path is None:
+            return None
+        try:
+            self.db_path.parent.mkdir(parents=True, exist_ok=True)
+            con = sqlite3.connect(self.db_path, timeout=10)
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute(
+                "CREATE TABLE IF NOT EXISTS file_hashes (path TEXT PRIMARY KEY, size INTEGER, "
+                "mtime_ns INTEGER, sha256 TEXT)"
+            )
+            return con
+        except sqlite3.Error:
+            return None  # a read-only home still works, just without a persistent cache
+
+    def sha256(self, path: Path) -> str:
+        path = Path(path).resolve()
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key in self._memory:
+            return self._memory[key]
+        con = self._connect()
+        if con is not None:
+            with con:
+                row = con.execute(
+                    "SELECT sha256 FROM file_hashes WHERE path=? AND size=? AND mtime_ns=?", key
+                ).fetchone()
+            if row:
+                self._memory[key] = row[0]
+                con.close()
+                return row[0]
+        digest = sha256_file(path)
+        self._memory[key] = digest
+        if con is not None:
+            with con:
+                con.execute("INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?)", (*key, digest))
+            con.close()
+        return digest
+
+    def short_hash(self, path: Path) -> str:
+        """The 10-hex-digit "AutoV2" hash CivitAI shows."""
+        return self.sha256(path)[:10]
+
+    def cached_short_hash(self, path: Path) -> str | None:
+        """The short hash if already known, without hashing (for instant listings)."""
+        path = Path(path).resolve()
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key in self._memory:
+            return self._memory[key][:10]
+        con = self._connect()
+        if con is None:
+            return None
+        with con:
+            row = con.execute("SELECT sha256 FROM file_hashes WHERE path=? AND size=? AND mtime_ns=?", key).fetchone()
+        con.close()
+        return row[0][:10] if row else None

@@ -1,0 +1,239 @@
+"""Load a checkpoint (single file or diffusers folder) into ready-to-run components, offline.
+
+Configs come from the file's own tensor shapes (darkroom.models.configs) and the tokenizer
+ships with the package, so nothing is ever fetched. Every failure a user can cause is a
+ModelLoadError naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors import safe_open
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from darkroom.errors import ModelLoadError, UnsupportedModel
+from darkroom.models import configs, convert
+from darkroom.models.families import FAMILIES, Detection, Family, detect
+from darkroom.models.header import SafetensorsHeader, TensorInfo, read_header
+
+
+@dataclass
+class LoadOptions:
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    vae_dtype: torch.dtype = torch.float32
+    allow_pickle: bool = False
+    v_prediction: bool | None = None  # None: as detected
+
+
+@dataclass
+class TextEncoderSlot:
+    """One text encoder and how the webui pads its prompts (CLIP pads with EOS, OpenCLIP with 0)."""
+
+    model: CLIPTextModel | CLIPTextModelWithProjection
+    pad_id: int
+    layout: str
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: Path
+    family: Family
+    detection: Detection
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoders: list[TextEncoderSlot]
+    scheduler_config: dict[str, Any]
+    dtype: torch.dtype
+    vae_dtype: torch.dtype
+    device: torch.device
+    load_seconds: float = 0.0
+
+    @property
+    def v_prediction(self) -> bool:
+        return self.scheduler_config["prediction_type"] == "v_prediction"
+
+
+def _build(cls, config, sd: dict[str, torch.Tensor], what: str, path: Path, dtype: torch.dtype):
+    """Instantiate without allocating random weights, then load the converted tensors strictly."""
+    with init_empty_weights():
+        model = cls(config) if not isinstance(config, dict) else cls.from_config(config)
+    if what.startswith("text encoder"):
+        sd = convert.fit_text_keys(model, sd)
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(sd))
+    extra = sorted(set(sd) - expected)
+    if missing or extra:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+        raise ModelLoadError(f"{path.name}: the {what} weights do not match their detected layout ({detail})")
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    try:
+        model.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise ModelLoadError(f"{path.name}: the {what} weights have unexpected shapes ({first})") from None
+    # buffers created by __init__ that are not in the state dict (e.g. position_ids) are still meta
+    for module in model.modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf.is_meta:
+                raise ModelLoadError(f"{path.name}: the {what} has an uninitialised buffer {name}")
+    return model.eval().requires_grad_(False)
+
+
+def _read_tensors(path: Path, header: SafetensorsHeader) -> dict[str, torch.Tensor]:
+    keep = [k for k in header.tensors if not k.startswith("model_ema.")]
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {k: fh.get_tensor(k) for k in keep}
+    except Exception as e:  # safetensors raises its own error types for corrupt data
+        raise ModelLoadError(f"{path.name}: cannot read tensors ({e})") from None
+
+
+def _header_from_tensors(path: Path, sd: dict[str, torch.Tensor]) -> SafetensorsHeader:
+    tensors = {k: TensorInfo(str(v.dtype), tuple(v.shape), (0, 0)) for k, v in sd.items() if torch.is_tensor(v)}
+    return SafetensorsHeader(path, tensors)
+
+
+def _read_pickle(path: Path, allow: bool) -> dict[str, torch.Tensor]:
+    if not allow:
+        raise ModelLoadError(
+            f"{path.name}: pickled checkpoints (.ckpt/.pt) can run arbitrary code when loaded, so Darkroom"
+            " refuses them by default; prefer a .safetensors version of this model, or pass --allow-pickle"
+            " to load it with torch.load(weights_only=True)"
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise ModelLoadError(f"{path.name}: cannot be loaded as a restricted pickle ({type(e).__name__}: {e})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ModelLoadError(f"{path.name}: not a checkpoint (the pickle holds no state dict)")
+    return {k: v for k, v in obj.items() if torch.is_tensor(v) and not k.startswith("model_ema.")}
+
+
+def load_checkpoint(path: Path, opts: LoadOptions) -> LoadedModel:
+    path = Path(path)
+    start = time.perf_counter()
+    if path.is_dir():
+        model = _load_diffusers_folder(path, opts)
+        model.load_seconds = time.perf_counter() - start
+        return model
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        header = read_header(path)
+        detection = _require_checkpoint(path, detect(header))
+        sd = _read_tensors(path, header)
+    elif suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        sd = _read_pickle(path, opts.allow_pickle)
+        header = _header_from_tensors(path, sd)
+        detection = _require_checkpoint(path, detect(header))
+    else:
+        raise ModelLoadError(f"{path.name}: not a checkpoint file (expected .safetensors, or .ckpt with --allow-pickle)")
+
+    family = FAMILIES[detection.family]
+    overrides = configs.metadata_overrides(header)
+    v_pred = detection.v_prediction if opts.v_prediction is None else opts.v_prediction
+    try:
+        unet_cfg = configs.unet_config(header, family.id, overrides.get("unet"))
+        vae_cfg = configs.vae_config(header, family.id, overrides=overrides.get("vae"))
+        unet = _build(UNet2DConditionModel, unet_cfg, convert.unet_state_dict(sd, unet_cfg), "UNet", path, opts.dtype)
+        vae = _build(AutoencoderKL, vae_cfg, convert.vae_state_dict(sd, vae_cfg), "VAE", path, opts.vae_dtype)
+        encoders = []
+        for i, (prefix, layout) in enumerate(family.text_encoders):
+            is_sdxl_g = family.id.startswith("sdxl") and layout == "openclip"
+            te_cfg = configs.text_encoder_config(
+                header, prefix, layout, drop_last_layer=family.id == "sd2", with_projection=is_sdxl_g,
+                overrides=overrides.get("text_encoder" if i == 0 else "text_encoder_2"),
+            )
+            config = CLIPTextConfig(**te_cfg)
+            if layout == "hf":
+                te_sd = convert.hf_clip_state_dict(sd, prefix)
+            else:
+                te_sd = convert.openclip_state_dict(sd, prefix, te_cfg["num_hidden_layers"])
+            cls = CLIPTextModelWithProjection if is_sdxl_g else CLIPTextModel
+            if not is_sdxl_g:
+                te_sd.pop("text_projection.weight", None)
+            te = _build(cls, config, te_sd, f"text encoder {i + 1}", path, opts.dtype)
+            encoders.append(TextEncoderSlot(te, pad_id=49407 if layout == "hf" else 0, layout=layout))
+    except (KeyError, StopIteration, IndexError) as e:
+        raise ModelLoadError(f"{path.name}: incomplete {family.label} checkpoint (missing {e})") from None
+    del sd
+    return LoadedModel(
+        name=path.stem, path=path, family=family, detection=detection,
+        unet=unet.to(opts.device), vae=vae.to(opts.device), text_encoders=_to(encoders, opts.device),
+        scheduler_config=configs.scheduler_config(v_pred), dtype=opts.dtype, vae_dtype=opts.vae_dtype,
+        device=opts.device, load_seconds=time.perf_counter() - start,
+    )
+
+
+def _to(encoders: list[TextEncoderSlot], device: torch.device) -> list[TextEncoderSlot]:
+    for slot in encoders:
+        slot.model.to(device)
+    return encoders
+
+
+def _require_checkpoint(path: Path, d: Detection) -> Detection:
+    if d.kind == "checkpoint":
+        return d
+    if d.kind == "unsupported":
+        raise UnsupportedModel(f"{path.name}: not supported yet: detected {d.detail}")
+    if d.kind in ("lora", "embedding", "vae"):
+        where = {"lora": "models/loras", "embedding": "models/embeddings", "vae": "models/vae"}[d.kind]
+        raise ModelLoadError(
+            f"{path.name}: this is a {d.detail}, not a checkpoint; put it in {where} and use it with a checkpoint"
+        )
+    raise ModelLoadError(f"{path.name}: not a Stable Diffusion checkpoint (no UNet, VAE and text encoder found)")
+
+
+def _load_diffusers_folder(folder: Path, opts: LoadOptions) -> LoadedModel:
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{folder.name}: unreadable model_index.json ({e})") from None
+    has1, has2 = "text_encoder" in index and index["text_encoder"][0], "text_encoder_2" in index
+    kw = dict(local_files_only=True)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=opts.dtype, **kw)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=opts.vae_dtype, **kw)
+        encoders: list[TextEncoderSlot] = []
+        if has1:
+            te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=opts.dtype, **kw)
+            openclip = te.config.hidden_act == "gelu"
+            encoders.append(TextEncoderSlot(te, pad_id=0 if openclip else 49407, layout="openclip" if openclip else "hf"))
+        if has2 and index["text_encoder_2"][0]:
+            te2 = CLIPTextModelWithProjection.from_pretrained(
+                folder, subfolder="text_encoder_2", torch_dtype=opts.dtype, **kw
+            )
+            encoders.append(TextEncoderSlot(te2, pad_id=0, layout="openclip"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{folder.name}: incomplete diffusers folder ({str(e).splitlines()[0]})") from None
+    if has2:
+        family_id = "sdxl" if has1 else "sdxl-refiner"
+    else:
+        family_id = "sd2" if encoders and encoders[0].layout == "openclip" else "sd1"
+    sched_file = folder / "scheduler" / "scheduler_config.json"
+    prediction = "epsilon"
+    if sched_file.exists():
+        prediction = json.loads(sched_file.read_text(encoding="utf-8")).get("prediction_type", "epsilon")
+    v_pred = prediction == "v_prediction" if opts.v_prediction is None else opts.v_prediction
+    detection = Detection("checkpoint", family_id, inpainting=unet.config.in_channels == 9, v_prediction=v_pred)
+    for slot in encoders:
+        slot.model.eval().requires_grad_(False)
+    return LoadedModel(
+        name=folder.name, path=folder, family=FAMILIES[family_id], detection=detection,
+        unet=unet.eval().requires_grad_(False).to(opts.device), vae=vae.eval().requires_grad_(False).to(opts.device),
+        text_encoders=_to(encoders, opts.device), scheduler_config=configs.scheduler_config(v_pred),
+        dtype=opts.dtype, vae_dtype=opts.vae_dtype, device=opts.device,
+    )
