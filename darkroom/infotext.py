@@ -57,7 +57,8 @@ _SUFFIXES = {
 }
 _SUFFIX_ORDER = sorted(_SUFFIXES, key=len, reverse=True)
 
-# stable-diffusion.cpp writes its CLI names: "Sampler: euler_a karras".
+# stable-diffusion.cpp writes its CLI names: "Sampler: euler_a karras". Names the webui
+# lacks map to themselves: listing them still lets "tcd karras" be split.
 SDCPP_SAMPLERS = {
     "euler": "Euler", "euler_a": "Euler a", "heun": "Heun", "dpm2": "DPM2",
     "dpm++2s_a": "DPM++ 2S a", "dpm++2m": "DPM++ 2M", "dpm++2mv2": "DPM++ 2M",
@@ -214,6 +215,12 @@ def split_sampler(sampler: str, schedule: str | None, *, sdcpp: bool = False) ->
     return sampler, label or "Automatic"
 
 
+_KEY_OF_FIELD = {
+    "steps": "Steps", "cfg_scale": "CFG scale", "seed": "Seed", "width": "Size width",
+    "height": "Size height", "clip_skip": "Clip skip", "eta": "Eta",
+}
+
+
 def _number(params: Mapping[str, str], key: str, kind: type[int] | type[float]):
     raw = params[key].strip()
     try:
@@ -269,6 +276,7 @@ def request_from_infotext(text: str) -> GenerationRequest:
         return GenerationRequest(**fields)
     except pydantic.ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
+            f"{_KEY_OF_FIELD.get(str(e['loc'][0]), e['loc'][0])} ({e['msg']})"
+            for e in exc.errors() if e["loc"]
         )
-        raise InvalidRequest(f"the infotext's parameters are not usable: {problems}") from None
+        raise InvalidRequest(f"the infotext's values are not usable: {problems}") from None

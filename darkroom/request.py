@@ -24,7 +24,7 @@ class GenerationRequest(BaseModel):
     schedule: str = Field("Automatic", description="Schedule type: Automatic, Karras, ...")
     steps: int = Field(20, ge=1, le=500)
     cfg_scale: float = Field(7.0, ge=0.0, le=100.0)
-    seed: int = Field(-1, ge=-1, lt=2**32, description="-1 picks a random seed.")
+    seed: int = Field(-1, ge=-1, lt=2**64, description="-1 picks a random seed (ComfyUI seeds are 64-bit).")
     width: int = Field(512, ge=8, le=MAX_SIDE)
     height: int = Field(512, ge=8, le=MAX_SIDE)
     batch_size: int = Field(1, ge=1, le=64, description="Images sampled together.")

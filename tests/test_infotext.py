@@ -276,8 +276,9 @@ def test_no_parameter_line_is_invalid_request(text):
 @pytest.mark.parametrize(("text", "message"), [
     ("p\nSteps: many, Sampler: Euler, Seed: 1", "'Steps: many' is not a number"),
     ("p\nSteps: 20, Sampler: Euler, Size: big", "not WIDTHxHEIGHT"),
-    ("p\nSteps: 20, Sampler: Euler, Size: 513x512", "width"),
-    ("p\nSteps: 9999, Sampler: Euler, Seed: 1", "steps"),
+    ("p\nSteps: 20, Sampler: Euler, Size: 513x512", "Size width .*multiple of 8"),
+    ("p\nSteps: 9999, Sampler: Euler, Seed: 1", "Steps"),
+    ("p\nSteps: 20, Sampler: Euler, Seed: 156680208700286", "Seed"),  # ComfyUI's 64-bit seeds
 ])
 def test_bad_values_are_invalid_request(text, message):
     with pytest.raises(InvalidRequest, match=message):

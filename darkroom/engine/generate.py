@@ -50,9 +50,13 @@ def random_seed() -> int:
     return random.SystemRandom().randrange(4294967294)
 
 
-def initial_noise(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
-    """Per-image noise from CPU generators: identical on every device and in any batch."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds])
+def initial_noise(generators: list[torch.Generator], shape: tuple[int, int, int]) -> torch.Tensor:
+    """Per-image noise from CPU generators: identical on every device and in any batch.
+
+    The same generators then feed the ancestral/SDE steps, so each image's whole noise
+    sequence depends on its own seed only (as the webui's per-image RNG does).
+    """
+    return torch.stack([torch.randn(shape, generator=g) for g in generators])
 
 
 def latents_to_images(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
@@ -137,8 +141,10 @@ class Engine:
         device, n = model.device, len(seeds)
         scheduler = samplers.make_scheduler(spec, schedule, model.scheduler_config, seed=seeds[0])
         scheduler.set_timesteps(req.steps, device=device)
-        latents = initial_noise(seeds, (4, req.height // 8, req.width // 8)).to(device) * scheduler.init_noise_sigma
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        f = model.vae_scale_factor
+        shape = (model.unet.config.out_channels, req.height // f, req.width // f)
+        latents = initial_noise(generators, shape).to(device) * scheduler.init_noise_sigma
         context = cond.context.expand(n, -1, -1)
         extra = self._added_cond(model, req, cond, n)
         if uncond is not None:

@@ -129,7 +129,8 @@ def unet_to_ldm(
     for n in up_layers:
         up_start.append(start)
         start += n
-    up_has_attn = {int(k.split(".")[1]) for k in state_dict if re.match(r"up_blocks\.\d+\.attentions\.", k)}
+    up_attn = re.compile(r"up_blocks\.(\d+)\.attentions\.")
+    up_has_attn = {int(m.group(1)) for k in state_dict if (m := up_attn.match(k))}
     mid_has_attn = any(k.startswith("mid_block.attentions.") for k in state_dict)
 
     out: StateDict = {}
@@ -334,7 +335,8 @@ def open_clip_to_ldm(
             if qm := re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest):
                 qkv.setdefault(i, {})[f"{qm.group(2)}.{qm.group(1)}"] = value
             else:
-                out[f"transformer.resblocks.{i}.{_rename_first(rest, _OPEN_CLIP_LAYER, key)}"] = value
+                rest = _rename_first(rest, _OPEN_CLIP_LAYER, key)
+                out[f"transformer.resblocks.{i}.{rest}"] = value
         else:
             raise ValueError(f"no open_clip name known for {key!r}")
     for i, parts in qkv.items():

@@ -59,6 +59,11 @@ class LoadedModel:
     load_seconds: float = 0.0
 
     @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell: 8 for every real SD VAE (3 downsamples), less for tiny ones."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
     def v_prediction(self) -> bool:
         return self.scheduler_config["prediction_type"] == "v_prediction"
 
@@ -155,7 +160,7 @@ def load_checkpoint(path: Path, opts: LoadOptions) -> LoadedModel:
             is_sdxl_g = family.id.startswith("sdxl") and layout == "openclip"
             te_cfg = configs.text_encoder_config(
                 header, prefix, layout, drop_last_layer=family.id == "sd2", with_projection=is_sdxl_g,
-                overrides=overrides.get("text_encoder" if i == 0 else "text_encoder_2"),
+                overrides=overrides.get("text_encoder_2" if i == 1 or family.id == "sdxl-refiner" else "text_encoder"),
             )
             config = CLIPTextConfig(**te_cfg)
             if layout == "hf":

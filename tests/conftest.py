@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny models in the real file layouts, built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import darkroom  # noqa: F401  (offline first)
+from darkroom.home import Home
+
+# id -> (family, build options)
+VARIANTS = {
+    "sd1": ("sd1", {}),
+    "sd1-old-te-ema": ("sd1", {"old_te_keys": True, "ema": True}),
+    "sd1-inpainting": ("sd1", {"inpainting": True}),
+    "sd1-fp16": ("sd1", {"dtype": torch.float16}),
+    "sd1-bf16": ("sd1", {"dtype": torch.bfloat16}),
+    "sd2": ("sd2", {}),
+    "sd2-v": ("sd2", {"v_prediction": True}),
+    "sdxl": ("sdxl", {}),
+    "sdxl-fp16": ("sdxl", {"dtype": torch.float16}),
+    "sdxl-refiner": ("sdxl-refiner", {}),
+}
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(model_dir):
+    """tiny_model("sd1") -> build info dict (path, configs, state_dicts); cached per session."""
+    from darkroom.models.tiny import build_tiny_checkpoint
+
+    built: dict[str, dict] = {}
+
+    def get(variant: str) -> dict:
+        if variant not in built:
+            family, opts = VARIANTS[variant]
+            built[variant] = build_tiny_checkpoint(model_dir / f"tiny-{variant}.safetensors", family, seed=1, **opts)
+        return built[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def engine_factory():
+    """A CPU fp32 engine over a given home (fp32 so comparisons with diffusers are tight)."""
+    from darkroom.api import build_engine
+
+    def make(home: Home, precision: str = "fp32"):
+        return build_engine(home.ensure(), device="cpu", precision=precision)
+
+    return make
+
+
+@pytest.fixture
+def home(tmp_path) -> Home:
+    return Home(tmp_path / "home").ensure()
+
+
+@pytest.fixture(scope="session")
+def session_home(tmp_path_factory) -> Home:
+    return Home(tmp_path_factory.mktemp("home")).ensure()
+
+
+@pytest.fixture(scope="session")
+def engine(engine_factory, session_home):
+    return engine_factory(session_home)
