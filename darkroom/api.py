@@ -22,7 +22,6 @@ def build_engine(home: Home, *, device: str | None = None, precision: str | None
     library = ModelLibrary(home)
     cache = ModelCache(choose_device(device, precision), allow_pickle=allow_pickle)
     return Engine(library, cache, default_model=lambda: starter_path(home))
-    return engine
 
 
 def generate(request: GenerationRequest, *, home: Home | None = None, output_dir: Path | None = None,
@@ -91,8 +90,8 @@ def doctor_report(home: Home, *, device: str | None = None, precision: str | Non
         f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}",
         f"Home: {home.root}",
         "Model folders: " + ", ".join(str(d) + ("" if d.is_dir() else " (missing)") for d in home.checkpoint_dirs()),
-        "Offline switches: " + ", ".join(f"{k}={v}" for k, v in offline.OFFLINE_ENV.items() if k.startswith("HF_HUB_OFF")
-                                          or k.endswith("OFFLINE") or k == "DO_NOT_TRACK"),
+        "Offline switches: " + ", ".join(f"{k}={v}" for k, v in offline.OFFLINE_ENV.items()
+                                         if k.endswith("OFFLINE") or k == "DO_NOT_TRACK"),
         f"Network guard: {'installed' if offline.process_guard().installed else 'NOT installed'};"
         f" log {home.network_log}",
     ]

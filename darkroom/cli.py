@@ -84,11 +84,13 @@ def _engine(home: Home, device: str | None, precision: str | None, allow_pickle:
 @click.argument("prompt", required=False, default=None)
 @click.option("-N", "--negative", "negative_prompt", default=None, help="Negative prompt.")
 @click.option("-m", "--model", default=None, help="Checkpoint: a name or short hash in the models folders, or a path.")
-@click.option("-n", "--count", "n_iter", type=int, default=None, help="How many batches to make (images = count x batch size).")
+@click.option("-n", "--count", "n_iter", type=int, default=None,
+              help="How many batches to make (images = count x batch size).")
 @click.option("-b", "--batch-size", type=int, default=None, help="Images sampled together in one batch.")
 @click.option("-s", "--steps", type=int, default=None)
 @click.option("--cfg", "cfg_scale", type=float, default=None, help="Classifier-free guidance scale.")
-@click.option("--sampler", default=None, help="A1111 sampler name, e.g. 'Euler a', 'DPM++ 2M' (see `darkroom samplers`).")
+@click.option("--sampler", default=None,
+              help="A1111 sampler name, e.g. 'Euler a', 'DPM++ 2M' (see `darkroom samplers`).")
 @click.option("--schedule", default=None, help="Schedule type: Automatic, Uniform, Karras, Exponential, SGM Uniform.")
 @click.option("--seed", type=int, default=None, help="-1 picks a random seed (recorded in the image).")
 @click.option("-W", "--width", type=int, default=None)
@@ -203,7 +205,8 @@ def models(obj: Context, hashes: bool) -> None:
 
     rows = list_models(obj.home, hashes=hashes)
     if not rows:
-        click.echo(f"No checkpoints found in {obj.home.checkpoints}. Copy .safetensors files there or use --models-dir.")
+        click.echo(f"No checkpoints found in {obj.home.checkpoints}. "
+                   "Copy .safetensors files there or use --models-dir.")
         return
     width = max(len(r["name"]) for r in rows)
     click.echo(f"{'NAME':<{width}}  {'FAMILY':<22} {'SIZE':>9}  HASH        PATH")

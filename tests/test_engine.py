@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import VARIANTS
 from darkroom.engine.samplers import SAMPLERS
 from darkroom.request import GenerationRequest
+from tests.conftest import VARIANTS
 
 
 def pixels(image) -> np.ndarray:
@@ -49,7 +49,7 @@ def test_weights_load_exactly(engine, tiny_model):
         engine.generate(small(model=str(info["path"]), steps=1))
         m = engine.cache.current
         names = ["text_encoder_2"] if variant == "sdxl-refiner" else ["text_encoder", "text_encoder_2"]
-        modules = {"unet": m.unet, "vae": m.vae} | {n: s.model for n, s in zip(names, m.text_encoders)}
+        modules = {"unet": m.unet, "vae": m.vae} | {n: s.model for n, s in zip(names, m.text_encoders, strict=True)}
         for name, module in modules.items():
             got = module.state_dict()
             for key, want in info["state_dicts"][name].items():

@@ -278,7 +278,7 @@ def test_no_parameter_line_is_invalid_request(text):
     ("p\nSteps: 20, Sampler: Euler, Size: big", "not WIDTHxHEIGHT"),
     ("p\nSteps: 20, Sampler: Euler, Size: 513x512", "Size width .*multiple of 8"),
     ("p\nSteps: 9999, Sampler: Euler, Seed: 1", "Steps"),
-    ("p\nSteps: 20, Sampler: Euler, Seed: 156680208700286", "Seed"),  # ComfyUI's 64-bit seeds
+    ("p\nSteps: 20, Sampler: Euler, Seed: 18446744073709551616", "Seed"),  # past 64 bits
 ])
 def test_bad_values_are_invalid_request(text, message):
     with pytest.raises(InvalidRequest, match=message):

@@ -86,7 +86,8 @@ class Engine:
     def model_path(self, req: GenerationRequest) -> Path:
         if req.model:
             return self.library.resolve(req.model)
-        entries = [e for e in self.library.scan() if e.error is None and (e.detection is None or e.detection.kind == "checkpoint")]
+        entries = [e for e in self.library.scan()
+                   if e.error is None and (e.detection is None or e.detection.kind == "checkpoint")]
         if entries:
             return entries[0].path
         if self.default_model is not None:
@@ -127,12 +128,13 @@ class Engine:
                 if latents is None:
                     result.interrupted = True
                     break
-                for seed, image in zip(seeds, latents_to_images(model, latents)):
+                for seed, image in zip(seeds, latents_to_images(model, latents), strict=True):
                     result.images.append(self._finish(req, seed, image, model, model_hash, schedule, output_dir))
             timings["sampling"] = sampling
             timings["total"] = time.perf_counter() - t0
             result.timings = timings
-            result.info = {"schedule": schedule, "device": str(model.device), "dtype": str(model.dtype).replace("torch.", "")}
+            result.info = {"schedule": schedule, "device": str(model.device),
+                           "dtype": str(model.dtype).replace("torch.", "")}
             return result
 
     def _sample(self, model: LoadedModel, req: GenerationRequest, spec: samplers.Sampler, schedule: str,

@@ -21,7 +21,7 @@ SCHEDULES: dict[str, dict[str, Any]] = {
     "Exponential": {"use_exponential_sigmas": True, "timestep_spacing": "linspace"},
     "SGM Uniform": {"timestep_spacing": "trailing"},
 }
-SCHEDULE_ALIASES = {"automatic": "Automatic", "normal": "Uniform", "simple": "SGM Uniform", "sgm_uniform": "SGM Uniform"}
+SCHEDULE_ALIASES = {"normal": "Uniform", "simple": "SGM Uniform", "sgm_uniform": "SGM Uniform"}
 SIGMA_SCHEDULES = ("Uniform", "Karras", "Exponential", "SGM Uniform")
 SPACING_ONLY = ("Uniform", "SGM Uniform")
 

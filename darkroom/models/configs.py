@@ -48,7 +48,7 @@ def unet_config(h: SafetensorsHeader, family: str, overrides: dict[str, Any] | N
     keys = [k[len(UNET):] for k in h.tensors if k.startswith(UNET)]
     shape = lambda k: h.tensors[UNET + k].shape  # noqa: E731
     conv_in = shape("input_blocks.0.0.weight")
-    model_channels, in_channels = conv_in[0], conv_in[1]
+    in_channels = conv_in[1]
     n_input = len(_indices(keys, r"input_blocks\.(\d+)\."))
     downsamples = [i for i in _indices(keys, r"input_blocks\.(\d+)\.0\.op\.weight")]
     levels = len(downsamples) + 1

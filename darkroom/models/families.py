@@ -29,10 +29,8 @@ FAMILIES: dict[str, Family] = {
     for f in (
         Family("sd1", "SD1", 512, 0.18215, (("cond_stage_model.transformer.", "hf"),)),
         Family("sd2", "SD2", 512, 0.18215, (("cond_stage_model.model.", "openclip"),)),
-        Family(
-            "sdxl", "SDXL", 1024, 0.13025,
-            (("conditioner.embedders.0.transformer.", "hf"), ("conditioner.embedders.1.model.", "openclip")),
-        ),
+        Family("sdxl", "SDXL", 1024, 0.13025,
+               (("conditioner.embedders.0.transformer.", "hf"), ("conditioner.embedders.1.model.", "openclip"))),
         Family("sdxl-refiner", "SDXL-refiner", 1024, 0.13025, (("conditioner.embedders.0.model.", "openclip"),)),
     )
 }
@@ -62,18 +60,30 @@ def _any(h: SafetensorsHeader, pred: Callable[[str], bool]) -> bool:
     return any(pred(k) for k in h.tensors)
 
 
+def _is_lora_key(k: str) -> bool:
+    return k.startswith(("lora_unet_", "lora_te", "lycoris_")) or any(
+        part in k for part in (".lora_down.", ".lora_A.", ".hada_w1_a")
+    )
+
+
+def _both(h: SafetensorsHeader, a: str, b: str) -> bool:
+    return _any(h, lambda k: a in k) and _any(h, lambda k: b in k)
+
+
 # (kind, family or detail, probe) in order: the first probe that matches wins.
 PROBES: list[tuple[str, str, Callable[[SafetensorsHeader], bool]]] = [
     ("unsupported", "SD3", lambda h: _any(h, lambda k: "joint_blocks." in k)),
-    ("unsupported", "Flux", lambda h: _any(h, lambda k: "double_blocks." in k) and _any(h, lambda k: "single_blocks." in k)),
-    ("unsupported", "Stable Cascade", lambda h: _any(h, lambda k: k.startswith("down_blocks.") and ".channelwise." in k)),
-    ("lora", "LoRA", lambda h: _any(h, lambda k: k.startswith(("lora_unet_", "lora_te", "lycoris_")) or ".lora_down." in k or ".lora_A." in k or ".hada_w1_a" in k)),
-    ("embedding", "textual inversion embedding", lambda h: _any(h, lambda k: k in ("emb_params", "clip_l", "clip_g") or k.startswith("string_to_param"))),
+    ("unsupported", "Flux", lambda h: _both(h, "double_blocks.", "single_blocks.")),
+    ("unsupported", "Stable Cascade", lambda h: _both(h, "down_blocks.", ".channelwise.")),
+    ("lora", "LoRA", lambda h: _any(h, _is_lora_key)),
+    ("embedding", "textual inversion embedding",
+     lambda h: _any(h, lambda k: k in ("emb_params", "clip_l", "clip_g") or k.startswith("string_to_param"))),
     ("checkpoint", "sdxl-refiner", lambda h: "conditioner.embedders.0.model.token_embedding.weight" in h.tensors),
     ("checkpoint", "sdxl", lambda h: "conditioner.embedders.1.model.token_embedding.weight" in h.tensors),
     ("checkpoint", "sd2", lambda h: "cond_stage_model.model.token_embedding.weight" in h.tensors),
     ("checkpoint", "sd1", lambda h: h.has_prefix("cond_stage_model.transformer.")),
-    ("unsupported", "UNet-only file (no text encoder or VAE inside)", lambda h: h.has_prefix(UNET) or h.has_prefix("down_blocks.")),
+    ("unsupported", "UNet-only file (no text encoder or VAE inside)",
+     lambda h: h.has_prefix(UNET) or h.has_prefix("down_blocks.")),
     ("vae", "VAE", lambda h: _any(h, lambda k: k.startswith(("encoder.", "decoder.", "first_stage_model.encoder.")))),
 ]
 
@@ -105,6 +115,8 @@ def detect(h: SafetensorsHeader) -> Detection:
             return Detection("unsupported", detail=f"{FAMILIES[what].label} file without its {missing}")
         channels = conv_in[1]
         if channels not in (4, 9):
-            return Detection("unsupported", detail=f"{FAMILIES[what].label} with {channels}-channel UNet input (e.g. instruct-pix2pix)")
+            label = FAMILIES[what].label
+            detail = f"{label} with {channels}-channel UNet input (e.g. instruct-pix2pix)"
+            return Detection("unsupported", detail=detail)
         return Detection("checkpoint", what, inpainting=channels == 9, v_prediction=_is_v_prediction(h))
     return Detection("unknown", detail="not a Stable Diffusion checkpoint")

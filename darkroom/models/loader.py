@@ -118,7 +118,8 @@ def _read_pickle(path: Path, allow: bool) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        raise ModelLoadError(f"{path.name}: cannot be loaded as a restricted pickle ({type(e).__name__}: {e})") from None
+        what = f"{type(e).__name__}: {e}"
+        raise ModelLoadError(f"{path.name}: cannot be loaded as a restricted pickle ({what})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -145,7 +146,8 @@ def load_checkpoint(path: Path, opts: LoadOptions) -> LoadedModel:
         header = _header_from_tensors(path, sd)
         detection = _require_checkpoint(path, detect(header))
     else:
-        raise ModelLoadError(f"{path.name}: not a checkpoint file (expected .safetensors, or .ckpt with --allow-pickle)")
+        raise ModelLoadError(
+            f"{path.name}: not a checkpoint file (expected .safetensors, or .ckpt with --allow-pickle)")
 
     family = FAMILIES[detection.family]
     overrides = configs.metadata_overrides(header)
@@ -216,7 +218,8 @@ def _load_diffusers_folder(folder: Path, opts: LoadOptions) -> LoadedModel:
         if has1:
             te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=opts.dtype, **kw)
             openclip = te.config.hidden_act == "gelu"
-            encoders.append(TextEncoderSlot(te, pad_id=0 if openclip else 49407, layout="openclip" if openclip else "hf"))
+            layout = "openclip" if openclip else "hf"
+            encoders.append(TextEncoderSlot(te, pad_id=0 if openclip else 49407, layout=layout))
         if has2 and index["text_encoder_2"][0]:
             te2 = CLIPTextModelWithProjection.from_pretrained(
                 folder, subfolder="text_encoder_2", torch_dtype=opts.dtype, **kw

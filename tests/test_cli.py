@@ -1,0 +1,190 @@
+"""The `darkroom` CLI as a user runs it: files written, parameters inside, one-line errors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from darkroom.cli import cli
+from darkroom.infotext import parse_infotext
+from darkroom.pngmeta import read_image_metadata
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(home, *args):
+    result = CliRunner().invoke(cli, ["--home", str(home.root), *args], catch_exceptions=False)
+    return result
+
+
+@pytest.fixture
+def sd1_in_home(home, tiny_model):
+    target = home.checkpoints / "tiny-sd1.safetensors"
+    shutil.copy(tiny_model("sd1")["path"], target)
+    return target
+
+
+def test_generate_writes_pngs_with_infotext(home, sd1_in_home, tmp_path):
+    out = tmp_path / "out"
+    r = run(home, "generate", "a lighthouse at dusk", "--model", "tiny-sd1", "-n", "2", "--steps", "3", "--cfg", "7",
+            "--sampler", "DPM++ 2M", "--schedule", "Karras", "--seed", "42", "-W", "64", "-H", "96", "-o", str(out),
+            "--precision", "fp32")
+    assert r.exit_code == 0, r.output
+    files = sorted(out.glob("*.png"))
+    assert [f.name for f in files] == ["00000-42.png", "00001-43.png"]
+    assert str(files[0]) in r.output
+    assert "Sampling" in r.output and "step" in r.output  # the progress bar
+    params = parse_infotext(read_image_metadata(files[1]).parameters)
+    assert params["Prompt"] == "a lighthouse at dusk"
+    assert (params["Steps"], params["Sampler"], params["Schedule type"], params["CFG scale"]) == (
+        "3", "DPM++ 2M", "Karras", "7")
+    assert (params["Seed"], params["Size"], params["Model"]) == ("43", "64x96", "tiny-sd1")
+    assert len(params["Model hash"]) == 10
+
+    # png-info prints them; --from-png reruns them bit for bit
+    r = run(home, "png-info", str(files[0]))
+    assert r.exit_code == 0 and "Seed: 42" in r.output
+    r = run(home, "generate", "--from-png", str(files[0]), "-o", str(tmp_path / "again"), "--precision", "fp32")
+    assert r.exit_code == 0, r.output
+    [again] = (tmp_path / "again").glob("*.png")
+    assert again.read_bytes() == files[0].read_bytes()
+
+
+def test_model_by_short_hash_and_default_output_folder(home, sd1_in_home):
+    from darkroom.models.hashing import sha256_file
+
+    short = sha256_file(sd1_in_home)[:10]
+    r = run(home, "generate", "x", "--model", short, "--steps", "1", "-W", "64", "-H", "64", "--seed", "1")
+    assert r.exit_code == 0, r.output
+    assert list((home.outputs / "txt2img").glob("*/00000-1.png"))
+
+
+def test_models_lists_family_size_hash(home, sd1_in_home, tiny_model):
+    shutil.copy(tiny_model("sdxl")["path"], home.checkpoints / "tiny-xl.safetensors")
+    shutil.copy(tiny_model("sd1-inpainting")["path"], home.checkpoints / "tiny-inpaint.safetensors")
+    r = run(home, "models")
+    assert r.exit_code == 0, r.output
+    lines = {line.split()[0]: line for line in r.output.splitlines()[1:]}
+    assert "SD1 " in lines["tiny-sd1"] and "MB" in lines["tiny-sd1"]
+    assert "SDXL" in lines["tiny-xl"]
+    assert "SD1 inpainting" in lines["tiny-inpaint"]
+
+
+def test_png_info_without_parameters(home, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    r = run(home, "png-info", str(tmp_path / "plain.png"))
+    assert r.exit_code == 1 and "no generation parameters found" in r.output
+
+
+@pytest.mark.parametrize("case", ["truncated", "lora", "sd3", "text", "ckpt", "bad-width", "bad-sampler", "missing"])
+def test_user_mistakes_are_one_line_errors(home, tiny_model, tmp_path, case):
+    src = tiny_model("sd1")["path"]
+    args = ["generate", "a cat", "--steps", "1", "-W", "64", "-H", "64"]
+    expect = ""
+    if case == "truncated":
+        bad = tmp_path / "cut.safetensors"
+        bad.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+        args += ["--model", str(bad)]
+        expect = "cut.safetensors: file is truncated"
+    elif case == "lora":
+        bad = tmp_path / "style.safetensors"
+        save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 320),
+                   "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(320, 4)}, bad)
+        args += ["--model", str(bad)]
+        expect = "style.safetensors: this is a LoRA, not a checkpoint; put it in models/loras"
+    elif case == "sd3":
+        bad = tmp_path / "sd3.safetensors"
+        save_file({"model.diffusion_model.joint_blocks.0.context_block.attn.qkv.weight": torch.zeros(2, 2)}, bad)
+        args += ["--model", str(bad)]
+        expect = "sd3.safetensors: not supported yet: detected SD3"
+    elif case == "text":
+        bad = tmp_path / "readme.safetensors"
+        bad.write_text("not a model")
+        args += ["--model", str(bad)]
+        expect = "readme.safetensors: not a valid .safetensors file"
+    elif case == "ckpt":
+        bad = tmp_path / "old.ckpt"
+        torch.save({"state_dict": {"x": torch.zeros(1)}}, bad)
+        args += ["--model", str(bad)]
+        expect = "old.ckpt: pickled checkpoints (.ckpt/.pt) can run arbitrary code"
+    elif case == "bad-width":
+        args += ["--model", str(src), "-W", "513"]
+        expect = "width 513 is not a multiple of 8"
+    elif case == "bad-sampler":
+        args += ["--model", str(src), "--sampler", "Eulr"]
+        expect = "unknown sampler 'Eulr'"
+    elif case == "missing":
+        args += ["--model", "no-such-model"]
+        expect = "no model named 'no-such-model'"
+    r = CliRunner().invoke(cli, ["--home", str(home.root), *args])
+    assert r.exit_code != 0
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
+    assert expect in r.output, r.output
+    assert "Traceback" not in r.output
+    assert expect in (home.logs / "darkroom.log").read_text()
+
+
+def test_ckpt_loads_with_allow_pickle(home, tiny_model, tmp_path):
+    from safetensors.torch import load_file
+
+    ckpt = tmp_path / "legacy.ckpt"
+    torch.save({"state_dict": load_file(tiny_model("sd1")["path"]), "global_step": 1}, ckpt)
+    r = run(home, "generate", "x", "--model", str(ckpt), "--allow-pickle", "--steps", "1", "-W", "64", "-H", "64",
+            "-o", str(tmp_path / "o"))
+    assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "o").glob("*.png"))) == 1
+
+
+def test_doctor_shows_device_versions_and_guard(home):
+    r = run(home, "doctor")
+    assert r.exit_code == 0, r.output
+    for text in ("Device: cpu", "torch ", "diffusers ", "Network guard: installed", "none (all is well)",
+                 str(home.checkpoints)):
+        assert text in r.output
+
+
+def _env(home):
+    env = dict(os.environ, DARKROOM_HOME=str(home.root))
+    env.pop("HF_HUB_OFFLINE", None)  # the entry point must set it by itself
+    return env
+
+
+def test_real_process_error_has_no_traceback(home, tmp_path):
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x00" * 100)
+    p = subprocess.run([sys.executable, "-m", "darkroom.cli", "generate", "x", "--model", str(bad)],
+                       capture_output=True, text=True, env=_env(home), timeout=300)
+    assert p.returncode == 1
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: broken.safetensors: not a valid .safetensors file"), lines
+    assert "Traceback" not in p.stderr
+
+
+def _can_unshare() -> bool:
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "-n", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _can_unshare(), reason="needs `unshare -n` (root, Linux)")
+def test_generation_with_no_network_at_all(home, tmp_path):
+    """The README's main job, from a fresh home, in a network namespace with no interfaces."""
+    p = subprocess.run(
+        ["unshare", "-n", sys.executable, "-m", "darkroom.cli", "generate", "a red circle on a white background",
+         "--steps", "4", "-W", "64", "-H", "64", "--seed", "3", "-o", str(tmp_path / "out")],
+        capture_output=True, text=True, env=_env(home), timeout=600,
+    )
+    assert p.returncode == 0, p.stderr
+    [png] = (tmp_path / "out").glob("*.png")
+    assert "Seed: 3" in read_image_metadata(png).parameters
+    assert not (home.network_log).exists() or home.network_log.read_text() == ""
