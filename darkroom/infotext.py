@@ -144,7 +144,7 @@ def build_infotext(
         "Schedule type": schedule_label or req.schedule,
         "CFG scale": float(req.cfg_scale),
         "Seed": seed,
-        "Size": f"{req.width}x{req.height}",
+        "Size": f"{req.width}x{req.height}" if req.width and req.height else None,
         "Model hash": model_hash or None,
         "Model": model_name or None,
         "Clip skip": req.clip_skip if req.clip_skip > 1 else None,

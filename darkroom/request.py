@@ -25,8 +25,8 @@ class GenerationRequest(BaseModel):
     steps: int = Field(20, ge=1, le=500)
     cfg_scale: float = Field(7.0, ge=0.0, le=100.0)
     seed: int = Field(-1, ge=-1, lt=2**64, description="-1 picks a random seed (ComfyUI seeds are 64-bit).")
-    width: int = Field(512, ge=8, le=MAX_SIDE)
-    height: int = Field(512, ge=8, le=MAX_SIDE)
+    width: int | None = Field(None, ge=8, le=MAX_SIDE, description="None: the model's native size.")
+    height: int | None = Field(None, ge=8, le=MAX_SIDE, description="None: the model's native size.")
     batch_size: int = Field(1, ge=1, le=64, description="Images sampled together.")
     n_iter: int = Field(1, ge=1, le=1000, description="Batches run one after another.")
     clip_skip: int = Field(1, ge=1, le=12, description="1 = last layer (A1111 'Clip skip').")
@@ -35,8 +35,8 @@ class GenerationRequest(BaseModel):
 
     @field_validator("width", "height")
     @classmethod
-    def _multiple_of_8(cls, v: int, info) -> int:
-        if v % 8:
+    def _multiple_of_8(cls, v: int | None, info) -> int | None:
+        if v is not None and v % 8:
             lo, hi = v - v % 8, v - v % 8 + 8
             raise ValueError(
                 f"{info.field_name} {v} is not a multiple of 8 (the VAE works on 8x8 pixel"

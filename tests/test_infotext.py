@@ -95,7 +95,7 @@ def test_layout_leaves_out_empty_negative_none_values_and_clip_skip_1():
 
 
 def test_clip_skip_extras_order_and_quoting():
-    req = GenerationRequest(prompt="cat", clip_skip=2, eta=0.5)
+    req = GenerationRequest(width=512, height=512, prompt="cat", clip_skip=2, eta=0.5)
     text = build_infotext(
         req, seed=3, model_name="my, model", model_hash="abc1234567",
         extra={"Hires upscale": 2.0, "Lora hashes": "a: 1a2b, b: 3c4d", "ENSD": 31337,
@@ -116,7 +116,7 @@ def test_clip_skip_extras_order_and_quoting():
 
 def test_extra_key_that_would_not_parse_back_is_refused():
     with pytest.raises(ValueError, match="would not parse back"):
-        build_infotext(GenerationRequest(), seed=1, model_name=None, model_hash=None,
+        build_infotext(GenerationRequest(width=512, height=512), seed=1, model_name=None, model_hash=None,
                        extra={"Bad: key": 1})
 
 
@@ -128,20 +128,21 @@ def test_format_value(value, text):
 
 
 ROUND_TRIP = [
-    GenerationRequest(),
-    GenerationRequest(prompt="a cat, on a mat: sitting", negative_prompt="dog, \"bad\": 1"),
+    GenerationRequest(width=512, height=512),
+    GenerationRequest(width=512, height=512, prompt="a cat, on a mat: sitting", negative_prompt="dog, \"bad\": 1"),
     GenerationRequest(
         prompt="line one, (detail:1.2)\nline two: colon\n\nafter a blank line",
         negative_prompt="neg one\nneg two, commas", sampler="Euler a", schedule="Karras",
         steps=35, cfg_scale=4.5, seed=4294967295, width=1024, height=768, clip_skip=2,
         model="sd_xl_base_1.0",
     ),
-    GenerationRequest(prompt='quoted "words" and \\backslash\\', negative_prompt="x",
+    GenerationRequest(width=512, height=512, prompt='quoted "words" and \\backslash\\', negative_prompt="x",
                       sampler="DPM++ SDE", schedule="Align Your Steps", cfg_scale=12.25),
-    GenerationRequest(prompt="日本語のプロンプト, ünïcode", sampler="UniPC", model="my, odd: model",
+    GenerationRequest(width=512, height=512, prompt="日本語のプロンプト, ünïcode", sampler="UniPC",
+                      model="my, odd: model",
                       clip_skip=12, eta=0.0, seed=0),
-    GenerationRequest(prompt="", negative_prompt="only negative"),
-    GenerationRequest(prompt="trailing newline kept\n", seed=1),
+    GenerationRequest(width=512, height=512, prompt="", negative_prompt="only negative"),
+    GenerationRequest(width=512, height=512, prompt="trailing newline kept\n", seed=1),
 ]
 
 
@@ -153,7 +154,7 @@ def test_round_trip(req: GenerationRequest):
 
 
 def test_round_trip_uses_resolved_schedule_and_seed():
-    req = GenerationRequest(prompt="cat", seed=-1, schedule="Automatic")
+    req = GenerationRequest(width=512, height=512, prompt="cat", seed=-1, schedule="Automatic")
     text = build_infotext(req, seed=77, model_name=None, model_hash=None,
                           schedule_label="Karras")
     back = request_from_infotext(text)

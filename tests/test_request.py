@@ -13,7 +13,7 @@ def test_width_not_multiple_of_8():
 
 def test_defaults_and_ranges():
     r = GenerationRequest(prompt="x")
-    assert (r.steps, r.cfg_scale, r.width, r.height, r.seed, r.sampler) == (20, 7.0, 512, 512, -1, "DPM++ 2M")
+    assert (r.steps, r.cfg_scale, r.width, r.height, r.seed, r.sampler) == (20, 7.0, None, None, -1, "DPM++ 2M")
     with pytest.raises(ValidationError):
         GenerationRequest(steps=0)
     with pytest.raises(ValidationError):

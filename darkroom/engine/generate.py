@@ -78,10 +78,7 @@ class Engine:
         self._lock = threading.Lock()
 
     def check_inputs(self, req: GenerationRequest) -> tuple[samplers.Sampler, str]:
-        spec, schedule = samplers.resolve(req.sampler, req.schedule)
-        if req.width * req.height > 4096 * 4096:
-            raise InvalidRequest(f"size {req.width}x{req.height} is too large")
-        return spec, schedule
+        return samplers.resolve(req.sampler, req.schedule)
 
     def model_path(self, req: GenerationRequest) -> Path:
         if req.model:
@@ -106,6 +103,9 @@ class Engine:
         with self._lock:
             model = self.load(req)
             timings["load"] = time.perf_counter() - t0
+            if req.width is None or req.height is None:
+                size = model.native_size
+                req = req.model_copy(update={"width": req.width or size, "height": req.height or size})
             model_hash = self.library.short_hash(self.library.describe(model.path))
             base_seed = random_seed() if req.seed == -1 else req.seed
             result = GenerationResult(request=req, model_name=model.name, model_hash=model_hash)

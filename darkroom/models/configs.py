@@ -44,7 +44,8 @@ def metadata_overrides(h: SafetensorsHeader) -> dict[str, dict[str, Any]]:
     }
 
 
-def unet_config(h: SafetensorsHeader, family: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def unet_config(h: SafetensorsHeader, family: str, overrides: dict[str, Any] | None = None, *,
+                v_prediction: bool = False) -> dict[str, Any]:
     keys = [k[len(UNET):] for k in h.tensors if k.startswith(UNET)]
     shape = lambda k: h.tensors[UNET + k].shape  # noqa: E731
     conv_in = shape("input_blocks.0.0.weight")
@@ -73,7 +74,8 @@ def unet_config(h: SafetensorsHeader, family: str, overrides: dict[str, Any] | N
         heads = [max(c // 64, 1) for c in channels]
     cfg: dict[str, Any] = {
         "_class_name": "UNet2DConditionModel",
-        "sample_size": FAMILIES[family].native_size // 8,
+        # SD2 v-prediction models are the 768-pixel ones
+        "sample_size": (96 if family == "sd2" and v_prediction else FAMILIES[family].native_size // 8),
         "in_channels": in_channels,
         "out_channels": shape("out.2.weight")[0],
         "down_block_types": down_types,

@@ -57,7 +57,7 @@ def read_header(path: str | Path) -> SafetensorsHeader:
             if len(raw_len) < 8:
                 raise ModelLoadError(f"{name}: file is empty or too short to be a .safetensors file")
             (n,) = struct.unpack("<Q", raw_len)
-            if n > MAX_HEADER or n + 8 > size:
+            if n < 2 or n > MAX_HEADER or n + 8 > size:
                 raise ModelLoadError(
                     f"{name}: not a valid .safetensors file (header length {n} does not fit"
                     f" in a {size}-byte file); it may be truncated, corrupt or another format"
@@ -69,8 +69,8 @@ def read_header(path: str | Path) -> SafetensorsHeader:
         doc = json.loads(raw.decode("utf-8"))
         if not isinstance(doc, dict):
             raise ValueError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ModelLoadError(f"{name}: corrupt .safetensors header ({e})") from None
+    except (UnicodeDecodeError, ValueError):
+        raise ModelLoadError(f"{name}: corrupt .safetensors header (not valid JSON); copy the file again") from None
     metadata = doc.pop("__metadata__", None) or {}
     data_len = size - 8 - n
     tensors: dict[str, TensorInfo] = {}

@@ -64,6 +64,11 @@ class LoadedModel:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
+    def native_size(self) -> int:
+        """The side length the model was trained at: 512 SD1/SD2, 768 SD2-v, 1024 SDXL."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
     def v_prediction(self) -> bool:
         return self.scheduler_config["prediction_type"] == "v_prediction"
 
@@ -153,7 +158,7 @@ def load_checkpoint(path: Path, opts: LoadOptions) -> LoadedModel:
     overrides = configs.metadata_overrides(header)
     v_pred = detection.v_prediction if opts.v_prediction is None else opts.v_prediction
     try:
-        unet_cfg = configs.unet_config(header, family.id, overrides.get("unet"))
+        unet_cfg = configs.unet_config(header, family.id, overrides.get("unet"), v_prediction=v_pred)
         vae_cfg = configs.vae_config(header, family.id, overrides=overrides.get("vae"))
         unet = _build(UNet2DConditionModel, unet_cfg, convert.unet_state_dict(sd, unet_cfg), "UNet", path, opts.dtype)
         vae = _build(AutoencoderKL, vae_cfg, convert.vae_state_dict(sd, vae_cfg), "VAE", path, opts.vae_dtype)
