@@ -124,7 +124,7 @@ class RssMonitor:
     def __init__(self, interval: float = 0.1):
         self.interval = interval
         self.peaks: dict[str, int] = {}
-        self._phase = "start"
+        self._phase = "between phases"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -297,6 +297,19 @@ def describe_unet(unet) -> dict:
     }
 
 
+class CpuMeter:
+    """Process CPU seconds per wall second over a block (about the thread count when nothing else runs)."""
+
+    def __enter__(self) -> CpuMeter:
+        self.utilisation = float("nan")
+        self._cpu, self._wall = time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall = time.perf_counter() - self._wall
+        self.utilisation = round((time.process_time() - self._cpu) / wall, 2) if wall > 0 else float("nan")
+
+
 def cpu_model() -> str:
     try:
         text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -320,7 +333,7 @@ def run_darkroom(engine, req, monitor: RssMonitor) -> dict:
     from darkroom.engine.generate import latents_to_images
 
     events = []
-    with monitor.phase("darkroom run"):
+    with monitor.phase("darkroom run"), CpuMeter() as cpu:
         result = engine.generate(req, on_step=events.append)
     latents = events[-1].latents
     with monitor.phase("darkroom run"), torch.no_grad():
@@ -334,6 +347,7 @@ def run_darkroom(engine, req, monitor: RssMonitor) -> dict:
         "decode_seconds": decode,
         "engine_timings": {k: round(v, 3) for k, v in result.timings.items()},
         "latents_finite": bool(torch.isfinite(latents).all()),
+        "cpu_utilisation": cpu.utilisation,
     }
 
 
@@ -345,7 +359,7 @@ def run_diffusers(pipe, make_scheduler, steps: int, size: int, monitor: RssMonit
         return kwargs
 
     pipe.scheduler = make_scheduler()
-    with monitor.phase("diffusers run"):
+    with monitor.phase("diffusers run"), CpuMeter() as cpu:
         t0 = time.perf_counter()
         latents = pipe(
             PROMPT,
@@ -371,6 +385,7 @@ def run_diffusers(pipe, make_scheduler, steps: int, size: int, monitor: RssMonit
         "decode_seconds": decode,
         "call_seconds": call,
         "latents_finite": bool(torch.isfinite(latents).all()),
+        "cpu_utilisation": cpu.utilisation,
     }
 
 
@@ -408,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     import diffusers
     import transformers
     from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
 
     from darkroom.api import build_engine
     from darkroom.engine import samplers
@@ -415,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     from darkroom.models.configs import scheduler_config
     from darkroom.request import GenerationRequest
 
+    diffusers_logging.disable_progress_bar()
+    load_before = os.getloadavg()
     spec, schedule = samplers.resolve(SAMPLER, "Automatic")
     make_scheduler = lambda: samplers.make_scheduler(spec, schedule, scheduler_config(False), seed=SEED)
     config_dir = write_config_folder(out / "sd15-config", make_scheduler())
@@ -473,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[name].append(res)
             steps_txt = ", ".join(f"{s:.2f}" for s in res["step_seconds"])
             print(f"round {r + 1} {name:9s}: steps 2..{args.steps} [{steps_txt}] s,"
-                  f" decode {res['decode_seconds']:.2f} s", flush=True)
+                  f" decode {res['decode_seconds']:.2f} s, CPU {res['cpu_utilisation']:.2f} cores busy", flush=True)
     monitor.stop()
 
     dr, df = summarize(runs["darkroom"]), summarize(runs["diffusers"])
@@ -489,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
             "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch_interop_threads": torch.get_num_interop_threads(), "torch": torch.__version__,
             "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(),
+            "python": platform.python_version(), "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         },
         "checkpoint": ckpt_info,
         "darkroom": {**darkroom_info, **dr, "runs": runs["darkroom"]},
@@ -523,6 +542,12 @@ def main(argv: list[str] | None = None) -> int:
           f" channels_last conv weights {diffusers_info['unet']['channels_last_conv_weights']}")
     peaks = ", ".join(f"{k} {v}" for k, v in report["peak_rss_gib"].items())
     print(f"peak RSS (GiB): {peaks}; process {report['peak_rss_gib_process']}")
+    utils = [r["cpu_utilisation"] for rs in runs.values() for r in rs]
+    print(f"load average before/after: {m['loadavg_before'][0]:.2f}/{m['loadavg_after'][0]:.2f};"
+          f" this process kept {min(utils):.2f}-{max(utils):.2f} of {m['torch_threads']} threads busy")
+    if min(utils) < 0.8 * m["torch_threads"]:
+        print("warning: the runs got less CPU than threads asked for (other load, or fewer real cores than"
+              " vCPUs): absolute times are inflated, compare the ratios")
     print(f"network attempts: {report['network_attempts']}; total {report['total_seconds']} s")
     (out / "step_time.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out / 'step_time.json'}")

@@ -11,7 +11,8 @@ from darkroom.home import Home
 from darkroom.request import GenerationRequest, GenerationResult
 
 
-def build_engine(home: Home, *, device: str | None = None, precision: str | None = None, allow_pickle: bool = False):
+def build_engine(home: Home, *, device: str | None = None, precision: str | None = None, allow_pickle: bool = False,
+                 v_prediction: bool | None = None):
     """An Engine with its model cache and library, for one process."""
     from darkroom.engine.cache import ModelCache
     from darkroom.engine.device import choose_device
@@ -20,7 +21,7 @@ def build_engine(home: Home, *, device: str | None = None, precision: str | None
     from darkroom.models.starter import starter_path
 
     library = ModelLibrary(home)
-    cache = ModelCache(choose_device(device, precision), allow_pickle=allow_pickle)
+    cache = ModelCache(choose_device(device, precision), allow_pickle=allow_pickle, v_prediction=v_prediction)
     return Engine(library, cache, default_model=lambda: starter_path(home))
 
 

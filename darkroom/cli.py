@@ -74,10 +74,11 @@ def cli(ctx: click.Context, home: Path | None, models_dirs: tuple[Path, ...]) ->
     ctx.obj = obj
 
 
-def _engine(home: Home, device: str | None, precision: str | None, allow_pickle: bool):
+def _engine(home: Home, device: str | None, precision: str | None, allow_pickle: bool, v_prediction: bool | None):
     from darkroom.api import build_engine
 
-    return build_engine(home, device=device, precision=precision, allow_pickle=allow_pickle)
+    return build_engine(home, device=device, precision=precision, allow_pickle=allow_pickle,
+                        v_prediction=v_prediction)
 
 
 @cli.command()
@@ -103,10 +104,12 @@ def _engine(home: Home, device: str | None, precision: str | None, allow_pickle:
 @click.option("--device", default=None, help="auto (default), cpu, cuda, cuda:N, mps.")
 @click.option("--precision", default=None, help="auto (default), fp32, fp16, bf16.")
 @click.option("--allow-pickle", is_flag=True, help="Allow .ckpt pickles (loaded with torch.load(weights_only=True)).")
+@click.option("--v-pred/--no-v-pred", "v_prediction", default=None,
+              help="Force v-prediction on/off (default: from the file's metadata, v_pred key or sidecar .yaml).")
 @click.pass_obj
 @user_errors
 def generate(obj: Context, prompt, negative_prompt, model, n_iter, batch_size, steps, cfg_scale, sampler, schedule,
-             seed, width, height, clip_skip, output, from_png, device, precision, allow_pickle) -> None:
+             seed, width, height, clip_skip, output, from_png, device, precision, allow_pickle, v_prediction) -> None:
     """Generate images from PROMPT and write PNGs with their parameters inside."""
     from darkroom.api import output_folder, request_from_png
     from darkroom.models import starter
@@ -124,7 +127,7 @@ def generate(obj: Context, prompt, negative_prompt, model, n_iter, batch_size, s
         if prompt is None:
             raise click.UsageError("give a PROMPT (or --from-png FILE)")
         req = GenerationRequest(**given)
-    engine = _engine(obj.home, device, precision, allow_pickle)
+    engine = _engine(obj.home, device, precision, allow_pickle, v_prediction)
     path = engine.model_path(req)
     click.echo(f"Model: {path.name}" + (f"  ({starter.DESCRIPTION})" if starter.is_builtin(path) else ""), err=True)
     out_dir = output or output_folder(obj.home)

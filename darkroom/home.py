@@ -66,6 +66,11 @@ class Home:
     def cache_db(self) -> Path:
         return self.root / "cache.sqlite3"
 
+    @property
+    def builtin(self) -> Path:
+        """Darkroom's own models (the starter model), listed after the user's."""
+        return self.root / "builtin"
+
     def checkpoint_dirs(self) -> list[Path]:
         dirs = [self.checkpoints]
         for extra in self.extra_model_dirs:
@@ -76,4 +81,4 @@ class Home:
                     break
             else:
                 dirs.append(extra)
-        return dirs
+        return [*dirs, self.builtin]

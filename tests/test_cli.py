@@ -189,3 +189,30 @@ def test_generation_with_no_network_at_all(home, tmp_path):
     [png] = (tmp_path / "out").glob("*.png")
     assert "Seed: 3" in read_image_metadata(png).parameters
     assert not (home.network_log).exists() or home.network_log.read_text() == ""
+
+
+def test_v_prediction_from_sidecar_yaml_and_flag(home, tiny_model, engine_factory):
+    from darkroom.api import build_engine
+
+    src = tiny_model("sd2")["path"]
+    target = home.checkpoints / "v2-768.safetensors"
+    shutil.copy(src, target)
+    engine = build_engine(home, device="cpu", precision="fp32")
+    assert not engine.cache.get(target).v_prediction
+    target.with_suffix(".yaml").write_text('model:\n  params:\n    parameterization: "v"\n')
+    engine.cache.unload()
+    loaded = engine.cache.get(target)
+    assert loaded.v_prediction and loaded.detection.label == "SD2-v"
+    forced = build_engine(home, device="cpu", precision="fp32", v_prediction=False)
+    assert not forced.cache.get(target).v_prediction
+
+
+def test_fresh_home_uses_builtin_model_and_lists_it(home, tmp_path):
+    r = run(home, "generate", "a red circle", "--steps", "2", "--seed", "5", "-o", str(tmp_path / "o"))
+    assert r.exit_code == 0, r.output
+    assert "darkroom-tiny-random" in r.output and "random demo model" in r.output
+    [png] = (tmp_path / "o").glob("*.png")
+    params = parse_infotext(read_image_metadata(png).parameters)
+    assert params["Model"] == "darkroom-tiny-random" and params["Size"] == "64x64"
+    r = run(home, "models")
+    assert "darkroom-tiny-random" in r.output and "SD1" in r.output

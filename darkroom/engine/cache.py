@@ -15,9 +15,10 @@ from darkroom.models.loader import LoadedModel, LoadOptions, load_checkpoint
 class ModelCache:
     """Keeps the last loaded model; loading another frees it first (peak memory = one model)."""
 
-    def __init__(self, device: DeviceChoice, *, allow_pickle: bool = False):
+    def __init__(self, device: DeviceChoice, *, allow_pickle: bool = False, v_prediction: bool | None = None):
         self.device = device
         self.allow_pickle = allow_pickle
+        self.v_prediction = v_prediction  # None: as detected from the file (metadata, v_pred key, sidecar .yaml)
         self._model: LoadedModel | None = None
         self._key: tuple | None = None
         self._lock = threading.Lock()
@@ -26,8 +27,9 @@ class ModelCache:
     def current(self) -> LoadedModel | None:
         return self._model
 
-    def get(self, path: Path, *, v_prediction: bool | None = None) -> LoadedModel:
+    def get(self, path: Path) -> LoadedModel:
         path = Path(path).resolve()
+        v_prediction = self.v_prediction
         st = path.stat()
         key = (str(path), st.st_mtime_ns, v_prediction)
         with self._lock:

@@ -17,7 +17,7 @@ DESCRIPTION = "built-in tiny random demo model: proves the pipeline, makes abstr
 
 def starter_path(home: Home) -> Path:
     """Path of the built-in model, building it on first use (a few MB, a second or two)."""
-    path = home.root / "builtin" / f"{NAME}.safetensors"
+    path = home.builtin / f"{NAME}.safetensors"
     if not path.exists():
         from darkroom.models.tiny import build_tiny_checkpoint
 
