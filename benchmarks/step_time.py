@@ -297,19 +297,6 @@ def describe_unet(unet) -> dict:
     }
 
 
-class CpuMeter:
-    """Process CPU seconds per wall second over a block (about the thread count when nothing else runs)."""
-
-    def __enter__(self) -> CpuMeter:
-        self.utilisation = float("nan")
-        self._cpu, self._wall = time.process_time(), time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        wall = time.perf_counter() - self._wall
-        self.utilisation = round((time.process_time() - self._cpu) / wall, 2) if wall > 0 else float("nan")
-
-
 def cpu_model() -> str:
     try:
         text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -329,12 +316,24 @@ def step_durations(stamps: list[float]) -> list[float]:
     return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
 
 
+def cpu_utilisation(wall: list[float], cpu: list[float]) -> float:
+    """Process CPU seconds per wall second over steps 2..N: about the thread count when nothing
+    else competes for the cores."""
+    elapsed = wall[-1] - wall[0]
+    return round((cpu[-1] - cpu[0]) / elapsed, 2) if elapsed > 0 else float("nan")
+
+
 def run_darkroom(engine, req, monitor: RssMonitor) -> dict:
     from darkroom.engine.generate import latents_to_images
 
-    events = []
-    with monitor.phase("darkroom run"), CpuMeter() as cpu:
-        result = engine.generate(req, on_step=events.append)
+    events, cpu = [], []
+
+    def on_step(event) -> None:
+        cpu.append(time.process_time())
+        events.append(event)
+
+    with monitor.phase("darkroom run"):
+        result = engine.generate(req, on_step=on_step)
     latents = events[-1].latents
     with monitor.phase("darkroom run"), torch.no_grad():
         t0 = time.perf_counter()
@@ -347,19 +346,21 @@ def run_darkroom(engine, req, monitor: RssMonitor) -> dict:
         "decode_seconds": decode,
         "engine_timings": {k: round(v, 3) for k, v in result.timings.items()},
         "latents_finite": bool(torch.isfinite(latents).all()),
-        "cpu_utilisation": cpu.utilisation,
+        "cpu_utilisation": cpu_utilisation([e.elapsed for e in events], cpu),
     }
 
 
 def run_diffusers(pipe, make_scheduler, steps: int, size: int, monitor: RssMonitor) -> dict:
     stamps: list[float] = []
+    cpu: list[float] = []
 
     def on_step_end(_pipe, _i, _t, kwargs):
         stamps.append(time.perf_counter())
+        cpu.append(time.process_time())
         return kwargs
 
     pipe.scheduler = make_scheduler()
-    with monitor.phase("diffusers run"), CpuMeter() as cpu:
+    with monitor.phase("diffusers run"):
         t0 = time.perf_counter()
         latents = pipe(
             PROMPT,
@@ -385,7 +386,7 @@ def run_diffusers(pipe, make_scheduler, steps: int, size: int, monitor: RssMonit
         "decode_seconds": decode,
         "call_seconds": call,
         "latents_finite": bool(torch.isfinite(latents).all()),
-        "cpu_utilisation": cpu.utilisation,
+        "cpu_utilisation": cpu_utilisation(stamps, cpu),
     }
 
 
@@ -491,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
             runs[name].append(res)
             steps_txt = ", ".join(f"{s:.2f}" for s in res["step_seconds"])
             print(f"round {r + 1} {name:9s}: steps 2..{args.steps} [{steps_txt}] s,"
-                  f" decode {res['decode_seconds']:.2f} s, CPU {res['cpu_utilisation']:.2f} cores busy", flush=True)
+                  f" decode {res['decode_seconds']:.2f} s, {res['cpu_utilisation']:.2f} cores busy while stepping",
+                  flush=True)
     monitor.stop()
 
     dr, df = summarize(runs["darkroom"]), summarize(runs["diffusers"])
@@ -544,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"peak RSS (GiB): {peaks}; process {report['peak_rss_gib_process']}")
     utils = [r["cpu_utilisation"] for rs in runs.values() for r in rs]
     print(f"load average before/after: {m['loadavg_before'][0]:.2f}/{m['loadavg_after'][0]:.2f};"
-          f" this process kept {min(utils):.2f}-{max(utils):.2f} of {m['torch_threads']} threads busy")
+          f" while stepping this process kept {min(utils):.2f}-{max(utils):.2f} of {m['torch_threads']} threads busy")
     if min(utils) < 0.8 * m["torch_threads"]:
         print("warning: the runs got less CPU than threads asked for (other load, or fewer real cores than"
               " vCPUs): absolute times are inflated, compare the ratios")

@@ -13,6 +13,7 @@ import ipaddress
 import json
 import os
 import socket
+import sysconfig
 import threading
 import traceback
 from dataclasses import asdict, dataclass
@@ -76,7 +77,11 @@ class NetworkGuard:
         return bool(self._saved)
 
     def _record(self, host: str, port: int | None) -> None:
-        stack = [f for f in traceback.extract_stack()[:-3] if "darkroom/offline.py" not in f.filename]
+        # the innermost frame that is neither this module nor the standard library's
+        # socket/http plumbing: the code that actually wanted the network
+        stdlib = sysconfig.get_paths()["stdlib"]
+        stack = [f for f in traceback.extract_stack()[:-2]
+                 if not f.filename.endswith("darkroom/offline.py") and not f.filename.startswith(stdlib)]
         caller = f"{stack[-1].filename}:{stack[-1].lineno}" if stack else "?"
         attempt = Attempt(_dt.datetime.now().isoformat(timespec="seconds"), host, port, caller)
         with self._lock:
