@@ -216,3 +216,24 @@ def test_fresh_home_uses_builtin_model_and_lists_it(home, tmp_path):
     assert params["Model"] == "darkroom-tiny-random" and params["Size"] == "64x64"
     r = run(home, "models")
     assert "darkroom-tiny-random" in r.output and "SD1" in r.output
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_keeps_finished_images(home, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "darkroom.cli", "generate", "a red circle", "--steps", "400", "-n", "4",
+                          "--seed", "9", "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=_env(home))
+    deadline = time.monotonic() + 300
+    while not list(out.glob("*.png")) and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 130, stderr
+    kept = sorted(out.glob("*.png"))
+    assert 1 <= len(kept) < 4 and "interrupted: kept" in stderr and "Traceback" not in stderr
+    assert not list(out.glob(".*.tmp"))
+    assert str(kept[0]) in stdout

@@ -154,3 +154,16 @@ def test_diffusers_folder_loads(engine, tmp_path_factory):
         result = engine.generate(small(model=str(folder)))
         assert engine.cache.current.family.id == family
         assert pixels(result.images[0]).std() > 1.0
+
+
+def test_infotext_round_trip_through_png(engine, tiny_model):
+    """request -> PNG -> parsed parameters -> the same request."""
+    from darkroom.infotext import request_from_infotext
+    from darkroom.pngmeta import read_image_metadata
+
+    req = small(model="tiny-x", prompt="a (red:1.2) circle,\nsecond line: detail", negative_prompt="blurry, dark",
+                sampler="DPM++ 2M SDE", schedule="Karras", cfg_scale=6.5, seed=123, clip_skip=2, width=64, height=96)
+    result = engine.generate(req.model_copy(update={"model": str(tiny_model("sd1")["path"])}))
+    back = request_from_infotext(read_image_metadata(result.images[0].png).parameters)
+    assert back.model_dump(exclude={"model"}) == req.model_dump(exclude={"model"})
+    assert back.model == tiny_model("sd1")["path"].stem
