@@ -1,0 +1,294 @@
+"""Train Darkroom's built-in starter model from scratch on drawn scenes (CPU, resumable).
+
+The model has the Stable Diffusion 1.x architecture at small widths (CLIP text encoder with
+the real tokenizer, UNet2DConditionModel with cross-attention, AutoencoderKL with 4 latent
+channels) and is exported in the SD1 single-file layout, so Darkroom's ordinary loader runs
+it. Phases, each resumable from its own checkpoint in --work:
+
+  vae     train the autoencoder on rendered scenes (reconstruction + a small KL term)
+  latents encode a pool of training scenes once (their captions are re-drawn every epoch)
+  unet    train text encoder + UNet jointly with the SD noise schedule (eps prediction),
+          captions dropped 10% of the time so classifier-free guidance works; EMA weights
+  export  write the EMA weights as darkroom/assets/starter/darkroom-starter.safetensors (fp16)
+
+Every phase appends to --work/log.jsonl (step, loss, seconds); `--until-minutes` stops a
+phase cleanly (checkpoint written) so training can be spread over several sessions.
+
+Usage: .venv/bin/python scripts/train_starter.py all --work training/starter [--until-minutes 50]
+"""
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import darkroom  # noqa: F401  (sets the HF stack offline before diffusers/transformers read it)
+
+# isort: split
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from darkroom.models.configs import scheduler_config
+from darkroom.models.ldm_export import pipeline_to_ldm, save_ldm_checkpoint
+from darkroom.starter import scenes
+from darkroom.text.tokenizer import load_clip_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPORT = ROOT / "darkroom" / "assets" / "starter" / "darkroom-starter.safetensors"
+SIZE = 128
+SEED = 20261122
+
+# 8x downsampling as in real SD (128 px -> 16x16x4 latents), so every size rule carries over
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=32,
+    block_out_channels=(32, 64, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, sample_size=SIZE, scaling_factor=1.0,
+)
+TEXT_CONFIG = dict(
+    vocab_size=49408, max_position_embeddings=77, hidden_size=128, intermediate_size=512, num_hidden_layers=3,
+    num_attention_heads=4, hidden_act="quick_gelu", projection_dim=128, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+)
+UNET_CONFIG = dict(
+    sample_size=SIZE // 8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128, 192),
+    down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=128, attention_head_dim=8, norm_num_groups=32,
+)
+CROP = 64  # the VAE (fully convolutional) trains on 64 px crops of 128 px scenes: 4x cheaper, same scale
+
+
+class Log:
+    def __init__(self, work: Path):
+        self.path = work / "log.jsonl"
+        self.start = time.time()
+
+    def write(self, **row) -> None:
+        row["time"] = round(time.time(), 1)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+def to_tensor(images) -> torch.Tensor:
+    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def save(path: Path, **state) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def deadline_passed(args, t0: float) -> bool:
+    return args.until_minutes is not None and time.time() - t0 > args.until_minutes * 60
+
+
+# --- phase 1: VAE ---------------------------------------------------------------------------------
+
+def train_vae(args, log: Log, t0: float) -> AutoencoderKL:
+    ckpt = args.work / "vae.pt"
+    torch.manual_seed(SEED)
+    vae = AutoencoderKL(**VAE_CONFIG)
+    opt = torch.optim.AdamW(vae.parameters(), lr=4e-4, weight_decay=0.0)
+    step, rng = 0, random.Random(SEED)
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, rng = state["step"], state["rng"]
+    vae.train()
+    while step < args.vae_steps and not deadline_passed(args, t0):
+        examples = [scenes.sample_example(rng, split="train") for _ in range(args.vae_batch)]
+        full = to_tensor([scenes.render(e.scene, size=SIZE, jitter_seed=rng.randrange(1 << 30)) for e in examples])
+        crops = []
+        for img in full:
+            top, left = rng.randrange(0, SIZE - CROP + 1, 8), rng.randrange(0, SIZE - CROP + 1, 8)
+            crops.append(img[:, top:top + CROP, left:left + CROP])
+        x = torch.stack(crops)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            posterior = vae.encode(x).latent_dist
+            z = posterior.sample()
+            recon = vae.decode(z).sample
+        rec = F.mse_loss(recon.float(), x) + 0.5 * F.l1_loss(recon.float(), x)
+        kl = posterior.kl().mean() / (x.shape[1] * x.shape[2] * x.shape[3])
+        loss = rec + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 25 == 0:
+            log.write(phase="vae", step=step, loss=round(rec.item(), 5), kl=round(kl.item(), 3))
+            print(f"vae {step}/{args.vae_steps} rec {rec.item():.4f} kl {kl.item():.2f}", flush=True)
+        if step % 200 == 0:
+            save(ckpt, model=vae.state_dict(), opt=opt.state_dict(), step=step, rng=rng)
+    save(ckpt, model=vae.state_dict(), opt=opt.state_dict(), step=step, rng=rng)
+    return vae.eval()
+
+
+# --- phase 2: latent pool -------------------------------------------------------------------------
+
+@torch.no_grad()
+def encode_pool(args, vae: AutoencoderKL, log: Log) -> dict:
+    path = args.work / "latents.pt"
+    if path.exists():
+        return torch.load(path, weights_only=False)
+    rng = random.Random(SEED + 1)
+    all_scenes, latents = [], []
+    for start in range(0, args.pool, 64):
+        batch = [scenes.sample_example(rng, split="train").scene for _ in range(min(64, args.pool - start))]
+        x = to_tensor([scenes.render(s, size=SIZE, jitter_seed=rng.randrange(1 << 30)) for s in batch])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            dist = vae.encode(x).latent_dist
+        latents.append(torch.cat([dist.mean.float(), dist.std.float()], dim=1).half())
+        all_scenes.extend(batch)
+    lat = torch.cat(latents)
+    mean_only = lat[:, :4].float()
+    scale = 1.0 / mean_only.std().item()
+    pool = {"scenes": all_scenes, "latents": lat, "scale": scale}
+    torch.save(pool, path)
+    log.write(phase="latents", count=len(all_scenes), scale=scale)
+    print(f"encoded {len(all_scenes)} scenes, latent scale {scale:.4f}", flush=True)
+    return pool
+
+
+# --- phase 3: text encoder + UNet -----------------------------------------------------------------
+
+def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
+    return tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+
+def train_unet(args, pool: dict, log: Log, t0: float):
+    ckpt = args.work / "unet.pt"
+    torch.manual_seed(SEED + 2)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    text = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+    ema_unet = UNet2DConditionModel(**UNET_CONFIG)
+    ema_text = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+    # the token embedding stays at its random init: 49408 x 128 rows, of which the scene
+    # vocabulary uses ~100; the layers above learn to read them (and Adam skips 6.3M params)
+    text.get_input_embeddings().weight.requires_grad_(False)
+    params = [p for p in list(unet.parameters()) + list(text.parameters()) if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    step, rng = 0, random.Random(SEED + 3)
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        unet.load_state_dict(state["unet"])
+        text.load_state_dict(state["text"])
+        ema_unet.load_state_dict(state["ema_unet"])
+        ema_text.load_state_dict(state["ema_text"])
+        opt.load_state_dict(state["opt"])
+        step, rng = state["step"], state["rng"]
+    else:
+        ema_unet.load_state_dict(unet.state_dict())
+        ema_text.load_state_dict(text.state_dict())
+    unet.train()
+    text.train()
+    tokenizer = load_clip_tokenizer()
+    noise_sched = DDPMScheduler.from_config(scheduler_config(False))
+    alphas = noise_sched.alphas_cumprod
+    n = len(pool["scenes"])
+    scale = pool["scale"]
+
+    def checkpoint():
+        save(ckpt, unet=unet.state_dict(), text=text.state_dict(), ema_unet=ema_unet.state_dict(),
+             ema_text=ema_text.state_dict(), opt=opt.state_dict(), step=step, rng=rng, scale=scale)
+
+    last = time.time()
+    while step < args.unet_steps and not deadline_passed(args, t0):
+        idx = [rng.randrange(n) for _ in range(args.batch)]
+        captions = [scenes.caption(pool["scenes"][i], rng) if rng.random() > 0.1 else "" for i in idx]
+        stats = pool["latents"][idx].float()
+        z0 = (stats[:, :4] + stats[:, 4:] * torch.randn_like(stats[:, :4])) * scale
+        noise = torch.randn_like(z0)
+        t = torch.randint(0, 1000, (len(idx),))
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        ids = tokenize(tokenizer, captions)
+        lr = args.lr * min(1.0, (step + 1) / 300) * (0.5 * (1 + math.cos(math.pi * min(1.0, step / args.unet_steps))))
+        for g in opt.param_groups:
+            g["lr"] = max(lr, args.lr * 0.05)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            context = text(input_ids=ids).last_hidden_state
+            pred = unet(zt, t, encoder_hidden_states=context).sample
+        loss = F.mse_loss(pred.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ema, live in ((ema_unet, unet), (ema_text, text)):
+                for pe, pl in zip(ema.parameters(), live.parameters(), strict=True):
+                    if pl.requires_grad:
+                        pe.mul_(decay).add_(pl.detach(), alpha=1 - decay)
+        if step % 25 == 0:
+            now = time.time()
+            log.write(phase="unet", step=step, loss=round(loss.item(), 5), lr=round(lr, 7),
+                      sec_per_step=round((now - last) / 25, 3))
+            print(f"unet {step}/{args.unet_steps} loss {loss.item():.4f} {(now - last) / 25:.2f}s/step", flush=True)
+            last = now
+        if step % 250 == 0:
+            checkpoint()
+    checkpoint()
+    return ema_unet.eval(), ema_text.eval(), scale, step
+
+
+# --- phase 4: export ------------------------------------------------------------------------------
+
+def export(vae: AutoencoderKL, unet, text, scale: float, out: Path, step: int) -> Path:
+    vae_cfg = dict(vae.config)
+    vae_cfg["scaling_factor"] = scale
+    configs = {
+        "unet": json.loads(unet.to_json_string()), "vae": vae_cfg,
+        "text_encoder": json.loads(text.config.to_json_string(use_diff=False)), "text_encoder_2": None,
+    }
+    configs["vae"] = {k: v for k, v in vae_cfg.items() if not k.startswith("_") or k == "_class_name"}
+    ldm = pipeline_to_ldm("sd1", unet=unet.state_dict(), unet_config=configs["unet"], vae=vae.state_dict(),
+                          text_encoder=text.state_dict())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"darkroom_model": "darkroom-starter", "darkroom_train_steps": str(step),
+                "description": "Darkroom's tiny demo model, trained from scratch on synthetic shapes"}
+    return save_ldm_checkpoint(out, ldm, dtype=torch.float16, configs=configs, metadata=metadata)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("phase", choices=["all", "vae", "latents", "unet", "export"])
+    ap.add_argument("--work", type=Path, default=ROOT / "training" / "starter")
+    ap.add_argument("--out", type=Path, default=EXPORT)
+    ap.add_argument("--vae-steps", type=int, default=1200)
+    ap.add_argument("--vae-batch", type=int, default=16)
+    ap.add_argument("--pool", type=int, default=40000)
+    ap.add_argument("--unet-steps", type=int, default=12000)
+    ap.add_argument("--batch", type=int, default=48)
+    ap.add_argument("--lr", type=float, default=4e-4)
+    ap.add_argument("--until-minutes", type=float, default=None, help="stop cleanly after this long")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    log = Log(args.work)
+    t0 = time.time()
+    log.write(phase="start", argv=vars(args) | {"work": str(args.work), "out": str(args.out)})
+    vae = train_vae(args, log, t0)
+    if args.phase == "vae" or deadline_passed(args, t0):
+        return
+    pool = encode_pool(args, vae, log)
+    if args.phase == "latents":
+        return
+    unet, text, scale, step = train_unet(args, pool, log, t0)
+    if args.phase in ("all", "export"):
+        path = export(vae, unet, text, scale, args.out, step)
+        log.write(phase="export", path=str(path), step=step)
+        print(f"exported {path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
