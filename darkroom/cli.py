@@ -129,7 +129,8 @@ def generate(obj: Context, prompt, negative_prompt, model, n_iter, batch_size, s
         req = GenerationRequest(**given)
     engine = _engine(obj.home, device, precision, allow_pickle, v_prediction)
     path = engine.model_path(req)
-    click.echo(f"Model: {path.name}" + (f"  ({starter.DESCRIPTION})" if starter.is_builtin(path) else ""), err=True)
+    note = starter.description(path)
+    click.echo(f"Model: {path.name}" + (f"  ({note})" if note else ""), err=True)
     out_dir = output or output_folder(obj.home)
 
     cancel = threading.Event()

@@ -68,7 +68,7 @@ class Home:
 
     @property
     def builtin(self) -> Path:
-        """Darkroom's own models (the starter model), listed after the user's."""
+        """Where Darkroom makes its own fallback model (see darkroom.models.starter)."""
         return self.root / "builtin"
 
     def checkpoint_dirs(self) -> list[Path]:
@@ -81,4 +81,4 @@ class Home:
                     break
             else:
                 dirs.append(extra)
-        return [*dirs, self.builtin]
+        return dirs

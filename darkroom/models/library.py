@@ -49,7 +49,9 @@ class ModelLibrary:
     def scan(self) -> list[ModelEntry]:
         entries: list[ModelEntry] = []
         seen: set[Path] = set()
-        for folder in self.home.checkpoint_dirs():
+        from darkroom.models.starter import builtin_dirs
+
+        for folder in [*self.home.checkpoint_dirs(), *builtin_dirs(self.home)]:
             if not folder.is_dir():
                 continue
             for path in sorted(folder.rglob("*")):
