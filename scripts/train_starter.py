@@ -9,6 +9,7 @@ it. Phases, each resumable from its own checkpoint in --work:
   latents encode a pool of training scenes once (their captions are re-drawn every epoch)
   unet    train text encoder + UNet jointly with the SD noise schedule (eps prediction),
           captions dropped 10% of the time so classifier-free guidance works; EMA weights
+  decoder (optional, --decoder-steps) fine-tune the VAE decoder alone, objects weighted 5x
   export  write the EMA weights as darkroom/assets/starter/darkroom-starter.safetensors (fp16)
 
 Every phase appends to --work/log.jsonl (step, loss, seconds); `--until-minutes` stops a
@@ -90,6 +91,16 @@ def deadline_passed(args, t0: float) -> bool:
     return args.until_minutes is not None and time.time() - t0 > args.until_minutes * 60
 
 
+def load_exported(path: Path) -> dict:
+    """Weights of an exported starter file (through Darkroom's own loader), to continue training
+    from the committed model when the optimizer checkpoints of an earlier machine are gone."""
+    from darkroom.models.loader import LoadOptions, load_checkpoint
+
+    model = load_checkpoint(path, LoadOptions())
+    return {"unet": model.unet.state_dict(), "text": model.text_encoders[0].model.state_dict(),
+            "vae": model.vae.state_dict(), "scale": model.vae.config.scaling_factor}
+
+
 # --- phase 1: VAE ---------------------------------------------------------------------------------
 
 def train_vae(args, log: Log, t0: float) -> AutoencoderKL:
@@ -103,6 +114,9 @@ def train_vae(args, log: Log, t0: float) -> AutoencoderKL:
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step, rng = state["step"], state["rng"]
+    elif args.init_from:
+        vae.load_state_dict(load_exported(args.init_from)["vae"])
+        step = args.vae_steps  # the exported VAE is the finished one: the latent space must not move
     vae.train()
     while step < args.vae_steps and not deadline_passed(args, t0):
         examples = [scenes.sample_example(rng, split="train") for _ in range(args.vae_batch)]
@@ -130,6 +144,60 @@ def train_vae(args, log: Log, t0: float) -> AutoencoderKL:
         if step % 200 == 0:
             save(ckpt, model=vae.state_dict(), opt=opt.state_dict(), step=step, rng=rng)
     save(ckpt, model=vae.state_dict(), opt=opt.state_dict(), step=step, rng=rng)
+    return vae.eval()
+
+
+def object_weights(x: torch.Tensor) -> torch.Tensor:
+    """Per-pixel loss weights: 5x on pixels unlike the (flat) background, so small objects count."""
+    corner = x[:, :, :1, :1]
+    unlike = (x - corner).abs().amax(dim=1, keepdim=True) > 0.1
+    return 1.0 + 4.0 * unlike.float()
+
+
+def train_decoder(args, vae: AutoencoderKL, log: Log, t0: float) -> AutoencoderKL:
+    """Fine-tune the decoder alone: the encoder (and so the UNet's latent space) stays fixed."""
+    ckpt = args.work / "vae.pt"
+    state = torch.load(ckpt, weights_only=False)
+    step = state.get("decoder_step", 0)
+    rng = state.get("decoder_rng") or random.Random(SEED + 4)
+    vae.requires_grad_(False)
+    trainable = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    for p in trainable:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=0.0)
+    if "decoder_opt" in state:
+        opt.load_state_dict(state["decoder_opt"])
+    vae.decoder.train()
+
+    def checkpoint():
+        save(ckpt, **{**state, "model": vae.state_dict(), "decoder_step": step, "decoder_rng": rng,
+                      "decoder_opt": opt.state_dict()})
+
+    while step < args.decoder_steps and not deadline_passed(args, t0):
+        examples = [scenes.sample_example(rng, split="train") for _ in range(args.vae_batch)]
+        full = to_tensor([scenes.render(e.scene, size=SIZE, jitter_seed=rng.randrange(1 << 30)) for e in examples])
+        crops = []
+        for img in full:
+            top, left = rng.randrange(0, SIZE - CROP + 1, 8), rng.randrange(0, SIZE - CROP + 1, 8)
+            crops.append(img[:, top:top + CROP, left:left + CROP])
+        x = torch.stack(crops)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            z = vae.encode(x).latent_dist.sample()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            recon = vae.decode(z).sample
+        w = object_weights(x)
+        loss = ((recon.float() - x) ** 2 * w).mean() + 0.5 * ((recon.float() - x).abs() * w).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 25 == 0:
+            log.write(phase="decoder", step=step, loss=round(loss.item(), 5))
+            print(f"decoder {step}/{args.decoder_steps} loss {loss.item():.4f}", flush=True)
+        if step % 200 == 0:
+            checkpoint()
+    checkpoint()
+    vae.requires_grad_(False)
     return vae.eval()
 
 
@@ -188,6 +256,10 @@ def train_unet(args, pool: dict, log: Log, t0: float):
         opt.load_state_dict(state["opt"])
         step, rng = state["step"], state["rng"]
     else:
+        if args.init_from:
+            init = load_exported(args.init_from)
+            unet.load_state_dict(init["unet"])
+            text.load_state_dict(init["text"])
         ema_unet.load_state_dict(unet.state_dict())
         ema_text.load_state_dict(text.state_dict())
     unet.train()
@@ -269,10 +341,13 @@ def main() -> None:
     ap.add_argument("--vae-steps", type=int, default=1200)
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--pool", type=int, default=40000)
+    ap.add_argument("--decoder-steps", type=int, default=0, help="decoder-only fine-tuning before export")
     ap.add_argument("--unet-steps", type=int, default=9000)
     ap.add_argument("--batch", type=int, default=48)
     ap.add_argument("--lr", type=float, default=4e-4)
     ap.add_argument("--until-minutes", type=float, default=None, help="stop cleanly after this long")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="start from an exported starter file (e.g. the committed one) instead of random weights")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (slower than fp32 for these small layers)")
     args = ap.parse_args()
@@ -289,6 +364,8 @@ def main() -> None:
     if args.phase == "latents":
         return
     unet, text, scale, step = train_unet(args, pool, log, t0)
+    if args.phase in ("all", "export") and args.decoder_steps:
+        vae = train_decoder(args, vae, log, t0)
     if args.phase in ("all", "export"):
         path = export(vae, unet, text, scale, args.out, step)
         log.write(phase="export", path=str(path), step=step)

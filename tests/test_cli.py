@@ -207,15 +207,24 @@ def test_v_prediction_from_sidecar_yaml_and_flag(home, tiny_model, engine_factor
     assert not forced.cache.get(target).v_prediction
 
 
-def test_fresh_home_uses_builtin_model_and_lists_it(home, tmp_path):
+def test_fresh_home_uses_builtin_starter_and_lists_it(home, tmp_path):
     r = run(home, "generate", "a red circle", "--steps", "2", "--seed", "5", "-o", str(tmp_path / "o"))
     assert r.exit_code == 0, r.output
-    assert "darkroom-tiny-random" in r.output and "random demo model" in r.output
+    assert "darkroom-starter" in r.output and "trained on synthetic shapes" in r.output
     [png] = (tmp_path / "o").glob("*.png")
     params = parse_infotext(read_image_metadata(png).parameters)
-    assert params["Model"] == "darkroom-tiny-random" and params["Size"] == "64x64"
+    assert params["Model"] == "darkroom-starter" and params["Size"] == "128x128"
     r = run(home, "models")
-    assert "darkroom-tiny-random" in r.output and "SD1" in r.output
+    assert "darkroom-starter" in r.output and "SD1" in r.output
+
+
+def test_random_fallback_when_starter_file_is_missing(home, tmp_path, monkeypatch):
+    from darkroom.models import starter
+
+    monkeypatch.setattr(starter, "STARTER_FILE", tmp_path / "gone" / "darkroom-starter.safetensors")
+    r = run(home, "generate", "a red circle", "--steps", "2", "--seed", "5", "-o", str(tmp_path / "o"))
+    assert r.exit_code == 0, r.output
+    assert "darkroom-tiny-random" in r.output and "makes abstract noise" in r.output
 
 
 @pytest.mark.slow
@@ -224,7 +233,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_finished_images(home, tmp_path):
     import time
 
     out = tmp_path / "out"
-    p = subprocess.Popen([sys.executable, "-m", "darkroom.cli", "generate", "a red circle", "--steps", "400", "-n", "4",
+    p = subprocess.Popen([sys.executable, "-m", "darkroom.cli", "generate", "a red circle", "--steps", "150", "-n", "4",
                           "--seed", "9", "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=_env(home))
     deadline = time.monotonic() + 300
