@@ -73,7 +73,7 @@ class Log:
     def write(self, **row) -> None:
         row["time"] = round(time.time(), 1)
         with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
+            fh.write(json.dumps(row, default=str) + "\n")
 
 
 def to_tensor(images) -> torch.Tensor:
@@ -101,6 +101,17 @@ def load_exported(path: Path) -> dict:
             "vae": model.vae.state_dict(), "scale": model.vae.config.scaling_factor}
 
 
+def scene_crops(rng: random.Random, count: int) -> torch.Tensor:
+    """`count` training scenes rendered at full size, each cut to a random CROP-pixel window."""
+    examples = [scenes.sample_example(rng, split="train") for _ in range(count)]
+    full = to_tensor([scenes.render(e.scene, size=SIZE, jitter_seed=rng.randrange(1 << 30)) for e in examples])
+    crops = []
+    for img in full:
+        top, left = rng.randrange(0, SIZE - CROP + 1, 8), rng.randrange(0, SIZE - CROP + 1, 8)
+        crops.append(img[:, top:top + CROP, left:left + CROP])
+    return torch.stack(crops)
+
+
 # --- phase 1: VAE ---------------------------------------------------------------------------------
 
 def train_vae(args, log: Log, t0: float) -> AutoencoderKL:
@@ -119,13 +130,7 @@ def train_vae(args, log: Log, t0: float) -> AutoencoderKL:
         step = args.vae_steps  # the exported VAE is the finished one: the latent space must not move
     vae.train()
     while step < args.vae_steps and not deadline_passed(args, t0):
-        examples = [scenes.sample_example(rng, split="train") for _ in range(args.vae_batch)]
-        full = to_tensor([scenes.render(e.scene, size=SIZE, jitter_seed=rng.randrange(1 << 30)) for e in examples])
-        crops = []
-        for img in full:
-            top, left = rng.randrange(0, SIZE - CROP + 1, 8), rng.randrange(0, SIZE - CROP + 1, 8)
-            crops.append(img[:, top:top + CROP, left:left + CROP])
-        x = torch.stack(crops)
+        x = scene_crops(rng, args.vae_batch)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             posterior = vae.encode(x).latent_dist
             z = posterior.sample()
@@ -174,13 +179,7 @@ def train_decoder(args, vae: AutoencoderKL, log: Log, t0: float) -> AutoencoderK
                       "decoder_opt": opt.state_dict()})
 
     while step < args.decoder_steps and not deadline_passed(args, t0):
-        examples = [scenes.sample_example(rng, split="train") for _ in range(args.vae_batch)]
-        full = to_tensor([scenes.render(e.scene, size=SIZE, jitter_seed=rng.randrange(1 << 30)) for e in examples])
-        crops = []
-        for img in full:
-            top, left = rng.randrange(0, SIZE - CROP + 1, 8), rng.randrange(0, SIZE - CROP + 1, 8)
-            crops.append(img[:, top:top + CROP, left:left + CROP])
-        x = torch.stack(crops)
+        x = scene_crops(rng, args.vae_batch)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             z = vae.encode(x).latent_dist.sample()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
