@@ -41,9 +41,13 @@ class StepEvent:
     steps: int
     latents: torch.Tensor
     elapsed: float
+    denoised: torch.Tensor | None = None  # the scheduler's x0 estimate, when it gives one (for previews)
+    model: LoadedModel | None = None
 
 
 StepCallback = Callable[[StepEvent], None]
+ImageCallback = Callable[[GeneratedImage], None]
+_SKIPPED = object()
 
 
 def random_seed() -> int:
@@ -96,7 +100,13 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, req: GenerationRequest, *, on_step: StepCallback | None = None,
-                 cancel: threading.Event | None = None, output_dir: Path | None = None) -> GenerationResult:
+                 cancel: threading.Event | None = None, output_dir: Path | None = None,
+                 skip: threading.Event | None = None, on_image: ImageCallback | None = None) -> GenerationResult:
+        """Run `req`. `cancel` stops (finished images kept); `skip` abandons the current batch only.
+
+        `on_image` sees each image as soon as it is written, so a caller (the job queue)
+        can index it before the next batch starts: a crash loses at most the batch in progress.
+        """
         spec, schedule = self.check_inputs(req)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -123,13 +133,19 @@ class Engine:
             for batch in range(req.n_iter):
                 seeds = [base_seed + batch * req.batch_size + i for i in range(req.batch_size)]
                 t2 = time.perf_counter()
-                latents = self._sample(model, req, spec, schedule, seeds, cond, uncond, batch, on_step, cancel)
+                latents = self._sample(model, req, spec, schedule, seeds, cond, uncond, batch, on_step, cancel, skip)
                 sampling += time.perf_counter() - t2
                 if latents is None:
                     result.interrupted = True
                     break
+                if latents is _SKIPPED:
+                    skip.clear()
+                    continue
                 for seed, image in zip(seeds, latents_to_images(model, latents), strict=True):
-                    result.images.append(self._finish(req, seed, image, model, model_hash, schedule, output_dir))
+                    done = self._finish(req, seed, image, model, model_hash, schedule, output_dir)
+                    result.images.append(done)
+                    if on_image is not None:
+                        on_image(done)
             timings["sampling"] = sampling
             timings["total"] = time.perf_counter() - t0
             result.timings = timings
@@ -139,7 +155,8 @@ class Engine:
 
     def _sample(self, model: LoadedModel, req: GenerationRequest, spec: samplers.Sampler, schedule: str,
                 seeds: list[int], cond: Conditioning, uncond: Conditioning | None, batch: int,
-                on_step: StepCallback | None, cancel: threading.Event | None) -> torch.Tensor | None:
+                on_step: StepCallback | None, cancel: threading.Event | None,
+                skip: threading.Event | None = None) -> torch.Tensor | None:
         device, n = model.device, len(seeds)
         scheduler = samplers.make_scheduler(spec, schedule, model.scheduler_config, seed=seeds[0])
         scheduler.set_timesteps(req.steps, device=device)
@@ -166,6 +183,8 @@ class Engine:
         for i, t in enumerate(timesteps):
             if cancel is not None and cancel.is_set():
                 return None
+            if skip is not None and skip.is_set():
+                return _SKIPPED
             x = torch.cat([latents] * 2) if uncond is not None else latents
             x = scheduler.scale_model_input(x, t)
             if inpaint_extra is not None:
@@ -180,9 +199,11 @@ class Engine:
             kwargs = {"generator": generators} if spec.stochastic and spec.scheduler != "DPMSolverSDEScheduler" else {}
             if req.eta is not None and spec.scheduler == "DDIMScheduler":
                 kwargs["eta"] = req.eta
-            latents = scheduler.step(noise, t, latents, **kwargs).prev_sample
+            out = scheduler.step(noise, t, latents, **kwargs)
+            latents = out.prev_sample
             if on_step is not None:
-                on_step(StepEvent(batch, req.n_iter, i + 1, len(timesteps), latents, time.perf_counter() - start))
+                on_step(StepEvent(batch, req.n_iter, i + 1, len(timesteps), latents, time.perf_counter() - start,
+                                  denoised=getattr(out, "pred_original_sample", None), model=model))
         return latents
 
     @staticmethod

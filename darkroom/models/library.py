@@ -84,6 +84,24 @@ class ModelLibrary:
         target = diffusers_weights(entry.path) if entry.is_diffusers else entry.path
         return self.hashes.short_hash(target) if target else ""
 
+    def native_size(self, entry: ModelEntry) -> int | None:
+        """The side the model was trained at, from its header alone (no loading)."""
+        import json
+
+        from darkroom.models.families import FAMILIES
+
+        d = entry.detection
+        if entry.error or d is None or d.family not in FAMILIES:
+            return None
+        try:
+            cfg = json.loads(read_header(entry.path).metadata.get("darkroom_config", "{}") or "{}")
+            unet, vae = cfg.get("unet", {}), cfg.get("vae", {})
+            if "sample_size" in unet and "block_out_channels" in vae:
+                return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+        except (ModelLoadError, ValueError, TypeError, AttributeError):
+            pass
+        return 768 if d.family == "sd2" and d.v_prediction else FAMILIES[d.family].native_size
+
     def resolve(self, name_or_path: str) -> Path:
         """A path, or a name (with or without extension) or short hash in the models folders."""
         candidate = Path(name_or_path).expanduser()

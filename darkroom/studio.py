@@ -1,0 +1,128 @@
+"""The service objects a server runs on, built once at start-up and passed to every route.
+
+`Studio` bundles the engine, the job queue, the history and the settings so that the web
+UI, the native API, the A1111 API and the OpenAI API share one queue and one model cache,
+and each interface stays a thin translation layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from darkroom.api import build_engine, output_folder
+from darkroom.errors import DarkroomError
+from darkroom.home import Home
+from darkroom.jobs import JobQueue
+from darkroom.request import GenerationRequest
+from darkroom.settings import Settings
+from darkroom.store import History
+
+log = logging.getLogger("darkroom.studio")
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    title: str  # "name [shorthash]", as the A1111 API lists models
+    family: str
+    size: str
+    size_bytes: int
+    hash: str | None
+    sha256: str | None
+    path: str
+    native_size: int | None
+    error: str | None = None
+    current: bool = False
+
+
+@dataclass
+class Studio:
+    home: Home
+    engine: object
+    queue: JobQueue
+    history: History
+    settings: Settings
+    started: float = 0.0
+    _models: list[ModelInfo] | None = field(default=None, repr=False)
+
+    # --- models ------------------------------------------------------------------------------
+
+    def models(self, *, refresh: bool = False) -> list[ModelInfo]:
+        """Checkpoints in the library (scanned once, then cached until `refresh`)."""
+        from darkroom.api import _human_size
+
+        if self._models is None or refresh:
+            library = self.engine.library
+            rows = []
+            for e in library.scan():
+                if e.detection is not None and e.detection.kind not in ("checkpoint",):
+                    continue  # LoRAs, VAEs, embeddings dropped into the checkpoints folder
+                short = None if e.error else (library.short_hash(e) or None)
+                sha = library.hashes.sha256(e.path) if short and not e.is_diffusers else None
+                family = ("diffusers folder" if e.is_diffusers else
+                          (e.detection.label if e.detection else "?")) if not e.error else "unreadable"
+                rows.append(ModelInfo(
+                    name=e.name, title=f"{e.name} [{short}]" if short else e.name, family=family,
+                    size=_human_size(e.size), size_bytes=e.size, hash=short, sha256=sha, path=str(e.path),
+                    native_size=None if e.error else library.native_size(e), error=e.error,
+                ))
+            self._models = rows
+        current = self.current_model()
+        for m in self._models:
+            m.current = m.name == current
+        return list(self._models)
+
+    def current_model(self) -> str | None:
+        """The selected checkpoint's name; else what a request without a model would use."""
+        chosen = self.settings.get("current_model")
+        if chosen:
+            return chosen
+        try:
+            return Path(self.engine.model_path(GenerationRequest())).stem
+        except DarkroomError:
+            return None
+
+    def select_model(self, name: str) -> str:
+        """Make `name` the default checkpoint (validated now; loaded by the next job)."""
+        path = self.engine.library.resolve(name)
+        entry = self.engine.library.describe(path)
+        if entry.error:
+            raise DarkroomError(f"{entry.name}: {entry.error}")
+        self.settings.update(current_model=entry.name)
+        return entry.name
+
+    def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        """Fill what the request leaves to the settings (the selected model, clip skip)."""
+        update = {}
+        if request.model is None and self.settings.get("current_model"):
+            update["model"] = self.settings.get("current_model")
+        if request.clip_skip == 1 and int(self.settings.get("clip_skip") or 1) != 1:
+            update["clip_skip"] = int(self.settings.get("clip_skip"))
+        return request.model_copy(update=update) if update else request
+
+    def close(self) -> None:
+        self.queue.stop()
+        self.history.close()
+
+
+def build_studio(home: Home, *, device: str | None = None, precision: str | None = None, allow_pickle: bool = False,
+                 max_queue: int = 100, start: bool = True) -> Studio:
+    """Everything `darkroom serve` runs on; `start=False` leaves the worker thread off (tests)."""
+    import time
+
+    home = home.ensure()
+    engine = build_engine(home, device=device, precision=precision, allow_pickle=allow_pickle)
+    history = History(home.root / "history.sqlite3", home.outputs)
+    added, dropped = history.reconcile()
+    if added or dropped:
+        log.info("history: indexed %d image(s) found on disk, forgot %d missing", added, dropped)
+    settings = Settings(home.root / "settings.json")
+    studio = Studio(home=home, engine=engine, queue=None, history=history, settings=settings,  # type: ignore[arg-type]
+                    started=time.time())
+    studio.queue = JobQueue(engine, output_dir=lambda: output_folder(home, "txt2img"), history=history,
+                            max_pending=max_queue, prepare=studio.prepare)
+    if start:
+        studio.queue.start()
+    return studio
