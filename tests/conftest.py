@@ -70,3 +70,22 @@ def session_home(tmp_path_factory) -> Home:
 @pytest.fixture(scope="session")
 def engine(engine_factory, session_home):
     return engine_factory(session_home)
+
+
+@pytest.fixture
+def studio(tmp_path, tiny_model):
+    """A running Studio (job worker started) over a fresh home holding the tiny SD1 model."""
+    from tests.server_util import studio_with
+
+    s = studio_with(Home(tmp_path / "studio-home"), tiny_model("sd1")["path"])
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def api(studio):
+    """In-process HTTP client for the studio's app (Host 127.0.0.1:7860)."""
+    from tests.server_util import client
+
+    with client(studio) as c:
+        yield c

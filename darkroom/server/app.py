@@ -1,0 +1,77 @@
+"""The FastAPI application: routes from the interface modules over one Studio, one error shape.
+
+Swagger UI and ReDoc are off (they load scripts from a CDN); the OpenAPI schema itself is
+served locally at /api/openapi.json.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import darkroom
+from darkroom.errors import DarkroomError
+from darkroom.server.security import Security, SecurityMiddleware
+from darkroom.studio import Studio
+
+log = logging.getLogger("darkroom.server")
+
+
+def validation_message(errors) -> str:
+    """pydantic/FastAPI errors as one line: `width: width 513 is not a multiple of 8 ...`."""
+    parts = []
+    for err in errors:
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
+    return "invalid request: " + "; ".join(parts)
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    # "error" for our UI and the OpenAI-style clients, "detail" as FastAPI/the webui answer
+    return JSONResponse({"error": message, "detail": message}, status_code=status)
+
+
+def create_app(studio: Studio, security: Security | None = None) -> FastAPI:
+    from darkroom.server import a1111, native, openai_api
+
+    app = FastAPI(title="Darkroom", version=darkroom.__version__, docs_url=None, redoc_url=None,
+                  openapi_url="/api/openapi.json")
+    app.state.studio = studio
+
+    @app.exception_handler(DarkroomError)
+    async def _darkroom_error(request: Request, exc: DarkroomError):
+        return error_response(exc.status, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        return error_response(422, validation_message(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, f"internal error: {type(exc).__name__} (details in logs/darkroom.log)")
+
+    app.include_router(native.router)
+    app.include_router(a1111.router)
+    app.include_router(openai_api.router)
+
+    static = resources.files("darkroom.server") / "static"
+    app.mount("/static", StaticFiles(directory=str(static)), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(str(static / "index.html"), headers={"cache-control": "no-cache"})
+
+    app.add_middleware(SecurityMiddleware, security=security or Security())
+    return app

@@ -1,0 +1,232 @@
+"""The native /api the web UI speaks: jobs with live progress (server-sent events), history, models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
+from fastapi.responses import FileResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+import darkroom
+from darkroom.engine import samplers
+from darkroom.errors import DarkroomError, InvalidRequest
+from darkroom.jobs import Job, JobNotFound
+from darkroom.request import GenerationRequest
+from darkroom.server.uploads import read_upload
+from darkroom.store import HistoryItem
+from darkroom.studio import Studio
+
+router = APIRouter(prefix="/api", tags=["native"])
+
+
+def get_studio(request: Request) -> Studio:
+    return request.app.state.studio
+
+
+class JobRequest(GenerationRequest):
+    """A generation request plus how to treat its output."""
+
+    model_config = ConfigDict(extra="forbid")
+    private: bool = False  # nothing written to disk or history
+
+
+class SelectModel(BaseModel):
+    model: str
+
+
+def job_state(job: Job, studio: Studio) -> dict:
+    images = []
+    for n, im in enumerate(job.images):
+        url = f"/api/images/{im.history_id}" if im.history_id else f"/api/jobs/{job.id}/images/{n}"
+        images.append({"url": url, "seed": im.seed, "infotext": im.infotext, "history_id": im.history_id})
+    return {
+        "id": job.id, "state": job.state, "position": studio.queue.position(job), "step": job.step,
+        "steps": job.steps, "batch": job.batch, "batches": job.batches, "progress": round(job.progress, 4),
+        "eta": None if job.eta is None else round(job.eta, 1), "private": job.private, "source": job.source,
+        "preview_url": f"/api/jobs/{job.id}/preview?rev={job.preview_rev}" if job.preview_png else None,
+        "images": images, "error": job.error, "request": job.request.model_dump(), "model_name": job.model_name,
+    }
+
+
+def history_item(item: HistoryItem) -> dict:
+    from darkroom.infotext import request_from_infotext
+
+    try:
+        request = request_from_infotext(item.infotext).model_dump() if item.infotext else None
+    except DarkroomError:
+        request = None
+    return {"id": item.id, "url": f"/api/images/{item.id}", "created": item.created, "prompt": item.prompt,
+            "negative_prompt": item.negative_prompt, "seed": item.seed, "width": item.width, "height": item.height,
+            "model": item.model, "sampler": item.sampler, "steps": item.steps, "cfg_scale": item.cfg_scale,
+            "infotext": item.infotext, "request": request}
+
+
+def model_rows(studio: Studio, refresh: bool = False) -> list[dict]:
+    return [{"name": m.name, "title": m.title, "family": m.family, "size": m.size, "hash": m.hash,
+             "native_size": m.native_size, "current": m.current, "error": m.error}
+            for m in studio.models(refresh=refresh)]
+
+
+@router.get("/status")
+def status(studio: Studio = Depends(get_studio)) -> dict:
+    device = studio.engine.cache.device
+    return {"version": darkroom.__version__, "device": str(device.device), "precision": device.precision,
+            "current_model": studio.current_model(),
+            "queue": {"pending": studio.queue.pending(), "running": studio.queue.current is not None},
+            "history": studio.history.count()}
+
+
+@router.get("/models")
+def models(studio: Studio = Depends(get_studio)) -> list[dict]:
+    return model_rows(studio)
+
+
+@router.post("/models/rescan")
+def rescan(studio: Studio = Depends(get_studio)) -> list[dict]:
+    return model_rows(studio, refresh=True)
+
+
+@router.post("/models/select")
+def select(body: SelectModel, studio: Studio = Depends(get_studio)) -> list[dict]:
+    studio.select_model(body.model)
+    return model_rows(studio)
+
+
+@router.get("/samplers")
+def sampler_list() -> list[dict]:
+    return [{"name": s.name, "aliases": list(s.aliases), "schedules": ["Automatic", *s.schedules]}
+            for s in samplers.SAMPLERS]
+
+
+@router.get("/schedules")
+def schedule_list() -> list[str]:
+    return list(samplers.SCHEDULE_NAMES)
+
+
+@router.post("/jobs", status_code=202)
+def submit(body: JobRequest, studio: Studio = Depends(get_studio)) -> dict:
+    request = GenerationRequest(**body.model_dump(exclude={"private"}))
+    job = studio.queue.submit(request, private=body.private, source="ui")
+    return {"job": job_state(job, studio)}
+
+
+@router.get("/jobs/{job_id}")
+def job(job_id: str, studio: Studio = Depends(get_studio)) -> dict:
+    return job_state(studio.queue.get(job_id), studio)
+
+
+@router.post("/jobs/{job_id}/interrupt")
+def interrupt_job(job_id: str, studio: Studio = Depends(get_studio)) -> dict:
+    return job_state(studio.queue.interrupt(job_id), studio)
+
+
+@router.post("/interrupt")
+def interrupt_current(studio: Studio = Depends(get_studio)) -> dict:
+    job = studio.queue.interrupt()
+    return {"interrupted": job.id if job else None}
+
+
+@router.get("/jobs/{job_id}/preview", responses={200: {"content": {"image/png": {}}}})
+def preview(job_id: str, studio: Studio = Depends(get_studio)) -> Response:
+    job = studio.queue.get(job_id)
+    if not job.preview_png:
+        return Response(status_code=204)
+    return Response(job.preview_png, media_type="image/png", headers={"cache-control": "no-store"})
+
+
+@router.get("/jobs/{job_id}/images/{n}", responses={200: {"content": {"image/png": {}}}})
+def job_image(job_id: str, n: int, studio: Studio = Depends(get_studio)) -> Response:
+    job = studio.queue.get(job_id)
+    if not 0 <= n < len(job.images):
+        raise JobNotFound(f"job {job_id} has no image {n}")
+    return Response(job.images[n].png, media_type="image/png", headers={"cache-control": "private, max-age=3600"})
+
+
+@router.get("/events")
+async def events(request: Request, studio: Studio = Depends(get_studio)) -> StreamingResponse:
+    """Server-sent events: `job` (a JobState) whenever a job changes, `queue` with the counts."""
+    queue = studio.queue
+
+    def frame(event: str, data: dict) -> str:
+        return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+    async def stream():
+        last = queue.version
+        yield "retry: 1000\n\n"
+        yield frame("queue", {"pending": queue.pending(), "running": queue.current is not None})
+        if queue.current is not None:
+            yield frame("job", job_state(queue.current, studio))
+        quiet_since = time.monotonic()
+        while not await request.is_disconnected():
+            version = queue.version
+            if version != last:
+                for job in queue.jobs():
+                    if job.rev > last:
+                        yield frame("job", job_state(job, studio))
+                yield frame("queue", {"pending": queue.pending(), "running": queue.current is not None})
+                last = version
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since > 15:
+                yield ": keep-alive\n\n"
+                quiet_since = time.monotonic()
+            await asyncio.sleep(0.15)
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"cache-control": "no-store", "x-accel-buffering": "no"})
+
+
+@router.get("/history")
+def history(q: str = "", page: int = Query(1, ge=1), per_page: int = Query(24, ge=1, le=500),
+            studio: Studio = Depends(get_studio)) -> dict:
+    total, items = studio.history.search(q, page=page, per_page=per_page)
+    return {"total": total, "page": page, "per_page": per_page, "items": [history_item(i) for i in items]}
+
+
+@router.get("/history/{item_id}")
+def history_one(item_id: int, studio: Studio = Depends(get_studio)) -> dict:
+    return history_item(studio.history.get(item_id))
+
+
+@router.delete("/history/{item_id}")
+def delete(item_id: int, studio: Studio = Depends(get_studio)) -> dict:
+    studio.history.delete(item_id)
+    return {"deleted": item_id}
+
+
+@router.get("/images/{item_id}", responses={200: {"content": {"image/png": {}}}})
+def image(item_id: int, studio: Studio = Depends(get_studio)) -> FileResponse:
+    item = studio.history.get(item_id)
+    return FileResponse(studio.history.file_of(item), media_type="image/png",
+                        headers={"cache-control": "private, max-age=86400"})
+
+
+FORMAT_LABELS = {"a1111": "AUTOMATIC1111", "comfyui": "ComfyUI", "invokeai": "InvokeAI", "fooocus": "Fooocus",
+                 "novelai": "NovelAI", "none": "none"}
+
+
+def png_info_of(data: bytes, name: str) -> dict:
+    from darkroom.infotext import request_from_infotext
+    from darkroom.pngmeta import read_image_metadata
+
+    meta = read_image_metadata(data, name=name)
+    label = FORMAT_LABELS.get(meta.source, meta.source)
+    if meta.parameters and "Version: darkroom" in meta.parameters:
+        label = "Darkroom"
+    elif meta.parameters and meta.source == "a1111" and "stable-diffusion.cpp" in meta.parameters:
+        label = "stable-diffusion.cpp"
+    request = None
+    if meta.parameters:
+        try:
+            request = request_from_infotext(meta.parameters).model_dump()
+        except InvalidRequest:
+            request = None
+    return {"format": label, "parameters": meta.parameters, "request": request, "items": meta.raw}
+
+
+@router.post("/png-info")
+async def png_info(file: UploadFile = File(...)) -> dict:
+    data = await read_upload(file)
+    return png_info_of(data, file.filename or "upload")

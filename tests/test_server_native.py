@@ -1,0 +1,180 @@
+"""The native /api the web UI speaks, in process (httpx-based TestClient over the ASGI app)."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import threading
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+from darkroom.pngmeta import encode_png
+from tests.server_util import FAST, live_server, wait_job
+
+
+def submit(api, **fields) -> dict:
+    r = api.post("/api/jobs", json={"prompt": "a red circle", **FAST, **fields})
+    assert r.status_code == 202, r.text
+    return r.json()["job"]
+
+
+def test_status_models_samplers(api):
+    status = api.get("/api/status").json()
+    assert status["device"] == "cpu" and status["current_model"] == "tiny-sd1"
+    models = {m["name"]: m for m in api.get("/api/models").json()}
+    assert set(models) == {"tiny-sd1", "darkroom-starter"}
+    assert models["tiny-sd1"]["current"] and len(models["tiny-sd1"]["hash"]) == 10
+    assert models["darkroom-starter"]["native_size"] == 128
+    names = [s["name"] for s in api.get("/api/samplers").json()]
+    assert "DPM++ 2M" in names and "Euler a" in names
+    assert "Karras" in api.get("/api/schedules").json()
+
+
+def test_job_runs_saves_and_indexes(api, studio):
+    job = submit(api, seed=11, batch_size=2)
+    assert job["state"] in ("queued", "running")
+    done = wait_job(api, job["id"])
+    assert done["state"] == "done" and done["error"] is None
+    assert [im["seed"] for im in done["images"]] == [11, 12]
+    assert done["progress"] == 1.0 and done["preview_url"]
+    png = api.get(done["images"][0]["url"])
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    image = Image.open(io.BytesIO(png.content))
+    assert image.size == (64, 64) and "Seed: 11" in image.info["parameters"]
+    files = sorted(studio.home.outputs.rglob("*.png"))
+    assert len(files) == 2 and files[0].parent.parent.name == "txt2img"  # outputs/txt2img/<date>/00000-11.png
+    assert files[0].name == "00000-11.png"
+    history = api.get("/api/history").json()
+    assert history["total"] == 2
+    assert history["items"][0]["seed"] == 12  # newest first
+    assert history["items"][0]["request"]["prompt"] == "a red circle"
+    preview = api.get(done["preview_url"])
+    assert preview.status_code == 200 and Image.open(io.BytesIO(preview.content)).size[0] >= 64
+
+
+def test_private_job_writes_nothing(api, studio):
+    done = wait_job(api, submit(api, private=True, seed=3)["id"])
+    assert done["state"] == "done" and len(done["images"]) == 1
+    assert done["images"][0]["history_id"] is None
+    assert api.get(done["images"][0]["url"]).status_code == 200  # served from memory
+    assert not list(studio.home.outputs.rglob("*.png"))
+    assert api.get("/api/history").json()["total"] == 0
+
+
+def test_same_seed_same_image(api):
+    a = wait_job(api, submit(api, seed=42, private=True)["id"])
+    b = wait_job(api, submit(api, seed=42, private=True)["id"])
+    assert api.get(a["images"][0]["url"]).content == api.get(b["images"][0]["url"]).content
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"width": 513}, "width 513 is not a multiple of 8"),
+    ({"sampler": "Euler z"}, "unknown sampler 'Euler z'"),
+    ({"steps": 0}, "steps"),
+    ({"model": "no-such-model"}, "no-such-model"),
+    ({"bogus": 1}, "bogus"),
+])
+def test_bad_requests_are_clear(api, body, fragment):
+    r = api.post("/api/jobs", json={"prompt": "x", **body})
+    if r.status_code == 202:  # a missing model is only found when the job runs
+        done = wait_job(api, r.json()["job"]["id"])
+        assert done["state"] == "error" and fragment in done["error"]
+        return
+    assert r.status_code == 422, r.text
+    assert fragment in r.json()["error"] and "Traceback" not in r.text
+
+
+def test_history_search_paging_delete(api, studio):
+    for prompt in ("a blue square", "a red circle", "a red star"):
+        wait_job(api, submit(api, prompt=prompt)["id"])
+    assert api.get("/api/history", params={"q": "red"}).json()["total"] == 2
+    assert api.get("/api/history", params={"q": "RED star"}).json()["total"] == 1
+    assert api.get("/api/history", params={"q": "100%_"}).json()["total"] == 0  # LIKE wildcards are literal
+    page = api.get("/api/history", params={"per_page": 2, "page": 2}).json()
+    assert page["total"] == 3 and len(page["items"]) == 1 and page["items"][0]["prompt"] == "a blue square"
+    item = page["items"][0]
+    path = studio.history.file_of(studio.history.get(item["id"]))
+    assert api.delete(f"/api/history/{item['id']}").json() == {"deleted": item["id"]}
+    assert not path.exists()
+    assert api.get(f"/api/images/{item['id']}").status_code == 404
+    assert api.get("/api/history").json()["total"] == 2
+
+
+def test_interrupt_keeps_finished_images(api):
+    job = submit(api, steps=200, n_iter=3, seed=1)
+    deadline = time.monotonic() + 60
+    while True:  # wait until the first batch is finished and the second is sampling
+        state = api.get(f"/api/jobs/{job['id']}").json()
+        if state["images"] and state["state"] == "running":
+            break
+        assert time.monotonic() < deadline and state["state"] != "done"
+        time.sleep(0.02)
+    api.post(f"/api/jobs/{job['id']}/interrupt")
+    done = wait_job(api, job["id"])
+    assert done["state"] == "interrupted" and 1 <= len(done["images"]) < 3
+
+
+def test_png_info_upload(api):
+    png = encode_png(Image.new("RGB", (8, 8)), "a cat\nSteps: 9, Sampler: Euler a, CFG scale: 5, Seed: 7, Size: 64x64")
+    r = api.post("/api/png-info", files={"file": ("x.png", png, "image/png")})
+    body = r.json()
+    assert body["format"] == "AUTOMATIC1111" and body["request"]["steps"] == 9 and body["request"]["seed"] == 7
+    plain = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(plain, format="PNG")
+    r = api.post("/api/png-info", files={"file": ("plain.png", plain.getvalue(), "image/png")})
+    assert r.status_code == 200 and r.json()["parameters"] is None
+    r = api.post("/api/png-info", files={"file": ("bad.png", b"\x89PNG\r\n\x1a\nnot really", "image/png")})
+    assert r.status_code == 400 and "bad.png" in r.json()["error"]
+
+
+def test_ui_page_and_openapi(api):
+    page = api.get("/")
+    assert page.status_code == 200 and "<html" in page.text.lower()
+    assert page.headers["content-security-policy"].startswith("default-src 'self'")
+    refs = re.findall(r"""(?:src|href|action)\s*=\s*["']([^"']*)""", page.text)
+    assert refs and all(r.startswith(("/", "#", "data:")) for r in refs), refs  # nothing from outside
+    schema = api.get("/api/openapi.json").json()
+    assert "/api/jobs" in schema["paths"]
+    assert api.get("/docs").status_code == 404  # Swagger UI would load scripts from a CDN
+
+
+def test_models_select_and_rescan(api, studio):
+    rows = api.post("/api/models/select", json={"model": "darkroom-starter"}).json()
+    assert [r["name"] for r in rows if r["current"]] == ["darkroom-starter"]
+    assert studio.settings.get("current_model") == "darkroom-starter"
+    r = api.post("/api/models/select", json={"model": "nope"})
+    assert r.status_code == 404 and "nope" in r.json()["error"]
+    (studio.home.checkpoints / "broken.safetensors").write_bytes(b"\x00" * 20)
+    rows = api.post("/api/models/rescan").json()
+    assert any(r["name"] == "broken" and r["error"] for r in rows)
+
+
+def test_events_stream_progress(studio):
+    """Server-sent events over a real socket carry step progress and the finished images."""
+    with live_server(studio) as url:
+        seen: list[dict] = []
+
+        def listen():
+            with httpx.stream("GET", f"{url}/api/events", timeout=30) as r:
+                event = None
+                for line in r.iter_lines():
+                    if line.startswith("event: "):
+                        event = line[7:]
+                    elif line.startswith("data: ") and event == "job":
+                        seen.append(json.loads(line[6:]))
+                        if seen[-1]["state"] == "done":
+                            return
+
+        t = threading.Thread(target=listen, daemon=True)
+        t.start()
+        time.sleep(0.5)
+        httpx.post(f"{url}/api/jobs", json={"prompt": "x", **FAST, "steps": 150}, timeout=10)
+        t.join(60)
+    # events are snapshots (a slow reader sees the latest state), so steps rise but may skip
+    steps = [s["step"] for s in seen if s["state"] == "running"]
+    assert len(steps) >= 3 and steps == sorted(steps) and 0 < steps[-2] < 150
+    assert seen[-1]["state"] == "done" and len(seen[-1]["images"]) == 1
