@@ -1,0 +1,276 @@
+/* Darkroom browser UI — History, PNG info and Models pages.
+ * Loaded (defer) after app.js and jobs.js; uses app.js's helpers via window.Darkroom.
+ * Runs before DOMContentLoaded, so its page hooks are in place for app.js's init.
+ */
+'use strict';
+
+(() => {
+  const DR = window.Darkroom;
+  const { $, el, api, toast, showError, copyText, fillForm, openLightbox, pixelFit } = DR;
+
+  // ================================================================== History
+
+  const H = { page: 1, perPage: 24, q: '', pages: 1, items: [], current: null, seq: 0, returnFocus: null };
+
+  function fmtDate(unix) {
+    if (!unix) return '';
+    try { return new Date(unix * 1000).toLocaleString(); } catch (e) { return ''; }
+  }
+
+  async function loadHistory() {
+    const seq = ++H.seq; // ignore answers to superseded requests (fast typing, paging)
+    const grid = $('history-grid');
+    grid.setAttribute('aria-busy', 'true');
+    const params = new URLSearchParams({ page: String(H.page), per_page: String(H.perPage) });
+    if (H.q) params.set('q', H.q);
+    try {
+      const data = await api('/api/history?' + params.toString());
+      if (seq !== H.seq) return;
+      const total = data.total || 0;
+      H.pages = Math.max(1, Math.ceil(total / (data.per_page || H.perPage)));
+      if (H.page > H.pages) { H.page = H.pages; return loadHistory(); } // e.g. after deleting the last item
+      H.items = data.items || [];
+      renderHistory(total);
+    } catch (e) {
+      if (seq !== H.seq) return;
+      showError(e);
+      grid.replaceChildren(el('p', { className: 'empty error-text' }, 'Could not load history: ' + e.message));
+    } finally {
+      if (seq === H.seq) grid.removeAttribute('aria-busy');
+    }
+  }
+
+  function renderHistory(total) {
+    const grid = $('history-grid');
+    $('history-page').textContent = `page ${H.page} of ${H.pages}`;
+    $('history-prev').disabled = H.page <= 1;
+    $('history-next').disabled = H.page >= H.pages;
+    if (!H.items.length) {
+      grid.replaceChildren(el('p', { className: 'empty muted' },
+        H.q ? `No images match “${H.q}”.` : 'No images yet. Finished generations appear here (private ones never do).'));
+      return;
+    }
+    grid.replaceChildren(...H.items.map((item) => {
+      const img = el('img', {
+        className: 'history-item', src: item.url, loading: 'lazy', decoding: 'async',
+        alt: item.prompt || 'Generated image', title: item.prompt || '',
+      });
+      if (item.width && item.height) { img.width = item.width; img.height = item.height; } // reserves space
+      const cell = el('button', { type: 'button', className: 'history-cell', 'aria-label': 'Open: ' + (item.prompt || 'image') }, img);
+      cell.addEventListener('click', () => openDetail(item));
+      return cell;
+    }));
+    grid.dataset.total = String(total);
+  }
+
+  function openDetail(item) {
+    H.current = item;
+    H.returnFocus = document.activeElement;
+    $('history-detail-img').src = item.url;
+    $('history-detail-img').alt = item.prompt || 'Generated image';
+    $('history-detail-title').textContent = item.prompt ? item.prompt.slice(0, 80) + (item.prompt.length > 80 ? '…' : '') : 'Image';
+    const meta = [fmtDate(item.created), item.model,
+      item.width && item.height ? `${item.width}×${item.height}` : null,
+      item.seed !== undefined && item.seed !== null ? `seed ${item.seed}` : null].filter(Boolean);
+    $('history-detail-meta').textContent = meta.join(' · ');
+    $('history-detail-info').textContent = item.infotext || '';
+    $('history-open').href = item.url;
+    $('history-detail').hidden = false;
+    pixelFit($('history-detail-img'), { maxScale: 4, maxVh: 0.7 }); // small images: crisp 2x–4x
+    document.body.classList.add('modal-open');
+    $('history-close').focus();
+  }
+
+  /** Close the detail dialog; returns true if it was open (Esc handling in app.js). */
+  function closeDetail() {
+    const d = $('history-detail');
+    if (d.hidden) return false;
+    d.hidden = true;
+    document.body.classList.remove('modal-open');
+    $('history-detail-img').removeAttribute('src');
+    if (H.returnFocus && H.returnFocus.isConnected) H.returnFocus.focus();
+    H.current = null;
+    return true;
+  }
+  DR.closeDetail = closeDetail;
+
+  /** Request dict for an item: the stored one, else rebuilt from the item's own fields. */
+  function itemRequest(item) {
+    if (item.request && typeof item.request === 'object') return item.request;
+    const keys = ['prompt', 'negative_prompt', 'seed', 'width', 'height', 'model', 'sampler', 'steps', 'cfg_scale'];
+    const req = {};
+    for (const k of keys) if (item[k] !== undefined) req[k] = item[k];
+    return req;
+  }
+
+  async function deleteCurrent() {
+    const item = H.current;
+    if (!item) return;
+    if (!window.confirm('Delete this image from history? The file is removed from disk.')) return;
+    const btn = $('history-delete');
+    btn.disabled = true;
+    try {
+      await api(`/api/history/${encodeURIComponent(item.id)}`, { method: 'DELETE' });
+      closeDetail();
+      toast('Deleted');
+      await loadHistory();
+    } catch (e) {
+      showError(e);
+    } finally {
+      btn.disabled = false;
+    }
+  }
+
+  let searchTimer = null;
+  $('history-search').addEventListener('input', () => {
+    clearTimeout(searchTimer);
+    searchTimer = setTimeout(() => {
+      H.q = $('history-search').value.trim();
+      H.page = 1;
+      loadHistory();
+    }, 300);
+  });
+  $('history-prev').addEventListener('click', () => { if (H.page > 1) { H.page--; loadHistory(); } });
+  $('history-next').addEventListener('click', () => { if (H.page < H.pages) { H.page++; loadHistory(); } });
+  $('history-close').addEventListener('click', closeDetail);
+  $('history-detail').addEventListener('click', (e) => { if (e.target === $('history-detail')) closeDetail(); });
+  $('history-detail-img').addEventListener('click', () => { if (H.current) openLightbox([H.current.url], 0); });
+  $('history-use').addEventListener('click', () => {
+    if (!H.current) return;
+    const req = itemRequest(H.current);
+    closeDetail();
+    fillForm(req);
+  });
+  $('history-copy').addEventListener('click', () => { if (H.current) copyText(H.current.infotext || ''); });
+  $('history-delete').addEventListener('click', deleteCurrent);
+
+  DR.pageHooks.history = loadHistory; // fresh every time the page is shown
+
+  // A finished job refreshes the grid if it is on screen (the page hook covers the rest).
+  DR.onJobFinished = (job) => {
+    if (job.state === 'error' || (job.request && job.request.private)) return;
+    if (DR.currentPage === 'history' && $('history-detail').hidden) loadHistory();
+  };
+
+  // ================================================================== PNG info
+
+  const P = { request: null, thumbUrl: null };
+
+  function renderPngResult(data) {
+    const box = $('png-result');
+    P.request = data && data.request && typeof data.request === 'object' ? data.request : null;
+    $('png-send').disabled = !P.request;
+    const format = data && data.format && data.format !== 'none' ? data.format : null;
+    const params = data && data.parameters;
+    if (!params && !P.request) {
+      box.replaceChildren(el('p', { className: 'png-none' }, 'no generation parameters in this image'));
+      return;
+    }
+    box.replaceChildren(
+      el('p', { className: 'png-format' }, 'Source: ', el('strong', { textContent: format || 'unknown' })),
+      el('pre', { className: 'infotext', id: 'png-params', textContent: params || JSON.stringify(P.request, null, 2) }),
+    );
+  }
+
+  async function inspectFile(file) {
+    if (!file) return;
+    if (P.thumbUrl) URL.revokeObjectURL(P.thumbUrl);
+    P.thumbUrl = URL.createObjectURL(file);
+    $('png-thumb').src = P.thumbUrl;
+    $('png-thumb').hidden = false;
+    $('png-result').replaceChildren(el('p', { className: 'muted' }, `Reading ${file.name || 'image'}…`));
+    $('png-send').disabled = true;
+    const form = new FormData();
+    form.append('file', file, file.name || 'image.png');
+    try {
+      renderPngResult(await api('/api/png-info', { method: 'POST', form }));
+    } catch (e) {
+      showError(e);
+      $('png-result').replaceChildren(el('p', { className: 'error-text' }, e.message));
+    }
+  }
+
+  const drop = $('png-drop');
+  const hasFiles = (e) => e.dataTransfer && [...(e.dataTransfer.types || [])].includes('Files');
+  drop.addEventListener('dragenter', (e) => { if (hasFiles(e)) { e.preventDefault(); drop.classList.add('over'); } });
+  drop.addEventListener('dragover', (e) => { if (hasFiles(e)) { e.preventDefault(); e.dataTransfer.dropEffect = 'copy'; } });
+  drop.addEventListener('dragleave', (e) => { if (!drop.contains(e.relatedTarget)) drop.classList.remove('over'); });
+  drop.addEventListener('drop', (e) => {
+    e.preventDefault();
+    e.stopPropagation();
+    drop.classList.remove('over');
+    inspectFile(e.dataTransfer.files[0]);
+  });
+  // A file dropped anywhere else must not navigate away from the app; on the
+  // PNG info page it is inspected as if dropped on the zone.
+  window.addEventListener('dragover', (e) => { if (hasFiles(e)) e.preventDefault(); });
+  window.addEventListener('drop', (e) => {
+    if (!hasFiles(e)) return;
+    e.preventDefault();
+    if (DR.currentPage === 'pnginfo') inspectFile(e.dataTransfer.files[0]);
+  });
+  // Paste an image (e.g. copied from another tab) while on the PNG info page.
+  document.addEventListener('paste', (e) => {
+    if (DR.currentPage !== 'pnginfo' || !e.clipboardData) return;
+    const f = [...e.clipboardData.files].find((x) => /^image\//.test(x.type));
+    if (f) { e.preventDefault(); inspectFile(f); }
+  });
+  $('png-file').addEventListener('change', () => {
+    const f = $('png-file').files[0];
+    $('png-file').value = ''; // choosing the same file again fires 'change' again
+    inspectFile(f);
+  });
+  $('png-send').addEventListener('click', () => { if (P.request) fillForm(P.request); });
+
+  // ================================================================== Models
+
+  function renderModelsTable(list) {
+    const tbody = $('models-table').tBodies[0];
+    if (!list.length) {
+      tbody.replaceChildren(el('tr', {}, el('td', { colSpan: 5, className: 'empty muted' },
+        'No checkpoints found. Add .safetensors files to the models folder and press Rescan.')));
+      return;
+    }
+    tbody.replaceChildren(...list.map((m) => {
+      // The current model gets a plain label, not a (low-contrast) disabled button.
+      const use = m.current
+        ? el('span', { className: 'in-use', textContent: 'In use' })
+        : el('button', { type: 'button', className: 'btn btn-small', textContent: 'Use' });
+      use.dataset.model = m.name;
+      if (!m.current) {
+        use.addEventListener('click', async () => {
+          for (const b of tbody.querySelectorAll('button')) b.disabled = true;
+          use.textContent = 'Loading…';
+          await DR.selectModel(m.name); // re-renders this table via DR.onModels
+        });
+      }
+      const row = el('tr', { className: m.current ? 'current' : '' },
+        el('td', { className: 'model-name', 'data-label': 'Name' }, m.name, m.current ? el('span', { className: 'badge', textContent: 'current' }) : null),
+        el('td', { 'data-label': 'Family' }, m.family || '—'),
+        el('td', { 'data-label': 'Size' }, m.size || '—'),
+        el('td', { className: 'mono', 'data-label': 'Hash', title: m.hash || '' }, m.hash ? m.hash.slice(0, 10) : '—'),
+        el('td', { className: 'cell-action' }, use));
+      if (m.current) row.setAttribute('aria-current', 'true');
+      return row;
+    }));
+  }
+  DR.onModels.push(renderModelsTable);
+  $('models-table').tBodies[0].replaceChildren(el('tr', {}, el('td', { colSpan: 5, className: 'empty muted' }, 'Loading…')));
+
+  $('models-rescan').addEventListener('click', async () => {
+    const btn = $('models-rescan');
+    btn.disabled = true;
+    btn.textContent = 'Scanning…';
+    try {
+      DR.setModels(await api('/api/models/rescan', { method: 'POST' }));
+      toast(`${DR.state.models.length} model${DR.state.models.length === 1 ? '' : 's'} found`);
+    } catch (e) {
+      showError(e);
+    } finally {
+      btn.disabled = false;
+      btn.textContent = 'Rescan';
+    }
+  });
+  // Refresh the list (and current model) whenever the page is opened.
+  DR.pageHooks.models = async () => { DR.setModels(await api('/api/models')); };
+})();

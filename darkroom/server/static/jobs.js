@@ -1,0 +1,283 @@
+/* Darkroom browser UI — Generate page jobs: submit, live progress (event stream
+ * with a polling fallback), interrupt and results.
+ * Loaded (defer) after app.js, whose helpers it uses via window.Darkroom; app.js's
+ * init calls DR.refreshStatus() and DR.startJobs() once the lists are loaded.
+ */
+'use strict';
+
+(() => {
+  const DR = window.Darkroom;
+  const { $, el, api, ApiError, parseJSON, setOnline, showError, copyText, fillForm,
+    openLightbox, readForm, saveForm, showNotes, pixelFit, state } = DR;
+  const LAST_JOB_KEY = 'darkroom.lastJob';
+  const TERMINAL = new Set(['done', 'error', 'interrupted']);
+
+  // ------------------------------------------------------------------ jobs
+
+  const jobs = new Map(); // id -> {job, seen: ms of last update, polling: bool, t0: ms}
+  let lastShown = null;   // id of the job whose progress is on screen
+  let es = null;          // EventSource
+  let pollTimer = null;
+
+  const isActive = (j) => !TERMINAL.has(j.state);
+  const activeJobs = () => [...jobs.values()].filter((t) => isActive(t.job));
+
+  /** The job the progress area follows: running first, then the oldest queued, else the latest. */
+  function focusJob() {
+    const act = activeJobs();
+    const t = act.find((x) => x.job.state === 'running') || act[0] || (lastShown && jobs.get(lastShown));
+    return t || null;
+  }
+
+  async function generate() {
+    const req = readForm();
+    saveForm();
+    showNotes([]);
+    const btn = $('generate');
+    btn.disabled = true; // guard against a double click; re-enabled right after the POST
+    try {
+      const res = await api('/api/jobs', { method: 'POST', json: req });
+      const job = res && res.job ? res.job : res;
+      if (!job || !job.id) throw new ApiError('server returned no job', 0);
+      track(job);
+      // On a phone the progress and results are below the long form: bring them into view.
+      // (.following gives the output column a window's height, so the progress can reach the top.)
+      if (window.matchMedia('(max-width: 899px)').matches) {
+        $('progress').parentElement.classList.add('following');
+        const still = window.matchMedia('(prefers-reduced-motion: reduce)').matches;
+        $('progress').scrollIntoView({ behavior: still ? 'auto' : 'smooth', block: 'start' });
+      }
+    } catch (e) {
+      showError(e);
+    } finally {
+      btn.disabled = false;
+    }
+  }
+
+  function track(job, resumed = false) {
+    // t0 (submit time) is unknown for a job resumed after a reload.
+    jobs.set(job.id, { job, seen: Date.now(), polling: false, t0: resumed ? null : Date.now(), finished: false });
+    lastShown = job.id;
+    try { sessionStorage.setItem(LAST_JOB_KEY, job.id); } catch (e) { /* ignore */ }
+    const note = $('results').querySelector('.results-note'); // about an earlier job
+    if (note) note.remove();
+    update(job);
+    ensurePolling();
+  }
+
+  /** Apply a JobState from SSE or polling. Jobs we did not submit only refresh history/queue. */
+  function update(job) {
+    const t = jobs.get(job.id);
+    if (!t) {
+      if (job.state === 'done' && DR.onJobFinished) DR.onJobFinished(job);
+      return;
+    }
+    t.job = job;
+    t.seen = Date.now();
+    if (TERMINAL.has(job.state) && !t.finished) {
+      t.finished = true;
+      finish(t);
+    }
+    renderProgress();
+  }
+
+  function finish(t) {
+    const job = t.job;
+    const imgs = job.images || [];
+    if (imgs.length) state.lastSeed = imgs[imgs.length - 1].seed;
+    if (job.state === 'error') showError(new Error(job.error || 'generation failed'));
+    if (imgs.length || job.state !== 'error') renderResults(job);
+    lastShown = job.id;
+    // Forget older finished jobs; keep the one on screen.
+    for (const [id, x] of jobs) if (x.finished && id !== job.id) jobs.delete(id);
+    if (DR.onJobFinished) DR.onJobFinished(job);
+  }
+
+  const fmtSecs = (s) => (s >= 90 ? `${Math.floor(s / 60)} min ${Math.round(s % 60)} s` : `${Math.max(0, Math.round(s))} s`);
+
+  function renderProgress() {
+    const t = focusJob();
+    const bar = $('progress-bar'), text = $('progress-text'), preview = $('preview');
+    $('interrupt').disabled = activeJobs().length === 0;
+    if (!t) return;
+    const j = t.job;
+    const others = activeJobs().length - (isActive(j) ? 1 : 0);
+    const more = others > 0 ? ` · ${others} more of yours queued` : '';
+    $('progress').classList.toggle('busy', isActive(j));
+    if (j.state === 'queued') {
+      bar.removeAttribute('value'); // indeterminate
+      text.textContent = (j.position > 0 ? `Queued · position ${j.position}` : 'Starting…') + more;
+    } else if (j.state === 'running') {
+      bar.value = Math.min(1, Math.max(0, j.progress || 0));
+      const perBatch = j.request && j.request.batch_size > 1 ? 'batch' : 'image';
+      const parts = [j.steps ? `Step ${j.step} / ${j.steps}` : 'Preparing…'];
+      if (j.batches > 1 || perBatch === 'image') parts.push(`${perBatch} ${(j.batch || 0) + 1} of ${j.batches || 1}`);
+      if (j.eta !== null && j.eta !== undefined) parts.push(`ETA ${fmtSecs(j.eta)}`);
+      text.textContent = parts.join(' · ') + more;
+    } else {
+      bar.value = j.state === 'done' ? 1 : bar.value || 0;
+      const n = (j.images || []).length;
+      const took = t.t0 ? ` in ${((t.seen - t.t0) / 1000).toFixed(1)} s` : '';
+      text.textContent =
+        j.state === 'done' ? `Done · ${n} image${n === 1 ? '' : 's'}${took}` + more
+        : j.state === 'interrupted' ? `Interrupted · ${n} image${n === 1 ? '' : 's'} kept` + more
+        : `Error: ${j.error || 'generation failed'}` + more;
+    }
+    // Live preview while sampling; only touch src when the server has a new one.
+    if (isActive(j) && j.preview_url) {
+      if (preview.dataset.src !== j.preview_url) { preview.dataset.src = j.preview_url; preview.src = j.preview_url; }
+      preview.hidden = false;
+    } else if (!isActive(j)) {
+      preview.hidden = true;
+      preview.dataset.src = '';
+    }
+  }
+
+  function renderResults(job) {
+    const box = $('results');
+    const imgs = job.images || [];
+    if (!imgs.length && job.state === 'interrupted' && box.querySelector('.result')) {
+      // Keep the previous results on screen; the progress line says "Interrupted".
+      const old = box.querySelector('.results-note');
+      if (old) old.remove();
+      const single = box.querySelectorAll('.result').length === 1; // see .results-note.single in app.css
+      box.prepend(el('p', { className: 'results-note muted' + (single ? ' single' : '') },
+        'Interrupted before any image finished. The images below are from an earlier job.'));
+      return;
+    }
+    if (!imgs.length) {
+      box.replaceChildren(el('p', { className: 'empty muted' }, job.state === 'interrupted' ? 'Interrupted before any image finished.' : 'No images.'));
+      return;
+    }
+    const urls = imgs.map((im) => im.url);
+    const priv = job.request && job.request.private;
+    box.replaceChildren(...imgs.map((im, i) => {
+      const img = el('img', { className: 'result-image', src: im.url, alt: `Result ${i + 1} (seed ${im.seed})`, tabIndex: 0 });
+      img.addEventListener('click', () => openLightbox(urls, i));
+      img.addEventListener('keydown', (e) => { if (e.key === 'Enter') openLightbox(urls, i); });
+      const copy = el('button', { type: 'button', className: 'btn', textContent: 'Copy parameters' });
+      copy.addEventListener('click', () => copyText(im.infotext || ''));
+      const use = el('button', { type: 'button', className: 'btn', textContent: 'Use these settings' });
+      use.addEventListener('click', () => fillForm({ ...(job.request || {}), seed: im.seed }, { switchPage: false }));
+      return el('figure', { className: 'result' }, img,
+        el('figcaption', {},
+          priv ? el('p', { className: 'badge', textContent: 'Private · not saved' }) : null,
+          el('pre', { className: 'infotext', textContent: im.infotext || '' }),
+          el('div', { className: 'actions' }, copy, use)));
+    }));
+    // small images: a whole-number scale that fits the card (and 75vh, as in app.css)
+    for (const img of box.querySelectorAll('img.result-image')) pixelFit(img, { maxScale: 4, maxVh: 0.75 });
+  }
+
+  async function interrupt() {
+    const t = focusJob();
+    if (!t || !isActive(t.job)) return;
+    $('interrupt').disabled = true;
+    try {
+      update(await api(`/api/jobs/${encodeURIComponent(t.job.id)}/interrupt`, { method: 'POST' }));
+    } catch (e) {
+      showError(e);
+      renderProgress();
+    }
+  }
+
+  async function pollJob(t) {
+    if (t.polling) return;
+    t.polling = true;
+    try {
+      update(await api(`/api/jobs/${encodeURIComponent(t.job.id)}`));
+    } catch (e) {
+      if (e.status === 404) { // the server forgot it (restart): stop following it
+        jobs.delete(t.job.id);
+        $('progress-text').textContent = 'The job is no longer known to the server.';
+        $('progress').classList.remove('busy');
+        renderProgress();
+      } else if (e.status !== 0) showError(e); // unreachable is already shown once
+    } finally {
+      t.polling = false;
+    }
+  }
+
+  /* Fallback for SSE: while one of our jobs is active, poll it every 500 ms if
+   * the event stream is down, or if it has been quiet for 3 s (missed events). */
+  function ensurePolling() {
+    if (pollTimer) return;
+    pollTimer = setInterval(() => {
+      const act = activeJobs();
+      if (!act.length) { clearInterval(pollTimer); pollTimer = null; return; }
+      const live = es && es.readyState === 1;
+      const now = Date.now();
+      for (const t of act) if (!live || now - t.seen > 3000) pollJob(t);
+    }, 500);
+  }
+
+  function renderQueue(q) {
+    if (!q) return;
+    const n = q.pending || 0;
+    const parts = [];
+    if (n) parts.push(`${n} job${n === 1 ? '' : 's'} waiting`);
+    if (q.running) parts.push('1 running');
+    $('queue-info').textContent = parts.length ? parts.join(' · ') : 'Queue empty';
+  }
+
+  function connectEvents() {
+    if (!window.EventSource) return; // polling covers it
+    es = new EventSource('/api/events');
+    const parse = (e) => { try { return parseJSON(e.data); } catch (err) { return null; } };
+    es.addEventListener('open', () => {
+      setOnline(true);
+      for (const t of activeJobs()) pollJob(t); // catch up on anything missed while away
+    });
+    es.addEventListener('job', (e) => { const j = parse(e); if (j && j.id) update(j); });
+    es.addEventListener('queue', (e) => renderQueue(parse(e)));
+    es.addEventListener('error', () => {
+      // CONNECTING: the browser retries on its own. CLOSED (bad status/type): retry ourselves.
+      if (es && es.readyState === 2) {
+        es = null;
+        setTimeout(connectEvents, 5000);
+      }
+      refreshStatus();
+    });
+  }
+
+  async function refreshStatus() {
+    try {
+      const s = await api('/api/status');
+      $('server-status').textContent = [s.version && `v${s.version}`, s.device, s.precision].filter(Boolean).join(' · ') || 'connected';
+      renderQueue(s.queue);
+    } catch (e) {
+      if (e.status !== 0) showError(e);
+    }
+  }
+
+  /** Resume the job this tab last submitted (survives a reload while it runs). */
+  async function resumeLastJob() {
+    let id = null;
+    try { id = sessionStorage.getItem(LAST_JOB_KEY); } catch (e) { return; }
+    if (!id) return;
+    try {
+      const job = await api(`/api/jobs/${encodeURIComponent(id)}`);
+      if (job && job.id) track(job, true);
+    } catch (e) { /* gone: nothing to resume */ }
+  }
+
+  // ------------------------------------------------------------------ wiring
+
+  $('gen-form').addEventListener('submit', (e) => { e.preventDefault(); generate(); });
+  for (const id of ['prompt', 'negative']) {
+    $(id).addEventListener('keydown', (e) => {
+      if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) { e.preventDefault(); generate(); }
+    });
+  }
+  $('interrupt').addEventListener('click', interrupt);
+
+  /** Called by app.js's init once models, samplers and schedules are loaded. */
+  function startJobs() {
+    connectEvents();
+    // While the event stream is down, keep the queue line and status fresh.
+    setInterval(() => { if (!es || es.readyState !== 1) refreshStatus(); }, 5000);
+    resumeLastJob();
+  }
+
+  Object.assign(DR, { refreshStatus, startJobs });
+})();

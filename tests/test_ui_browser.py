@@ -1,0 +1,406 @@
+"""The web UI in a real headless browser (Playwright + Debian's chromium) against a live server.
+
+Each test records every request the page makes, every console message and every page error,
+and ends by checking that the page talked to nobody but our server and logged no error it
+was not meant to. Screenshots go to the test's tmp_path (and are copied to /tmp/ui-shots/).
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():
+    pytest.skip("headless browser tests need Debian's chromium at /usr/bin/chromium", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="headless browser tests need the playwright package")
+expect = sync_api.expect
+
+from darkroom.home import Home  # noqa: E402
+from darkroom.pngmeta import encode_png  # noqa: E402
+from tests.server_util import get_json, live_server, studio_with  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+SHOTS = Path("/tmp/ui-shots")
+TIMEOUT = 30_000  # ms, for every wait
+PROMPT = "a red circle on a white background"
+A1111_INFOTEXT = ("a blue square\nNegative prompt: blurry\n"
+                  "Steps: 13, Sampler: Euler a, CFG scale: 5.5, Seed: 1234, Size: 64x64")
+
+
+WATCH_JS = """() => {
+    window.__texts = []; window.__previews = []; window.__interrupt = [];
+    const $ = (id) => document.getElementById(id);
+    new MutationObserver(() => window.__texts.push($('progress-text').textContent))
+        .observe($('progress-text'), {childList: true, characterData: true, subtree: true});
+    const pv = $('preview');
+    new MutationObserver(() => { if (pv.getAttribute('src') && !pv.hidden) window.__previews.push(pv.src); })
+        .observe(pv, {attributes: true, attributeFilter: ['src', 'hidden']});
+    new MutationObserver(() => window.__interrupt.push($('interrupt').disabled))
+        .observe($('interrupt'), {attributes: true, attributeFilter: ['disabled']});
+}"""
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory, tiny_model):
+    """A live server over a home holding the tiny random SD1 model (plus the built-in starter)."""
+    studio = studio_with(Home(tmp_path_factory.mktemp("ui-home")), tiny_model("sd1")["path"])
+    try:
+        with live_server(studio) as url:
+            yield url
+    finally:
+        studio.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@dataclass
+class Recorder:
+    """What one page did: requests, responses with an error status, console output, page errors."""
+
+    base: str
+    requests: list[str] = field(default_factory=list)
+    bad_responses: list[str] = field(default_factory=list)
+    console: list[tuple[str, str]] = field(default_factory=list)
+    page_errors: list[str] = field(default_factory=list)
+
+    def attach(self, page) -> None:
+        page.on("request", lambda r: self.requests.append(r.url))
+        page.on("response", lambda r: r.status >= 400 and self.bad_responses.append(f"{r.status} {r.url}"))
+        page.on("console", lambda m: self.console.append((m.type, m.text)))
+        page.on("pageerror", lambda e: self.page_errors.append(str(e)))
+
+    def check(self, allowed_errors: tuple[str, ...] = (), allowed_status: tuple[int, ...] = ()) -> None:
+        """Nothing outside the server was contacted; no unexpected console error, bad status or page error."""
+        assert self.requests, "no request was recorded"
+        outside = [u for u in self.requests
+                   if not (u.startswith(self.base + "/") or u == self.base or u.startswith(("data:", "blob:")))]
+        assert not outside, f"the page contacted something other than {self.base}: {outside}"
+        errors = [text for kind, text in self.console
+                  if kind == "error" and not any(a in text for a in allowed_errors)]
+        assert not errors, f"unexpected console errors: {errors}"
+        bad = [r for r in self.bad_responses if int(r.split()[0]) not in allowed_status]
+        assert not bad, f"unexpected error responses: {bad}"
+        assert not self.page_errors, f"uncaught page errors: {self.page_errors}"
+
+
+@pytest.fixture
+def open_page(browser, base_url):
+    """open_page(**context_options) -> (page, recorder), the UI loaded in a fresh browser context."""
+    contexts = []
+
+    def open_(**options):
+        options.setdefault("viewport", {"width": 1280, "height": 900})
+        ctx = browser.new_context(**options)
+        ctx.set_default_timeout(TIMEOUT)
+        contexts.append(ctx)
+        page = ctx.new_page()
+        rec = Recorder(base_url)
+        rec.attach(page)
+        page.goto(base_url + "/")
+        # the selects fill from /api/models and /api/samplers
+        expect(page.locator("#model option[value='darkroom-starter']")).to_have_count(1, timeout=TIMEOUT)
+        expect(page.locator("#sampler option[value='Euler a']")).to_have_count(1, timeout=TIMEOUT)
+        expect(page.locator("#server-status")).not_to_have_text("connecting…", timeout=TIMEOUT)
+        return page, rec
+
+    yield open_
+    for ctx in contexts:
+        ctx.close()
+
+
+def shot(page, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    page.screenshot(path=str(path), full_page=True, animations="disabled")
+    try:
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, SHOTS / name)
+    except OSError:
+        pass
+    return path
+
+
+def image_widths(locator) -> list[int]:
+    """naturalWidth of each image (0 = broken or not loaded)."""
+    return locator.evaluate_all("imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
+
+
+def no_horizontal_overflow(page) -> bool:
+    return page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+
+def test_generate_with_the_starter_model_then_history(open_page, tmp_path):
+    page, rec = open_page()
+    expect(page.locator("#page-generate")).to_be_visible()
+    expect(page.locator("#tab-generate")).to_have_attribute("aria-selected", "true")
+
+    # switch the server's model from the tiny random one to the starter model
+    page.select_option("#model", "darkroom-starter")
+    expect(page.locator(".toast", has_text="Model ready: darkroom-starter")).to_be_visible()
+    expect(page.locator("#model")).to_have_value("darkroom-starter")
+    expect(page.locator("#width")).to_have_attribute("placeholder", "128")
+
+    page.fill("#prompt", PROMPT)
+    page.fill("#steps", "20")
+    page.fill("#batch-size", "2")
+    page.fill("#seed", "7")
+
+    # watch the progress line, the preview and the Interrupt button from inside the page: on a fast
+    # machine a state may last less than one of expect()'s polls
+    page.evaluate(WATCH_JS)
+    page.locator("#prompt").press("Control+Enter")  # the keyboard shortcut submits
+
+    page.wait_for_function("() => window.__texts.some(t => /Step \\d+ \\/ 20/.test(t))", timeout=TIMEOUT)
+    expect(page.locator("#progress-text")).to_have_text(re.compile(r"^Done · 2 images in [\d.]+ s"), timeout=TIMEOUT)
+    texts = page.evaluate("window.__texts")
+    previews = page.evaluate("window.__previews")
+    assert any(re.search(r"^Step \d+ / 20\b", t) for t in texts), texts
+    assert previews and all(re.search(r"/api/jobs/[^/]+/preview\?rev=\d+$", u) for u in previews), previews
+    assert page.evaluate("window.__interrupt")[:1] == [False], "Interrupt was never enabled while the job ran"
+    expect(page.locator("#preview")).to_be_hidden()  # the preview goes away when the job ends
+    expect(page.locator("#interrupt")).to_be_disabled()
+
+    results = page.locator("#results img.result-image")
+    expect(results).to_have_count(2)
+    expect(page.locator("#results pre.infotext")).to_have_count(2)
+    for info in page.locator("#results pre.infotext").all():
+        expect(info).to_contain_text(PROMPT)
+        expect(info).to_contain_text("Seed:")
+        expect(info).to_contain_text("Steps: 20")
+        expect(info).to_contain_text("Model: darkroom-starter")
+    page.wait_for_function("() => [...document.querySelectorAll('#results img.result-image')].every(i => i.complete)")
+    assert image_widths(results) == [128, 128]
+    seeds = [re.search(r"Seed: (\d+)", t).group(1) for t in page.locator("#results pre.infotext").all_inner_texts()]
+    assert seeds == ["7", "8"]
+    shot(page, tmp_path, "generate-desktop.png")
+
+    # the lightbox opens on a click and closes on Escape
+    results.first.click()
+    expect(page.locator("#lightbox")).to_be_visible()
+    page.keyboard.press("Escape")
+    expect(page.locator("#lightbox")).to_be_hidden()
+
+    # change the prompt, so that "use these settings" visibly brings it back
+    page.fill("#prompt", "something else")
+
+    page.click("#tab-history")
+    expect(page.locator("#page-history")).to_be_visible()
+    expect(page.locator("#page-generate")).to_be_hidden()
+    items = page.locator("#history-grid img.history-item")
+    expect(items).to_have_count(2)
+    page.wait_for_function("() => [...document.querySelectorAll('img.history-item')].every(i => i.complete)")
+    assert image_widths(items) == [128, 128]
+
+    # search (debounced): no match, then a word of the prompt brings both images back
+    page.fill("#history-search", "zebra")
+    expect(page.locator("#history-grid")).to_contain_text("No images match “zebra”")
+    expect(items).to_have_count(0)
+    page.fill("#history-search", "circle")
+    expect(items).to_have_count(2)
+    expect(page.locator("#history-grid")).not_to_have_attribute("aria-busy", "true")
+    assert any("/api/history?" in u and "q=zebra" in u for u in rec.requests)
+    assert any("/api/history?" in u and "q=circle" in u for u in rec.requests)
+
+    items.first.click()
+    detail = page.locator("#history-detail")
+    expect(detail).to_be_visible()
+    expect(page.locator("#history-detail-title")).to_have_text(PROMPT)
+    expect(page.locator("#history-detail-info")).to_contain_text("Seed:")
+    expect(page.locator("#history-detail-info")).to_contain_text(PROMPT)
+    expect(page.locator("#history-detail-meta")).to_contain_text("128×128")
+    shot(page, tmp_path, "history-detail-desktop.png")
+
+    page.click("#history-use")
+    expect(detail).to_be_hidden()
+    expect(page.locator("#page-generate")).to_be_visible()
+    expect(page).to_have_url(re.compile(r"#generate$"))
+    expect(page.locator("#prompt")).to_have_value(PROMPT)
+    expect(page.locator("#steps")).to_have_value("20")
+    expect(page.locator("#seed")).to_have_value(re.compile(r"^[78]$"))
+    expect(page.locator("#model")).to_have_value("darkroom-starter")
+    expect(page.locator(".toast", has_text="Settings loaded")).to_be_visible()
+
+    # "Reuse" puts the last image's seed back
+    page.click("#seed-random")
+    expect(page.locator("#seed")).to_have_value("-1")
+    page.click("#seed-reuse")
+    expect(page.locator("#seed")).to_have_value("8")
+
+    # a reload keeps the form (localStorage) and shows the tab's last job again (sessionStorage)
+    page.wait_for_timeout(500)  # the form is saved 400 ms after the last change
+    page.reload()
+    expect(page.locator("#prompt")).to_have_value(PROMPT)
+    expect(page.locator("#seed")).to_have_value("8")
+    expect(page.locator("#results img.result-image")).to_have_count(2)
+
+    # a private job, interrupted: nothing kept, nothing added to history
+    page.check("#private")
+    page.fill("#steps", "400")
+    page.fill("#batch-size", "1")
+    page.evaluate(WATCH_JS)
+    page.click("#generate")
+    page.wait_for_function("() => window.__texts.some(t => /Step \\d+ \\/ 400/.test(t))", timeout=TIMEOUT)
+    page.click("#interrupt")
+    expect(page.locator("#progress-text")).to_have_text(re.compile(r"^Interrupted · 0 images kept"))
+    expect(page.locator("#results")).to_contain_text("Interrupted before any image finished.")
+    page.click("#tab-history")
+    page.fill("#history-search", "")
+    expect(page.locator("#history-page")).to_have_text("page 1 of 1")
+    expect(items).to_have_count(2)
+    assert get_json(rec.base + "/api/history")["total"] == 2
+
+    rec.check()
+    assert any("/api/events" in u for u in rec.requests)
+    assert any("/preview?rev=" in u for u in rec.requests)
+
+
+def _drop_file(page, selector: str, name: str, data: bytes) -> None:
+    """Drop a file onto `selector` as a user dragging it from the desktop would (dragenter, dragover, drop)."""
+    dt = page.evaluate_handle("""([b64, name]) => {
+        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], name, {type: 'image/png'}));
+        return dt;
+    }""", [base64.b64encode(data).decode(), name])
+    page.dispatch_event(selector, "dragenter", {"dataTransfer": dt})
+    expect(page.locator(selector)).to_have_class(re.compile(r"\bover\b"))
+    page.dispatch_event(selector, "dragover", {"dataTransfer": dt})
+    page.dispatch_event(selector, "drop", {"dataTransfer": dt})
+    expect(page.locator(selector)).not_to_have_class(re.compile(r"\bover\b"))
+
+
+def test_png_info_by_file_input_and_by_drop(open_page, tmp_path):
+    page, rec = open_page()
+    path = tmp_path / "a1111.png"
+    path.write_bytes(encode_png(Image.new("RGB", (64, 64)), A1111_INFOTEXT))
+
+    page.click("#tab-pnginfo")
+    expect(page.locator("#page-pnginfo")).to_be_visible()
+    expect(page.locator("#png-send")).to_be_disabled()
+    page.set_input_files("#png-file", str(path))
+    result = page.locator("#png-result")
+    expect(result).to_contain_text("Steps: 13")
+    expect(result.locator(".png-format")).to_have_text("Source: AUTOMATIC1111")
+    expect(page.locator("#png-thumb")).to_be_visible()
+    expect(page.locator("#png-send")).to_be_enabled()
+    shot(page, tmp_path, "pnginfo-desktop.png")
+
+    page.click("#png-send")
+    expect(page.locator("#page-generate")).to_be_visible()
+    expect(page.locator("#prompt")).to_have_value("a blue square")
+    expect(page.locator("#negative")).to_have_value("blurry")
+    expect(page.locator("#steps")).to_have_value("13")
+    expect(page.locator("#cfg")).to_have_value("5.5")
+    expect(page.locator("#seed")).to_have_value("1234")
+    expect(page.locator("#sampler")).to_have_value("Euler a")
+    expect(page.locator("#width")).to_have_value("64")
+    expect(page.locator("#height")).to_have_value("64")
+    expect(page.locator("#form-note")).to_be_hidden()  # every value applied
+
+    # a second, different image dropped onto the zone
+    page.click("#tab-pnginfo")
+    dropped = encode_png(Image.new("RGB", (32, 32), "green"),
+                         "a green star\nSteps: 17, Sampler: DPM++ 2M, CFG scale: 4, Seed: 99, Size: 32x32")
+    _drop_file(page, "#png-drop", "dropped.png", dropped)
+    expect(result).to_contain_text("Steps: 17")
+    expect(result).not_to_contain_text("Steps: 13")
+    expect(result.locator(".png-format")).to_have_text("Source: AUTOMATIC1111")
+    page.click("#png-send")
+    expect(page.locator("#prompt")).to_have_value("a green star")
+    expect(page.locator("#negative")).to_have_value("")
+    expect(page.locator("#steps")).to_have_value("17")
+    expect(page.locator("#sampler")).to_have_value("DPM++ 2M")
+
+    # an image without parameters says so, and cannot be sent
+    page.click("#tab-pnginfo")
+    _drop_file(page, "#png-drop", "plain.png", encode_png(Image.new("RGB", (16, 16)), None))
+    expect(result).to_contain_text("no generation parameters in this image")
+    expect(page.locator("#png-send")).to_be_disabled()
+
+    rec.check()
+    assert sum("/api/png-info" in u for u in rec.requests) == 3
+
+
+def test_errors_are_shown_in_the_page(open_page, tmp_path):
+    page, rec = open_page()
+    page.fill("#prompt", "a red circle")
+    page.fill("#steps", "2")
+    page.fill("#width", "513")
+    page.fill("#height", "512")
+    expect(page.locator("#size-preset")).to_have_value("custom")
+    page.click("#generate")
+
+    toast = page.locator(".toast-error")
+    expect(toast).to_be_visible()
+    expect(toast).to_contain_text("multiple of 8")
+    expect(toast).to_have_attribute("role", "alert")
+    box = toast.bounding_box()
+    assert box and box["x"] >= 0 and box["x"] + box["width"] <= 1280 and box["y"] + box["height"] <= 900
+    expect(page.locator("#generate")).to_be_enabled()  # the form is usable again
+    expect(page.locator("#results")).to_contain_text("Generated images appear here.")  # nothing blanked
+    shot(page, tmp_path, "error-desktop.png")
+
+    # the same message twice is one toast; it can be dismissed
+    page.click("#generate")
+    expect(toast).to_have_count(1)
+    toast.locator(".toast-close").click()
+    expect(toast).to_have_count(0)
+
+    rec.check(allowed_errors=("422", "multiple of 8"), allowed_status=(422,))
+    assert sum(1 for r in rec.bad_responses if r.startswith("422 ") and r.endswith("/api/jobs")) == 2
+
+
+def test_phone_sized_viewport(open_page, tmp_path):
+    page, rec = open_page(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True,
+                          device_scale_factor=2)
+    gen = page.locator("#generate")
+    expect(gen).to_be_visible()
+    box = gen.bounding_box()
+    assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390, box
+    assert no_horizontal_overflow(page)
+    for tab in ("generate", "history", "pnginfo", "models"):
+        tb = page.locator(f"#tab-{tab}").bounding_box()
+        assert tb and tb["x"] >= 0 and tb["x"] + tb["width"] <= 390, (tab, tb)
+    shot(page, tmp_path, "generate-phone.png")
+
+    page.click("#tab-models")
+    expect(page.locator("#models-table tbody tr")).to_have_count(2)
+    expect(page.locator("#models-table")).to_contain_text("darkroom-starter")
+    assert no_horizontal_overflow(page)
+    shot(page, tmp_path, "models-phone.png")
+
+    page.click("#tab-history")
+    expect(page.locator("#history-grid")).not_to_have_attribute("aria-busy", "true")
+    expect(page.locator("#history-page")).to_contain_text("page 1 of")
+    # (the grid holds what the first test made, if it ran): wait for the thumbnails before the shot
+    page.wait_for_function("() => [...document.querySelectorAll('img.history-item')].every(i => i.complete)")
+    assert 0 not in image_widths(page.locator("img.history-item"))
+    assert no_horizontal_overflow(page)
+    shot(page, tmp_path, "history-phone.png")
+
+    page.click("#tab-pnginfo")
+    expect(page.locator("#png-drop")).to_be_visible()
+    assert no_horizontal_overflow(page)
+
+    rec.check()
