@@ -17,6 +17,8 @@ from darkroom.errors import DarkroomError
 from darkroom.home import Home
 
 log = logging.getLogger("darkroom")
+RESIZE_CHOICES = {"just-resize": 0, "crop": 1, "fill": 2}
+FILL_CHOICES = {"fill": 0, "original": 1, "latent-noise": 2, "latent-nothing": 3}
 
 
 class Context:
@@ -101,6 +103,32 @@ def _engine(home: Home, device: str | None, precision: str | None, allow_pickle:
               help="Folder for the PNGs (default: <home>/outputs/txt2img/<date>).")
 @click.option("--from-png", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="Rerun the parameters stored in an image; options given here override them.")
+@click.option("-i", "--init-image", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="img2img: start from this image (size defaults to the image's).")
+@click.option("--mask", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Inpaint: white = repaint (a transparent PNG's painted pixels count as white).")
+@click.option("-d", "--strength", "denoising_strength", type=float, default=None,
+              help="Denoising strength for img2img and the hires fix (0 keeps the image, 1 ignores it).")
+@click.option("--resize-mode", type=click.Choice(list(RESIZE_CHOICES)), default=None,
+              help="How the init image is fitted to the size (default: just-resize).")
+@click.option("--mask-blur", type=int, default=None, help="Mask edge blur in pixels (default 4).")
+@click.option("--masked-content", type=click.Choice(list(FILL_CHOICES)), default=None,
+              help="What the masked area starts from (default: original).")
+@click.option("--only-masked", "inpaint_full_res", is_flag=True, default=None,
+              help="Inpaint just the masked area at full resolution, then paste it back.")
+@click.option("--only-masked-padding", "inpaint_full_res_padding", type=int, default=None,
+              help="Pixels of context around the mask for --only-masked (default 32).")
+@click.option("--invert-mask", "inpainting_mask_invert", is_flag=True, default=None,
+              help="Repaint the black part of the mask.")
+@click.option("--hires", "enable_hr", is_flag=True, default=None,
+              help="Hires fix: generate at the size given, upscale, then refine at the larger size.")
+@click.option("--hr-scale", type=float, default=None, help="Hires upscale factor (default 2).")
+@click.option("--hr-upscaler", default=None, help="Latent (default), Latent (nearest), Lanczos, Nearest.")
+@click.option("--hr-steps", "hr_second_pass_steps", type=int, default=None,
+              help="Steps of the second pass (default: the same as --steps).")
+@click.option("--hr-size", default=None, metavar="WxH", help="Hires target size instead of --hr-scale.")
+@click.option("--subseed", type=int, default=None, help="Variation seed.")
+@click.option("--subseed-strength", type=float, default=None, help="How far to move towards the variation seed.")
 @click.option("--device", default=None, help="auto (default), cpu, cuda, cuda:N, mps.")
 @click.option("--precision", default=None, help="auto (default), fp32, fp16, bf16.")
 @click.option("--allow-pickle", is_flag=True, help="Allow .ckpt pickles (loaded with torch.load(weights_only=True)).")
@@ -109,15 +137,32 @@ def _engine(home: Home, device: str | None, precision: str | None, allow_pickle:
 @click.pass_obj
 @user_errors
 def generate(obj: Context, prompt, negative_prompt, model, n_iter, batch_size, steps, cfg_scale, sampler, schedule,
-             seed, width, height, clip_skip, output, from_png, device, precision, allow_pickle, v_prediction) -> None:
-    """Generate images from PROMPT and write PNGs with their parameters inside."""
+             seed, width, height, clip_skip, output, from_png, init_image, mask, denoising_strength, resize_mode,
+             mask_blur, masked_content, inpaint_full_res, inpaint_full_res_padding, inpainting_mask_invert, enable_hr,
+             hr_scale, hr_upscaler, hr_second_pass_steps, hr_size, subseed, subseed_strength, device, precision,
+             allow_pickle, v_prediction) -> None:
+    """Generate images from PROMPT (txt2img, img2img, inpainting, hires fix) and write PNGs with their parameters."""
     from darkroom.api import output_folder, request_from_png
     from darkroom.models import starter
     from darkroom.request import GenerationRequest
 
+    hr_resize_x = hr_resize_y = None
+    if hr_size:
+        try:
+            hr_resize_x, hr_resize_y = (int(v) for v in hr_size.lower().split("x"))
+        except ValueError:
+            raise click.BadParameter(f"{hr_size!r} is not WIDTHxHEIGHT, e.g. 1024x768",
+                                     param_hint="--hr-size") from None
     fields = dict(prompt=prompt, negative_prompt=negative_prompt, model=model, n_iter=n_iter, batch_size=batch_size,
                   steps=steps, cfg_scale=cfg_scale, sampler=sampler, schedule=schedule, seed=seed, width=width,
-                  height=height, clip_skip=clip_skip)
+                  height=height, clip_skip=clip_skip, denoising_strength=denoising_strength,
+                  resize_mode=None if resize_mode is None else RESIZE_CHOICES[resize_mode], mask_blur=mask_blur,
+                  inpainting_fill=None if masked_content is None else FILL_CHOICES[masked_content],
+                  inpaint_full_res=inpaint_full_res, inpaint_full_res_padding=inpaint_full_res_padding,
+                  inpainting_mask_invert=inpainting_mask_invert, enable_hr=enable_hr, hr_scale=hr_scale,
+                  hr_upscaler=hr_upscaler, hr_second_pass_steps=hr_second_pass_steps, hr_resize_x=hr_resize_x,
+                  hr_resize_y=hr_resize_y, subseed=subseed, subseed_strength=subseed_strength,
+                  init_image=_read(init_image), mask=_read(mask))
     given = {k: v for k, v in fields.items() if v is not None}
     if from_png is not None:
         base = request_from_png(from_png)
@@ -131,7 +176,7 @@ def generate(obj: Context, prompt, negative_prompt, model, n_iter, batch_size, s
     path = engine.model_path(req)
     note = starter.description(path)
     click.echo(f"Model: {path.name}" + (f"  ({note})" if note else ""), err=True)
-    out_dir = output or output_folder(obj.home)
+    out_dir = output or output_folder(obj.home, "img2img" if req.is_img2img else "txt2img")
 
     cancel = threading.Event()
     progress = _Progress(req)
@@ -161,11 +206,15 @@ def generate(obj: Context, prompt, negative_prompt, model, n_iter, batch_size, s
         sys.exit(130)
 
 
+def _read(path: Path | None) -> bytes | None:
+    return None if path is None else path.read_bytes()
+
+
 class _Progress:
     """A tqdm bar over all steps of all batches: step count, it/s and ETA."""
 
     def __init__(self, req):
-        self.total = req.steps * req.n_iter
+        self.total = req.steps_per_batch * req.n_iter
         self.bar = None
 
     def update(self, event) -> None:

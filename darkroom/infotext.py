@@ -233,7 +233,9 @@ def request_from_infotext(text: str) -> GenerationRequest:
     """Turn an image's infotext back into the request that reproduces it.
 
     Reads prompt, negative prompt, Steps, Sampler, Schedule type, CFG scale, Seed, Size,
-    Clip skip, Eta and Model (falling back to Model hash); anything else keeps its default.
+    Clip skip, Eta, Model (falling back to Model hash), Denoising strength, the hires fix's
+    keys and variation seeds; anything else keeps its default (an img2img source image is
+    not in the infotext, so such images rerun as txt2img, as in the webui).
     Raises InvalidRequest when the text has no parameter line or a value is out of range.
     """
     params = parse_infotext(text)
@@ -272,6 +274,25 @@ def request_from_infotext(text: str) -> GenerationRequest:
     model = params.get("Model", "").strip() or params.get("Model hash", "").strip()
     if model:
         fields["model"] = model
+    if "Variation seed" in params:
+        fields["subseed"] = _number(params, "Variation seed", int)
+        if "Variation seed strength" in params:
+            fields["subseed_strength"] = _number(params, "Variation seed strength", float)
+    if "Denoising strength" in params:
+        fields["denoising_strength"] = _number(params, "Denoising strength", float)
+    if any(k in params for k in ("Hires upscale", "Hires resize", "Hires upscaler")):
+        fields["enable_hr"] = True
+        if "Hires upscale" in params:
+            fields["hr_scale"] = _number(params, "Hires upscale", float)
+        if "Hires resize" in params:
+            hr = _SIZE_RE.match(params["Hires resize"])
+            if not hr:
+                raise InvalidRequest(f"the infotext's 'Hires resize: {params['Hires resize']}' is not WIDTHxHEIGHT")
+            fields["hr_resize_x"], fields["hr_resize_y"] = int(hr[1]), int(hr[2])
+        if "Hires steps" in params:
+            fields["hr_second_pass_steps"] = _number(params, "Hires steps", int)
+        if "Hires upscaler" in params:
+            fields["hr_upscaler"] = params["Hires upscaler"].strip()
     try:
         return GenerationRequest(**fields)
     except pydantic.ValidationError as exc:

@@ -97,7 +97,7 @@ class Job:
 class JobQueue:
     """FIFO of jobs run by one worker thread over one Engine."""
 
-    def __init__(self, engine, *, output_dir: Callable[[], Path] | None = None, history=None,
+    def __init__(self, engine, *, output_dir: Callable[[GenerationRequest], Path] | None = None, history=None,
                  max_pending: int = 100, keep_finished: int = 50, preview_every: float = 0.5,
                  prepare: Callable[[GenerationRequest], GenerationRequest] | None = None):
         self.engine = engine
@@ -282,7 +282,7 @@ class JobQueue:
             job.images.append(done)
             self._notify(job)
 
-        out = None if job.private or self.output_dir is None else self.output_dir()
+        out = None if job.private or self.output_dir is None else self.output_dir(job.request)
         try:
             result = self.engine.generate(job.request, on_step=on_step, cancel=job.cancel, skip=job.skip,
                                           output_dir=out, on_image=on_image)

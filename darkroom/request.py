@@ -32,6 +32,30 @@ class GenerationRequest(BaseModel):
     clip_skip: int = Field(1, ge=1, le=12, description="1 = last layer (A1111 'Clip skip').")
     model: str | None = Field(None, description="Checkpoint name, short hash or path.")
     eta: float | None = Field(None, ge=0.0, le=1.0, description="Ancestral noise; None = default.")
+    subseed: int = Field(-1, ge=-1, lt=2**64, description="Variation seed (-1 picks one when a strength is set).")
+    subseed_strength: float = Field(0.0, ge=0.0, le=1.0, description="How far the noise moves towards the subseed's.")
+    vae: str | None = Field(None, description="A separate VAE file (name in the VAE folders or path); None = the"
+                                              " checkpoint's own.")
+
+    # img2img / inpainting (A1111 names); images are encoded files (PNG, JPEG, WebP)
+    init_image: bytes | None = Field(None, repr=False, description="img2img source image.")
+    mask: bytes | None = Field(None, repr=False, description="Inpainting mask: white = repaint.")
+    denoising_strength: float = Field(0.75, ge=0.0, le=1.0,
+                                      description="img2img and hires fix: 0 keeps the image, 1 ignores it.")
+    resize_mode: int = Field(0, ge=0, le=2, description="0 just resize, 1 crop and resize, 2 resize and fill.")
+    mask_blur: int = Field(4, ge=0, le=64)
+    inpainting_fill: int = Field(1, ge=0, le=3, description="0 fill, 1 original, 2 latent noise, 3 latent nothing.")
+    inpaint_full_res: bool = Field(False, description="Inpaint only the masked area (at full resolution).")
+    inpaint_full_res_padding: int = Field(32, ge=0, le=256)
+    inpainting_mask_invert: bool = Field(False, description="Repaint the black part of the mask instead.")
+
+    # hires fix
+    enable_hr: bool = False
+    hr_scale: float = Field(2.0, ge=1.0, le=4.0)
+    hr_upscaler: str = Field("Latent", description="Latent, Latent (nearest), Lanczos, Nearest.")
+    hr_second_pass_steps: int = Field(0, ge=0, le=500, description="0 = the same as steps.")
+    hr_resize_x: int = Field(0, ge=0, le=MAX_SIDE)
+    hr_resize_y: int = Field(0, ge=0, le=MAX_SIDE)
 
     @field_validator("width", "height")
     @classmethod
@@ -44,9 +68,45 @@ class GenerationRequest(BaseModel):
             )
         return v
 
+    @field_validator("hr_resize_x", "hr_resize_y")
+    @classmethod
+    def _hr_multiple_of_8(cls, v: int, info) -> int:
+        if v % 8:
+            raise ValueError(f"{info.field_name} {v} is not a multiple of 8; use {v - v % 8} or {v - v % 8 + 8}")
+        return v
+
     @property
     def image_count(self) -> int:
         return self.batch_size * self.n_iter
+
+    @property
+    def is_img2img(self) -> bool:
+        return self.init_image is not None
+
+    @property
+    def steps_per_batch(self) -> int:
+        """Sampling steps one batch really runs: img2img runs steps x strength; hires adds its second pass."""
+        first = min(int(self.steps * self.denoising_strength), self.steps) if self.is_img2img else self.steps
+        if self.enable_hr:
+            first += min(int((self.hr_second_pass_steps or self.steps) * self.denoising_strength),
+                         self.hr_second_pass_steps or self.steps)
+        return first
+
+    def hires_size(self) -> tuple[int, int]:
+        """The second pass's size: hr_resize_x/y when given (one of them keeps the aspect), else hr_scale."""
+        w, h = self.width or 0, self.height or 0
+        if self.hr_resize_x or self.hr_resize_y:
+            x = self.hr_resize_x or int(w * self.hr_resize_y / h) // 8 * 8
+            y = self.hr_resize_y or int(h * self.hr_resize_x / w) // 8 * 8
+            return x, y
+        return int(w * self.hr_scale) // 8 * 8, int(h * self.hr_scale) // 8 * 8
+
+    def describe(self) -> dict[str, Any]:
+        """The request as JSON-safe data (images reduced to their byte counts)."""
+        data = self.model_dump(exclude={"init_image", "mask"})
+        data["init_image"] = None if self.init_image is None else f"<{len(self.init_image)} bytes>"
+        data["mask"] = None if self.mask is None else f"<{len(self.mask)} bytes>"
+        return data
 
 
 class GeneratedImage(BaseModel):

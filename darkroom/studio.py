@@ -121,8 +121,11 @@ def build_studio(home: Home, *, device: str | None = None, precision: str | None
     settings = Settings(home.root / "settings.json")
     studio = Studio(home=home, engine=engine, queue=None, history=history, settings=settings,  # type: ignore[arg-type]
                     started=time.time())
-    studio.queue = JobQueue(engine, output_dir=lambda: output_folder(home, "txt2img"), history=history,
-                            max_pending=max_queue, prepare=studio.prepare)
+    def outputs_for(req: GenerationRequest) -> Path:
+        return output_folder(home, "img2img" if req.is_img2img else "txt2img")
+
+    studio.queue = JobQueue(engine, output_dir=outputs_for, history=history, max_pending=max_queue,
+                            prepare=studio.prepare)
     if start:
         studio.queue.start()
     return studio

@@ -246,3 +246,39 @@ def test_ctrl_c_stops_cleanly_and_keeps_finished_images(home, tmp_path):
     assert 1 <= len(kept) < 4 and "interrupted: kept" in stderr and "Traceback" not in stderr
     assert not list(out.glob(".*.tmp"))
     assert str(kept[0]) in stdout
+
+
+def test_img2img_inpaint_and_hires_from_the_cli(home, sd1_in_home, tmp_path):
+    from PIL import Image, ImageDraw
+
+    src = tmp_path / "src.png"
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(src)
+    mask = tmp_path / "mask.png"
+    m = Image.new("L", (64, 48), 0)
+    ImageDraw.Draw(m).rectangle((0, 0, 31, 23), fill=255)
+    m.save(mask)
+    common = ["--model", "tiny-sd1", "--steps", "4", "--seed", "5", "--sampler", "Euler", "--precision", "fp32"]
+    r = run(home, "generate", "a blue square", "-i", str(src), "--mask", str(mask), "--mask-blur", "0",
+            "--masked-content", "fill", "-d", "0.9", "-o", str(tmp_path / "inp"), *common)
+    assert r.exit_code == 0, r.output
+    [out] = (tmp_path / "inp").glob("*.png")
+    pixels = Image.open(out).convert("RGB")
+    assert pixels.size == (64, 48) and pixels.getpixel((60, 40)) == (200, 40, 40)  # outside the mask: exact
+    params = parse_infotext(read_image_metadata(out).parameters)
+    assert params["Masked content"] == "fill" and params["Denoising strength"] == "0.9"
+    # img2img writes into outputs/img2img/<date> by default
+    r = run(home, "generate", "a blue square", "-i", str(src), "-d", "0.5", *common)
+    assert r.exit_code == 0 and list((home.outputs / "img2img").rglob("*.png"))
+
+    r = run(home, "generate", "a red circle", "-W", "64", "-H", "64", "--hires", "--hr-size", "96x80",
+            "--hr-steps", "4", "-o", str(tmp_path / "hr"), *common)
+    assert r.exit_code == 0, r.output
+    [hr] = (tmp_path / "hr").glob("*.png")
+    assert Image.open(hr).size == (96, 80)
+    # the infotext carries the hires settings, so --from-png reruns the very same image
+    r = run(home, "generate", "--from-png", str(hr), "-o", str(tmp_path / "again"), "--precision", "fp32")
+    assert r.exit_code == 0, r.output
+    [again] = (tmp_path / "again").glob("*.png")
+    assert again.read_bytes() == hr.read_bytes()
+    r = CliRunner().invoke(cli, ["--home", str(home.root), "generate", "x", "--hires", "--hr-size", "big"])
+    assert r.exit_code == 2 and "WIDTHxHEIGHT" in r.output

@@ -49,9 +49,11 @@ def test_loopback_is_allowed():
     srv.bind(("127.0.0.1", 0))
     srv.listen(1)
     port = srv.getsockname()[1]
-    threading.Thread(target=lambda: srv.accept()[0].close(), daemon=True).start()
+    accepter = threading.Thread(target=lambda: srv.accept()[0].close(), daemon=True)
+    accepter.start()
     with socket.create_connection(("127.0.0.1", port), timeout=2):
         pass
+    accepter.join(5)  # closing the listener under a pending accept() raises in that thread
     srv.close()
 
 

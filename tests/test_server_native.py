@@ -178,3 +178,25 @@ def test_events_stream_progress(studio):
     steps = [s["step"] for s in seen if s["state"] == "running"]
     assert len(steps) >= 3 and steps == sorted(steps) and 0 < steps[-2] < 150
     assert seen[-1]["state"] == "done" and len(seen[-1]["images"]) == 1
+
+
+def test_img2img_job_with_base64_images(api, studio):
+    import base64
+
+    src = io.BytesIO()
+    Image.new("RGB", (64, 64), (30, 160, 30)).save(src, format="PNG")
+    mask = io.BytesIO()
+    m = Image.new("L", (64, 64), 0)
+    m.paste(255, (0, 0, 32, 32))
+    m.save(mask, format="PNG")
+    b64 = base64.b64encode(src.getvalue()).decode()
+    job = submit(api, width=None, height=None, init_image="data:image/png;base64," + b64,
+                 mask=base64.b64encode(mask.getvalue()).decode(), mask_blur=0, denoising_strength=0.8)
+    assert job["request"]["init_image"].startswith("<")  # not echoed back in full
+    done = wait_job(api, job["id"])
+    assert done["state"] == "done", done["error"]
+    out = Image.open(io.BytesIO(api.get(done["images"][0]["url"]).content)).convert("RGB")
+    assert out.getpixel((60, 60)) == (30, 160, 30)
+    assert list((studio.home.outputs / "img2img").rglob("*.png"))
+    r = api.post("/api/jobs", json={"prompt": "x", "init_image": "###"})
+    assert r.status_code == 422 or wait_job(api, r.json()["job"]["id"])["state"] == "error"

@@ -12,7 +12,6 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,8 @@ from PIL import Image
 import darkroom
 from darkroom.engine import samplers
 from darkroom.engine.cache import ModelCache
+from darkroom.engine.img2img import FILL_NAMES, RESIZE_NAMES, Source, prepare_source
+from darkroom.engine.sampling import SKIPPED, Guidance, Init, Noise, StepCallback, StepEvent, denoise
 from darkroom.errors import InvalidRequest
 from darkroom.infotext import build_infotext
 from darkroom.models.library import ModelLibrary
@@ -30,24 +31,11 @@ from darkroom.pngmeta import encode_png
 from darkroom.request import GeneratedImage, GenerationRequest, GenerationResult
 from darkroom.text.conditioning import Conditioning, PromptEncoder, pad_to_same_length
 
-
-@dataclass
-class StepEvent:
-    """What a progress callback sees after each sampling step."""
-
-    batch_index: int
-    batch_count: int
-    step: int
-    steps: int
-    latents: torch.Tensor
-    elapsed: float
-    denoised: torch.Tensor | None = None  # the scheduler's x0 estimate, when it gives one (for previews)
-    model: LoadedModel | None = None
+__all__ = ["Engine", "StepEvent", "StepCallback", "HIRES_UPSCALERS", "encode_image", "latents_to_images"]
+HIRES_UPSCALERS = ("Latent", "Latent (nearest)", "Lanczos", "Nearest")
 
 
-StepCallback = Callable[[StepEvent], None]
 ImageCallback = Callable[[GeneratedImage], None]
-_SKIPPED = object()
 
 
 def random_seed() -> int:
@@ -55,12 +43,15 @@ def random_seed() -> int:
 
 
 def initial_noise(generators: list[torch.Generator], shape: tuple[int, int, int]) -> torch.Tensor:
-    """Per-image noise from CPU generators: identical on every device and in any batch.
-
-    The same generators then feed the ancestral/SDE steps, so each image's whole noise
-    sequence depends on its own seed only (as the webui's per-image RNG does).
-    """
+    """Per-image noise from CPU generators (see sampling.Noise, which the engine uses)."""
     return torch.stack([torch.randn(shape, generator=g) for g in generators])
+
+
+def encode_image(model: LoadedModel, image: Image.Image) -> torch.Tensor:
+    """RGB image -> scaled latents [1, c, h/f, w/f]: the distribution's mode (deterministic, seed-independent)."""
+    arr = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0)
+    pixels = arr.permute(2, 0, 1)[None].to(model.device, model.vae_dtype)
+    return model.vae.encode(pixels).latent_dist.mode().float() * model.vae.config.scaling_factor
 
 
 def latents_to_images(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
@@ -108,41 +99,76 @@ class Engine:
         can index it before the next batch starts: a crash loses at most the batch in progress.
         """
         spec, schedule = self.check_inputs(req)
+        if req.enable_hr and req.hr_upscaler not in HIRES_UPSCALERS:
+            raise InvalidRequest(f"unknown hires upscaler {req.hr_upscaler!r}; choose one of: "
+                                 + ", ".join(HIRES_UPSCALERS))
+        if req.mask is not None and req.init_image is None:
+            raise InvalidRequest("a mask needs an init image to inpaint")
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         with self._lock:
             model = self.load(req)
             timings["load"] = time.perf_counter() - t0
-            if req.width is None or req.height is None:
+            source = None
+            if req.init_image is not None:
+                source, w, h = prepare_source(
+                    req.init_image, req.mask, width=req.width, height=req.height, resize_mode=req.resize_mode,
+                    mask_blur=req.mask_blur, invert=req.inpainting_mask_invert, fill=req.inpainting_fill,
+                    full_res=req.inpaint_full_res, padding=req.inpaint_full_res_padding,
+                    latent_factor=model.vae_scale_factor)
+                req = req.model_copy(update={"width": w, "height": h})
+            elif req.width is None or req.height is None:
                 size = model.native_size
                 req = req.model_copy(update={"width": req.width or size, "height": req.height or size})
+            f = model.vae_scale_factor
+            for side in (req.width, req.height):
+                if side % f:
+                    raise InvalidRequest(f"size {req.width}x{req.height} must be a multiple of {f} for this model")
             model_hash = self.library.short_hash(self.library.describe(model.path))
             base_seed = random_seed() if req.seed == -1 else req.seed
+            base_subseed = req.subseed
+            if req.subseed_strength > 0 and base_subseed == -1:
+                base_subseed = random_seed()
             result = GenerationResult(request=req, model_name=model.name, model_hash=model_hash)
             t1 = time.perf_counter()
             encoder = PromptEncoder(model, req.clip_skip)
             cond = encoder.encode(req.prompt)
-            use_cfg = req.cfg_scale > 1.0
             uncond = None
-            if use_cfg:
+            if req.cfg_scale > 1.0:
                 uncond = encoder.encode(req.negative_prompt, zero_if_empty=True)
                 if uncond.context.shape[1] != cond.context.shape[1]:
                     cond, uncond = pad_to_same_length(cond, uncond, encoder.encode(""))
+            guidance = Guidance(cond, uncond, req.cfg_scale, added=self._added_cond_fn(model))
+            init = self._init(model, req, source) if source is not None else None
             timings["encode"] = time.perf_counter() - t1
             sampling = 0.0
+            extra = self._infotext_extra(req, source, base_subseed)
             for batch in range(req.n_iter):
                 seeds = [base_seed + batch * req.batch_size + i for i in range(req.batch_size)]
+                subseeds = [base_subseed + batch * req.batch_size + i for i in range(req.batch_size)]
+                noise = Noise(seeds, subseeds, req.subseed_strength)
                 t2 = time.perf_counter()
-                latents = self._sample(model, req, spec, schedule, seeds, cond, uncond, batch, on_step, cancel, skip)
+                shape = (model.unet.config.out_channels, req.height // f, req.width // f)
+                latents = denoise(model, spec, schedule, steps=req.steps, noise=noise, shape=shape, guidance=guidance,
+                                  init=init, eta=req.eta, batch=batch, batch_count=req.n_iter, on_step=on_step,
+                                  cancel=cancel, skip=skip)
+                if req.enable_hr and isinstance(latents, torch.Tensor):
+                    latents = self._hires(model, req, spec, schedule, latents, noise, guidance, batch, on_step,
+                                          cancel, skip)
                 sampling += time.perf_counter() - t2
                 if latents is None:
                     result.interrupted = True
                     break
-                if latents is _SKIPPED:
+                if latents is SKIPPED:
                     skip.clear()
                     continue
-                for seed, image in zip(seeds, latents_to_images(model, latents), strict=True):
-                    done = self._finish(req, seed, image, model, model_hash, schedule, output_dir)
+                for seed, subseed, image in zip(seeds, subseeds, latents_to_images(model, latents), strict=True):
+                    if source is not None:
+                        image = source.finish(image)
+                    image_extra = dict(extra)
+                    if req.subseed_strength > 0:
+                        image_extra["Variation seed"] = subseed
+                    done = self._finish(req, seed, image, model, model_hash, schedule, output_dir, image_extra)
                     result.images.append(done)
                     if on_image is not None:
                         on_image(done)
@@ -153,77 +179,95 @@ class Engine:
                            "dtype": str(model.dtype).replace("torch.", "")}
             return result
 
-    def _sample(self, model: LoadedModel, req: GenerationRequest, spec: samplers.Sampler, schedule: str,
-                seeds: list[int], cond: Conditioning, uncond: Conditioning | None, batch: int,
-                on_step: StepCallback | None, cancel: threading.Event | None,
-                skip: threading.Event | None = None) -> torch.Tensor | None:
-        device, n = model.device, len(seeds)
-        scheduler = samplers.make_scheduler(spec, schedule, model.scheduler_config, seed=seeds[0])
-        scheduler.set_timesteps(req.steps, device=device)
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    @staticmethod
+    def _init(model: LoadedModel, req: GenerationRequest, source: Source) -> Init:
+        """Encode the prepared source; apply "latent noise"/"latent nothing" to the masked area."""
+        latents = encode_image(model, source.image)
+        mask = masked_latents = None
+        if source.latent_mask is not None:
+            mask = torch.from_numpy(source.latent_mask)[None, None].to(model.device)
+            if req.inpainting_fill == 2:  # latent noise
+                g = torch.Generator("cpu").manual_seed(req.seed if req.seed >= 0 else 0)
+                latents = latents * (1 - mask) + torch.randn(latents.shape, generator=g).to(model.device) * mask
+            elif req.inpainting_fill == 3:  # latent nothing
+                latents = latents * (1 - mask)
+            if model.unet.config.in_channels == 9:
+                keep = Image.fromarray(np.uint8(255 - np.asarray(source.mask)))
+                hole = Image.composite(source.image, Image.new("RGB", source.image.size, (127, 127, 127)),
+                                       keep.point(lambda v: 255 if v >= 128 else 0))
+                masked_latents = encode_image(model, hole)
+        return Init(latents, req.denoising_strength, mask, masked_latents)
+
+    def _hires(self, model: LoadedModel, req: GenerationRequest, spec: samplers.Sampler, schedule: str,
+               latents: torch.Tensor, noise: Noise, guidance: Guidance, batch: int, on_step, cancel, skip):
+        """The hires fix: upscale the first pass (in latent or image space), then img2img at the new size."""
+        w2, h2 = req.hires_size()
         f = model.vae_scale_factor
-        shape = (model.unet.config.out_channels, req.height // f, req.width // f)
-        latents = initial_noise(generators, shape).to(device) * scheduler.init_noise_sigma
-        context = cond.context.expand(n, -1, -1)
-        extra = self._added_cond(model, req, cond, n)
-        if uncond is not None:
-            context = torch.cat([uncond.context.expand(n, -1, -1), context])
-            if extra:
-                neg = self._added_cond(model, req, uncond, n)
-                extra = {k: torch.cat([neg[k], extra[k]]) for k in extra}
-        inpaint_extra = None
-        if model.unet.config.in_channels == 9:
-            # as the webui does for txt2img on an inpainting model: mask all, masked image = mid gray
-            gray = torch.zeros((1, 3, req.height, req.width), device=device, dtype=model.vae_dtype)
-            gray_latent = model.vae.encode(gray).latent_dist.mode().float() * model.vae.config.scaling_factor
-            mask = torch.ones((n, 1, *latents.shape[-2:]), device=device)
-            inpaint_extra = torch.cat([mask, gray_latent.expand(n, -1, -1, -1)], dim=1)
-        start = time.perf_counter()
-        timesteps = scheduler.timesteps
-        for i, t in enumerate(timesteps):
-            if cancel is not None and cancel.is_set():
-                return None
-            if skip is not None and skip.is_set():
-                return _SKIPPED
-            x = torch.cat([latents] * 2) if uncond is not None else latents
-            x = scheduler.scale_model_input(x, t)
-            if inpaint_extra is not None:
-                x = torch.cat([x, torch.cat([inpaint_extra] * (2 if uncond is not None else 1))], dim=1)
-            noise = model.unet(
-                x.to(model.dtype), t, encoder_hidden_states=context.to(model.dtype),
-                added_cond_kwargs={k: v.to(model.dtype) for k, v in extra.items()} if extra else None,
-            ).sample.float()
-            if uncond is not None:
-                noise_uncond, noise_cond = noise.chunk(2)
-                noise = noise_uncond + req.cfg_scale * (noise_cond - noise_uncond)
-            kwargs = {"generator": generators} if spec.stochastic and spec.scheduler != "DPMSolverSDEScheduler" else {}
-            if req.eta is not None and spec.scheduler == "DDIMScheduler":
-                kwargs["eta"] = req.eta
-            out = scheduler.step(noise, t, latents, **kwargs)
-            latents = out.prev_sample
-            if on_step is not None:
-                on_step(StepEvent(batch, req.n_iter, i + 1, len(timesteps), latents, time.perf_counter() - start,
-                                  denoised=getattr(out, "pred_original_sample", None), model=model))
-        return latents
+        if req.hr_upscaler.startswith("Latent"):
+            mode = "nearest" if "nearest" in req.hr_upscaler else "bilinear"
+            up = torch.nn.functional.interpolate(latents, size=(h2 // f, w2 // f), mode=mode)
+        else:
+            resample = Image.NEAREST if req.hr_upscaler == "Nearest" else Image.LANCZOS
+            images = [im.resize((w2, h2), resample) for im in latents_to_images(model, latents)]
+            up = torch.cat([encode_image(model, im) for im in images])
+        steps = req.hr_second_pass_steps or req.steps
+        init = Init(up, req.denoising_strength)
+        shape = (model.unet.config.out_channels, h2 // f, w2 // f)
+        return denoise(model, spec, schedule, steps=steps, noise=noise, shape=shape, guidance=guidance, init=init,
+                       eta=req.eta, batch=batch, batch_count=req.n_iter, phase="hires", on_step=on_step,
+                       cancel=cancel, skip=skip)
 
     @staticmethod
-    def _added_cond(model: LoadedModel, req: GenerationRequest, cond: Conditioning, n: int) -> dict[str, torch.Tensor]:
+    def _infotext_extra(req: GenerationRequest, source: Source | None, subseed: int) -> dict[str, object]:
+        """The webui's infotext keys for img2img, inpainting, hires fix and variation seeds."""
+        extra: dict[str, object] = {}
+        if req.init_image is not None or req.enable_hr:
+            extra["Denoising strength"] = req.denoising_strength
+        if req.subseed_strength > 0:
+            extra["Variation seed"] = subseed
+            extra["Variation seed strength"] = req.subseed_strength
+        if req.mask is not None:
+            extra["Mask blur"] = req.mask_blur
+            extra["Masked content"] = FILL_NAMES[req.inpainting_fill]
+            if req.inpaint_full_res:
+                extra["Inpaint area"] = "Only masked"
+                extra["Masked area padding"] = req.inpaint_full_res_padding
+            if req.inpainting_mask_invert:
+                extra["Mask mode"] = "Inpaint not masked"
+        if req.init_image is not None and req.resize_mode:
+            extra["Resize mode"] = RESIZE_NAMES[req.resize_mode]
+        if req.enable_hr:
+            if req.hr_resize_x or req.hr_resize_y:
+                w2, h2 = req.hires_size()
+                extra["Hires resize"] = f"{w2}x{h2}"
+            else:
+                extra["Hires upscale"] = req.hr_scale
+            if req.hr_second_pass_steps:
+                extra["Hires steps"] = req.hr_second_pass_steps
+            extra["Hires upscaler"] = req.hr_upscaler
+        return extra
+
+    @staticmethod
+    def _added_cond_fn(model: LoadedModel):
         """SDXL's micro-conditioning as the webui sets it: original = target = image size, crop 0,0."""
         if not model.family.id.startswith("sdxl"):
-            return {}
-        h, w = req.height, req.width
-        if model.family.id == "sdxl-refiner":
-            ids = [h, w, 0, 0, 6.0]  # aesthetic score 6 (the webui's default for the positive side)
-        else:
-            ids = [h, w, 0, 0, h, w]
-        time_ids = torch.tensor([ids], dtype=torch.float32, device=model.device).expand(n, -1)
-        return {"text_embeds": cond.pooled.expand(n, -1), "time_ids": time_ids}
+            return None
+
+        def added(cond: Conditioning, n: int, h: int, w: int) -> dict[str, torch.Tensor]:
+            if model.family.id == "sdxl-refiner":
+                ids = [h, w, 0, 0, 6.0]  # aesthetic score 6 (the webui's default for the positive side)
+            else:
+                ids = [h, w, 0, 0, h, w]
+            time_ids = torch.tensor([ids], dtype=torch.float32, device=model.device).expand(n, -1)
+            return {"text_embeds": cond.pooled.expand(n, -1), "time_ids": time_ids}
+
+        return added
 
     def _finish(self, req: GenerationRequest, seed: int, image: Image.Image, model: LoadedModel, model_hash: str,
-                schedule: str, output_dir: Path | None) -> GeneratedImage:
+                schedule: str, output_dir: Path | None, extra: dict[str, object] | None = None) -> GeneratedImage:
         infotext = build_infotext(
             req, seed=seed, model_name=model.name, model_hash=model_hash, schedule_label=schedule,
-            extra={"RNG": "CPU"}, version=darkroom.__version__,
+            extra={**(extra or {}), "RNG": "CPU"}, version=darkroom.__version__,
         )
         png = encode_png(image, infotext)
         path = None

@@ -15,7 +15,7 @@ from darkroom.engine import samplers
 from darkroom.errors import DarkroomError, InvalidRequest
 from darkroom.jobs import Job, JobNotFound
 from darkroom.request import GenerationRequest
-from darkroom.server.uploads import read_upload
+from darkroom.server.uploads import decode_base64_image, read_upload
 from darkroom.store import HistoryItem
 from darkroom.studio import Studio
 
@@ -27,10 +27,20 @@ def get_studio(request: Request) -> Studio:
 
 
 class JobRequest(GenerationRequest):
-    """A generation request plus how to treat its output."""
+    """A generation request plus how to treat its output; images come as base64 or data: URLs."""
 
     model_config = ConfigDict(extra="forbid")
     private: bool = False  # nothing written to disk or history
+    init_image: str | None = None  # type: ignore[assignment]
+    mask: str | None = None  # type: ignore[assignment]
+
+    def to_request(self) -> GenerationRequest:
+        data = self.model_dump(exclude={"private", "init_image", "mask"})
+        if self.init_image:
+            data["init_image"] = decode_base64_image(self.init_image, field="init_image")
+        if self.mask:
+            data["mask"] = decode_base64_image(self.mask, field="mask")
+        return GenerationRequest(**data)
 
 
 class SelectModel(BaseModel):
@@ -47,7 +57,7 @@ def job_state(job: Job, studio: Studio) -> dict:
         "steps": job.steps, "batch": job.batch, "batches": job.batches, "progress": round(job.progress, 4),
         "eta": None if job.eta is None else round(job.eta, 1), "private": job.private, "source": job.source,
         "preview_url": f"/api/jobs/{job.id}/preview?rev={job.preview_rev}" if job.preview_png else None,
-        "images": images, "error": job.error, "request": job.request.model_dump(), "model_name": job.model_name,
+        "images": images, "error": job.error, "request": job.request.describe(), "model_name": job.model_name,
     }
 
 
@@ -108,8 +118,7 @@ def schedule_list() -> list[str]:
 
 @router.post("/jobs", status_code=202)
 def submit(body: JobRequest, studio: Studio = Depends(get_studio)) -> dict:
-    request = GenerationRequest(**body.model_dump(exclude={"private"}))
-    job = studio.queue.submit(request, private=body.private, source="ui")
+    job = studio.queue.submit(body.to_request(), private=body.private, source="ui")
     return {"job": job_state(job, studio)}
 
 

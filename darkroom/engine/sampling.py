@@ -1,0 +1,199 @@
+"""The denoising loop shared by txt2img, img2img, inpainting and the hires fix's second pass.
+
+One function, `denoise`, runs a diffusers scheduler over the UNet with classifier-free
+guidance. img2img starts part-way (the webui's and diffusers' convention: int(steps x
+strength) steps are run, from the init latents noised to that point); inpainting with a
+normal checkpoint re-imposes the noised source outside the mask after every step, and a
+9-channel inpainting checkpoint gets the mask and the masked image as extra input channels.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from darkroom.engine import samplers
+from darkroom.models.loader import LoadedModel
+from darkroom.text.conditioning import Conditioning
+
+SKIPPED = object()
+
+
+@dataclass
+class StepEvent:
+    """What a progress callback sees after each sampling step."""
+
+    batch_index: int
+    batch_count: int
+    step: int
+    steps: int
+    latents: torch.Tensor
+    elapsed: float
+    denoised: torch.Tensor | None = None  # the scheduler's x0 estimate, when it gives one (for previews)
+    model: LoadedModel | None = None
+    phase: str = "sample"  # "sample", or "hires" for the hires fix's second pass
+
+
+StepCallback = Callable[[StepEvent], None]
+
+
+def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation per image, as the webui mixes seed and variation-seed noise."""
+    out = []
+    for x, y in zip(a, b, strict=True):
+        xn, yn = x / x.norm(), y / y.norm()
+        dot = (xn * yn).sum().clamp(-1.0, 1.0)
+        if dot.abs() > 0.9995:
+            out.append((1 - t) * x + t * y)
+            continue
+        omega = torch.acos(dot)
+        so = torch.sin(omega)
+        out.append(torch.sin((1.0 - t) * omega) / so * x + torch.sin(t * omega) / so * y)
+    return torch.stack(out)
+
+
+@dataclass
+class Noise:
+    """Per-image CPU generators: identical on every device and in any batch.
+
+    The same generators then feed the ancestral/SDE steps, so each image's whole noise
+    sequence depends on its own seed only (as the webui's per-image RNG does).
+    """
+
+    seeds: list[int]
+    subseeds: list[int] = field(default_factory=list)
+    subseed_strength: float = 0.0
+
+    def start(self, shape: tuple[int, int, int]) -> tuple[torch.Tensor, list[torch.Generator]]:
+        generators = [torch.Generator("cpu").manual_seed(s) for s in self.seeds]
+        noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
+        if self.subseed_strength > 0 and self.subseeds:
+            sub = torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s))
+                               for s in self.subseeds])
+            noise = slerp(self.subseed_strength, noise, sub)
+        return noise, generators
+
+
+@dataclass
+class Guidance:
+    """Prompt and negative conditioning with the CFG scale; `added` is SDXL's micro-conditioning."""
+
+    cond: Conditioning
+    uncond: Conditioning | None
+    cfg_scale: float
+    added: Callable[[Conditioning, int, int, int], dict[str, torch.Tensor]] | None = None
+
+    def inputs(self, n: int, height: int, width: int) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        context = self.cond.context.expand(n, -1, -1)
+        extra = self.added(self.cond, n, height, width) if self.added else {}
+        if self.uncond is not None:
+            context = torch.cat([self.uncond.context.expand(n, -1, -1), context])
+            if extra:
+                neg = self.added(self.uncond, n, height, width)
+                extra = {k: torch.cat([neg[k], extra[k]]) for k in extra}
+        return context, (extra or None)
+
+    def combine(self, noise: torch.Tensor) -> torch.Tensor:
+        if self.uncond is None:
+            return noise
+        noise_uncond, noise_cond = noise.chunk(2)
+        return noise_uncond + self.cfg_scale * (noise_cond - noise_uncond)
+
+
+@dataclass
+class Init:
+    """img2img's starting point: scaled latents, strength, and for inpainting the latent mask (1 = repaint)."""
+
+    latents: torch.Tensor
+    strength: float
+    mask: torch.Tensor | None = None
+    masked_image_latents: torch.Tensor | None = None  # for 9-channel inpainting checkpoints
+
+
+def steps_to_run(steps: int, strength: float) -> int:
+    """img2img runs int(steps x strength) of the schedule's steps (the webui's and diffusers' rule)."""
+    return min(int(steps * strength), steps)
+
+
+def denoise(model: LoadedModel, spec: samplers.Sampler, schedule: str, *, steps: int, noise: Noise,
+            shape: tuple[int, int, int], guidance: Guidance, init: Init | None = None, eta: float | None = None,
+            batch: int = 0, batch_count: int = 1, phase: str = "sample", on_step: StepCallback | None = None,
+            cancel: threading.Event | None = None, skip: threading.Event | None = None):
+    """Sample one batch; returns latents, None when cancelled, or SKIPPED."""
+    device, n = model.device, len(noise.seeds)
+    _, height, width = shape
+    f = model.vae_scale_factor
+    scheduler = samplers.make_scheduler(spec, schedule, model.scheduler_config, seed=noise.seeds[0])
+    scheduler.set_timesteps(steps, device=device)
+    timesteps = scheduler.timesteps
+    start_noise, generators = noise.start(shape)
+    start_noise = start_noise.to(device)
+    if init is None:
+        latents = start_noise * scheduler.init_noise_sigma
+        init_latents = None
+    else:
+        run = steps_to_run(steps, init.strength)
+        init_latents = init.latents.to(device).float().expand(n, -1, -1, -1)
+        if run == 0:
+            return init_latents.clone()
+        t_start = (steps - run) * scheduler.order
+        timesteps = timesteps[t_start:]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(t_start)
+        latents = scheduler.add_noise(init_latents, start_noise, timesteps[:1].repeat(n))
+    context, extra = guidance.inputs(n, height * f, width * f)
+    context = context.to(model.dtype)
+    if extra:
+        extra = {k: v.to(model.dtype) for k, v in extra.items()}
+    mask = None if init is None or init.mask is None else init.mask.to(device).float()
+    channels9 = model.unet.config.in_channels == 9
+    inpaint_extra = None
+    if channels9:
+        if init is not None and init.masked_image_latents is not None:
+            m = mask if mask is not None else torch.ones((1, 1, height, width), device=device)
+            inpaint_extra = torch.cat([m.expand(n, -1, -1, -1),
+                                       init.masked_image_latents.to(device).float().expand(n, -1, -1, -1)], dim=1)
+        else:
+            inpaint_extra = _gray_inpaint_extra(model, n, height, width)
+    copies = 2 if guidance.uncond is not None else 1
+    start = time.perf_counter()
+    for i, t in enumerate(timesteps):
+        if cancel is not None and cancel.is_set():
+            return None
+        if skip is not None and skip.is_set():
+            return SKIPPED
+        x = torch.cat([latents] * copies)
+        x = scheduler.scale_model_input(x, t)
+        if inpaint_extra is not None:
+            x = torch.cat([x, torch.cat([inpaint_extra] * copies)], dim=1)
+        pred = model.unet(x.to(model.dtype), t, encoder_hidden_states=context, added_cond_kwargs=extra).sample.float()
+        pred = guidance.combine(pred)
+        kwargs = {"generator": generators} if spec.stochastic and spec.scheduler != "DPMSolverSDEScheduler" else {}
+        if eta is not None and spec.scheduler == "DDIMScheduler":
+            kwargs["eta"] = eta
+        out = scheduler.step(pred, t, latents, **kwargs)
+        latents = out.prev_sample
+        if mask is not None and not channels9:
+            # outside the mask, put back the source noised to where the sampler now is
+            if i + 1 < len(timesteps):
+                proper = scheduler.add_noise(init_latents, start_noise, timesteps[i + 1:i + 2].repeat(n))
+            else:
+                proper = init_latents
+            latents = (1 - mask) * proper + mask * latents
+        if on_step is not None:
+            on_step(StepEvent(batch, batch_count, i + 1, len(timesteps), latents, time.perf_counter() - start,
+                              denoised=getattr(out, "pred_original_sample", None), model=model, phase=phase))
+    return latents
+
+
+def _gray_inpaint_extra(model: LoadedModel, n: int, height: int, width: int) -> torch.Tensor:
+    """txt2img on an inpainting checkpoint, as the webui does: everything masked, masked image mid-gray."""
+    f = model.vae_scale_factor
+    gray = torch.zeros((1, 3, height * f, width * f), device=model.device, dtype=model.vae_dtype)
+    gray_latent = model.vae.encode(gray).latent_dist.mode().float() * model.vae.config.scaling_factor
+    mask = torch.ones((n, 1, height, width), device=model.device)
+    return torch.cat([mask, gray_latent.expand(n, -1, -1, -1)], dim=1)
