@@ -22,6 +22,7 @@ import darkroom
 from darkroom.engine import samplers
 from darkroom.engine.cache import ModelCache
 from darkroom.engine.img2img import FILL_NAMES, RESIZE_NAMES, Source, prepare_source
+from darkroom.engine.lora import LoraLibrary, apply_loras, extract_lora_tags, lora_hashes_infotext
 from darkroom.engine.sampling import SKIPPED, Guidance, Init, Noise, StepCallback, StepEvent, denoise
 from darkroom.errors import InvalidRequest
 from darkroom.infotext import build_infotext
@@ -71,6 +72,7 @@ class Engine:
         self.cache = cache
         self.default_model = default_model
         self._lock = threading.Lock()
+        self.loras = LoraLibrary(library.home, library.hashes)
 
     def check_inputs(self, req: GenerationRequest) -> tuple[samplers.Sampler, str]:
         return samplers.resolve(req.sampler, req.schedule)
@@ -130,49 +132,56 @@ class Engine:
             if req.subseed_strength > 0 and base_subseed == -1:
                 base_subseed = random_seed()
             result = GenerationResult(request=req, model_name=model.name, model_hash=model_hash)
-            t1 = time.perf_counter()
-            encoder = PromptEncoder(model, req.clip_skip)
-            cond = encoder.encode(req.prompt)
-            uncond = None
-            if req.cfg_scale > 1.0:
-                uncond = encoder.encode(req.negative_prompt, zero_if_empty=True)
-                if uncond.context.shape[1] != cond.context.shape[1]:
-                    cond, uncond = pad_to_same_length(cond, uncond, encoder.encode(""))
-            guidance = Guidance(cond, uncond, req.cfg_scale, added=self._added_cond_fn(model))
-            init = self._init(model, req, source) if source is not None else None
-            timings["encode"] = time.perf_counter() - t1
-            sampling = 0.0
-            extra = self._infotext_extra(req, source, base_subseed)
-            for batch in range(req.n_iter):
-                seeds = [base_seed + batch * req.batch_size + i for i in range(req.batch_size)]
-                subseeds = [base_subseed + batch * req.batch_size + i for i in range(req.batch_size)]
-                noise = Noise(seeds, subseeds, req.subseed_strength)
-                t2 = time.perf_counter()
-                shape = (model.unet.config.out_channels, req.height // f, req.width // f)
-                latents = denoise(model, spec, schedule, steps=req.steps, noise=noise, shape=shape, guidance=guidance,
-                                  init=init, eta=req.eta, batch=batch, batch_count=req.n_iter, on_step=on_step,
-                                  cancel=cancel, skip=skip)
-                if req.enable_hr and isinstance(latents, torch.Tensor):
-                    latents = self._hires(model, req, spec, schedule, latents, noise, guidance, batch, on_step,
-                                          cancel, skip)
-                sampling += time.perf_counter() - t2
-                if latents is None:
-                    result.interrupted = True
-                    break
-                if latents is SKIPPED:
-                    skip.clear()
-                    continue
-                for seed, subseed, image in zip(seeds, subseeds, latents_to_images(model, latents), strict=True):
-                    if source is not None:
-                        image = source.finish(image)
-                    image_extra = dict(extra)
-                    if req.subseed_strength > 0:
-                        image_extra["Variation seed"] = subseed
-                    done = self._finish(req, seed, image, model, model_hash, schedule, output_dir, image_extra)
-                    result.images.append(done)
-                    if on_image is not None:
-                        on_image(done)
-            timings["sampling"] = sampling
+            prompt, tags = extract_lora_tags(req.prompt)
+            lora_uses = self.loras.uses(tags)
+            # LoRAs are merged into the weights for this request only (restored bit for bit on exit),
+            # around both prompt encoding (their text-encoder part) and sampling
+            with apply_loras(model, lora_uses) as applied:
+                t1 = time.perf_counter()
+                encoder = PromptEncoder(model, req.clip_skip)
+                cond = encoder.encode(prompt)
+                uncond = None
+                if req.cfg_scale > 1.0:
+                    uncond = encoder.encode(req.negative_prompt, zero_if_empty=True)
+                    if uncond.context.shape[1] != cond.context.shape[1]:
+                        cond, uncond = pad_to_same_length(cond, uncond, encoder.encode(""))
+                guidance = Guidance(cond, uncond, req.cfg_scale, added=self._added_cond_fn(model))
+                init = self._init(model, req, source) if source is not None else None
+                timings["encode"] = time.perf_counter() - t1
+                sampling = 0.0
+                extra = self._infotext_extra(req, source, base_subseed)
+                if lora_uses:
+                    extra["Lora hashes"] = lora_hashes_infotext(applied)
+                for batch in range(req.n_iter):
+                    seeds = [base_seed + batch * req.batch_size + i for i in range(req.batch_size)]
+                    subseeds = [base_subseed + batch * req.batch_size + i for i in range(req.batch_size)]
+                    noise = Noise(seeds, subseeds, req.subseed_strength)
+                    t2 = time.perf_counter()
+                    shape = (model.unet.config.out_channels, req.height // f, req.width // f)
+                    latents = denoise(model, spec, schedule, steps=req.steps, noise=noise, shape=shape,
+                                      guidance=guidance, init=init, eta=req.eta, batch=batch, batch_count=req.n_iter,
+                                      on_step=on_step, cancel=cancel, skip=skip)
+                    if req.enable_hr and isinstance(latents, torch.Tensor):
+                        latents = self._hires(model, req, spec, schedule, latents, noise, guidance, batch, on_step,
+                                              cancel, skip)
+                    sampling += time.perf_counter() - t2
+                    if latents is None:
+                        result.interrupted = True
+                        break
+                    if latents is SKIPPED:
+                        skip.clear()
+                        continue
+                    for seed, subseed, image in zip(seeds, subseeds, latents_to_images(model, latents), strict=True):
+                        if source is not None:
+                            image = source.finish(image)
+                        image_extra = dict(extra)
+                        if req.subseed_strength > 0:
+                            image_extra["Variation seed"] = subseed
+                        done = self._finish(req, seed, image, model, model_hash, schedule, output_dir, image_extra)
+                        result.images.append(done)
+                        if on_image is not None:
+                            on_image(done)
+                timings["sampling"] = sampling
             timings["total"] = time.perf_counter() - t0
             result.timings = timings
             result.info = {"schedule": schedule, "device": str(model.device),
