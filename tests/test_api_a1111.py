@@ -114,10 +114,10 @@ def test_eta_kept_only_where_it_matters(api):
     ({"width": 513}, "width 513 is not a multiple of 8"),
     ({"steps": 0}, "steps"),
     ({"scheduler": "Wobbly"}, "Wobbly"),
-    ({"enable_hr": True}, "enable_hr (hires fix) is not supported yet"),
+    ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler 'R-ESRGAN 4x+' is not supported"),
     ({"restore_faces": True}, "restore_faces"),
     ({"tiling": True}, "tiling"),
-    ({"subseed_strength": 0.3}, "subseed_strength"),
+    ({"subseed_strength": 1.3}, "subseed_strength"),
     ({"script_name": "x/y/z plot"}, "script_name"),
     ({"alwayson_scripts": {"ControlNet": {"args": []}}}, "ControlNet"),
     ({"refiner_checkpoint": "sdxl-refiner"}, "refiner_checkpoint"),
@@ -131,13 +131,13 @@ def test_txt2img_refuses_what_it_cannot_do(api, studio, fields, needle):
     assert studio.queue.jobs() == []  # refused before anything was queued
 
 
-def test_txt2img_unknown_model_and_img2img(api):
+def test_txt2img_unknown_model_and_bad_img2img(api):
     r = txt2img(api, override_settings={"sd_model_checkpoint": "no-such-model [0123456789]"})
     assert r.status_code == 404 and "no-such-model" in error_of(r) and "tiny-sd1" in error_of(r)
     r = txt2img(api, override_settings={"sd_model_checkpoint": "/etc/passwd"})
     assert r.status_code == 404  # only library models, never a path a client makes up
     r = api.post("/sdapi/v1/img2img", json={"init_images": ["x"], "prompt": "p"})
-    assert r.status_code == 501 and "img2img is not available yet" in error_of(r)
+    assert r.status_code == 422 and "init_images" in error_of(r)  # img2img itself: tests/test_api_img2img.py
 
 
 def test_failed_job_is_an_error(api, studio, monkeypatch):
@@ -234,7 +234,8 @@ def test_other_lists_are_truthful(api, studio):
     assert api.get("/sdapi/v1/loras").json() == []
     assert api.get("/sdapi/v1/prompt-styles").json() == []
     assert api.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
-    assert [u["name"] for u in api.get("/sdapi/v1/upscalers").json()] == ["None"]
+    assert [u["name"] for u in api.get("/sdapi/v1/upscalers").json()] == ["None", "Lanczos", "Nearest"]
+    assert [m["name"] for m in api.get("/sdapi/v1/latent-upscale-modes").json()] == ["Latent", "Latent (nearest)"]
     assert api.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
     flags = api.get("/sdapi/v1/cmd-flags").json()
     assert flags["ckpt_dir"] == str(studio.home.checkpoints) and flags["api"] is True

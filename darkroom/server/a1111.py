@@ -4,9 +4,11 @@ webuiapi, Open WebUI, SillyTavern, LibreChat and Krita's plugin speak this diale
 only translate webui requests to a `GenerationRequest` (and back); every generation joins the
 one job queue. Facts about the dialect: shared/reference/a1111-api.md.
 
-Fields that would change the picture in the webui but that Darkroom cannot honour yet (hires
-fix, face restoration, variation seeds, scripts, ...) are refused with a 422 naming the field,
-never dropped: an image that silently differs from what was asked is worse than an error.
+txt2img (with the hires fix and variation seeds) and img2img (with inpainting) are served.
+Fields that would change the picture in the webui but that Darkroom cannot honour yet (face
+restoration, tiling, scripts, a different hires checkpoint/sampler/prompt, ...) are refused with
+a 422 naming the field, never dropped: an image that silently differs from what was asked is
+worse than an error.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from darkroom.errors import DarkroomError, InvalidRequest, ModelNotFound
 from darkroom.jobs import ERROR, QUEUED, Job
 from darkroom.request import GenerationRequest
 from darkroom.server.native import get_studio, png_info_of
-from darkroom.server.uploads import decode_base64_image
+from darkroom.server.uploads import decode_base64_image, open_image
 from darkroom.settings import SETTINGS
 from darkroom.studio import ModelInfo, Studio
 
@@ -118,11 +120,11 @@ def _clip_skip(value: Any, where: str) -> int:
     return n
 
 
-# --- txt2img ----------------------------------------------------------------------------------------
+# --- txt2img and img2img requests ---------------------------------------------------------------------
 
 
-class Txt2ImgRequest(BaseModel):
-    """The webui's txt2img body: its field names and its defaults (unknown fields are ignored).
+class ProcessingRequest(BaseModel):
+    """What the webui's txt2img and img2img bodies share: its field names and defaults (unknown fields are ignored).
 
     Defaults follow the webui's own (StableDiffusionProcessing): 50 steps, and the legacy
     `sampler_index` "Euler" when neither sampler field is given.
@@ -164,6 +166,18 @@ class Txt2ImgRequest(BaseModel):
     refiner_switch_at: float | None = None
     disable_extra_networks: bool = False
     comments: dict[str, Any] | None = None
+    force_task_id: str | None = None
+    script_name: str | None = None
+    script_args: list[Any] = []
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] = {}
+    infotext: str | None = None
+
+
+class Txt2ImgRequest(ProcessingRequest):
+    """The webui's txt2img body; `denoising_strength` is the hires fix's (0.7 when unset, as webuiapi sends)."""
+
     enable_hr: bool = False
     firstphase_width: int = 0
     firstphase_height: int = 0
@@ -177,25 +191,42 @@ class Txt2ImgRequest(BaseModel):
     hr_scheduler: str | None = None
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
-    force_task_id: str | None = None
-    script_name: str | None = None
-    script_args: list[Any] = []
-    send_images: bool = True
-    save_images: bool = False
-    alwayson_scripts: dict[str, Any] = {}
-    infotext: str | None = None
+
+
+class Img2ImgRequest(ProcessingRequest):
+    """The webui's img2img body, with its defaults (StableDiffusionProcessingImg2Img).
+
+    Note the webui's inpainting defaults: masked content "fill" (0) and "only masked" on with
+    padding 0. `mask_blur`, when given, sets both `mask_blur_x` and `mask_blur_y`.
+    """
+
+    init_images: list[str] | None = None
+    resize_mode: int = 0
+    denoising_strength: float | None = 0.75
+    image_cfg_scale: float | None = None
+    mask: str | None = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: int | None = None
+    mask_round: bool = True
+    inpainting_fill: int = 0
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+    include_init_images: bool = False
 
 
 def _unset(value: Any) -> bool:
     return value in (None, "", "None")
 
 
-# (field, "does this value ask for something we cannot do?", message): supporting one = deleting its row
+# (field, "does this value ask for something we cannot do?", message): supporting one = deleting its row.
+# Rows whose field a body does not have (img2img has no hires fix) do not apply to it.
 UNSUPPORTED: tuple[tuple[str, Any, str], ...] = (
-    ("enable_hr", bool, "enable_hr (hires fix) is not supported yet"),
     ("restore_faces", bool, "restore_faces (face restoration) is not supported yet"),
     ("tiling", bool, "tiling (seamless textures) is not supported yet"),
-    ("subseed_strength", lambda v: bool(v), "subseed_strength (variation seeds) is not supported yet"),
     ("seed_resize_from_w", lambda v: v is not None and v > 0, "seed_resize_from_w (seed resize) is not supported yet"),
     ("seed_resize_from_h", lambda v: v is not None and v > 0, "seed_resize_from_h (seed resize) is not supported yet"),
     ("script_name", lambda v: not _unset(v), "script_name (webui scripts) is not supported"),
@@ -203,18 +234,30 @@ UNSUPPORTED: tuple[tuple[str, Any, str], ...] = (
     ("refiner_checkpoint", lambda v: not _unset(v), "refiner_checkpoint (SDXL refiner pass) is not supported yet"),
     ("s_churn", lambda v: v not in (None, 0), "s_churn (sampler noise settings) is not supported yet"),
     ("s_noise", lambda v: v not in (None, 1), "s_noise (sampler noise settings) is not supported yet"),
+    ("initial_noise_multiplier", lambda v: v not in (None, 1),
+     "initial_noise_multiplier (img2img extra noise) is not supported yet"),
+    ("latent_mask", lambda v: not _unset(v), "latent_mask (a separate latent mask) is not supported yet"),
+    ("mask_round", lambda v: v is False, "mask_round false (a soft latent mask) is not supported yet"),
 )
 
+# the webui's "use the first pass's" choices for the hires pass
+_SAME = {"hr_checkpoint_name": "Use same checkpoint", "hr_sampler_name": "Use same sampler",
+         "hr_scheduler": "Use same scheduler"}
+LATENT_UPSCALERS = ("Latent", "Latent (nearest)")
+IMAGE_UPSCALERS = ("Lanczos", "Nearest")
 
-def _refuse_unsupported(body: Txt2ImgRequest) -> None:
+
+def _refuse_unsupported(body: ProcessingRequest) -> None:
     for name, asks, message in UNSUPPORTED:
+        if name not in type(body).model_fields:
+            continue
         value = getattr(body, name)
         if asks(value):
             detail = f" ({', '.join(value)})" if name == "alwayson_scripts" else f" (got {value!r})"
             raise InvalidRequest(message + detail)
 
 
-def _with_infotext(body: Txt2ImgRequest) -> Txt2ImgRequest:
+def _with_infotext(body: ProcessingRequest) -> ProcessingRequest:
     """The webui's `infotext` field: a pasted infotext fills the fields the request left unset."""
     from darkroom.infotext import request_from_infotext
 
@@ -224,6 +267,12 @@ def _with_infotext(body: Txt2ImgRequest) -> Txt2ImgRequest:
     fill = {"prompt": pasted.prompt, "negative_prompt": pasted.negative_prompt, "steps": pasted.steps,
             "sampler_name": pasted.sampler, "scheduler": pasted.schedule, "cfg_scale": pasted.cfg_scale,
             "seed": pasted.seed, "width": pasted.width, "height": pasted.height}
+    if pasted.subseed_strength > 0:
+        fill.update(subseed=pasted.subseed, subseed_strength=pasted.subseed_strength)
+    if pasted.enable_hr and isinstance(body, Txt2ImgRequest):
+        fill.update(enable_hr=True, hr_scale=pasted.hr_scale, hr_upscaler=pasted.hr_upscaler,
+                    hr_second_pass_steps=pasted.hr_second_pass_steps, hr_resize_x=pasted.hr_resize_x,
+                    hr_resize_y=pasted.hr_resize_y, denoising_strength=pasted.denoising_strength)
     update = {k: v for k, v in fill.items() if k not in body.model_fields_set and v is not None}
     overrides = dict(body.override_settings or {})
     if pasted.clip_skip != 1 and "CLIP_stop_at_last_layers" not in overrides:
@@ -246,14 +295,96 @@ def _eta_for(spec: samplers.Sampler, eta: float | None) -> float | None:
     return None
 
 
-def to_generation_request(body: Txt2ImgRequest, studio: Studio) -> GenerationRequest:
+def hires_upscaler(value: str | None) -> str:
+    """The webui's hr_upscaler as ours: unset = its default latent mode, "None" = a Lanczos resize.
+
+    In the webui, "None" means no upscaler model, and the image is resized with Lanczos (the
+    same pixels as its "Lanczos" upscaler). Upscaler models (ESRGAN, ...) and the other latent
+    modes (bicubic, antialiased, nearest-exact) would give other pictures, so they are refused.
+    """
+    if value in (None, ""):
+        return "Latent"
+    if value == "None":
+        return "Lanczos"
+    for name in (*LATENT_UPSCALERS, *IMAGE_UPSCALERS):
+        if value.strip().lower() == name.lower():
+            return name
+    raise InvalidRequest(f"hr_upscaler {value!r} is not supported; choose one of: "
+                         + ", ".join(("None", *LATENT_UPSCALERS, *IMAGE_UPSCALERS)))
+
+
+def _hires_fields(body: Txt2ImgRequest, fields: dict[str, Any], spec: samplers.Sampler, schedule: str,
+                  studio: Studio) -> dict[str, Any]:
+    """The hires fix's GenerationRequest fields; a second pass that differs from the first is refused."""
+    if body.firstphase_width or body.firstphase_height:
+        raise InvalidRequest("firstphase_width/firstphase_height (the old hires fix) are not supported;"
+                             " use hr_scale or hr_resize_x/hr_resize_y")
+    if not _unset(body.hr_checkpoint_name) and body.hr_checkpoint_name != _SAME["hr_checkpoint_name"]:
+        wanted = find_model(studio, body.hr_checkpoint_name, rescan=False)
+        used = fields.get("model") or getattr(current_model_info(studio), "path", None)
+        if wanted is None or wanted.path != used:
+            raise InvalidRequest(f"hr_checkpoint_name (a different checkpoint for the hires pass) is not supported"
+                                 f" yet (got {body.hr_checkpoint_name!r}); leave it empty")
+    if not _unset(body.hr_sampler_name) and body.hr_sampler_name != _SAME["hr_sampler_name"]:
+        if samplers.resolve(body.hr_sampler_name, schedule)[0].name != spec.name:
+            raise InvalidRequest(f"hr_sampler_name (a different sampler for the hires pass) is not supported yet"
+                                 f" (got {body.hr_sampler_name!r}); leave it empty")
+    if not _unset(body.hr_scheduler) and body.hr_scheduler != _SAME["hr_scheduler"]:
+        if samplers.resolve(spec.name, body.hr_scheduler)[1] != schedule:
+            raise InvalidRequest(f"hr_scheduler (a different schedule for the hires pass) is not supported yet"
+                                 f" (got {body.hr_scheduler!r}); leave it empty")
+    for name, first in (("hr_prompt", fields["prompt"]), ("hr_negative_prompt", fields["negative_prompt"])):
+        value = getattr(body, name) or ""
+        if value and value != first:
+            raise InvalidRequest(f"{name} (a different prompt for the hires pass) is not supported yet; leave it empty")
+    strength = 0.7 if body.denoising_strength is None else body.denoising_strength
+    return {"enable_hr": True, "hr_scale": body.hr_scale, "hr_upscaler": hires_upscaler(body.hr_upscaler),
+            "hr_second_pass_steps": body.hr_second_pass_steps, "hr_resize_x": body.hr_resize_x,
+            "hr_resize_y": body.hr_resize_y, "denoising_strength": strength}
+
+
+def _image_field(value: Any, field: str) -> bytes:
+    """A base64 image from the request, checked to be a readable, undamaged image (else a 422 naming `field`)."""
+    data = decode_base64_image(value, field=field)
+    open_image(data, name=field).close()
+    return data
+
+
+def _init_image(body: Img2ImgRequest) -> bytes:
+    images = [im for im in (body.init_images or []) if not _unset(im)]
+    if not images:
+        raise InvalidRequest("init_images: img2img needs an image (a base64 PNG, JPEG or WebP, or a data: URL)")
+    if any(im != images[0] for im in images[1:]):
+        # the webui gives each image of the batch its own init image; Darkroom has one per request
+        raise InvalidRequest(f"init_images: one image per request is supported yet (got {len(images)} different)")
+    return _image_field(images[0], "init_images[0]")
+
+
+def _img2img_fields(body: Img2ImgRequest) -> dict[str, Any]:
+    """The img2img and inpainting GenerationRequest fields; the images are decoded and checked here."""
+    fields: dict[str, Any] = {
+        "init_image": _init_image(body), "resize_mode": body.resize_mode,
+        "denoising_strength": 0.75 if body.denoising_strength is None else body.denoising_strength,
+    }
+    if _unset(body.mask):
+        return fields
+    if body.inpainting_mask_invert not in (0, 1):
+        raise InvalidRequest(f"inpainting_mask_invert must be 0 or 1, not {body.inpainting_mask_invert!r}")
+    blur = body.mask_blur if body.mask_blur is not None else max(body.mask_blur_x, body.mask_blur_y)
+    fields.update(mask=_image_field(body.mask, "mask"), mask_blur=blur, inpainting_fill=body.inpainting_fill,
+                  inpaint_full_res=body.inpaint_full_res, inpaint_full_res_padding=body.inpaint_full_res_padding,
+                  inpainting_mask_invert=bool(body.inpainting_mask_invert))
+    return fields
+
+
+def to_generation_request(body: ProcessingRequest, studio: Studio) -> GenerationRequest:
     """The webui request as a GenerationRequest; raises 4xx DarkroomErrors for what cannot be done."""
     _refuse_unsupported(body)
     overrides = body.override_settings or {}
     _check_fixed(overrides, "override_settings.")
     sampler = body.sampler_name or body.sampler_index or "Euler"
     schedule = body.scheduler or "Automatic"
-    spec, _ = samplers.resolve(sampler, schedule)
+    spec, concrete_schedule = samplers.resolve(sampler, schedule)
     fields: dict[str, Any] = {
         "prompt": body.prompt or "", "negative_prompt": body.negative_prompt or "", "sampler": sampler,
         "schedule": schedule, "steps": body.steps, "cfg_scale": body.cfg_scale, "seed": body.seed,
@@ -264,11 +395,18 @@ def to_generation_request(body: Txt2ImgRequest, studio: Studio) -> GenerationReq
         fields["model"] = require_model(studio, str(overrides["sd_model_checkpoint"])).path
     if overrides.get("CLIP_stop_at_last_layers") is not None:
         fields["clip_skip"] = _clip_skip(overrides["CLIP_stop_at_last_layers"], "override_settings.")
-    if fields["seed"] == -1:
-        # resolved here, as the webui does, so all_seeds is known even for an interrupted job
-        from darkroom.engine.generate import random_seed
+    # seeds are resolved here, as the webui does, so all_seeds is known even for an interrupted job
+    from darkroom.engine.generate import random_seed
 
+    if fields["seed"] == -1:
         fields["seed"] = random_seed()
+    if body.subseed_strength:
+        fields["subseed_strength"] = body.subseed_strength
+        fields["subseed"] = random_seed() if body.subseed == -1 else body.subseed
+    if isinstance(body, Txt2ImgRequest) and body.enable_hr:
+        fields.update(_hires_fields(body, fields, spec, concrete_schedule, studio))
+    if isinstance(body, Img2ImgRequest):
+        fields.update(_img2img_fields(body))
     try:
         return GenerationRequest(**fields)
     except pydantic.ValidationError as e:
@@ -285,22 +423,28 @@ def _timestamp(t: float | None) -> str:
     return dt.datetime.fromtimestamp(t).strftime("%Y%m%d%H%M%S") if t else "0"
 
 
-def job_info(job: Job, body: Txt2ImgRequest) -> dict[str, Any]:
+def _denoising_of(req: GenerationRequest, body: ProcessingRequest) -> float | None:
+    """The strength the generation used (img2img, hires fix); otherwise what was sent, as the webui reports."""
+    return req.denoising_strength if req.is_img2img or req.enable_hr else body.denoising_strength
+
+
+def job_info(job: Job, body: ProcessingRequest) -> dict[str, Any]:
     """The webui's `Processed.js()` fields for a finished job (sent as a JSON *string*)."""
     req = job.request
     count = req.image_count
     seeds = [req.seed + i for i in range(count)]
-    subseeds = seeds if body.subseed == -1 else [body.subseed + i for i in range(count)]
+    subseed = req.subseed if req.subseed_strength > 0 else body.subseed
+    subseeds = seeds if subseed == -1 else [subseed + i for i in range(count)]
     return {
         "prompt": req.prompt, "all_prompts": [req.prompt] * count,
         "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * count,
         "seed": req.seed, "all_seeds": seeds, "subseed": subseeds[0], "all_subseeds": subseeds,
-        "subseed_strength": 0, "width": req.width, "height": req.height, "sampler_name": req.sampler,
+        "subseed_strength": req.subseed_strength, "width": req.width, "height": req.height, "sampler_name": req.sampler,
         "cfg_scale": req.cfg_scale, "steps": req.steps, "batch_size": req.batch_size, "n_iter": req.n_iter,
         "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": job.model_name or None, "sd_model_hash": job.model_hash or None,
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": None, "extra_generation_params": {}, "index_of_first_image": 0,
+        "denoising_strength": _denoising_of(req, body), "extra_generation_params": {}, "index_of_first_image": 0,
         "infotexts": [im.infotext for im in job.images], "styles": list(body.styles or []),
         "job_timestamp": _timestamp(job.started), "clip_skip": req.clip_skip,
         "is_using_inpainting_conditioning": False, "version": VERSION,
@@ -321,10 +465,8 @@ async def wait_for(job: Job) -> Job:
     return job
 
 
-@router.post("/txt2img")
-async def txt2img(body: Txt2ImgRequest, studio: StudioDep) -> dict:
-    """Generate and answer when done (as the webui does); an interrupted job answers with what finished."""
-    body = _with_infotext(body)
+async def _generate(body: ProcessingRequest, studio: Studio) -> Job:
+    """Translate, queue and wait; a failed job answers with its error's status (422 bad input, ...)."""
 
     def submit() -> Job:
         request = to_generation_request(body, studio)
@@ -334,16 +476,35 @@ async def txt2img(body: Txt2ImgRequest, studio: StudioDep) -> dict:
     job = await wait_for(await run_in_threadpool(submit))
     if job.state == ERROR:
         raise _job_failed(job)
+    return job
+
+
+def _response(job: Job, body: ProcessingRequest, parameters: dict[str, Any]) -> dict:
     return {
         "images": [_b64(im.png) for im in job.images] if body.send_images else [],
-        "parameters": body.model_dump(),
+        "parameters": parameters,
         "info": json.dumps(job_info(job, body)),
     }
 
 
+@router.post("/txt2img")
+async def txt2img(body: Txt2ImgRequest, studio: StudioDep) -> dict:
+    """Generate and answer when done (as the webui does); an interrupted job answers with what finished."""
+    body = _with_infotext(body)
+    job = await _generate(body, studio)
+    return _response(job, body, body.model_dump())
+
+
 @router.post("/img2img")
-def img2img() -> dict:
-    raise NotAvailable("img2img is not available yet in Darkroom (planned); only txt2img can be used for now")
+async def img2img(body: Img2ImgRequest, studio: StudioDep) -> dict:
+    """img2img, or inpainting with a `mask`; the echoed parameters carry the images only if include_init_images."""
+    body = _with_infotext(body)
+    job = await _generate(body, studio)
+    parameters = body.model_dump()
+    if not body.include_init_images:  # as the webui: no megabytes of base64 echoed back unasked
+        parameters["init_images"] = None
+        parameters["mask"] = None
+    return _response(job, body, parameters)
 
 
 # --- progress and control -----------------------------------------------------------------------
@@ -464,7 +625,14 @@ def embeddings() -> dict:
 
 @router.get("/upscalers")
 def upscalers() -> list[dict]:
-    return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 1}]
+    """The image-space upscalers the hires fix has ("None" resizes with Lanczos, as in the webui)."""
+    return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": scale}
+            for name, scale in (("None", 1), ("Lanczos", 4), ("Nearest", 4))]
+
+
+@router.get("/latent-upscale-modes")
+def latent_upscale_modes() -> list[dict]:
+    return [{"name": name} for name in LATENT_UPSCALERS]
 
 
 @router.get("/prompt-styles")
