@@ -61,6 +61,7 @@ class Job:
     finished: float | None = None
     sampling_started: float | None = None
     steps_done: int = 0  # across batches, for the ETA
+    phase: str = "sample"  # "hires" during the hires fix's second pass
     error: str | None = None
     error_status: int | None = None  # the HTTP status of `error` (422 bad input, 404 missing model, ...)
     images: list[JobImage] = field(default_factory=list)
@@ -76,22 +77,21 @@ class Job:
 
     @property
     def total_steps(self) -> int:
-        return max(1, self.steps * self.batches)
+        """Every sampling step the job will run: img2img strength and hires passes included."""
+        return max(1, self.request.steps_per_batch * self.request.n_iter)
 
     @property
     def progress(self) -> float:
         if self.state in FINISHED:
             return 1.0
-        if not self.steps:
-            return 0.0
-        return min(1.0, (self.batch * self.steps + self.step) / self.total_steps)
+        return min(1.0, self.steps_done / self.total_steps)
 
     @property
     def eta(self) -> float | None:
         if self.state != RUNNING or not self.steps_done or self.sampling_started is None:
             return None
         per_step = (time.time() - self.sampling_started) / self.steps_done
-        return max(0.0, per_step * (self.total_steps - (self.batch * self.steps + self.step)))
+        return max(0.0, per_step * (self.total_steps - self.steps_done))
 
 
 class JobQueue:
@@ -258,7 +258,7 @@ class JobQueue:
             nonlocal last_preview
             if job.sampling_started is None:
                 job.sampling_started = time.time()
-            job.batch, job.step, job.steps = event.batch_index, event.step, event.steps
+            job.batch, job.step, job.steps, job.phase = event.batch_index, event.step, event.steps, event.phase
             job.steps_done += 1
             now = time.monotonic()
             if event.model is not None and (now - last_preview >= self.preview_every or event.step == event.steps):

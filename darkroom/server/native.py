@@ -54,7 +54,8 @@ def job_state(job: Job, studio: Studio) -> dict:
         images.append({"url": url, "seed": im.seed, "infotext": im.infotext, "history_id": im.history_id})
     return {
         "id": job.id, "state": job.state, "position": studio.queue.position(job), "step": job.step,
-        "steps": job.steps, "batch": job.batch, "batches": job.batches, "progress": round(job.progress, 4),
+        "steps": job.steps, "phase": job.phase, "batch": job.batch, "batches": job.batches,
+        "progress": round(job.progress, 4),
         "eta": None if job.eta is None else round(job.eta, 1), "private": job.private, "source": job.source,
         "preview_url": f"/api/jobs/{job.id}/preview?rev={job.preview_rev}" if job.preview_png else None,
         "images": images, "error": job.error, "request": job.request.describe(), "model_name": job.model_name,
@@ -109,6 +110,13 @@ def select(body: SelectModel, studio: Studio = Depends(get_studio)) -> list[dict
 def sampler_list() -> list[dict]:
     return [{"name": s.name, "aliases": list(s.aliases), "schedules": ["Automatic", *s.schedules]}
             for s in samplers.SAMPLERS]
+
+
+@router.get("/loras")
+def lora_list(studio: Studio = Depends(get_studio)) -> list[dict]:
+    """LoRA files with the trigger words their training recorded (`ss_tag_frequency`)."""
+    return [{"name": e.name, "alias": e.alias or e.name, "trigger_words": e.trigger_words, "base": e.base_model,
+             "hash": e.short_hash, "error": e.error} for e in studio.engine.loras.list()]
 
 
 @router.get("/schedules")
