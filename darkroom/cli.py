@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import signal
@@ -15,6 +16,7 @@ import darkroom
 from darkroom import offline
 from darkroom.errors import DarkroomError
 from darkroom.home import Home
+from darkroom.xyplot import axis_names
 
 log = logging.getLogger("darkroom")
 RESIZE_CHOICES = {"just-resize": 0, "crop": 1, "fill": 2}
@@ -127,8 +129,15 @@ def _engine(home: Home, device: str | None, precision: str | None, allow_pickle:
 @click.option("--hr-steps", "hr_second_pass_steps", type=int, default=None,
               help="Steps of the second pass (default: the same as --steps).")
 @click.option("--hr-size", default=None, metavar="WxH", help="Hires target size instead of --hr-scale.")
+@click.option("--vae", default=None, help="A separate VAE: a name in the VAE folders or a path (default: Automatic).")
 @click.option("--subseed", type=int, default=None, help="Variation seed.")
 @click.option("--subseed-strength", type=float, default=None, help="How far to move towards the variation seed.")
+@click.option("--x", "x_axis", default=None, metavar="AXIS=VALUES",
+              help="X/Y plot: one image per value in the columns, plus a labelled grid (<outputs>/txt2img-grids, or"
+                   " -o), e.g. 'steps=10-30 (+10)'. VALUES: comma-separated (CSV quotes), ranges 1-5, 1-10 (+3),"
+                   " 1-10 [4], 1.5-3 (+0.5). AXIS: " + ", ".join(axis_names()) + " (or the request field name).")
+@click.option("--y", "y_axis", default=None, metavar="AXIS=VALUES",
+              help="X/Y plot: the values in the rows, e.g. 'sampler=Euler a,DPM++ 2M'.")
 @click.option("--device", default=None, help="auto (default), cpu, cuda, cuda:N, mps.")
 @click.option("--precision", default=None, help="auto (default), fp32, fp16, bf16.")
 @click.option("--allow-pickle", is_flag=True, help="Allow .ckpt pickles (loaded with torch.load(weights_only=True)).")
@@ -139,13 +148,15 @@ def _engine(home: Home, device: str | None, precision: str | None, allow_pickle:
 def generate(obj: Context, prompt, negative_prompt, model, n_iter, batch_size, steps, cfg_scale, sampler, schedule,
              seed, width, height, clip_skip, output, from_png, init_image, mask, denoising_strength, resize_mode,
              mask_blur, masked_content, inpaint_full_res, inpaint_full_res_padding, inpainting_mask_invert, enable_hr,
-             hr_scale, hr_upscaler, hr_second_pass_steps, hr_size, subseed, subseed_strength, device, precision,
-             allow_pickle, v_prediction) -> None:
+             hr_scale, hr_upscaler, hr_second_pass_steps, hr_size, vae, subseed, subseed_strength, x_axis, y_axis,
+             device, precision, allow_pickle, v_prediction) -> None:
     """Generate images from PROMPT (txt2img, img2img, inpainting, hires fix) and write PNGs with their parameters."""
     from darkroom.api import output_folder, request_from_png
     from darkroom.models import starter
     from darkroom.request import GenerationRequest
+    from darkroom.xyplot import parse_axis_option
 
+    axes = [None if a is None else parse_axis_option(a) for a in (x_axis, y_axis)]
     hr_resize_x = hr_resize_y = None
     if hr_size:
         try:
@@ -161,7 +172,7 @@ def generate(obj: Context, prompt, negative_prompt, model, n_iter, batch_size, s
                   inpaint_full_res=inpaint_full_res, inpaint_full_res_padding=inpaint_full_res_padding,
                   inpainting_mask_invert=inpainting_mask_invert, enable_hr=enable_hr, hr_scale=hr_scale,
                   hr_upscaler=hr_upscaler, hr_second_pass_steps=hr_second_pass_steps, hr_resize_x=hr_resize_x,
-                  hr_resize_y=hr_resize_y, subseed=subseed, subseed_strength=subseed_strength,
+                  hr_resize_y=hr_resize_y, vae=vae, subseed=subseed, subseed_strength=subseed_strength,
                   init_image=_read(init_image), mask=_read(mask))
     given = {k: v for k, v in fields.items() if v is not None}
     if from_png is not None:
@@ -179,20 +190,14 @@ def generate(obj: Context, prompt, negative_prompt, model, n_iter, batch_size, s
     out_dir = output or output_folder(obj.home, "img2img" if req.is_img2img else "txt2img")
 
     cancel = threading.Event()
+    if any(axes):
+        return _generate_grid(obj, engine, req, axes, output, out_dir, cancel)
     progress = _Progress(req)
-
-    def on_sigint(signum, frame):
-        if cancel.is_set():
-            raise KeyboardInterrupt
-        cancel.set()
-        click.echo("\nInterrupting after this step (Ctrl-C again to abort at once)...", err=True)
-
-    old = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        result = engine.generate(req, on_step=progress.update, cancel=cancel, output_dir=out_dir)
-    finally:
-        signal.signal(signal.SIGINT, old)
-        progress.close()
+    with _sigint_cancels(cancel):
+        try:
+            result = engine.generate(req, on_step=progress.update, cancel=cancel, output_dir=out_dir)
+        finally:
+            progress.close()
     for image in result.images:
         click.echo(image.path)
     done = f"{len(result.images)} image(s) in {out_dir}"
@@ -206,6 +211,53 @@ def generate(obj: Context, prompt, negative_prompt, model, n_iter, batch_size, s
         sys.exit(130)
 
 
+def _generate_grid(obj: Context, engine, req, axes, output: Path | None, out_dir: Path, cancel) -> None:
+    """The X/Y plot path of `generate`: validate every cell, run them, print the images and the grid."""
+    from darkroom.api import output_folder
+    from darkroom.xyplot import plan_xy, run_plan
+
+    plan = plan_xy(engine, req, *axes)
+    grid_dir = output or output_folder(obj.home, "img2img-grids" if req.is_img2img else "txt2img-grids")
+    progress = _Progress(req, total=plan.total_steps)
+
+    def on_cell(n, cell) -> None:
+        progress.prefix = f"cell {n + 1}/{len(plan.cells)}, "
+
+    with _sigint_cancels(cancel):
+        try:
+            result = run_plan(engine, plan, output_dir=out_dir, grid_dir=grid_dir, on_step=progress.update,
+                              cancel=cancel, on_cell=on_cell)
+        finally:
+            progress.close()
+    for image in result.images:
+        click.echo(image.path)
+    if result.grid_path:
+        click.echo(result.grid_path)
+    done = f"{len(result.images)} image(s) in {out_dir}"
+    done = f"interrupted: kept {done}, no grid" if result.interrupted else f"{plan.columns}x{plan.rows} grid, {done}"
+    click.echo(f"{done} (seed {plan.cells[0].request.seed}; sampling {result.timings.get('sampling', 0):.1f}s,"
+               f" total {result.timings.get('total', 0):.1f}s)", err=True)
+    log.info("X/Y plot: %d image(s) into %s, grid %s", len(result.images), out_dir, result.grid_path)
+    if result.interrupted:
+        sys.exit(130)
+
+
+@contextlib.contextmanager
+def _sigint_cancels(cancel: threading.Event):
+    """Ctrl-C sets `cancel` (finish the current step, keep the images); a second Ctrl-C aborts at once."""
+    def on_sigint(signum, frame):
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+        click.echo("\nInterrupting after this step (Ctrl-C again to abort at once)...", err=True)
+
+    old = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def _read(path: Path | None) -> bytes | None:
     return None if path is None else path.read_bytes()
 
@@ -213,9 +265,10 @@ def _read(path: Path | None) -> bytes | None:
 class _Progress:
     """A tqdm bar over all steps of all batches: step count, it/s and ETA."""
 
-    def __init__(self, req):
-        self.total = req.steps_per_batch * req.n_iter
+    def __init__(self, req, total: int | None = None):
+        self.total = total or req.steps_per_batch * req.n_iter
         self.bar = None
+        self.prefix = ""  # e.g. "cell 2/6, " for an X/Y plot
 
     def update(self, event) -> None:
         if self.bar is None:  # created at the first step, so model loading does not skew it/s and ETA
@@ -223,7 +276,8 @@ class _Progress:
 
             self.bar = tqdm(total=self.total, unit="step", desc="Sampling", dynamic_ncols=True, file=sys.stderr,
                             mininterval=0.2)
-        self.bar.set_postfix_str(f"image batch {event.batch_index + 1}/{event.batch_count}", refresh=False)
+        self.bar.set_postfix_str(f"{self.prefix}image batch {event.batch_index + 1}/{event.batch_count}",
+                                 refresh=False)
         self.bar.update(1)
 
     def close(self) -> None:

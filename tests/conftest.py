@@ -10,6 +10,10 @@ import torch
 import darkroom  # noqa: F401  (offline first)
 from darkroom.home import Home
 
+# Tiny test models gain nothing from a second thread, and OpenMP's spinning threads make them
+# many times slower when the machine is busy (server tests run several threads at once).
+torch.set_num_threads(1)
+
 # id -> (family, build options)
 VARIANTS = {
     "sd1": ("sd1", {}),

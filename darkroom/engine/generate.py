@@ -12,6 +12,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +29,11 @@ from darkroom.errors import InvalidRequest
 from darkroom.infotext import build_infotext
 from darkroom.models.library import ModelLibrary
 from darkroom.models.loader import LoadedModel
+from darkroom.models.vae_file import VaeLibrary, swap_vae
 from darkroom.pngmeta import encode_png
 from darkroom.request import GeneratedImage, GenerationRequest, GenerationResult
 from darkroom.text.conditioning import Conditioning, PromptEncoder, pad_to_same_length
+from darkroom.text.embeddings import EmbeddingLibrary, format_ti_hashes
 
 __all__ = ["Engine", "StepEvent", "StepCallback", "HIRES_UPSCALERS", "encode_image", "latents_to_images"]
 HIRES_UPSCALERS = ("Latent", "Latent (nearest)", "Lanczos", "Nearest")
@@ -73,6 +76,8 @@ class Engine:
         self.default_model = default_model
         self._lock = threading.Lock()
         self.loras = LoraLibrary(library.home, library.hashes)
+        self.embeddings = EmbeddingLibrary(library.home, library.hashes)
+        self.vaes = VaeLibrary(library.home, library.hashes, allow_pickle=cache.allow_pickle)
 
     def check_inputs(self, req: GenerationRequest) -> tuple[samplers.Sampler, str]:
         return samplers.resolve(req.sampler, req.schedule)
@@ -111,82 +116,98 @@ class Engine:
         with self._lock:
             model = self.load(req)
             timings["load"] = time.perf_counter() - t0
-            source = None
-            if req.init_image is not None:
-                source, w, h = prepare_source(
-                    req.init_image, req.mask, width=req.width, height=req.height, resize_mode=req.resize_mode,
-                    mask_blur=req.mask_blur, invert=req.inpainting_mask_invert, fill=req.inpainting_fill,
-                    full_res=req.inpaint_full_res, padding=req.inpaint_full_res_padding,
-                    latent_factor=model.vae_scale_factor)
-                req = req.model_copy(update={"width": w, "height": h})
-            elif req.width is None or req.height is None:
-                size = model.native_size
-                req = req.model_copy(update={"width": req.width or size, "height": req.height or size})
-            f = model.vae_scale_factor
-            for side in (req.width, req.height):
-                if side % f:
-                    raise InvalidRequest(f"size {req.width}x{req.height} must be a multiple of {f} for this model")
+            req, source = self._fit(model, req)
             model_hash = self.library.short_hash(self.library.describe(model.path))
-            base_seed = random_seed() if req.seed == -1 else req.seed
-            base_subseed = req.subseed
-            if req.subseed_strength > 0 and base_subseed == -1:
-                base_subseed = random_seed()
+            seed = random_seed() if req.seed == -1 else req.seed
+            subseed = random_seed() if req.subseed_strength > 0 and req.subseed == -1 else req.subseed
             result = GenerationResult(request=req, model_name=model.name, model_hash=model_hash)
             prompt, tags = extract_lora_tags(req.prompt)
             lora_uses = self.loras.uses(tags)
-            # LoRAs are merged into the weights for this request only (restored bit for bit on exit),
-            # around both prompt encoding (their text-encoder part) and sampling
-            with apply_loras(model, lora_uses) as applied:
+            separate_vae = self.vaes.load(req.vae or "Automatic", model, checkpoint=model.path)
+            with ExitStack() as stack:
+                # LoRAs are merged into the weights and a separate VAE swapped in for this request
+                # only (both restored exactly on exit), around prompt encoding and sampling alike
+                applied = stack.enter_context(apply_loras(model, lora_uses))
+                stack.enter_context(swap_vae(model, separate_vae.vae if separate_vae else None))
                 t1 = time.perf_counter()
-                encoder = PromptEncoder(model, req.clip_skip)
-                cond = encoder.encode(prompt)
-                uncond = None
-                if req.cfg_scale > 1.0:
-                    uncond = encoder.encode(req.negative_prompt, zero_if_empty=True)
-                    if uncond.context.shape[1] != cond.context.shape[1]:
-                        cond, uncond = pad_to_same_length(cond, uncond, encoder.encode(""))
-                guidance = Guidance(cond, uncond, req.cfg_scale, added=self._added_cond_fn(model))
+                encoder = PromptEncoder(model, req.clip_skip, embeddings=self.embeddings.for_model(model))
+                guidance = self._guidance(model, req, encoder, prompt)
                 init = self._init(model, req, source) if source is not None else None
                 timings["encode"] = time.perf_counter() - t1
-                sampling = 0.0
-                extra = self._infotext_extra(req, source, base_subseed)
+                extra = self._infotext_extra(req, source, subseed)
                 if lora_uses:
                     extra["Lora hashes"] = lora_hashes_infotext(applied)
+                if encoder.used_embeddings:
+                    extra["TI hashes"] = format_ti_hashes(encoder.used_embeddings)
+                if separate_vae is not None:
+                    extra.update(separate_vae.infotext())
+                t2 = time.perf_counter()
                 for batch in range(req.n_iter):
-                    seeds = [base_seed + batch * req.batch_size + i for i in range(req.batch_size)]
-                    subseeds = [base_subseed + batch * req.batch_size + i for i in range(req.batch_size)]
-                    noise = Noise(seeds, subseeds, req.subseed_strength)
-                    t2 = time.perf_counter()
-                    shape = (model.unet.config.out_channels, req.height // f, req.width // f)
-                    latents = denoise(model, spec, schedule, steps=req.steps, noise=noise, shape=shape,
-                                      guidance=guidance, init=init, eta=req.eta, batch=batch, batch_count=req.n_iter,
-                                      on_step=on_step, cancel=cancel, skip=skip)
-                    if req.enable_hr and isinstance(latents, torch.Tensor):
-                        latents = self._hires(model, req, spec, schedule, latents, noise, guidance, batch, on_step,
-                                              cancel, skip)
-                    sampling += time.perf_counter() - t2
+                    first = batch * req.batch_size
+                    noise = Noise([seed + first + i for i in range(req.batch_size)],
+                                  [subseed + first + i for i in range(req.batch_size)], req.subseed_strength)
+                    latents = self._batch(model, req, spec, schedule, noise, guidance, init, batch, on_step, cancel,
+                                          skip)
                     if latents is None:
                         result.interrupted = True
                         break
                     if latents is SKIPPED:
                         skip.clear()
                         continue
-                    for seed, subseed, image in zip(seeds, subseeds, latents_to_images(model, latents), strict=True):
+                    for i, image in enumerate(latents_to_images(model, latents)):
                         if source is not None:
                             image = source.finish(image)
-                        image_extra = dict(extra)
-                        if req.subseed_strength > 0:
-                            image_extra["Variation seed"] = subseed
-                        done = self._finish(req, seed, image, model, model_hash, schedule, output_dir, image_extra)
+                        image_extra = {**extra, "Variation seed": noise.subseeds[i]} if req.subseed_strength else extra
+                        done = self._finish(req, noise.seeds[i], image, model, model_hash, schedule, output_dir,
+                                            image_extra)
                         result.images.append(done)
                         if on_image is not None:
                             on_image(done)
-                timings["sampling"] = sampling
+                timings["sampling"] = time.perf_counter() - t2
             timings["total"] = time.perf_counter() - t0
             result.timings = timings
             result.info = {"schedule": schedule, "device": str(model.device),
                            "dtype": str(model.dtype).replace("torch.", "")}
             return result
+
+    @staticmethod
+    def _fit(model: LoadedModel, req: GenerationRequest) -> tuple[GenerationRequest, Source | None]:
+        """Settle the size: the init image's (img2img), else the model's native size; prepare the source."""
+        source = None
+        if req.init_image is not None:
+            source, w, h = prepare_source(
+                req.init_image, req.mask, width=req.width, height=req.height, resize_mode=req.resize_mode,
+                mask_blur=req.mask_blur, invert=req.inpainting_mask_invert, fill=req.inpainting_fill,
+                full_res=req.inpaint_full_res, padding=req.inpaint_full_res_padding,
+                latent_factor=model.vae_scale_factor)
+            req = req.model_copy(update={"width": w, "height": h})
+        elif req.width is None or req.height is None:
+            size = model.native_size
+            req = req.model_copy(update={"width": req.width or size, "height": req.height or size})
+        f = model.vae_scale_factor
+        if req.width % f or req.height % f:
+            raise InvalidRequest(f"size {req.width}x{req.height} must be a multiple of {f} for this model")
+        return req, source
+
+    def _guidance(self, model: LoadedModel, req: GenerationRequest, encoder: PromptEncoder, prompt: str) -> Guidance:
+        cond = encoder.encode(prompt)
+        uncond = None
+        if req.cfg_scale > 1.0:
+            uncond = encoder.encode(req.negative_prompt, zero_if_empty=True)
+            if uncond.context.shape[1] != cond.context.shape[1]:
+                cond, uncond = pad_to_same_length(cond, uncond, encoder.encode(""))
+        return Guidance(cond, uncond, req.cfg_scale, added=self._added_cond_fn(model))
+
+    def _batch(self, model: LoadedModel, req: GenerationRequest, spec: samplers.Sampler, schedule: str, noise: Noise,
+               guidance: Guidance, init: Init | None, batch: int, on_step, cancel, skip):
+        f = model.vae_scale_factor
+        shape = (model.unet.config.out_channels, req.height // f, req.width // f)
+        latents = denoise(model, spec, schedule, steps=req.steps, noise=noise, shape=shape, guidance=guidance,
+                          init=init, eta=req.eta, batch=batch, batch_count=req.n_iter, on_step=on_step,
+                          cancel=cancel, skip=skip)
+        if req.enable_hr and isinstance(latents, torch.Tensor):
+            latents = self._hires(model, req, spec, schedule, latents, noise, guidance, batch, on_step, cancel, skip)
+        return latents
 
     @staticmethod
     def _init(model: LoadedModel, req: GenerationRequest, source: Source) -> Init:

@@ -10,8 +10,8 @@ multiplied in the same order, so merging of equal weights agrees too).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from darkroom.text.tokenizer import BOS, EOS
@@ -111,31 +111,102 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
     return [BREAK if s is None else (s.text, s.weight) for s in _parse(text)]
 
 
+PLACEHOLDER = 0
+"""The token id under each embedding vector (the webui's): never EOS, so pooling is unaffected."""
+
+
 @dataclass
 class PromptChunk:
     """One CLIP pass: `tokens` is BOS + 75 prompt/pad tokens + EOS (77), `multipliers` the
-    emphasis weight of each position (1.0 at BOS, EOS and padding)."""
+    emphasis weight of each position (1.0 at BOS, EOS and padding).
+
+    `fixes` are the textual-inversion embeddings in this chunk, as (index in `tokens` of
+    the embedding's first vector, embedding name); its vectors replace the token
+    embeddings of the `PLACEHOLDER` ids there. (The webui's offsets exclude BOS; these
+    include it, so they index `tokens` directly.)
+    """
 
     tokens: list[int]
     multipliers: list[float]
-    # Textual inversion will add `fixes: list[(offset, embedding)]` here, as in the webui.
+    fixes: list[tuple[int, str]] = field(default_factory=list)
 
 
-Piece = tuple[Sequence[int], float] | None
-"""Token ids of one weighted run and its weight, or `None` for BREAK."""
+@dataclass(frozen=True)
+class EmbeddingRef:
+    """An embedding found in a prompt: stands for `vectors` token positions."""
+
+    name: str
+    vectors: int
 
 
-def encode_pieces(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+class EmbeddingVocab:
+    """Embedding names by their token ids (the webui's `EmbeddingDatabase.ids_lookup`).
+
+    A name matches where its token sequence occurs in a weighted run's tokens, as in the
+    webui: the CLIP tokenizer lowercases, so matching ignores case; the name's last token
+    ends a word (`</w>`), so "names" does not trigger "name", but BPE may split a longer
+    word so that it ends with the name's tokens ("xname" can trigger "name"). Longer names
+    win over their prefixes.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, vectors: Mapping[str, int]):
+        self._lookup: dict[int, list[tuple[list[int], EmbeddingRef]]] = {}
+        names = sorted(vectors)
+        for name, ids in zip(names, encode_pieces(tokenizer, names), strict=True):
+            count = int(vectors[name])
+            if not ids or not 0 < count <= CHUNK_LENGTH:
+                continue
+            entries = self._lookup.setdefault(ids[0], [])
+            if any(known == ids for known, _ in entries):
+                continue  # two names, same tokens ("Style", "style"): the first one (sorted) wins
+            entries.append((ids, EmbeddingRef(name, count)))
+            entries.sort(key=lambda e: len(e[0]), reverse=True)
+
+    def __bool__(self) -> bool:
+        return bool(self._lookup)
+
+    def find(self, tokens: Sequence[int], offset: int) -> tuple[EmbeddingRef, int] | None:
+        """The embedding whose name starts at `tokens[offset]`, and how many tokens the name has."""
+        for ids, ref in self._lookup.get(tokens[offset], ()):
+            if list(tokens[offset:offset + len(ids)]) == ids:
+                return ref, len(ids)
+        return None
+
+    def replace(self, tokens: Sequence[int]) -> list[int | EmbeddingRef]:
+        """`tokens` with each embedding name replaced by one `EmbeddingRef`."""
+        out: list[int | EmbeddingRef] = []
+        i = 0
+        while i < len(tokens):
+            found = self.find(tokens, i) if self._lookup else None
+            if found is None:
+                out.append(tokens[i])
+                i += 1
+            else:
+                out.append(found[0])
+                i += found[1]
+        return out
+
+
+Piece = tuple[Sequence[int | EmbeddingRef], float] | None
+"""Token ids (or embeddings) of one weighted run and its weight, or `None` for BREAK."""
+
+
+def encode_pieces(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], embeddings: EmbeddingVocab | None = None
+) -> list[list[int | EmbeddingRef]]:
     """Token ids of each text, without BOS/EOS and untruncated.
 
-    Seam for textual-inversion embeddings: they will be found here (an embedding name
-    becomes placeholder ids of its vector count) and `chunk_pieces` will keep each
-    embedding inside one chunk, as the webui's `find_embedding_at_position` does.
+    With `embeddings`, each embedding name found in a text's tokens (as the webui's
+    `find_embedding_at_position`) becomes one `EmbeddingRef`; `chunk_pieces` then gives it
+    as many positions as it has vectors, all inside one chunk.
     """
     if not texts:
         return []
     encoded = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)
-    return [list(ids) for ids in encoded["input_ids"]]
+    pieces = [list(ids) for ids in encoded["input_ids"]]
+    if embeddings:
+        return [embeddings.replace(ids) for ids in pieces]
+    return pieces
 
 
 def chunk_pieces(
@@ -147,16 +218,23 @@ def chunk_pieces(
     chunk is full and its last comma is at most `comma_backtrack` tokens from the end,
     the chunk is cut after that comma and the tokens after it start the next chunk, so
     a phrase is not split across two encoder passes (0 turns this off).
+
+    An `EmbeddingRef` takes `vectors` positions (`PLACEHOLDER` ids, the run's weight) and
+    is never split: when it does not fit, the chunk is closed first. Embeddings moved by a
+    comma cut move with their placeholders (the webui's `tokenize_line` moves only the
+    tokens and weights, leaving the vectors at padding positions of the previous chunk).
     """
     chunks: list[PromptChunk] = []
     tokens: list[int] = []
     mults: list[float] = []
+    fixes: list[tuple[int, str]] = []
     last_comma = -1
 
     def cut(at: int) -> None:
-        nonlocal tokens, mults, last_comma
-        chunks.append(_padded(tokens[:at], mults[:at], pad_id))
+        nonlocal tokens, mults, fixes, last_comma
+        chunks.append(_padded(tokens[:at], mults[:at], pad_id, [(i, n) for i, n in fixes if i < at]))
         tokens, mults, last_comma = tokens[at:], mults[at:], -1
+        fixes = [(i - at, n) for i, n in fixes if i >= at]
 
     for piece in pieces:
         if piece is None:
@@ -175,6 +253,15 @@ def chunk_pieces(
                 cut(last_comma + 1)
             if len(tokens) == CHUNK_LENGTH:
                 cut(CHUNK_LENGTH)
+            if isinstance(token, EmbeddingRef):
+                if not 0 < token.vectors <= CHUNK_LENGTH:
+                    raise ValueError(f"embedding {token.name!r} has {token.vectors} vectors; at most 75 fit a chunk")
+                if len(tokens) + token.vectors > CHUNK_LENGTH:
+                    cut(len(tokens))
+                fixes.append((len(tokens), token.name))
+                tokens.extend([PLACEHOLDER] * token.vectors)
+                mults.extend([weight] * token.vectors)
+                continue
             tokens.append(token)
             mults.append(weight)
 
@@ -183,13 +270,15 @@ def chunk_pieces(
     return chunks
 
 
-def _padded(tokens: list[int], mults: list[float], pad_id: int) -> PromptChunk:
+def _padded(tokens: list[int], mults: list[float], pad_id: int,
+            fixes: list[tuple[int, str]] | None = None) -> PromptChunk:
     """BOS + tokens + EOS, then `pad_id` to 77 (the webui pads with EOS, and for OpenCLIP
     then overwrites everything after the first EOS with its pad id 0)."""
     fill = CHUNK_LENGTH - len(tokens)
     return PromptChunk(
         tokens=[BOS, *tokens, EOS] + [pad_id] * fill,
         multipliers=[1.0, *mults, 1.0] + [1.0] * fill,
+        fixes=[(i + 1, name) for i, name in fixes or ()],
     )
 
 
@@ -199,13 +288,15 @@ def tokenize_weighted(
     *,
     pad_id: int,
     comma_backtrack: int = COMMA_BACKTRACK,
+    embeddings: EmbeddingVocab | None = None,
 ) -> list[PromptChunk]:
     """A webui-syntax prompt as 77-token chunks with per-token weights, at least one chunk.
 
     `pad_id` is what follows EOS: EOS (49407) for SD1's CLIP, 0 for OpenCLIP encoders
-    (SD2, SDXL's second encoder), as the webui pads them.
+    (SD2, SDXL's second encoder), as the webui pads them. `embeddings`: the textual-
+    inversion names to look for (see `EmbeddingVocab`); found ones are in `PromptChunk.fixes`.
     """
     spans = _parse(prompt)
-    encoded = iter(encode_pieces(tokenizer, [s.text for s in spans if s is not None]))
+    encoded = iter(encode_pieces(tokenizer, [s.text for s in spans if s is not None], embeddings))
     pieces = [None if s is None else (next(encoded), s.weight) for s in spans]
     return chunk_pieces(pieces, pad_id=pad_id, comma_backtrack=comma_backtrack)
