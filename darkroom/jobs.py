@@ -68,6 +68,9 @@ class Job:
     preview_png: bytes | None = None
     preview_rev: int = 0
     rev: int = 0
+    plan: object | None = None  # an xyplot.XYPlan for X/Y grid jobs
+    grid_png: bytes | None = None
+    grid_history_id: int | None = None
     model_name: str = ""
     model_hash: str = ""
     timings: dict[str, float] = field(default_factory=dict)
@@ -77,7 +80,9 @@ class Job:
 
     @property
     def total_steps(self) -> int:
-        """Every sampling step the job will run: img2img strength and hires passes included."""
+        """Every sampling step the job will run: img2img strength, hires passes and grid cells included."""
+        if self.plan is not None:
+            return max(1, self.plan.total_steps)
         return max(1, self.request.steps_per_batch * self.request.n_iter)
 
     @property
@@ -136,11 +141,20 @@ class JobQueue:
 
     # --- submitting and control ------------------------------------------------------------------
 
-    def submit(self, request: GenerationRequest, *, private: bool = False, source: str = "api") -> Job:
+    def submit(self, request: GenerationRequest, *, private: bool = False, source: str = "api",
+               xy: tuple[str | None, str | None] | None = None) -> Job:
+        """Queue a generation; with `xy` ("axis=values" for x and y) an X/Y grid of them."""
         if self.prepare is not None:
             request = self.prepare(request)
         self.engine.check_inputs(request)  # an unknown sampler fails now, not when its turn comes
-        job = Job(request=request, private=private, source=source, batches=request.n_iter, steps=request.steps)
+        plan = None
+        if xy is not None and any(xy):
+            from darkroom.xyplot import parse_axis_option, plan_xy
+
+            x, y = (parse_axis_option(a) if a else None for a in xy)
+            plan = plan_xy(self.engine, request, x, y)  # every cell validated before anything is queued
+        job = Job(request=request, private=private, source=source, batches=request.n_iter, steps=request.steps,
+                  plan=plan)
         with self._cond:
             if len(self._pending) >= self.max_pending:
                 raise QueueFull(f"queue full: {len(self._pending)} jobs are waiting; try again when some have finished")
@@ -284,6 +298,8 @@ class JobQueue:
 
         out = None if job.private or self.output_dir is None else self.output_dir(job.request)
         try:
+            if job.plan is not None:
+                return self._run_grid(job, out, on_step, on_image)
             result = self.engine.generate(job.request, on_step=on_step, cancel=job.cancel, skip=job.skip,
                                           output_dir=out, on_image=on_image)
         except DarkroomError as e:
@@ -296,4 +312,18 @@ class JobQueue:
             return ERROR
         job.model_name, job.model_hash, job.timings = result.model_name, result.model_hash, result.timings
         job.request = result.request  # with the native size filled in
+        return INTERRUPTED if result.interrupted else DONE
+
+    def _run_grid(self, job: Job, out: Path | None, on_step, on_image) -> str:
+        from darkroom.xyplot import run_plan
+
+        grid_dir = None if out is None else out.parent.parent / f"{out.parent.name}-grids" / out.name
+        result = run_plan(self.engine, job.plan, output_dir=out, grid_dir=grid_dir, on_step=on_step,
+                          cancel=job.cancel, on_image=on_image)
+        job.grid_png, job.timings = result.grid_png, result.timings
+        if result.grid_path and self.history is not None:
+            try:
+                job.grid_history_id = self.history.add(result.grid_path, result.infotext or "", job_id=job.id)
+            except Exception:
+                log.exception("could not index %s", result.grid_path)
         return INTERRUPTED if result.interrupted else DONE

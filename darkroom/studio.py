@@ -98,9 +98,35 @@ class Studio:
         update = {}
         if request.model is None and self.settings.get("current_model"):
             update["model"] = self.settings.get("current_model")
+        if request.vae is None and self.settings.get("vae"):
+            update["vae"] = self.settings.get("vae")
         if request.clip_skip == 1 and int(self.settings.get("clip_skip") or 1) != 1:
             update["clip_skip"] = int(self.settings.get("clip_skip"))
         return request.model_copy(update=update) if update else request
+
+    def vae_choice(self, value) -> str | None:
+        """A webui `sd_vae` value as a request's `vae`: a listed VAE file's name, or None for the checkpoint's."""
+        from darkroom.errors import ModelNotFound
+
+        if value in (None, "", "Automatic", "None"):
+            return None
+        names = {e.name: e.name for e in self.engine.vaes.scan()}
+        names |= {Path(n).stem: n for n in list(names)}
+        if str(value) not in names:
+            raise ModelNotFound(f"no VAE named {value!r}; available: {', '.join(sorted(set(names.values()))) or 'none'}"
+                                f" (put VAE files in {self.home.vae})")
+        return names[str(value)]
+
+    def embeddings(self) -> dict[str, dict[str, dict]]:
+        """The webui-shaped embeddings list: matched against the loaded model when one is loaded
+        (no model is loaded just to answer this), else every readable file as "loaded"."""
+        library = self.engine.embeddings
+        model = self.engine.cache.current
+        if model is not None:
+            return library.for_model(model).a1111()
+        files, errors = library.scan()
+        return {"loaded": {f.path.stem: f.a1111() for f in files},
+                "skipped": {e.name: {"error": e.reason} for e in errors}}
 
     def close(self) -> None:
         self.queue.stop()

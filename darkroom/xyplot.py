@@ -396,7 +396,7 @@ def plan_xy(engine, base: GenerationRequest, x: Axis | None, y: Axis | None) -> 
 
 def run_plan(engine, plan: XYPlan, *, output_dir: Path | None = None, grid_dir: Path | None = None,
              on_step=None, cancel: threading.Event | None = None,
-             on_cell: Callable[[int, Cell], None] | None = None) -> XYResult:
+             on_cell: Callable[[int, Cell], None] | None = None, on_image=None) -> XYResult:
     """Generate every cell (images go to `output_dir` as usual), then draw and write the grid.
 
     `on_cell(n, cell)` is told before the n-th generation starts. A cancel keeps the finished
@@ -415,7 +415,8 @@ def run_plan(engine, plan: XYPlan, *, output_dir: Path | None = None, grid_dir: 
         cell = plan.cells[index]
         if on_cell is not None:
             on_cell(n, cell)
-        result = engine.generate(cell.request, on_step=on_step, cancel=cancel, output_dir=output_dir)
+        result = engine.generate(cell.request, on_step=on_step, cancel=cancel, output_dir=output_dir,
+                                 on_image=on_image)
         for key, value in result.timings.items():
             timings[key] = timings.get(key, 0.0) + value
         images += result.images

@@ -121,7 +121,6 @@ def test_eta_kept_only_where_it_matters(api):
     ({"script_name": "x/y/z plot"}, "script_name"),
     ({"alwayson_scripts": {"ControlNet": {"args": []}}}, "ControlNet"),
     ({"refiner_checkpoint": "sdxl-refiner"}, "refiner_checkpoint"),
-    ({"override_settings": {"sd_vae": "other.vae.safetensors"}}, "sd_vae"),
     ({"override_settings": {"CLIP_stop_at_last_layers": 40}}, "CLIP_stop_at_last_layers"),
 ])
 def test_txt2img_refuses_what_it_cannot_do(api, studio, fields, needle):
@@ -230,7 +229,7 @@ def test_model_and_sampler_lists(api, studio):
 
 
 def test_other_lists_are_truthful(api, studio):
-    assert api.get("/sdapi/v1/sd-vae").json() == []
+    assert api.get("/sdapi/v1/sd-vae").json() == []  # nothing in the folders yet
     assert api.get("/sdapi/v1/loras").json() == []
     assert api.get("/sdapi/v1/prompt-styles").json() == []
     assert api.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
@@ -337,3 +336,29 @@ def test_webuiapi_basic_auth(studio):
         api.set_auth("user", "wrong")
         with pytest.raises(RuntimeError):
             api.txt2img(prompt="x", width=64, height=64)
+
+
+def test_vaes_loras_embeddings_from_the_folders(api, studio, tiny_model):
+    """The lists come from the real folders; sd_vae switches the VAE (options or per request)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from darkroom.models.ldm_export import vae_to_ldm
+    from darkroom.models.tiny_lora import write_tiny_lora
+
+    vae = {k: v.contiguous() for k, v in vae_to_ldm(tiny_model("sd1")["state_dicts"]["vae"], "").items()}
+    save_file(vae, str(studio.home.vae / "crisp.safetensors"))
+    write_tiny_lora(studio.home.loras / "inked.safetensors", tiny_model("sd1"))
+    assert [v["model_name"] for v in api.get("/sdapi/v1/sd-vae").json()] == ["crisp.safetensors"]
+    assert [lo["name"] for lo in api.get("/sdapi/v1/loras").json()] == ["inked"]
+    r = txt2img(api, override_settings={"sd_vae": "crisp.safetensors"})
+    assert r.status_code == 200 and "VAE: crisp.safetensors" in json.loads(r.json()["info"])["infotexts"][0]
+    r = txt2img(api, override_settings={"sd_vae": "other.vae.safetensors"})
+    assert r.status_code == 404 and "other.vae.safetensors" in error_of(r)
+    assert api.post("/sdapi/v1/options", json={"sd_vae": "crisp"}).status_code == 200
+    assert api.get("/sdapi/v1/options").json()["sd_vae"] == "crisp.safetensors"
+    assert "VAE: crisp.safetensors" in json.loads(txt2img(api).json()["info"])["infotexts"][0]
+    api.post("/sdapi/v1/options", json={"sd_vae": "Automatic"})
+    assert "VAE:" not in json.loads(txt2img(api).json()["info"])["infotexts"][0]
+    shutil.rmtree(studio.home.vae)

@@ -200,3 +200,27 @@ def test_img2img_job_with_base64_images(api, studio):
     assert list((studio.home.outputs / "img2img").rglob("*.png"))
     r = api.post("/api/jobs", json={"prompt": "x", "init_image": "###"})
     assert r.status_code == 422 or wait_job(api, r.json()["job"]["id"])["state"] == "error"
+
+
+def test_xy_grid_job(api, studio):
+    axes = {a["name"]: a for a in api.get("/api/xy/axes").json()}
+    assert "Steps" in axes and "Sampler" in axes and axes["Steps"]["field"] == "steps"
+    job = submit(api, seed=4, xy={"x": "steps=2,3", "y": "cfg=1,5"})
+    done = wait_job(api, job["id"])
+    assert done["state"] == "done" and len(done["images"]) == 4, done["error"]
+    assert {im["seed"] for im in done["images"]} == {4}
+    grid = Image.open(io.BytesIO(api.get(done["grid_url"]).content))
+    assert grid.width >= 128 and grid.height >= 128 and "X Type: Steps" in grid.info["parameters"]
+    assert list((studio.home.outputs / "txt2img-grids").rglob("grid-*.png"))
+    r = api.post("/api/jobs", json={"prompt": "x", **FAST, "xy": {"x": "sampler=Euler,Nope"}})
+    assert r.status_code == 422 and "Nope" in r.json()["error"]
+
+
+def test_extra_network_lists(api, studio, tiny_model):
+    from darkroom.models.tiny_lora import write_tiny_lora
+
+    write_tiny_lora(studio.home.loras / "inked.safetensors", tiny_model("sd1"), tag_frequency={"set": {"ink": 5}})
+    loras = api.get("/api/loras").json()
+    assert [(lo["name"], lo["trigger_words"][:1]) for lo in loras] == [("inked", ["ink"])]
+    assert api.get("/api/vaes").json() == []
+    assert api.get("/api/embeddings").json() == {"loaded": [], "skipped": []}

@@ -98,7 +98,6 @@ _OUR_NAME = {s.a1111: s.name for s in SETTINGS}
 # Webui options Darkroom has one fixed behaviour for: the accepted values (first = what we do).
 # A client asking for another value would get a different picture, so it is refused.
 FIXED_OPTIONS: dict[str, tuple[Any, ...]] = {
-    "sd_vae": ("Automatic", "None", None, ""),
     "eta_noise_seed_delta": (0, None),
     "randn_source": ("CPU", "cpu"),
 }
@@ -395,6 +394,8 @@ def to_generation_request(body: ProcessingRequest, studio: Studio) -> Generation
         fields["model"] = require_model(studio, str(overrides["sd_model_checkpoint"])).path
     if overrides.get("CLIP_stop_at_last_layers") is not None:
         fields["clip_skip"] = _clip_skip(overrides["CLIP_stop_at_last_layers"], "override_settings.")
+    if "sd_vae" in overrides:
+        fields["vae"] = studio.vae_choice(overrides["sd_vae"])
     # seeds are resolved here, as the webui does, so all_seeds is known even for an interrupted job
     from darkroom.engine.generate import random_seed
 
@@ -557,6 +558,7 @@ def get_options(studio: StudioDep) -> dict:
     current = current_model_info(studio)
     options["sd_model_checkpoint"] = current.title if current else studio.current_model()
     options["sd_checkpoint_hash"] = current.sha256 if current else None
+    options["sd_vae"] = ours.get("vae") or "Automatic"
     options.update({key: allowed[0] for key, allowed in FIXED_OPTIONS.items()})
     return options
 
@@ -576,6 +578,8 @@ def set_options(options: dict[str, Any], studio: StudioDep) -> None:
             model = require_model(studio, str(value)) if not _unset(value) else None
         elif name == "clip_skip":
             changes["clip_skip"] = _clip_skip(value, "")
+        elif name == "vae":
+            changes["vae"] = studio.vae_choice(value)
         elif name == "samples_format":
             if str(value).lower() != "png":
                 raise InvalidRequest(f"samples_format {value!r} is not supported yet (Darkroom saves png)")
@@ -609,18 +613,19 @@ def scheduler_list() -> list[dict]:
 
 
 @router.get("/sd-vae")
-def sd_vae() -> list:
-    return []  # no separate VAE files yet: each checkpoint's own VAE is used
+def sd_vae(studio: StudioDep) -> list[dict]:
+    return [{"model_name": e.name, "filename": str(e.path)} for e in studio.engine.vaes.scan()]
 
 
 @router.get("/loras")
-def loras() -> list:
-    return []
+def loras(studio: StudioDep) -> list[dict]:
+    return [{k: v for k, v in e.to_dict().items() if k in ("name", "alias", "path", "metadata")}
+            for e in studio.engine.loras.list() if not e.error]
 
 
 @router.get("/embeddings")
-def embeddings() -> dict:
-    return {"loaded": {}, "skipped": {}}
+def embeddings(studio: StudioDep) -> dict:
+    return studio.embeddings()
 
 
 @router.get("/upscalers")

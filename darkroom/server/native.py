@@ -26,6 +26,14 @@ def get_studio(request: Request) -> Studio:
     return request.app.state.studio
 
 
+class XYAxes(BaseModel):
+    """Axes as "name=values" in the webui's X/Y plot syntax, e.g. "steps=10-30 (+10)"."""
+
+    model_config = ConfigDict(extra="forbid")
+    x: str | None = None
+    y: str | None = None
+
+
 class JobRequest(GenerationRequest):
     """A generation request plus how to treat its output; images come as base64 or data: URLs."""
 
@@ -33,9 +41,10 @@ class JobRequest(GenerationRequest):
     private: bool = False  # nothing written to disk or history
     init_image: str | None = None  # type: ignore[assignment]
     mask: str | None = None  # type: ignore[assignment]
+    xy: XYAxes | None = None  # an X/Y grid over this request
 
     def to_request(self) -> GenerationRequest:
-        data = self.model_dump(exclude={"private", "init_image", "mask"})
+        data = self.model_dump(exclude={"private", "init_image", "mask", "xy"})
         if self.init_image:
             data["init_image"] = decode_base64_image(self.init_image, field="init_image")
         if self.mask:
@@ -58,6 +67,8 @@ def job_state(job: Job, studio: Studio) -> dict:
         "progress": round(job.progress, 4),
         "eta": None if job.eta is None else round(job.eta, 1), "private": job.private, "source": job.source,
         "preview_url": f"/api/jobs/{job.id}/preview?rev={job.preview_rev}" if job.preview_png else None,
+        "grid_url": (f"/api/images/{job.grid_history_id}" if job.grid_history_id
+                     else f"/api/jobs/{job.id}/grid" if job.grid_png else None),
         "images": images, "error": job.error, "request": job.request.describe(), "model_name": job.model_name,
     }
 
@@ -119,6 +130,27 @@ def lora_list(studio: Studio = Depends(get_studio)) -> list[dict]:
              "hash": e.short_hash, "error": e.error} for e in studio.engine.loras.list()]
 
 
+@router.get("/embeddings")
+def embedding_list(studio: Studio = Depends(get_studio)) -> dict:
+    data = studio.embeddings()
+    return {"loaded": [{"name": n, "vectors": e.get("vectors")} for n, e in data["loaded"].items()],
+            "skipped": [{"name": n, "reason": e.get("error") or "does not fit the loaded model"}
+                        for n, e in data["skipped"].items()]}
+
+
+@router.get("/vaes")
+def vae_list(studio: Studio = Depends(get_studio)) -> list[str]:
+    return [e.name for e in studio.engine.vaes.scan()]
+
+
+@router.get("/xy/axes")
+def xy_axes() -> list[dict]:
+    from darkroom.xyplot import AXES
+
+    examples = {int: "10,20,30", float: "1.5-7.5 (+1.5)", str: "a,b"}
+    return [{"name": a.name, "field": a.field, "example": examples.get(a.kind, "")} for a in AXES]
+
+
 @router.get("/schedules")
 def schedule_list() -> list[str]:
     return list(samplers.SCHEDULE_NAMES)
@@ -126,7 +158,8 @@ def schedule_list() -> list[str]:
 
 @router.post("/jobs", status_code=202)
 def submit(body: JobRequest, studio: Studio = Depends(get_studio)) -> dict:
-    job = studio.queue.submit(body.to_request(), private=body.private, source="ui")
+    xy = (body.xy.x or None, body.xy.y or None) if body.xy else None
+    job = studio.queue.submit(body.to_request(), private=body.private, source="ui", xy=xy)
     return {"job": job_state(job, studio)}
 
 
@@ -152,6 +185,14 @@ def preview(job_id: str, studio: Studio = Depends(get_studio)) -> Response:
     if not job.preview_png:
         return Response(status_code=204)
     return Response(job.preview_png, media_type="image/png", headers={"cache-control": "no-store"})
+
+
+@router.get("/jobs/{job_id}/grid", responses={200: {"content": {"image/png": {}}}})
+def job_grid(job_id: str, studio: Studio = Depends(get_studio)) -> Response:
+    job = studio.queue.get(job_id)
+    if not job.grid_png:
+        raise JobNotFound(f"job {job_id} has no grid")
+    return Response(job.grid_png, media_type="image/png", headers={"cache-control": "private, max-age=3600"})
 
 
 @router.get("/jobs/{job_id}/images/{n}", responses={200: {"content": {"image/png": {}}}})
