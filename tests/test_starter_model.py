@@ -72,3 +72,46 @@ def test_same_seed_same_image_and_cfg_matters(starter_engine):
     assert np.array_equal(np.asarray(a), np.asarray(b))
     c = generate(starter_engine, "a pink ring on a gray background", seed=7, cfg_scale=1.0)
     assert np.abs(np.asarray(a).astype(int) - np.asarray(c).astype(int)).mean() > 2.0
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_img2img_recolours_the_circle(starter_engine):
+    """img2img of a red circle with "a blue circle" at strength 0.6: the judge sees a blue circle, no red one."""
+    from darkroom.starter.judge import judge
+    from darkroom.starter.scenes import Scene, SceneObject, render
+
+    source = _png(render(Scene("white", (SceneObject("circle", "red", "large", "centre"),)), 128))
+    blue = red = 0
+    for seed in range(4):
+        image = generate(starter_engine, "a blue circle on a white background", seed=seed, init_image=source,
+                         denoising_strength=0.6)
+        blue += judge(image, "a blue circle").objects[0].colour
+        red += judge(image, "a red circle").objects[0].colour
+    assert blue >= 3 and red <= 1, (blue, red)
+
+
+@pytest.mark.slow
+def test_inpainting_a_corner_adds_the_shape_there_only(starter_engine):
+    from darkroom.starter.judge import judge
+    from darkroom.starter.scenes import Scene, SceneObject, render
+
+    source = render(Scene("white", (SceneObject("circle", "red", "small", "bottom right"),)), 128)
+    mask = Image.new("L", (128, 128), 0)
+    mask.paste(255, (0, 0, 64, 64))
+    found = 0
+    for seed in range(4):
+        image = generate(starter_engine, "a yellow square in the top left corner on a white background", seed=seed,
+                         init_image=_png(source), mask=_png(mask), mask_blur=0, denoising_strength=1.0)
+        out, src = np.asarray(image).astype(int), np.asarray(source).astype(int)
+        assert np.array_equal(out[64:], src[64:]) and np.array_equal(out[:64, 64:], src[:64, 64:])
+        verdict = judge(image, "a yellow square")
+        obj = verdict.objects[0]
+        if obj.colour and obj.centroid[0] < 0.5 and obj.centroid[1] < 0.5:
+            found += 1
+    assert found >= 3, found
