@@ -32,7 +32,7 @@ from darkroom.models.loader import LoadedModel
 from darkroom.models.vae_file import VaeLibrary, swap_vae
 from darkroom.pngmeta import encode_png
 from darkroom.request import GeneratedImage, GenerationRequest, GenerationResult
-from darkroom.text.conditioning import Conditioning, PromptEncoder, pad_to_same_length
+from darkroom.text.conditioning import Conditioning, PromptEncoder
 from darkroom.text.embeddings import EmbeddingLibrary, format_ti_hashes
 
 __all__ = ["Engine", "StepEvent", "StepCallback", "HIRES_UPSCALERS", "encode_image", "latents_to_images"]
@@ -190,13 +190,11 @@ class Engine:
         return req, source
 
     def _guidance(self, model: LoadedModel, req: GenerationRequest, encoder: PromptEncoder, prompt: str) -> Guidance:
-        cond = encoder.encode(prompt)
-        uncond = None
-        if req.cfg_scale > 1.0:
-            uncond = encoder.encode(req.negative_prompt, zero_if_empty=True)
-            if uncond.context.shape[1] != cond.context.shape[1]:
-                cond, uncond = pad_to_same_length(cond, uncond, encoder.encode(""))
-        return Guidance(cond, uncond, req.cfg_scale, added=self._added_cond_fn(model))
+        negative = req.negative_prompt if req.cfg_scale > 1.0 else None
+        guidance = Guidance(prompt, negative, req.cfg_scale, encoder.encode,
+                            lambda text: encoder.encode(text, zero_if_empty=True), added=self._added_cond_fn(model))
+        guidance.schedule(req.steps)  # encode every text now: errors surface before sampling, TI hashes are known
+        return guidance
 
     def _batch(self, model: LoadedModel, req: GenerationRequest, spec: samplers.Sampler, schedule: str, noise: Noise,
                guidance: Guidance, init: Init | None, batch: int, on_step, cancel, skip):

@@ -78,30 +78,88 @@ class Noise:
         return noise, generators
 
 
-@dataclass
 class Guidance:
-    """Prompt and negative conditioning with the CFG scale; `added` is SDXL's micro-conditioning."""
+    """Prompt and negative prompt, scheduled per step, combined with classifier-free guidance.
 
-    cond: Conditioning
-    uncond: Conditioning | None
-    cfg_scale: float
-    added: Callable[[Conditioning, int, int, int], dict[str, torch.Tensor]] | None = None
+    The webui's prompt syntax decides what conditions each step: prompt editing
+    `[from:to:when]` and alternation `[a|b]` change the text at given steps (the negative
+    prompt too), and `a :1.2 AND b :0.8` conditions on several prompts at once, combined as
+    the webui does: uncond + sum_i w_i * cfg * (cond_i - uncond). Each distinct text is
+    encoded once per request. `added` builds SDXL's micro-conditioning for a conditioning.
+    """
 
-    def inputs(self, n: int, height: int, width: int) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        context = self.cond.context.expand(n, -1, -1)
-        extra = self.added(self.cond, n, height, width) if self.added else {}
-        if self.uncond is not None:
-            context = torch.cat([self.uncond.context.expand(n, -1, -1), context])
-            if extra:
-                neg = self.added(self.uncond, n, height, width)
-                extra = {k: torch.cat([neg[k], extra[k]]) for k in extra}
-        return context, (extra or None)
+    def __init__(self, prompt: str, negative: str | None, cfg_scale: float,
+                 encode: Callable[[str], Conditioning], encode_negative: Callable[[str], Conditioning],
+                 added: Callable[[Conditioning, int, int, int], dict[str, torch.Tensor]] | None = None):
+        self.prompt, self.negative, self.cfg_scale, self.added = prompt, negative, cfg_scale, added
+        self._encode, self._encode_negative = encode, encode_negative
+        self._cache: dict[tuple[bool, str], Conditioning] = {}
+        self.empty: Conditioning | None = None
 
-    def combine(self, noise: torch.Tensor) -> torch.Tensor:
+    def _get(self, text: str, negative: bool) -> Conditioning:
+        key = (negative, text)
+        if key not in self._cache:
+            self._cache[key] = (self._encode_negative if negative else self._encode)(text)
+        return self._cache[key]
+
+    def schedule(self, total_steps: int) -> StepConditioning:
+        """Conditioning for a sampling run of `total_steps` model calls (step index 0-based)."""
+        from darkroom.text.schedule import ConditioningSchedule
+
+        cond = ConditioningSchedule(self.prompt, total_steps, lambda t: self._get(t, False))
+        uncond = None
+        if self.negative is not None:
+            uncond = ConditioningSchedule(self.negative, total_steps, lambda t: self._get(t, True), composable=False)
+        lengths = {c.context.shape[1] for c in self._cache.values()}
+        if len(lengths) > 1 and self.empty is None:
+            self.empty = self._encode("")
+        return StepConditioning(self, cond, uncond)
+
+
+class StepConditioning:
+    """What one sampling run feeds the UNet at each step (contexts batched, all padded to one length)."""
+
+    def __init__(self, guidance: Guidance, cond, uncond):
+        self.guidance, self.cond, self.uncond = guidance, cond, uncond
+        self._last: tuple | None = None
+
+    def inputs(self, step: int, n: int, height: int, width: int, dtype: torch.dtype):
+        """(context for the whole batch x parts, added cond or None, weights) at `step`."""
+        parts = self.cond.parts_at(step)
+        neg = self.uncond.parts_at(step)[0][1] if self.uncond is not None else None
+        key = (tuple(id(c) for _, c in parts), id(neg))
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        conds = [c for _, c in parts] + ([neg] if neg is not None else [])
+        length = max(c.context.shape[1] for c in conds)
+        empty = self.guidance.empty
+
+        def padded(c: Conditioning) -> torch.Tensor:
+            missing = (length - c.context.shape[1]) // empty.context.shape[1] if empty is not None else 0
+            return torch.cat([c.context] + [empty.context] * missing, dim=1) if missing > 0 else c.context
+
+        order = ([neg] if neg is not None else []) + [c for _, c in parts]  # uncond first, as the loop splits it
+        context = torch.cat([padded(c).expand(n, -1, -1) for c in order]).to(dtype)
+        extra = None
+        if self.guidance.added is not None:
+            pieces = [self.guidance.added(c, n, height, width) for c in order]
+            extra = {k: torch.cat([p[k] for p in pieces]).to(dtype) for k in pieces[0]}
+        weights = [w for w, _ in parts]
+        self._last = (key, (context, extra, weights))
+        return context, extra, weights
+
+    def combine(self, pred: torch.Tensor, n: int, weights: list[float]) -> torch.Tensor:
+        chunks = pred.split(n)
         if self.uncond is None:
-            return noise
-        noise_uncond, noise_cond = noise.chunk(2)
-        return noise_uncond + self.cfg_scale * (noise_cond - noise_uncond)
+            if len(weights) == 1:
+                return chunks[0]
+            total = sum(weights) or 1.0
+            return sum(w * c for w, c in zip(weights, chunks, strict=True)) / total
+        uncond, conds = chunks[0], chunks[1:]
+        cfg = self.guidance.cfg_scale
+        if len(weights) == 1 and weights[0] == 1.0:
+            return uncond + cfg * (conds[0] - uncond)
+        return uncond + sum(w * cfg * (c - uncond) for w, c in zip(weights, conds, strict=True))
 
 
 @dataclass
@@ -145,10 +203,7 @@ def denoise(model: LoadedModel, spec: samplers.Sampler, schedule: str, *, steps:
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(t_start)
         latents = scheduler.add_noise(init_latents, start_noise, timesteps[:1].repeat(n))
-    context, extra = guidance.inputs(n, height * f, width * f)
-    context = context.to(model.dtype)
-    if extra:
-        extra = {k: v.to(model.dtype) for k, v in extra.items()}
+    conditioning = guidance.schedule(len(scheduler.timesteps))
     mask = None if init is None or init.mask is None else init.mask.to(device).float()
     channels9 = model.unet.config.in_channels == 9
     inpaint_extra = None
@@ -159,19 +214,20 @@ def denoise(model: LoadedModel, spec: samplers.Sampler, schedule: str, *, steps:
                                        init.masked_image_latents.to(device).float().expand(n, -1, -1, -1)], dim=1)
         else:
             inpaint_extra = _gray_inpaint_extra(model, n, height, width)
-    copies = 2 if guidance.uncond is not None else 1
     start = time.perf_counter()
     for i, t in enumerate(timesteps):
         if cancel is not None and cancel.is_set():
             return None
         if skip is not None and skip.is_set():
             return SKIPPED
+        context, extra, weights = conditioning.inputs(i, n, height * f, width * f, model.dtype)
+        copies = context.shape[0] // n
         x = torch.cat([latents] * copies)
         x = scheduler.scale_model_input(x, t)
         if inpaint_extra is not None:
             x = torch.cat([x, torch.cat([inpaint_extra] * copies)], dim=1)
         pred = model.unet(x.to(model.dtype), t, encoder_hidden_states=context, added_cond_kwargs=extra).sample.float()
-        pred = guidance.combine(pred)
+        pred = conditioning.combine(pred, n, weights)
         kwargs = {"generator": generators} if spec.stochastic and spec.scheduler != "DPMSolverSDEScheduler" else {}
         if eta is not None and spec.scheduler == "DDIMScheduler":
             kwargs["eta"] = eta
