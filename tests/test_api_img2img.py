@@ -131,9 +131,9 @@ def test_refusals_before_queueing(api, studio):
 
 
 def test_unknown_upscaler_from_the_engine_is_422(api, monkeypatch):
-    from darkroom.server import a1111
+    from darkroom.server import a1111_requests
 
-    monkeypatch.setattr(a1111, "hires_upscaler", lambda value: value)  # let it through to the engine
+    monkeypatch.setattr(a1111_requests, "hires_upscaler", lambda value: value)  # let it through to the engine
     r = post(api, "txt2img", enable_hr=True, hr_upscaler="SwinIR 4x")
     assert "unknown hires upscaler 'SwinIR 4x'" in error_of(r) and "Lanczos" in error_of(r)
 
@@ -306,7 +306,7 @@ def test_openai_client_edit(studio, tmp_path):
 
 
 def test_pasted_infotext_fills_hires_and_variation_fields():
-    from darkroom.server.a1111 import Txt2ImgRequest, _with_infotext
+    from darkroom.server.a1111_requests import Txt2ImgRequest, _with_infotext
 
     pasted = ("a cat\nSteps: 9, Sampler: Euler, CFG scale: 5, Seed: 42, Size: 64x48, Denoising strength: 0.45, "
               "Variation seed: 7, Variation seed strength: 0.2, Hires upscale: 1.5, Hires steps: 4, "

@@ -192,3 +192,16 @@ def test_bad_inputs_are_clear(sd1):
         run(sd1, mask=png(corner_mask()))
     with pytest.raises(InvalidRequest, match="hires upscaler"):
         run(sd1, enable_hr=True, hr_upscaler="ESRGAN_4x")
+
+
+def test_mask_formats(sd1):
+    """An opaque RGBA black/white mask reads by brightness; a transparent layer's painted pixels repaint."""
+    from darkroom.engine.img2img import decode_image
+
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 255))
+    rgba.paste((255, 255, 255, 255), (0, 0, 4, 4))
+    layer = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    layer.paste((255, 0, 0, 255), (0, 0, 4, 4))
+    for mask in (rgba, layer, rgba.convert("L")):
+        m = np.asarray(decode_image(png(mask), "mask", mode="L"))
+        assert m[0, 0] == 255 and m[7, 7] == 0, mask.mode

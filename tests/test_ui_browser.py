@@ -8,13 +8,15 @@ was not meant to. Screenshots go to the test's tmp_path (and are copied to /tmp/
 from __future__ import annotations
 
 import base64
+import io
+import json
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
@@ -51,10 +53,23 @@ WATCH_JS = """() => {
 # ------------------------------------------------------------------------------------------ fixtures
 
 
+LORA = "tiny-lora"  # written into the home's loras folder by base_url (None if that failed)
+LORA_WORD = "shinyword"
+
+
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory, tiny_model):
-    """A live server over a home holding the tiny random SD1 model (plus the built-in starter)."""
-    studio = studio_with(Home(tmp_path_factory.mktemp("ui-home")), tiny_model("sd1")["path"])
+    """A live server over a home holding the tiny random SD1 model (plus the built-in starter) and a LoRA."""
+    global LORA
+    home = Home(tmp_path_factory.mktemp("ui-home")).ensure()
+    try:  # a tiny LoRA for the tiny SD1 model, with a trigger word in its kohya metadata
+        from darkroom.models.tiny_lora import write_tiny_lora
+
+        write_tiny_lora(home.loras / f"{LORA}.safetensors", tiny_model("sd1"), family="sd1",
+                        tag_frequency={"10_set": {LORA_WORD: 5, "red circle": 2}})
+    except Exception:  # noqa: BLE001  (the LoRA part of the test is skipped then)
+        LORA = None
+    studio = studio_with(home, tiny_model("sd1")["path"])
     try:
         with live_server(studio) as url:
             yield url
@@ -404,3 +419,246 @@ def test_phone_sized_viewport(open_page, tmp_path):
     assert no_horizontal_overflow(page)
 
     rec.check()
+
+
+# -------------------------------------------------------------------------------- img2img, hires, networks, X/Y
+
+
+# the summed alpha of what the mask canvas shows (0 = nothing painted on screen)
+CANVAS_INK = """() => {
+    const c = document.getElementById('mask-canvas');
+    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+    let n = 0;
+    for (let i = 3; i < d.length; i += 4) n += d[i];
+    return n;
+}"""
+
+
+def _source_png(path: Path) -> Image.Image:
+    """A 128x128 red circle on white, written to `path`."""
+    im = Image.new("RGB", (128, 128), "white")
+    ImageDraw.Draw(im).ellipse((24, 24, 104, 104), fill=(220, 30, 30))
+    im.save(path)
+    return im
+
+
+def _data_url_image(url: str) -> Image.Image:
+    head, _, b64 = url.partition(",")
+    assert head == "data:image/png;base64", head
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def _paint(page, box, x0: float, y0: float, x1: float, y1: float) -> None:
+    """A mouse stroke over the mask canvas, in fractions of its box."""
+    page.mouse.move(box["x"] + x0 * box["width"], box["y"] + y0 * box["height"])
+    page.mouse.down()
+    page.mouse.move(box["x"] + x1 * box["width"], box["y"] + y1 * box["height"], steps=6)
+    page.mouse.up()
+
+
+def _fetch_image(base: str, url: str) -> Image.Image:
+    import httpx
+
+    r = httpx.get(base + url if url.startswith("/") else url, timeout=30)
+    r.raise_for_status()
+    return Image.open(io.BytesIO(r.content))
+
+
+def _wait_images(page, selector: str) -> None:
+    page.wait_for_function(
+        f"() => [...document.querySelectorAll({selector!r})].every(i => i.complete && i.naturalWidth)")
+
+
+def test_img2img_inpainting_with_mask_undo(open_page, tmp_path):
+    page, rec = open_page()
+    bodies: list[dict] = []
+    page.on("request", lambda r: r.method == "POST" and r.url.endswith("/api/jobs")
+            and bodies.append(json.loads(r.post_data)))
+    page.select_option("#model", "darkroom-starter")
+    expect(page.locator(".toast", has_text="Model ready: darkroom-starter")).to_be_visible()
+
+    # without a source image img2img says so, and nothing is sent
+    page.check("#mode-img2img")
+    expect(page.locator("#img2img-panel")).to_be_visible()
+    expect(page.locator("#hires-section")).to_be_hidden()  # no hires fix in img2img
+    page.click("#generate")
+    expect(page.locator(".toast-error", has_text="choose a source image")).to_be_visible()
+    page.locator(".toast-error .toast-close").click()
+
+    src = _source_png(tmp_path / "circle.png")
+    page.set_input_files("#img2img-file", str(tmp_path / "circle.png"))
+    canvas = page.locator("#mask-canvas")
+    expect(canvas).to_be_visible()
+    expect(page.locator("#width")).to_have_attribute("placeholder", "128")  # the source's size
+    expect(page.locator("#width")).to_have_value("")
+    expect(page.locator("#mask-undo")).to_be_disabled()
+    box = canvas.bounding_box()
+    assert box and box["width"] >= 256, box  # a 128 px image is shown large enough to paint on
+
+    _paint(page, box, 0.08, 0.12, 0.38, 0.2)   # stroke 1: top-left quadrant
+    _paint(page, box, 0.62, 0.12, 0.92, 0.2)   # stroke 2: top-right quadrant
+    assert page.evaluate("Darkroom.maskState().strokes") == 2
+    page.click("#mask-undo")                    # takes stroke 2 back
+    assert page.evaluate("Darkroom.maskState()") == {"strokes": 1, "painted": True, "width": 128, "height": 128}
+    expect(page.locator("#mask-info")).to_contain_text("Inpainting the painted area")
+    assert page.evaluate(CANVAS_INK) > 0
+
+    page.fill("#denoise", "0.9")
+    expect(page.locator("#denoise-value")).to_have_value("0.90")
+    page.fill("#mask-blur", "0")
+    page.fill("#prompt", "a red circle on a white background")
+    page.fill("#steps", "10")
+    page.fill("#seed", "5")
+    page.locator("#mask-stage").scroll_into_view_if_needed()
+    shot(page, tmp_path, "img2img-mask-desktop.png")
+
+    page.click("#generate")
+    expect(page.locator("#progress-text")).to_have_text(re.compile(r"^Done · 1 image"), timeout=TIMEOUT)
+    body = bodies[-1]
+    assert body["init_image"].startswith("data:image/")
+    assert body["width"] is None and body["height"] is None  # the server uses the image's size
+    assert body["denoising_strength"] == 0.9 and body["mask_blur"] == 0
+    assert body["inpainting_fill"] == 1 and body["inpainting_mask_invert"] is False
+    assert body["enable_hr"] is False and "xy" not in body
+    sent = _data_url_image(body["mask"])
+    mask = sent.convert("L")
+    assert mask.size == (128, 128)
+    assert set(mask.tobytes()) == {0, 255}  # black/white, no grey edge
+    if sent.mode == "RGBA":  # white on transparent: its alpha says the same as its luminance
+        assert sent.getchannel("A").tobytes() == mask.tobytes()
+    assert mask.getpixel((30, 20)) == 255      # under stroke 1
+    assert mask.getpixel((98, 20)) == 0        # stroke 2 was undone
+    assert max(mask.crop((64, 64, 128, 128)).tobytes()) == 0
+
+    results = page.locator("#results img.result-image")
+    expect(results).to_have_count(1)
+    _wait_images(page, "#results img.result-image")
+    out = _fetch_image(rec.base, results.first.get_attribute("src")).convert("RGB")
+    assert out.size == (128, 128)
+    # far from the stroke the source is kept pixel for pixel
+    assert out.crop((64, 64, 128, 128)).tobytes() == src.crop((64, 64, 128, 128)).tobytes()
+    assert out.crop((0, 48, 128, 128)).tobytes() == src.crop((0, 48, 128, 128)).tobytes()
+    expect(page.locator("#results pre.infotext")).to_contain_text("Denoising strength: 0.9")
+
+    # "Send to img2img" makes the result the new source, with an empty mask
+    page.locator("#results .send-img2img").first.click()
+    expect(page.locator(".toast", has_text="Image sent to img2img")).to_be_visible()
+    assert page.evaluate("Darkroom.maskState()") == {"strokes": 0, "painted": False, "width": 128, "height": 128}
+    expect(page.locator("#mask-undo")).to_be_disabled()
+    assert page.evaluate(CANVAS_INK) == 0  # the old strokes are gone from the screen too
+
+    rec.check(allowed_errors=("choose a source image",))
+
+
+def test_img2img_on_a_phone_paints_by_touch(open_page, tmp_path):
+    page, rec = open_page(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True,
+                          device_scale_factor=2)
+    _source_png(tmp_path / "circle.png")
+    page.check("#mode-img2img")
+    _drop_file(page, "#img2img-drop", "circle.png", (tmp_path / "circle.png").read_bytes())  # dropped this time
+    canvas = page.locator("#mask-canvas")
+    expect(canvas).to_be_visible()
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390 and box["width"] >= 250, box
+    assert no_horizontal_overflow(page)
+
+    # a finger drawing over the canvas paints (and does not scroll the page)
+    scroll = page.evaluate("window.scrollY")
+    cdp = page.context.new_cdp_session(page)
+    x, y = box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": x, "y": y}]})
+    for i in range(1, 8):
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [{"x": x + 12 * i, "y": y + 6 * i}]})
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+    page.wait_for_function("() => Darkroom.maskState().painted")
+    assert page.evaluate("window.scrollY") == scroll
+    mask = _data_url_image(page.evaluate("Darkroom.exportMask()")).convert("L")
+    assert mask.size == (128, 128) and mask.getpixel((int(0.3 * 128) + 10, int(0.3 * 128) + 5)) == 255
+    expect(page.locator("#mask-undo")).to_be_enabled()
+    assert no_horizontal_overflow(page)
+    page.evaluate("window.scrollTo(0, 0)")
+    shot(page, tmp_path, "img2img-mask-phone.png")
+    rec.check()
+
+
+def test_hires_fix_doubles_the_size(open_page, tmp_path):
+    page, rec = open_page()
+    page.select_option("#model", "darkroom-starter")
+    expect(page.locator(".toast", has_text="Model ready: darkroom-starter")).to_be_visible()
+    page.fill("#prompt", "a blue square")
+    page.fill("#width", "64")
+    page.fill("#height", "64")
+    page.fill("#steps", "6")
+    page.check("#hires-enable")
+    expect(page.locator("#hires-section")).to_have_attribute("open", "")
+    page.fill("#hr-scale", "2")
+    expect(page.locator("#hr-size")).to_have_text("64x64 → 128x128")
+    page.select_option("#hr-upscaler", "Latent")
+    page.evaluate(WATCH_JS)
+    page.click("#generate")
+    expect(page.locator("#progress-text")).to_have_text(re.compile(r"^Done · 1 image"), timeout=TIMEOUT)
+    texts = page.evaluate("window.__texts")
+    assert any(re.search(r"^Hires pass: step \d+ / \d+", t) for t in texts), texts
+    _wait_images(page, "#results img.result-image")
+    assert image_widths(page.locator("#results img.result-image")) == [128]
+    expect(page.locator("#results pre.infotext")).to_contain_text("Hires upscale: 2")
+    page.locator("#variation-section > summary").click()
+    page.locator("#hires-section").scroll_into_view_if_needed()
+    shot(page, tmp_path, "hires-desktop.png")
+
+    # "Use these settings" brings the hires fix back
+    page.uncheck("#hires-enable")
+    page.fill("#hr-scale", "3")
+    page.locator("#results button", has_text="Use these settings").click()
+    expect(page.locator("#hires-enable")).to_be_checked()
+    expect(page.locator("#hr-scale")).to_have_value("2")
+    rec.check()
+
+
+def test_extra_networks_and_xy_grid(open_page, tmp_path):
+    page, rec = open_page()
+    page.locator("#networks > summary").click()
+    if LORA is None:
+        pytest.skip("could not write a tiny LoRA for the extra networks panel")
+    card = page.locator(".lora-card", has_text=LORA)
+    expect(card).to_have_count(1)
+    page.fill("#prompt", "a red circle")
+    card.click()
+    expect(page.locator("#prompt")).to_have_value(f"a red circle <lora:{LORA}:1>")
+    page.locator(".trigger-word", has_text=LORA_WORD).click()
+    expect(page.locator("#prompt")).to_have_value(f"a red circle <lora:{LORA}:1>, {LORA_WORD}")
+    page.fill("#networks-search", "no-such-network")
+    expect(page.locator(".lora-card")).to_have_count(0)
+    page.fill("#networks-search", "tiny")
+    expect(page.locator(".lora-card")).to_have_count(1)
+
+    # X/Y grid: Steps 2,3 on the tiny model, no Y axis
+    page.fill("#prompt", "a red circle")
+    page.select_option("#model", "tiny-sd1")
+    expect(page.locator(".toast", has_text="Model ready: tiny-sd1")).to_be_visible()
+    page.fill("#width", "64")
+    page.fill("#height", "64")
+    page.select_option("#sampler", "Euler")
+    page.check("#xy-enable")
+    expect(page.locator("#xy-section")).to_have_attribute("open", "")
+    page.select_option("#xy-x-axis", "Steps")
+    expect(page.locator("#xy-x-values")).to_have_attribute("placeholder", re.compile(r"\d"))
+    page.click("#generate")  # no values yet: a toast, no job
+    expect(page.locator(".toast-error", has_text="X/Y grid")).to_be_visible()
+    page.fill("#xy-x-values", "2,3")
+    page.fill("#xy-y-values", "")
+    with page.expect_request(lambda r: r.method == "POST" and r.url.endswith("/api/jobs")) as req:
+        page.click("#generate")
+    assert json.loads(req.value.post_data)["xy"] == {"x": "steps=2,3"}
+    expect(page.locator("#progress-text")).to_have_text(re.compile(r"^Done"), timeout=TIMEOUT)
+    expect(page.locator("#results img.grid-image")).to_have_count(1)
+    expect(page.locator("#results img.result-image")).to_have_count(2)
+    _wait_images(page, "#results img")
+    first = page.locator("#results > figure").first.locator("img")
+    expect(first).to_have_class(re.compile(r"\bgrid-image\b"))
+    assert image_widths(page.locator("#results img.result-image")) == [64, 64]
+    assert image_widths(page.locator("#results img.grid-image"))[0] > 64
+    page.locator("#xy-section").scroll_into_view_if_needed()
+    shot(page, tmp_path, "xy-result-desktop.png")
+    rec.check(allowed_errors=("X/Y grid",))

@@ -31,9 +31,13 @@ def decode_image(data: bytes, name: str, *, mode: str = "RGB") -> Image.Image:
         raise InvalidRequest(f"{name}: {image.width}x{image.height} has too many pixels (limit {MAX_PIXELS:,})")
     try:
         image = ImageOps.exif_transpose(image)
-        if mode == "L" and image.mode in ("RGBA", "LA"):
-            # a mask painted on a transparent layer: painted = opaque
-            return image.getchannel("A")
+        transparent = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+        if mode == "L" and transparent:
+            image = image.convert("RGBA" if image.mode in ("P", "PA") else image.mode)
+            alpha = image.getchannel("A")
+            if alpha.getextrema() != (255, 255):
+                # a mask painted on a transparent layer: painted (opaque) = repaint
+                return alpha
         return image.convert(mode)
     except (OSError, ValueError) as e:
         raise InvalidRequest(f"{name}: the image is damaged ({e})") from None

@@ -30,7 +30,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from darkroom.errors import DarkroomError, InvalidRequest
 from darkroom.jobs import ERROR, Job
 from darkroom.request import GenerationRequest
-from darkroom.server.a1111 import find_model, wait_for
+from darkroom.server.a1111 import wait_for
+from darkroom.server.a1111_requests import find_model
 from darkroom.server.native import get_studio
 from darkroom.server.uploads import open_image, read_upload
 from darkroom.studio import Studio

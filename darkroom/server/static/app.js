@@ -245,16 +245,22 @@
 
   const SIZE_PRESETS = ['512x512', '512x768', '768x512', '768x768', '1024x1024', '832x1216', '1216x832', '128x128'];
 
+  /* Empty width/height mean the model's native size, or in img2img mode the source image's:
+   * img2img.js sets DR.sizeSource() -> null (txt2img) or {w, h} (0 while no image is loaded). */
   function updateSizePlaceholders() {
+    const src = DR.sizeSource ? DR.sizeSource() : null;
     const m = currentModelEntry();
     const ph = m && m.native_size ? String(m.native_size) : 'auto';
-    $('width').placeholder = ph;
-    $('height').placeholder = ph;
+    $('width').placeholder = src ? (src.w ? String(src.w) : 'image') : ph;
+    $('height').placeholder = src ? (src.h ? String(src.h) : 'image') : ph;
+    $('size-preset').options[0].textContent = src ? 'Source image size' : 'Model native size';
+    for (const cb of DR.onSize) cb();
   }
   function syncPreset() {
     const w = $('width').value.trim(), h = $('height').value.trim();
     const key = `${w}x${h}`;
     $('size-preset').value = !w && !h ? 'native' : SIZE_PRESETS.includes(key) ? key : 'custom';
+    for (const cb of DR.onSize) cb();
   }
 
   const intOr = (v, d) => { const n = parseInt(v, 10); return Number.isFinite(n) ? n : d; };
@@ -268,9 +274,17 @@
     return Number.isSafeInteger(n) ? n : raw; // big seed: keep digits exact
   }
 
+  /* Other scripts (img2img.js, extras.js) add their fields through form extensions:
+   * {read(req, {submit}), apply(req, notes, {restoring})}. read with submit=false is for
+   * localStorage (no images, may add UI-only keys); submit=true builds the POST body and may
+   * throw an Error whose message is shown as a toast. */
+  DR.formExtensions = DR.formExtensions || [];
+  DR.loaders = DR.loaders || []; // async list loaders run by init (VAEs, LoRAs, X/Y axes)
+  DR.onSize = DR.onSize || [];   // called when the size fields or their placeholders change
+
   /** The GenerationRequest (+ private flag) described by the form. */
-  function readForm() {
-    return {
+  function readForm(submit = false) {
+    const req = {
       prompt: $('prompt').value,
       negative_prompt: $('negative').value,
       sampler: $('sampler').value || 'DPM++ 2M',
@@ -285,6 +299,8 @@
       model: $('model').value || null,
       private: $('private').checked,
     };
+    for (const ext of DR.formExtensions) ext.read(req, { submit });
+    return req;
   }
 
   function findSampler(name) {
@@ -320,6 +336,7 @@
       const m = state.models.find((x) => x.name === req.model || (x.hash && x.hash === req.model));
       if (m) { $('model').value = m.name; updateSizePlaceholders(); } else notes.push(`model ${req.model} not found`);
     }
+    for (const ext of DR.formExtensions) ext.apply(req, notes, { restoring });
     syncPreset();
     return notes;
   }
@@ -456,6 +473,7 @@
       const v = $('size-preset').value;
       if (v === 'native') { $('width').value = ''; $('height').value = ''; }
       else if (v !== 'custom') { const [w, h] = v.split('x'); $('width').value = w; $('height').value = h; }
+      syncPreset();
       saveSoon();
     });
     for (const id of ['width', 'height']) $(id).addEventListener('input', syncPreset);
@@ -484,7 +502,8 @@
     route();
     const saved = savedForm();
     if (saved) applyValues(saved, { restoring: true }); // text fields right away
-    const results = await Promise.allSettled([loadModels(), loadSamplers(), loadSchedules(), DR.refreshStatus()]);
+    const results = await Promise.allSettled([loadModels(), loadSamplers(), loadSchedules(), DR.refreshStatus(),
+      ...DR.loaders.map((f) => f())]);
     for (const r of results) if (r.status === 'rejected') showError(r.reason);
     if (saved) applyValues(saved, { restoring: true }); // again now that the selects have options
     syncPreset();
@@ -492,8 +511,9 @@
   }
 
   Object.assign(DR, {
-    $, el, api, ApiError, parseJSON, setOnline, toast, showError, copyText, showPage, fillForm,
-    readForm, saveForm, showNotes, pixelFit, openLightbox, closeLightbox, setModels, selectModel, state,
+    $, el, api, ApiError, parseJSON, setOnline, toast, showError, clearToast, copyText, showPage, fillForm,
+    readForm, saveForm, saveSoon, showNotes, pixelFit, openLightbox, closeLightbox, setModels, selectModel, state,
+    fillSelect, currentModelEntry, updateSizePlaceholders, syncPreset, intOr, floatOr, optInt,
   });
   document.addEventListener('DOMContentLoaded', () => { init().catch(showError); });
 })();

@@ -93,6 +93,7 @@
     return true;
   }
   DR.closeDetail = closeDetail;
+  DR.currentHistoryUrl = () => (H.current ? H.current.url : null); // img2img.js's "Send to img2img"
 
   /** Request dict for an item: the stored one, else rebuilt from the item's own fields. */
   function itemRequest(item) {

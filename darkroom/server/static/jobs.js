@@ -29,12 +29,23 @@
     return t || null;
   }
 
+  let formError = null; // the form's last complaint: its toast goes once the form is fixed
+
   async function generate() {
-    const req = readForm();
     saveForm();
     showNotes([]);
     const btn = $('generate');
     btn.disabled = true; // guard against a double click; re-enabled right after the POST
+    let req;
+    try {
+      req = readForm(true); // may throw (img2img without an image, X/Y without values)
+    } catch (e) {
+      formError = e.message;
+      showError(e);
+      btn.disabled = false;
+      return;
+    }
+    if (formError) { DR.clearToast(formError); formError = null; }
     try {
       const res = await api('/api/jobs', { method: 'POST', json: req });
       const job = res && res.job ? res.job : res;
@@ -110,7 +121,8 @@
     } else if (j.state === 'running') {
       bar.value = Math.min(1, Math.max(0, j.progress || 0));
       const perBatch = j.request && j.request.batch_size > 1 ? 'batch' : 'image';
-      const parts = [j.steps ? `Step ${j.step} / ${j.steps}` : 'Preparing…'];
+      const hires = j.phase === 'hires';
+      const parts = [j.steps ? `${hires ? 'Hires pass: step' : 'Step'} ${j.step} / ${j.steps}` : 'Preparing…'];
       if (j.batches > 1 || perBatch === 'image') parts.push(`${perBatch} ${(j.batch || 0) + 1} of ${j.batches || 1}`);
       if (j.eta !== null && j.eta !== undefined) parts.push(`ETA ${fmtSecs(j.eta)}`);
       text.textContent = parts.join(' · ') + more;
@@ -149,12 +161,27 @@
       box.replaceChildren(el('p', { className: 'empty muted' }, job.state === 'interrupted' ? 'Interrupted before any image finished.' : 'No images.'));
       return;
     }
-    const urls = imgs.map((im) => im.url);
+    const grid = job.grid_url || null; // X/Y grid: shown first, then its cells
+    const urls = (grid ? [grid] : []).concat(imgs.map((im) => im.url));
+    const off = grid ? 1 : 0;
     const priv = job.request && job.request.private;
-    box.replaceChildren(...imgs.map((im, i) => {
-      const img = el('img', { className: 'result-image', src: im.url, alt: `Result ${i + 1} (seed ${im.seed})`, tabIndex: 0 });
+    const sendBtn = (url) => {
+      const b = el('button', { type: 'button', className: 'btn send-img2img', textContent: 'Send to img2img' });
+      b.addEventListener('click', () => DR.sendToImg2img(url));
+      return b;
+    };
+    const viewable = (img, i) => {
       img.addEventListener('click', () => openLightbox(urls, i));
       img.addEventListener('keydown', (e) => { if (e.key === 'Enter') openLightbox(urls, i); });
+      return img;
+    };
+    const gridFig = grid && el('figure', { className: 'result result-grid' },
+      viewable(el('img', { className: 'grid-image', src: grid, alt: 'X/Y grid', tabIndex: 0 }), 0),
+      el('figcaption', {}, el('div', { className: 'actions' },
+        el('span', { className: 'muted grid-caption', textContent: `X/Y grid · ${imgs.length} cell image${imgs.length === 1 ? '' : 's'} below` }),
+        el('a', { className: 'btn', href: grid, target: '_blank', rel: 'noopener', textContent: 'Open full size' }))));
+    box.replaceChildren(...(gridFig ? [gridFig] : []), ...imgs.map((im, i) => {
+      const img = viewable(el('img', { className: 'result-image', src: im.url, alt: `Result ${i + 1} (seed ${im.seed})`, tabIndex: 0 }), i + off);
       const copy = el('button', { type: 'button', className: 'btn', textContent: 'Copy parameters' });
       copy.addEventListener('click', () => copyText(im.infotext || ''));
       const use = el('button', { type: 'button', className: 'btn', textContent: 'Use these settings' });
@@ -163,10 +190,11 @@
         el('figcaption', {},
           priv ? el('p', { className: 'badge', textContent: 'Private · not saved' }) : null,
           el('pre', { className: 'infotext', textContent: im.infotext || '' }),
-          el('div', { className: 'actions' }, copy, use)));
+          el('div', { className: 'actions' }, copy, use, sendBtn(im.url))));
     }));
     // small images: a whole-number scale that fits the card (and 75vh, as in app.css)
     for (const img of box.querySelectorAll('img.result-image')) pixelFit(img, { maxScale: 4, maxVh: 0.75 });
+    for (const img of box.querySelectorAll('img.grid-image')) pixelFit(img, { maxScale: 4, maxVh: 0.85 });
   }
 
   async function interrupt() {

@@ -1,0 +1,444 @@
+"""The AUTOMATIC1111 API's request and response shapes, and their translation to ours.
+
+Request models carry the webui's field names and defaults; `to_generation_request` turns one
+into a `GenerationRequest` (refusing, with a 422 naming the field, anything that would change
+the picture in the webui but that Darkroom cannot honour yet), and `job_info` builds the
+webui's `info` JSON back from a finished job. The routes live in `darkroom.server.a1111`.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import pydantic
+from pydantic import BaseModel, ConfigDict
+
+import darkroom
+from darkroom.engine import samplers
+from darkroom.errors import DarkroomError, InvalidRequest, ModelNotFound
+from darkroom.jobs import Job
+from darkroom.request import GenerationRequest
+from darkroom.server.uploads import decode_base64_image, open_image
+from darkroom.settings import SETTINGS
+from darkroom.studio import ModelInfo, Studio
+
+VERSION = f"darkroom-{darkroom.__version__}"
+
+
+class NotAvailable(DarkroomError):
+    """A webui route whose feature Darkroom does not have yet: an honest 501, not a fake answer."""
+
+    status = 501
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+
+def find_model(studio: Studio, wanted: str, *, rescan: bool = True) -> ModelInfo | None:
+    """The library checkpoint a client names, by webui title "name [hash]", name, file name or hash.
+
+    Only checkpoints listed in the library match (never a path the client makes up), so an API
+    caller cannot make the server open arbitrary files. With `rescan`, a miss rescans once, as a
+    model may have been dropped into the folder since the last listing.
+    """
+    wanted = (wanted or "").strip()
+    if not wanted:
+        return None
+    low = wanted.lower()
+    base = low[: low.rindex(" [")] if low.endswith("]") and " [" in low else low
+    for refresh in (False, True) if rescan else (False,):
+        rows = [m for m in studio.models(refresh=refresh) if not m.error]
+        for m in rows:
+            if wanted in (m.title, m.name, Path(m.path).name):
+                return m
+        for m in rows:
+            if base in (m.title.lower(), m.name.lower(), Path(m.path).name.lower()):
+                return m
+        if 8 <= len(low) <= 64 and all(c in "0123456789abcdef" for c in low):
+            for m in rows:
+                if m.sha256 and m.sha256.startswith(low):
+                    return m
+    return None
+
+
+def require_model(studio: Studio, wanted: str) -> ModelInfo:
+    model = find_model(studio, wanted)
+    if model is None:
+        titles = ", ".join(m.title for m in studio.models() if not m.error) or "none"
+        raise ModelNotFound(f"no model named {wanted!r} (available: {titles}); see GET /sdapi/v1/sd-models")
+    return model
+
+
+def current_model_info(studio: Studio) -> ModelInfo | None:
+    name = studio.current_model()
+    return next((m for m in studio.models() if m.name == name), None)
+
+
+# --- settings: webui option names <-> ours ------------------------------------------------------
+
+_OUR_NAME = {s.a1111: s.name for s in SETTINGS}
+# Webui options Darkroom has one fixed behaviour for: the accepted values (first = what we do).
+# A client asking for another value would get a different picture, so it is refused.
+FIXED_OPTIONS: dict[str, tuple[Any, ...]] = {
+    "eta_noise_seed_delta": (0, None),
+    "randn_source": ("CPU", "cpu"),
+}
+
+
+def _check_fixed(options: dict[str, Any], where: str) -> None:
+    for key, allowed in FIXED_OPTIONS.items():
+        if key in options and options[key] not in allowed:
+            raise InvalidRequest(f"{where}{key} {options[key]!r} is not supported yet (Darkroom uses {allowed[0]!r})")
+
+
+def _clip_skip(value: Any, where: str) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"{where}CLIP_stop_at_last_layers must be a whole number, not {value!r}") from None
+    if not 1 <= n <= 12:
+        raise InvalidRequest(f"{where}CLIP_stop_at_last_layers {n} is out of range (1-12)")
+    return n
+
+
+# --- txt2img and img2img requests ---------------------------------------------------------------------
+
+
+class ProcessingRequest(BaseModel):
+    """What the webui's txt2img and img2img bodies share: its field names and defaults (unknown fields are ignored).
+
+    Defaults follow the webui's own (StableDiffusionProcessing): 50 steps, and the legacy
+    `sampler_index` "Euler" when neither sampler field is given.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str | None = ""
+    negative_prompt: str | None = ""
+    styles: list[str] | None = None
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float | None = 0.0
+    seed_resize_from_h: int | None = -1
+    seed_resize_from_w: int | None = -1
+    sampler_name: str | None = None
+    sampler_index: str | None = "Euler"
+    scheduler: str | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    eta: float | None = None
+    denoising_strength: float | None = None
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    disable_extra_networks: bool = False
+    comments: dict[str, Any] | None = None
+    force_task_id: str | None = None
+    script_name: str | None = None
+    script_args: list[Any] = []
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] = {}
+    infotext: str | None = None
+
+
+class Txt2ImgRequest(ProcessingRequest):
+    """The webui's txt2img body; `denoising_strength` is the hires fix's (0.7 when unset, as webuiapi sends)."""
+
+    enable_hr: bool = False
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+
+
+class Img2ImgRequest(ProcessingRequest):
+    """The webui's img2img body, with its defaults (StableDiffusionProcessingImg2Img).
+
+    Note the webui's inpainting defaults: masked content "fill" (0) and "only masked" on with
+    padding 0. `mask_blur`, when given, sets both `mask_blur_x` and `mask_blur_y`.
+    """
+
+    init_images: list[str] | None = None
+    resize_mode: int = 0
+    denoising_strength: float | None = 0.75
+    image_cfg_scale: float | None = None
+    mask: str | None = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: int | None = None
+    mask_round: bool = True
+    inpainting_fill: int = 0
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+    include_init_images: bool = False
+
+
+def _unset(value: Any) -> bool:
+    return value in (None, "", "None")
+
+
+# (field, "does this value ask for something we cannot do?", message): supporting one = deleting its row.
+# Rows whose field a body does not have (img2img has no hires fix) do not apply to it.
+UNSUPPORTED: tuple[tuple[str, Any, str], ...] = (
+    ("restore_faces", bool, "restore_faces (face restoration) is not supported yet"),
+    ("tiling", bool, "tiling (seamless textures) is not supported yet"),
+    ("seed_resize_from_w", lambda v: v is not None and v > 0, "seed_resize_from_w (seed resize) is not supported yet"),
+    ("seed_resize_from_h", lambda v: v is not None and v > 0, "seed_resize_from_h (seed resize) is not supported yet"),
+    ("script_name", lambda v: not _unset(v), "script_name (webui scripts) is not supported"),
+    ("alwayson_scripts", bool, "alwayson_scripts (webui extensions) are not supported"),
+    ("refiner_checkpoint", lambda v: not _unset(v), "refiner_checkpoint (SDXL refiner pass) is not supported yet"),
+    ("s_churn", lambda v: v not in (None, 0), "s_churn (sampler noise settings) is not supported yet"),
+    ("s_noise", lambda v: v not in (None, 1), "s_noise (sampler noise settings) is not supported yet"),
+    ("initial_noise_multiplier", lambda v: v not in (None, 1),
+     "initial_noise_multiplier (img2img extra noise) is not supported yet"),
+    ("latent_mask", lambda v: not _unset(v), "latent_mask (a separate latent mask) is not supported yet"),
+    ("mask_round", lambda v: v is False, "mask_round false (a soft latent mask) is not supported yet"),
+)
+
+# the webui's "use the first pass's" choices for the hires pass
+_SAME = {"hr_checkpoint_name": "Use same checkpoint", "hr_sampler_name": "Use same sampler",
+         "hr_scheduler": "Use same scheduler"}
+LATENT_UPSCALERS = ("Latent", "Latent (nearest)")
+IMAGE_UPSCALERS = ("Lanczos", "Nearest")
+
+
+def _refuse_unsupported(body: ProcessingRequest) -> None:
+    for name, asks, message in UNSUPPORTED:
+        if name not in type(body).model_fields:
+            continue
+        value = getattr(body, name)
+        if asks(value):
+            detail = f" ({', '.join(value)})" if name == "alwayson_scripts" else f" (got {value!r})"
+            raise InvalidRequest(message + detail)
+
+
+def _with_infotext(body: ProcessingRequest) -> ProcessingRequest:
+    """The webui's `infotext` field: a pasted infotext fills the fields the request left unset."""
+    from darkroom.infotext import request_from_infotext
+
+    if not body.infotext:
+        return body
+    pasted = request_from_infotext(body.infotext)
+    fill = {"prompt": pasted.prompt, "negative_prompt": pasted.negative_prompt, "steps": pasted.steps,
+            "sampler_name": pasted.sampler, "scheduler": pasted.schedule, "cfg_scale": pasted.cfg_scale,
+            "seed": pasted.seed, "width": pasted.width, "height": pasted.height}
+    if pasted.subseed_strength > 0:
+        fill.update(subseed=pasted.subseed, subseed_strength=pasted.subseed_strength)
+    if pasted.enable_hr and isinstance(body, Txt2ImgRequest):
+        fill.update(enable_hr=True, hr_scale=pasted.hr_scale, hr_upscaler=pasted.hr_upscaler,
+                    hr_second_pass_steps=pasted.hr_second_pass_steps, hr_resize_x=pasted.hr_resize_x,
+                    hr_resize_y=pasted.hr_resize_y, denoising_strength=pasted.denoising_strength)
+    update = {k: v for k, v in fill.items() if k not in body.model_fields_set and v is not None}
+    overrides = dict(body.override_settings or {})
+    if pasted.clip_skip != 1 and "CLIP_stop_at_last_layers" not in overrides:
+        update["override_settings"] = {**overrides, "CLIP_stop_at_last_layers": pasted.clip_skip}
+    return body.model_copy(update=update)
+
+
+def _eta_for(spec: samplers.Sampler, eta: float | None) -> float | None:
+    """Pass eta on only where it changes the picture and differs from the sampler's default.
+
+    webuiapi sends eta=1.0 with every request; for a deterministic sampler the webui ignores
+    it, and at a sampler's default it is not recorded, so neither should it be here.
+    """
+    if eta is None:
+        return None
+    if spec.name == "DDIM":
+        return None if eta == 0.0 else eta
+    if spec.stochastic:
+        return None if eta == 1.0 else eta
+    return None
+
+
+def hires_upscaler(value: str | None) -> str:
+    """The webui's hr_upscaler as ours: unset = its default latent mode, "None" = a Lanczos resize.
+
+    In the webui, "None" means no upscaler model, and the image is resized with Lanczos (the
+    same pixels as its "Lanczos" upscaler). Upscaler models (ESRGAN, ...) and the other latent
+    modes (bicubic, antialiased, nearest-exact) would give other pictures, so they are refused.
+    """
+    if value in (None, ""):
+        return "Latent"
+    if value == "None":
+        return "Lanczos"
+    for name in (*LATENT_UPSCALERS, *IMAGE_UPSCALERS):
+        if value.strip().lower() == name.lower():
+            return name
+    raise InvalidRequest(f"hr_upscaler {value!r} is not supported; choose one of: "
+                         + ", ".join(("None", *LATENT_UPSCALERS, *IMAGE_UPSCALERS)))
+
+
+def _hires_fields(body: Txt2ImgRequest, fields: dict[str, Any], spec: samplers.Sampler, schedule: str,
+                  studio: Studio) -> dict[str, Any]:
+    """The hires fix's GenerationRequest fields; a second pass that differs from the first is refused."""
+    if body.firstphase_width or body.firstphase_height:
+        raise InvalidRequest("firstphase_width/firstphase_height (the old hires fix) are not supported;"
+                             " use hr_scale or hr_resize_x/hr_resize_y")
+    if not _unset(body.hr_checkpoint_name) and body.hr_checkpoint_name != _SAME["hr_checkpoint_name"]:
+        wanted = find_model(studio, body.hr_checkpoint_name, rescan=False)
+        used = fields.get("model") or getattr(current_model_info(studio), "path", None)
+        if wanted is None or wanted.path != used:
+            raise InvalidRequest(f"hr_checkpoint_name (a different checkpoint for the hires pass) is not supported"
+                                 f" yet (got {body.hr_checkpoint_name!r}); leave it empty")
+    if not _unset(body.hr_sampler_name) and body.hr_sampler_name != _SAME["hr_sampler_name"]:
+        if samplers.resolve(body.hr_sampler_name, schedule)[0].name != spec.name:
+            raise InvalidRequest(f"hr_sampler_name (a different sampler for the hires pass) is not supported yet"
+                                 f" (got {body.hr_sampler_name!r}); leave it empty")
+    if not _unset(body.hr_scheduler) and body.hr_scheduler != _SAME["hr_scheduler"]:
+        if samplers.resolve(spec.name, body.hr_scheduler)[1] != schedule:
+            raise InvalidRequest(f"hr_scheduler (a different schedule for the hires pass) is not supported yet"
+                                 f" (got {body.hr_scheduler!r}); leave it empty")
+    for name, first in (("hr_prompt", fields["prompt"]), ("hr_negative_prompt", fields["negative_prompt"])):
+        value = getattr(body, name) or ""
+        if value and value != first:
+            raise InvalidRequest(f"{name} (a different prompt for the hires pass) is not supported yet; leave it empty")
+    strength = 0.7 if body.denoising_strength is None else body.denoising_strength
+    return {"enable_hr": True, "hr_scale": body.hr_scale, "hr_upscaler": hires_upscaler(body.hr_upscaler),
+            "hr_second_pass_steps": body.hr_second_pass_steps, "hr_resize_x": body.hr_resize_x,
+            "hr_resize_y": body.hr_resize_y, "denoising_strength": strength}
+
+
+def _image_field(value: Any, field: str) -> bytes:
+    """A base64 image from the request, checked to be a readable, undamaged image (else a 422 naming `field`)."""
+    data = decode_base64_image(value, field=field)
+    open_image(data, name=field).close()
+    return data
+
+
+def _init_image(body: Img2ImgRequest) -> bytes:
+    images = [im for im in (body.init_images or []) if not _unset(im)]
+    if not images:
+        raise InvalidRequest("init_images: img2img needs an image (a base64 PNG, JPEG or WebP, or a data: URL)")
+    if any(im != images[0] for im in images[1:]):
+        # the webui gives each image of the batch its own init image; Darkroom has one per request
+        raise InvalidRequest(f"init_images: one image per request is supported yet (got {len(images)} different)")
+    return _image_field(images[0], "init_images[0]")
+
+
+def _img2img_fields(body: Img2ImgRequest) -> dict[str, Any]:
+    """The img2img and inpainting GenerationRequest fields; the images are decoded and checked here."""
+    fields: dict[str, Any] = {
+        "init_image": _init_image(body), "resize_mode": body.resize_mode,
+        "denoising_strength": 0.75 if body.denoising_strength is None else body.denoising_strength,
+    }
+    if _unset(body.mask):
+        return fields
+    if body.inpainting_mask_invert not in (0, 1):
+        raise InvalidRequest(f"inpainting_mask_invert must be 0 or 1, not {body.inpainting_mask_invert!r}")
+    blur = body.mask_blur if body.mask_blur is not None else max(body.mask_blur_x, body.mask_blur_y)
+    fields.update(mask=_image_field(body.mask, "mask"), mask_blur=blur, inpainting_fill=body.inpainting_fill,
+                  inpaint_full_res=body.inpaint_full_res, inpaint_full_res_padding=body.inpaint_full_res_padding,
+                  inpainting_mask_invert=bool(body.inpainting_mask_invert))
+    return fields
+
+
+def to_generation_request(body: ProcessingRequest, studio: Studio) -> GenerationRequest:
+    """The webui request as a GenerationRequest; raises 4xx DarkroomErrors for what cannot be done."""
+    _refuse_unsupported(body)
+    overrides = body.override_settings or {}
+    _check_fixed(overrides, "override_settings.")
+    sampler = body.sampler_name or body.sampler_index or "Euler"
+    schedule = body.scheduler or "Automatic"
+    spec, concrete_schedule = samplers.resolve(sampler, schedule)
+    fields: dict[str, Any] = {
+        "prompt": body.prompt or "", "negative_prompt": body.negative_prompt or "", "sampler": sampler,
+        "schedule": schedule, "steps": body.steps, "cfg_scale": body.cfg_scale, "seed": body.seed,
+        "width": body.width, "height": body.height, "batch_size": body.batch_size, "n_iter": body.n_iter,
+        "eta": _eta_for(spec, body.eta),
+    }
+    if not _unset(overrides.get("sd_model_checkpoint")):
+        fields["model"] = require_model(studio, str(overrides["sd_model_checkpoint"])).path
+    if overrides.get("CLIP_stop_at_last_layers") is not None:
+        fields["clip_skip"] = _clip_skip(overrides["CLIP_stop_at_last_layers"], "override_settings.")
+    if "sd_vae" in overrides:
+        fields["vae"] = studio.vae_choice(overrides["sd_vae"])
+    # seeds are resolved here, as the webui does, so all_seeds is known even for an interrupted job
+    from darkroom.engine.generate import random_seed
+
+    if fields["seed"] == -1:
+        fields["seed"] = random_seed()
+    if body.subseed_strength:
+        fields["subseed_strength"] = body.subseed_strength
+        fields["subseed"] = random_seed() if body.subseed == -1 else body.subseed
+    if isinstance(body, Txt2ImgRequest) and body.enable_hr:
+        fields.update(_hires_fields(body, fields, spec, concrete_schedule, studio))
+    if isinstance(body, Img2ImgRequest):
+        fields.update(_img2img_fields(body))
+    try:
+        return GenerationRequest(**fields)
+    except pydantic.ValidationError as e:
+        from darkroom.server.app import validation_message
+
+        raise InvalidRequest(validation_message(e.errors())) from None
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _timestamp(t: float | None) -> str:
+    return dt.datetime.fromtimestamp(t).strftime("%Y%m%d%H%M%S") if t else "0"
+
+
+def _denoising_of(req: GenerationRequest, body: ProcessingRequest) -> float | None:
+    """The strength the generation used (img2img, hires fix); otherwise what was sent, as the webui reports."""
+    return req.denoising_strength if req.is_img2img or req.enable_hr else body.denoising_strength
+
+
+def job_info(job: Job, body: ProcessingRequest) -> dict[str, Any]:
+    """The webui's `Processed.js()` fields for a finished job (sent as a JSON *string*)."""
+    req = job.request
+    count = req.image_count
+    seeds = [req.seed + i for i in range(count)]
+    subseed = req.subseed if req.subseed_strength > 0 else body.subseed
+    subseeds = seeds if subseed == -1 else [subseed + i for i in range(count)]
+    return {
+        "prompt": req.prompt, "all_prompts": [req.prompt] * count,
+        "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * count,
+        "seed": req.seed, "all_seeds": seeds, "subseed": subseeds[0], "all_subseeds": subseeds,
+        "subseed_strength": req.subseed_strength, "width": req.width, "height": req.height, "sampler_name": req.sampler,
+        "cfg_scale": req.cfg_scale, "steps": req.steps, "batch_size": req.batch_size, "n_iter": req.n_iter,
+        "restore_faces": False, "face_restoration_model": None,
+        "sd_model_name": job.model_name or None, "sd_model_hash": job.model_hash or None,
+        "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": _denoising_of(req, body), "extra_generation_params": {}, "index_of_first_image": 0,
+        "infotexts": [im.infotext for im in job.images], "styles": list(body.styles or []),
+        "job_timestamp": _timestamp(job.started), "clip_skip": req.clip_skip,
+        "is_using_inpainting_conditioning": False, "version": VERSION,
+    }
+
+
+def _job_failed(job: Job) -> DarkroomError:
+    error = DarkroomError(job.error or "the generation failed (details in logs/darkroom.log)")
+    # the queue keeps only the message; a status recorded with it (if the queue ever does) is used
+    error.status = getattr(job, "error_status", None) or 500
+    return error
