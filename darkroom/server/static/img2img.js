@@ -221,6 +221,11 @@
     } else {
       ctx.drawImage(layer, 0, 0);
     }
+    // tint the painted area so it shows on light and dark images alike (the export stays white)
+    ctx.globalCompositeOperation = 'source-in';
+    ctx.fillStyle = '#ff4f2e';
+    ctx.fillRect(0, 0, canvas.width, canvas.height);
+    ctx.globalCompositeOperation = 'source-over';
     if (I.hover) {
       const dpr = canvas.width / canvas.getBoundingClientRect().width || 1;
       const r = (brushSize() * dpr) / 2;
