@@ -298,6 +298,21 @@ def test_webuiapi_client(studio):
         assert api.get_progress()["state"]["job_count"] == 0
 
 
+def test_webuiapi_loras_and_a_lora_in_the_prompt(studio, tiny_model):
+    from darkroom.models.tiny_lora import write_tiny_lora
+
+    write_tiny_lora(studio.home.loras / "inked.safetensors", tiny_model("sd1"), tag_frequency={"s": {"ink": 3}})
+    with live_server(studio) as url:
+        api = _client(url)
+        loras = api.get_loras()
+        assert [lo["name"] for lo in loras] == ["inked"]
+        assert "ss_tag_frequency" in loras[0]["metadata"]
+        plain = api.txt2img(prompt="a red circle", seed=3, width=64, height=64)
+        styled = api.txt2img(prompt="a red circle <lora:inked:1>", seed=3, width=64, height=64)
+        assert "Lora hashes" in styled.info["infotexts"][0]
+        assert styled.image.tobytes() != plain.image.tobytes()
+
+
 def test_webuiapi_interrupt(studio):
     with live_server(studio) as url:
         api = _client(url)
