@@ -64,13 +64,17 @@ def user_errors(fn):
 @click.option("--home", type=click.Path(file_okay=False, path_type=Path), envvar="DARKROOM_HOME",
               help="Folder holding all Darkroom state (default: $DARKROOM_HOME, else the per-user data folder).")
 @click.option("--models-dir", "models_dirs", multiple=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Extra models folder used in place (an AUTOMATIC1111/Forge or ComfyUI root, or a plain folder).")
+              help="Extra models folder used in place (an AUTOMATIC1111/Forge or ComfyUI root, or a plain folder);"
+                   " repeatable. Folders listed under \"models_dirs\" in <home>/settings.json are always used.")
 @click.version_option(darkroom.__version__, prog_name="darkroom")
 @click.pass_context
 def cli(ctx: click.Context, home: Path | None, models_dirs: tuple[Path, ...]) -> None:
     """Darkroom: private, offline Stable Diffusion. Never opens an outbound connection."""
+    from darkroom.settings import Settings
+
     h = Home.resolve(home)
-    h.extra_model_dirs = [p.expanduser().resolve() for p in models_dirs]
+    saved = Settings(h.root / "settings.json").get("models_dirs") or []
+    h.extra_model_dirs = list(dict.fromkeys(Path(p).expanduser().resolve() for p in [*models_dirs, *saved]))
     h.ensure()
     offline.process_guard(h.network_log)
     obj = Context(h)

@@ -28,6 +28,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("current_model", None, "sd_model_checkpoint", "Checkpoint used when a request names none."),
     Setting("clip_skip", 1, "CLIP_stop_at_last_layers", "Default clip skip for requests that leave it at 1."),
     Setting("vae", None, "sd_vae", "Separate VAE used when a request names none (None: the checkpoint's own)."),
+    Setting("models_dirs", [], "", "Extra model folders used in place (A1111/Forge or ComfyUI roots, plain folders)."),
     Setting("samples_format", "png", "samples_format", "Image format of saved outputs (png only for now)."),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}

@@ -282,3 +282,15 @@ def test_img2img_inpaint_and_hires_from_the_cli(home, sd1_in_home, tmp_path):
     assert again.read_bytes() == hr.read_bytes()
     r = CliRunner().invoke(cli, ["--home", str(home.root), "generate", "x", "--hires", "--hr-size", "big"])
     assert r.exit_code == 2 and "WIDTHxHEIGHT" in r.output
+
+
+def test_models_dirs_from_settings(home, tiny_model, tmp_path):
+    """Folders saved under "models_dirs" in settings.json are used like --models-dir (an A1111 root here)."""
+    import json
+
+    webui = tmp_path / "webui"
+    (webui / "models" / "Stable-diffusion").mkdir(parents=True)
+    shutil.copy(tiny_model("sd1")["path"], webui / "models" / "Stable-diffusion" / "from-webui.safetensors")
+    (home.root / "settings.json").write_text(json.dumps({"models_dirs": [str(webui)]}))
+    r = run(home, "models")
+    assert r.exit_code == 0 and "from-webui" in r.output

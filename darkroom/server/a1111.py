@@ -150,7 +150,7 @@ def skip(studio: StudioDep) -> dict:
 def get_options(studio: StudioDep) -> dict:
     """The webui options Darkroom has: the current model (as its title), clip skip, output format."""
     ours = studio.settings.as_dict()
-    options: dict[str, Any] = {s.a1111: ours[s.name] for s in SETTINGS}
+    options: dict[str, Any] = {s.a1111: ours[s.name] for s in SETTINGS if s.a1111}
     current = current_model_info(studio)
     options["sd_model_checkpoint"] = current.title if current else studio.current_model()
     options["sd_checkpoint_hash"] = current.sha256 if current else None

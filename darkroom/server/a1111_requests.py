@@ -79,7 +79,7 @@ def current_model_info(studio: Studio) -> ModelInfo | None:
 
 # --- settings: webui option names <-> ours ------------------------------------------------------
 
-_OUR_NAME = {s.a1111: s.name for s in SETTINGS}
+_OUR_NAME = {s.a1111: s.name for s in SETTINGS if s.a1111}
 # Webui options Darkroom has one fixed behaviour for: the accepted values (first = what we do).
 # A client asking for another value would get a different picture, so it is refused.
 FIXED_OPTIONS: dict[str, tuple[Any, ...]] = {
