@@ -35,6 +35,21 @@ class ModelInfo:
     native_size: int | None
     error: str | None = None
     current: bool = False
+    preview: str | None = None  # an image beside the file: name.preview.png, name.png, name.jpg, ...
+
+
+PREVIEW_SUFFIXES = (".preview.png", ".preview.jpg", ".preview.jpeg", ".preview.webp", ".png", ".jpg", ".jpeg",
+                    ".webp")
+
+
+def preview_beside(path: Path) -> str | None:
+    """The preview image users keep next to a model (the webui's and CivitAI helpers' names)."""
+    stem = path.name if path.is_dir() else path.stem
+    for suffix in PREVIEW_SUFFIXES:
+        candidate = path.with_name(stem + suffix)
+        if candidate.is_file() and not candidate.is_symlink():
+            return str(candidate)
+    return None
 
 
 @dataclass
@@ -67,6 +82,7 @@ class Studio:
                     name=e.name, title=f"{e.name} [{short}]" if short else e.name, family=family,
                     size=_human_size(e.size), size_bytes=e.size, hash=short, sha256=sha, path=str(e.path),
                     native_size=None if e.error else library.native_size(e), error=e.error,
+                    preview=preview_beside(e.path),
                 ))
             self._models = rows
         current = self.current_model()

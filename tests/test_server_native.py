@@ -224,3 +224,14 @@ def test_extra_network_lists(api, studio, tiny_model):
     assert [(lo["name"], lo["trigger_words"][:1]) for lo in loras] == [("inked", ["ink"])]
     assert api.get("/api/vaes").json() == []
     assert api.get("/api/embeddings").json() == {"loaded": [], "skipped": []}
+
+
+def test_model_previews(api, studio):
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(studio.home.checkpoints / "tiny-sd1.preview.png")
+    rows = {r["name"]: r for r in api.post("/api/models/rescan").json()}
+    assert rows["tiny-sd1"]["preview_url"] == "/api/models/tiny-sd1/preview"
+    assert rows["darkroom-starter"]["preview_url"] is None
+    r = api.get(rows["tiny-sd1"]["preview_url"])
+    assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).getpixel((0, 0)) == (1, 2, 3)
+    for bad in ("darkroom-starter", "..%2F..%2Fetc%2Fpasswd", "nope"):
+        assert api.get(f"/api/models/{bad}/preview").status_code == 404

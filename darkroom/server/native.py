@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.responses import FileResponse, Response, StreamingResponse
@@ -88,7 +89,8 @@ def history_item(item: HistoryItem) -> dict:
 
 def model_rows(studio: Studio, refresh: bool = False) -> list[dict]:
     return [{"name": m.name, "title": m.title, "family": m.family, "size": m.size, "hash": m.hash,
-             "native_size": m.native_size, "current": m.current, "error": m.error}
+             "native_size": m.native_size, "current": m.current, "error": m.error,
+             "preview_url": f"/api/models/{quote(m.name)}/preview" if m.preview else None}
             for m in studio.models(refresh=refresh)]
 
 
@@ -104,6 +106,17 @@ def status(studio: Studio = Depends(get_studio)) -> dict:
 @router.get("/models")
 def models(studio: Studio = Depends(get_studio)) -> list[dict]:
     return model_rows(studio)
+
+
+@router.get("/models/{name}/preview", responses={200: {"content": {"image/*": {}}}})
+def model_preview(name: str, studio: Studio = Depends(get_studio)) -> FileResponse:
+    """A model's preview image; only files found beside a listed model are ever served."""
+    from darkroom.store import NotFound
+
+    for m in studio.models():
+        if m.name == name and m.preview:
+            return FileResponse(m.preview, headers={"cache-control": "private, max-age=3600"})
+    raise NotFound(f"no preview image for model {name!r}")
 
 
 @router.post("/models/rescan")
