@@ -55,13 +55,14 @@ WATCH_JS = """() => {
 
 LORA = "tiny-lora"  # written into the home's loras folder by base_url (None if that failed)
 LORA_WORD = "shinyword"
+UI_HOME: Home | None = None  # the live server's home (set by base_url)
 
 
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory, tiny_model):
     """A live server over a home holding the tiny random SD1 model (plus the built-in starter) and a LoRA."""
-    global LORA
-    home = Home(tmp_path_factory.mktemp("ui-home")).ensure()
+    global LORA, UI_HOME
+    home = UI_HOME = Home(tmp_path_factory.mktemp("ui-home")).ensure()
     try:  # a tiny LoRA for the tiny SD1 model, with a trigger word in its kohya metadata
         from darkroom.models.tiny_lora import write_tiny_lora
 
@@ -662,3 +663,21 @@ def test_extra_networks_and_xy_grid(open_page, tmp_path):
     page.locator("#xy-section").scroll_into_view_if_needed()
     shot(page, tmp_path, "xy-result-desktop.png")
     rec.check(allowed_errors=("X/Y grid",))
+
+
+@pytest.mark.slow
+def test_models_page_search_and_preview(open_page):
+    """The models page filters as you type and shows a model's preview image."""
+    from PIL import Image as _Image
+
+    page, rec = open_page()
+    _Image.new("RGB", (16, 16), (200, 0, 0)).save(UI_HOME.checkpoints / "tiny-sd1.preview.png")
+    page.click("#tab-models")
+    page.click("#models-rescan")
+    expect(page.locator("#models-table img.model-preview")).to_have_count(1)
+    page.fill("#models-search", "starter")
+    expect(page.locator("#models-table tbody tr")).to_have_count(1)
+    expect(page.locator("#models-table tbody")).to_contain_text("darkroom-starter")
+    page.fill("#models-search", "zzz")
+    expect(page.locator("#models-table tbody")).to_contain_text("No model matches")
+    rec.check()

@@ -51,11 +51,19 @@ def initial_noise(generators: list[torch.Generator], shape: tuple[int, int, int]
     return torch.stack([torch.randn(shape, generator=g) for g in generators])
 
 
+def _to_pixels(image: Image.Image) -> torch.Tensor:
+    arr = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0)
+    return arr.permute(2, 0, 1)[None]
+
+
+def _encode_pixels(model: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
+    latent = model.vae.encode(pixels.to(model.device, model.vae_dtype)).latent_dist.mode()
+    return latent.float() * model.vae.config.scaling_factor
+
+
 def encode_image(model: LoadedModel, image: Image.Image) -> torch.Tensor:
     """RGB image -> scaled latents [1, c, h/f, w/f]: the distribution's mode (deterministic, seed-independent)."""
-    arr = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0)
-    pixels = arr.permute(2, 0, 1)[None].to(model.device, model.vae_dtype)
-    return model.vae.encode(pixels).latent_dist.mode().float() * model.vae.config.scaling_factor
+    return _encode_pixels(model, _to_pixels(image))
 
 
 def latents_to_images(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
@@ -220,10 +228,10 @@ class Engine:
             elif req.inpainting_fill == 3:  # latent nothing
                 latents = latents * (1 - mask)
             if model.unet.config.in_channels == 9:
-                keep = Image.fromarray(np.uint8(255 - np.asarray(source.mask)))
-                hole = Image.composite(source.image, Image.new("RGB", source.image.size, (127, 127, 127)),
-                                       keep.point(lambda v: 255 if v >= 128 else 0))
-                masked_latents = encode_image(model, hole)
+                # the masked image as the webui and diffusers make it: the hole is 0 (mid-gray) in -1..1
+                keep = torch.from_numpy(np.asarray(source.mask) < 128)[None, None]
+                pixels = _to_pixels(source.image) * keep
+                masked_latents = _encode_pixels(model, pixels)
         return Init(latents, req.denoising_strength, mask, masked_latents)
 
     def _hires(self, model: LoadedModel, req: GenerationRequest, spec: samplers.Sampler, schedule: str,

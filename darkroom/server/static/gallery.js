@@ -225,8 +225,14 @@
 
   // ================================================================== Models
 
-  function renderModelsTable(list) {
+  function renderModelsTable(all) {
     const tbody = $('models-table').tBodies[0];
+    const q = ($('models-search').value || '').trim().toLowerCase();
+    const list = q ? all.filter((m) => `${m.name} ${m.family || ''} ${m.hash || ''}`.toLowerCase().includes(q)) : all;
+    if (all.length && !list.length) {
+      tbody.replaceChildren(el('tr', {}, el('td', { colSpan: 5, className: 'empty muted' }, `No model matches "${q}".`)));
+      return;
+    }
     if (!list.length) {
       tbody.replaceChildren(el('tr', {}, el('td', { colSpan: 5, className: 'empty muted' },
         'No checkpoints found. Add .safetensors files to the models folder and press Rescan.')));
@@ -246,7 +252,9 @@
         });
       }
       const row = el('tr', { className: m.current ? 'current' : '' },
-        el('td', { className: 'model-name', 'data-label': 'Name' }, m.name, m.current ? el('span', { className: 'badge', textContent: 'current' }) : null),
+        el('td', { className: 'model-name', 'data-label': 'Name' },
+          m.preview_url ? el('img', { className: 'model-preview', src: m.preview_url, alt: '', loading: 'lazy' }) : null,
+          m.name, m.current ? el('span', { className: 'badge', textContent: 'current' }) : null),
         el('td', { 'data-label': 'Family' }, m.family || '—'),
         el('td', { 'data-label': 'Size' }, m.size || '—'),
         el('td', { className: 'mono', 'data-label': 'Hash', title: m.hash || '' }, m.hash ? m.hash.slice(0, 10) : '—'),
@@ -256,6 +264,7 @@
     }));
   }
   DR.onModels.push(renderModelsTable);
+  $('models-search').addEventListener('input', () => renderModelsTable(DR.state.models || []));
   $('models-table').tBodies[0].replaceChildren(el('tr', {}, el('td', { colSpan: 5, className: 'empty muted' }, 'Loading…')));
 
   $('models-rescan').addEventListener('click', async () => {
