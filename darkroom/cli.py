@@ -371,6 +371,13 @@ def doctor(obj: Context, device, precision) -> None:
     click.echo(doctor_report(obj.home, device=device, precision=precision))
 
 
+# commands that live in their own modules (they import darkroom.cli lazily, so no import cycle)
+from darkroom.cli_backup import backup, restore, verify  # noqa: E402
+
+for _command in (backup, restore, verify):
+    cli.add_command(_command)
+
+
 def main() -> None:
     cli(prog_name="darkroom")
 
