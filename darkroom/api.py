@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
-import platform
 from pathlib import Path
 
-from darkroom import offline
 from darkroom.home import Home
 from darkroom.request import GenerationRequest, GenerationResult
 
@@ -76,29 +74,7 @@ def list_models(home: Home, *, hashes: bool = True) -> list[dict]:
 
 
 def doctor_report(home: Home, *, device: str | None = None, precision: str | None = None) -> str:
-    import diffusers
-    import torch
-    import transformers
+    """What `darkroom doctor` prints: device, versions, folders, the network guard, offline readiness."""
+    from darkroom.readiness import readiness, render_readiness
 
-    import darkroom
-    from darkroom.engine.device import choose_device
-
-    choice = choose_device(device, precision)
-    attempts = offline.read_log(home.network_log)
-    lines = [
-        f"Darkroom {darkroom.__version__} on Python {platform.python_version()} ({platform.platform()})",
-        f"Device: {choice.device} at {choice.precision} ({choice.reason})",
-        f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}",
-        f"Home: {home.root}",
-        "Model folders: " + ", ".join(str(d) + ("" if d.is_dir() else " (missing)") for d in home.checkpoint_dirs()),
-        "Offline switches: " + ", ".join(f"{k}={v}" for k, v in offline.OFFLINE_ENV.items()
-                                         if k.endswith("OFFLINE") or k == "DO_NOT_TRACK"),
-        f"Network guard: {'installed' if offline.process_guard().installed else 'NOT installed'};"
-        f" log {home.network_log}",
-    ]
-    if attempts:
-        lines.append(f"Blocked outbound connection attempts: {len(attempts)}")
-        lines += [f"  {a.when}  {a.host}:{a.port}  from {a.caller}" for a in attempts[-20:]]
-    else:
-        lines.append("Blocked outbound connection attempts: none (all is well)")
-    return "\n".join(lines)
+    return render_readiness(readiness(home, device=device, precision=precision))

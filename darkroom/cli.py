@@ -307,25 +307,6 @@ def png_info(files: tuple[Path, ...]) -> None:
 
 
 @cli.command()
-@click.option("--hashes/--no-hashes", default=True, help="Compute short hashes (cached after the first time).")
-@click.pass_obj
-@user_errors
-def models(obj: Context, hashes: bool) -> None:
-    """List the checkpoints in the models folders: family, size, short hash."""
-    from darkroom.api import list_models
-
-    rows = list_models(obj.home, hashes=hashes)
-    if not rows:
-        click.echo(f"No checkpoints found in {obj.home.checkpoints}. "
-                   "Copy .safetensors files there or use --models-dir.")
-        return
-    width = max(len(r["name"]) for r in rows)
-    click.echo(f"{'NAME':<{width}}  {'FAMILY':<22} {'SIZE':>9}  HASH        PATH")
-    for r in rows:
-        click.echo(f"{r['name']:<{width}}  {r['family']:<22} {r['size']:>9}  {r['hash'] or '-':<10}  {r['path']}")
-
-
-@cli.command()
 def samplers() -> None:
     """List the samplers and the schedule types each accepts."""
     from darkroom.engine.samplers import SAMPLERS
@@ -359,23 +340,14 @@ def serve(obj: Context, port, listen, host, token, api_auth, max_queue, device, 
                device=device, precision=precision, allow_pickle=allow_pickle, echo=click.echo)
 
 
-@cli.command()
-@click.option("--device", default=None)
-@click.option("--precision", default=None)
-@click.pass_obj
-@user_errors
-def doctor(obj: Context, device, precision) -> None:
-    """Show device, precision, versions, model folders and the network guard's record."""
-    from darkroom.api import doctor_report
-
-    click.echo(doctor_report(obj.home, device=device, precision=precision))
-
-
 # commands that live in their own modules (they import darkroom.cli lazily, so no import cycle)
 from darkroom.cli_backup import backup, restore, verify  # noqa: E402
+from darkroom.cli_doctor import doctor  # noqa: E402
+from darkroom.cli_models import models_group  # noqa: E402
 
-for _command in (backup, restore, verify):
+for _command in (backup, restore, verify, doctor):
     cli.add_command(_command)
+cli.add_command(models_group, "models")
 
 
 def main() -> None:

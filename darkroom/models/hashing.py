@@ -81,3 +81,65 @@ class HashCache:
             row = con.execute("SELECT sha256 FROM file_hashes WHERE path=? AND size=? AND mtime_ns=?", key).fetchone()
         con.close()
         return row[0][:10] if row else None
+
+    # ---- the library service's view (darkroom.models.manage): lookups without hashing, records
+
+    def cached_sha256(self, path: Path) -> str | None:
+        """The SHA-256 if known for the file as it is now (same size and mtime), without hashing."""
+        path = Path(path).resolve()
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key in self._memory:
+            return self._memory[key]
+        con = self._connect()
+        if con is None:
+            return None
+        with con:
+            row = con.execute("SELECT sha256 FROM file_hashes WHERE path=? AND size=? AND mtime_ns=?", key).fetchone()
+        con.close()
+        if row:
+            self._memory[key] = row[0]
+        return row[0] if row else None
+
+    def recorded(self, path: Path) -> tuple[int, int, str] | None:
+        """(size, mtime_ns, sha256) last recorded for this path, whatever the file is now (or None)."""
+        con = self._connect()
+        if con is None:
+            return None
+        with con:
+            row = con.execute("SELECT size, mtime_ns, sha256 FROM file_hashes WHERE path=?",
+                              (str(Path(path).resolve()),)).fetchone()
+        con.close()
+        return (int(row[0]), int(row[1]), row[2]) if row else None
+
+    def records(self) -> list[tuple[str, int, int, str]]:
+        """Every recorded (path, size, mtime_ns, sha256)."""
+        con = self._connect()
+        if con is None:
+            return []
+        with con:
+            rows = con.execute("SELECT path, size, mtime_ns, sha256 FROM file_hashes ORDER BY path").fetchall()
+        con.close()
+        return [(p, int(s), int(m), h) for p, s, m, h in rows]
+
+    def record(self, path: Path, sha256: str, *, size: int, mtime_ns: int) -> None:
+        """Store a hash computed elsewhere (while copying or verifying) for the file at (size, mtime_ns)."""
+        key = (str(Path(path).resolve()), int(size), int(mtime_ns))
+        self._memory[key] = sha256
+        con = self._connect()
+        if con is None:
+            return
+        with con:
+            con.execute("INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?)", (*key, sha256))
+        con.close()
+
+    def forget(self, path: Path | str) -> None:
+        """Drop the record of a path (a file that is gone). `path` as `records()` gives it."""
+        path = str(path)
+        self._memory = {k: v for k, v in self._memory.items() if k[0] != path}
+        con = self._connect()
+        if con is None:
+            return
+        with con:
+            con.execute("DELETE FROM file_hashes WHERE path=?", (path,))
+        con.close()
