@@ -18,7 +18,14 @@ OUT = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 def render() -> str:
     runner = CliRunner()
     parts = ["# darkroom CLI reference\n", "Generated from `darkroom --help` by `scripts/cli_reference.py`.\n"]
-    commands = [[], *([name] for name in sorted(cli.commands))]
+    import click
+
+    commands: list[list[str]] = [[]]
+    for name in sorted(cli.commands):
+        commands.append([name])
+        group = cli.commands[name]
+        if isinstance(group, click.Group):  # `models list`, `bundle create`, ...
+            commands += [[name, sub] for sub in sorted(group.commands)]
     for cmd in commands:
         result = runner.invoke(cli, [*cmd, "--help"], prog_name="darkroom", terminal_width=100)
         title = " ".join(["darkroom", *cmd])
