@@ -8,6 +8,7 @@ and each interface stays a thin translation layer.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from darkroom.api import build_engine, output_folder
 from darkroom.errors import DarkroomError
 from darkroom.home import Home
 from darkroom.jobs import JobQueue
+from darkroom.models.library import diffusers_weights
 from darkroom.request import GenerationRequest
 from darkroom.settings import Settings
 from darkroom.store import History
@@ -60,6 +62,8 @@ class Studio:
     history: History
     settings: Settings
     started: float = 0.0
+    hashing: dict | None = None  # {"done": bytes, "total": bytes} while hash_missing runs
+    hash_thread: threading.Thread | None = field(default=None, repr=False)
     _models: list[ModelInfo] | None = field(default=None, repr=False)
 
     # --- models ------------------------------------------------------------------------------
@@ -74,8 +78,11 @@ class Studio:
             for e in library.scan():
                 if e.detection is not None and e.detection.kind not in ("checkpoint",):
                     continue  # LoRAs, VAEs, embeddings dropped into the checkpoints folder
-                short = None if e.error else (library.short_hash(e) or None)
-                sha = library.hashes.sha256(e.path) if short and not e.is_diffusers else None
+                # cached hashes only: hashing 50 GB of models must never block a listing (see hash_missing)
+                target = diffusers_weights(e.path) if e.is_diffusers else e.path
+                sha = None if e.error or target is None else library.hashes.cached_sha256(target)
+                short = sha[:10] if sha else None
+                sha = None if e.is_diffusers else sha
                 family = ("diffusers folder" if e.is_diffusers else
                           (e.detection.label if e.detection else "?")) if not e.error else "unreadable"
                 rows.append(ModelInfo(
@@ -89,6 +96,32 @@ class Studio:
         for m in self._models:
             m.current = m.name == current
         return list(self._models)
+
+    def hash_missing(self) -> threading.Thread:
+        """Hash the model files not hashed yet, in a background thread, with progress in `hashing`."""
+        from darkroom.models.manage import ModelManager, Progress
+
+        studio = self
+
+        class Counter(Progress):
+            def start(self, total: int, label: str) -> None:
+                studio.hashing = {"done": 0, "total": total}
+
+            def advance(self, n: int) -> None:
+                studio.hashing["done"] += n
+
+        def run() -> None:
+            try:
+                ModelManager(self.home, self.engine.library.hashes).rescan(Counter())
+            except Exception:  # a file vanished or is unreadable: listings just show no hash for it
+                log.exception("background hashing failed")
+            finally:
+                self.hashing = None
+                self._models = None  # the next listing shows the new hashes
+
+        thread = threading.Thread(target=run, name="darkroom-hashing", daemon=True)
+        thread.start()
+        return thread
 
     def current_model(self) -> str | None:
         """The selected checkpoint's name; else what a request without a model would use."""
@@ -170,4 +203,5 @@ def build_studio(home: Home, *, device: str | None = None, precision: str | None
                             prepare=studio.prepare)
     if start:
         studio.queue.start()
+        studio.hash_thread = studio.hash_missing()
     return studio

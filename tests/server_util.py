@@ -28,7 +28,10 @@ def studio_with(home: Home, *models: Path, start: bool = True, max_queue: int = 
     home.ensure()
     for m in models:
         shutil.copy(m, home.checkpoints / m.name)
-    return build_studio(home, device="cpu", precision="fp32", start=start, max_queue=max_queue)
+    studio = build_studio(home, device="cpu", precision="fp32", start=start, max_queue=max_queue)
+    if studio.hash_thread is not None:
+        studio.hash_thread.join(60)  # tests expect hashes listed; users see them appear
+    return studio
 
 
 def client(studio: Studio, security: Security | None = None, **kw) -> TestClient:

@@ -235,3 +235,25 @@ def test_model_previews(api, studio):
     assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).getpixel((0, 0)) == (1, 2, 3)
     for bad in ("darkroom-starter", "..%2F..%2Fetc%2Fpasswd", "nope"):
         assert api.get(f"/api/models/{bad}/preview").status_code == 404
+
+
+def test_listing_never_hashes_and_background_hashing_fills_in(tmp_path, tiny_model, monkeypatch):
+    """A new model shows without a hash at once; the background pass hashes it, with progress in /api/status."""
+    import shutil
+
+    from darkroom.home import Home
+    from darkroom.studio import build_studio
+    from tests.server_util import client
+
+    home = Home(tmp_path / "h").ensure()
+    shutil.copy(tiny_model("sd1")["path"], home.checkpoints / "fresh.safetensors")
+    studio = build_studio(home, device="cpu", precision="fp32", start=False)
+    try:
+        with client(studio) as c:
+            rows = {r["name"]: r for r in c.get("/api/models").json()}
+            assert rows["fresh"]["hash"] is None  # listed at once, not hashed on the spot
+            studio.hash_missing().join(60)
+            rows = {r["name"]: r for r in c.get("/api/models").json()}
+            assert len(rows["fresh"]["hash"]) == 10 and c.get("/api/status").json()["hashing"] is None
+    finally:
+        studio.close()

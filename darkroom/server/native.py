@@ -100,7 +100,7 @@ def status(studio: Studio = Depends(get_studio)) -> dict:
     return {"version": darkroom.__version__, "device": str(device.device), "precision": device.precision,
             "current_model": studio.current_model(),
             "queue": {"pending": studio.queue.pending(), "running": studio.queue.current is not None},
-            "history": studio.history.count()}
+            "history": studio.history.count(), "hashing": studio.hashing}
 
 
 @router.get("/models")
