@@ -342,12 +342,14 @@ def serve(obj: Context, port, listen, host, token, api_auth, max_queue, device, 
 
 # commands that live in their own modules (they import darkroom.cli lazily, so no import cycle)
 from darkroom.cli_backup import backup, restore, verify  # noqa: E402
+from darkroom.cli_bundle import bundle_group  # noqa: E402
 from darkroom.cli_doctor import doctor  # noqa: E402
 from darkroom.cli_models import models_group  # noqa: E402
 
 for _command in (backup, restore, verify, doctor):
     cli.add_command(_command)
 cli.add_command(models_group, "models")
+cli.add_command(bundle_group, "bundle")
 
 
 def main() -> None:
