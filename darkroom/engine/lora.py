@@ -22,6 +22,10 @@ found before the first weight changes.
 
 The webui (AUTOMATIC1111 `extensions-builtin/Lora`) is the reference for the tag syntax,
 the alias (`ss_output_name`), the `Lora hashes` infotext and the hash it uses.
+
+Key layouts and base-model guessing live in `darkroom.engine.lora_keys` (no torch), the
+normalised tensors and model-path mapping in `darkroom.engine.lora_formats`; both are
+re-exported here.
 """
 
 from __future__ import annotations
@@ -32,13 +36,17 @@ import logging
 import math
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from darkroom.engine.lora_formats import LoraModule, _fits, _shape, _TargetMaps, parse_lora_tensors
+from darkroom.engine.lora_keys import _COMPONENT_LABEL, _CROSS_WIDTH, BaseGuess, _group_keys, guess_base
+from darkroom.engine.lora_keys import _Group as _Group  # re-exported: the key grouping moved to lora_keys
+from darkroom.engine.lora_keys import _metadata_family as _metadata_family
 from darkroom.errors import InvalidRequest, ModelLoadError, ModelNotFound
 from darkroom.home import Home
 from darkroom.models.families import FAMILIES, detect
@@ -128,205 +136,6 @@ def extract_lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
     return cleaned, list(found.values())
 
 
-# --------------------------------------------------------------------------- parsing files
-
-_KOHYA_PREFIXES = (("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te1"))
-_KOHYA_ROLES = {
-    "lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid",
-    "alpha": "alpha", "scale": "scale", "dora_scale": "dora",
-}
-_DIFFUSERS_COMPONENTS = (("unet.", "unet"), ("text_encoder_2.", "te2"), ("text_encoder.", "te1"))
-_DIFFUSERS_ROLES = (
-    (re.compile(r"\.lora_A(?:\.[^.]+)?\.weight$"), "down"),
-    (re.compile(r"\.lora_B(?:\.[^.]+)?\.weight$"), "up"),
-    (re.compile(r"\.lora(?:_linear_layer)?\.down\.weight$"), "down"),
-    (re.compile(r"\.lora(?:_linear_layer)?\.up\.weight$"), "up"),
-    (re.compile(r"_lora\.down\.weight$"), "down"),  # attention processors: attn1.processor.to_q_lora
-    (re.compile(r"_lora\.up\.weight$"), "up"),
-    (re.compile(r"\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$"), "dora"),
-)
-_UNET_TOPS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "time_embedding.", "add_embedding.")
-_TE_PROCESSOR = re.compile(r"(.*\bself_attn)\.to_(q|k|v|out)$")
-# LyCORIS network types we recognise but do not apply (yet)
-_LYCORIS = {"hada_": "LyCORIS LoHa", "lokr_": "LyCORIS LoKr", "oft_": "OFT", "diff": "full-weight difference",
-            "w_norm": "LyCORIS norm", "b_norm": "LyCORIS norm"}
-_COMPONENT_LABEL = {"unet": "UNet", "te1": "text encoder", "te2": "text encoder 2"}
-_ADAPTER_PREFIX = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
-
-
-@dataclass
-class _Group:
-    """The tensors of one target module, by role, before they are read."""
-
-    component: str  # unet / te1 / te2
-    lookup: str  # underscored module path inside the component (text encoders: without text_model_)
-    name: str  # the module as the file names it (for messages)
-    prefix: str  # lora_unet_ / lora_te_ / lora_te1_ / lora_te2_ / unet. / text_encoder. / ...
-    keys: dict[str, str] = field(default_factory=dict)  # role -> tensor key
-
-    @property
-    def kind(self) -> str | None:
-        """None for a LoRA/LoCon layer, else the name of the unsupported network type."""
-        if "dora" in self.keys:
-            return "DoRA"
-        if "down" in self.keys and "up" in self.keys:
-            return None
-        for role in self.keys:
-            for start, label in _LYCORIS.items():
-                if role.startswith(start):
-                    return label
-        return "incomplete LoRA layer" if ("down" in self.keys or "up" in self.keys) else "unknown"
-
-
-def _split_kohya(key: str) -> tuple[str, str, str, str, str] | None:
-    for prefix, component in _KOHYA_PREFIXES:
-        if key.startswith(prefix):
-            base, _, role = key.partition(".")
-            lookup = base[len(prefix):]
-            if component != "unet":
-                lookup = lookup.removeprefix("text_model_")
-            return component, lookup, base, prefix, _KOHYA_ROLES.get(role, role)
-    return None
-
-
-def _split_diffusers(key: str) -> tuple[str, str, str, str, str] | None:
-    k = key.removeprefix("base_model.model.")
-    component = prefix = None
-    for p, c in _DIFFUSERS_COMPONENTS:
-        if k.startswith(p):
-            component, prefix, k = c, p, k[len(p):]
-            break
-    else:
-        if k.startswith(_UNET_TOPS):
-            component, prefix = "unet", ""
-    if component is None:
-        return None
-    role = None
-    if k.endswith(".alpha"):
-        role, k = "alpha", k[: -len(".alpha")]
-    for pattern, r in _DIFFUSERS_ROLES:
-        m = pattern.search(k)
-        if m:
-            role, k = role or r, k[: m.start()]
-            break
-    if role is None:
-        return None
-    path = k.replace(".processor.", ".")
-    if component == "unet":
-        path = re.sub(r"\.to_out$", ".to_out.0", path)  # attention-processor name `to_out_lora`
-    else:
-        path = path.removeprefix("text_model.")
-        if m := _TE_PROCESSOR.match(path):
-            path = f"{m.group(1)}.{m.group(2)}_proj"
-    return component, path.replace(".", "_"), f"{prefix}{k}", prefix, role
-
-
-def _group_keys(keys: Iterable[str]) -> tuple[dict[tuple[str, str], _Group], list[str]]:
-    """LoRA tensor keys grouped by target module; and the keys that are no LoRA layer at all."""
-    groups: dict[tuple[str, str], _Group] = {}
-    ignored: list[str] = []
-    for key in keys:
-        parts = _split_kohya(key) or _split_diffusers(key)
-        if parts is None:
-            ignored.append(key)  # e.g. kohya's bundled embeddings (bundle_emb.*)
-            continue
-        component, lookup, name, prefix, role = parts
-        group = groups.setdefault((component, lookup), _Group(component, lookup, name, prefix))
-        group.keys[role] = key
-    return groups, ignored
-
-
-# --------------------------------------------------------------------------- base model guess
-
-# real widths: (cross-attention context of the UNet, single text encoder width) per family
-_CROSS_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl-refiner"}
-_TE_WIDTH = {768: "sd1", 1024: "sd2"}
-_OTHER_ARCH = (("double_blocks", "Flux"), ("single_blocks", "Flux"), ("joint_blocks", "SD3"))
-
-
-@dataclass(frozen=True)
-class BaseGuess:
-    """What model a LoRA was made for: family ids (several when only a group is known)."""
-
-    families: frozenset[str] = frozenset()
-    other: str | None = None  # an architecture Darkroom does not run (Flux, SD3, ...)
-    evidence: str = ""
-
-    @property
-    def label(self) -> str | None:
-        if self.other:
-            return self.other
-        if not self.families:
-            return None
-        return "/".join(FAMILIES[f].label for f in sorted(self.families, key=list(FAMILIES).index))
-
-
-def _metadata_family(meta: Mapping[str, str]) -> tuple[str | None, str | None]:
-    """(family id, other architecture) from kohya/modelspec metadata."""
-    version = str(meta.get("ss_base_model_version", "")).lower()
-    arch = str(meta.get("modelspec.architecture", "")).lower()
-    if version.startswith("sdxl") or arch.startswith("stable-diffusion-xl"):
-        return ("sdxl-refiner" if "refiner" in version + arch else "sdxl"), None
-    if version.startswith("sd_v2") or str(meta.get("ss_v2", "")) == "True" or arch.startswith("stable-diffusion-v2"):
-        return "sd2", None
-    if version.startswith("sd_v1") or arch.startswith("stable-diffusion-v1"):
-        return "sd1", None
-    for probe, label in (("flux", "Flux"), ("sd3", "SD3"), ("stable-diffusion-v3", "SD3"), ("auraflow", "AuraFlow"),
-                         ("pixart", "PixArt"), ("hunyuan", "Hunyuan-DiT"), ("stable-cascade", "Stable Cascade")):
-        if version.startswith(probe) or arch.startswith(probe):
-            return None, label
-    return None, None
-
-
-def guess_base(groups: Mapping[tuple[str, str], _Group], shape_of: Callable[[str], tuple[int, ...] | None],
-               metadata: Mapping[str, str]) -> BaseGuess:
-    """The model family a LoRA was made for, from its structure, widths and metadata.
-
-    In order: an architecture we do not run (Flux/SD3 block names or metadata); SDXL's
-    first text encoder (`lora_te1_`); the real widths (UNet cross-attention input 768 SD1,
-    1024 SD2, 2048 SDXL, 1280 refiner); the bigG encoder alone (`lora_te2_`,
-    `text_encoder_2.`): SDXL or its refiner; a single text encoder's width (768 SD1, 1024
-    SD2); `ss_base_model_version` / `ss_v2` / `modelspec.architecture` metadata; a single
-    CLIP text encoder (`lora_te_`) alone says "not SDXL". Tiny test models have none of the
-    real widths: those fall through to the metadata, or to nothing (then only the shape
-    check decides). `ss_sd_model_name` (a file name users choose) is not used.
-    """
-    for g in groups.values():
-        for probe, label in _OTHER_ARCH:
-            if probe in g.lookup:
-                return BaseGuess(other=label, evidence=f"layer {g.name}")
-    meta_family, meta_other = _metadata_family(metadata)
-    if meta_other:
-        return BaseGuess(other=meta_other, evidence="metadata")
-    prefixes = {g.prefix for g in groups.values()}
-    if "lora_te1_" in prefixes:
-        return BaseGuess(frozenset({"sdxl"}), evidence="SDXL's two text encoders")
-    xl = frozenset({"sdxl", "sdxl-refiner"}) if prefixes & {"lora_te2_", "text_encoder_2."} else None
-
-    def width(g: _Group) -> int | None:
-        shape = shape_of(g.keys["down"]) if "down" in g.keys else None
-        return shape[1] if shape is not None and len(shape) >= 2 else None
-
-    for g in groups.values():
-        if g.component == "unet" and g.lookup.endswith(("attn2_to_k", "attn2_to_v")):
-            w = width(g)
-            if w in _CROSS_WIDTH:
-                return BaseGuess(frozenset({_CROSS_WIDTH[w]}), evidence=f"cross-attention width {w}")
-    if xl is not None:  # bigG alone: SDXL's second encoder, or the refiner's only one
-        found = {meta_family} & xl if meta_family else set()
-        return BaseGuess(frozenset(found or xl), evidence="SDXL's second text encoder")
-    for g in groups.values():
-        if g.component == "te1" and g.lookup.endswith("self_attn_q_proj"):
-            w = width(g)
-            if w in _TE_WIDTH:
-                return BaseGuess(frozenset({_TE_WIDTH[w]}), evidence=f"text encoder width {w}")
-    if meta_family:
-        return BaseGuess(frozenset({meta_family}), evidence="metadata")
-    if "lora_te_" in prefixes:
-        return BaseGuess(frozenset({"sd1", "sd2"}), evidence="one text encoder")
-    return BaseGuess()
-
-
 # --------------------------------------------------------------------------- files
 
 
@@ -364,33 +173,6 @@ def _parse_tag_frequency(meta: Mapping[str, str]) -> list[str]:
                     counts[tag] = counts.get(tag, 0) + count
     order = {t: i for i, t in enumerate(counts)}
     return sorted(counts, key=lambda t: (-counts[t], order[t]))[:MAX_TRIGGER_WORDS]
-
-
-@dataclass
-class LoraModule:
-    """One target module of a LoRA, read and normalised."""
-
-    component: str
-    lookup: str
-    name: str
-    down: torch.Tensor
-    up: torch.Tensor
-    mid: torch.Tensor | None
-    scale: float  # alpha / rank, or 1 without alpha
-
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
-    def delta(self, weight_shape: torch.Size, device: torch.device) -> torch.Tensor:
-        """up @ down (with the CP core for LoCon "tucker" layers), float32, shaped like the weight."""
-        up = self.up.to(device, torch.float32).flatten(1)
-        down = self.down.to(device, torch.float32).flatten(1)
-        if self.mid is not None:
-            d = torch.einsum("n m k l, i n, m j -> i j k l", self.mid.to(device, torch.float32), up, down)
-        else:
-            d = up @ down
-        return d.reshape(weight_shape)
 
 
 class LoraFile:
@@ -483,55 +265,6 @@ class LoraFile:
             if hit is not None:
                 out[g.name] = (g.component, hit[0])
         return out
-
-
-def _adapter_scale(meta: Mapping[str, str], component: str, dotted: str, rank: int) -> float | None:
-    """PEFT/diffusers `lora_adapter_metadata` (lora_alpha, r, alpha_pattern, use_rslora) -> scale."""
-    raw = meta.get("lora_adapter_metadata")
-    if not raw:
-        return None
-    try:
-        doc = json.loads(raw)
-    except ValueError:
-        return None
-    prefix = _ADAPTER_PREFIX[component] + "."
-    conf = {k[len(prefix):]: v for k, v in doc.items() if k.startswith(prefix)} if isinstance(doc, dict) else {}
-    if "lora_alpha" not in conf:
-        return None
-    alpha = float(conf["lora_alpha"])
-    for pattern, value in (conf.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", dotted):
-            alpha = float(value)
-            break
-    return alpha / (math.sqrt(rank) if conf.get("use_rslora") else rank)
-
-
-def parse_lora_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, *,
-                       groups: Mapping[tuple[str, str], _Group] | None = None) -> list[LoraModule]:
-    """A LoRA state dict (kohya or diffusers/PEFT keys) -> normalised modules.
-
-    Scale per module: an explicit `scale`, else alpha / rank (rank = rows of `down`), else
-    PEFT adapter metadata, else 1 (as the webui does for files without alpha).
-    """
-    metadata = metadata or {}
-    if groups is None:
-        groups, _ = _group_keys(tensors)
-    out = []
-    for g in groups.values():
-        if g.kind is not None:
-            raise InvalidRequest(f"LoRA layer {g.name} is a {g.kind} layer, which Darkroom cannot apply yet")
-        down, up = tensors[g.keys["down"]], tensors[g.keys["up"]]
-        mid = tensors[g.keys["mid"]] if "mid" in g.keys else None
-        rank = int(down.shape[0])
-        if "scale" in g.keys:
-            scale = float(tensors[g.keys["scale"]].float().item())
-        elif "alpha" in g.keys:
-            scale = float(tensors[g.keys["alpha"]].float().item()) / rank
-        else:
-            adapter = _adapter_scale(metadata, g.component, g.name.removeprefix(g.prefix), rank)
-            scale = 1.0 if adapter is None else adapter
-        out.append(LoraModule(g.component, g.lookup, g.name, down, up, mid, scale))
-    return out
 
 
 # --------------------------------------------------------------------------- the library
@@ -691,79 +424,6 @@ class LoraUse:
     @property
     def mentioned_name(self) -> str:
         return self.name or self.lora.name
-
-
-class _TargetMaps:
-    """Underscored module path -> (dotted path, module) for every Linear/Conv2d of the model."""
-
-    def __init__(self, model: LoadedModel):
-        self.model = model
-        self.roots: dict[str, torch.nn.Module] = {"unet": model.unet}
-        encoders = [slot.model for slot in model.text_encoders]
-        if model.family.id == "sdxl-refiner":
-            self.roots["te2"] = encoders[0]
-        else:
-            for component, enc in zip(("te1", "te2"), encoders, strict=False):
-                self.roots[component] = enc
-        self._maps: dict[str, dict[str, tuple[str, torch.nn.Module]]] = {}
-
-    def _build(self, component: str) -> dict[str, tuple[str, torch.nn.Module]]:
-        root = self.roots[component]
-        table: dict[str, tuple[str, torch.nn.Module]] = {}
-        modules = dict(root.named_modules())
-        for name, mod in modules.items():
-            if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
-                path = name if component == "unet" else name.removeprefix("text_model.")
-                table.setdefault(path.replace(".", "_"), (name, mod))
-        if component == "unet":
-            from darkroom.models.ldm_export import unet_to_ldm
-
-            keys = [k for k in root.state_dict() if k.endswith(".weight")]
-            try:
-                ldm = unet_to_ldm({k: k for k in keys}, dict(root.config), prefix="")
-            except (ValueError, KeyError, IndexError) as e:  # an unusual UNet: LDM names are then unknown
-                log.warning("no LDM names for this UNet (%s); LoRAs with LDM layer names will not match", e)
-                ldm = {}
-            for ldm_key, key in ldm.items():
-                name = key[: -len(".weight")]
-                if name in modules and isinstance(modules[name], (torch.nn.Linear, torch.nn.Conv2d)):
-                    table.setdefault(ldm_key[: -len(".weight")].replace(".", "_"), (name, modules[name]))
-        return table
-
-    def find(self, component: str, lookup: str) -> tuple[str, torch.nn.Module] | None:
-        if component not in self.roots:
-            return None
-        if component not in self._maps:
-            self._maps[component] = self._build(component)
-        return self._maps[component].get(lookup)
-
-
-def _squeeze(shape: Iterable[int]) -> tuple[int, ...]:
-    s = tuple(shape)
-    while len(s) > 1 and s[-1] == 1:
-        s = s[:-1]
-    return s
-
-
-def _fits(weight: torch.Size, m: LoraModule) -> bool:
-    down, up = tuple(m.down.shape), tuple(m.up.shape)
-    if len(down) < 2 or len(up) < 2 or up[0] != weight[0]:
-        return False
-    up_in = math.prod(up[1:])
-    if m.mid is not None:
-        mid = tuple(m.mid.shape)
-        if len(mid) != 4 or mid[0] != up_in or mid[1] != down[0] or math.prod(down[2:]) != 1:
-            return False
-        lora_in = (down[1], *mid[2:])
-    else:
-        if up_in != down[0]:
-            return False
-        lora_in = down[1:]
-    return _squeeze(lora_in) == _squeeze(weight[1:])
-
-
-def _shape(t: torch.Tensor | torch.Size) -> str:
-    return "[" + ", ".join(str(s) for s in (t.shape if isinstance(t, torch.Tensor) else t)) + "]"
 
 
 class AppliedLoras:
