@@ -225,7 +225,8 @@ def test_generate_with_the_starter_model_then_history(open_page, tmp_path):
     expect(page.locator("#page-generate")).to_be_hidden()
     items = page.locator("#history-grid img.history-item")
     expect(items).to_have_count(2)
-    page.wait_for_function("() => [...document.querySelectorAll('img.history-item')].every(i => i.complete)")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('img.history-item')].every(i => i.complete && i.naturalWidth > 0)")
     assert image_widths(items) == [128, 128]
 
     # search (debounced): no match, then a word of the prompt brings both images back
@@ -409,8 +410,12 @@ def test_phone_sized_viewport(open_page, tmp_path):
     page.click("#tab-history")
     expect(page.locator("#history-grid")).not_to_have_attribute("aria-busy", "true")
     expect(page.locator("#history-page")).to_contain_text("page 1 of")
-    # (the grid holds what the first test made, if it ran): wait for the thumbnails before the shot
-    page.wait_for_function("() => [...document.querySelectorAll('img.history-item')].every(i => i.complete)")
+    # (the grid holds what the first test made, if it ran): wait for the thumbnails before the shot;
+    # they load lazily, so bring them into view first
+    for i in range(page.locator("img.history-item").count()):
+        page.locator("img.history-item").nth(i).scroll_into_view_if_needed()
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('img.history-item')].every(i => i.complete && i.naturalWidth > 0)")
     assert 0 not in image_widths(page.locator("img.history-item"))
     assert no_horizontal_overflow(page)
     shot(page, tmp_path, "history-phone.png")
