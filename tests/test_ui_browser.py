@@ -412,11 +412,11 @@ def test_phone_sized_viewport(open_page, tmp_path):
     expect(page.locator("#history-page")).to_contain_text("page 1 of")
     # (the grid holds what the first test made, if it ran): wait for the thumbnails before the shot;
     # they load lazily, so bring them into view first
+    # (the grid can be re-rendered meanwhile, so the check and the wait are one step in the page)
     for i in range(page.locator("img.history-item").count()):
         page.locator("img.history-item").nth(i).scroll_into_view_if_needed()
-    page.wait_for_function(
-        "() => [...document.querySelectorAll('img.history-item')].every(i => i.complete && i.naturalWidth > 0)")
-    assert 0 not in image_widths(page.locator("img.history-item"))
+    page.wait_for_function("() => { const imgs = [...document.querySelectorAll('img.history-item')];"
+                           " return imgs.every(i => i.complete && i.naturalWidth > 0); }")
     assert no_horizontal_overflow(page)
     shot(page, tmp_path, "history-phone.png")
 
