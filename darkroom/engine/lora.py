@@ -48,6 +48,7 @@ from darkroom.engine.lora_keys import _COMPONENT_LABEL, _CROSS_WIDTH, BaseGuess,
 from darkroom.engine.lora_keys import _Group as _Group  # re-exported: the key grouping moved to lora_keys
 from darkroom.engine.lora_keys import _metadata_family as _metadata_family
 from darkroom.errors import InvalidRequest, ModelLoadError, ModelNotFound
+from darkroom.fsutil import unique_dirs
 from darkroom.home import Home
 from darkroom.models.families import FAMILIES, detect
 from darkroom.models.hashing import HashCache
@@ -308,14 +309,7 @@ class LoraLibrary:
             for sub in ("models/Lora", "models/LyCORIS", "models/loras"):
                 if (extra / sub).is_dir():
                     dirs.append(extra / sub)
-        unique: list[Path] = []
-        seen: set[str] = set()
-        for d in dirs:
-            key = str(d.resolve()) if d.exists() else str(d)
-            if key not in seen:
-                seen.add(key)
-                unique.append(d)
-        return unique
+        return unique_dirs(dirs)
 
     def files(self) -> list[Path]:
         out: list[Path] = []

@@ -106,22 +106,29 @@ def vae_config(h: SafetensorsHeader, family: str, prefix: str = "first_stage_mod
     if not levels:
         raise ModelLoadError(f"{h.path.name}: VAE weights not found or not recognised")
     channels = [shape(f"encoder.down.{i}.block.0.conv2.weight")[0] for i in levels]
-    cfg: dict[str, Any] = {
+    layers = len(_indices(keys, r"encoder\.down\.0\.block\.(\d+)\."))
+    cfg = vae_config_from(shape, channels, layers, family)
+    cfg.update(overrides or {})
+    return cfg
+
+
+def vae_config_from(shape, channels: list[int], layers_per_block: int, family: str) -> dict[str, Any]:
+    """An AutoencoderKL config from its widths; `shape(key)` reads the conv_in/conv_out shapes
+    (those keys are the same in the LDM and diffusers layouts)."""
+    return {
         "_class_name": "AutoencoderKL",
         "in_channels": shape("encoder.conv_in.weight")[1],
         "out_channels": shape("decoder.conv_out.weight")[0],
         "down_block_types": ["DownEncoderBlock2D"] * len(channels),
         "up_block_types": ["UpDecoderBlock2D"] * len(channels),
         "block_out_channels": channels,
-        "layers_per_block": len(_indices(keys, r"encoder\.down\.0\.block\.(\d+)\.")),
+        "layers_per_block": layers_per_block,
         "latent_channels": shape("decoder.conv_in.weight")[1],
         "norm_num_groups": 32,
         "sample_size": FAMILIES[family].native_size,
         "scaling_factor": FAMILIES[family].vae_scaling,
         "force_upcast": family.startswith("sdxl"),
     }
-    cfg.update(overrides or {})
-    return cfg
 
 
 def text_encoder_config(h: SafetensorsHeader, prefix: str, layout: str, *, drop_last_layer: bool = False,

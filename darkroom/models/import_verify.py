@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from darkroom.errors import DarkroomError, ModelLoadError
+from darkroom.fsutil import fsync_dir as _fsync_dir
 from darkroom.models.families import detect
 from darkroom.models.header import read_header
 from darkroom.models.inventory import KIND_SPECS, KINDS, PREVIEW_SUFFIXES, guess_pickle_kind
@@ -188,19 +189,6 @@ def _remove_stale_parts(folder: Path) -> int:
         except OSError:
             pass  # another import finished or removed it meanwhile
     return removed
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # Windows cannot open folders; its renames are durable enough
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _publish(part: Path, dest: Path) -> None:

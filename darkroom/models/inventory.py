@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from darkroom.errors import DarkroomError, ModelLoadError, ModelNotFound
+from darkroom.fsutil import unique_dirs as _unique
 from darkroom.home import Home
 from darkroom.models.families import Detection, detect
 from darkroom.models.hashing import HashCache
@@ -137,16 +138,6 @@ def _is_vae_folder(p: Path) -> bool:
 def _is_sidecar_vae(p: Path) -> bool:
     """`<checkpoint>.vae.safetensors` beside a checkpoint: a VAE, as the webui lists it."""
     return ".vae." in p.name.lower() and p.suffix.lower() in KIND_SPECS["vae"].suffixes
-
-
-def _unique(dirs: Iterable[Path]) -> list[Path]:
-    out, seen = [], set()
-    for d in dirs:
-        key = d.resolve() if d.exists() else d
-        if key not in seen:
-            seen.add(key)
-            out.append(d)
-    return out
 
 
 def _embedding_family(h: SafetensorsHeader) -> str:

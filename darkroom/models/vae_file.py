@@ -10,7 +10,6 @@ scaling factor is the model's (SD 0.18215, SDXL 0.13025), as a VAE file does not
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +24,8 @@ from safetensors import safe_open
 from darkroom.errors import InvalidRequest, ModelLoadError, ModelNotFound
 from darkroom.home import Home
 from darkroom.models import configs, convert
-from darkroom.models.families import FAMILIES, detect
+from darkroom.models.configs import _indices
+from darkroom.models.families import detect
 from darkroom.models.hashing import HashCache
 from darkroom.models.header import SafetensorsHeader, read_header
 from darkroom.models.loader import LoadedModel, _build, _header_from_tensors, _read_pickle
@@ -51,30 +51,13 @@ def _layout(keys: set[str]) -> tuple[str, str] | None:
     return None
 
 
-def _indices(keys, pattern: str) -> list[int]:
-    rx = re.compile(pattern)
-    return sorted({int(m.group(1)) for k in keys if (m := rx.match(k))})
-
-
 def _diffusers_config(h: SafetensorsHeader, prefix: str, family: str) -> dict[str, Any]:
     keys = [k[len(prefix):] for k in h.tensors if k.startswith(prefix)]
     shape = lambda k: h.tensors[prefix + k].shape  # noqa: E731
     levels = _indices(keys, r"encoder\.down_blocks\.(\d+)\.")
     channels = [shape(f"encoder.down_blocks.{i}.resnets.0.conv2.weight")[0] for i in levels]
-    return {
-        "_class_name": "AutoencoderKL",
-        "in_channels": shape("encoder.conv_in.weight")[1],
-        "out_channels": shape("decoder.conv_out.weight")[0],
-        "down_block_types": ["DownEncoderBlock2D"] * len(channels),
-        "up_block_types": ["UpDecoderBlock2D"] * len(channels),
-        "block_out_channels": channels,
-        "layers_per_block": len(_indices(keys, r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")),
-        "latent_channels": shape("decoder.conv_in.weight")[1],
-        "norm_num_groups": 32,
-        "sample_size": FAMILIES[family].native_size,
-        "scaling_factor": FAMILIES[family].vae_scaling,
-        "force_upcast": family.startswith("sdxl"),
-    }
+    layers = len(_indices(keys, r"encoder\.down_blocks\.0\.resnets\.(\d+)\."))
+    return configs.vae_config_from(shape, channels, layers, family)
 
 
 def _diffusers_state_dict(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from darkroom.errors import ModelLoadError
+from darkroom.fsutil import unique_dirs
 from darkroom.models.families import detect
 from darkroom.models.hashing import HashCache
 from darkroom.models.header import read_header
@@ -334,14 +335,7 @@ class EmbeddingLibrary:
             for sub in ("embeddings", "models/embeddings"):
                 if (extra / sub).is_dir():
                     dirs.append(extra / sub)
-        seen: set[Path] = set()
-        unique = []
-        for d in dirs:
-            key = d.resolve() if d.exists() else d
-            if key not in seen:
-                seen.add(key)
-                unique.append(d)
-        return unique
+        return unique_dirs(dirs)
 
     def files(self) -> list[Path]:
         """Candidate files: per folder, its own files first, then subfolders, each sorted."""
