@@ -12,6 +12,11 @@ it. Phases, each resumable from its own checkpoint in --work:
   decoder (optional, --decoder-steps) fine-tune the VAE decoder alone, objects weighted 5x
   export  write the EMA weights as darkroom/assets/starter/darkroom-starter.safetensors (fp16)
 
+Layout options for the unet phase (used for the position fine-tune, see docs/starter-training.md):
+--high-t puts part of each batch at the noisiest timesteps, --snr-weight-cap weights the eps loss
+towards v-prediction's so those steps count, and --leak-free trains some of them on noise with no
+trace of the picture, as the first sampling step sees it (SD1's schedule never reaches zero SNR).
+
 Every phase appends to --work/log.jsonl (step, loss, seconds); `--until-minutes` stops a
 phase cleanly (checkpoint written) so training can be spread over several sessions.
 
@@ -233,6 +238,31 @@ def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
     return tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
 
 
+def sample_timesteps(args, n: int) -> torch.Tensor:
+    """Uniform timesteps, with `--high-t` of the batch drawn from [--high-t-from, 1000) instead.
+
+    The layout of a picture (where the object goes) is decided in the first, noisiest sampling steps;
+    uniform sampling spends few steps there, and eps-prediction gives them almost no loss (see below).
+    """
+    t = torch.randint(0, 1000, (n,))
+    high = torch.rand(n) < args.high_t
+    t[high] = torch.randint(args.high_t_from, 1000, (int(high.sum()),))
+    return t
+
+
+def loss_weights(args, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Per-sample weights on the eps loss: 1 + 1/SNR (the v-prediction weighting), capped at --snr-weight-cap.
+
+    In image terms the plain eps loss weighs an error in the predicted picture by SNR, which is ~0.005 at
+    t=999: the model never learns to take the layout from the caption there and reads it off the noise
+    instead. A cap of 0 keeps the plain eps loss.
+    """
+    if args.snr_weight_cap <= 0:
+        return torch.ones_like(alpha_bar)
+    snr = alpha_bar / (1 - alpha_bar)
+    return (1 + 1 / snr).clamp(max=args.snr_weight_cap)
+
+
 def train_unet(args, pool: dict, log: Log, t0: float):
     ckpt = args.work / "unet.pt"
     torch.manual_seed(SEED + 2)
@@ -280,9 +310,13 @@ def train_unet(args, pool: dict, log: Log, t0: float):
         stats = pool["latents"][idx].float()
         z0 = (stats[:, :4] + stats[:, 4:] * torch.randn_like(stats[:, :4])) * scale
         noise = torch.randn_like(z0)
-        t = torch.randint(0, 1000, (len(idx),))
+        t = sample_timesteps(args, len(idx))
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        free = (t >= args.leak_free_from) & (torch.rand(len(idx)) < args.leak_free)
+        if free.any():  # noise that carries no trace of the picture, as the first sampling step sees
+            zt[free] = torch.randn_like(zt[free])
+            noise[free] = (zt[free] - a[free].sqrt() * z0[free]) / (1 - a[free]).sqrt()
         ids = tokenize(tokenizer, captions)
         lr = args.lr * min(1.0, (step + 1) / 300) * (0.5 * (1 + math.cos(math.pi * min(1.0, step / args.unet_steps))))
         for g in opt.param_groups:
@@ -290,7 +324,8 @@ def train_unet(args, pool: dict, log: Log, t0: float):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             context = text(input_ids=ids).last_hidden_state
             pred = unet(zt, t, encoder_hidden_states=context).sample
-        loss = F.mse_loss(pred.float(), noise)
+        per_sample = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
+        loss = (per_sample * loss_weights(args, alphas[t])).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -316,7 +351,7 @@ def train_unet(args, pool: dict, log: Log, t0: float):
 
 # --- phase 4: export ------------------------------------------------------------------------------
 
-def export(vae: AutoencoderKL, unet, text, scale: float, out: Path, step: int) -> Path:
+def export(vae: AutoencoderKL, unet, text, scale: float, out: Path, step: int, base_steps: int = 0) -> Path:
     vae_cfg = dict(vae.config)
     vae_cfg["scaling_factor"] = scale
     configs = {
@@ -327,7 +362,8 @@ def export(vae: AutoencoderKL, unet, text, scale: float, out: Path, step: int) -
     ldm = pipeline_to_ldm("sd1", unet=unet.state_dict(), unet_config=configs["unet"], vae=vae.state_dict(),
                           text_encoder=text.state_dict())
     out.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"darkroom_model": "darkroom-starter", "darkroom_train_steps": str(step),
+    # UNet steps in all: a run started --init-from an exported model adds to that model's count
+    metadata = {"darkroom_model": "darkroom-starter", "darkroom_train_steps": str(base_steps + step),
                 "description": "Darkroom's tiny demo model, trained from scratch on synthetic shapes"}
     return save_ldm_checkpoint(out, ldm, dtype=torch.float16, configs=configs, metadata=metadata)
 
@@ -344,6 +380,13 @@ def main() -> None:
     ap.add_argument("--unet-steps", type=int, default=9000)
     ap.add_argument("--batch", type=int, default=48)
     ap.add_argument("--lr", type=float, default=4e-4)
+    ap.add_argument("--high-t", type=float, default=0.0, help="fraction of each batch with t >= --high-t-from")
+    ap.add_argument("--high-t-from", type=int, default=500)
+    ap.add_argument("--snr-weight-cap", type=float, default=0.0,
+                    help="weight the eps loss by min(1 + 1/SNR, cap) so the noisy steps that decide layout count")
+    ap.add_argument("--leak-free", type=float, default=0.0,
+                    help="fraction of samples at t >= --leak-free-from whose noisy input holds no trace of the picture")
+    ap.add_argument("--leak-free-from", type=int, default=900)
     ap.add_argument("--until-minutes", type=float, default=None, help="stop cleanly after this long")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="start from an exported starter file (e.g. the committed one) instead of random weights")
@@ -366,7 +409,12 @@ def main() -> None:
     if args.phase in ("all", "export") and args.decoder_steps:
         vae = train_decoder(args, vae, log, t0)
     if args.phase in ("all", "export"):
-        path = export(vae, unet, text, scale, args.out, step)
+        base_steps = 0
+        if args.init_from:
+            from darkroom.models.header import read_header
+
+            base_steps = int(read_header(args.init_from).metadata.get("darkroom_train_steps", 0))
+        path = export(vae, unet, text, scale, args.out, step, base_steps)
         log.write(phase="export", path=str(path), step=step)
         print(f"exported {path}", flush=True)
 
