@@ -102,8 +102,11 @@ def load_exported(path: Path) -> dict:
     from darkroom.models.loader import LoadOptions, load_checkpoint
 
     model = load_checkpoint(path, LoadOptions())
+    from darkroom.models.header import read_header
+
     return {"unet": model.unet.state_dict(), "text": model.text_encoders[0].model.state_dict(),
-            "vae": model.vae.state_dict(), "scale": model.vae.config.scaling_factor}
+            "vae": model.vae.state_dict(), "scale": model.vae.config.scaling_factor,
+            "steps": int(read_header(path).metadata.get("darkroom_train_steps", 0))}
 
 
 def scene_crops(rng: random.Random, count: int) -> torch.Tensor:
@@ -275,9 +278,10 @@ def train_unet(args, pool: dict, log: Log, t0: float):
     text.get_input_embeddings().weight.requires_grad_(False)
     params = [p for p in list(unet.parameters()) + list(text.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    step, rng = 0, random.Random(SEED + 3)
+    step, rng, base_steps = 0, random.Random(SEED + 3), 0
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
+        base_steps = state.get("base_steps", 0)
         unet.load_state_dict(state["unet"])
         text.load_state_dict(state["text"])
         ema_unet.load_state_dict(state["ema_unet"])
@@ -289,6 +293,7 @@ def train_unet(args, pool: dict, log: Log, t0: float):
             init = load_exported(args.init_from)
             unet.load_state_dict(init["unet"])
             text.load_state_dict(init["text"])
+            base_steps = init["steps"]
         ema_unet.load_state_dict(unet.state_dict())
         ema_text.load_state_dict(text.state_dict())
     unet.train()
@@ -301,7 +306,8 @@ def train_unet(args, pool: dict, log: Log, t0: float):
 
     def checkpoint():
         save(ckpt, unet=unet.state_dict(), text=text.state_dict(), ema_unet=ema_unet.state_dict(),
-             ema_text=ema_text.state_dict(), opt=opt.state_dict(), step=step, rng=rng, scale=scale)
+             ema_text=ema_text.state_dict(), opt=opt.state_dict(), step=step, rng=rng, scale=scale,
+             base_steps=base_steps)
 
     last = time.time()
     while step < args.unet_steps and not deadline_passed(args, t0):
@@ -346,7 +352,7 @@ def train_unet(args, pool: dict, log: Log, t0: float):
         if step % 250 == 0:
             checkpoint()
     checkpoint()
-    return ema_unet.eval(), ema_text.eval(), scale, step
+    return ema_unet.eval(), ema_text.eval(), scale, step, base_steps
 
 
 # --- phase 4: export ------------------------------------------------------------------------------
@@ -405,15 +411,10 @@ def main() -> None:
     pool = encode_pool(args, vae, log)
     if args.phase == "latents":
         return
-    unet, text, scale, step = train_unet(args, pool, log, t0)
+    unet, text, scale, step, base_steps = train_unet(args, pool, log, t0)
     if args.phase in ("all", "export") and args.decoder_steps:
         vae = train_decoder(args, vae, log, t0)
     if args.phase in ("all", "export"):
-        base_steps = 0
-        if args.init_from:
-            from darkroom.models.header import read_header
-
-            base_steps = int(read_header(args.init_from).metadata.get("darkroom_train_steps", 0))
         path = export(vae, unet, text, scale, args.out, step, base_steps)
         log.write(phase="export", path=str(path), step=step)
         print(f"exported {path}", flush=True)
