@@ -6,6 +6,7 @@ import datetime as dt
 from pathlib import Path
 
 from darkroom.home import Home
+from darkroom.humanize import human_size
 from darkroom.request import GenerationRequest, GenerationResult
 
 
@@ -46,14 +47,6 @@ def request_from_png(path: Path) -> GenerationRequest:
     return request_from_infotext(meta.parameters)
 
 
-def _human_size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def list_models(home: Home, *, hashes: bool = True) -> list[dict]:
     from darkroom.models.library import ModelLibrary
 
@@ -67,7 +60,7 @@ def list_models(home: Home, *, hashes: bool = True) -> list[dict]:
         else:
             family = e.detection.label if e.detection else "?"
         rows.append({
-            "name": e.name, "family": family, "size": _human_size(e.size),
+            "name": e.name, "family": family, "size": human_size(e.size),
             "hash": (library.short_hash(e) if hashes and not e.error else None), "path": str(e.path),
         })
     return rows

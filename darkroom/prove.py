@@ -33,7 +33,8 @@ import darkroom
 from darkroom import offline
 from darkroom.errors import DarkroomError
 from darkroom.home import Home
-from darkroom.readiness import human_size, proof_dir
+from darkroom.humanize import human_size
+from darkroom.readiness import proof_dir
 
 PARTS = ("generation", "server")
 TEST_CONNECT_ENV = "DARKROOM_PROVE_TEST_CONNECT"

@@ -22,6 +22,7 @@ import darkroom
 from darkroom import offline
 from darkroom.errors import DarkroomError
 from darkroom.home import Home
+from darkroom.humanize import human_size
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 PROOF_DIR = "offline-proof"  # under the home's logs folder
@@ -73,14 +74,6 @@ def _guard_active() -> bool:
     """The socket layer is actually patched by darkroom.offline (not merely a guard object existing)."""
     return all(getattr(fn, "__module__", None) == offline.__name__
                for fn in (socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo))
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def _check_switches() -> Check:

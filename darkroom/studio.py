@@ -70,7 +70,7 @@ class Studio:
 
     def models(self, *, refresh: bool = False) -> list[ModelInfo]:
         """Checkpoints in the library (scanned once, then cached until `refresh`)."""
-        from darkroom.api import _human_size
+        from darkroom.humanize import human_size
 
         if self._models is None or refresh:
             library = self.engine.library
@@ -87,7 +87,7 @@ class Studio:
                           (e.detection.label if e.detection else "?")) if not e.error else "unreadable"
                 rows.append(ModelInfo(
                     name=e.name, title=f"{e.name} [{short}]" if short else e.name, family=family,
-                    size=_human_size(e.size), size_bytes=e.size, hash=short, sha256=sha, path=str(e.path),
+                    size=human_size(e.size), size_bytes=e.size, hash=short, sha256=sha, path=str(e.path),
                     native_size=None if e.error else library.native_size(e), error=e.error,
                     preview=preview_beside(e.path),
                 ))

@@ -39,24 +39,33 @@ class HashCache:
         except sqlite3.Error:
             return None  # a read-only home still works, just without a persistent cache
 
-    def sha256(self, path: Path) -> str:
+    @staticmethod
+    def _key(path: Path) -> tuple[Path, tuple[str, int, int]]:
         path = Path(path).resolve()
         st = path.stat()
-        key = (str(path), st.st_size, st.st_mtime_ns)
+        return path, (str(path), st.st_size, st.st_mtime_ns)
+
+    def _lookup(self, key: tuple[str, int, int]) -> str | None:
         if key in self._memory:
             return self._memory[key]
         con = self._connect()
-        if con is not None:
-            with con:
-                row = con.execute(
-                    "SELECT sha256 FROM file_hashes WHERE path=? AND size=? AND mtime_ns=?", key
-                ).fetchone()
-            if row:
-                self._memory[key] = row[0]
-                con.close()
-                return row[0]
+        if con is None:
+            return None
+        with con:
+            row = con.execute("SELECT sha256 FROM file_hashes WHERE path=? AND size=? AND mtime_ns=?", key).fetchone()
+        con.close()
+        if row:
+            self._memory[key] = row[0]
+        return row[0] if row else None
+
+    def sha256(self, path: Path) -> str:
+        path, key = self._key(path)
+        known = self._lookup(key)
+        if known:
+            return known
         digest = sha256_file(path)
         self._memory[key] = digest
+        con = self._connect()
         if con is not None:
             with con:
                 con.execute("INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?)", (*key, digest))
@@ -69,37 +78,14 @@ class HashCache:
 
     def cached_short_hash(self, path: Path) -> str | None:
         """The short hash if already known, without hashing (for instant listings)."""
-        path = Path(path).resolve()
-        st = path.stat()
-        key = (str(path), st.st_size, st.st_mtime_ns)
-        if key in self._memory:
-            return self._memory[key][:10]
-        con = self._connect()
-        if con is None:
-            return None
-        with con:
-            row = con.execute("SELECT sha256 FROM file_hashes WHERE path=? AND size=? AND mtime_ns=?", key).fetchone()
-        con.close()
-        return row[0][:10] if row else None
+        sha = self.cached_sha256(path)
+        return sha[:10] if sha else None
 
     # ---- the library service's view (darkroom.models.manage): lookups without hashing, records
 
     def cached_sha256(self, path: Path) -> str | None:
         """The SHA-256 if known for the file as it is now (same size and mtime), without hashing."""
-        path = Path(path).resolve()
-        st = path.stat()
-        key = (str(path), st.st_size, st.st_mtime_ns)
-        if key in self._memory:
-            return self._memory[key]
-        con = self._connect()
-        if con is None:
-            return None
-        with con:
-            row = con.execute("SELECT sha256 FROM file_hashes WHERE path=? AND size=? AND mtime_ns=?", key).fetchone()
-        con.close()
-        if row:
-            self._memory[key] = row[0]
-        return row[0] if row else None
+        return self._lookup(self._key(path)[1])
 
     def recorded(self, path: Path) -> tuple[int, int, str] | None:
         """(size, mtime_ns, sha256) last recorded for this path, whatever the file is now (or None)."""

@@ -20,6 +20,7 @@ from typing import Any
 from darkroom.errors import DarkroomError, ModelLoadError, ModelNotFound
 from darkroom.fsutil import unique_dirs as _unique
 from darkroom.home import Home
+from darkroom.humanize import human_size
 from darkroom.models.families import Detection, detect
 from darkroom.models.hashing import HashCache
 from darkroom.models.header import SafetensorsHeader, read_header
@@ -66,21 +67,6 @@ FOLDER_HINTS = {"stable-diffusion": "checkpoint", "checkpoints": "checkpoint", "
 PRECISIONS = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "F64": "fp64", "F8_E4M3": "fp8 (e4m3)",
               "F8_E5M2": "fp8 (e5m2)"}
 _EMBEDDING_WIDTHS = {768: "SD1", 1024: "SD2"}
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def human_time(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, s = divmod(int(round(seconds)), 60)
-    return f"{minutes} min {s} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
 
 
 # --------------------------------------------------------------------------- what is there

@@ -35,6 +35,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from darkroom.errors import DarkroomError, Interrupted, ModelNotFound
+from darkroom.humanize import human_size, human_time
 from darkroom.models.header import read_header
 from darkroom.models.import_verify import (
     CHUNK,
@@ -71,8 +72,6 @@ from darkroom.models.inventory import (
     _count,
     find_preview,
     guess_pickle_kind,
-    human_size,
-    human_time,
     lora_details,
 )
 from darkroom.models.library import ModelEntry

@@ -22,6 +22,7 @@ from diffusers import AutoencoderKL
 from safetensors import safe_open
 
 from darkroom.errors import InvalidRequest, ModelLoadError, ModelNotFound
+from darkroom.fsutil import unique_dirs
 from darkroom.home import Home
 from darkroom.models import configs, convert
 from darkroom.models.configs import _indices
@@ -277,13 +278,7 @@ class VaeLibrary:
             for sub in ("models/VAE", "models/vae"):
                 if (extra / sub).is_dir():
                     dirs.append(extra / sub)
-        out, seen = [], set()
-        for d in dirs:
-            key = d.resolve() if d.exists() else d
-            if key not in seen:
-                seen.add(key)
-                out.append(d)
-        return out
+        return unique_dirs(dirs)
 
     def scan(self) -> list[VaeEntry]:
         entries: list[VaeEntry] = []
