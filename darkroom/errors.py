@@ -45,3 +45,7 @@ class Interrupted(DarkroomError):
     """Raised inside sampling when the user interrupts; finished images are kept."""
 
     status = 409
+
+
+class BundleError(DarkroomError):
+    """A bundle that cannot be made or used; the message names the file or option."""

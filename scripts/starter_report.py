@@ -28,10 +28,11 @@ def load(work: Path) -> list[dict]:
 
 
 def buckets(rows: list[dict], phase: str, width: int) -> list[tuple[int, float]]:
+    # a run stopped between checkpoints logged steps that the resumed run did again: keep the last
+    latest = {r["step"]: r["loss"] for r in rows if r.get("phase") == phase and "loss" in r}
     out: dict[int, list[float]] = {}
-    for r in rows:
-        if r.get("phase") == phase and "loss" in r:
-            out.setdefault((r["step"] - 1) // width, []).append(r["loss"])
+    for step, loss in latest.items():
+        out.setdefault((step - 1) // width, []).append(loss)
     return [((k + 1) * width, sum(v) / len(v)) for k, v in sorted(out.items())]
 
 

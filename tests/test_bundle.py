@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from packaging.requirements import Requirement
 from safetensors.torch import save_file
 
-from darkroom import bundle
+from darkroom import bundle, bundle_target
 from darkroom.cli import Context
 from darkroom.cli_bundle import bundle_group
 from darkroom.home import Home
@@ -41,7 +41,7 @@ def _tensor_file(path: Path, *keys: str) -> Path:
 
 
 def _native_info(**overrides) -> dict:
-    target = bundle.make_target().as_json()
+    target = bundle_target.make_target().as_json()
     target.update(overrides)
     return {"darkroom_version": "0.1.0", "target": target, "models": []}
 
@@ -83,7 +83,7 @@ def test_manifest_lists_every_file_with_size_and_hash(tmp_path):
     entry = next(e for e in manifest["files"] if e["path"] == "wheels/beta-2.0-py3-none-any.whl")
     assert entry["size"] == 1000
     assert entry["sha256"] == bundle.checker().sha256_file(root / entry["path"])
-    assert manifest["format"] == "darkroom-bundle/1" and manifest["target"]["python"] == bundle._host_python()
+    assert manifest["format"] == "darkroom-bundle/1" and manifest["target"]["python"] == bundle_target._host_python()
     # SHA256SUMS is `sha256sum -c` format, for checking a copy without Python
     assert f"{entry['sha256']}  {entry['path']}" in (root / "SHA256SUMS").read_text()
     assert bundle.verify_bundle(root).problems == []
@@ -261,25 +261,25 @@ def test_model_errors_are_one_line_and_list_what_exists(model_home, tmp_path):
 
 
 def test_targets_platform_tags_and_markers():
-    t = bundle.make_target(["manylinux2014_x86_64"], "3.12", "cu128")
+    t = bundle_target.make_target(["manylinux2014_x86_64"], "3.12", "cu128")
     assert (t.os, t.machine, t.python) == ("linux", "x86_64", "3.12")
     assert t.platforms[:2] == ("manylinux_2_17_x86_64", "manylinux2014_x86_64") and "manylinux1_x86_64" in t.platforms
-    assert "manylinux_2_28_x86_64" in bundle.expand_platform("manylinux_2_28_x86_64")
-    assert bundle.torch_requirement("2.13.0", t) == ("torch==2.13.0+cu128", "https://download.pytorch.org/whl/cu128")
+    assert "manylinux_2_28_x86_64" in bundle_target.expand_platform("manylinux_2_28_x86_64")
+    assert bundle_target.torch_requirement("2.13.0", t) == ("torch==2.13.0+cu128", "https://download.pytorch.org/whl/cu128")
     args = t.pip_args()
     assert args[:5] == ["--only-binary=:all:", "--implementation", "cp", "--python-version", "3.12"]
 
-    win = bundle.make_target(["win_amd64"], "3.11")
-    env = bundle.marker_environment(win)
+    win = bundle_target.make_target(["win_amd64"], "3.11")
+    env = bundle_target.marker_environment(win)
     assert (env["sys_platform"], env["platform_system"], env["platform_machine"]) == ("win32", "Windows", "AMD64")
-    assert bundle.torch_requirement("2.13.0", win) == ("torch==2.13.0+cpu", "https://download.pytorch.org/whl/cpu")
+    assert bundle_target.torch_requirement("2.13.0", win) == ("torch==2.13.0+cpu", "https://download.pytorch.org/whl/cpu")
 
-    mac = bundle.make_target(["macosx_11_0_arm64"])
-    assert bundle.torch_requirement("2.13.0", mac) == ("torch==2.13.0", None)
+    mac = bundle_target.make_target(["macosx_11_0_arm64"])
+    assert bundle_target.torch_requirement("2.13.0", mac) == ("torch==2.13.0", None)
     with pytest.raises(bundle.BundleError, match="no CUDA/ROCm build"):
-        bundle.torch_requirement("2.13.0", bundle.make_target(["macosx_11_0_arm64"], torch="cu124"))
+        bundle_target.torch_requirement("2.13.0", bundle_target.make_target(["macosx_11_0_arm64"], torch="cu124"))
 
-    native = bundle.make_target()
+    native = bundle_target.make_target()
     assert native.native and native.pip_args() == ["--only-binary=:all:"]
 
 

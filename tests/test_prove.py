@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from darkroom import offline, prove, readiness
 from darkroom.cli import Context
 from darkroom.cli_doctor import doctor
-from darkroom.prove import Roots
+from darkroom.prove_files import Roots, classify, summarize_files
 from darkroom.readiness import FAIL, OK, WARN
 
 
@@ -99,14 +99,14 @@ def test_classifier_sorts_opened_paths():
         "/h/../etc/ssl/certs/ca.pem": ("other", "/etc/ssl/certs"),
     }
     for path, expected in cases.items():
-        assert prove.classify(path, roots) == expected, path
-    summary = prove.summarize_files({p: "read" for p in cases} | {"/root/.cache/x/token": "write"}, roots)
+        assert classify(path, roots) == expected, path
+    summary = summarize_files({p: "read" for p in cases} | {"/root/.cache/x/token": "write"}, roots)
     assert summary["counts"] == {"darkroom": 2, "python": 2, "system": 5, "other": 5}
     assert summary["system_groups"]["system libraries"] == 1
     assert summary["other"]["/root/.cache/x"] == [{"path": "/root/.cache/x/token", "how": "write", "exists": False}]
     here = Roots.current(["/some/home"])
-    assert "/some/home" in here.darkroom and prove.classify(prove.__file__, here)[0] == "darkroom"
-    assert prove.classify(os.__file__, here)[0] == "python"
+    assert "/some/home" in here.darkroom and classify(prove.__file__, here)[0] == "darkroom"
+    assert classify(os.__file__, here)[0] == "python"
 
 
 def test_audit_recorder_reads_events():
