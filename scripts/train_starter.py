@@ -16,6 +16,8 @@ Layout options for the unet phase (used for the position fine-tune, see docs/sta
 --high-t puts part of each batch at the noisiest timesteps, --snr-weight-cap weights the eps loss
 towards v-prediction's so those steps count, and --leak-free trains some of them on noise with no
 trace of the picture, as the first sampling step sees it (SD1's schedule never reaches zero SNR).
+--partial-captions leaves the colour or the shape out of some captions ("a circle on the left"),
+so position words cannot be learnt per colour-shape pair.
 
 Every phase appends to --work/log.jsonl (step, loss, seconds); `--until-minutes` stops a
 phase cleanly (checkpoint written) so training can be spread over several sessions.
@@ -266,6 +268,14 @@ def loss_weights(args, alpha_bar: torch.Tensor) -> torch.Tensor:
     return (1 + 1 / snr).clamp(max=args.snr_weight_cap)
 
 
+def training_caption(args, scene, rng: random.Random) -> str:
+    """A full caption, or with --partial-captions one without colour or shape, which makes each word
+    mean the same whatever it is paired with (held-out colour-shape pairs are placed worse than seen ones)."""
+    if args.partial_captions and rng.random() < args.partial_captions:
+        return scenes.partial_caption(scene, rng)
+    return scenes.caption(scene, rng)
+
+
 def train_unet(args, pool: dict, log: Log, t0: float):
     ckpt = args.work / "unet.pt"
     torch.manual_seed(SEED + 2)
@@ -312,7 +322,7 @@ def train_unet(args, pool: dict, log: Log, t0: float):
     last = time.time()
     while step < args.unet_steps and not deadline_passed(args, t0):
         idx = [rng.randrange(n) for _ in range(args.batch)]
-        captions = [scenes.caption(pool["scenes"][i], rng) if rng.random() > 0.1 else "" for i in idx]
+        captions = [training_caption(args, pool["scenes"][i], rng) if rng.random() > 0.1 else "" for i in idx]
         stats = pool["latents"][idx].float()
         z0 = (stats[:, :4] + stats[:, 4:] * torch.randn_like(stats[:, :4])) * scale
         noise = torch.randn_like(z0)
@@ -393,6 +403,8 @@ def main() -> None:
     ap.add_argument("--leak-free", type=float, default=0.0,
                     help="fraction of samples at t >= --leak-free-from whose noisy input holds no trace of the picture")
     ap.add_argument("--leak-free-from", type=int, default=900)
+    ap.add_argument("--partial-captions", type=float, default=0.0,
+                    help="fraction of captions that leave out the colour or the shape (training only)")
     ap.add_argument("--until-minutes", type=float, default=None, help="stop cleanly after this long")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="start from an exported starter file (e.g. the committed one) instead of random weights")

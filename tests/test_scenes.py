@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from darkroom.starter.scenes import (
     has_held_out,
     layout,
     parse_caption,
+    partial_caption,
     render,
     sample_example,
     sample_scene,
@@ -94,6 +96,27 @@ def test_captions_vary_and_parse_back_to_their_claims() -> None:
         assert phrase in all_text
     for e in examples:
         assert parse_caption(e.text) == e.asserted, e.text
+
+
+def test_partial_captions_leave_out_colour_or_shape_and_keep_the_rest() -> None:
+    scene = Scene("yellow", (SceneObject("circle", "red", "small", "top left"),))
+    kinds = set()
+    for i in range(300):
+        text = partial_caption(scene, random.Random(i))
+        words = set(re.findall(r"[a-z]+", text))
+        no_colour, no_shape = "red" not in words, "circle" not in words
+        assert no_colour != no_shape, text  # exactly one of the two is left out
+        assert no_colour or words & {"shape", "object", "thing"}, text
+        kinds.add("colour" if no_colour else "shape")
+        kinds.update(k for k in ("top", "yellow") if k in words)
+        with pytest.raises(ValueError):  # outside the judge's grammar, so never evaluated
+            parse_caption(text)
+    assert kinds == {"colour", "shape", "top", "yellow"}
+    star, ring = SceneObject("star", "blue", "small", "left"), SceneObject("ring", "green", "small", "right")
+    pair = Scene("white", (star, ring), relation="left of")
+    texts = [partial_caption(pair, random.Random(i)) for i in range(100)]
+    assert any("star" in t and "ring" in t and "blue" not in t for t in texts)
+    assert any("blue" in t and "green" in t and "star" not in t for t in texts)
 
 
 def test_claims_are_true_of_the_scene() -> None:

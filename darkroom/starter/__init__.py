@@ -26,6 +26,7 @@ from darkroom.starter.scenes import (
     eval_set,
     has_held_out,
     parse_caption,
+    partial_caption,
     render,
     sample_example,
     sample_scene,
@@ -34,5 +35,5 @@ from darkroom.starter.scenes import (
 __all__ = [
     "COLOURS", "HELD_OUT", "PALETTE", "POSITIONS", "RELATIONS", "SHAPES", "SIZES", "Claims", "Example",
     "ObjectClaim", "Scene", "SceneObject", "caption", "describe", "eval_set", "has_held_out", "parse_caption",
-    "render", "sample_example", "sample_scene",
+    "partial_caption", "render", "sample_example", "sample_scene",
 ]

@@ -429,11 +429,16 @@ _BG_PHRASES = (" on a {} background", " on a {} background", " against a {} back
                ", {} background")
 
 
-def _np(claim: ObjectClaim, rng: random.Random, article: bool) -> str:
+_GENERIC_NOUNS = ("shape", "object", "thing")
+
+
+def _np(claim: ObjectClaim, rng: random.Random, article: bool, omit: str | None = None) -> str:
     words = []
     if claim.size is not None:
         words.append(rng.choice(_SIZE_WORDS[claim.size]))
-    words += [rng.choice(_COLOUR_WORDS[claim.colour]), claim.shape]
+    if omit != "colour":
+        words.append(rng.choice(_COLOUR_WORDS[claim.colour]))
+    words.append(rng.choice(_GENERIC_NOUNS) if omit == "shape" else claim.shape)
     text = " ".join(words)
     if article:
         text = ("an " if text[0] in "aeiou" else "a ") + text
@@ -467,7 +472,16 @@ def caption(scene: Scene, rng: random.Random) -> str:
     return describe(scene, rng).text
 
 
-def _say(claims: Claims, rng: random.Random) -> str:
+def partial_caption(scene: Scene, rng: random.Random) -> str:
+    """A training caption that leaves out every object's colour ("a circle on the left") or shape
+    ("a red shape on the left"), so each word has to mean the same whatever it is paired with.
+
+    For training only: the judge's grammar (`parse_caption`) needs both, so these are never evaluated.
+    """
+    return _say(describe(scene, rng).asserted, rng, omit=rng.choice(("colour", "shape")))
+
+
+def _say(claims: Claims, rng: random.Random, omit: str | None = None) -> str:
     bg = claims.background
     bg_word = rng.choice(_COLOUR_WORDS[bg]) if bg else ""
     if len(claims.objects) == 1:
@@ -476,24 +490,24 @@ def _say(claims: Claims, rng: random.Random) -> str:
         form = rng.randrange(4)
         if form == 0 or (form == 2 and pos is None) or (form == 3 and pos is None and bg is None):
             lead = rng.choice(_LEADS)
-            text = lead + _np(obj, rng, article=bool(lead) or rng.random() < 0.7)
+            text = lead + _np(obj, rng, article=bool(lead) or rng.random() < 0.7, omit=omit)
             if pos is not None:
                 text += " " + rng.choice(_POSITION_PHRASES[pos])
             if bg:
                 text += rng.choice(_BG_PHRASES).format(bg_word)
         elif form == 1:  # background before position
             lead = rng.choice(_LEADS)
-            text = lead + _np(obj, rng, article=bool(lead) or rng.random() < 0.7)
+            text = lead + _np(obj, rng, article=bool(lead) or rng.random() < 0.7, omit=omit)
             if bg:
                 text += rng.choice(_BG_PHRASES[:4]).format(bg_word)
             if pos is not None:
                 text += " " + rng.choice(_POSITION_PHRASES[pos])
         elif form == 2:  # position first
-            text = rng.choice(_POSITION_PHRASES[pos]) + ", " + _np(obj, rng, article=True)
+            text = rng.choice(_POSITION_PHRASES[pos]) + ", " + _np(obj, rng, article=True, omit=omit)
             if bg:
                 text += rng.choice(_BG_PHRASES).format(bg_word)
         else:  # terse, comma separated
-            parts = [_np(obj, rng, article=False)]
+            parts = [_np(obj, rng, article=False, omit=omit)]
             if pos is not None:
                 parts.append(rng.choice(_POSITION_SHORT[pos]))
             if bg:
@@ -506,17 +520,17 @@ def _say(claims: Claims, rng: random.Random) -> str:
         if form == 0 or (form == 2 and not bg):
             lead = rng.choice(_LEADS)
             article = bool(lead) or rng.random() < 0.8
-            text = f"{lead}{_np(a, rng, article)} {rel} {_np(b, rng, article)}"
+            text = f"{lead}{_np(a, rng, article, omit=omit)} {rel} {_np(b, rng, article, omit=omit)}"
             if bg:
                 text += rng.choice(_BG_PHRASES).format(bg_word)
         elif form == 1:
-            text = f"{_np(a, rng, False)} {rel} {_np(b, rng, False)}"
+            text = f"{_np(a, rng, False, omit=omit)} {rel} {_np(b, rng, False, omit=omit)}"
             if bg:
                 text += f", {bg_word} background"
         else:
-            text = f"on a {bg_word} background, {_np(a, rng, True)} {rel} {_np(b, rng, True)}"
+            text = f"on a {bg_word} background, {_np(a, rng, True, omit=omit)} {rel} {_np(b, rng, True, omit=omit)}"
     else:
-        parts = [f"{_np(o, rng, True)} {rng.choice(_POSITION_PHRASES[o.position])}" for o in claims.objects]
+        parts = [f"{_np(o, rng, True, omit=omit)} {rng.choice(_POSITION_PHRASES[o.position])}" for o in claims.objects]
         text = " and ".join(parts)
         if bg:
             text += rng.choice(_BG_PHRASES).format(bg_word)
