@@ -101,11 +101,10 @@ def deadline_passed(args, t0: float) -> bool:
 def load_exported(path: Path) -> dict:
     """Weights of an exported starter file (through Darkroom's own loader), to continue training
     from the committed model when the optimizer checkpoints of an earlier machine are gone."""
+    from darkroom.models.header import read_header
     from darkroom.models.loader import LoadOptions, load_checkpoint
 
     model = load_checkpoint(path, LoadOptions())
-    from darkroom.models.header import read_header
-
     return {"unet": model.unet.state_dict(), "text": model.text_encoders[0].model.state_dict(),
             "vae": model.vae.state_dict(), "scale": model.vae.config.scaling_factor,
             "steps": int(read_header(path).metadata.get("darkroom_train_steps", 0))}
