@@ -134,5 +134,6 @@ def test_summarise_counts_only_asserted_checks() -> None:
     stats = summarise([J.Verdict((ok,), background=True), J.Verdict((ok, bad), relation=True)])
     assert stats["colour"] == pytest.approx(2 / 3) and stats["shape"] == 0
     assert stats["position"] == pytest.approx(1 / 2)  # the failed position and the passed relation
+    assert stats["placement"] == 0 and stats["relation"] == 1  # ... and each alone
     assert stats["size"] == 1 and stats["background"] == 1 and stats["all"] == 0 and stats["n"] == 2
     assert summarise([])["colour"] is None

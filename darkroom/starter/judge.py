@@ -349,15 +349,18 @@ def summarise(verdicts: Sequence[Verdict]) -> dict[str, float | int | None]:
     """Fraction of asserted checks passed per attribute (None when never asserted).
 
     "position" pools single-object positions and two-object relations (both are about where things are);
-    "relation" is also reported alone. "all" is the fraction of images that pass every asserted check.
+    each is also reported alone, as "placement" (a named place: "in the top left") and "relation" ("above"),
+    because they fail for different reasons. "all" is the fraction of images that pass every asserted check.
     """
-    tally: dict[str, list[bool]] = {k: [] for k in ("colour", "position", "shape", "size", "relation", "background")}
+    keys = ("colour", "position", "placement", "shape", "size", "relation", "background")
+    tally: dict[str, list[bool]] = {k: [] for k in keys}
     for v in verdicts:
         for o in v.objects:
             tally["colour"].append(o.colour)
             tally["shape"].append(o.shape)
             if o.position is not None:
                 tally["position"].append(o.position)
+                tally["placement"].append(o.position)
             if o.size is not None:
                 tally["size"].append(o.size)
         if v.relation is not None:
