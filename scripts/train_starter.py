@@ -312,6 +312,13 @@ def train_unet(args, pool: dict, log: Log, t0: float):
     alphas = noise_sched.alphas_cumprod
     n = len(pool["scenes"])
     scale = pool["scale"]
+    pairs = [i for i, sc in enumerate(pool["scenes"]) if len(sc.objects) == 2]
+    singles = [i for i, sc in enumerate(pool["scenes"]) if len(sc.objects) == 1]
+
+    def draw_index() -> int:
+        if not args.two_objects:  # the pool's own mix (30% two-object scenes), as the first runs drew it
+            return rng.randrange(n)
+        return rng.choice(pairs) if rng.random() < args.two_objects else rng.choice(singles)
 
     def checkpoint():
         save(ckpt, unet=unet.state_dict(), text=text.state_dict(), ema_unet=ema_unet.state_dict(),
@@ -320,7 +327,7 @@ def train_unet(args, pool: dict, log: Log, t0: float):
 
     last = time.time()
     while step < args.unet_steps and not deadline_passed(args, t0):
-        idx = [rng.randrange(n) for _ in range(args.batch)]
+        idx = [draw_index() for _ in range(args.batch)]
         captions = [training_caption(args, pool["scenes"][i], rng) if rng.random() > 0.1 else "" for i in idx]
         stats = pool["latents"][idx].float()
         z0 = (stats[:, :4] + stats[:, 4:] * torch.randn_like(stats[:, :4])) * scale
@@ -404,6 +411,9 @@ def main() -> None:
     ap.add_argument("--leak-free-from", type=int, default=900)
     ap.add_argument("--partial-captions", type=float, default=0.0,
                     help="fraction of captions that leave out the colour or the shape (training only)")
+    ap.add_argument("--two-objects", type=float, default=0.0,
+                    help="fraction of each batch drawn from two-object scenes (default: the pool's own 30%%); "
+                         "relations are where objects get swapped")
     ap.add_argument("--until-minutes", type=float, default=None, help="stop cleanly after this long")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="start from an exported starter file (e.g. the committed one) instead of random weights")
