@@ -286,7 +286,13 @@ def train_unet(args, pool: dict, log: Log, t0: float):
     # vocabulary uses ~100; the layers above learn to read them (and Adam skips 6.3M params)
     text.get_input_embeddings().weight.requires_grad_(False)
     params = [p for p in list(unet.parameters()) + list(text.parameters()) if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    if args.text_lr_mult == 1:  # one group, as the saved states of the first runs have
+        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    else:
+        opt = torch.optim.AdamW([
+            {"params": [p for p in unet.parameters() if p.requires_grad], "mult": 1.0},
+            {"params": [p for p in text.parameters() if p.requires_grad], "mult": args.text_lr_mult},
+        ], lr=args.lr, weight_decay=0.01)
     step, rng, base_steps = 0, random.Random(SEED + 3), 0
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
@@ -342,7 +348,7 @@ def train_unet(args, pool: dict, log: Log, t0: float):
         ids = tokenize(tokenizer, captions)
         lr = args.lr * min(1.0, (step + 1) / 300) * (0.5 * (1 + math.cos(math.pi * min(1.0, step / args.unet_steps))))
         for g in opt.param_groups:
-            g["lr"] = max(lr, args.lr * 0.05)
+            g["lr"] = max(lr, args.lr * 0.05) * g.get("mult", 1.0)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             context = text(input_ids=ids).last_hidden_state
             pred = unet(zt, t, encoder_hidden_states=context).sample
@@ -414,6 +420,9 @@ def main() -> None:
     ap.add_argument("--two-objects", type=float, default=0.0,
                     help="fraction of each batch drawn from two-object scenes (default: the pool's own 30%%); "
                          "relations are where objects get swapped")
+    ap.add_argument("--text-lr-mult", type=float, default=1.0,
+                    help="text encoder learning rate = --lr times this (which object a relation puts where "
+                         "must come from the text encoder mixing the words)")
     ap.add_argument("--until-minutes", type=float, default=None, help="stop cleanly after this long")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="start from an exported starter file (e.g. the committed one) instead of random weights")
