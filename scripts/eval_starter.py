@@ -5,8 +5,8 @@ CFG 7) with Darkroom's normal loader and engine, and the judge checks colour, po
 shape against what the caption claims. Prints the accuracies and writes them as JSON (and a
 contact sheet of the first 48 images) into --out.
 
-"relations_swapped" is the share of relations drawn with both objects found but the other way round
-("a red circle above a blue square" drawn with the square on top). --seed-offset draws the same captions
+"relations_swapped" is the share of relations with both objects found that were drawn the other way
+round ("a red circle above a blue square" with the square on top). --seed-offset draws the same captions
 with other seeds, to tell a real difference between two models from chance (about +-5 points at n=200).
 
 Usage: .venv/bin/python scripts/eval_starter.py [--model PATH] [--n 200] [--seed-offset 0] [--out training/starter/eval]

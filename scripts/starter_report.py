@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 
 
-KEYS = ("colour", "position", "shape", "size", "relation", "background", "all")
+KEYS = ("colour", "position", "placement", "relation", "shape", "size", "background", "all")
 
 
 def pct(x: float | None) -> str:
@@ -113,11 +113,18 @@ def main() -> None:
             f"{result['n']} captions, {result['sampler']}, {result['steps']} steps, CFG {result['cfg']},"
             f" seed = index ({result['seconds']:.0f} s):",
             "",
-            "| captions | colour | position | shape | size | relation | background | all checks |",
-            "|---|---|---|---|---|---|---|---|",
-            *[f"| {name} (n={r['n']}) | " + " | ".join(pct(r[k]) for k in KEYS) + " |"
+            "| captions | colour | position | (placement) | (relation) | shape | size | background | all checks |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *[f"| {name} (n={r['n']}) | " + " | ".join(pct(r.get(k)) for k in KEYS) + " |"
               for name, r in (("all", a), ("held-out pairs", ho), ("seen pairs", result["seen_pairs"]))],
+            "",
+            "Position counts a named place (\"in the top left\") and a two-object relation (\"above\") alike;"
+            " placement and relation are those two parts alone.",
         ]
+        if result.get("relations_swapped") is not None:
+            lines += ["", f"Of the relations where the judge found both objects, {pct(result['relations_swapped'])}"
+                          " were drawn the other way round (\"a red circle above a blue square\" with the square"
+                          " on top)."]
     probe = eval_path.parent / "probe.txt"
     if probe.exists():
         lines += ["", "## Does the model read each word? (`scripts/probe_starter.py`)", "", "```",
