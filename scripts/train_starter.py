@@ -19,6 +19,12 @@ trace of the picture, as the first sampling step sees it (SD1's schedule never r
 --partial-captions leaves the colour or the shape out of some captions ("a circle on the left"),
 so position words cannot be learnt per colour-shape pair.
 
+Relation options (tried for "a red circle above a blue square", whose objects come out swapped; see
+docs/starter-notes.md): --two-objects sets the share of two-object scenes in each batch,
+--text-lr-mult the text encoder's own learning rate, --bind-aux a training-only head that must read
+from the caption which colour is at the top/left, and --bind-pretrain trains the text encoder on that
+alone first, holding its hidden states near their start (--bind-keep).
+
 Every phase appends to --work/log.jsonl (step, loss, seconds); `--until-minutes` stops a
 phase cleanly (checkpoint written) so training can be spread over several sessions.
 
@@ -26,6 +32,7 @@ Usage: .venv/bin/python scripts/train_starter.py all --work training/starter [--
 """
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -275,6 +282,49 @@ def training_caption(args, scene, rng: random.Random) -> str:
     return scenes.caption(scene, rng)
 
 
+def binding_loss(aux: torch.nn.Linear, pooled: torch.Tensor, batch: list, captions: list[str]) -> torch.Tensor:
+    """Cross-entropy of the colours the head reads at the top/left and bottom/right of two-object scenes."""
+    rows, target = [], []
+    for k, (scene, text) in enumerate(zip(batch, captions, strict=True)):
+        if text and len(scene.objects) == 2:
+            a, b = scene.objects if scene.relation in ("above", "left of") else scene.objects[::-1]
+            rows.append(k)
+            target.append([scenes.COLOURS.index(a.colour), scenes.COLOURS.index(b.colour)])
+    if not rows:
+        return pooled.sum() * 0.0
+    logits = aux(pooled[rows].float()).view(len(rows) * 2, len(scenes.COLOURS))
+    return F.cross_entropy(logits, torch.tensor(target).view(-1))
+
+
+def pretrain_binding(args, text, aux, pool: dict, rng: random.Random, log: Log) -> None:
+    """Train the text encoder on the binding loss first, without the UNet (~0.2 s a step). Jointly, at the
+    UNet's learning rate, it stays on a plateau (it knows both colours, not which is where) for thousands
+    of steps; alone, at 1e-3, it leaves the plateau after a few hundred. Its hidden states are held close
+    to where they started (on any caption), so the UNet can still read what it has learnt."""
+    tokenizer = load_clip_tokenizer()
+    start = copy.deepcopy(text).eval().requires_grad_(False)
+    pairs = [sc for sc in pool["scenes"] if len(sc.objects) == 2]
+    params = [p for p in text.parameters() if p.requires_grad] + list(aux.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    for step in range(1, args.bind_pretrain + 1):
+        batch = [rng.choice(pairs) for _ in range(32)] + [rng.choice(pool["scenes"]) for _ in range(32)]
+        captions = [training_caption(args, sc, rng) for sc in batch]
+        ids = tokenize(tokenizer, captions)
+        encoded = text(input_ids=ids)
+        with torch.no_grad():
+            before = start(input_ids=ids).last_hidden_state
+        bind = binding_loss(aux, encoded.pooler_output, batch, captions)
+        drift = ((encoded.last_hidden_state - before) ** 2).mean()
+        loss = bind + args.bind_keep * drift
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            log.write(phase="bind-pretrain", step=step, bind=round(bind.item(), 4), drift=round(drift.item(), 5))
+            print(f"bind pretrain {step}/{args.bind_pretrain} bind {bind.item():.3f} drift {drift.item():.4f}",
+                  flush=True)
+
+
 def train_unet(args, pool: dict, log: Log, t0: float):
     ckpt = args.work / "unet.pt"
     torch.manual_seed(SEED + 2)
@@ -285,14 +335,19 @@ def train_unet(args, pool: dict, log: Log, t0: float):
     # the token embedding stays at its random init: 49408 x 128 rows, of which the scene
     # vocabulary uses ~100; the layers above learn to read them (and Adam skips 6.3M params)
     text.get_input_embeddings().weight.requires_grad_(False)
+    # --bind-aux: a training-only head that reads, from the caption's final (EOS) state, which colour is at
+    # the top/left of a two-object scene and which at the bottom/right; it is not exported
+    aux = torch.nn.Linear(TEXT_CONFIG["hidden_size"], 2 * len(scenes.COLOURS)) if args.bind_aux else None
     params = [p for p in list(unet.parameters()) + list(text.parameters()) if p.requires_grad]
-    if args.text_lr_mult == 1:  # one group, as the saved states of the first runs have
+    if args.text_lr_mult == 1 and aux is None:  # one group, as the saved states of the first runs have
         opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     else:
         opt = torch.optim.AdamW([
             {"params": [p for p in unet.parameters() if p.requires_grad], "mult": 1.0},
             {"params": [p for p in text.parameters() if p.requires_grad], "mult": args.text_lr_mult},
+            *([{"params": list(aux.parameters()), "mult": 1.0}] if aux is not None else []),
         ], lr=args.lr, weight_decay=0.01)
+        params += list(aux.parameters()) if aux is not None else []
     step, rng, base_steps = 0, random.Random(SEED + 3), 0
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
@@ -303,12 +358,16 @@ def train_unet(args, pool: dict, log: Log, t0: float):
         ema_text.load_state_dict(state["ema_text"])
         opt.load_state_dict(state["opt"])
         step, rng = state["step"], state["rng"]
+        if aux is not None:
+            aux.load_state_dict(state["aux"])
     else:
         if args.init_from:
             init = load_exported(args.init_from)
             unet.load_state_dict(init["unet"])
             text.load_state_dict(init["text"])
             base_steps = init["steps"]
+        if aux is not None and args.bind_pretrain:
+            pretrain_binding(args, text, aux, pool, rng, log)
         ema_unet.load_state_dict(unet.state_dict())
         ema_text.load_state_dict(text.state_dict())
     unet.train()
@@ -329,7 +388,7 @@ def train_unet(args, pool: dict, log: Log, t0: float):
     def checkpoint():
         save(ckpt, unet=unet.state_dict(), text=text.state_dict(), ema_unet=ema_unet.state_dict(),
              ema_text=ema_text.state_dict(), opt=opt.state_dict(), step=step, rng=rng, scale=scale,
-             base_steps=base_steps)
+             base_steps=base_steps, **({"aux": aux.state_dict()} if aux is not None else {}))
 
     last = time.time()
     while step < args.unet_steps and not deadline_passed(args, t0):
@@ -350,12 +409,17 @@ def train_unet(args, pool: dict, log: Log, t0: float):
         for g in opt.param_groups:
             g["lr"] = max(lr, args.lr * 0.05) * g.get("mult", 1.0)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            context = text(input_ids=ids).last_hidden_state
+            encoded = text(input_ids=ids)
+            context = encoded.last_hidden_state
             pred = unet(zt, t, encoder_hidden_states=context).sample
         per_sample = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
         loss = (per_sample * loss_weights(args, alphas[t])).mean()
+        bind, total = None, loss  # the log's loss stays the diffusion loss alone, comparable across runs
+        if aux is not None:
+            bind = binding_loss(aux, encoded.pooler_output, [pool["scenes"][i] for i in idx], captions)
+            total = loss + args.bind_aux * bind
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
@@ -367,9 +431,12 @@ def train_unet(args, pool: dict, log: Log, t0: float):
                         pe.mul_(decay).add_(pl.detach(), alpha=1 - decay)
         if step % 25 == 0:
             now = time.time()
+            extra = {"bind": round(bind.item(), 4)} if bind is not None else {}
             log.write(phase="unet", step=step, loss=round(loss.item(), 5), lr=round(lr, 7),
-                      sec_per_step=round((now - last) / 25, 3))
-            print(f"unet {step}/{args.unet_steps} loss {loss.item():.4f} {(now - last) / 25:.2f}s/step", flush=True)
+                      sec_per_step=round((now - last) / 25, 3), **extra)
+            shown = f" bind {extra['bind']:.3f}" if extra else ""
+            print(f"unet {step}/{args.unet_steps} loss {loss.item():.4f}{shown} {(now - last) / 25:.2f}s/step",
+                  flush=True)
             last = now
         if step % 250 == 0:
             checkpoint()
@@ -423,6 +490,13 @@ def main() -> None:
     ap.add_argument("--text-lr-mult", type=float, default=1.0,
                     help="text encoder learning rate = --lr times this (which object a relation puts where "
                          "must come from the text encoder mixing the words)")
+    ap.add_argument("--bind-aux", type=float, default=0.0,
+                    help="weight of a training-only loss that makes the text encoder say which object of a "
+                         "relation is where (the model reads the relation but swaps the objects)")
+    ap.add_argument("--bind-pretrain", type=int, default=0,
+                    help="with --bind-aux, first train the text encoder on that loss alone for this many steps")
+    ap.add_argument("--bind-keep", type=float, default=10.0,
+                    help="weight that holds the text encoder's hidden states near their start in --bind-pretrain")
     ap.add_argument("--until-minutes", type=float, default=None, help="stop cleanly after this long")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="start from an exported starter file (e.g. the committed one) instead of random weights")
