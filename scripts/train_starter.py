@@ -296,12 +296,11 @@ def binding_loss(aux: torch.nn.Linear, pooled: torch.Tensor, batch: list, captio
     return F.cross_entropy(logits, torch.tensor(target).view(-1))
 
 
-def pretrain_binding(args, text, aux, pool: dict, rng: random.Random, log: Log) -> None:
+def pretrain_binding(args, text, aux, tokenizer, pool: dict, rng: random.Random, log: Log) -> None:
     """Train the text encoder on the binding loss first, without the UNet (~0.2 s a step). Jointly, at the
     UNet's learning rate, it stays on a plateau (it knows both colours, not which is where) for thousands
     of steps; alone, at 1e-3, it leaves the plateau after a few hundred. Its hidden states are held close
     to where they started (on any caption), so the UNet can still read what it has learnt."""
-    tokenizer = load_clip_tokenizer()
     start = copy.deepcopy(text).eval().requires_grad_(False)
     pairs = [sc for sc in pool["scenes"] if len(sc.objects) == 2]
     params = [p for p in text.parameters() if p.requires_grad] + list(aux.parameters())
@@ -349,6 +348,7 @@ def train_unet(args, pool: dict, log: Log, t0: float):
         ], lr=args.lr, weight_decay=0.01)
         params += list(aux.parameters()) if aux is not None else []
     step, rng, base_steps = 0, random.Random(SEED + 3), 0
+    tokenizer = load_clip_tokenizer()
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
         base_steps = state.get("base_steps", 0)
@@ -367,12 +367,11 @@ def train_unet(args, pool: dict, log: Log, t0: float):
             text.load_state_dict(init["text"])
             base_steps = init["steps"]
         if aux is not None and args.bind_pretrain:
-            pretrain_binding(args, text, aux, pool, rng, log)
+            pretrain_binding(args, text, aux, tokenizer, pool, rng, log)
         ema_unet.load_state_dict(unet.state_dict())
         ema_text.load_state_dict(text.state_dict())
     unet.train()
     text.train()
-    tokenizer = load_clip_tokenizer()
     noise_sched = DDPMScheduler.from_config(scheduler_config(False))
     alphas = noise_sched.alphas_cumprod
     n = len(pool["scenes"])

@@ -9,6 +9,7 @@ normal checkpoint re-imposes the noised source outside the mask after every step
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import warnings
@@ -232,10 +233,7 @@ def denoise(model: LoadedModel, spec: samplers.Sampler, schedule: str, *, steps:
         kwargs = {"generator": generators} if spec.stochastic and spec.scheduler != "DPMSolverSDEScheduler" else {}
         if eta is not None and spec.scheduler == "DDIMScheduler":
             kwargs["eta"] = eta
-        with warnings.catch_warnings():
-            # DPM++ SDE's Brownian tree (torchsde) warns when float32 rounding puts a step a hair before the
-            # tree's start (ta=0.0291675, t0=0.029168); the noise is unaffected, so the console stays quiet
-            warnings.filterwarnings("ignore", message=r"Should have ta>=t0", category=UserWarning)
+        with _quiet_brownian_tree() if spec.scheduler == "DPMSolverSDEScheduler" else contextlib.nullcontext():
             out = scheduler.step(pred, t, latents, **kwargs)
         latents = out.prev_sample
         if mask is not None and not channels9:
@@ -249,6 +247,16 @@ def denoise(model: LoadedModel, spec: samplers.Sampler, schedule: str, *, steps:
             on_step(StepEvent(batch, batch_count, i + 1, len(timesteps), latents, time.perf_counter() - start,
                               denoised=getattr(out, "pred_original_sample", None), model=model, phase=phase))
     return latents
+
+
+@contextlib.contextmanager
+def _quiet_brownian_tree():
+    """DPM++ SDE's Brownian tree (torchsde) warns when float32 rounding puts a step a hair before the
+    tree's start (ta=0.0291675, t0=0.029168); the noise is unaffected, so the console stays quiet. Only
+    around that sampler's steps: catch_warnings swaps process-wide state."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Should have ta>=t0", category=UserWarning)
+        yield
 
 
 def _gray_inpaint_extra(model: LoadedModel, n: int, height: int, width: int) -> torch.Tensor:
