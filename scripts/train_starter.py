@@ -23,7 +23,9 @@ Relation options (tried for "a red circle above a blue square", whose objects co
 docs/starter-notes.md): --two-objects sets the share of two-object scenes in each batch,
 --text-lr-mult the text encoder's own learning rate, --bind-aux a training-only head that must read
 from the caption which colour is at the top/left, and --bind-pretrain trains the text encoder on that
-alone first, holding its hidden states near their start (--bind-keep).
+alone first, holding its hidden states near their start (--bind-keep). --layout-aux adds a training-only
+linear head that must read, from the UNet's mid-block features at the noisy timesteps, which colour is in
+each cell of the picture (scripts/starter_layout.py), so "which colour goes where" gets a direct loss.
 
 Every phase appends to --work/log.jsonl (step, loss, seconds); `--until-minutes` stops a
 phase cleanly (checkpoint written) so training can be spread over several sessions.
@@ -52,6 +54,9 @@ from darkroom.models.configs import scheduler_config
 from darkroom.models.ldm_export import pipeline_to_ldm, save_ldm_checkpoint
 from darkroom.starter import scenes
 from darkroom.text.tokenizer import load_clip_tokenizer
+
+# isort: split
+import starter_layout  # scripts/ is on the path when this file runs as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPORT = ROOT / "darkroom" / "assets" / "starter" / "darkroom-starter.safetensors"
@@ -337,16 +342,20 @@ def train_unet(args, pool: dict, log: Log, t0: float):
     # --bind-aux: a training-only head that reads, from the caption's final (EOS) state, which colour is at
     # the top/left of a two-object scene and which at the bottom/right; it is not exported
     aux = torch.nn.Linear(TEXT_CONFIG["hidden_size"], 2 * len(scenes.COLOURS)) if args.bind_aux else None
+    # --layout-aux: a training-only linear head on the mid-block features (see scripts/starter_layout.py)
+    head = starter_layout.FeatureHead(UNET_CONFIG["block_out_channels"][-1]) if args.layout_aux else None
+    extra = [m for m in (aux, head) if m is not None]
     params = [p for p in list(unet.parameters()) + list(text.parameters()) if p.requires_grad]
-    if args.text_lr_mult == 1 and aux is None:  # one group, as the saved states of the first runs have
+    if args.text_lr_mult == 1 and not extra:  # one group, as the saved states of the first runs have
         opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     else:
         opt = torch.optim.AdamW([
             {"params": [p for p in unet.parameters() if p.requires_grad], "mult": 1.0},
             {"params": [p for p in text.parameters() if p.requires_grad], "mult": args.text_lr_mult},
-            *([{"params": list(aux.parameters()), "mult": 1.0}] if aux is not None else []),
+            # the layout head is a fresh linear probe: it must catch up with the features it reads
+            *({"params": list(m.parameters()), "mult": 10.0 if m is head else 1.0} for m in extra),
         ], lr=args.lr, weight_decay=0.01)
-        params += list(aux.parameters()) if aux is not None else []
+        params += [p for m in extra for p in m.parameters()]
     step, rng, base_steps = 0, random.Random(SEED + 3), 0
     tokenizer = load_clip_tokenizer()
     if ckpt.exists():
@@ -360,6 +369,8 @@ def train_unet(args, pool: dict, log: Log, t0: float):
         step, rng = state["step"], state["rng"]
         if aux is not None:
             aux.load_state_dict(state["aux"])
+        if head is not None:
+            head.load_state_dict(state["head"])
     else:
         if args.init_from:
             init = load_exported(args.init_from)
@@ -378,6 +389,21 @@ def train_unet(args, pool: dict, log: Log, t0: float):
     scale = pool["scale"]
     pairs = [i for i, sc in enumerate(pool["scenes"]) if len(sc.objects) == 2]
     singles = [i for i, sc in enumerate(pool["scenes"]) if len(sc.objects) == 1]
+    if head is not None:
+        maps = starter_layout.pool_colour_maps(pool, SIZE // 8, SEED + 1)
+        backgrounds = torch.tensor([scenes.COLOURS.index(sc.background) for sc in pool["scenes"]])
+        mid = {}
+        unet.mid_block.register_forward_hook(lambda module, inputs, output: mid.__setitem__("features", output))
+
+    def layout_term(t, idx, captions):
+        """How well the mid-block features say which colour is in each cell, on captioned noisy samples."""
+        rows = [k for k in range(len(idx)) if captions[k] and t[k] >= args.layout_from]
+        if not rows:
+            return mid["features"].sum() * 0.0
+        scenes_ = [idx[k] for k in rows]
+        target = starter_layout.cell_targets(maps[scenes_], mid["features"].shape[-1])
+        return starter_layout.layout_loss(head(mid["features"][rows]), target, backgrounds[scenes_],
+                                          args.layout_object_weight)
 
     def draw_index() -> int:
         if not args.two_objects:  # the pool's own mix (30% two-object scenes), as the first runs drew it
@@ -387,7 +413,8 @@ def train_unet(args, pool: dict, log: Log, t0: float):
     def checkpoint():
         save(ckpt, unet=unet.state_dict(), text=text.state_dict(), ema_unet=ema_unet.state_dict(),
              ema_text=ema_text.state_dict(), opt=opt.state_dict(), step=step, rng=rng, scale=scale,
-             base_steps=base_steps, **({"aux": aux.state_dict()} if aux is not None else {}))
+             base_steps=base_steps, **({"aux": aux.state_dict()} if aux is not None else {}),
+             **({"head": head.state_dict()} if head is not None else {}))
 
     last = time.time()
     while step < args.unet_steps and not deadline_passed(args, t0):
@@ -417,6 +444,10 @@ def train_unet(args, pool: dict, log: Log, t0: float):
         if aux is not None:
             bind = binding_loss(aux, encoded.pooler_output, [pool["scenes"][i] for i in idx], captions)
             total = loss + args.bind_aux * bind
+        layout = None
+        if head is not None:
+            layout = layout_term(t, idx, captions)
+            total = total + args.layout_aux * layout
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -431,9 +462,11 @@ def train_unet(args, pool: dict, log: Log, t0: float):
         if step % 25 == 0:
             now = time.time()
             extra = {"bind": round(bind.item(), 4)} if bind is not None else {}
+            if layout is not None:
+                extra |= {"layout": round(layout.item(), 4)}
             log.write(phase="unet", step=step, loss=round(loss.item(), 5), lr=round(lr, 7),
                       sec_per_step=round((now - last) / 25, 3), **extra)
-            shown = f" bind {extra['bind']:.3f}" if extra else ""
+            shown = "".join(f" {k} {v:.3f}" for k, v in extra.items())
             print(f"unet {step}/{args.unet_steps} loss {loss.item():.4f}{shown} {(now - last) / 25:.2f}s/step",
                   flush=True)
             last = now
@@ -496,6 +529,12 @@ def main() -> None:
                     help="with --bind-aux, first train the text encoder on that loss alone for this many steps")
     ap.add_argument("--bind-keep", type=float, default=10.0,
                     help="weight that holds the text encoder's hidden states near their start in --bind-pretrain")
+    ap.add_argument("--layout-aux", type=float, default=0.0,
+                    help="weight of a training-only loss that reads from the UNet's mid-block features, at "
+                         "t >= --layout-from, which colour is where (see scripts/starter_layout.py)")
+    ap.add_argument("--layout-from", type=int, default=800)
+    ap.add_argument("--layout-object-weight", type=float, default=5.0,
+                    help="weight of object cells over background ones in the layout loss")
     ap.add_argument("--until-minutes", type=float, default=None, help="stop cleanly after this long")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="start from an exported starter file (e.g. the committed one) instead of random weights")
