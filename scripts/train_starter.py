@@ -344,18 +344,18 @@ def train_unet(args, pool: dict, log: Log, t0: float):
     aux = torch.nn.Linear(TEXT_CONFIG["hidden_size"], 2 * len(scenes.COLOURS)) if args.bind_aux else None
     # --layout-aux: a training-only linear head on the mid-block features (see scripts/starter_layout.py)
     head = starter_layout.FeatureHead(UNET_CONFIG["block_out_channels"][-1]) if args.layout_aux else None
-    extra = [m for m in (aux, head) if m is not None]
+    heads = [m for m in (aux, head) if m is not None]
     params = [p for p in list(unet.parameters()) + list(text.parameters()) if p.requires_grad]
-    if args.text_lr_mult == 1 and not extra:  # one group, as the saved states of the first runs have
+    if args.text_lr_mult == 1 and not heads:  # one group, as the saved states of the first runs have
         opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     else:
         opt = torch.optim.AdamW([
             {"params": [p for p in unet.parameters() if p.requires_grad], "mult": 1.0},
             {"params": [p for p in text.parameters() if p.requires_grad], "mult": args.text_lr_mult},
             # the layout head is a fresh linear probe: it must catch up with the features it reads
-            *({"params": list(m.parameters()), "mult": 10.0 if m is head else 1.0} for m in extra),
+            *({"params": list(m.parameters()), "mult": 10.0 if m is head else 1.0} for m in heads),
         ], lr=args.lr, weight_decay=0.01)
-        params += [p for m in extra for p in m.parameters()]
+        params += [p for m in heads for p in m.parameters()]
     step, rng, base_steps = 0, random.Random(SEED + 3), 0
     tokenizer = load_clip_tokenizer()
     if ckpt.exists():
