@@ -14,7 +14,6 @@ import random
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
 from darkroom.starter import scenes
 
@@ -38,12 +37,7 @@ def colour_map(scene: scenes.Scene, size: int, jitter_seed: int) -> np.ndarray:
     big = size * SUPER
     labels = np.full((size, size), scenes.COLOURS.index(scene.background), dtype=np.uint8)
     for obj, placement in zip(scene.objects, scenes.layout(scene, jitter_seed), strict=True):
-        mask = Image.new("L", (big, big), 0)
-        draw = ImageDraw.Draw(mask)
-        for poly in placement.outer:
-            draw.polygon([(x * big, y * big) for x, y in poly], fill=255)
-        for poly in placement.holes:
-            draw.polygon([(x * big, y * big) for x, y in poly], fill=0)
+        mask = scenes.object_mask(placement, big)
         cover = np.asarray(mask, dtype=np.float32).reshape(size, SUPER, size, SUPER).mean(axis=(1, 3)) / 255
         labels[cover >= 0.5] = scenes.COLOURS.index(obj.colour)
     return labels

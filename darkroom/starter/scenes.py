@@ -301,18 +301,22 @@ def _too_close(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
     return a[0] < b[2] + _GAP and b[0] < a[2] + _GAP and a[1] < b[3] + _GAP and b[1] < a[3] + _GAP
 
 
+def object_mask(placement: Placement, side: int) -> Image.Image:
+    """The object's pixels (255) on a side x side canvas, holes cut out (not anti-aliased)."""
+    mask = Image.new("L", (side, side), 0)
+    draw = ImageDraw.Draw(mask)
+    for polys, fill in ((placement.outer, 255), (placement.holes, 0)):
+        for poly in polys:
+            draw.polygon([(x * side, y * side) for x, y in poly], fill=fill)
+    return mask
+
+
 def render(scene: Scene, size: int = 128, jitter_seed: int | None = 0) -> Image.Image:
     """Draw a scene as an RGB image, anti-aliased by drawing at 4x and box-filtering down (deterministic)."""
     big = size * _SUPERSAMPLE
     image = Image.new("RGB", (big, big), PALETTE[scene.background])
     for obj, placement in zip(scene.objects, layout(scene, jitter_seed), strict=True):
-        mask = Image.new("L", (big, big), 0)
-        draw = ImageDraw.Draw(mask)
-        for poly in placement.outer:
-            draw.polygon([(x * big, y * big) for x, y in poly], fill=255)
-        for poly in placement.holes:
-            draw.polygon([(x * big, y * big) for x, y in poly], fill=0)
-        image.paste(PALETTE[obj.colour], mask=mask)
+        image.paste(PALETTE[obj.colour], mask=object_mask(placement, big))
     return image.resize((size, size), Image.Resampling.BOX)
 
 
