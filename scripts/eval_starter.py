@@ -27,7 +27,7 @@ from darkroom.api import build_engine
 from darkroom.home import Home
 from darkroom.models.starter import STARTER_FILE
 from darkroom.request import GenerationRequest
-from darkroom.starter.judge import judge, relation_ok, summarise
+from darkroom.starter.judge import judge, relation_ok, summarise, vae_round_trip
 from darkroom.starter.scenes import eval_set, has_held_out
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,6 +71,8 @@ def main() -> None:
         "held_out_pairs": summarise([v for v, h in zip(verdicts, held, strict=True) if h]),
         "seen_pairs": summarise([v for v, h in zip(verdicts, held, strict=True) if not h]),
         "seconds": round(seconds, 1),
+        # the same captions' drawn scenes through the model's own VAE: what the decoder lets any picture score
+        "vae_round_trip": vae_round_trip(engine.cache.get(args.model).vae, examples),
     }
     (args.out / "eval.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

@@ -9,7 +9,8 @@ it. Phases, each resumable from its own checkpoint in --work:
   latents encode a pool of training scenes once (their captions are re-drawn every epoch)
   unet    train text encoder + UNet jointly with the SD noise schedule (eps prediction),
           captions dropped 10% of the time so classifier-free guidance works; EMA weights
-  decoder (optional, --decoder-steps) fine-tune the VAE decoder alone, objects weighted 5x
+  decoder (optional, --decoder-steps) fine-tune the VAE decoder alone on whole scenes, objects
+          weighted 5x; the encoder, and so the latent space the UNet learnt, does not move
   export  write the EMA weights as darkroom/assets/starter/darkroom-starter.safetensors (fp16)
 
 Layout options for the unet phase (used for the position fine-tune, see docs/starter-training.md):
@@ -180,8 +181,19 @@ def object_weights(x: torch.Tensor) -> torch.Tensor:
     return 1.0 + 4.0 * unlike.float()
 
 
+def full_scenes(rng: random.Random, count: int) -> torch.Tensor:
+    """`count` training scenes rendered at the native SIZE, uncropped."""
+    examples = [scenes.sample_example(rng, split="train") for _ in range(count)]
+    return to_tensor([scenes.render(e.scene, size=SIZE, jitter_seed=rng.randrange(1 << 30)) for e in examples])
+
+
 def train_decoder(args, vae: AutoencoderKL, log: Log, t0: float) -> AutoencoderKL:
-    """Fine-tune the decoder alone: the encoder (and so the UNet's latent space) stays fixed."""
+    """Fine-tune the decoder alone: the encoder (and so the UNet's latent space) stays fixed.
+
+    Unlike the VAE phase it trains on whole SIZE-pixel scenes, the size the model generates at: the
+    VAE's mid-block self-attention sees four times as many positions there as in a 64 px crop, and the
+    crop-trained decoder shifted colours at full size (a gray star decoded blue).
+    """
     ckpt = args.work / "vae.pt"
     state = torch.load(ckpt, weights_only=False)
     step = state.get("decoder_step", 0)
@@ -200,7 +212,9 @@ def train_decoder(args, vae: AutoencoderKL, log: Log, t0: float) -> AutoencoderK
                       "decoder_opt": opt.state_dict()})
 
     while step < args.decoder_steps and not deadline_passed(args, t0):
-        x = scene_crops(rng, args.vae_batch)
+        for g in opt.param_groups:  # cosine to zero, so the exported decoder is a settled one, not a noisy step
+            g["lr"] = 2e-4 * 0.5 * (1 + math.cos(math.pi * step / args.decoder_steps))
+        x = full_scenes(rng, args.decoder_batch)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             z = vae.encode(x).latent_dist.sample()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
@@ -504,6 +518,7 @@ def main() -> None:
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--pool", type=int, default=40000)
     ap.add_argument("--decoder-steps", type=int, default=0, help="decoder-only fine-tuning before export")
+    ap.add_argument("--decoder-batch", type=int, default=8, help="whole scenes per decoder step")
     ap.add_argument("--unet-steps", type=int, default=9000)
     ap.add_argument("--batch", type=int, default=48)
     ap.add_argument("--lr", type=float, default=4e-4)

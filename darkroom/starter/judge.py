@@ -372,3 +372,24 @@ def summarise(verdicts: Sequence[Verdict]) -> dict[str, float | int | None]:
     out["all"] = sum(v.passed for v in verdicts) / len(verdicts) if verdicts else None
     out["n"] = len(verdicts)
     return out
+
+
+def vae_round_trip(vae, examples: Sequence[Example], batch: int = 25) -> dict[str, float | int | None]:
+    """The judge's scores on the examples' drawn scenes after encoding and decoding by `vae`.
+
+    Every generated picture comes out of the decoder, so what it loses here (colours shifted, thin shapes
+    blurred) caps what any prompt can score: the ceiling the generation numbers are read against.
+    """
+    from darkroom.starter.scenes import render
+
+    verdicts = []
+    for start in range(0, len(examples), batch):
+        chunk = examples[start: start + batch]
+        pixels = np.stack([np.asarray(render(e.scene, WORK_SIZE, jitter_seed=start + i), dtype=np.float32)
+                           for i, e in enumerate(chunk)])
+        x = torch.from_numpy(pixels / 127.5 - 1.0).permute(0, 3, 1, 2).to(vae.device, vae.dtype)
+        with torch.no_grad():
+            y = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+        decoded = ((y + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        verdicts += [judge(d, e) for d, e in zip(decoded, chunk, strict=True)]
+    return summarise(verdicts)
