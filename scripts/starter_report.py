@@ -8,6 +8,7 @@ Usage: .venv/bin/python scripts/starter_report.py [--work training/starter]
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -88,6 +89,7 @@ def main() -> None:
     eval_path = (args.eval or stages[-1] / "eval") / "eval.json"
     result = json.loads(eval_path.read_text()) if eval_path.exists() else None
     times = [r["time"] for rows in logs for r in rows if "time" in r]
+    seed = re.search(r"^SEED = (\d+)", (ROOT / "scripts" / "train_starter.py").read_text(), re.M).group(1)
     lines = [
         "# How the starter model was trained",
         "",
@@ -95,6 +97,10 @@ def main() -> None:
         "",
         "- Script: `scripts/train_starter.py` (phases vae, latents, unet, decoder, export; each resumable).",
         f"- First log entry at {min(times):.0f} (unix time); all on a 2-core CPU.",
+        f"- Seed: `SEED = {seed}` in the script. Weight init, scene and caption draws and batch order derive"
+        " from it, and Python's generators are saved in each checkpoint; torch's (the noise draws) is reseeded"
+        " from it when a phase starts rather than saved, so a run that was stopped and resumed draws other"
+        " noise than one run straight through.",
     ]
     for k, rows in enumerate(logs, start=1):
         sessions, wall = runs(rows)
