@@ -141,7 +141,7 @@ def train_vae(args, log: Log, t0: float) -> AutoencoderKL:
     torch.manual_seed(SEED)
     vae = AutoencoderKL(**VAE_CONFIG)
     opt = torch.optim.AdamW(vae.parameters(), lr=4e-4, weight_decay=0.0)
-    step, rng = 0, random.Random(SEED)
+    step, rng, state = 0, random.Random(SEED), {}
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
         vae.load_state_dict(state["model"])
@@ -169,8 +169,9 @@ def train_vae(args, log: Log, t0: float) -> AutoencoderKL:
             log.write(phase="vae", step=step, loss=round(rec.item(), 5), kl=round(kl.item(), 3))
             print(f"vae {step}/{args.vae_steps} rec {rec.item():.4f} kl {kl.item():.2f}", flush=True)
         if step % 200 == 0:
-            save(ckpt, model=vae.state_dict(), opt=opt.state_dict(), step=step, rng=rng)
-    save(ckpt, model=vae.state_dict(), opt=opt.state_dict(), step=step, rng=rng)
+            save(ckpt, **{**state, "model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "rng": rng})
+    # keep what else the file holds (the decoder phase's step and optimizer): a rerun must not redo it
+    save(ckpt, **{**state, "model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "rng": rng})
     return vae.eval()
 
 
