@@ -82,6 +82,7 @@ UNET_CONFIG = dict(
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     cross_attention_dim=128, attention_head_dim=8, norm_num_groups=32,
 )
+DECODER_LR = 2e-4  # peak of the decoder phase's cosine schedule
 CROP = 64  # the VAE (fully convolutional) trains on 64 px crops of 128 px scenes: 4x cheaper, same scale
 
 
@@ -123,10 +124,15 @@ def load_exported(path: Path) -> dict:
             "steps": int(read_header(path).metadata.get("darkroom_train_steps", 0))}
 
 
+def full_scenes(rng: random.Random, count: int) -> torch.Tensor:
+    """`count` training scenes rendered at the native SIZE, uncropped."""
+    examples = [scenes.sample_example(rng, split="train") for _ in range(count)]
+    return to_tensor([scenes.render(e.scene, size=SIZE, jitter_seed=rng.randrange(1 << 30)) for e in examples])
+
+
 def scene_crops(rng: random.Random, count: int) -> torch.Tensor:
     """`count` training scenes rendered at full size, each cut to a random CROP-pixel window."""
-    examples = [scenes.sample_example(rng, split="train") for _ in range(count)]
-    full = to_tensor([scenes.render(e.scene, size=SIZE, jitter_seed=rng.randrange(1 << 30)) for e in examples])
+    full = full_scenes(rng, count)
     crops = []
     for img in full:
         top, left = rng.randrange(0, SIZE - CROP + 1, 8), rng.randrange(0, SIZE - CROP + 1, 8)
@@ -182,12 +188,6 @@ def object_weights(x: torch.Tensor) -> torch.Tensor:
     return 1.0 + 4.0 * unlike.float()
 
 
-def full_scenes(rng: random.Random, count: int) -> torch.Tensor:
-    """`count` training scenes rendered at the native SIZE, uncropped."""
-    examples = [scenes.sample_example(rng, split="train") for _ in range(count)]
-    return to_tensor([scenes.render(e.scene, size=SIZE, jitter_seed=rng.randrange(1 << 30)) for e in examples])
-
-
 def train_decoder(args, vae: AutoencoderKL, log: Log, t0: float) -> AutoencoderKL:
     """Fine-tune the decoder alone: the encoder (and so the UNet's latent space) stays fixed.
 
@@ -203,7 +203,7 @@ def train_decoder(args, vae: AutoencoderKL, log: Log, t0: float) -> AutoencoderK
     trainable = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     for p in trainable:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=0.0)
+    opt = torch.optim.AdamW(trainable, lr=DECODER_LR, weight_decay=0.0)
     if "decoder_opt" in state:
         opt.load_state_dict(state["decoder_opt"])
     vae.decoder.train()
@@ -214,7 +214,7 @@ def train_decoder(args, vae: AutoencoderKL, log: Log, t0: float) -> AutoencoderK
 
     while step < args.decoder_steps and not deadline_passed(args, t0):
         for g in opt.param_groups:  # cosine to zero, so the exported decoder is a settled one, not a noisy step
-            g["lr"] = 2e-4 * 0.5 * (1 + math.cos(math.pi * step / args.decoder_steps))
+            g["lr"] = DECODER_LR * 0.5 * (1 + math.cos(math.pi * step / args.decoder_steps))
         x = full_scenes(rng, args.decoder_batch)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             z = vae.encode(x).latent_dist.sample()
