@@ -218,13 +218,16 @@ def test_fresh_home_uses_builtin_starter_and_lists_it(home, tmp_path):
     assert "darkroom-starter" in r.output and "SD1" in r.output
 
 
-def test_random_fallback_when_starter_file_is_missing(home, tmp_path, monkeypatch):
+def test_missing_starter_file_is_a_clear_error(home, tmp_path, monkeypatch):
     from darkroom.models import starter
 
-    monkeypatch.setattr(starter, "STARTER_FILE", tmp_path / "gone" / "darkroom-starter.safetensors")
+    gone = tmp_path / "gone" / "darkroom-starter.safetensors"
+    monkeypatch.setattr(starter, "STARTER_FILE", gone)
     r = run(home, "generate", "a red circle", "--steps", "2", "--seed", "5", "-o", str(tmp_path / "o"))
-    assert r.exit_code == 0, r.output
-    assert "darkroom-tiny-random" in r.output and "makes abstract noise" in r.output
+    assert r.exit_code == 1, r.output
+    assert "Traceback" not in r.output and str(gone) in r.output
+    assert "reinstall Darkroom" in r.output and str(home.checkpoints) in r.output
+    assert not list(tmp_path.rglob("*.png"))
 
 
 @pytest.mark.slow

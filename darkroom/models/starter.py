@@ -2,15 +2,17 @@
 
 The trained starter model (`darkroom/assets/starter/darkroom-starter.safetensors`, a tiny
 SD1-architecture model trained from scratch on drawn shapes by scripts/train_starter.py) is
-used where present. Without it (a checkout made before it was trained), Darkroom falls back
-to a tiny randomly initialised SD1-layout model that it makes itself, deterministically, on
-first use: it exercises the whole offline pipeline, but its pictures are abstract noise.
+ships inside the package. If it has gone missing (a damaged install) and the user has no
+checkpoint of their own, generating is a clear error that says how to fix it, not a stand-in
+model that draws noise. `darkroom-tiny-random` is the name an older Darkroom gave such a stand-in
+in `<home>/builtin`; one left there is still listed and described.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from darkroom.errors import ModelNotFound
 from darkroom.home import Home
 
 STARTER_FILE = Path(__file__).resolve().parent.parent / "assets" / "starter" / "darkroom-starter.safetensors"
@@ -27,18 +29,12 @@ def builtin_dirs(home: Home) -> list[Path]:
 
 
 def starter_path(home: Home) -> Path:
-    """The trained starter model, or the random fallback built on first use (a second or two)."""
-    if STARTER_FILE.exists():
-        return STARTER_FILE
-    path = home.builtin / f"{RANDOM_NAME}.safetensors"
-    if not path.exists():
-        from darkroom.models.tiny import build_tiny_checkpoint
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        build_tiny_checkpoint(tmp, "sd1", seed=0)
-        tmp.replace(path)
-    return path
+    """The trained starter model shipped with the package."""
+    if not STARTER_FILE.exists():
+        raise ModelNotFound(
+            f"no checkpoint found, and the built-in starter model is missing ({STARTER_FILE}): reinstall Darkroom,"
+            f" or put a .safetensors checkpoint in {home.checkpoints} (or pass --models-dir / --model)")
+    return STARTER_FILE
 
 
 def description(path: Path) -> str | None:
