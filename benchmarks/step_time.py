@@ -168,7 +168,7 @@ def build_checkpoint(path: Path, seed: int = 0) -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from darkroom.models.ldm_export import pipeline_to_ldm, save_ldm_checkpoint
+    from darkroom.testing.ldm_export import pipeline_to_ldm, save_ldm_checkpoint
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)

@@ -38,8 +38,8 @@ def output_folder(home: Home, kind: str = "txt2img") -> Path:
 
 def request_from_png(path: Path) -> GenerationRequest:
     from darkroom.errors import InvalidRequest
-    from darkroom.infotext import request_from_infotext
-    from darkroom.pngmeta import read_image_metadata
+    from darkroom.metadata.images import read_image_metadata
+    from darkroom.metadata.infotext import request_from_infotext
 
     meta = read_image_metadata(path)
     if not meta.parameters:
@@ -68,6 +68,6 @@ def list_models(home: Home, *, hashes: bool = True) -> list[dict]:
 
 def doctor_report(home: Home, *, device: str | None = None, precision: str | None = None) -> str:
     """What `darkroom doctor` prints: device, versions, folders, the network guard, offline readiness."""
-    from darkroom.readiness import readiness, render_readiness
+    from darkroom.offline.readiness import readiness, render_readiness
 
     return render_readiness(readiness(home, device=device, precision=precision))

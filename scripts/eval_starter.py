@@ -27,8 +27,8 @@ from darkroom.api import build_engine
 from darkroom.home import Home
 from darkroom.models.starter import STARTER_FILE
 from darkroom.request import GenerationRequest
-from darkroom.starter.judge import judge, relation_ok, summarise, vae_round_trip
-from darkroom.starter.scenes import eval_set, has_held_out
+from darkroom.starter_training.judge import judge, relation_ok, summarise, vae_round_trip
+from darkroom.starter_training.scenes import eval_set, has_held_out
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -28,7 +28,7 @@ from diffusers import DDPMScheduler
 from darkroom.models.configs import scheduler_config
 from darkroom.models.loader import LoadOptions, load_checkpoint
 from darkroom.models.starter import STARTER_FILE
-from darkroom.starter import scenes
+from darkroom.starter_training import scenes
 from darkroom.text.tokenizer import load_clip_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent

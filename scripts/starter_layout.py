@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from darkroom.starter import scenes
+from darkroom.starter_training import scenes
 
 SUPER = 4  # label maps are drawn at 4x the latent size and counted per latent pixel
 

@@ -1,4 +1,4 @@
-"""Train the judge's shape classifier and save it to darkroom/starter/shape_classifier.safetensors.
+"""Train the judge's shape classifier and save it to darkroom/starter_training/shape_classifier.safetensors.
 
 The judge classifies the mask of the component it found, so the classifier is trained on exactly such masks:
   * drawn scenes, degraded like generated images (blur, JPEG, noise, colour shift, down/up-scaling), run
@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from darkroom.starter.judge import (  # noqa: E402
+from darkroom.starter_training.judge import (  # noqa: E402
     INPUT_SIZE,
     WEIGHTS,
     ShapeNet,
@@ -41,7 +41,7 @@ from darkroom.starter.judge import (  # noqa: E402
     palette_labels,
     to_array,
 )
-from darkroom.starter.scenes import SHAPES, render, sample_scene, unit_shape  # noqa: E402
+from darkroom.starter_training.scenes import SHAPES, render, sample_scene, unit_shape  # noqa: E402
 
 # Wider than the renderer's own proportions (star 0.45, ring 0.5, cross 1/3), so generated variants pass.
 PARAM_RANGES = {"star": (0.33, 0.6), "ring": (0.35, 0.68), "cross": (0.24, 0.45)}

@@ -52,8 +52,8 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from darkroom.models.configs import scheduler_config
-from darkroom.models.ldm_export import pipeline_to_ldm, save_ldm_checkpoint
-from darkroom.starter import scenes
+from darkroom.starter_training import scenes
+from darkroom.testing.ldm_export import pipeline_to_ldm, save_ldm_checkpoint
 from darkroom.text.tokenizer import load_clip_tokenizer
 
 # isort: split

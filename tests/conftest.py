@@ -37,7 +37,7 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(model_dir):
     """tiny_model("sd1") -> build info dict (path, configs, state_dicts); cached per session."""
-    from darkroom.models.tiny import build_tiny_checkpoint
+    from darkroom.testing.tiny import build_tiny_checkpoint
 
     built: dict[str, dict] = {}
 

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from darkroom.home import Home
 from darkroom.server.app import create_app
 from darkroom.server.security import Security
-from darkroom.studio import Studio, build_studio
+from darkroom.services.studio import Studio, build_studio
 
 BASE = "http://127.0.0.1:7860"
 # fast enough for every test: the tiny sd1 model at 64x64

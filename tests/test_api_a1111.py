@@ -18,8 +18,8 @@ from PIL import Image
 
 from darkroom.engine import samplers
 from darkroom.errors import ModelLoadError
-from darkroom.jobs import Job
 from darkroom.server.security import Security
+from darkroom.services.jobs import Job
 from tests.server_util import live_server
 
 FAST = {"steps": 3, "width": 64, "height": 64, "sampler_name": "Euler"}
@@ -299,7 +299,7 @@ def test_webuiapi_client(studio):
 
 
 def test_webuiapi_loras_and_a_lora_in_the_prompt(studio, tiny_model):
-    from darkroom.models.tiny_lora import write_tiny_lora
+    from darkroom.testing.tiny_lora import write_tiny_lora
 
     write_tiny_lora(studio.home.loras / "inked.safetensors", tiny_model("sd1"), tag_frequency={"s": {"ink": 3}})
     with live_server(studio) as url:
@@ -359,8 +359,8 @@ def test_vaes_loras_embeddings_from_the_folders(api, studio, tiny_model):
 
     from safetensors.torch import save_file
 
-    from darkroom.models.ldm_export import vae_to_ldm
-    from darkroom.models.tiny_lora import write_tiny_lora
+    from darkroom.testing.ldm_export import vae_to_ldm
+    from darkroom.testing.tiny_lora import write_tiny_lora
 
     vae = {k: v.contiguous() for k, v in vae_to_ldm(tiny_model("sd1")["state_dicts"]["vae"], "").items()}
     save_file(vae, str(studio.home.vae / "crisp.safetensors"))

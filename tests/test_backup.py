@@ -15,13 +15,13 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from darkroom import backup as bk
+from darkroom.carry import backup as bk
 from darkroom.cli import cli
-from darkroom.cli_backup import backup, restore, verify
+from darkroom.cli.backup import backup, restore, verify
 from darkroom.home import Home
-from darkroom.pngmeta import encode_png
+from darkroom.metadata.images import encode_png
+from darkroom.services.history import History
 from darkroom.settings import Settings
-from darkroom.store import History
 
 INFOTEXT = "a lighthouse at dusk\nNegative prompt: fog\nSteps: 3, Sampler: Euler a, CFG scale: 7, Seed: {seed}, " \
            "Size: 8x8, Model: tiny-sd1"
@@ -29,7 +29,7 @@ INFOTEXT = "a lighthouse at dusk\nNegative prompt: fog\nSteps: 3, Sampler: Euler
 
 @pytest.fixture(autouse=True)
 def commands():
-    """The backup commands on the real `darkroom` group, as cli.py registers them."""
+    """The backup commands on the real `darkroom` group, as darkroom.cli registers them."""
     added = [c for c in (backup, restore, verify) if c.name not in cli.commands]
     for c in added:
         cli.add_command(c)
@@ -337,7 +337,7 @@ def test_restore_refuses_a_manifest_path_outside_the_home(full_home, tmp_path):
 _BACKUP_CHILD = """
 import sys
 from darkroom.cli import cli
-from darkroom.cli_backup import backup
+from darkroom.cli.backup import backup
 cli.add_command(backup)
 cli(["--home", sys.argv[1], "backup", sys.argv[2], "--models"])
 """

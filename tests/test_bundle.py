@@ -20,9 +20,9 @@ from click.testing import CliRunner
 from packaging.requirements import Requirement
 from safetensors.torch import save_file
 
-from darkroom import bundle, bundle_target
-from darkroom.cli import Context
-from darkroom.cli_bundle import bundle_group
+from darkroom.carry import bundle, bundle_target
+from darkroom.cli.bundle import bundle_group
+from darkroom.cli.group import Context
 from darkroom.home import Home
 
 BASE_PYTHON = getattr(sys, "_base_executable", sys.executable)  # no Darkroom importable: the checker is stdlib-only
@@ -398,7 +398,7 @@ def test_cli_create_errors_are_one_line_and_happen_before_any_download(tmp_path,
 
 
 def _run_cli_code() -> str:
-    return ("from darkroom.cli import cli\nfrom darkroom.cli_bundle import bundle_group\n"
+    return ("from darkroom.cli import cli\nfrom darkroom.cli.bundle import bundle_group\n"
             "'bundle' in cli.commands or cli.add_command(bundle_group, 'bundle')\ncli(prog_name='darkroom')\n")
 
 

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from darkroom.cli import cli
-from darkroom.infotext import parse_infotext
-from darkroom.pngmeta import read_image_metadata
+from darkroom.metadata.images import read_image_metadata
+from darkroom.metadata.infotext import parse_infotext
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -20,7 +20,7 @@ from darkroom.request import GenerationRequest
 
 
 def _config_folder(tmp_path, family: str, v_prediction: bool = False):
-    from darkroom.models.tiny import save_diffusers_folder
+    from darkroom.testing.tiny import save_diffusers_folder
 
     folder = save_diffusers_folder(tmp_path / f"cfg-{family}", family, seed=1, v_prediction=v_prediction)
     for weights in [*folder.rglob("*.safetensors"), *folder.rglob("*.bin")]:

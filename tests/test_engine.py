@@ -148,7 +148,7 @@ def test_model_cache_reuses_and_switches(engine, tiny_model):
 
 
 def test_diffusers_folder_loads(engine, tmp_path_factory):
-    from darkroom.models.tiny import save_diffusers_folder
+    from darkroom.testing.tiny import save_diffusers_folder
 
     for family in ("sd1", "sdxl"):
         folder = save_diffusers_folder(tmp_path_factory.mktemp("diffusers") / f"tiny-{family}", family, seed=1)
@@ -159,8 +159,8 @@ def test_diffusers_folder_loads(engine, tmp_path_factory):
 
 def test_infotext_round_trip_through_png(engine, tiny_model):
     """request -> PNG -> parsed parameters -> the same request."""
-    from darkroom.infotext import request_from_infotext
-    from darkroom.pngmeta import read_image_metadata
+    from darkroom.metadata.images import read_image_metadata
+    from darkroom.metadata.infotext import request_from_infotext
 
     req = small(model="tiny-x", prompt="a (red:1.2) circle,\nsecond line: detail", negative_prompt="blurry, dark",
                 sampler="DPM++ 2M SDE", schedule="Karras", cfg_scale=6.5, seed=123, clip_skip=2, width=64, height=96)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from darkroom.errors import InvalidRequest
-from darkroom.infotext import (
+from darkroom.metadata.infotext import (
     build_infotext,
     format_value,
     parse_infotext,

@@ -7,10 +7,10 @@ import time
 from PIL import Image
 
 from darkroom.home import Home
-from darkroom.jobs import QueueFull
-from darkroom.pngmeta import encode_png
+from darkroom.metadata.images import encode_png
 from darkroom.request import GenerationRequest
-from darkroom.store import History
+from darkroom.services.history import History
+from darkroom.services.jobs import QueueFull
 from tests.server_util import FAST, client, studio_with
 
 

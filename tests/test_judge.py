@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from darkroom.starter import judge as J
-from darkroom.starter.judge import judge, summarise
-from darkroom.starter.scenes import SHAPES, Claims, ObjectClaim, Scene, SceneObject, eval_set, render
+from darkroom.starter_training import judge as J
+from darkroom.starter_training.judge import judge, summarise
+from darkroom.starter_training.scenes import SHAPES, Claims, ObjectClaim, Scene, SceneObject, eval_set, render
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import darkroom  # noqa: F401  (offline before diffusers/transformers)
-from darkroom.models import ldm_export
-from darkroom.models.tiny import build_tiny_checkpoint, save_diffusers_folder
+from darkroom.testing import ldm_export
+from darkroom.testing.tiny import build_tiny_checkpoint, save_diffusers_folder
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 sfu = pytest.importorskip("diffusers.loaders.single_file_utils")

@@ -26,8 +26,8 @@ from darkroom.engine.lora import (
 from darkroom.errors import InvalidRequest, ModelLoadError, ModelNotFound
 from darkroom.home import Home
 from darkroom.models.loader import LoadOptions, load_checkpoint
-from darkroom.models.tiny_lora import write_tiny_lora
 from darkroom.request import GenerationRequest
+from darkroom.testing.tiny_lora import write_tiny_lora
 
 REQ = GenerationRequest(prompt="a red circle", steps=2, width=64, height=64, seed=1, sampler="Euler", cfg_scale=1.0)
 TO_K = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"  # a Linear in every tiny SD1 UNet

@@ -18,11 +18,11 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from darkroom.cli import cli
-from darkroom.cli_models import models_group
+from darkroom.cli.models import models_group
 from darkroom.home import Home
 from darkroom.models.hashing import HashCache, sha256_file
-from darkroom.models.manage import ModelManager, part_path
-from darkroom.models.tiny_lora import write_tiny_lora
+from darkroom.services.model_manager import ModelManager, part_path
+from darkroom.testing.tiny_lora import write_tiny_lora
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -139,7 +139,7 @@ def test_pickles_need_allow_pickle_and_garbage_is_refused(run, home, tmp_path):
 
 
 def test_a_copy_that_reads_back_different_is_not_kept(run, home, usb, monkeypatch):
-    from darkroom.models import manage
+    from darkroom.services import model_manager as manage
 
     real = manage.hash_file
     monkeypatch.setattr(manage, "hash_file", lambda path, *a, from_disk=False, **k: (
@@ -342,7 +342,7 @@ def test_an_interrupted_import_leaves_no_partial_file(run, home, tmp_path):
     src = _fake_checkpoint(tmp_path / "big.safetensors", 150_000_000)
     dest = home.checkpoints / "big.safetensors"
     part = part_path(dest)
-    code = ("import sys; from darkroom.cli import cli; from darkroom.cli_models import models_group;"
+    code = ("import sys; from darkroom.cli import cli; from darkroom.cli.models import models_group;"
             " cli.add_command(models_group, 'models'); cli(sys.argv[1:], prog_name='darkroom')")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", code, "--home", str(home.root), "models", "import", str(src)],

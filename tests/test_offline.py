@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 
 import darkroom  # noqa: F401  (sets the HF stack offline and installs the guard)
-from darkroom import offline
+from darkroom.offline import guard as offline
 
 
 def test_import_sets_hf_stack_offline():

@@ -39,8 +39,8 @@ from darkroom.engine.generate import Engine
 from darkroom.engine.lora import LoraFile, apply_loras, extract_lora_tags
 from darkroom.home import Home
 from darkroom.models.configs import scheduler_config
-from darkroom.models.tiny_lora import write_tiny_lora
 from darkroom.request import GenerationRequest
+from darkroom.testing.tiny_lora import write_tiny_lora
 
 SEED = 1234
 GEN = dict(steps=6, cfg_scale=5.0, seed=SEED, sampler="Euler", negative_prompt="ugly")
@@ -72,7 +72,7 @@ def _mask(size: int = 64) -> Image.Image:
 
 def _config_folder(root, family: str, inpainting: bool = False):
     """The tiny model as a diffusers folder with its configs and tokenizer only (no weights)."""
-    from darkroom.models.tiny import save_diffusers_folder
+    from darkroom.testing.tiny import save_diffusers_folder
 
     folder = save_diffusers_folder(root, family, seed=1, inpainting=inpainting)
     for weights in [*folder.rglob("*.safetensors"), *folder.rglob("*.bin")]:

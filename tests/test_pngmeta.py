@@ -11,8 +11,8 @@ import pytest
 from PIL import ExifTags, Image, PngImagePlugin
 
 from darkroom.errors import DarkroomError
-from darkroom.infotext import build_infotext, request_from_infotext
-from darkroom.pngmeta import describe, encode_png, read_image_metadata
+from darkroom.metadata.images import describe, encode_png, read_image_metadata
+from darkroom.metadata.infotext import build_infotext, request_from_infotext
 from darkroom.request import GenerationRequest
 
 INFOTEXT = (

@@ -12,11 +12,13 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from darkroom import offline, prove, readiness
-from darkroom.cli import Context
-from darkroom.cli_doctor import doctor
-from darkroom.prove_files import Roots, classify, summarize_files
-from darkroom.readiness import FAIL, OK, WARN
+from darkroom.cli.doctor import doctor
+from darkroom.cli.group import Context
+from darkroom.offline import guard as offline
+from darkroom.offline import proof as prove
+from darkroom.offline import readiness
+from darkroom.offline.proof_files import Roots, classify, summarize_files
+from darkroom.offline.readiness import FAIL, OK, WARN
 
 
 def _can_unshare() -> bool:

@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from darkroom.starter import scenes
-from darkroom.starter.scenes import (
+from darkroom.starter_training import scenes
+from darkroom.starter_training.scenes import (
     COLOURS,
     HELD_OUT,
     POSITIONS,

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from darkroom.pngmeta import encode_png
+from darkroom.metadata.images import encode_png
 from tests.server_util import FAST, live_server, wait_job
 
 
@@ -217,7 +217,7 @@ def test_xy_grid_job(api, studio):
 
 
 def test_extra_network_lists(api, studio, tiny_model):
-    from darkroom.models.tiny_lora import write_tiny_lora
+    from darkroom.testing.tiny_lora import write_tiny_lora
 
     write_tiny_lora(studio.home.loras / "inked.safetensors", tiny_model("sd1"), tag_frequency={"set": {"ink": 5}})
     loras = api.get("/api/loras").json()
@@ -242,7 +242,7 @@ def test_listing_never_hashes_and_background_hashing_fills_in(tmp_path, tiny_mod
     import shutil
 
     from darkroom.home import Home
-    from darkroom.studio import build_studio
+    from darkroom.services.studio import build_studio
     from tests.server_util import client
 
     home = Home(tmp_path / "h").ensure()

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from darkroom.starter import scenes
-from darkroom.starter.scenes import COLOURS, Scene, SceneObject
+from darkroom.starter_training import scenes
+from darkroom.starter_training.scenes import COLOURS, Scene, SceneObject
 
 _SPEC = importlib.util.spec_from_file_location(
     "starter_layout", Path(__file__).resolve().parent.parent / "scripts" / "starter_layout.py")

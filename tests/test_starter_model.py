@@ -44,7 +44,7 @@ def test_is_the_default_and_loads_through_the_ordinary_loader(starter_engine):
     "a green triangle at the bottom",
 ])
 def test_prompts_pass_the_judge(starter_engine, prompt):
-    from darkroom.starter.judge import judge
+    from darkroom.starter_training.judge import judge
 
     passed = [judge(generate(starter_engine, prompt, seed=s), prompt).passed for s in (1, 2, 3)]
     assert sum(passed) >= 2, f"{prompt!r}: judge passed {passed}"
@@ -57,7 +57,7 @@ def test_prompts_pass_the_judge(starter_engine, prompt):
 ])
 def test_relations_put_each_object_on_its_side(starter_engine, prompt):
     """Both colours found and the relation the right way round (not swapped); shape is checked above."""
-    from darkroom.starter.judge import judge
+    from darkroom.starter_training.judge import judge
 
     verdicts = [judge(generate(starter_engine, prompt, seed=s), prompt) for s in (1, 2, 3)]
     right = [all(o.colour for o in v.objects) and bool(v.relation) for v in verdicts]
@@ -78,8 +78,8 @@ def test_vae_gives_back_drawn_scenes_the_judge_can_read(starter_engine):
 
     Drawn eval scenes, encoded and decoded by the shipped VAE, must keep their objects' colour and shape.
     """
-    from darkroom.starter.judge import vae_round_trip
-    from darkroom.starter.scenes import eval_set
+    from darkroom.starter_training.judge import vae_round_trip
+    from darkroom.starter_training.scenes import eval_set
 
     score = vae_round_trip(starter_engine.cache.get(STARTER_FILE).vae, eval_set()[:50])
     assert score["colour"] >= 0.95 and score["shape"] >= 0.85, score
@@ -102,8 +102,8 @@ def _png(image: Image.Image) -> bytes:
 @pytest.mark.slow
 def test_img2img_recolours_the_circle(starter_engine):
     """img2img of a red circle with "a blue circle" at strength 0.6: the judge sees a blue circle, no red one."""
-    from darkroom.starter.judge import judge
-    from darkroom.starter.scenes import Scene, SceneObject, render
+    from darkroom.starter_training.judge import judge
+    from darkroom.starter_training.scenes import Scene, SceneObject, render
 
     source = _png(render(Scene("white", (SceneObject("circle", "red", "large", "centre"),)), 128))
     blue = red = 0
@@ -117,8 +117,8 @@ def test_img2img_recolours_the_circle(starter_engine):
 
 @pytest.mark.slow
 def test_inpainting_a_corner_adds_the_shape_there_only(starter_engine):
-    from darkroom.starter.judge import judge
-    from darkroom.starter.scenes import Scene, SceneObject, render
+    from darkroom.starter_training.judge import judge
+    from darkroom.starter_training.scenes import Scene, SceneObject, render
 
     source = render(Scene("white", (SceneObject("circle", "red", "small", "bottom right"),)), 128)
     mask = Image.new("L", (128, 128), 0)

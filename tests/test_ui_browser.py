@@ -25,7 +25,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="headless browser t
 expect = sync_api.expect
 
 from darkroom.home import Home  # noqa: E402
-from darkroom.pngmeta import encode_png  # noqa: E402
+from darkroom.metadata.images import encode_png  # noqa: E402
 from tests.server_util import get_json, live_server, studio_with  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -64,7 +64,7 @@ def base_url(tmp_path_factory, tiny_model):
     global LORA, UI_HOME
     home = UI_HOME = Home(tmp_path_factory.mktemp("ui-home")).ensure()
     try:  # a tiny LoRA for the tiny SD1 model, with a trigger word in its kohya metadata
-        from darkroom.models.tiny_lora import write_tiny_lora
+        from darkroom.testing.tiny_lora import write_tiny_lora
 
         write_tiny_lora(home.loras / f"{LORA}.safetensors", tiny_model("sd1"), family="sd1",
                         tag_frequency={"10_set": {LORA_WORD: 5, "red circle": 2}})

@@ -13,10 +13,10 @@ from safetensors.torch import save_file
 
 from darkroom.errors import InvalidRequest, ModelLoadError, ModelNotFound
 from darkroom.home import Home
-from darkroom.models.ldm_export import vae_to_ldm
 from darkroom.models.loader import LoadOptions, load_checkpoint
-from darkroom.models.tiny import tiny_configs
 from darkroom.models.vae_file import VaeLibrary, load_vae_file, swap_vae
+from darkroom.testing.ldm_export import vae_to_ldm
+from darkroom.testing.tiny import tiny_configs
 
 
 @pytest.fixture(scope="module")

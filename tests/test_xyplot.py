@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from darkroom.errors import InvalidRequest
-from darkroom.infotext import parse_infotext
-from darkroom.pngmeta import read_image_metadata
+from darkroom.metadata.images import read_image_metadata
+from darkroom.metadata.infotext import parse_infotext
 from darkroom.request import GenerationRequest
-from darkroom.xyplot import draw_grid, find_axis, parse_axis, plan_xy, run_xy
+from darkroom.services.xyplot import draw_grid, find_axis, parse_axis, plan_xy, run_xy
 from tests.test_cli import run as run_cli
 
 SIDE = 64

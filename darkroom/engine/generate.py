@@ -26,11 +26,11 @@ from darkroom.engine.img2img import FILL_NAMES, RESIZE_NAMES, Source, prepare_so
 from darkroom.engine.lora import LoraLibrary, apply_loras, extract_lora_tags, lora_hashes_infotext
 from darkroom.engine.sampling import SKIPPED, Guidance, Init, Noise, StepCallback, StepEvent, denoise
 from darkroom.errors import InvalidRequest
-from darkroom.infotext import build_infotext
+from darkroom.metadata.images import encode_png
+from darkroom.metadata.infotext import build_infotext
 from darkroom.models.library import ModelLibrary
 from darkroom.models.loader import LoadedModel
 from darkroom.models.vae_file import VaeLibrary, swap_vae
-from darkroom.pngmeta import encode_png
 from darkroom.request import GeneratedImage, GenerationRequest, GenerationResult
 from darkroom.text.conditioning import Conditioning, PromptEncoder
 from darkroom.text.embeddings import EmbeddingLibrary, format_ti_hashes

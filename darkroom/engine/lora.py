@@ -12,7 +12,7 @@ Module names: kohya names the UNet either with underscored diffusers paths
 paths (`lora_unet_input_blocks_1_1_..._attn1_to_q`, SDXL LoRAs). Both are resolved through
 one table built from the loaded model: every Linear/Conv2d of the diffusers UNet and of the
 text encoders under its underscored path, plus the UNet's LDM path derived from its config
-(`darkroom.models.ldm_export.unet_to_ldm`, the inverse of diffusers' converter).
+(`darkroom.models.ldm_unet_keys.unet_to_ldm`, the inverse of diffusers' converter).
 
 Applying merges `W += weight * scale * up @ down` (in float32, cast back to the module
 dtype) into the weights in place, after saving a copy of every touched weight; leaving the

@@ -132,7 +132,7 @@ class _TargetMaps:
                 path = name if component == "unet" else name.removeprefix("text_model.")
                 table.setdefault(path.replace(".", "_"), (name, mod))
         if component == "unet":
-            from darkroom.models.ldm_export import unet_to_ldm
+            from darkroom.models.ldm_unet_keys import unet_to_ldm
 
             keys = [k for k in root.state_dict() if k.endswith(".weight")]
             try:

@@ -81,7 +81,7 @@ class HashCache:
         sha = self.cached_sha256(path)
         return sha[:10] if sha else None
 
-    # ---- the library service's view (darkroom.models.manage): lookups without hashing, records
+    # ---- the library service's view (darkroom.services.model_manager): lookups without hashing, records
 
     def cached_sha256(self, path: Path) -> str | None:
         """The SHA-256 if known for the file as it is now (same size and mtime), without hashing."""

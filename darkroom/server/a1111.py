@@ -13,19 +13,17 @@ worse than an error.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
 from darkroom.engine import samplers
 from darkroom.errors import DarkroomError, InvalidRequest
-from darkroom.jobs import ERROR, QUEUED, Job
 from darkroom.server.a1111_requests import (
     _OUR_NAME,
     FIXED_OPTIONS,
@@ -40,26 +38,16 @@ from darkroom.server.a1111_requests import (
     _timestamp,
     _unset,
     _with_infotext,
-    current_model_info,
     job_info,
-    require_model,
     to_generation_request,
 )
-from darkroom.server.native import get_studio, png_info_of
+from darkroom.server.common import StudioDep, current_model_info, png_info_of, require_model, wait_for
 from darkroom.server.uploads import decode_base64_image
+from darkroom.services.jobs import ERROR, QUEUED, Job
+from darkroom.services.studio import Studio
 from darkroom.settings import SETTINGS
-from darkroom.studio import Studio
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
-POLL_SECONDS = 0.05  # how often a waiting txt2img looks at its job (no thread is held while waiting)
-StudioDep = Annotated[Studio, Depends(get_studio)]
-
-
-async def wait_for(job: Job) -> Job:
-    """Wait for a job without blocking the event loop or holding a worker thread."""
-    while not job.done_event.is_set():
-        await asyncio.sleep(POLL_SECONDS)
-    return job
 
 
 async def _generate(body: ProcessingRequest, studio: Studio) -> Job:
@@ -303,7 +291,7 @@ class PngInfoRequest(BaseModel):
 
 def webui_parameters(infotext: str) -> dict[str, Any]:
     """The infotext parsed as the webui's PNG Info does, with "Size" also split into Size-1/Size-2."""
-    from darkroom.infotext import parse_infotext
+    from darkroom.metadata.infotext import parse_infotext
 
     params: dict[str, Any] = dict(parse_infotext(infotext))
     width, sep, height = str(params.get("Size", "")).partition("x")

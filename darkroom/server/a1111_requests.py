@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-from pathlib import Path
 from typing import Any
 
 import pydantic
@@ -18,12 +17,13 @@ from pydantic import BaseModel, ConfigDict
 
 import darkroom
 from darkroom.engine import samplers
-from darkroom.errors import DarkroomError, InvalidRequest, ModelNotFound
-from darkroom.jobs import Job
+from darkroom.errors import DarkroomError, InvalidRequest
 from darkroom.request import GenerationRequest
+from darkroom.server.common import current_model_info, find_model, require_model, validation_message
 from darkroom.server.uploads import decode_base64_image, open_image
+from darkroom.services.jobs import Job
+from darkroom.services.studio import Studio
 from darkroom.settings import SETTINGS
-from darkroom.studio import ModelInfo, Studio
 
 VERSION = f"darkroom-{darkroom.__version__}"
 
@@ -35,46 +35,6 @@ class NotAvailable(DarkroomError):
 
 
 # --- models ---------------------------------------------------------------------------------------
-
-
-def find_model(studio: Studio, wanted: str, *, rescan: bool = True) -> ModelInfo | None:
-    """The library checkpoint a client names, by webui title "name [hash]", name, file name or hash.
-
-    Only checkpoints listed in the library match (never a path the client makes up), so an API
-    caller cannot make the server open arbitrary files. With `rescan`, a miss rescans once, as a
-    model may have been dropped into the folder since the last listing.
-    """
-    wanted = (wanted or "").strip()
-    if not wanted:
-        return None
-    low = wanted.lower()
-    base = low[: low.rindex(" [")] if low.endswith("]") and " [" in low else low
-    for refresh in (False, True) if rescan else (False,):
-        rows = [m for m in studio.models(refresh=refresh) if not m.error]
-        for m in rows:
-            if wanted in (m.title, m.name, Path(m.path).name):
-                return m
-        for m in rows:
-            if base in (m.title.lower(), m.name.lower(), Path(m.path).name.lower()):
-                return m
-        if 8 <= len(low) <= 64 and all(c in "0123456789abcdef" for c in low):
-            for m in rows:
-                if m.sha256 and m.sha256.startswith(low):
-                    return m
-    return None
-
-
-def require_model(studio: Studio, wanted: str) -> ModelInfo:
-    model = find_model(studio, wanted)
-    if model is None:
-        titles = ", ".join(m.title for m in studio.models() if not m.error) or "none"
-        raise ModelNotFound(f"no model named {wanted!r} (available: {titles}); see GET /sdapi/v1/sd-models")
-    return model
-
-
-def current_model_info(studio: Studio) -> ModelInfo | None:
-    name = studio.current_model()
-    return next((m for m in studio.models() if m.name == name), None)
 
 
 # --- settings: webui option names <-> ours ------------------------------------------------------
@@ -243,7 +203,7 @@ def _refuse_unsupported(body: ProcessingRequest) -> None:
 
 def _with_infotext(body: ProcessingRequest) -> ProcessingRequest:
     """The webui's `infotext` field: a pasted infotext fills the fields the request left unset."""
-    from darkroom.infotext import request_from_infotext
+    from darkroom.metadata.infotext import request_from_infotext
 
     if not body.infotext:
         return body
@@ -396,8 +356,6 @@ def to_generation_request(body: ProcessingRequest, studio: Studio) -> Generation
     try:
         return GenerationRequest(**fields)
     except pydantic.ValidationError as e:
-        from darkroom.server.app import validation_message
-
         raise InvalidRequest(validation_message(e.errors())) from None
 
 

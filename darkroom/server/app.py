@@ -17,20 +17,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import darkroom
 from darkroom.errors import DarkroomError
+from darkroom.server.common import validation_message
 from darkroom.server.security import Security, SecurityMiddleware
-from darkroom.studio import Studio
+from darkroom.services.studio import Studio
 
 log = logging.getLogger("darkroom.server")
-
-
-def validation_message(errors) -> str:
-    """pydantic/FastAPI errors as one line: `width: width 513 is not a multiple of 8 ...`."""
-    parts = []
-    for err in errors:
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
-        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-        parts.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
-    return "invalid request: " + "; ".join(parts)
 
 
 def error_response(status: int, message: str) -> JSONResponse:

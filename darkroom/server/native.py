@@ -13,18 +13,15 @@ from pydantic import BaseModel, ConfigDict
 
 import darkroom
 from darkroom.engine import samplers
-from darkroom.errors import DarkroomError, InvalidRequest
-from darkroom.jobs import Job, JobNotFound
+from darkroom.errors import DarkroomError
 from darkroom.request import GenerationRequest
+from darkroom.server.common import get_studio, png_info_of
 from darkroom.server.uploads import decode_base64_image, read_upload
-from darkroom.store import HistoryItem
-from darkroom.studio import Studio
+from darkroom.services.history import HistoryItem
+from darkroom.services.jobs import Job, JobNotFound
+from darkroom.services.studio import Studio
 
 router = APIRouter(prefix="/api", tags=["native"])
-
-
-def get_studio(request: Request) -> Studio:
-    return request.app.state.studio
 
 
 class XYAxes(BaseModel):
@@ -75,7 +72,7 @@ def job_state(job: Job, studio: Studio) -> dict:
 
 
 def history_item(item: HistoryItem) -> dict:
-    from darkroom.infotext import request_from_infotext
+    from darkroom.metadata.infotext import request_from_infotext
 
     try:
         request = request_from_infotext(item.infotext).model_dump() if item.infotext else None
@@ -111,7 +108,7 @@ def models(studio: Studio = Depends(get_studio)) -> list[dict]:
 @router.get("/models/{name}/preview", responses={200: {"content": {"image/*": {}}}})
 def model_preview(name: str, studio: Studio = Depends(get_studio)) -> FileResponse:
     """A model's preview image; only files found beside a listed model are ever served."""
-    from darkroom.store import NotFound
+    from darkroom.services.history import NotFound
 
     for m in studio.models():
         if m.name == name and m.preview:
@@ -158,7 +155,7 @@ def vae_list(studio: Studio = Depends(get_studio)) -> list[str]:
 
 @router.get("/xy/axes")
 def xy_axes() -> list[dict]:
-    from darkroom.xyplot import AXES
+    from darkroom.services.xyplot import AXES
 
     examples = {int: "10,20,30", float: "1.5-7.5 (+1.5)", str: "a,b"}
     return [{"name": a.name, "field": a.field, "example": examples.get(a.kind, "")} for a in AXES]
@@ -272,29 +269,6 @@ def image(item_id: int, studio: Studio = Depends(get_studio)) -> FileResponse:
     item = studio.history.get(item_id)
     return FileResponse(studio.history.file_of(item), media_type="image/png",
                         headers={"cache-control": "private, max-age=86400"})
-
-
-FORMAT_LABELS = {"a1111": "AUTOMATIC1111", "comfyui": "ComfyUI", "invokeai": "InvokeAI", "fooocus": "Fooocus",
-                 "novelai": "NovelAI", "none": "none"}
-
-
-def png_info_of(data: bytes, name: str) -> dict:
-    from darkroom.infotext import request_from_infotext
-    from darkroom.pngmeta import read_image_metadata
-
-    meta = read_image_metadata(data, name=name)
-    label = FORMAT_LABELS.get(meta.source, meta.source)
-    if meta.parameters and "Version: darkroom" in meta.parameters:
-        label = "Darkroom"
-    elif meta.parameters and meta.source == "a1111" and "stable-diffusion.cpp" in meta.parameters:
-        label = "stable-diffusion.cpp"
-    request = None
-    if meta.parameters:
-        try:
-            request = request_from_infotext(meta.parameters).model_dump()
-        except InvalidRequest:
-            request = None
-    return {"format": label, "parameters": meta.parameters, "request": request, "items": meta.raw}
 
 
 @router.post("/png-info")

@@ -16,10 +16,10 @@ import os
 import re
 import time
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Any
 
 import pydantic
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -28,19 +28,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from darkroom.errors import DarkroomError, InvalidRequest
-from darkroom.jobs import ERROR, Job
 from darkroom.request import GenerationRequest
-from darkroom.server.a1111 import wait_for
-from darkroom.server.a1111_requests import find_model
-from darkroom.server.native import get_studio
+from darkroom.server.common import StudioDep, find_model, validation_message, wait_for
 from darkroom.server.uploads import open_image, read_upload
-from darkroom.studio import Studio
+from darkroom.services.jobs import ERROR, Job
+from darkroom.services.studio import Studio
 
 log = logging.getLogger("darkroom.server.openai")
 
 MAX_N = 10
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
-StudioDep = Annotated[Studio, Depends(get_studio)]
 
 
 class OpenAIError(DarkroomError):
@@ -72,8 +69,6 @@ class OpenAIRoute(APIRoute):
             except RequestValidationError as e:
                 first = next(iter(e.errors()), {})
                 loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-                from darkroom.server.app import validation_message
-
                 return openai_error(400, validation_message(e.errors()), ".".join(loc) or None)
             except OpenAIError as e:
                 return openai_error(e.status, str(e), e.param)
@@ -329,8 +324,6 @@ async def edit(request: Request, studio: StudioDep) -> dict:
         try:
             body = ImageEditRequest(**text)
         except pydantic.ValidationError as e:
-            from darkroom.server.app import validation_message
-
             first = next(iter(e.errors()), {})
             param = ".".join(str(p) for p in first.get("loc", ())) or None
             raise OpenAIError(validation_message(e.errors()), param=param) from None

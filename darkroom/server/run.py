@@ -40,7 +40,7 @@ def serve(home: Home, *, port: int = 7860, listen: bool = False, host: str | Non
 
     from darkroom.server.app import create_app
     from darkroom.server.security import Security
-    from darkroom.studio import build_studio
+    from darkroom.services.studio import build_studio
 
     host = host or ("0.0.0.0" if listen else "127.0.0.1")
     beyond_loopback = not _is_loopback(host)

@@ -1,0 +1,396 @@
+"""The backup folder format: marker, content-addressed objects, snapshot manifests, `latest`, locking, verify.
+
+Layout of a backup folder (DEST):
+
+    darkroom-backup.json            marker + format version (a folder without it is not touched)
+    objects/ab/cdef...              every file's bytes once, named by its SHA-256
+    snapshots/<id>/manifest.json    one per backup: path -> size, mtime_ns, sha256 (+ options)
+    latest                          the id of the newest complete snapshot
+    tmp/                            objects being written (a killed backup leaves them here)
+
+Crash safety: an object is written to tmp/, fsynced and renamed into objects/ only when
+complete; a snapshot's manifest is written last (temp + fsync + rename), and `latest`
+after it. So a backup killed at any point leaves every earlier snapshot complete, and
+the next run removes its leftovers and reuses the objects it finished.
+
+What goes into a snapshot and how a home is restored from one live in darkroom.carry.backup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Protocol
+
+from darkroom.errors import DarkroomError
+from darkroom.fsutil import fsync_dir as _fsync_dir
+
+CHUNK = 1 << 20
+FORMAT = 1
+MARKER = "darkroom-backup.json"
+HISTORY = "history.sqlite3"
+SETTINGS = "settings.json"
+_SHA = re.compile(r"[0-9a-f]{64}")
+_ID = re.compile(r"[0-9A-Za-z._-]+")
+
+
+class BackupError(DarkroomError):
+    """A backup folder that is missing, foreign, damaged or busy."""
+
+
+class Progress(Protocol):
+    """Byte progress; the CLI draws a bar, the library passes None."""
+
+    def start(self, total: int, desc: str) -> None: ...
+
+    def advance(self, n: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _NoProgress:
+    def start(self, total: int, desc: str) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+# --- small helpers ---------------------------------------------------------------------------
+
+
+def _os_errors(fn):
+    """A disk that is full, read-only or unplugged is a one-line error naming the file, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OSError as e:
+            where = f": {e.filename}" if e.filename else ""
+            raise BackupError(f"{fn.__name__.replace('_', ' ')} failed: {e.strerror or e}{where}") from e
+
+    return wrapper
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"  # pragma: no cover
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _safe_rel(rel: str) -> PurePosixPath:
+    """A manifest path, refused unless it is a plain relative path inside the backed-up scope."""
+    p = PurePosixPath(rel)
+    if (not rel or p.is_absolute() or "\\" in rel or any(part in ("", ".", "..") for part in p.parts)
+            or (p.parts[0] not in ("outputs", "models") and rel not in (SETTINGS, HISTORY))
+            or (p.parts[0] in ("outputs", "models") and len(p.parts) < 2)):
+        raise BackupError(f"backup manifest names a path outside the home's backed-up folders: {rel!r}")
+    return p
+
+
+# --- the backup folder -----------------------------------------------------------------------
+
+
+@dataclass
+class Snapshot:
+    id: str
+    manifest: dict
+
+    @property
+    def files(self) -> dict[str, dict]:
+        return self.manifest["files"]
+
+    @property
+    def created(self) -> float:
+        return float(self.manifest.get("created", 0))
+
+
+class Repository:
+    """A backup folder on disk (see the module docstring for its layout)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root).expanduser().resolve()
+
+    objects = property(lambda self: self.root / "objects")
+    snapshots_dir = property(lambda self: self.root / "snapshots")
+    tmp = property(lambda self: self.root / "tmp")
+    latest_file = property(lambda self: self.root / "latest")
+
+    def object_path(self, sha: str) -> Path:
+        if not _SHA.fullmatch(sha):
+            raise BackupError(f"backup manifest has a malformed hash {sha!r}")
+        return self.objects / sha[:2] / sha[2:]
+
+    # opening
+
+    def is_backup(self) -> bool:
+        return (self.root / MARKER).is_file()
+
+    def require(self) -> Repository:
+        if not self.root.is_dir():
+            raise BackupError(f"no backup folder at {self.root}")
+        if not self.is_backup():
+            raise BackupError(f"{self.root} is not a Darkroom backup folder (no {MARKER})")
+        try:
+            fmt = json.loads((self.root / MARKER).read_text(encoding="utf-8")).get("format")
+        except (OSError, ValueError, AttributeError) as e:
+            raise BackupError(f"{self.root / MARKER} is unreadable: {e}") from e
+        if fmt != FORMAT:
+            raise BackupError(f"{self.root} is a backup in format {fmt}; this Darkroom reads format {FORMAT}")
+        return self
+
+    def init(self) -> Repository:
+        if self.root.exists() and not self.root.is_dir():
+            raise BackupError(f"{self.root} is a file, not a folder")
+        if self.root.is_dir() and not self.is_backup() and any(self.root.iterdir()):
+            raise BackupError(f"{self.root} is not empty and not a Darkroom backup folder",
+                              hint="choose an empty or new folder")
+        for d in (self.root, self.objects, self.snapshots_dir, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+        if not self.is_backup():
+            _write_atomic(self.root / MARKER, json.dumps({"format": FORMAT, "tool": "darkroom"}).encode())
+        return self.require()
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """One writer at a time; the OS drops the lock when a killed backup's process dies."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no locking
+            yield
+            return
+        with open(self.root / ".lock", "a+b") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                raise BackupError(f"another backup is writing to {self.root} right now") from e
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    # snapshots
+
+    def snapshots(self) -> tuple[list[Snapshot], list[str]]:
+        """(complete snapshots oldest first, ids of incomplete ones: killed before their manifest)."""
+        done: list[Snapshot] = []
+        incomplete: list[str] = []
+        if not self.snapshots_dir.is_dir():
+            return done, incomplete
+        for d in sorted(self.snapshots_dir.iterdir()):
+            if not d.is_dir():
+                continue
+            mf = d / "manifest.json"
+            if not mf.is_file():
+                incomplete.append(d.name)
+                continue
+            try:
+                manifest = json.loads(mf.read_text(encoding="utf-8"))
+                if not isinstance(manifest.get("files"), dict):
+                    raise ValueError("no file list")
+            except (OSError, ValueError, AttributeError) as e:
+                raise BackupError(f"snapshot manifest {mf} is damaged: {e}") from e
+            done.append(Snapshot(d.name, manifest))
+        done.sort(key=lambda s: (s.created, s.id))
+        return done, incomplete
+
+    def latest_id(self) -> str | None:
+        try:
+            return self.latest_file.read_text(encoding="utf-8").strip() or None
+        except OSError:
+            return None
+
+    def snapshot(self, snapshot_id: str | None = None) -> Snapshot:
+        done, _ = self.snapshots()
+        if not done:
+            raise BackupError(f"{self.root} holds no complete snapshot")
+        by_id = {s.id: s for s in done}
+        if snapshot_id is None:
+            return by_id.get(self.latest_id() or "", done[-1])
+        if snapshot_id not in by_id:
+            raise BackupError(f"no snapshot {snapshot_id!r} in {self.root}",
+                              hint="available: " + ", ".join(s.id for s in done))
+        return by_id[snapshot_id]
+
+    def new_snapshot_id(self, now: float) -> str:
+        base = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
+        sid, n = base, 1
+        while (self.snapshots_dir / sid).exists():
+            n += 1
+            sid = f"{base}-{n}"
+        return sid
+
+    # objects
+
+    def adopt(self, tmp: Path, progress: Progress, *, source: Path | None = None) -> tuple[str, int, bool]:
+        """Store `source` (streamed through `tmp`) or the finished `tmp` as an object.
+
+        Returns (sha256, size, newly stored). The object appears under its name only when
+        complete and fsynced; an object already there is kept and the temp dropped.
+        """
+        h = hashlib.sha256()
+        size = 0
+        try:
+            if source is not None:
+                with open(source, "rb") as fi, open(tmp, "wb") as fo:
+                    while block := fi.read(CHUNK):
+                        h.update(block)
+                        fo.write(block)
+                        size += len(block)
+                        progress.advance(len(block))
+                    sha = h.hexdigest()
+                    obj = self.object_path(sha)
+                    new = not (obj.is_file() and obj.stat().st_size == size)
+                    if new:
+                        fo.flush()
+                        os.fsync(fo.fileno())
+            else:
+                with open(tmp, "rb+") as fo:
+                    while block := fo.read(CHUNK):
+                        h.update(block)
+                        size += len(block)
+                        progress.advance(len(block))
+                    sha = h.hexdigest()
+                    obj = self.object_path(sha)
+                    new = not (obj.is_file() and obj.stat().st_size == size)
+                    if new:
+                        os.fsync(fo.fileno())
+            if new:
+                obj.parent.mkdir(exist_ok=True)
+                os.replace(tmp, obj)
+                _fsync_dir(obj.parent)
+            return sha, size, new
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def clear_tmp(self) -> int:
+        """Remove what killed backups left in tmp/ (call with the lock held)."""
+        n = 0
+        if self.tmp.is_dir():
+            for f in self.tmp.iterdir():
+                if f.is_file():
+                    f.unlink()
+                    n += 1
+        return n
+
+
+def _extract(repo: Repository, rel: str, e: dict, tmp: Path, progress: Progress) -> None:
+    """Copy an object to `tmp`, hashing while writing; a mismatch is an error and leaves nothing."""
+    obj = repo.object_path(e["sha256"])
+    h = hashlib.sha256()
+    try:
+        with open(obj, "rb") as fi, open(tmp, "wb") as fo:
+            while block := fi.read(CHUNK):
+                h.update(block)
+                fo.write(block)
+                progress.advance(len(block))
+            if h.hexdigest() != e["sha256"]:
+                raise BackupError(f"the backup copy of {rel} is corrupt (object {obj.relative_to(repo.root)})",
+                                  hint=f"run `darkroom verify {repo.root}`")
+            fo.flush()
+            os.fsync(fo.fileno())
+    except FileNotFoundError as e_:
+        tmp.unlink(missing_ok=True)
+        raise BackupError(f"the backup copy of {rel} is missing (object {obj.relative_to(repo.root)})",
+                          hint=f"run `darkroom verify {repo.root}`") from e_
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# --- verify ----------------------------------------------------------------------------------
+
+
+@dataclass
+class VerifyResult:
+    snapshots: list[Snapshot] = field(default_factory=list)
+    incomplete: list[str] = field(default_factory=list)
+    objects_checked: int = 0
+    bytes_checked: int = 0
+    missing: dict[str, list[str]] = field(default_factory=dict)  # "snapshot:path" names per object
+    corrupt: dict[str, list[str]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)  # one line each
+    leftovers: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@_os_errors
+def verify_backup(src: Path, *, progress: Progress | None = None) -> VerifyResult:
+    """Check that every object every snapshot names exists and has its hash (each object read once)."""
+    progress = progress or _NoProgress()
+    t0 = time.monotonic()
+    repo = Repository(src).require()
+    result = VerifyResult()
+    result.snapshots, result.incomplete = repo.snapshots()
+    result.leftovers = sum(1 for f in repo.tmp.iterdir() if f.is_file()) if repo.tmp.is_dir() else 0
+    latest = repo.latest_id()
+    if result.snapshots and latest not in {s.id for s in result.snapshots}:
+        result.problems.append(f"the latest pointer names {latest!r}, which is not a complete snapshot")
+    users: dict[str, list[str]] = {}
+    sizes: dict[str, int] = {}
+    for snap in result.snapshots:
+        for rel, e in snap.files.items():
+            sha = str(e.get("sha256", ""))
+            try:
+                _safe_rel(rel)
+                repo.object_path(sha)
+            except BackupError as err:
+                result.problems.append(f"snapshot {snap.id}: {err}")
+                continue
+            users.setdefault(sha, []).append(f"{snap.id}:{rel}")
+            sizes[sha] = int(e.get("size", 0))
+    progress.start(sum(sizes.values()), "Verifying")
+    try:
+        for sha in sorted(users):
+            obj = repo.object_path(sha)
+            if not obj.is_file():
+                result.missing[sha] = users[sha]
+                progress.advance(sizes[sha])
+                continue
+            h = hashlib.sha256()
+            with open(obj, "rb") as fh:
+                while block := fh.read(CHUNK):
+                    h.update(block)
+                    progress.advance(len(block))
+            result.objects_checked += 1
+            result.bytes_checked += obj.stat().st_size
+            if h.hexdigest() != sha:
+                result.corrupt[sha] = users[sha]
+    finally:
+        progress.close()
+    for kind, table in (("missing", result.missing), ("corrupt", result.corrupt)):
+        for sha, names in table.items():
+            files = sorted({n.split(":", 1)[1] for n in names})
+            snaps = sorted({n.split(":", 1)[0] for n in names})
+            result.problems.append(f"{kind}: {', '.join(files)} (object {sha[:2]}/{sha[2:12]}..., "
+                                   f"in snapshot{'s' if len(snaps) > 1 else ''} {', '.join(snaps)})")
+    result.seconds = time.monotonic() - t0
+    return result

@@ -1,0 +1,28 @@
+"""The `darkroom` command: a thin layer over the library API (no generation logic here).
+
+This is the entry module: it puts the command modules' commands on the group from
+darkroom.cli.group. Each command group lives in its own module, which imports the group
+module, never this one.
+"""
+
+from __future__ import annotations
+
+from darkroom.cli.backup import backup, restore, verify
+from darkroom.cli.bundle import bundle_group
+from darkroom.cli.doctor import doctor
+from darkroom.cli.generate import generate
+from darkroom.cli.group import cli
+from darkroom.cli.info import png_info, samplers
+from darkroom.cli.models import models_group
+from darkroom.cli.serve import serve
+
+for _command in (generate, png_info, samplers, serve, backup, restore, verify, doctor):
+    cli.add_command(_command)
+cli.add_command(models_group, "models")
+cli.add_command(bundle_group, "bundle")
+
+__all__ = ["cli", "main"]
+
+
+def main() -> None:
+    cli(prog_name="darkroom")

@@ -1,0 +1,112 @@
+"""`darkroom bundle create|verify`: the offline bundle's commands (the work is in darkroom.carry.bundle)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from darkroom.cli.group import user_errors
+from darkroom.home import Home
+
+
+def _home(obj) -> Home:
+    return obj.home if obj is not None and hasattr(obj, "home") else Home.resolve().ensure()
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+class _Bars:
+    """tqdm byte bars on stderr (drawn only on a terminal), closed together."""
+
+    def __init__(self):
+        self.bars = []
+
+    def __call__(self, label: str, total: int):
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=label, file=sys.stderr, leave=False, disable=None)
+        self.bars.append(bar)
+        return bar.update
+
+    def close(self) -> None:
+        for bar in self.bars:
+            bar.close()
+
+
+@click.group("bundle")
+def bundle_group() -> None:
+    """Offline bundle: prepare online, carry on USB, install offline (see docs/bundle.md)."""
+
+
+@bundle_group.command("create")
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--models", "--model", "models", multiple=True, metavar="NAME_OR_PATH",
+              help="A model to carry: a name in the models folders (checkpoint, LoRA, VAE, embedding) or a path;"
+                   " repeatable. The built-in starter model is inside Darkroom's wheel already.")
+@click.option("--platform", "platforms", multiple=True, metavar="TAG",
+              help="Wheel platform of the offline machine, e.g. manylinux_2_28_x86_64, win_amd64,"
+                   " macosx_11_0_arm64; repeatable (default: this machine).")
+@click.option("--python-version", default=None, metavar="X.Y",
+              help="Python version of the offline machine (default: this Python's).")
+@click.option("--torch", "torch_variant", default="cpu", show_default=True, metavar="VARIANT",
+              help="torch build: cpu, a CUDA build (cu124, cu128, ...), rocm6.4, xpu (from download.pytorch.org,"
+                   " which must be reachable), or pypi (the build PyPI serves: CUDA on Linux).")
+@click.option("--torch-index-url", default=None, metavar="URL",
+              help="Where to get torch instead of download.pytorch.org/whl/<variant> (a mirror), or 'none' for"
+                   " pip's configured sources only.")
+@click.option("--source", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="Darkroom checkout to build the wheel from (default: the one this Darkroom runs from).")
+@click.pass_obj
+@user_errors
+def create(obj, dest: Path, models, platforms, python_version, torch_variant, torch_index_url, source) -> None:
+    """Write an offline bundle into DEST (new or empty): wheels, models, manifest, install.sh/install.ps1.
+
+    Needs the network (pip downloads the wheels, ~300 MB with the CPU torch, a few GB with a CUDA one).
+    On the offline machine, run `bash DEST/install.sh` (Windows: install.ps1).
+    """
+    from darkroom.carry.bundle import create_bundle, manifest_bytes
+
+    bars = _Bars()
+    try:
+        manifest = create_bundle(dest, home=_home(obj), models=models, platforms=platforms,
+                                 python_version=python_version, torch=torch_variant, torch_index_url=torch_index_url,
+                                 source=source, echo=lambda line: click.echo(line, err=True), progress=bars)
+    finally:
+        bars.close()
+    t = manifest["target"]
+    click.echo(f"Bundle written to {dest}: {len(manifest['files'])} files, {_size(manifest_bytes(manifest))}"
+               f" (darkroom {manifest['darkroom_version']}, {t['torch_requirement']},"
+               f" {t['os']} {t['machine'] or ''} Python {t['python']}, {len(manifest['models'])} model(s)).")
+    click.echo(f"Check it after copying: darkroom bundle verify {dest}")
+    click.echo(f"Install on the offline machine: bash {dest}/install.sh   (Windows: install.ps1)")
+
+
+@bundle_group.command("verify")
+@click.argument("bundle", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@user_errors
+def verify(bundle: Path) -> None:
+    """Check every file of BUNDLE against its manifest (missing, size, SHA-256); exit 1 naming bad files."""
+    from darkroom.carry.bundle import BundleError, checker, manifest_bytes, verify_bundle
+
+    bars = _Bars()
+    try:
+        manifest = checker().load_manifest(bundle)
+    except checker().BundleError as e:
+        raise BundleError(str(e)) from None
+    try:
+        report = verify_bundle(bundle, progress=bars("verifying", manifest_bytes(manifest)))
+    finally:
+        bars.close()
+    for extra in report.extra:
+        click.echo(f"note: {extra} is not in the manifest (ignored)", err=True)
+    if report.problems:
+        for problem in report.problems:
+            click.echo(f"  {problem}", err=True)
+        raise BundleError(f"{len(report.problems)} bad file(s) in {bundle}: {', '.join(report.bad_files)}")
+    click.echo(f"OK: {len(manifest['files'])} files, {_size(manifest_bytes(manifest))}, match {bundle}/manifest.json"
+               f" (darkroom {manifest.get('darkroom_version')}, for {manifest['target'].get('os')}"
+               f" Python {manifest['target'].get('python')})")

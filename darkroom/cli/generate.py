@@ -1,0 +1,225 @@
+"""`darkroom generate`: txt2img, img2img, inpainting, hires fix and X/Y plots to PNGs, with a progress bar."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from darkroom.cli.group import Context, log, user_errors
+from darkroom.home import Home
+from darkroom.services.xyplot import axis_names
+
+RESIZE_CHOICES = {"just-resize": 0, "crop": 1, "fill": 2}
+FILL_CHOICES = {"fill": 0, "original": 1, "latent-noise": 2, "latent-nothing": 3}
+
+
+def _engine(home: Home, device: str | None, precision: str | None, allow_pickle: bool, v_prediction: bool | None):
+    from darkroom.api import build_engine
+
+    return build_engine(home, device=device, precision=precision, allow_pickle=allow_pickle,
+                        v_prediction=v_prediction)
+
+@click.command()
+@click.argument("prompt", required=False, default=None)
+@click.option("-N", "--negative", "negative_prompt", default=None, help="Negative prompt.")
+@click.option("-m", "--model", default=None, help="Checkpoint: a name or short hash in the models folders, or a path.")
+@click.option("-n", "--count", "n_iter", type=int, default=None,
+              help="How many batches to make (images = count x batch size).")
+@click.option("-b", "--batch-size", type=int, default=None, help="Images sampled together in one batch.")
+@click.option("-s", "--steps", type=int, default=None)
+@click.option("--cfg", "cfg_scale", type=float, default=None, help="Classifier-free guidance scale.")
+@click.option("--sampler", default=None,
+              help="A1111 sampler name, e.g. 'Euler a', 'DPM++ 2M' (see `darkroom samplers`).")
+@click.option("--schedule", default=None, help="Schedule type: Automatic, Uniform, Karras, Exponential, SGM Uniform.")
+@click.option("--seed", type=int, default=None, help="-1 picks a random seed (recorded in the image).")
+@click.option("-W", "--width", type=int, default=None)
+@click.option("-H", "--height", type=int, default=None)
+@click.option("--clip-skip", type=int, default=None)
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the PNGs (default: <home>/outputs/txt2img/<date>).")
+@click.option("--from-png", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Rerun the parameters stored in an image; options given here override them.")
+@click.option("-i", "--init-image", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="img2img: start from this image (size defaults to the image's).")
+@click.option("--mask", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Inpaint: white = repaint (a transparent PNG's painted pixels count as white).")
+@click.option("-d", "--strength", "denoising_strength", type=float, default=None,
+              help="Denoising strength for img2img and the hires fix (0 keeps the image, 1 ignores it).")
+@click.option("--resize-mode", type=click.Choice(list(RESIZE_CHOICES)), default=None,
+              help="How the init image is fitted to the size (default: just-resize).")
+@click.option("--mask-blur", type=int, default=None, help="Mask edge blur in pixels (default 4).")
+@click.option("--masked-content", type=click.Choice(list(FILL_CHOICES)), default=None,
+              help="What the masked area starts from (default: original).")
+@click.option("--only-masked", "inpaint_full_res", is_flag=True, default=None,
+              help="Inpaint just the masked area at full resolution, then paste it back.")
+@click.option("--only-masked-padding", "inpaint_full_res_padding", type=int, default=None,
+              help="Pixels of context around the mask for --only-masked (default 32).")
+@click.option("--invert-mask", "inpainting_mask_invert", is_flag=True, default=None,
+              help="Repaint the black part of the mask.")
+@click.option("--hires", "enable_hr", is_flag=True, default=None,
+              help="Hires fix: generate at the size given, upscale, then refine at the larger size.")
+@click.option("--hr-scale", type=float, default=None, help="Hires upscale factor (default 2).")
+@click.option("--hr-upscaler", default=None, help="Latent (default), Latent (nearest), Lanczos, Nearest.")
+@click.option("--hr-steps", "hr_second_pass_steps", type=int, default=None,
+              help="Steps of the second pass (default: the same as --steps).")
+@click.option("--hr-size", default=None, metavar="WxH", help="Hires target size instead of --hr-scale.")
+@click.option("--vae", default=None, help="A separate VAE: a name in the VAE folders or a path (default: Automatic).")
+@click.option("--subseed", type=int, default=None, help="Variation seed.")
+@click.option("--subseed-strength", type=float, default=None, help="How far to move towards the variation seed.")
+@click.option("--x", "x_axis", default=None, metavar="AXIS=VALUES",
+              help="X/Y plot: one image per value in the columns, plus a labelled grid (<outputs>/txt2img-grids, or"
+                   " -o), e.g. 'steps=10-30 (+10)'. VALUES: comma-separated (CSV quotes), ranges 1-5, 1-10 (+3),"
+                   " 1-10 [4], 1.5-3 (+0.5). AXIS: " + ", ".join(axis_names()) + " (or the request field name).")
+@click.option("--y", "y_axis", default=None, metavar="AXIS=VALUES",
+              help="X/Y plot: the values in the rows, e.g. 'sampler=Euler a,DPM++ 2M'.")
+@click.option("--device", default=None, help="auto (default), cpu, cuda, cuda:N, mps.")
+@click.option("--precision", default=None, help="auto (default), fp32, fp16, bf16.")
+@click.option("--allow-pickle", is_flag=True, help="Allow .ckpt pickles (loaded with torch.load(weights_only=True)).")
+@click.option("--v-pred/--no-v-pred", "v_prediction", default=None,
+              help="Force v-prediction on/off (default: from the file's metadata, v_pred key or sidecar .yaml).")
+@click.pass_obj
+@user_errors
+def generate(obj: Context, prompt, negative_prompt, model, n_iter, batch_size, steps, cfg_scale, sampler, schedule,
+             seed, width, height, clip_skip, output, from_png, init_image, mask, denoising_strength, resize_mode,
+             mask_blur, masked_content, inpaint_full_res, inpaint_full_res_padding, inpainting_mask_invert, enable_hr,
+             hr_scale, hr_upscaler, hr_second_pass_steps, hr_size, vae, subseed, subseed_strength, x_axis, y_axis,
+             device, precision, allow_pickle, v_prediction) -> None:
+    """Generate images from PROMPT (txt2img, img2img, inpainting, hires fix) and write PNGs with their parameters."""
+    from darkroom.api import output_folder, request_from_png
+    from darkroom.models import starter
+    from darkroom.request import GenerationRequest
+    from darkroom.services.xyplot import parse_axis_option
+
+    axes = [None if a is None else parse_axis_option(a) for a in (x_axis, y_axis)]
+    hr_resize_x = hr_resize_y = None
+    if hr_size:
+        try:
+            hr_resize_x, hr_resize_y = (int(v) for v in hr_size.lower().split("x"))
+        except ValueError:
+            raise click.BadParameter(f"{hr_size!r} is not WIDTHxHEIGHT, e.g. 1024x768",
+                                     param_hint="--hr-size") from None
+    fields = dict(prompt=prompt, negative_prompt=negative_prompt, model=model, n_iter=n_iter, batch_size=batch_size,
+                  steps=steps, cfg_scale=cfg_scale, sampler=sampler, schedule=schedule, seed=seed, width=width,
+                  height=height, clip_skip=clip_skip, denoising_strength=denoising_strength,
+                  resize_mode=None if resize_mode is None else RESIZE_CHOICES[resize_mode], mask_blur=mask_blur,
+                  inpainting_fill=None if masked_content is None else FILL_CHOICES[masked_content],
+                  inpaint_full_res=inpaint_full_res, inpaint_full_res_padding=inpaint_full_res_padding,
+                  inpainting_mask_invert=inpainting_mask_invert, enable_hr=enable_hr, hr_scale=hr_scale,
+                  hr_upscaler=hr_upscaler, hr_second_pass_steps=hr_second_pass_steps, hr_resize_x=hr_resize_x,
+                  hr_resize_y=hr_resize_y, vae=vae, subseed=subseed, subseed_strength=subseed_strength,
+                  init_image=_read(init_image), mask=_read(mask))
+    given = {k: v for k, v in fields.items() if v is not None}
+    if from_png is not None:
+        base = request_from_png(from_png)
+        req = base.model_copy(update=given)
+        req = GenerationRequest.model_validate(req.model_dump())
+    else:
+        if prompt is None:
+            raise click.UsageError("give a PROMPT (or --from-png FILE)")
+        req = GenerationRequest(**given)
+    engine = _engine(obj.home, device, precision, allow_pickle, v_prediction)
+    path = engine.model_path(req)
+    note = starter.description(path)
+    click.echo(f"Model: {path.name}" + (f"  ({note})" if note else ""), err=True)
+    out_dir = output or output_folder(obj.home, "img2img" if req.is_img2img else "txt2img")
+
+    cancel = threading.Event()
+    if any(axes):
+        return _generate_grid(obj, engine, req, axes, output, out_dir, cancel)
+    progress = _Progress(req)
+    with _sigint_cancels(cancel):
+        try:
+            result = engine.generate(req, on_step=progress.update, cancel=cancel, output_dir=out_dir)
+        finally:
+            progress.close()
+    for image in result.images:
+        click.echo(image.path)
+    done = f"{len(result.images)} image(s) in {out_dir}"
+    if result.interrupted:
+        done = f"interrupted: kept {done}"
+    t = result.timings
+    click.echo(f"{done} (seed {result.seeds[0] if result.seeds else req.seed}; load {t.get('load', 0):.1f}s,"
+               f" sampling {t.get('sampling', 0):.1f}s, total {t.get('total', 0):.1f}s)", err=True)
+    log.info("generated %d image(s) into %s", len(result.images), out_dir)
+    if result.interrupted:
+        sys.exit(130)
+
+
+def _generate_grid(obj: Context, engine, req, axes, output: Path | None, out_dir: Path, cancel) -> None:
+    """The X/Y plot path of `generate`: validate every cell, run them, print the images and the grid."""
+    from darkroom.api import output_folder
+    from darkroom.services.xyplot import plan_xy, run_plan
+
+    plan = plan_xy(engine, req, *axes)
+    grid_dir = output or output_folder(obj.home, "img2img-grids" if req.is_img2img else "txt2img-grids")
+    progress = _Progress(req, total=plan.total_steps)
+
+    def on_cell(n, cell) -> None:
+        progress.prefix = f"cell {n + 1}/{len(plan.cells)}, "
+
+    with _sigint_cancels(cancel):
+        try:
+            result = run_plan(engine, plan, output_dir=out_dir, grid_dir=grid_dir, on_step=progress.update,
+                              cancel=cancel, on_cell=on_cell)
+        finally:
+            progress.close()
+    for image in result.images:
+        click.echo(image.path)
+    if result.grid_path:
+        click.echo(result.grid_path)
+    done = f"{len(result.images)} image(s) in {out_dir}"
+    done = f"interrupted: kept {done}, no grid" if result.interrupted else f"{plan.columns}x{plan.rows} grid, {done}"
+    click.echo(f"{done} (seed {plan.cells[0].request.seed}; sampling {result.timings.get('sampling', 0):.1f}s,"
+               f" total {result.timings.get('total', 0):.1f}s)", err=True)
+    log.info("X/Y plot: %d image(s) into %s, grid %s", len(result.images), out_dir, result.grid_path)
+    if result.interrupted:
+        sys.exit(130)
+
+
+@contextlib.contextmanager
+def _sigint_cancels(cancel: threading.Event):
+    """Ctrl-C sets `cancel` (finish the current step, keep the images); a second Ctrl-C aborts at once."""
+    def on_sigint(signum, frame):
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+        click.echo("\nInterrupting after this step (Ctrl-C again to abort at once)...", err=True)
+
+    old = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _read(path: Path | None) -> bytes | None:
+    return None if path is None else path.read_bytes()
+
+
+class _Progress:
+    """A tqdm bar over all steps of all batches: step count, it/s and ETA."""
+
+    def __init__(self, req, total: int | None = None):
+        self.total = total or req.steps_per_batch * req.n_iter
+        self.bar = None
+        self.prefix = ""  # e.g. "cell 2/6, " for an X/Y plot
+
+    def update(self, event) -> None:
+        if self.bar is None:  # created at the first step, so model loading does not skew it/s and ETA
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, unit="step", desc="Sampling", dynamic_ncols=True, file=sys.stderr,
+                            mininterval=0.2)
+        self.bar.set_postfix_str(f"{self.prefix}image batch {event.batch_index + 1}/{event.batch_count}",
+                                 refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+

@@ -1,0 +1,222 @@
+"""The history: every finished image indexed in SQLite (WAL), the PNG files the source of truth.
+
+Files are written first (atomically, by the engine) and indexed right after, so a crash
+between the two loses nothing: `reconcile()` at start-up indexes any PNG under the
+outputs folder that the database does not know yet (reading its infotext) and forgets
+rows whose file is gone. Paths are stored relative to the outputs folder and every path
+that comes back out is checked to stay inside it.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from darkroom.errors import DarkroomError, InvalidRequest
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY,
+    path TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL,
+    prompt TEXT NOT NULL DEFAULT '',
+    negative_prompt TEXT NOT NULL DEFAULT '',
+    seed INTEGER,
+    width INTEGER,
+    height INTEGER,
+    model TEXT,
+    sampler TEXT,
+    steps INTEGER,
+    cfg_scale REAL,
+    infotext TEXT NOT NULL DEFAULT '',
+    job_id TEXT
+);
+CREATE INDEX IF NOT EXISTS images_created ON images(created);
+"""
+_COLUMNS = ("id", "path", "created", "prompt", "negative_prompt", "seed", "width", "height", "model", "sampler",
+            "steps", "cfg_scale", "infotext", "job_id")
+
+
+class NotFound(DarkroomError):
+    status = 404
+
+
+@dataclass
+class HistoryItem:
+    id: int
+    path: str  # relative to the outputs folder, with forward slashes
+    created: float
+    prompt: str
+    negative_prompt: str
+    seed: int | None
+    width: int | None
+    height: int | None
+    model: str | None
+    sampler: str | None
+    steps: int | None
+    cfg_scale: float | None
+    infotext: str
+    job_id: str | None
+
+
+class History:
+    """Thread-safe SQLite index of the images under `outputs`."""
+
+    def __init__(self, db_path: Path, outputs: Path):
+        self.db_path = db_path
+        self.outputs = outputs.resolve()
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # --- paths -------------------------------------------------------------------------------
+
+    def relative(self, path: Path | str) -> str:
+        """`path` as stored: relative to outputs; refuses anything that resolves outside it."""
+        full = Path(path).resolve()
+        if os.path.commonpath([full, self.outputs]) != str(self.outputs):
+            raise InvalidRequest(f"{path} is outside the outputs folder {self.outputs}")
+        return full.relative_to(self.outputs).as_posix()
+
+    def file_of(self, item: HistoryItem) -> Path:
+        """The file behind an item, refusing (as 404) anything that is not inside outputs."""
+        full = (self.outputs / item.path).resolve()
+        if os.path.commonpath([full, self.outputs]) != str(self.outputs) or not full.is_file():
+            raise NotFound(f"image {item.id} has no file under the outputs folder")
+        return full
+
+    # --- writes ------------------------------------------------------------------------------
+
+    def add(self, path: Path | str, infotext: str, *, job_id: str | None = None, created: float | None = None) -> int:
+        """Index one written image (idempotent on its path); returns its id."""
+        from darkroom.metadata.infotext import parse_infotext
+
+        rel = self.relative(path)
+        params = parse_infotext(infotext) if infotext else None
+        fields = _fields_from(params)
+        created = created if created is not None else _mtime(self.outputs / rel)
+        with self._lock:
+            row = self._db.execute("SELECT id FROM images WHERE path = ?", (rel,)).fetchone()
+            if row:
+                return row[0]
+            cur = self._db.execute(
+                "INSERT INTO images (path, created, prompt, negative_prompt, seed, width, height, model, sampler,"
+                " steps, cfg_scale, infotext, job_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (rel, created, fields["prompt"], fields["negative_prompt"], fields["seed"], fields["width"],
+                 fields["height"], fields["model"], fields["sampler"], fields["steps"], fields["cfg_scale"],
+                 infotext or "", job_id),
+            )
+            return int(cur.lastrowid)
+
+    def delete(self, item_id: int) -> HistoryItem:
+        """Forget an image and delete its file."""
+        item = self.get(item_id)
+        full = (self.outputs / item.path).resolve()
+        if os.path.commonpath([full, self.outputs]) == str(self.outputs) and full.is_file():
+            full.unlink()
+        with self._lock:
+            self._db.execute("DELETE FROM images WHERE id = ?", (item_id,))
+        return item
+
+    def reconcile(self) -> tuple[int, int]:
+        """Index PNGs the database lacks and drop rows whose file is gone; (added, dropped)."""
+        from darkroom.metadata.images import read_image_metadata
+
+        with self._lock:
+            known = {p for (p,) in self._db.execute("SELECT path FROM images")}
+        added = dropped = 0
+        on_disk: set[str] = set()
+        if self.outputs.is_dir():
+            for png in sorted(self.outputs.rglob("*.png")):
+                if png.name.startswith(".") or png.is_symlink():
+                    continue  # temp files of an interrupted write; links could point anywhere
+                rel = png.relative_to(self.outputs).as_posix()
+                on_disk.add(rel)
+                if rel in known:
+                    continue
+                try:
+                    meta = read_image_metadata(png)
+                except DarkroomError:
+                    continue  # a damaged or foreign file: leave it alone, do not index it
+                self.add(png, meta.parameters or "")
+                added += 1
+        with self._lock:
+            for rel in known - on_disk:
+                self._db.execute("DELETE FROM images WHERE path = ?", (rel,))
+                dropped += 1
+        return added, dropped
+
+    # --- reads -------------------------------------------------------------------------------
+
+    def get(self, item_id: int) -> HistoryItem:
+        with self._lock:
+            row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM images WHERE id = ?", (item_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no image {item_id} in the history")
+        return HistoryItem(*row)
+
+    def search(self, query: str = "", *, page: int = 1, per_page: int = 24) -> tuple[int, list[HistoryItem]]:
+        """Newest first; `query` matches prompt text (all words, any order, case-insensitive)."""
+        if page < 1 or not 1 <= per_page <= 500:
+            raise InvalidRequest("page must be >= 1 and per_page between 1 and 500")
+        words = [w for w in query.split() if w]
+        where = " AND ".join(["(prompt LIKE ? ESCAPE '\\')"] * len(words)) or "1"
+        args = [f"%{_escape_like(w)}%" for w in words]
+        with self._lock:
+            total = self._db.execute(f"SELECT COUNT(*) FROM images WHERE {where}", args).fetchone()[0]
+            rows = self._db.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM images WHERE {where} ORDER BY created DESC, id DESC"
+                " LIMIT ? OFFSET ?", [*args, per_page, (page - 1) * per_page],
+            ).fetchall()
+        return total, [HistoryItem(*r) for r in rows]
+
+    def count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return time.time()
+
+
+def _int(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _float(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _fields_from(p: dict[str, str] | None) -> dict:
+    p = p or {}
+    width, height = None, None
+    if "Size" in p and "x" in str(p["Size"]):
+        w, _, h = str(p["Size"]).partition("x")
+        width, height = _int(w), _int(h)
+    return {"prompt": p.get("Prompt", ""), "negative_prompt": p.get("Negative prompt", ""), "seed": _int(p.get("Seed")),
+            "width": width, "height": height, "model": p.get("Model"), "sampler": p.get("Sampler"),
+            "steps": _int(p.get("Steps")), "cfg_scale": _float(p.get("CFG scale"))}

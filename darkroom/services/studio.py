@@ -1,0 +1,207 @@
+"""The service objects a server runs on, built once at start-up and passed to every route.
+
+`Studio` bundles the engine, the job queue, the history and the settings so that the web
+UI, the native API, the A1111 API and the OpenAI API share one queue and one model cache,
+and each interface stays a thin translation layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from darkroom.api import build_engine, output_folder
+from darkroom.errors import DarkroomError
+from darkroom.home import Home
+from darkroom.models.library import diffusers_weights
+from darkroom.request import GenerationRequest
+from darkroom.services.history import History
+from darkroom.services.jobs import JobQueue
+from darkroom.settings import Settings
+
+log = logging.getLogger("darkroom.studio")
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    title: str  # "name [shorthash]", as the A1111 API lists models
+    family: str
+    size: str
+    size_bytes: int
+    hash: str | None
+    sha256: str | None
+    path: str
+    native_size: int | None
+    error: str | None = None
+    current: bool = False
+    preview: str | None = None  # an image beside the file: name.preview.png, name.png, name.jpg, ...
+
+
+PREVIEW_SUFFIXES = (".preview.png", ".preview.jpg", ".preview.jpeg", ".preview.webp", ".png", ".jpg", ".jpeg",
+                    ".webp")
+
+
+def preview_beside(path: Path) -> str | None:
+    """The preview image users keep next to a model (the webui's and CivitAI helpers' names)."""
+    stem = path.name if path.is_dir() else path.stem
+    for suffix in PREVIEW_SUFFIXES:
+        candidate = path.with_name(stem + suffix)
+        if candidate.is_file() and not candidate.is_symlink():
+            return str(candidate)
+    return None
+
+
+@dataclass
+class Studio:
+    home: Home
+    engine: object
+    queue: JobQueue
+    history: History
+    settings: Settings
+    started: float = 0.0
+    hashing: dict | None = None  # {"done": bytes, "total": bytes} while hash_missing runs
+    hash_thread: threading.Thread | None = field(default=None, repr=False)
+    _models: list[ModelInfo] | None = field(default=None, repr=False)
+
+    # --- models ------------------------------------------------------------------------------
+
+    def models(self, *, refresh: bool = False) -> list[ModelInfo]:
+        """Checkpoints in the library (scanned once, then cached until `refresh`)."""
+        from darkroom.humanize import human_size
+
+        if self._models is None or refresh:
+            library = self.engine.library
+            rows = []
+            for e in library.scan():
+                if e.detection is not None and e.detection.kind not in ("checkpoint",):
+                    continue  # LoRAs, VAEs, embeddings dropped into the checkpoints folder
+                # cached hashes only: hashing 50 GB of models must never block a listing (see hash_missing)
+                target = diffusers_weights(e.path) if e.is_diffusers else e.path
+                sha = None if e.error or target is None else library.hashes.cached_sha256(target)
+                short = sha[:10] if sha else None
+                sha = None if e.is_diffusers else sha
+                family = ("diffusers folder" if e.is_diffusers else
+                          (e.detection.label if e.detection else "?")) if not e.error else "unreadable"
+                rows.append(ModelInfo(
+                    name=e.name, title=f"{e.name} [{short}]" if short else e.name, family=family,
+                    size=human_size(e.size), size_bytes=e.size, hash=short, sha256=sha, path=str(e.path),
+                    native_size=None if e.error else library.native_size(e), error=e.error,
+                    preview=preview_beside(e.path),
+                ))
+            self._models = rows
+        current = self.current_model()
+        for m in self._models:
+            m.current = m.name == current
+        return list(self._models)
+
+    def hash_missing(self) -> threading.Thread:
+        """Hash the model files not hashed yet, in a background thread, with progress in `hashing`."""
+        from darkroom.services.model_manager import ModelManager, Progress
+
+        studio = self
+
+        class Counter(Progress):
+            def start(self, total: int, label: str) -> None:
+                studio.hashing = {"done": 0, "total": total}
+
+            def advance(self, n: int) -> None:
+                studio.hashing["done"] += n
+
+        def run() -> None:
+            try:
+                ModelManager(self.home, self.engine.library.hashes).rescan(Counter())
+            except Exception:  # a file vanished or is unreadable: listings just show no hash for it
+                log.exception("background hashing failed")
+            finally:
+                self.hashing = None
+                self._models = None  # the next listing shows the new hashes
+
+        thread = threading.Thread(target=run, name="darkroom-hashing", daemon=True)
+        thread.start()
+        return thread
+
+    def current_model(self) -> str | None:
+        """The selected checkpoint's name; else what a request without a model would use."""
+        chosen = self.settings.get("current_model")
+        if chosen:
+            return chosen
+        try:
+            return Path(self.engine.model_path(GenerationRequest())).stem
+        except DarkroomError:
+            return None
+
+    def select_model(self, name: str) -> str:
+        """Make `name` the default checkpoint (validated now; loaded by the next job)."""
+        path = self.engine.library.resolve(name)
+        entry = self.engine.library.describe(path)
+        if entry.error:
+            raise DarkroomError(f"{entry.name}: {entry.error}")
+        self.settings.update(current_model=entry.name)
+        return entry.name
+
+    def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        """Fill what the request leaves to the settings (the selected model, clip skip)."""
+        update = {}
+        if request.model is None and self.settings.get("current_model"):
+            update["model"] = self.settings.get("current_model")
+        if request.vae is None and self.settings.get("vae"):
+            update["vae"] = self.settings.get("vae")
+        if request.clip_skip == 1 and int(self.settings.get("clip_skip") or 1) != 1:
+            update["clip_skip"] = int(self.settings.get("clip_skip"))
+        return request.model_copy(update=update) if update else request
+
+    def vae_choice(self, value) -> str | None:
+        """A webui `sd_vae` value as a request's `vae`: a listed VAE file's name, or None for the checkpoint's."""
+        from darkroom.errors import ModelNotFound
+
+        if value in (None, "", "Automatic", "None"):
+            return None
+        names = {e.name: e.name for e in self.engine.vaes.scan()}
+        names |= {Path(n).stem: n for n in list(names)}
+        if str(value) not in names:
+            raise ModelNotFound(f"no VAE named {value!r}; available: {', '.join(sorted(set(names.values()))) or 'none'}"
+                                f" (put VAE files in {self.home.vae})")
+        return names[str(value)]
+
+    def embeddings(self) -> dict[str, dict[str, dict]]:
+        """The webui-shaped embeddings list: matched against the loaded model when one is loaded
+        (no model is loaded just to answer this), else every readable file as "loaded"."""
+        library = self.engine.embeddings
+        model = self.engine.cache.current
+        if model is not None:
+            return library.for_model(model).a1111()
+        files, errors = library.scan()
+        return {"loaded": {f.path.stem: f.a1111() for f in files},
+                "skipped": {e.name: {"error": e.reason} for e in errors}}
+
+    def close(self) -> None:
+        self.queue.stop()
+        self.history.close()
+
+
+def build_studio(home: Home, *, device: str | None = None, precision: str | None = None, allow_pickle: bool = False,
+                 max_queue: int = 100, start: bool = True) -> Studio:
+    """Everything `darkroom serve` runs on; `start=False` leaves the worker thread off (tests)."""
+    import time
+
+    home = home.ensure()
+    engine = build_engine(home, device=device, precision=precision, allow_pickle=allow_pickle)
+    history = History(home.root / "history.sqlite3", home.outputs)
+    added, dropped = history.reconcile()
+    if added or dropped:
+        log.info("history: indexed %d image(s) found on disk, forgot %d missing", added, dropped)
+    settings = Settings(home.root / "settings.json")
+    studio = Studio(home=home, engine=engine, queue=None, history=history, settings=settings,  # type: ignore[arg-type]
+                    started=time.time())
+    def outputs_for(req: GenerationRequest) -> Path:
+        return output_folder(home, "img2img" if req.is_img2img else "txt2img")
+
+    studio.queue = JobQueue(engine, output_dir=outputs_for, history=history, max_pending=max_queue,
+                            prepare=studio.prepare)
+    if start:
+        studio.queue.start()
+        studio.hash_thread = studio.hash_missing()
+    return studio
