@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from darkroom.metadata.images import encode_png
-from tests.server_util import FAST, live_server, wait_job
+from tests.server_util import FAST, HANG_GUARD, live_server, wait_job
 
 
 def submit(api, **fields) -> dict:
@@ -80,11 +80,7 @@ def test_same_seed_same_image(api):
 ])
 def test_bad_requests_are_clear(api, body, fragment):
     r = api.post("/api/jobs", json={"prompt": "x", **body})
-    if r.status_code == 202:  # a missing model is only found when the job runs
-        done = wait_job(api, r.json()["job"]["id"])
-        assert done["state"] == "error" and fragment in done["error"]
-        return
-    assert r.status_code == 422, r.text
+    assert r.status_code == (404 if "model" in body else 422), r.text  # a missing model: at once, not when it runs
     assert fragment in r.json()["error"] and "Traceback" not in r.text
 
 
@@ -105,17 +101,17 @@ def test_history_search_paging_delete(api, studio):
 
 
 def test_interrupt_keeps_finished_images(api):
-    job = submit(api, steps=200, n_iter=3, seed=1)
-    deadline = time.monotonic() + 60
-    while True:  # wait until the first batch is finished and the second is sampling
+    job = submit(api, steps=50, n_iter=100, seed=1)  # far more batches than a loaded machine makes meanwhile
+    deadline = time.monotonic() + HANG_GUARD
+    while True:  # wait until the first batch is finished
         state = api.get(f"/api/jobs/{job['id']}").json()
-        if state["images"] and state["state"] == "running":
+        if state["images"]:
             break
         assert time.monotonic() < deadline and state["state"] != "done"
         time.sleep(0.02)
     api.post(f"/api/jobs/{job['id']}/interrupt")
     done = wait_job(api, job["id"])
-    assert done["state"] == "interrupted" and 1 <= len(done["images"]) < 3
+    assert done["state"] == "interrupted" and 1 <= len(done["images"]) < 100
 
 
 def test_png_info_upload(api):
@@ -157,11 +153,13 @@ def test_events_stream_progress(studio):
     """Server-sent events over a real socket carry step progress and the finished images."""
     with live_server(studio) as url:
         seen: list[dict] = []
+        connected = threading.Event()
 
         def listen():
-            with httpx.stream("GET", f"{url}/api/events", timeout=30) as r:
+            with httpx.stream("GET", f"{url}/api/events", timeout=HANG_GUARD) as r:
                 event = None
                 for line in r.iter_lines():
+                    connected.set()
                     if line.startswith("event: "):
                         event = line[7:]
                     elif line.startswith("data: ") and event == "job":
@@ -171,9 +169,9 @@ def test_events_stream_progress(studio):
 
         t = threading.Thread(target=listen, daemon=True)
         t.start()
-        time.sleep(0.5)
-        httpx.post(f"{url}/api/jobs", json={"prompt": "x", **FAST, "steps": 150}, timeout=10)
-        t.join(60)
+        assert connected.wait(HANG_GUARD)  # the stream is open before the job starts
+        httpx.post(f"{url}/api/jobs", json={"prompt": "x", **FAST, "steps": 150}, timeout=HANG_GUARD)
+        t.join(HANG_GUARD)
     # events are snapshots (a slow reader sees the latest state), so steps rise but may skip
     steps = [s["step"] for s in seen if s["state"] == "running"]
     assert len(steps) >= 3 and steps == sorted(steps) and 0 < steps[-2] < 150
@@ -252,7 +250,7 @@ def test_listing_never_hashes_and_background_hashing_fills_in(tmp_path, tiny_mod
         with client(studio) as c:
             rows = {r["name"]: r for r in c.get("/api/models").json()}
             assert rows["fresh"]["hash"] is None  # listed at once, not hashed on the spot
-            studio.hash_missing().join(60)
+            studio.hash_missing().join(HANG_GUARD)
             rows = {r["name"]: r for r in c.get("/api/models").json()}
             assert len(rows["fresh"]["hash"]) == 10 and c.get("/api/status").json()["hashing"] is None
     finally:

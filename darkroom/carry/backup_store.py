@@ -28,9 +28,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from darkroom.errors import DarkroomError
+from darkroom.fsutil import NotARegularFile, open_regular
 from darkroom.fsutil import fsync_dir as _fsync_dir
 
 CHUNK = 1 << 20
@@ -298,12 +299,24 @@ class Repository:
         return n
 
 
+def open_object(repo: Repository, sha: str, rel: str) -> BinaryIO:
+    """An object of the backup for reading. Objects are only ever plain files that backup wrote, so
+    a link (it could point at any file on the machine, or /dev/zero) or a FIFO (it would block for
+    ever) is a damaged or tampered backup, refused before anything is read."""
+    obj = repo.object_path(sha)
+    try:
+        return open_regular(obj, what="a backup object", follow_links=False)
+    except NotARegularFile as e:
+        raise BackupError(f"the backup copy of {rel} is damaged: {e}", hint=f"run `darkroom verify {repo.root}`") \
+            from None
+
+
 def _extract(repo: Repository, rel: str, e: dict, tmp: Path, progress: Progress) -> None:
     """Copy an object to `tmp`, hashing while writing; a mismatch is an error and leaves nothing."""
     obj = repo.object_path(e["sha256"])
     h = hashlib.sha256()
     try:
-        with open(obj, "rb") as fi, open(tmp, "wb") as fo:
+        with open_object(repo, e["sha256"], rel) as fi, open(tmp, "wb") as fo:
             while block := fi.read(CHUNK):
                 h.update(block)
                 fo.write(block)
@@ -371,17 +384,23 @@ def verify_backup(src: Path, *, progress: Progress | None = None) -> VerifyResul
     try:
         for sha in sorted(users):
             obj = repo.object_path(sha)
-            if not obj.is_file():
+            if not os.path.lexists(obj):
                 result.missing[sha] = users[sha]
                 progress.advance(sizes[sha])
                 continue
             h = hashlib.sha256()
-            with open(obj, "rb") as fh:
+            try:
+                fh = open_object(repo, sha, users[sha][0].split(":", 1)[1])
+            except BackupError:  # a link or a FIFO where an object should be: as bad as corrupt
+                result.corrupt[sha] = users[sha]
+                progress.advance(sizes[sha])
+                continue
+            with fh:
                 while block := fh.read(CHUNK):
                     h.update(block)
                     progress.advance(len(block))
+                result.bytes_checked += os.fstat(fh.fileno()).st_size
             result.objects_checked += 1
-            result.bytes_checked += obj.stat().st_size
             if h.hexdigest() != sha:
                 result.corrupt[sha] = users[sha]
     finally:

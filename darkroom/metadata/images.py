@@ -20,8 +20,11 @@ from typing import Any
 from PIL import ExifTags, Image, PngImagePlugin, UnidentifiedImageError
 
 from darkroom.errors import DarkroomError
+from darkroom.fsutil import read_regular
 from darkroom.metadata.infotext import SCHEDULE_LABELS, format_infotext, parse_infotext
 
+MAX_IMAGE_FILE_BYTES = 256 << 20
+"""The largest image file read from disk: a 16k x 16k PNG fits; a mistaken multi-GB file is refused."""
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP"}
 
@@ -385,7 +388,7 @@ def read_image_metadata(
     else:
         label = name or str(path_or_bytes)
         try:
-            data = Path(path_or_bytes).read_bytes()
+            data = read_regular(path_or_bytes, what="an image file", limit=MAX_IMAGE_FILE_BYTES)
         except FileNotFoundError:
             raise DarkroomError(f"{label}: no such file") from None
         except IsADirectoryError:

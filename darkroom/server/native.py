@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import time
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Header, Query, Request, UploadFile
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
@@ -54,7 +56,11 @@ class SelectModel(BaseModel):
     model: str
 
 
-def job_state(job: Job, studio: Studio) -> dict:
+def job_state(job: Job, studio: Studio, viewer: str | None = None, *, owner: bool = True) -> dict:
+    """A job as the UI shows it. A private job seen by anyone but its owner (`owner=False` and a
+    `viewer` that is not the client that sent it) is only its progress: no prompt, images or id."""
+    if job.private and not owner and (viewer is None or not hmac.compare_digest(viewer, job.client or "")):
+        return private_job_state(job, studio)
     images = []
     for n, im in enumerate(job.images):
         url = f"/api/images/{im.history_id}" if im.history_id else f"/api/jobs/{job.id}/images/{n}"
@@ -69,6 +75,17 @@ def job_state(job: Job, studio: Studio) -> dict:
                      else f"/api/jobs/{job.id}/grid" if job.grid_png else None),
         "images": images, "error": job.error, "request": job.request.describe(), "model_name": job.model_name,
     }
+
+
+def private_job_state(job: Job, studio: Studio) -> dict:
+    """Someone else's private job: where the queue is, nothing about what it makes. The id is an
+    alias that opens nothing (the real id is what reads a job)."""
+    alias = "private-" + hashlib.sha256(job.id.encode()).hexdigest()[:16]
+    return {"id": alias, "state": job.state, "position": studio.queue.position(job), "step": job.step,
+            "steps": job.steps, "phase": job.phase, "batch": job.batch, "batches": job.batches,
+            "progress": round(job.progress, 4), "eta": None if job.eta is None else round(job.eta, 1),
+            "private": True, "source": job.source, "preview_url": None, "grid_url": None, "images": [],
+            "error": None, "request": None, "model_name": None}
 
 
 def history_item(item: HistoryItem) -> dict:
@@ -167,9 +184,12 @@ def schedule_list() -> list[str]:
 
 
 @router.post("/jobs", status_code=202)
-def submit(body: JobRequest, studio: Studio = Depends(get_studio)) -> dict:
+def submit(body: JobRequest, studio: Studio = Depends(get_studio),
+           client: str | None = Header(None, alias="x-darkroom-client", max_length=64)) -> dict:
+    """Queue a job. The web UI sends its per-tab id in X-Darkroom-Client, and the event stream it
+    opens with the same id shows it its private jobs in full (everyone else sees their progress)."""
     xy = (body.xy.x or None, body.xy.y or None) if body.xy else None
-    job = studio.queue.submit(body.to_request(), private=body.private, source="ui", xy=xy)
+    job = studio.queue.submit(body.to_request(), private=body.private, source="ui", xy=xy, client=client)
     return {"job": job_state(job, studio)}
 
 
@@ -214,9 +234,15 @@ def job_image(job_id: str, n: int, studio: Studio = Depends(get_studio)) -> Resp
 
 
 @router.get("/events")
-async def events(request: Request, studio: Studio = Depends(get_studio)) -> StreamingResponse:
-    """Server-sent events: `job` (a JobState) whenever a job changes, `queue` with the counts."""
+async def events(request: Request, studio: Studio = Depends(get_studio),
+                 client: str | None = Query(None, max_length=64)) -> StreamingResponse:
+    """Server-sent events: `job` (a JobState) whenever a job changes, `queue` with the counts.
+    `client` is the web UI's per-tab id: private jobs are shown in full only to the client that
+    sent them."""
     queue = studio.queue
+
+    def state(job: Job) -> dict:
+        return job_state(job, studio, client, owner=False)
 
     def frame(event: str, data: dict) -> str:
         return f"event: {event}\ndata: {json.dumps(data)}\n\n"
@@ -226,14 +252,14 @@ async def events(request: Request, studio: Studio = Depends(get_studio)) -> Stre
         yield "retry: 1000\n\n"
         yield frame("queue", {"pending": queue.pending(), "running": queue.current is not None})
         if queue.current is not None:
-            yield frame("job", job_state(queue.current, studio))
+            yield frame("job", state(queue.current))
         quiet_since = time.monotonic()
         while not await request.is_disconnected():
             version = queue.version
             if version != last:
                 for job in queue.jobs():
                     if job.rev > last:
-                        yield frame("job", job_state(job, studio))
+                        yield frame("job", state(job))
                 yield frame("queue", {"pending": queue.pending(), "running": queue.current is not None})
                 last = version
                 quiet_since = time.monotonic()

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from darkroom.errors import DarkroomError
+from darkroom.errors import DarkroomError, Interrupted
 from darkroom.request import GeneratedImage, GenerationRequest
 
 log = logging.getLogger("darkroom.jobs")
@@ -50,7 +50,9 @@ class Job:
     request: GenerationRequest
     private: bool = False
     source: str = "api"
-    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    # the id is the capability to read a job's prompt and images, so it is unguessable (122 random bits)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    client: str | None = None  # who submitted it (the web UI's per-tab id): a private job is shown only to them
     created: float = field(default_factory=time.time)
     state: str = QUEUED
     step: int = 0
@@ -142,7 +144,7 @@ class JobQueue:
     # --- submitting and control ------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest, *, private: bool = False, source: str = "api",
-               xy: tuple[str | None, str | None] | None = None) -> Job:
+               xy: tuple[str | None, str | None] | None = None, client: str | None = None) -> Job:
         """Queue a generation; with `xy` ("axis=values" for x and y) an X/Y grid of them."""
         if self.prepare is not None:
             request = self.prepare(request)
@@ -152,9 +154,10 @@ class JobQueue:
             from darkroom.services.xyplot import parse_axis_option, plan_xy
 
             x, y = (parse_axis_option(a) if a else None for a in xy)
-            plan = plan_xy(self.engine, request, x, y)  # every cell validated before anything is queued
+            # every cell validated (and prepared, as the request was) before anything is queued
+            plan = plan_xy(self.engine, request, x, y, prepare=self.prepare)
         job = Job(request=request, private=private, source=source, batches=request.n_iter, steps=request.steps,
-                  plan=plan)
+                  plan=plan, client=client)
         with self._cond:
             if len(self._pending) >= self.max_pending:
                 raise QueueFull(f"queue full: {len(self._pending)} jobs are waiting; try again when some have finished")
@@ -302,6 +305,8 @@ class JobQueue:
                 return self._run_grid(job, out, on_step, on_image)
             result = self.engine.generate(job.request, on_step=on_step, cancel=job.cancel, skip=job.skip,
                                           output_dir=out, on_image=on_image)
+        except Interrupted:  # stopped before sampling began (e.g. while a long prompt was encoded)
+            return INTERRUPTED
         except DarkroomError as e:
             job.error, job.error_status = str(e), e.status
             log.warning("job %s failed: %s", job.id, e)

@@ -29,12 +29,14 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
 from darkroom.errors import DarkroomError, Interrupted, ModelNotFound
+from darkroom.fsutil import NotARegularFile, is_inside, kind_of, open_regular
 from darkroom.humanize import human_size, human_time
 from darkroom.models.header import read_header
 from darkroom.models.library import ModelEntry
@@ -277,41 +279,43 @@ class ModelManager(ModelInventory):
         """Copy model files (or every model file under folders) into the home's folders by kind."""
         if kind != "auto" and kind not in KINDS:
             raise DarkroomError(f"unknown kind {kind!r}", hint="auto, " + ", ".join(KINDS))
-        files: list[Path] = []
+        files: list[tuple[Path, Path | None]] = []  # (file, the folder it was found in: it must stay inside)
         outcomes: list[ImportOutcome] = []
         for src in sources:
             src = Path(src).expanduser()
             if not src.exists():
                 raise ModelNotFound(f"no such file or folder: {src}")
             if not src.is_dir():
-                files.append(src)
+                files.append((src, None))
                 continue
             found, refused = _walk(src)
             outcomes += refused
-            files += found
+            files += [(f, src) for f in found]
             if not found and not refused:
                 outcomes.append(ImportOutcome(src, "refused", reason="no model files in this folder"
                                               f" ({', '.join(IMPORT_SUFFIXES)})"))
-        for f in files:
-            outcomes.append(self._import_one(f, kind, allow_pickle, rename, progress))
+        for f, root in files:
+            outcomes.append(self._import_one(f, kind, allow_pickle, rename, progress, root))
         return outcomes
 
     def _import_one(self, src: Path, kind: str, allow_pickle: bool, rename: bool,
-                    progress: Progress | None) -> ImportOutcome:
+                    progress: Progress | None, root: Path | None = None) -> ImportOutcome:
         out = ImportOutcome(src, "refused")
         try:
+            _check_source(src, root)
             out.kind, dest_name, out.note = classify(src, kind, allow_pickle)
             folder = self.home_folder(out.kind)
             folder.mkdir(parents=True, exist_ok=True)
             out.removed_parts = _remove_stale_parts(folder)
-            self._place(src, folder / dest_name, rename, progress, out)
-        except ImportRefused as e:
+            self._place(src, folder / dest_name, rename, progress, out, root)
+        except (ImportRefused, NotARegularFile) as e:
             out.status, out.reason = "refused", str(e)
         except OSError as e:
             out.status, out.reason = "failed", f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
         return out
 
-    def _place(self, src: Path, dest: Path, rename: bool, progress: Progress | None, out: ImportOutcome) -> None:
+    def _place(self, src: Path, dest: Path, rename: bool, progress: Progress | None, out: ImportOutcome,
+               root: Path | None = None) -> None:
         size = src.stat().st_size
         stem, suffix = _split_name(dest.name)
         src_hash: str | None = None
@@ -342,7 +346,7 @@ class ModelManager(ModelInventory):
         if progress is not None:
             progress.start(2 * size, f"copying {src.name}")
         try:
-            digest = copy_verified(src, candidate, progress, expect=src_hash)
+            digest = copy_verified(src, candidate, progress, expect=src_hash, within=root)
         finally:
             if progress is not None:
                 progress.finish()
@@ -363,19 +367,32 @@ class ModelManager(ModelInventory):
                 progress.finish()
 
 
-def copy_verified(src: Path, dest: Path, progress: Progress | None = None, *, expect: str | None = None) -> str:
+def _check_source(src: Path, root: Path | None) -> None:
+    """A file to import is a regular file (a FIFO would hang the import, a device never end), and
+    one found in a folder is really inside it (not a link to a private file elsewhere)."""
+    mode = os.stat(src).st_mode
+    if not stat.S_ISREG(mode):
+        raise ImportRefused(f"{kind_of(mode)}, not a model file")
+    if root is not None and not is_inside(src, root):
+        raise ImportRefused(f"a link to a file outside {root}; links out of the folder being imported are not"
+                            " followed")
+
+
+def copy_verified(src: Path, dest: Path, progress: Progress | None = None, *, expect: str | None = None,
+                  within: Path | None = None) -> str:
     """Copy `src` to `dest` safely; returns the SHA-256.
 
     Writes `.dest.part`, hashing the source as it is read; fsyncs; re-reads the copy from disk
     and compares; keeps the source's modified time; then links the copy under `dest` (which
-    must not exist). On any error (or Ctrl-C) the `.part` file is removed; a killed process
+    must not exist). Only a regular file is read, and with `within` only one really inside that
+    folder (see fsutil.open_regular). On any error (or Ctrl-C) the `.part` file is removed; a killed process
     leaves only the `.part` file, never a partial `dest`.
     """
     part = part_path(dest)
     before = src.stat()
     h = hashlib.sha256()
     try:
-        with open(src, "rb") as fin, open(part, "wb") as fout:
+        with open_regular(src, what="a model file", within=within) as fin, open(part, "wb") as fout:
             while block := fin.read(CHUNK):
                 h.update(block)
                 fout.write(block)
@@ -402,7 +419,11 @@ def copy_verified(src: Path, dest: Path, progress: Progress | None = None, *, ex
 
 
 def _copy_sidecars(src: Path, dest: Path) -> list[Path]:
-    """Copy `name.yaml`, previews and `name.civitai.info` beside `src` to beside `dest`."""
+    """Copy `name.yaml`, previews and `name.civitai.info` beside `src` to beside `dest`.
+
+    Only regular files that really are in the model's folder are taken: a sidecar that is a link
+    to a file elsewhere (a private key, say) is skipped, so it is never copied in, listed, served
+    as a preview, backed up or bundled."""
     src_stem, _ = _split_name(src.name)
     dest_stem, _ = _split_name(dest.name)
     copied = []
@@ -412,8 +433,8 @@ def _copy_sidecars(src: Path, dest: Path) -> list[Path]:
         if not side.is_file() or target.exists():
             continue
         try:
-            copy_verified(side, target)
+            copy_verified(side, target, within=src.parent)
             copied.append(target)
-        except (ImportRefused, OSError):
+        except (ImportRefused, NotARegularFile, OSError):
             continue  # a preview is not worth failing the import for
     return copied

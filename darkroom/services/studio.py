@@ -8,12 +8,13 @@ and each interface stays a thin translation layer.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from darkroom.api import build_engine, output_folder
-from darkroom.errors import DarkroomError
+from darkroom.errors import DarkroomError, ModelNotFound
 from darkroom.home import Home
 from darkroom.models.library import diffusers_weights
 from darkroom.request import GenerationRequest
@@ -42,6 +43,11 @@ class ModelInfo:
 
 PREVIEW_SUFFIXES = (".preview.png", ".preview.jpg", ".preview.jpeg", ".preview.webp", ".png", ".jpg", ".jpeg",
                     ".webp")
+
+
+def _path_like(reference: str) -> bool:
+    """Whether a client's model reference is written as a path rather than a name."""
+    return any(sep in reference for sep in ("/", "\\")) or reference.startswith("~")
 
 
 def preview_beside(path: Path) -> str | None:
@@ -135,15 +141,59 @@ class Studio:
 
     def select_model(self, name: str) -> str:
         """Make `name` the default checkpoint (validated now; loaded by the next job)."""
-        path = self.engine.library.resolve(name)
+        path = self.library_checkpoint(name)
         entry = self.engine.library.describe(path)
         if entry.error:
             raise DarkroomError(f"{entry.name}: {entry.error}")
         self.settings.update(current_model=entry.name)
         return entry.name
 
+    def library_checkpoint(self, reference: str) -> Path:
+        """The checkpoint a client names, as a file the library lists: by name, short hash, or a path
+        inside the models folders.
+
+        Clients reach the server over HTTP, so a reference is never opened as an arbitrary path (nor
+        as a name relative to the server's folder), and a reference outside the library gets the same
+        message whether or not such a file exists: no route reads, or tells about, other files.
+        """
+        library = self.engine.library
+        entries = library.scan()
+        listed = {os.path.realpath(e.path): e.path for e in entries}
+        found = None
+        if _path_like(reference):
+            found = listed.get(os.path.realpath(os.path.expanduser(reference)))
+        elif not Path(reference).exists():  # a name; one that is also a file in the server's folder is not looked up
+            try:
+                found = listed.get(os.path.realpath(library.resolve(reference)))
+            except ModelNotFound:
+                found = None
+        if found is None:
+            names = ", ".join(sorted({e.name for e in entries})) or "none"
+            raise ModelNotFound(f"no model {reference!r} in the library (available: {names}); name one of those, or"
+                                f" put the file in {self.home.checkpoints}")
+        return found
+
+    def library_vae(self, reference: str) -> str:
+        """A client's VAE choice as a VAE file the library lists (the rule of `library_checkpoint`);
+        "Automatic", "None" and "" pass through."""
+        text = reference.strip()
+        if text.lower() in ("", "automatic", "none"):
+            return reference
+        listed = {os.path.realpath(e.path): e for e in self.engine.vaes.scan()}
+        if _path_like(text):
+            entry = listed.get(os.path.realpath(os.path.expanduser(text)))
+        else:
+            entry = next((e for e in listed.values()
+                          if text.lower() in (e.name.lower(), e.path.name.lower(), e.path.stem.lower())), None)
+        if entry is None:
+            names = ", ".join(sorted(e.name for e in listed.values())) or "none"
+            raise ModelNotFound(f"no VAE {reference!r} in the library (available: {names}); put VAE files in"
+                                f" {self.home.vae}")
+        return str(entry.path)
+
     def prepare(self, request: GenerationRequest) -> GenerationRequest:
-        """Fill what the request leaves to the settings (the selected model, clip skip)."""
+        """Fill what the request leaves to the settings (the selected model, clip skip), and pin its
+        model and VAE to files the library lists (see `library_checkpoint`)."""
         update = {}
         if request.model is None and self.settings.get("current_model"):
             update["model"] = self.settings.get("current_model")
@@ -151,6 +201,12 @@ class Studio:
             update["vae"] = self.settings.get("vae")
         if request.clip_skip == 1 and int(self.settings.get("clip_skip") or 1) != 1:
             update["clip_skip"] = int(self.settings.get("clip_skip"))
+        model = update.get("model", request.model)
+        if model is not None:
+            update["model"] = str(self.library_checkpoint(model))
+        vae = update.get("vae", request.vae)
+        if vae is not None:
+            update["vae"] = self.library_vae(vae)
         return request.model_copy(update=update) if update else request
 
     def vae_choice(self, value) -> str | None:

@@ -338,8 +338,12 @@ def _fix_seeds(axis: Axis | None) -> Axis | None:
     return replace(axis, values=tuple(random_seed() if v == -1 else v for v in axis.values))
 
 
-def plan_xy(engine, base: GenerationRequest, x: Axis | None, y: Axis | None) -> XYPlan:
-    """Resolve seeds, build every cell's request and validate them all (nothing is generated)."""
+def plan_xy(engine, base: GenerationRequest, x: Axis | None, y: Axis | None, *,
+            prepare: Callable[[GenerationRequest], GenerationRequest] | None = None) -> XYPlan:
+    """Resolve seeds, build every cell's request and validate them all (nothing is generated).
+
+    `prepare` is applied to each cell's request, as the queue applies it to a job's (the server pins
+    the models an axis names to files the library lists)."""
     from pydantic import ValidationError
 
     from darkroom.engine.generate import random_seed
@@ -370,6 +374,8 @@ def plan_xy(engine, base: GenerationRequest, x: Axis | None, y: Axis | None) -> 
                     if axis is not None:
                         for key, v in axis.spec.updates(req, value, list(axis.values)).items():
                             setattr(req, key, v)
+                if prepare is not None:
+                    req = prepare(req)
                 engine.check_inputs(req)
                 if req.model not in checked_models:  # each checkpoint resolves (once)
                     engine.model_path(req)

@@ -14,6 +14,7 @@ EOS in the real ids).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from darkroom.errors import Interrupted
 from darkroom.models.loader import LoadedModel, TextEncoderSlot
 from darkroom.text.prompt_parser import EmbeddingVocab, PromptChunk, tokenize_weighted
 from darkroom.text.tokenizer import load_clip_tokenizer
@@ -94,11 +96,14 @@ class PromptEncoder:
     `embeddings`: textual-inversion embeddings usable with this model, by trigger word
     (`EmbeddingLibrary(home).for_model(model)`); each has one tensor per text encoder.
     `used_embeddings` collects {name: short hash} of those found by every `encode` call
-    (prompt and negative alike), for the infotext's `TI hashes`.
+    (prompt and negative alike), for the infotext's `TI hashes`. `cancel`, when set, stops
+    encoding between chunks (a long prompt is many text-encoder passes) with `Interrupted`.
     """
 
-    def __init__(self, model: LoadedModel, clip_skip: int = 1, embeddings: Mapping[str, Embedding] | None = None):
+    def __init__(self, model: LoadedModel, clip_skip: int = 1, embeddings: Mapping[str, Embedding] | None = None,
+                 cancel: threading.Event | None = None):
         self.model = model
+        self.cancel = cancel
         self.clip_skip = max(1, clip_skip)
         self.tokenizer = load_clip_tokenizer()
         self.embeddings: dict[str, Embedding] = dict(embeddings or {})
@@ -129,6 +134,8 @@ class PromptEncoder:
         for index, slot in enumerate(self.model.text_encoders):
             parts = []
             for i, chunk in enumerate(self.chunks(prompt, slot)):
+                if self.cancel is not None and self.cancel.is_set():
+                    raise Interrupted("interrupted while encoding the prompt")
                 vectors = [(pos, self.embeddings[name].tensors[index]) for pos, name in chunk.fixes]
                 z, p = _encode_chunk(slot, chunk, family=family, clip_skip=self.clip_skip, device=self.model.device,
                                      vectors=vectors)

@@ -151,13 +151,20 @@ def _close(frame: _Frame, closer: str, text: str, end: int) -> list[_Node] | Non
 
 
 def _merge(nodes: list[_Node]) -> tuple[_Node, ...]:
-    """Adjacent text joined, empty text dropped."""
+    """Adjacent text joined, empty text dropped. Runs are joined once (not `+=` per piece, which
+    copies the growing string each time: quadratic on a long prompt)."""
     out: list[_Node] = []
+    run: list[str] = []
     for node in nodes:
-        if isinstance(node, str) and out and isinstance(out[-1], str):
-            out[-1] += node
-        else:
-            out.append(node)
+        if isinstance(node, str):
+            run.append(node)
+            continue
+        if run:
+            out.append("".join(run))
+            run = []
+        out.append(node)
+    if run:
+        out.append("".join(run))
     return tuple(node for node in out if node != "")
 
 

@@ -64,9 +64,10 @@
     return `HTTP ${res.status}${res.statusText ? ' ' + res.statusText : ''}${plain ? ': ' + plain : ''}`;
   }
 
-  /** fetch wrapper: api(path, {method, json, form}) → parsed JSON, or throws ApiError. */
+  /** fetch wrapper: api(path, {method, json, form, headers}) → parsed JSON, or throws ApiError. */
   async function api(path, opts = {}) {
-    const init = { method: opts.method || 'GET', credentials: 'same-origin', headers: { Accept: 'application/json' } };
+    const init = { method: opts.method || 'GET', credentials: 'same-origin',
+      headers: { Accept: 'application/json', ...(opts.headers || {}) } };
     if (opts.json !== undefined) {
       init.headers['Content-Type'] = 'application/json';
       init.body = jsonBody(opts.json);

@@ -10,6 +10,19 @@
   const { $, el, api, ApiError, parseJSON, setOnline, showError, copyText, fillForm,
     openLightbox, readForm, saveForm, showNotes, pixelFit, state } = DR;
   const LAST_JOB_KEY = 'darkroom.lastJob';
+  const CLIENT_KEY = 'darkroom.client';
+  /** This tab's id: sent with each job and with the event stream, so that the server shows this
+   *  tab its own private jobs in full and everyone else only their progress. */
+  const CLIENT_ID = (() => {
+    try {
+      const known = sessionStorage.getItem(CLIENT_KEY);
+      if (known) return known;
+    } catch (e) { /* storage off: a fresh id per page */ }
+    const bytes = crypto.getRandomValues(new Uint8Array(16)); // also in plain-http LAN pages
+    const id = [...bytes].map((b) => b.toString(16).padStart(2, '0')).join('');
+    try { sessionStorage.setItem(CLIENT_KEY, id); } catch (e) { /* as above */ }
+    return id;
+  })();
   const TERMINAL = new Set(['done', 'error', 'interrupted']);
 
   // ------------------------------------------------------------------ jobs
@@ -47,7 +60,7 @@
     }
     if (formError) { DR.clearToast(formError); formError = null; }
     try {
-      const res = await api('/api/jobs', { method: 'POST', json: req });
+      const res = await api('/api/jobs', { method: 'POST', json: req, headers: { 'X-Darkroom-Client': CLIENT_ID } });
       const job = res && res.job ? res.job : res;
       if (!job || !job.id) throw new ApiError('server returned no job', 0);
       track(job);
@@ -250,7 +263,7 @@
 
   function connectEvents() {
     if (!window.EventSource) return; // polling covers it
-    es = new EventSource('/api/events');
+    es = new EventSource(`/api/events?client=${encodeURIComponent(CLIENT_ID)}`);
     const parse = (e) => { try { return parseJSON(e.data); } catch (err) { return null; } };
     es.addEventListener('open', () => {
       setOnline(true);
