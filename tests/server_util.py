@@ -20,6 +20,7 @@ from darkroom.services.studio import Studio, build_studio
 
 BASE = "http://127.0.0.1:7860"
 # fast enough for every test: the tiny sd1 model at 64x64
+HANG_GUARD = 600.0  # seconds: waits end on a state; this only stops a hang, however loaded the machine
 FAST = {"steps": 3, "width": 64, "height": 64, "sampler": "Euler"}
 
 
@@ -30,7 +31,7 @@ def studio_with(home: Home, *models: Path, start: bool = True, max_queue: int = 
         shutil.copy(m, home.checkpoints / m.name)
     studio = build_studio(home, device="cpu", precision="fp32", start=start, max_queue=max_queue)
     if studio.hash_thread is not None:
-        studio.hash_thread.join(60)  # tests expect hashes listed; users see them appear
+        studio.hash_thread.join(HANG_GUARD)  # tests expect hashes listed; users see them appear
     return studio
 
 
@@ -39,7 +40,7 @@ def client(studio: Studio, security: Security | None = None, **kw) -> TestClient
     return TestClient(create_app(studio, security), base_url=BASE, **kw)
 
 
-def wait_job(c, job_id: str, timeout: float = 60.0) -> dict:
+def wait_job(c, job_id: str, timeout: float = HANG_GUARD) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = c.get(f"/api/jobs/{job_id}").json()
@@ -65,7 +66,7 @@ def live_server(studio: Studio, security: Security | None = None):
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + HANG_GUARD
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("test server did not start")
@@ -74,7 +75,7 @@ def live_server(studio: Studio, security: Security | None = None):
         yield url
     finally:
         server.should_exit = True
-        thread.join(10)
+        thread.join(HANG_GUARD)
 
 
 def get_json(url: str, **kw) -> dict:

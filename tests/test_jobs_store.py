@@ -11,7 +11,7 @@ from darkroom.metadata.images import encode_png
 from darkroom.request import GenerationRequest
 from darkroom.services.history import History
 from darkroom.services.jobs import QueueFull
-from tests.server_util import FAST, client, studio_with
+from tests.server_util import FAST, HANG_GUARD, client, studio_with
 
 
 def test_queue_full_is_a_clear_503(tmp_path, tiny_model):
@@ -32,12 +32,12 @@ def test_queue_full_is_a_clear_503(tmp_path, tiny_model):
 
 def test_skip_abandons_only_the_current_batch(studio):
     job = studio.queue.submit(GenerationRequest(prompt="x", **{**FAST, "steps": 60}, n_iter=3, seed=50))
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + HANG_GUARD
     while job.step < 1:  # first batch sampling
         assert time.monotonic() < deadline
         time.sleep(0.01)
     studio.queue.skip()
-    studio.queue.wait(job, 120)
+    studio.queue.wait(job, HANG_GUARD)
     assert job.state == "done" and [im.seed for im in job.images] == [51, 52]
 
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.server_util import FAST, free_port, live_server
+from tests.server_util import FAST, HANG_GUARD, free_port, live_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,10 +27,10 @@ def _can_unshare() -> bool:
         ["unshare", "-n", "true"], capture_output=True).returncode == 0
 
 
-def _wait(url: str, job_id: str, timeout: float = 120) -> dict:
+def _wait(url: str, job_id: str, timeout: float = HANG_GUARD) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        state = httpx.get(f"{url}/api/jobs/{job_id}", timeout=10).json()
+        state = httpx.get(f"{url}/api/jobs/{job_id}", timeout=HANG_GUARD).json()
         if state["state"] in ("done", "error", "interrupted"):
             return state
         time.sleep(0.05)
@@ -46,7 +46,7 @@ def test_concurrent_clients(studio):
     with live_server(studio) as url:
         def client_run(n: int) -> None:
             try:
-                with httpx.Client(base_url=url, timeout=60) as c:
+                with httpx.Client(base_url=url, timeout=HANG_GUARD) as c:
                     jobs = []
                     for i in range(5):
                         r = c.post("/api/jobs", json={"prompt": f"client {n} request {i}", **FAST,
@@ -61,7 +61,7 @@ def test_concurrent_clients(studio):
         for t in threads:
             t.start()
         for t in threads:
-            t.join(300)
+            t.join(HANG_GUARD)
         assert not errors, errors
         history = httpx.get(f"{url}/api/history", params={"per_page": 100}).json()
     states = [s for per_client in results.values() for s in per_client]
@@ -81,7 +81,7 @@ def _serve(home: Path, port: int) -> subprocess.Popen:
          "--precision", "fp32"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
 
 
-def _wait_up(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
+def _wait_up(url: str, proc: subprocess.Popen, timeout: float = HANG_GUARD) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -105,13 +105,13 @@ def test_killed_mid_job_loses_nothing_finished(tmp_path, tiny_model):
     try:
         _wait_up(url, proc)
         job = httpx.post(f"{url}/api/jobs", json={"prompt": "survivor", **FAST, "steps": 40, "n_iter": 50,
-                                                  "seed": 7}, timeout=10).json()["job"]
-        deadline = time.monotonic() + 120
-        while len(httpx.get(f"{url}/api/jobs/{job['id']}", timeout=10).json()["images"]) < 3:
+                                                  "seed": 7}, timeout=HANG_GUARD).json()["job"]
+        deadline = time.monotonic() + HANG_GUARD
+        while len(httpx.get(f"{url}/api/jobs/{job['id']}", timeout=HANG_GUARD).json()["images"]) < 3:
             assert time.monotonic() < deadline
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)  # no chance to clean up
-        proc.wait(10)
+        proc.wait(HANG_GUARD)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -122,14 +122,14 @@ def test_killed_mid_job_loses_nothing_finished(tmp_path, tiny_model):
     proc = _serve(home, port)
     try:
         _wait_up(url, proc)
-        history = httpx.get(f"{url}/api/history", params={"per_page": 100}, timeout=10).json()
+        history = httpx.get(f"{url}/api/history", params={"per_page": 100}, timeout=HANG_GUARD).json()
         assert history["total"] == len(finished)
         assert {i["seed"] for i in history["items"]} == set(range(7, 7 + len(finished)))
         for item in history["items"]:
-            png = httpx.get(f"{url}{item['url']}", timeout=10)
+            png = httpx.get(f"{url}{item['url']}", timeout=HANG_GUARD)
             assert png.status_code == 200 and Image.open(io.BytesIO(png.content)).size == (64, 64)
         # and the restarted server works
-        again = httpx.post(f"{url}/api/jobs", json={"prompt": "after", **FAST}, timeout=10).json()["job"]
+        again = httpx.post(f"{url}/api/jobs", json={"prompt": "after", **FAST}, timeout=HANG_GUARD).json()["job"]
         assert _wait(url, again["id"])["state"] == "done"
     finally:
         proc.terminate()
@@ -159,7 +159,7 @@ ROUND_TRIP = textwrap.dedent("""
         assert state["state"] == "done", state
         assert httpx.get(url + state["images"][0]["url"]).content[:4] == b"\\x89PNG"
         r = httpx.post(url + "/sdapi/v1/txt2img", json={"prompt": "offline", "steps": 3, "width": 64, "height": 64,
-                                                         "sampler_name": "Euler a"}, timeout=60)
+                                                         "sampler_name": "Euler a"}, timeout=HANG_GUARD)
         assert r.status_code == 200 and r.json()["images"], r.text
     studio.close()
     print("ROUND TRIP OK")
