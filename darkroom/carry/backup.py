@@ -153,7 +153,7 @@ def backup_home(home: Home, dest: Path, *, models: bool = False, outputs: bool =
     with repo.lock():
         leftovers = repo.clear_tmp()
         done, _ = repo.snapshots()
-        previous = repo.snapshot() if done else None
+        previous = repo.snapshot(strict=False) if done else None  # only to skip unchanged files
         prev_files = previous.files if previous else {}
         created = time.time() if now is None else now
         sid = repo.new_snapshot_id(created)

@@ -22,6 +22,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -31,7 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol
 
 from darkroom.errors import DarkroomError
-from darkroom.fsutil import NotARegularFile, open_regular
+from darkroom.fsutil import NotARegularFile, open_regular, read_regular
 from darkroom.fsutil import fsync_dir as _fsync_dir
 
 CHUNK = 1 << 20
@@ -41,6 +42,7 @@ HISTORY = "history.sqlite3"
 SETTINGS = "settings.json"
 _SHA = re.compile(r"[0-9a-f]{64}")
 _ID = re.compile(r"[0-9A-Za-z._-]+")
+MAX_MANIFEST_BYTES = 256 << 20  # a manifest of a million files fits
 
 
 class BackupError(DarkroomError):
@@ -113,6 +115,38 @@ def _safe_rel(rel: str) -> PurePosixPath:
     return p
 
 
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_manifest(manifest: object) -> None:
+    """Raise ValueError (BackupError for a path outside the home) naming what is wrong unless
+    `manifest` has a snapshot manifest's shape: a
+    backup drive is outside data, and a manifest that is a list, has a string size or no hash
+    must be refused as damaged, not crash whatever reads it."""
+    if not isinstance(manifest, dict):
+        raise ValueError(f"a JSON {type(manifest).__name__}, not an object")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise ValueError("no file list")
+    created = manifest.get("created", 0)
+    if isinstance(created, bool) or not isinstance(created, (int, float)) or not math.isfinite(created):
+        raise ValueError(f"'created' is {created!r}, not a time")
+    scope = manifest.get("scope", [])
+    if not isinstance(scope, list) or not all(isinstance(x, str) for x in scope):
+        raise ValueError("'scope' is not a list of folder names")
+    for rel, e in files.items():
+        _safe_rel(rel)
+        if not isinstance(e, dict):
+            raise ValueError(f"the entry for {rel} is a JSON {type(e).__name__}, not an object")
+        if not isinstance(e.get("sha256"), str) or not _SHA.fullmatch(e["sha256"]):
+            raise ValueError(f"the entry for {rel} has no valid sha256")
+        if not _count(e.get("size")) or not _count(e.get("mtime_ns")):
+            raise ValueError(f"the entry for {rel} has no valid size and mtime_ns")
+        if not isinstance(e.get("kind", ""), str):
+            raise ValueError(f"the entry for {rel} has a malformed kind")
+
+
 # --- the backup folder -----------------------------------------------------------------------
 
 
@@ -135,6 +169,7 @@ class Repository:
 
     def __init__(self, root: Path):
         self.root = Path(root).expanduser().resolve()
+        self.damaged: dict[str, str] = {}  # snapshot id -> why its manifest cannot be used (see snapshots)
 
     objects = property(lambda self: self.root / "objects")
     snapshots_dir = property(lambda self: self.root / "snapshots")
@@ -197,9 +232,14 @@ class Repository:
     # snapshots
 
     def snapshots(self) -> tuple[list[Snapshot], list[str]]:
-        """(complete snapshots oldest first, ids of incomplete ones: killed before their manifest)."""
+        """(complete snapshots oldest first, ids of incomplete ones: killed before their manifest).
+
+        A snapshot whose manifest does not read as one (edited, truncated, from a tampered or
+        damaged drive) is left out and recorded in `self.damaged` (id -> why), so the others stay
+        usable and `verify` names it."""
         done: list[Snapshot] = []
         incomplete: list[str] = []
+        self.damaged = {}
         if not self.snapshots_dir.is_dir():
             return done, incomplete
         for d in sorted(self.snapshots_dir.iterdir()):
@@ -210,11 +250,11 @@ class Repository:
                 incomplete.append(d.name)
                 continue
             try:
-                manifest = json.loads(mf.read_text(encoding="utf-8"))
-                if not isinstance(manifest.get("files"), dict):
-                    raise ValueError("no file list")
-            except (OSError, ValueError, AttributeError) as e:
-                raise BackupError(f"snapshot manifest {mf} is damaged: {e}") from e
+                manifest = json.loads(read_regular(mf, what="a manifest", limit=MAX_MANIFEST_BYTES).decode("utf-8"))
+                check_manifest(manifest)
+            except (OSError, ValueError, RecursionError, DarkroomError) as e:
+                self.damaged[d.name] = f"its manifest ({mf}) is damaged: {e}"
+                continue
             done.append(Snapshot(d.name, manifest))
         done.sort(key=lambda s: (s.created, s.id))
         return done, incomplete
@@ -222,11 +262,17 @@ class Repository:
     def latest_id(self) -> str | None:
         try:
             return self.latest_file.read_text(encoding="utf-8").strip() or None
-        except OSError:
+        except (OSError, UnicodeDecodeError):
             return None
 
-    def snapshot(self, snapshot_id: str | None = None) -> Snapshot:
+    def snapshot(self, snapshot_id: str | None = None, *, strict: bool = True) -> Snapshot:
+        """A complete snapshot: `snapshot_id`, else the latest. A damaged one is an error naming it
+        (with `strict=False`, a damaged latest falls back to the newest complete one)."""
         done, _ = self.snapshots()
+        wanted = snapshot_id if snapshot_id is not None else self.latest_id()
+        if strict and wanted in self.damaged:
+            raise BackupError(f"snapshot {wanted} in {self.root} cannot be used: {self.damaged[wanted]}",
+                              hint="choose another with --snapshot: " + (", ".join(s.id for s in done) or "none"))
         if not done:
             raise BackupError(f"{self.root} holds no complete snapshot")
         by_id = {s.id: s for s in done}
@@ -363,9 +409,10 @@ def verify_backup(src: Path, *, progress: Progress | None = None) -> VerifyResul
     repo = Repository(src).require()
     result = VerifyResult()
     result.snapshots, result.incomplete = repo.snapshots()
+    result.problems += [f"snapshot {sid}: {why}" for sid, why in repo.damaged.items()]
     result.leftovers = sum(1 for f in repo.tmp.iterdir() if f.is_file()) if repo.tmp.is_dir() else 0
     latest = repo.latest_id()
-    if result.snapshots and latest not in {s.id for s in result.snapshots}:
+    if result.snapshots and latest not in {s.id for s in result.snapshots} and latest not in repo.damaged:
         result.problems.append(f"the latest pointer names {latest!r}, which is not a complete snapshot")
     users: dict[str, list[str]] = {}
     sizes: dict[str, int] = {}

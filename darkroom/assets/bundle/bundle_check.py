@@ -50,7 +50,37 @@ def load_manifest(root: Path) -> dict:
         raise BundleError(f"{path} is not a {FORMAT} manifest")
     if not isinstance(manifest.get("files"), list):
         raise BundleError(f"{path} is not a {FORMAT} manifest")
+    problem = _malformed(manifest)
+    if problem:
+        raise BundleError(f"{path} is damaged: {problem}")
+    manifest.setdefault("target", {})
     return manifest
+
+
+def _malformed(manifest: dict) -> str | None:
+    """What makes a manifest unusable, or None: it comes from a USB drive, so every entry is checked
+    for its shape before anything reads it (a list entry or a string size must not crash install)."""
+    for n, e in enumerate(manifest["files"]):
+        if not isinstance(e, dict):
+            return f"file entry {n + 1} is not an object"
+        rel = e.get("path")
+        if not isinstance(rel, str) or not rel or ".." in Path(rel).parts or Path(rel).is_absolute():
+            return f"file entry {n + 1} has no valid relative path"
+        if not isinstance(e.get("size"), int) or isinstance(e.get("size"), bool) or e["size"] < 0:
+            return f"{rel}: the size is not a byte count"
+        sha = e.get("sha256")
+        if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            return f"{rel}: no valid sha256"
+    target = manifest.get("target", {})
+    if not isinstance(target, dict) or not all(isinstance(target.get(k), (str, type(None)))
+                                                for k in ("python", "os", "machine", "torch_requirement")):
+        return "'target' does not name a Python, an OS and a machine"
+    for key in ("darkroom_version", "created"):
+        if not isinstance(manifest.get(key, ""), str):
+            return f"'{key}' is not text"
+    if not isinstance(manifest.get("models", []), list):
+        return "'models' is not a list"
+    return None
 
 
 def check_files(root: Path, manifest: dict, progress=None) -> tuple[list[str], list[str]]:
@@ -172,6 +202,8 @@ def install_models(root: Path, home: Path) -> int:
             continue
         dest = home / "models" / Path(*rel.parts[1:])
         src = Path(root) / rel
+        if src.is_symlink() or not src.is_file():  # only the bundle's own files are ever copied in
+            raise BundleError(f"{src} is not a regular file in the bundle (run verify)")
         if dest.exists():
             if dest.stat().st_size == entry["size"] and sha256_file(dest) == entry["sha256"]:
                 print(f"darkroom: {dest} already there", file=sys.stderr)
