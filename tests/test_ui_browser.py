@@ -288,7 +288,7 @@ def test_generate_with_the_starter_model_then_history(open_page, tmp_path):
     assert get_json(rec.base + "/api/history")["total"] == 2
 
     rec.check()
-    assert any("/api/events" in u for u in rec.requests)
+    assert any("/api/events?client=" in u for u in rec.requests)  # the tab's id: it sees its private jobs in full
     assert any("/preview?rev=" in u for u in rec.requests)
 
 
