@@ -76,9 +76,18 @@ class Home:
         for extra in self.extra_model_dirs:
             # AUTOMATIC1111/Forge and ComfyUI roots are recognised; a plain folder is used as is
             for sub in ("models/Stable-diffusion", "models/checkpoints"):
-                if (extra / sub).is_dir():
+                if is_folder(extra / sub):
                     dirs.append(extra / sub)
                     break
             else:
                 dirs.append(extra)
         return dirs
+
+
+def is_folder(path: Path) -> bool:
+    """Whether `path` is a folder; False, not an error, when it cannot be looked at (a models
+    folder is whatever a user typed: Path.is_dir raises PermissionError behind a locked folder)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False

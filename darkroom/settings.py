@@ -7,13 +7,30 @@ the web UI, the A1111 `/options` route and the CLI read the same values.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from darkroom.errors import InvalidRequest
+from darkroom.errors import DarkroomError, InvalidRequest
+
+log = logging.getLogger("darkroom.settings")
+
+
+def _optional_name(value: Any) -> bool:
+    return value is None or isinstance(value, str)
+
+
+def _clip_skip(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 12
+
+
+def _folders(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) and v for v in value)
 
 
 @dataclass(frozen=True)
@@ -22,31 +39,65 @@ class Setting:
     default: Any
     a1111: str
     help: str
+    valid: Callable[[Any], bool] = _optional_name
+    expected: str = "a name or null"  # what `valid` accepts, for the message about a bad value
 
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("current_model", None, "sd_model_checkpoint", "Checkpoint used when a request names none."),
-    Setting("clip_skip", 1, "CLIP_stop_at_last_layers", "Default clip skip for requests that leave it at 1."),
+    Setting("clip_skip", 1, "CLIP_stop_at_last_layers", "Default clip skip for requests that leave it at 1.",
+            _clip_skip, "a whole number from 1 to 12"),
     Setting("vae", None, "sd_vae", "Separate VAE used when a request names none (None: the checkpoint's own)."),
-    Setting("models_dirs", [], "", "Extra model folders used in place (A1111/Forge or ComfyUI roots, plain folders)."),
-    Setting("samples_format", "png", "samples_format", "Image format of saved outputs (png only for now)."),
+    Setting("models_dirs", [], "", "Extra model folders used in place (A1111/Forge or ComfyUI roots, plain folders).",
+            _folders, "a list of folder paths"),
+    Setting("samples_format", "png", "samples_format", "Image format of saved outputs (png only for now).",
+            lambda v: v == "png", '"png"'),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
 
 
 class Settings:
-    """Thread-safe, atomically persisted key/value settings."""
+    """Thread-safe, atomically persisted key/value settings.
+
+    settings.json comes from outside (a hand edit, a restored backup), so reading it never fails:
+    a value of the wrong type, or a file that is not a JSON object, falls back to the defaults and
+    is listed in `problems` (and logged), so Darkroom stays usable, `darkroom doctor` says what was
+    ignored, and `darkroom restore` can still run. The file itself is kept: before the first change
+    is written over a file with problems, it is copied aside (settings.json.invalid-<time>).
+    """
 
     def __init__(self, path: Path | None):
         self.path = path
         self._lock = threading.Lock()
         self._values: dict[str, Any] = {s.name: s.default for s in SETTINGS}
+        self.problems: list[str] = []
         if path is not None and path.is_file():
-            try:
-                saved = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                saved = {}  # a damaged file falls back to defaults; it is rewritten on the next change
-            self._values.update({k: v for k, v in saved.items() if k in _BY_NAME})
+            self._values.update(self._read(path))
+        for line in self.problems:
+            log.warning("%s", line)
+
+    def _read(self, path: Path) -> dict[str, Any]:
+        """The valid values in the file; a line in `problems` for each thing ignored."""
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as e:
+            why = "nested too deeply" if isinstance(e, RecursionError) else e
+            saved = f"unreadable ({why})"
+        if not isinstance(saved, dict):
+            what = saved if isinstance(saved, str) else f"a JSON {_json_kind(saved)}, not an object"
+            self.problems.append(f"{path} is {what}: all settings ignored, defaults used; fix or delete the file")
+            return {}
+        good: dict[str, Any] = {}
+        for name, value in saved.items():
+            setting = _BY_NAME.get(name)
+            if setting is None:
+                continue  # a setting of another version: ignored, as before
+            if setting.valid(value):
+                good[name] = value
+            else:
+                self.problems.append(f"{path}: {name!r} should be {setting.expected}, not {_brief(value)}; ignored,"
+                                     f" using {json.dumps(setting.default)}")
+        return good
 
     def get(self, name: str) -> Any:
         with self._lock:
@@ -60,10 +111,42 @@ class Settings:
         unknown = [k for k in changes if k not in _BY_NAME]
         if unknown:
             raise InvalidRequest(f"unknown setting(s): {', '.join(unknown)}; known: {', '.join(_BY_NAME)}")
+        bad = [f"{k} should be {_BY_NAME[k].expected}, not {_brief(v)}" for k, v in changes.items()
+               if not _BY_NAME[k].valid(v)]
+        if bad:
+            raise InvalidRequest(f"invalid setting(s): {'; '.join(bad)}")
         with self._lock:
             self._values.update(changes)
             if self.path is not None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = self.path.with_name(f".{self.path.name}.tmp")
-                tmp.write_text(json.dumps(self._values, indent=2), encoding="utf-8")
-                os.replace(tmp, self.path)
+                try:
+                    self._keep_invalid_file()
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = self.path.with_name(f".{self.path.name}.tmp")
+                    tmp.write_text(json.dumps(self._values, indent=2), encoding="utf-8")
+                    os.replace(tmp, self.path)
+                except OSError as e:
+                    raise DarkroomError(f"cannot save settings to {self.path}: {e.strerror or e}",
+                                        hint="check that the home folder is writable") from None
+
+    def _keep_invalid_file(self) -> None:
+        """Copy a file that had problems aside before it is replaced (once): it is the user's."""
+        if not self.problems or self.path is None or not self.path.is_file():
+            return
+        aside = self.path.with_name(f"{self.path.name}.invalid-{time.strftime('%Y%m%d-%H%M%S')}")
+        aside.write_bytes(self.path.read_bytes())
+        log.warning("%s had problems; kept as %s before saving the new settings", self.path, aside)
+        self.problems = []
+
+
+def _json_kind(value: Any) -> str:
+    kinds = ((bool, "true/false"), (int, "number"), (float, "number"), (str, "string"), (list, "list"))
+    return next((word for t, word in kinds if isinstance(value, t)), "null")
+
+
+def _brief(value: Any) -> str:
+    """A value as JSON, cut short."""
+    try:
+        text = json.dumps(value)
+    except (RecursionError, ValueError):
+        return "a deeply nested value"
+    return text if len(text) <= 40 else text[:37] + "..."

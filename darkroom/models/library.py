@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import stat
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from darkroom.errors import ModelLoadError, ModelNotFound
-from darkroom.home import Home
+from darkroom.home import Home, is_folder
 from darkroom.models.families import Detection, detect
 from darkroom.models.hashing import HashCache
 from darkroom.models.header import read_header
 
+log = logging.getLogger("darkroom.models")
+
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+MAX_DEPTH = 8
+"""Folder levels searched below a models folder: collections sort models into a few subfolders,
+and a models folder of `/` must not become a walk of the whole disk."""
+MAX_ENTRIES = 50_000
+"""Files and folders looked at in one models folder before the search stops (and says so)."""
+DIFFUSERS_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+MAX_INDEX = 1 << 20
+"""A model_index.json is a few hundred bytes; a larger one is not read."""
 
 
 @dataclass
@@ -35,8 +51,133 @@ def diffusers_weights(folder: Path) -> Path | None:
     return None
 
 
-def _folder_size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+def is_diffusers_folder(path: Path) -> bool:
+    return (path / "model_index.json").is_file()
+
+
+def read_model_index(folder: Path) -> dict:
+    """A diffusers folder's model_index.json, checked: a JSON object whose components Darkroom
+    reads are [library, class] pairs, so a damaged file is one error naming the folder and entry."""
+    path = folder / "model_index.json"
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_INDEX:
+            raise ValueError(f"not a regular file of at most {MAX_INDEX} bytes")
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise ModelLoadError(f"{folder.name}: unreadable model_index.json ({why})") from None
+    if not isinstance(index, dict):
+        raise ModelLoadError(f"{folder.name}: model_index.json holds {_describe(index)}, not an object"
+                             " naming the pipeline's components; copy the folder again")
+    for name in DIFFUSERS_COMPONENTS:
+        entry = index.get(name)
+        if entry is not None and not _component(entry):
+            raise ModelLoadError(f"{folder.name}: model_index.json entry {name!r} is {_describe(entry)},"
+                                 ' not a [library, class] pair such as ["diffusers", "UNet2DConditionModel"];'
+                                 " copy the folder again")
+    return index
+
+
+def _describe(value: object) -> str:
+    """A JSON value in a few words (never by recursing into it: it may nest deeply)."""
+    if isinstance(value, (list, dict)):
+        return f"a {'list' if isinstance(value, list) else 'JSON object'} of {len(value)} item(s)"
+    return json.dumps(value)[:40]
+
+
+def _component(entry: object) -> bool:
+    return isinstance(entry, list) and len(entry) == 2 and all(x is None or isinstance(x, str) for x in entry)
+
+
+def has_component(index: dict, name: str) -> bool:
+    """Whether a checked model_index.json (read_model_index) names component `name`."""
+    return bool(index.get(name) and index[name][0])
+
+
+def walk_models(folder: Path, wanted: Callable[[str], bool], bundle: Callable[[Path], bool] | None = None,
+                problems: list[str] | None = None) -> list[Path]:
+    """Regular files under `folder` whose name is `wanted`, and `bundle` folders (not searched
+    inside, e.g. diffusers folders), in path order.
+
+    A models folder is whatever a user typed (`/`, a drive with unreadable folders), so the
+    search is bounded and never fails: hidden names, unreadable folders and special files (FIFOs,
+    sockets, devices) are skipped; symlinked folders are not searched (no loops; a symlinked
+    bundle still counts); it goes MAX_DEPTH levels down, breadth first, and stops after
+    MAX_ENTRIES entries, adding a line to `problems` (and the log) when it does.
+    """
+    found: list[Path] = []
+    pending = deque([(folder, 0)])
+    looked = 0
+    while pending:
+        here, depth = pending.popleft()
+        for entry in _entries(here):
+            looked += 1
+            if looked > MAX_ENTRIES:
+                note_problem(problems, f"{folder}: stopped looking for models after {MAX_ENTRIES} files and folders;"
+                                       " name the folder that holds the models (--models-dir, models_dirs)")
+                return sorted(found)
+            kind, path = _kind(entry), Path(entry.path)
+            if kind in ("dir", "linked dir") and bundle is not None and _safely(bundle, path):
+                found.append(path)
+            elif kind == "dir" and depth < MAX_DEPTH:
+                pending.append((path, depth + 1))
+            elif kind == "file" and wanted(entry.name):
+                found.append(path)
+    return sorted(found)
+
+
+def has_suffix(suffixes: tuple[str, ...]) -> Callable[[str], bool]:
+    return lambda name: os.path.splitext(name)[1].lower() in suffixes
+
+
+def folder_size(folder: Path) -> int:
+    """Bytes in the regular files of a model folder, within walk_models' bounds."""
+    total = 0
+    for path in walk_models(folder, lambda name: True):
+        try:
+            total += path.stat().st_size
+        except OSError:
+            pass
+    return total
+
+
+def note_problem(problems: list[str] | None, line: str) -> None:
+    """Log `line` and keep it (once) where the caller can show it (`darkroom doctor` does)."""
+    if problems is not None:
+        if line in problems:
+            return
+        problems.append(line)
+    log.warning("%s", line)
+
+
+def _entries(folder: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError:
+        return []  # unreadable (permissions, /proc), or gone meanwhile
+
+
+def _kind(entry: os.DirEntry) -> str | None:
+    """'dir', 'linked dir', 'file' (a regular file, or a link to one), or None: hidden, special, unreadable."""
+    if entry.name.startswith("."):
+        return None
+    try:
+        if entry.is_symlink():
+            mode = os.stat(entry.path).st_mode  # the target; a loop raises ELOOP
+            return "linked dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else None
+        if entry.is_dir(follow_symlinks=False):
+            return "dir"
+        return "file" if entry.is_file(follow_symlinks=False) else None
+    except OSError:
+        return None
+
+
+def _safely(test: Callable[[Path], bool], path: Path) -> bool:
+    try:
+        return test(path)
+    except OSError:
+        return False
 
 
 class ModelLibrary:
@@ -45,6 +186,7 @@ class ModelLibrary:
     def __init__(self, home: Home, hashes: HashCache | None = None):
         self.home = home
         self.hashes = hashes or HashCache(home.cache_db)
+        self.problems: list[str] = []  # models folders whose search stopped short (walk_models)
 
     def scan(self) -> list[ModelEntry]:
         entries: list[ModelEntry] = []
@@ -52,24 +194,17 @@ class ModelLibrary:
         from darkroom.models.starter import builtin_dirs
 
         for folder in [*self.home.checkpoint_dirs(), *builtin_dirs(self.home)]:
-            if not folder.is_dir():
+            if not is_folder(folder):
                 continue
-            for path in sorted(folder.rglob("*")):
-                if path in seen or any(p.name.startswith(".") for p in path.relative_to(folder).parents if p.name):
-                    continue
-                if path.is_dir() and (path / "model_index.json").exists():
-                    seen.add(path)
-                    entries.append(ModelEntry(path.name, path, _folder_size(path)))
-                elif path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES and not path.name.startswith("."):
-                    if any(parent in seen for parent in path.parents):
-                        continue  # a component file inside a diffusers folder
-                    seen.add(path)
+            for path in walk_models(folder, has_suffix(CHECKPOINT_SUFFIXES), is_diffusers_folder, self.problems):
+                if path not in seen and not any(parent in seen for parent in path.parents):
+                    seen.add(path)  # (a folder listed twice, or nested in another, counts once)
                     entries.append(self.describe(path))
         return entries
 
     def describe(self, path: Path) -> ModelEntry:
         if path.is_dir():
-            return ModelEntry(path.name, path, _folder_size(path))
+            return ModelEntry(path.name, path, folder_size(path))
         entry = ModelEntry(path.stem, path, path.stat().st_size)
         if path.suffix.lower() == ".safetensors":
             try:

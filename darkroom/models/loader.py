@@ -23,6 +23,7 @@ from darkroom.errors import ModelLoadError, UnsupportedModel
 from darkroom.models import configs, convert
 from darkroom.models.families import FAMILIES, Detection, Family, detect
 from darkroom.models.header import SafetensorsHeader, TensorInfo, read_header
+from darkroom.models.library import has_component, read_model_index
 
 
 @dataclass
@@ -210,11 +211,8 @@ def _require_checkpoint(path: Path, d: Detection) -> Detection:
 
 
 def _load_diffusers_folder(folder: Path, opts: LoadOptions) -> LoadedModel:
-    try:
-        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{folder.name}: unreadable model_index.json ({e})") from None
-    has1, has2 = "text_encoder" in index and index["text_encoder"][0], "text_encoder_2" in index
+    index = read_model_index(folder)
+    has1, has2 = has_component(index, "text_encoder"), "text_encoder_2" in index
     kw = dict(local_files_only=True)
     try:
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=opts.dtype, **kw)
@@ -225,7 +223,7 @@ def _load_diffusers_folder(folder: Path, opts: LoadOptions) -> LoadedModel:
             openclip = te.config.hidden_act == "gelu"
             layout = "openclip" if openclip else "hf"
             encoders.append(TextEncoderSlot(te, pad_id=0 if openclip else 49407, layout=layout))
-        if has2 and index["text_encoder_2"][0]:
+        if has_component(index, "text_encoder_2"):
             te2 = CLIPTextModelWithProjection.from_pretrained(
                 folder, subfolder="text_encoder_2", torch_dtype=opts.dtype, **kw
             )
@@ -236,10 +234,7 @@ def _load_diffusers_folder(folder: Path, opts: LoadOptions) -> LoadedModel:
         family_id = "sdxl" if has1 else "sdxl-refiner"
     else:
         family_id = "sd2" if encoders and encoders[0].layout == "openclip" else "sd1"
-    sched_file = folder / "scheduler" / "scheduler_config.json"
-    prediction = "epsilon"
-    if sched_file.exists():
-        prediction = json.loads(sched_file.read_text(encoding="utf-8")).get("prediction_type", "epsilon")
+    prediction = _prediction_type(folder)
     v_pred = prediction == "v_prediction" if opts.v_prediction is None else opts.v_prediction
     detection = Detection("checkpoint", family_id, inpainting=unet.config.in_channels == 9, v_prediction=v_pred)
     for slot in encoders:
@@ -250,3 +245,21 @@ def _load_diffusers_folder(folder: Path, opts: LoadOptions) -> LoadedModel:
         text_encoders=_to(encoders, opts.device), scheduler_config=configs.scheduler_config(v_pred),
         dtype=opts.dtype, vae_dtype=opts.vae_dtype, device=opts.device,
     )
+
+
+def _prediction_type(folder: Path) -> str:
+    """What the folder's scheduler_config.json says (epsilon when it has none), checked like model_index.json."""
+    path = folder / "scheduler" / "scheduler_config.json"
+    if not path.exists():
+        return "epsilon"
+    try:
+        if not path.is_file():
+            raise ValueError("not a regular file")
+        config = json.loads(path.read_text(encoding="utf-8"))
+        prediction = config.get("prediction_type", "epsilon")
+        if not isinstance(prediction, str):
+            raise ValueError(f"prediction_type is {json.dumps(prediction)[:40]}, not a name")
+    except (OSError, ValueError, AttributeError, RecursionError) as e:
+        what = e if not isinstance(e, AttributeError) else "not a JSON object"
+        raise ModelLoadError(f"{folder.name}: unreadable scheduler/scheduler_config.json ({what})") from None
+    return prediction

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import darkroom
 from darkroom.errors import DarkroomError
-from darkroom.home import Home
+from darkroom.home import Home, is_folder
 from darkroom.humanize import human_size
 from darkroom.offline import guard as offline
 
@@ -62,7 +62,7 @@ def environment(home: Home, *, device: str | None = None, precision: str | None 
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
         "home": str(home.root),
-        "model_folders": [{"path": str(d), "exists": d.is_dir()} for d in home.checkpoint_dirs()],
+        "model_folders": [{"path": str(d), "exists": is_folder(d)} for d in home.checkpoint_dirs()],
         "offline_switches": {k: os.environ.get(k) for k in offline.OFFLINE_ENV},
         "guard_installed": _guard_active(),
         "network_log": str(home.network_log),
@@ -163,13 +163,15 @@ def _derive_configs(path: Path, family_id: str, v_prediction: bool) -> list[str]
 
 
 def _check_diffusers_folder(folder: Path) -> Check:
+    from darkroom.errors import ModelLoadError
+    from darkroom.models.library import has_component, read_model_index
+
     name = f"model {folder.name}"
     try:
-        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        return Check(name, FAIL, f"unreadable model_index.json ({e})")
-    wanted = [c for c in ("unet", "vae", "text_encoder", "text_encoder_2")
-              if isinstance(index.get(c), list) and index[c][0]]
+        index = read_model_index(folder)
+    except ModelLoadError as e:
+        return Check(name, FAIL, str(e).removeprefix(f"{folder.name}: "))
+    wanted = [c for c in ("unet", "vae", "text_encoder", "text_encoder_2") if has_component(index, c)]
     missing = [f"{c}/config.json" for c in wanted if not (folder / c / "config.json").is_file()]
     missing += [f"{c}/ weights" for c in wanted if (folder / c).is_dir() and not any(
         p.suffix in (".safetensors", ".bin") for p in (folder / c).iterdir())]
@@ -224,11 +226,18 @@ def _deep_load(entry, check: Check) -> Check:
     return Check(check.name, OK, f"{check.reason}; loaded fully in {time.perf_counter() - start:.1f} s")
 
 
-def _check_default_model(home: Home, library) -> Check:
-    from darkroom.models.starter import STARTER_FILE, description
-    from darkroom.settings import Settings
+def _check_settings(settings) -> list[Check]:
+    """What of settings.json was ignored (Settings falls back to defaults rather than fail)."""
+    if settings.problems:
+        return [Check("settings", WARN, line) for line in settings.problems]
+    path = settings.path
+    return [Check("settings", OK, f"{path} read" if path.is_file() else "defaults (no settings.json yet)")]
 
-    selected = Settings(home.root / "settings.json").get("current_model")
+
+def _check_default_model(settings, library) -> Check:
+    from darkroom.models.starter import STARTER_FILE, description
+
+    selected = settings.get("current_model")
     if selected:
         try:
             path = library.resolve(selected)
@@ -276,15 +285,19 @@ def _check_last_proof(home: Home) -> Check:
 def readiness_checks(home: Home, *, deep: bool = False) -> list[Check]:
     """Every offline-readiness check, fast by default (headers only); `deep` loads every model too."""
     from darkroom.models.library import ModelLibrary
+    from darkroom.settings import Settings
 
     library = ModelLibrary(home)
+    settings = Settings(home.root / "settings.json")
     checks = [_check_switches(), *_check_guard(home), _check_tokenizer(), _check_web_ui(), _check_starter()]
+    checks += _check_settings(settings)
     entries = library.scan()
+    checks += [Check("models folders", WARN, line) for line in library.problems]
     checks += [_check_model(e, deep) for e in entries]
     if not any(d in e.path.parents for e in entries for d in home.checkpoint_dirs()):
         checks.append(Check("models", OK, f"no checkpoints of your own yet (add them to {home.checkpoints});"
                             " the built-in starter is used"))
-    checks.append(_check_default_model(home, library))
+    checks.append(_check_default_model(settings, library))
     checks.append(_check_downloads(checks))
     checks.append(_check_last_proof(home))
     return checks

@@ -5,10 +5,14 @@ between the two loses nothing: `reconcile()` at start-up indexes any PNG under t
 outputs folder that the database does not know yet (reading its infotext) and forgets
 rows whose file is gone. Paths are stored relative to the outputs folder and every path
 that comes back out is checked to stay inside it.
+
+The database can come from outside (a restored backup): one that SQLite cannot use is moved
+aside, never deleted, and a fresh one is rebuilt from the images on disk.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -37,12 +41,24 @@ CREATE TABLE IF NOT EXISTS images (
 );
 CREATE INDEX IF NOT EXISTS images_created ON images(created);
 """
+log = logging.getLogger("darkroom.history")
+SQLITE_INT = 2**63  # SQLite integers are 64-bit: an id outside [-2**63, 2**63) names no row
 _COLUMNS = ("id", "path", "created", "prompt", "negative_prompt", "seed", "width", "height", "model", "sampler",
             "steps", "cfg_scale", "infotext", "job_id")
 
 
 class NotFound(DarkroomError):
     status = 404
+
+
+class HistoryUnavailable(DarkroomError):
+    """The history database cannot be opened at all (a read-only or missing home folder)."""
+
+    status = 503
+
+
+class _Unusable(Exception):
+    """The file at the history's path is not a Darkroom history database (corrupt, or another one)."""
 
 
 @dataclass
@@ -69,12 +85,20 @@ class History:
     def __init__(self, db_path: Path, outputs: Path):
         self.db_path = db_path
         self.outputs = outputs.resolve()
-        db_path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        try:
+            db_path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self._db = _open(db_path)
+            except _Unusable as e:
+                aside = _move_aside(db_path)
+                self._db = _open(db_path)
+                added, _ = self.reconcile()
+                log.warning("history: %s is not a usable database (%s); moved it to %s and started a new one with"
+                            " the %d image(s) found under %s", db_path, e, aside, added, self.outputs)
+        except (OSError, sqlite3.Error, _Unusable) as e:
+            raise HistoryUnavailable(f"cannot open the history database {db_path}: {e}",
+                                     hint="check that the home folder is writable") from None
 
     def close(self) -> None:
         with self._lock:
@@ -85,16 +109,26 @@ class History:
     def relative(self, path: Path | str) -> str:
         """`path` as stored: relative to outputs; refuses anything that resolves outside it."""
         full = Path(path).resolve()
-        if os.path.commonpath([full, self.outputs]) != str(self.outputs):
+        if not _inside(full, self.outputs):
             raise InvalidRequest(f"{path} is outside the outputs folder {self.outputs}")
         return full.relative_to(self.outputs).as_posix()
 
     def file_of(self, item: HistoryItem) -> Path:
-        """The file behind an item, refusing (as 404) anything that is not inside outputs."""
+        """The file behind an item, refusing (as 404) anything that is not inside outputs (a
+        stored path with `..`, an absolute one, a link that leads out)."""
         full = (self.outputs / item.path).resolve()
-        if os.path.commonpath([full, self.outputs]) != str(self.outputs) or not full.is_file():
+        if not _inside(full, self.outputs) or not full.is_file():
             raise NotFound(f"image {item.id} has no file under the outputs folder")
         return full
+
+    def _own_path(self, item: HistoryItem) -> Path | None:
+        """The item's own path, its folders resolved but not the file itself, so that a link
+        stays the link; None when that is not a plain name in a folder inside outputs."""
+        rel = Path(item.path)
+        if rel.is_absolute() or ".." in rel.parts or rel.name in ("", "."):
+            return None
+        folder = (self.outputs / rel).parent.resolve()
+        return folder / rel.name if _inside(folder, self.outputs) else None
 
     # --- writes ------------------------------------------------------------------------------
 
@@ -120,11 +154,12 @@ class History:
             return int(cur.lastrowid)
 
     def delete(self, item_id: int) -> HistoryItem:
-        """Forget an image and delete its file."""
+        """Forget an image and delete its file: the entry's own file only (a link is removed, not
+        what it points to), and never anything outside outputs."""
         item = self.get(item_id)
-        full = (self.outputs / item.path).resolve()
-        if os.path.commonpath([full, self.outputs]) == str(self.outputs) and full.is_file():
-            full.unlink()
+        own = self._own_path(item)
+        if own is not None and (own.is_symlink() or own.is_file()):
+            own.unlink()
         with self._lock:
             self._db.execute("DELETE FROM images WHERE id = ?", (item_id,))
         return item
@@ -160,6 +195,8 @@ class History:
     # --- reads -------------------------------------------------------------------------------
 
     def get(self, item_id: int) -> HistoryItem:
+        if not -SQLITE_INT <= item_id < SQLITE_INT:
+            raise NotFound(f"no image {item_id} in the history")
         with self._lock:
             row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM images WHERE id = ?", (item_id,)).fetchone()
         if row is None:
@@ -177,13 +214,57 @@ class History:
             total = self._db.execute(f"SELECT COUNT(*) FROM images WHERE {where}", args).fetchone()[0]
             rows = self._db.execute(
                 f"SELECT {', '.join(_COLUMNS)} FROM images WHERE {where} ORDER BY created DESC, id DESC"
-                " LIMIT ? OFFSET ?", [*args, per_page, (page - 1) * per_page],
+                " LIMIT ? OFFSET ?", [*args, per_page, min((page - 1) * per_page, SQLITE_INT - 1)],
             ).fetchall()
         return total, [HistoryItem(*r) for r in rows]
 
     def count(self) -> int:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+
+
+def _open(db_path: Path) -> sqlite3.Connection:
+    """A connection to a usable history database (an empty or missing file becomes one);
+    _Unusable when the file is not SQLite, is damaged, or holds an images table of another shape."""
+    db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        problems = [row[0] for row in db.execute("PRAGMA quick_check").fetchall() if row[0] != "ok"]
+        if problems:
+            raise _Unusable(f"damaged: {problems[0]}")
+        columns = {row[1] for row in db.execute("PRAGMA table_info(images)")}
+        if columns and (missing := [c for c in _COLUMNS if c not in columns]):
+            raise _Unusable(f"its images table has no column {missing[0]!r}")
+        db.executescript(_SCHEMA)
+    except sqlite3.DatabaseError as e:
+        db.close()
+        if (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT):
+            raise _Unusable(str(e)) from None
+        raise
+    except _Unusable:
+        db.close()
+        raise
+    return db
+
+
+def _move_aside(db_path: Path) -> Path:
+    """Rename the database (with its -wal and -shm files, which belong to it) to
+    `<name>.corrupt-<time>`: kept for the user, out of the way of the new one."""
+    stamp = f"{db_path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside, n = db_path.with_name(stamp), 1
+    while aside.exists():
+        n += 1
+        aside = db_path.with_name(f"{stamp}-{n}")
+    for suffix in ("-wal", "-shm", ""):
+        part = db_path.with_name(db_path.name + suffix)
+        if part.exists():
+            os.replace(part, aside.with_name(aside.name + suffix))
+    return aside
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return os.path.commonpath([path, folder]) == str(folder)
 
 
 def _escape_like(text: str) -> str:

@@ -19,12 +19,19 @@ from typing import Any
 
 from darkroom.errors import DarkroomError, ModelLoadError, ModelNotFound
 from darkroom.fsutil import unique_dirs as _unique
-from darkroom.home import Home
+from darkroom.home import Home, is_folder
 from darkroom.humanize import human_size
 from darkroom.models.families import Detection, detect
 from darkroom.models.hashing import HashCache
 from darkroom.models.header import SafetensorsHeader, read_header
-from darkroom.models.library import CHECKPOINT_SUFFIXES, ModelLibrary, diffusers_weights
+from darkroom.models.library import (
+    CHECKPOINT_SUFFIXES,
+    ModelLibrary,
+    diffusers_weights,
+    folder_size,
+    has_suffix,
+    walk_models,
+)
 
 KINDS = ("checkpoint", "lora", "vae", "embedding")
 PREVIEW_SUFFIXES = (".preview.png", ".png", ".jpg", ".jpeg", ".webp", ".preview.jpg", ".preview.jpeg",
@@ -32,6 +39,8 @@ PREVIEW_SUFFIXES = (".preview.png", ".png", ".jpg", ".jpeg", ".webp", ".preview.
 SMALL_PICKLE = 1 << 20
 """A pickle this small cannot be a checkpoint or a LoRA: it is an embedding."""
 MAX_META_VALUE = 160
+MAX_CONFIG = 1 << 20
+"""A diffusers config.json is a few kilobytes; a larger one is not read."""
 
 
 @dataclass(frozen=True)
@@ -112,13 +121,15 @@ class LibraryFile:
                 "short_hash": self.short_hash, "error": self.error, "note": self.note}
 
 
-def _hidden(path: Path, folder: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(folder).parts)
-
-
 def _is_vae_folder(p: Path) -> bool:
+    """A diffusers VAE folder; its config.json is read only when it is a small regular file (not a FIFO)."""
     cfg = p / "config.json"
-    return p.is_dir() and cfg.exists() and '"AutoencoderKL"' in cfg.read_text(encoding="utf-8", errors="replace")
+    try:
+        if not (p.is_dir() and cfg.is_file() and cfg.stat().st_size <= MAX_CONFIG):
+            return False
+        return '"AutoencoderKL"' in cfg.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
 
 
 def _is_sidecar_vae(p: Path) -> bool:
@@ -157,6 +168,7 @@ class ModelInventory:
         self.home = home
         self.hashes = hashes or HashCache(home.cache_db)
         self.checkpoints = ModelLibrary(home, self.hashes)
+        self.problems = self.checkpoints.problems  # models folders whose search stopped short
 
     # ---- folders
 
@@ -173,7 +185,7 @@ class ModelInventory:
         spec = KIND_SPECS[kind]
         dirs = [self.home_folder(kind)]
         for extra in self.home.extra_model_dirs:
-            dirs += [extra / sub for sub in spec.install_dirs if (extra / sub).is_dir()]
+            dirs += [extra / sub for sub in spec.install_dirs if is_folder(extra / sub)]
         return _unique(dirs)
 
     def _kind_of_location(self, path: Path) -> str | None:
@@ -213,23 +225,14 @@ class ModelInventory:
     def _paths(self, kind: str) -> list[Path]:
         spec = KIND_SPECS[kind]
         found: list[Path] = []
+        bundle = _is_vae_folder if kind == "vae" else None
         for folder in self.folders(kind):
-            if not folder.is_dir():
-                continue
-            inside: list[Path] = []
-            for p in sorted(folder.rglob("*")):
-                if _hidden(p, folder) or any(d in p.parents for d in inside):
-                    continue
-                if kind == "vae" and _is_vae_folder(p):
-                    inside.append(p)
-                    found.append(p)
-                elif p.is_file() and p.suffix.lower() in spec.suffixes:
-                    found.append(p)
+            if is_folder(folder):
+                found += walk_models(folder, has_suffix(spec.suffixes), bundle, self.problems)
         if kind == "vae":
             for folder in self.home.checkpoint_dirs():
-                if folder.is_dir():
-                    found += [p for p in sorted(folder.rglob("*.vae.*")) if p.is_file() and _is_sidecar_vae(p)
-                              and not _hidden(p, folder)]
+                if is_folder(folder):
+                    found += walk_models(folder, lambda name: _is_sidecar_vae(Path(name)), None, self.problems)
         return found
 
     def describe(self, path: Path, kind: str | None = None, *, lora_base: bool = True) -> LibraryFile:
@@ -238,7 +241,7 @@ class ModelInventory:
         kind = kind or self._kind_of_location(path)
         if path.is_dir():
             vae = kind == "vae" or (kind is None and _is_vae_folder(path))
-            entry = LibraryFile("vae" if vae else "checkpoint", path.name, path, _folder_size(path),
+            entry = LibraryFile("vae" if vae else "checkpoint", path.name, path, folder_size(path),
                                 in_library=kind is not None)
             entry.family = "VAE (diffusers folder)" if vae else "diffusers folder"
         else:
@@ -356,10 +359,6 @@ class ModelInfo:
             "native_size": self.native_size, "sha256": self.sha256, "short_hash": self.short_hash,
             "metadata": self.metadata, "lora": self.lora, "preview": str(self.preview) if self.preview else None,
         }
-
-
-def _folder_size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def _count(header: SafetensorsHeader) -> tuple[int, dict[str, int]]:
