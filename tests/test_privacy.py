@@ -40,6 +40,12 @@ def test_native_job_cannot_load_a_checkpoint_outside_the_library(api, studio, ou
     assert api.post("/api/jobs", json={"prompt": "x", **FAST, "model": rel}).status_code == 404
 
 
+def test_a_bare_name_is_never_opened_relative_to_the_servers_folder(api, outside, monkeypatch):
+    monkeypatch.chdir(outside)  # "stray.safetensors" exists here, but is not in the library
+    r = api.post("/api/jobs", json={"prompt": "x", **FAST, "model": "stray.safetensors"})
+    assert r.status_code == 404 and "in the library" in r.json()["error"]
+
+
 def test_native_errors_do_not_tell_which_files_exist(api, outside):
     there = api.post("/api/jobs", json={"prompt": "x", **FAST, "model": str(outside / "id_ed25519")})
     absent = api.post("/api/jobs", json={"prompt": "x", **FAST, "model": str(outside / "no-such-file")})

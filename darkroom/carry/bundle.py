@@ -31,7 +31,8 @@ from pathlib import Path
 
 from darkroom.carry.bundle_target import Target, make_target, marker_environment, torch_requirement
 from darkroom.errors import BundleError
-from darkroom.home import Home
+from darkroom.home import Home, is_folder
+from darkroom.models.library import walk_models
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "bundle"
 SCRIPTS = ("install.sh", "install.ps1", "bundle_check.py")
@@ -294,8 +295,8 @@ def _files_by_kind(home: Home) -> dict[str, list[Path]]:
     for kind, folders in kind_dirs(home).items():
         if kind == "checkpoint":
             continue  # the library lists these (diffusers folders included)
-        out[kind] = [p for folder in folders if folder.is_dir() for p in sorted(folder.rglob("*"))
-                     if p.is_file() and p.suffix.lower() in MODEL_SUFFIXES and not p.name.startswith(".")]
+        out[kind] = [p for folder in folders if is_folder(folder)
+                     for p in walk_models(folder, lambda name: Path(name).suffix.lower() in MODEL_SUFFIXES)]
     return out
 
 

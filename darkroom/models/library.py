@@ -237,10 +237,12 @@ class ModelLibrary:
             pass
         return 768 if d.family == "sd2" and d.v_prediction else FAMILIES[d.family].native_size
 
-    def resolve(self, name_or_path: str) -> Path:
-        """A path, or a name (with or without extension) or short hash in the models folders."""
+    def resolve(self, name_or_path: str, *, paths: bool = True) -> Path:
+        """A path, or a name (with or without extension) or short hash in the models folders.
+        With `paths=False` only names and hashes are looked up (a client's reference is never
+        opened as a path relative to wherever the server runs)."""
         candidate = Path(name_or_path).expanduser()
-        if candidate.exists():
+        if paths and candidate.exists():
             return candidate.resolve()
         if any(sep in name_or_path for sep in ("/", "\\")) and not name_or_path.startswith(("[", "(")):
             raise ModelNotFound(f"model file not found: {name_or_path}")

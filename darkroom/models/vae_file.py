@@ -23,12 +23,13 @@ from safetensors import safe_open
 
 from darkroom.errors import InvalidRequest, ModelLoadError, ModelNotFound
 from darkroom.fsutil import unique_dirs
-from darkroom.home import Home
+from darkroom.home import Home, is_folder
 from darkroom.models import configs, convert
 from darkroom.models.configs import _indices
 from darkroom.models.families import detect
 from darkroom.models.hashing import HashCache
 from darkroom.models.header import SafetensorsHeader, read_header
+from darkroom.models.library import folder_size, walk_models
 from darkroom.models.loader import LoadedModel, _build, _header_from_tensors, _read_pickle
 
 VAE_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
@@ -253,11 +254,18 @@ class SeparateVae:
         return {"VAE hash": self.short_hash, "VAE": self.entry.name}
 
 
+VAE_FILE_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+
+
 def _is_vae_folder(p: Path) -> bool:
-    if not p.is_dir():
-        return False
+    """A diffusers AutoencoderKL folder (its config.json says so; a huge or odd one is not read)."""
     cfg = p / "config.json"
-    return cfg.exists() and '"AutoencoderKL"' in cfg.read_text(encoding="utf-8", errors="replace")
+    try:
+        if not cfg.is_file() or cfg.stat().st_size > 1 << 20:
+            return False
+        return '"AutoencoderKL"' in cfg.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
 
 
 class VaeLibrary:
@@ -283,36 +291,27 @@ class VaeLibrary:
     def scan(self) -> list[VaeEntry]:
         entries: list[VaeEntry] = []
         seen: set[Path] = set()
-        folders: list[Path] = []
 
         def add(p: Path) -> None:
             key = p.resolve()
             if key in seen:
                 return
             seen.add(key)
-            if p.is_dir():
-                folders.append(p)
-            size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+            size = folder_size(p) if p.is_dir() else p.stat().st_size
             entries.append(VaeEntry(p.name, p, size))
 
+        def weights(name: str) -> bool:
+            return name.lower().endswith(VAE_FILE_SUFFIXES)
+
+        # one bounded walk (see walk_models): a models folder may be anything a user typed
         for folder in self.dirs():
-            if not folder.is_dir():
-                continue
-            for p in sorted(folder.rglob("*")):
-                rel = p.relative_to(folder)
-                if any(part.startswith(".") for part in rel.parts):
-                    continue
-                if any(d in p.parents for d in folders):
-                    continue  # inside a diffusers folder already listed
-                if p.is_file() and p.suffix.lower() in (".safetensors", ".pt", ".ckpt"):
-                    add(p)
-                elif _is_vae_folder(p):
+            if is_folder(folder):
+                for p in walk_models(folder, weights, bundle=_is_vae_folder):
                     add(p)
         for folder in self.home.checkpoint_dirs():
-            if folder.is_dir():
-                for p in sorted(folder.rglob("*.vae.*")):
-                    if p.is_file() and p.suffix.lower() in (".safetensors", ".pt", ".ckpt"):
-                        add(p)
+            if is_folder(folder):
+                for p in walk_models(folder, lambda name: ".vae." in name.lower() and weights(name)):
+                    add(p)
         return entries
 
     def resolve(self, choice: str | Path | None, checkpoint: Path | None = None) -> VaeEntry | None:

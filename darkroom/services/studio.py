@@ -162,9 +162,9 @@ class Studio:
         found = None
         if _path_like(reference):
             found = listed.get(os.path.realpath(os.path.expanduser(reference)))
-        elif not Path(reference).exists():  # a name; one that is also a file in the server's folder is not looked up
+        else:
             try:
-                found = listed.get(os.path.realpath(library.resolve(reference)))
+                found = listed.get(os.path.realpath(library.resolve(reference, paths=False)))
             except ModelNotFound:
                 found = None
         if found is None:

@@ -20,7 +20,6 @@ darkroom.text.conditioning (`PromptEncoder(..., embeddings=...)`).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -31,9 +30,11 @@ import torch
 
 from darkroom.errors import ModelLoadError
 from darkroom.fsutil import unique_dirs
+from darkroom.home import is_folder
 from darkroom.models.families import detect
 from darkroom.models.hashing import HashCache
 from darkroom.models.header import read_header
+from darkroom.models.library import walk_models
 
 if TYPE_CHECKING:
     from darkroom.home import Home
@@ -341,17 +342,13 @@ class EmbeddingLibrary:
         """Candidate files: per folder, its own files first, then subfolders, each sorted."""
         out: list[Path] = []
         for folder in self.dirs():
-            if not folder.is_dir():
+            if not is_folder(folder):
                 continue
             found = []
-            for root, dirnames, filenames in os.walk(folder, followlinks=True):
-                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-                for fn in filenames:
-                    p = Path(root) / fn
-                    if fn.startswith(".") or p.suffix.lower() not in EMBEDDING_SUFFIXES:
-                        continue
-                    rel = p.relative_to(folder)
-                    found.append(((tuple(s.lower() for s in rel.parent.parts), fn.lower()), p))
+            # the bounded walk every models folder gets (no symlink loops, special files skipped)
+            for p in walk_models(folder, lambda name: Path(name).suffix.lower() in EMBEDDING_SUFFIXES):
+                rel = p.relative_to(folder)
+                found.append(((tuple(s.lower() for s in rel.parent.parts), p.name.lower()), p))
             out.extend(p for _, p in sorted(found))
         return out
 
