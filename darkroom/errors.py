@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class DarkroomError(Exception):
     """A problem the user can fix. `str()` is a one-line message that says what and how.
@@ -25,6 +27,44 @@ class InvalidRequest(DarkroomError):
     """A generation request with a value out of range or unknown (a 513-pixel width)."""
 
     status = 422
+
+
+class TooLarge(InvalidRequest):
+    """An upload or an image over a size limit (bytes or pixels): HTTP 413 Content Too Large."""
+
+    status = 413
+
+
+class NonFiniteResult(DarkroomError):
+    """Sampling gave NaN or infinite latents: decoding them would give a black image, so this is said instead."""
+
+    status = 422
+
+
+class StorageError(DarkroomError):
+    """An output that cannot be written: a full disk, a read-only or forbidden folder (HTTP 507).
+
+    507 Insufficient Storage for all of them: the request was fine, the server cannot store
+    the result, and the user fixes it on the machine (free space, permissions, another folder).
+    """
+
+    status = 507
+
+    _REASONS = {
+        errno.ENOSPC: "no space left on the disk; free some space or choose another output folder",
+        errno.EDQUOT: "the disk quota is used up; free some space or choose another output folder",
+        errno.EROFS: "the file system is read-only; choose another output folder",
+        errno.EACCES: "permission denied; choose a folder you can write to",
+        errno.EPERM: "permission denied; choose a folder you can write to",
+        errno.ENOTDIR: "a file is in the way of the folder; choose another output folder",
+        errno.EEXIST: "a file is in the way of the folder; choose another output folder",
+    }
+
+    @classmethod
+    def wrap(cls, error: OSError, folder: object) -> Exception:
+        """The StorageError for a failed write into `folder`, or `error` itself when it is not one we explain."""
+        reason = cls._REASONS.get(error.errno)
+        return error if reason is None else cls(f"cannot write images to {folder}: {reason}")
 
 
 class ModelNotFound(DarkroomError):

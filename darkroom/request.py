@@ -8,9 +8,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_SIDE = 4096
+MAX_SEED = 2**64 - 1
+"""Seeds are 0..2**64-1 (-1: random): what torch's generators take, and ComfyUI's 64-bit seeds.
+
+The webui's seeds are 32-bit in practice; larger ones are accepted there too. Image k of a
+request uses seed + k, so seed + images - 1 must also be in range: such a request is refused
+(422 naming the field) rather than wrapped round to 0, since a wrapped seed is not what the
+user asked for and the infotexts' seeds would jump from 2**64-1 to 0.
+"""
+MAX_TEXT = 64 * 1024
+"""Characters in a text field (prompt, negative prompt, names). CLIP reads 75 tokens a chunk, so a
+longer prompt is a mistake (a pasted file, a runaway script): refused at once, never tokenized."""
+TEXT_FIELDS = ("prompt", "negative_prompt", "sampler", "schedule", "model", "vae", "hr_upscaler")
 
 
 class GenerationRequest(BaseModel):
@@ -24,7 +36,7 @@ class GenerationRequest(BaseModel):
     schedule: str = Field("Automatic", description="Schedule type: Automatic, Karras, ...")
     steps: int = Field(20, ge=1, le=500)
     cfg_scale: float = Field(7.0, ge=0.0, le=100.0)
-    seed: int = Field(-1, ge=-1, lt=2**64, description="-1 picks a random seed (ComfyUI seeds are 64-bit).")
+    seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1 picks a random seed (ComfyUI seeds are 64-bit).")
     width: int | None = Field(None, ge=8, le=MAX_SIDE, description="None: the model's native size.")
     height: int | None = Field(None, ge=8, le=MAX_SIDE, description="None: the model's native size.")
     batch_size: int = Field(1, ge=1, le=64, description="Images sampled together.")
@@ -32,7 +44,7 @@ class GenerationRequest(BaseModel):
     clip_skip: int = Field(1, ge=1, le=12, description="1 = last layer (A1111 'Clip skip').")
     model: str | None = Field(None, description="Checkpoint name, short hash or path.")
     eta: float | None = Field(None, ge=0.0, le=1.0, description="Ancestral noise; None = default.")
-    subseed: int = Field(-1, ge=-1, lt=2**64, description="Variation seed (-1 picks one when a strength is set).")
+    subseed: int = Field(-1, ge=-1, le=MAX_SEED, description="Variation seed (-1 picks one when a strength is set).")
     subseed_strength: float = Field(0.0, ge=0.0, le=1.0, description="How far the noise moves towards the subseed's.")
     vae: str | None = Field(None, description="A separate VAE file (name in the VAE folders or path); None = the"
                                               " checkpoint's own.")
@@ -56,6 +68,38 @@ class GenerationRequest(BaseModel):
     hr_second_pass_steps: int = Field(0, ge=0, le=500, description="0 = the same as steps.")
     hr_resize_x: int = Field(0, ge=0, le=MAX_SIDE)
     hr_resize_y: int = Field(0, ge=0, le=MAX_SIDE)
+
+    @field_validator(*TEXT_FIELDS)
+    @classmethod
+    def _valid_text(cls, v: str | None, info) -> str | None:
+        """Refuse text that is not Unicode rather than replace it.
+
+        A lone surrogate (half of an emoji cut by a client) or a byte that was not UTF-8 (a
+        CLI argument in another encoding, which Python keeps as U+DC80-U+DCFF) cannot be
+        tokenized or saved in a PNG. Replacing it with U+FFFD would draw something other
+        than what was asked and record a prompt the user never wrote, so the field is named
+        and the user fixes the text (or the terminal's encoding).
+        """
+        if v is None:
+            return v
+        if len(v) > MAX_TEXT:
+            raise ValueError(f"{len(v):,} characters is too long (limit {MAX_TEXT:,}); shorten the text")
+        problem = unicode_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    @model_validator(mode="after")
+    def _seeds_fit_images(self) -> GenerationRequest:
+        """Image k uses seed + k (and subseed + k): the last one must still be a seed (see MAX_SEED)."""
+        last = self.image_count - 1
+        for name in ("seed", "subseed"):
+            value = getattr(self, name)
+            if value != -1 and value + last > MAX_SEED:
+                raise ValueError(
+                    f"{name} {value} is too large for {self.image_count} images: image k uses {name} + k, and seeds"
+                    f" go up to 2**64-1, so {name} must be at most {MAX_SEED - last} (or -1 for a random one)")
+        return self
 
     @field_validator("width", "height")
     @classmethod
@@ -107,6 +151,26 @@ class GenerationRequest(BaseModel):
         data["init_image"] = None if self.init_image is None else f"<{len(self.init_image)} bytes>"
         data["mask"] = None if self.mask is None else f"<{len(self.mask)} bytes>"
         return data
+
+
+def unicode_problem(text: str) -> str | None:
+    """What makes `text` impossible to encode as UTF-8 (and where), or None when it is fine.
+
+    The one rule for request text (GenerationRequest's fields, and the API dialects' other
+    fields that are echoed back): see GenerationRequest._valid_text for why it is refused.
+    """
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        if 0xDC80 <= code <= 0xDCFF:  # Python's escape for an undecodable byte (os.fsdecode, sys.argv)
+            return (f"the byte 0x{code - 0xDC00:02X} at character {e.start + 1} is not UTF-8; write the text in"
+                    " UTF-8 (check the terminal's or the file's encoding)")
+        return (f"a lone surrogate \\u{code:04x} at character {e.start + 1} is not valid Unicode (half of a"
+                " character such as an emoji); send the whole character")
+    return None
 
 
 class GeneratedImage(BaseModel):

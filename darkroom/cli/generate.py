@@ -11,7 +11,9 @@ from pathlib import Path
 import click
 
 from darkroom.cli.group import Context, log, user_errors
+from darkroom.fsutil import read_regular
 from darkroom.home import Home
+from darkroom.metadata.images import MAX_IMAGE_FILE_BYTES
 from darkroom.services.xyplot import axis_names
 
 RESIZE_CHOICES = {"just-resize": 0, "crop": 1, "fill": 2}
@@ -198,7 +200,8 @@ def _sigint_cancels(cancel: threading.Event):
 
 
 def _read(path: Path | None) -> bytes | None:
-    return None if path is None else path.read_bytes()
+    """An init image or mask file: a regular file only (a FIFO would block for ever), of sane size."""
+    return None if path is None else read_regular(path, what="an image file", limit=MAX_IMAGE_FILE_BYTES)
 
 
 class _Progress:

@@ -20,6 +20,34 @@ from darkroom.offline import guard as offline
 log = logging.getLogger("darkroom")
 
 
+def warn(message: str) -> None:
+    """A problem Darkroom works around (no log file, no home folders): said on stderr, never fatal."""
+    click.echo(f"warning: {message}", err=True)
+
+
+class LogFile(logging.FileHandler):
+    """<home>/logs/darkroom.log. Logging never stops Darkroom: a write that fails (full disk, read-only
+    home) warns once on stderr and turns the file off, instead of logging's traceback per record."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, encoding="utf-8")
+        self.broken = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.broken:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        if not self.broken:
+            self.broken = True
+            warn(f"cannot write the log file {self.baseFilename} ({_reason(sys.exc_info()[1])}); going on"
+                 " without it")
+
+
+def _reason(error: BaseException | None) -> str:
+    return getattr(error, "strerror", None) or str(error) or type(error).__name__
+
+
 class Context:
     """Objects built once per invocation and passed down (no globals)."""
 
@@ -27,11 +55,17 @@ class Context:
         self.home = home
 
     def setup_logging(self) -> None:
-        self.home.logs.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(self.home.logs / "darkroom.log", encoding="utf-8")
+        """Log to <home>/logs/darkroom.log; a home where it cannot be written (read-only) warns and goes on."""
+        log.setLevel(logging.INFO)
+        path = self.home.logs / "darkroom.log"
+        try:
+            self.home.logs.mkdir(parents=True, exist_ok=True)
+            handler: logging.Handler = LogFile(path)
+        except OSError as e:
+            warn(f"cannot write the log file {path} ({_reason(e)}); going on without it")
+            handler = logging.NullHandler()  # not logging's last resort, which would repeat errors on stderr
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         log.addHandler(handler)
-        log.setLevel(logging.INFO)
 
 
 def user_errors(fn):
@@ -48,13 +82,19 @@ def user_errors(fn):
             click.echo(f"error: {e}", err=True)
             sys.exit(2 if isinstance(e, darkroom.errors.InvalidRequest) else 1)
         except ValidationError as e:
-            msgs = [f"{'.'.join(str(p) for p in err['loc']) or 'request'}: {err['msg'].removeprefix('Value error, ')}"
-                    for err in e.errors()]
+            msgs = [_validation_line(err) for err in e.errors()]
             log.error("invalid request: %s", "; ".join(msgs))
             click.echo(f"error: invalid request: {'; '.join(msgs)}", err=True)
             sys.exit(2)
 
     return wrapper
+
+
+def _validation_line(err) -> str:
+    """`width: ...` for a field's error; a check across fields (seed and batch size) names them itself."""
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    loc = ".".join(str(p) for p in err["loc"])
+    return f"{loc}: {msg}" if loc else msg
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -70,9 +110,17 @@ def cli(ctx: click.Context, home: Path | None, models_dirs: tuple[Path, ...]) ->
     from darkroom.settings import Settings
 
     h = Home.resolve(home)
-    saved = Settings(h.root / "settings.json").get("models_dirs") or []
+    if not any(isinstance(x, logging.NullHandler) for x in log.handlers):
+        log.addHandler(logging.NullHandler())  # until the log file is set up, problems reach the terminal by warn()
+    settings = Settings(h.root / "settings.json")
+    for problem in settings.problems:
+        warn(problem)
+    saved = settings.get("models_dirs") or []
     h.extra_model_dirs = list(dict.fromkeys(Path(p).expanduser().resolve() for p in [*models_dirs, *saved]))
-    h.ensure()
+    try:
+        h.ensure()
+    except OSError as e:  # a read-only home: listing models and generating elsewhere (-o) still work
+        warn(f"cannot create the folders of {h.root} ({_reason(e)}); going on with what is there")
     offline.process_guard(h.network_log)
     obj = Context(h)
     obj.setup_logging()

@@ -12,7 +12,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ from darkroom.engine.cache import ModelCache
 from darkroom.engine.img2img import FILL_NAMES, RESIZE_NAMES, Source, prepare_source
 from darkroom.engine.lora import LoraLibrary, apply_loras, extract_lora_tags, lora_hashes_infotext
 from darkroom.engine.sampling import SKIPPED, Guidance, Init, Noise, StepCallback, StepEvent, denoise
-from darkroom.errors import InvalidRequest
+from darkroom.errors import Interrupted, InvalidRequest, NonFiniteResult, StorageError
 from darkroom.metadata.images import encode_png
 from darkroom.metadata.infotext import build_infotext
 from darkroom.models.library import ModelLibrary
@@ -34,6 +34,8 @@ from darkroom.models.vae_file import VaeLibrary, swap_vae
 from darkroom.request import GeneratedImage, GenerationRequest, GenerationResult
 from darkroom.text.conditioning import Conditioning, PromptEncoder
 from darkroom.text.embeddings import EmbeddingLibrary, format_ti_hashes
+from darkroom.text.prompt_parser import parse_prompt_attention
+from darkroom.text.schedule import split_and
 
 __all__ = ["Engine", "StepEvent", "StepCallback", "HIRES_UPSCALERS", "encode_image", "latents_to_images"]
 HIRES_UPSCALERS = ("Latent", "Latent (nearest)", "Lanczos", "Nearest")
@@ -73,6 +75,42 @@ def latents_to_images(model: LoadedModel, latents: torch.Tensor) -> list[Image.I
     arr = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     arr = arr.permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
+
+
+class Suspects:
+    """The final guard before decoding: NaN or inf latents raise an error naming what may cause them.
+
+    Decoded, such latents are a silent all-black image. The likely causes, in the order named:
+    the LoRAs in the prompt, extreme prompt weights or CFG scale, then the model itself (damaged
+    weights, or fp16 overflow).
+    """
+
+    def __init__(self, model: LoadedModel, req: GenerationRequest, prompt: str, loras: list):
+        self.model, self.req, self.prompt, self.loras = model, req, prompt, loras
+
+    def check(self, latents) -> None:
+        if isinstance(latents, torch.Tensor) and not bool(torch.isfinite(latents).all()):
+            raise NonFiniteResult("sampling gave NaN or infinite values (the image would be black); suspects: "
+                                  + "; ".join(self.names()))
+
+    def names(self) -> list[str]:
+        out = [f"the LoRA '{u.mentioned_name}' (weight {u.te_weight:g}/{u.unet:g})" for u in self.loras]
+        weight = self._largest_weight()
+        if weight > 2:
+            out.append(f"a prompt weight of {weight:g} (try values near 1)")
+        if self.req.cfg_scale > 30:
+            out.append(f"the CFG scale {self.req.cfg_scale:g} (try 4-12)")
+        dtype = str(self.model.dtype).replace("torch.", "")
+        hint = "; try precision fp32" if dtype == "float16" else ""
+        out.append(f"the model '{self.model.name}' ({dtype}: damaged weights or an overflow{hint})")
+        return out
+
+    def _largest_weight(self) -> float:
+        """The largest AND or emphasis weight of the prompts (either sign, inf included)."""
+        parts = [*split_and(self.prompt), (self.req.negative_prompt, 1.0)]
+        weights = [abs(w) for _, w in parts]
+        weights += [abs(w) for text, _ in parts for _, w in parse_prompt_attention(text)]
+        return max(weights)
 
 
 class Engine:
@@ -138,8 +176,14 @@ class Engine:
                 applied = stack.enter_context(apply_loras(model, lora_uses))
                 stack.enter_context(swap_vae(model, separate_vae.vae if separate_vae else None))
                 t1 = time.perf_counter()
-                encoder = PromptEncoder(model, req.clip_skip, embeddings=self.embeddings.for_model(model))
-                guidance = self._guidance(model, req, encoder, prompt)
+                encoder = PromptEncoder(model, req.clip_skip, embeddings=self.embeddings.for_model(model),
+                                        cancel=cancel)
+                try:
+                    guidance = self._guidance(model, req, encoder, prompt)
+                except Interrupted:  # stopped while a long prompt was encoded: nothing made, nothing lost
+                    result.interrupted = True
+                    result.timings = {**timings, "total": time.perf_counter() - t0}
+                    return result
                 init = self._init(model, req, source) if source is not None else None
                 timings["encode"] = time.perf_counter() - t1
                 extra = self._infotext_extra(req, source, subseed)
@@ -150,12 +194,13 @@ class Engine:
                 if separate_vae is not None:
                     extra.update(separate_vae.infotext())
                 t2 = time.perf_counter()
+                suspects = Suspects(model, req, prompt, lora_uses)
                 for batch in range(req.n_iter):
                     first = batch * req.batch_size
                     noise = Noise([seed + first + i for i in range(req.batch_size)],
                                   [subseed + first + i for i in range(req.batch_size)], req.subseed_strength)
                     latents = self._batch(model, req, spec, schedule, noise, guidance, init, batch, on_step, cancel,
-                                          skip)
+                                          skip, suspects)
                     if latents is None:
                         result.interrupted = True
                         break
@@ -205,14 +250,17 @@ class Engine:
         return guidance
 
     def _batch(self, model: LoadedModel, req: GenerationRequest, spec: samplers.Sampler, schedule: str, noise: Noise,
-               guidance: Guidance, init: Init | None, batch: int, on_step, cancel, skip):
+               guidance: Guidance, init: Init | None, batch: int, on_step, cancel, skip, suspects: Suspects):
+        """Sample one batch (and its hires pass); each pass's latents are checked before anything decodes them."""
         f = model.vae_scale_factor
         shape = (model.unet.config.out_channels, req.height // f, req.width // f)
         latents = denoise(model, spec, schedule, steps=req.steps, noise=noise, shape=shape, guidance=guidance,
                           init=init, eta=req.eta, batch=batch, batch_count=req.n_iter, on_step=on_step,
                           cancel=cancel, skip=skip)
+        suspects.check(latents)
         if req.enable_hr and isinstance(latents, torch.Tensor):
             latents = self._hires(model, req, spec, schedule, latents, noise, guidance, batch, on_step, cancel, skip)
+            suspects.check(latents)
         return latents
 
     @staticmethod
@@ -314,7 +362,10 @@ class Engine:
 
 def write_numbered(folder: Path, seed: int, data: bytes) -> Path:
     """Write `NNNNN-seed.png` atomically (temp file, then rename) with the next free number."""
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StorageError.wrap(e, folder) from None
     numbers = [int(p.name.split("-", 1)[0]) for p in folder.glob("*.png") if p.name.split("-", 1)[0].isdigit()]
     number = max(numbers, default=-1) + 1
     while True:
@@ -322,9 +373,23 @@ def write_numbered(folder: Path, seed: int, data: bytes) -> Path:
         if not target.exists():
             break
         number += 1
-    tmp = folder / f".{target.name}.tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-    tmp.replace(target)
+    return write_atomic(target, data)
+
+
+def write_atomic(target: Path, data: bytes) -> Path:
+    """Write `target` through a temp file and a rename, so a full disk never leaves half an image.
+
+    On failure the temp file is removed and nothing else is touched; a full disk, a quota, a
+    read-only or forbidden folder raise StorageError (HTTP 507) naming the folder.
+    """
+    tmp = target.parent / f".{target.name}.tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+        tmp.replace(target)
+    except OSError as e:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise StorageError.wrap(e, target.parent) from None
     return target

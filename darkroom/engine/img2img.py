@@ -9,26 +9,58 @@ the mask are exactly the source's (the webui's "overlay").
 from __future__ import annotations
 
 import io
+import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
-from darkroom.errors import InvalidRequest
+from darkroom.errors import InvalidRequest, TooLarge
 
 MAX_PIXELS = 8192 * 8192
 FILL_NAMES = ("fill", "original", "latent noise", "latent nothing")
 RESIZE_NAMES = ("Just resize", "Crop and resize", "Resize and fill")
 
 
-def decode_image(data: bytes, name: str, *, mode: str = "RGB") -> Image.Image:
-    """An uploaded image, upright (EXIF orientation applied), refusing non-images and huge ones."""
+def open_image(data: bytes, name: str, *, max_pixels: int | None = None) -> Image.Image:
+    """A user's image file, decoded, refusing non-images, damaged ones and more than `max_pixels`.
+
+    The one place user images are opened (the CLI's files, every API's uploads): PIL's own
+    decompression-bomb guard (a tiny file that decodes to gigabytes) and the pixel limit both
+    become one InvalidRequest naming the image, its size and the limit.
+    """
+    limit = max_pixels or MAX_PIXELS
     try:
         image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise _too_many_pixels(name, _pixels_in(e), limit) from None
     except (UnidentifiedImageError, OSError) as e:
         raise InvalidRequest(f"{name}: not a readable image ({type(e).__name__}); use a PNG, JPEG or WebP") from None
-    if image.width * image.height > MAX_PIXELS:
-        raise InvalidRequest(f"{name}: {image.width}x{image.height} has too many pixels (limit {MAX_PIXELS:,})")
+    if image.width * image.height > limit:
+        raise _too_many_pixels(name, f"{image.width}x{image.height}", limit)
+    try:
+        image.load()
+    except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InvalidRequest(f"{name}: the image is damaged ({e})") from None
+    return image
+
+
+def _pixels_in(error: Exception) -> str:
+    """The pixel count PIL's bomb error names ("Image size (400000000 pixels) exceeds ...")."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    return f"{int(found[1]):,}" if found else "more than PIL's limit of"
+
+
+def _too_many_pixels(name: str, size: str, limit: int) -> TooLarge:
+    side = math.isqrt(limit)
+    square = f" = {side}x{side}" if side * side == limit else ""
+    return TooLarge(f"{name}: too many pixels ({size}; the limit is {limit:,}{square}); use a smaller image")
+
+
+def decode_image(data: bytes, name: str, *, mode: str = "RGB") -> Image.Image:
+    """An uploaded image, upright (EXIF orientation applied), refusing non-images and huge ones."""
+    image = open_image(data, name)
     try:
         image = ImageOps.exif_transpose(image)
         transparent = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)

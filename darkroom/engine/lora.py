@@ -49,10 +49,11 @@ from darkroom.engine.lora_keys import _Group as _Group  # re-exported: the key g
 from darkroom.engine.lora_keys import _metadata_family as _metadata_family
 from darkroom.errors import InvalidRequest, ModelLoadError, ModelNotFound
 from darkroom.fsutil import unique_dirs
-from darkroom.home import Home
+from darkroom.home import Home, is_folder
 from darkroom.models.families import FAMILIES, detect
 from darkroom.models.hashing import HashCache
 from darkroom.models.header import SafetensorsHeader, read_header
+from darkroom.models.library import walk_models
 
 if TYPE_CHECKING:
     from darkroom.models.loader import LoadedModel
@@ -255,7 +256,22 @@ class LoraFile:
                 tensors = {k: fh.get_tensor(k) for g in self.groups.values() for k in g.keys.values()}
         except Exception as e:  # safetensors raises its own error types for corrupt data
             raise ModelLoadError(f"LoRA '{self.name}' ({self.path.name}): cannot read tensors ({e})") from None
-        return parse_lora_tensors(tensors, self.metadata, groups=self.groups)
+        self._check_finite(tensors)
+        modules = parse_lora_tensors(tensors, self.metadata, groups=self.groups)
+        bad = next((m for m in modules if not math.isfinite(m.scale)), None)
+        if bad is not None:
+            raise self._damaged(f"the scale (alpha) of layer {bad.name} is {bad.scale}")
+        return modules
+
+    def _check_finite(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """NaN or inf in a LoRA would make every image black: refuse the file, naming it, before merging."""
+        for key, tensor in tensors.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise self._damaged(f"its tensor {key} holds NaN or infinite values")
+
+    def _damaged(self, what: str) -> ModelLoadError:
+        return ModelLoadError(f"LoRA '{self.name}' ({self.path}): {what}; the file is damaged (download it again,"
+                              " or remove it from the prompt)")
 
     def targets(self, model: LoadedModel) -> dict[str, tuple[str, str]]:
         """{layer name in the file: (component, module path in the model)} for the layers that exist."""
@@ -312,16 +328,11 @@ class LoraLibrary:
         return unique_dirs(dirs)
 
     def files(self) -> list[Path]:
+        """LoRA files in the folders, by the bounded walk every models folder gets (walk_models)."""
         out: list[Path] = []
         for folder in self.folders():
-            if not folder.is_dir():
-                continue
-            for path in sorted(folder.rglob("*")):
-                rel = path.relative_to(folder)
-                if any(part.startswith(".") for part in rel.parts):
-                    continue
-                if path.is_file() and path.suffix.lower() in LORA_SUFFIXES:
-                    out.append(path)
+            if is_folder(folder):
+                out += walk_models(folder, lambda name: Path(name).suffix.lower() in LORA_SUFFIXES)
         return out
 
     def load(self, path: Path) -> LoraFile:
@@ -452,11 +463,23 @@ class AppliedLoras:
                 total = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
                 for module, factor in deltas:
                     total.add_(module.delta(param.shape, param.device), alpha=factor)
+                merged = (param.float() + total).to(param.dtype)
+                if not bool(torch.isfinite(merged).all()):
+                    raise self._overflow(deltas)
                 self._backups.append((param, param.detach().to("cpu", copy=True)))
-                param.copy_((param.float() + total).to(param.dtype))
+                param.copy_(merged)
         except BaseException:
             self.restore()
             raise
+
+    def _overflow(self, deltas: list[tuple[LoraModule, float]]) -> InvalidRequest:
+        """Finite LoRA values whose merge is not (huge values x weight, or past the model dtype's range)."""
+        names = [use.mentioned_name for use in self.uses
+                 if any(m is module for module, _ in deltas for m in use.lora.modules())]
+        which = ", ".join(repr(n) for n in names) or "?"
+        return InvalidRequest(
+            f"LoRA {which} makes layer {deltas[0][0].name} overflow (the merged weights would be NaN or infinite);"
+            " lower its weight in the prompt or use another LoRA")
 
     @torch.no_grad()
     def restore(self) -> None:

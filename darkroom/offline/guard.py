@@ -13,6 +13,7 @@ import ipaddress
 import json
 import os
 import socket
+import sys
 import sysconfig
 import threading
 import traceback
@@ -71,6 +72,13 @@ class NetworkGuard:
         self.attempts: list[Attempt] = []
         self._lock = threading.Lock()
         self._saved: dict[str, object] = {}
+        self._warned = False
+
+    def _warn_once(self, message: str) -> None:
+        """A log that cannot be written (read-only home, full disk) is said once on stderr, never raised."""
+        if not self._warned:
+            self._warned = True
+            print(f"warning: {message}", file=sys.stderr)
 
     @property
     def installed(self) -> bool:
@@ -91,8 +99,9 @@ class NetworkGuard:
                     self.log_file.parent.mkdir(parents=True, exist_ok=True)
                     with open(self.log_file, "a", encoding="utf-8") as fh:
                         fh.write(json.dumps(asdict(attempt)) + "\n")
-                except OSError:
-                    pass  # the refusal matters more than the record; the in-memory one stays
+                except OSError as e:  # the refusal matters more than the record; the in-memory one stays
+                    self._warn_once(f"cannot record blocked connections in {self.log_file}"
+                                    f" ({e.strerror or e}); they are still refused")
         raise NetworkBlocked(
             f"Darkroom blocked an outbound connection to {host}:{port} (from {caller}). "
             "Darkroom never uses the network; this attempt was recorded for `darkroom doctor`."

@@ -111,7 +111,7 @@ def progress(studio: StudioDep, skip_current_image: Annotated[bool, Query()] = F
         "job_count": job.batches + waiting, "job_timestamp": _timestamp(job.started), "job_no": job.batch,
         "sampling_step": job.step, "sampling_steps": job.steps,
     }
-    image = job.preview_png
+    image = None if job.private else job.preview_png  # a private job's picture is for its owner's UI only
     return {
         "progress": round(job.progress, 4), "eta_relative": round(job.eta or 0.0, 2), "state": state,
         "current_image": None if skip_current_image or not image else _b64(image),

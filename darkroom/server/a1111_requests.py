@@ -13,12 +13,12 @@ import datetime as dt
 from typing import Any
 
 import pydantic
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 import darkroom
 from darkroom.engine import samplers
 from darkroom.errors import DarkroomError, InvalidRequest
-from darkroom.request import GenerationRequest
+from darkroom.request import GenerationRequest, unicode_problem
 from darkroom.server.common import current_model_info, find_model, require_model, validation_message
 from darkroom.server.uploads import decode_base64_image, open_image
 from darkroom.services.jobs import Job
@@ -117,6 +117,29 @@ class ProcessingRequest(BaseModel):
     save_images: bool = False
     alwayson_scripts: dict[str, Any] = {}
     infotext: str | None = None
+
+    @field_validator("*")
+    @classmethod
+    def _valid_text(cls, value: Any) -> Any:
+        """Text that is not Unicode is refused in every field, also those only echoed back (styles, comments):
+        the answer could not be encoded. Same rule as GenerationRequest's."""
+        problem = next(filter(None, map(unicode_problem, _strings(value))), None)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+
+def _strings(value: Any):
+    """Every str inside `value` (lists and dicts walked, keys too)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
 
 
 class Txt2ImgRequest(ProcessingRequest):

@@ -93,7 +93,7 @@ class ImageGenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str = Field(..., min_length=1)
+    prompt: str  # empty or blank: refused by _check_common in OpenAI's shape; bad text by GenerationRequest
     model: str | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     size: str | None = None

@@ -7,7 +7,7 @@ import logging
 import socket
 from collections.abc import Callable
 
-from darkroom.errors import DarkroomError
+from darkroom.errors import DarkroomError, InvalidRequest
 from darkroom.home import Home
 
 log = logging.getLogger("darkroom.server")
@@ -23,6 +23,9 @@ def _is_loopback(host: str) -> bool:
 
 
 def _check_port(host: str, port: int) -> None:
+    """Refuse a port out of range, in use or not ours to take, before anything is loaded."""
+    if not 1 <= port <= 65535:
+        raise InvalidRequest(f"port {port} is out of range: use 1-65535 (7860 is the usual one)")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 
-from darkroom.errors import InvalidRequest
+from darkroom.errors import InvalidRequest, TooLarge
 
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 MAX_PIXELS = 8192 * 8192
-
-
-class TooLarge(InvalidRequest):
-    status = 413
+__all__ = ["MAX_PIXELS", "MAX_UPLOAD_BYTES", "TooLarge", "decode_base64_image", "open_image", "read_upload"]
 
 
 async def read_upload(file, limit: int | None = None) -> bytes:
@@ -42,18 +38,7 @@ def decode_base64_image(value: str, *, field: str = "image", limit: int = MAX_UP
 
 
 def open_image(data: bytes, *, name: str = "image", max_pixels: int | None = None):
-    """A decoded RGB(A) PIL image, refusing non-images and pixel counts over `max_pixels`."""
-    from PIL import Image, UnidentifiedImageError
+    """A decoded PIL image, refusing non-images and pixel counts over `max_pixels` (the engine's one opener)."""
+    from darkroom.engine.img2img import open_image as engine_open_image
 
-    max_pixels = max_pixels or MAX_PIXELS
-    try:
-        image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError) as e:
-        raise InvalidRequest(f"{name}: not a readable image ({type(e).__name__}); send a PNG, JPEG or WebP") from None
-    if image.width * image.height > max_pixels:
-        raise TooLarge(f"{name}: {image.width}x{image.height} has too many pixels (limit {max_pixels:,})")
-    try:
-        image.load()
-    except (OSError, ValueError) as e:
-        raise InvalidRequest(f"{name}: the image is damaged ({e})") from None
-    return image
+    return engine_open_image(data, name, max_pixels=max_pixels or MAX_PIXELS)

@@ -467,19 +467,20 @@ def grid_infotext(plan: XYPlan, first: str) -> str:
 
 
 def write_grid(folder: Path, data: bytes) -> Path:
-    """Write `grid-NNNNN.png` atomically (temp file, then rename) with the next free number."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write `grid-NNNNN.png` with the next free number, as images are written (write_atomic: a
+    full disk or a read-only folder is a StorageError naming the folder, never half a file)."""
+    from darkroom.engine.generate import write_atomic
+    from darkroom.errors import StorageError
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StorageError.wrap(e, folder) from None
     numbers = [int(p.stem[5:]) for p in folder.glob("grid-*.png") if p.stem[5:].isdigit()]
     number = max(numbers, default=-1) + 1
     while (folder / f"grid-{number:05d}.png").exists():
         number += 1
-    target = folder / f"grid-{number:05d}.png"
-    tmp = folder / f".{target.name}.tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-    tmp.replace(target)
-    return target
+    return write_atomic(folder / f"grid-{number:05d}.png", data)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,11 +9,13 @@ multiplied in the same order, so merging of equal weights agrees too).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from darkroom.errors import InvalidRequest
 from darkroom.text.tokenizer import BOS, EOS
 
 if TYPE_CHECKING:
@@ -29,6 +31,10 @@ COMMA_BACKTRACK = 20
 """The webui's default `comma_padding_backtrack`: how far back a comma may be to cut there."""
 BREAK = ("BREAK", -1.0)
 """How `parse_prompt_attention` reports a `BREAK` (the webui's marker)."""
+MAX_WEIGHT = 1000.0
+"""The largest emphasis (either sign) a prompt may ask for. The webui has no limit, but past a few
+units the picture is noise already, and a weight like `(word:1000...0)` (inf) or 80 nested
+brackets overflows the text encoder's numbers into a silent black image: refused instead."""
 
 _TOKEN = re.compile(
     r"""
@@ -71,11 +77,13 @@ def _parse(text: str) -> list[_Span | None]:
             open_square.append(len(spans))
         elif weight is not None and open_round:
             try:
-                scale(open_round[-1], float(weight))
+                value = float(weight)
             except ValueError:  # "(a:1.2.3)": the webui crashes; keep the text, close as ")"
                 spans.append(_Span(token[:-1], 1.0))
-                scale(open_round[-1], ROUND_MULTIPLIER)
-            open_round.pop()
+                value = ROUND_MULTIPLIER
+            else:
+                check_weight(value, f"prompt weight {shown(weight)}")
+            scale(open_round.pop(), value)
         elif token == ")" and open_round:
             scale(open_round.pop(), ROUND_MULTIPLIER)
         elif token == "]" and open_square:
@@ -92,6 +100,10 @@ def _parse(text: str) -> list[_Span | None]:
     for start in open_square:
         scale(start, SQUARE_MULTIPLIER)
 
+    for span in spans:
+        if span is not None and span.text.strip():
+            check_weight(span.weight, f"the emphasis on {shown(span.text.strip())!r} ({span.weight:g}, from"
+                                       " nested brackets)")
     merged: list[_Span | None] = []
     for span in spans or [_Span("", 1.0)]:
         prev = merged[-1] if merged else None
@@ -100,6 +112,19 @@ def _parse(text: str) -> list[_Span | None]:
         else:
             merged.append(span)
     return merged
+
+
+def check_weight(value: float, what: str) -> None:
+    """Refuse a weight that is not finite or beyond MAX_WEIGHT (InvalidRequest naming it)."""
+    if not math.isfinite(value):
+        raise InvalidRequest(f"{what} is not a finite number; write a weight such as (word:1.2)")
+    if abs(value) > MAX_WEIGHT:
+        raise InvalidRequest(f"{what} is outside -{MAX_WEIGHT:g} to {MAX_WEIGHT:g}; write a weight such as (word:1.2)")
+
+
+def shown(text: str, limit: int = 24) -> str:
+    """`text` cut for an error message (a weight may be 400 digits long)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def parse_prompt_attention(text: str) -> list[tuple[str, float]]:

@@ -65,6 +65,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from darkroom.text.prompt_parser import check_weight, shown
+
 __all__ = [
     "ComposablePart",
     "ConditioningSchedule",
@@ -393,7 +395,9 @@ def split_and(prompt: str) -> list[tuple[str, float]]:
             parts.append((sub, 1.0))
             continue
         text, weight = match.groups()
-        parts.append((text, float(weight) if weight is not None else 1.0))
+        value = float(weight) if weight is not None else 1.0
+        check_weight(value, f"the AND weight {shown(weight or '1')}")  # 400 digits of weight would be inf
+        parts.append((text, value))
     return parts
 
 
