@@ -1,16 +1,22 @@
-"""Small filesystem helpers shared by the library, imports and backups, and the one rule for files
-that come from outside: regular files only, links not followed out of where they came from."""
+"""Small filesystem helpers shared by the library, imports and backups, the one rule for files that
+come from outside (regular files only, links not followed out of where they came from), and the one
+way writes fail: a full disk, a read-only folder or a drive pulled out is a `StorageError` naming the
+folder and what to do, never a traceback, and a file is replaced all at once or not at all."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import sqlite3
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from darkroom.errors import InvalidRequest
+from darkroom.errors import DarkroomError, InvalidRequest, StorageError
+
+CHUNK = 1 << 20
 
 
 def fsync_dir(path: Path) -> None:
@@ -25,6 +31,12 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def discard(path: Path) -> None:
+    """Remove a temp file if possible: on a read-only or vanished folder it stays (hidden) for the next run."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def unique_dirs(dirs: Iterable[Path]) -> list[Path]:
@@ -105,3 +117,102 @@ def is_inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
         return os.path.commonpath([real, root]) == root
     except ValueError:  # different drives on Windows
         return False
+
+
+# --- writes that fail: a full disk, a read-only folder, a drive pulled out ---------------------
+
+_GONE = "{folder} stopped answering (a drive removed?): reconnect it and try again"
+_FAULTS = {
+    errno.ENOSPC: "no space left on {folder}: free some space there or {instead}",
+    errno.EDQUOT: "the disk quota of {folder} is used up: free some space there or {instead}",
+    errno.EROFS: "{folder} is on a read-only file system: make it writable or {instead}",
+    errno.EACCES: "{folder} is not writable (permission denied): fix its permissions or {instead}",
+    errno.EPERM: "{folder} is not writable (operation not permitted): fix its permissions or {instead}",
+    errno.EFBIG: "the file system of {folder} cannot hold a file this large (FAT32 stops at 4 GB): use a drive"
+                 " formatted exFAT, NTFS or ext4, or {instead}",
+    errno.EIO: _GONE, errno.ENOENT: _GONE, errno.ENODEV: _GONE, errno.ENXIO: _GONE, errno.ESTALE: _GONE,
+    errno.ENOTCONN: _GONE,
+}
+ANOTHER_FOLDER = "choose another folder"
+
+
+def storage_error(error: OSError, folder: str | os.PathLike, doing: str, *,
+                  instead: str = ANOTHER_FOLDER) -> StorageError:
+    """The one line for a write into `folder` that failed while `doing` it ("save settings"): what is
+    wrong with the folder and what to do (`instead`: the way around it, "choose another folder")."""
+    why = _FAULTS.get(error.errno, "{reason} in {folder}")
+    return StorageError(f"cannot {doing}: " + why.format(folder=folder, instead=instead,
+                                                          reason=(error.strerror or str(error)).lower()))
+
+
+def read_error(error: OSError, path: str | os.PathLike) -> DarkroomError:
+    """The one line for a read of `path` that failed mid-way (its drive removed, a bad sector)."""
+    folder = Path(path).parent
+    if _FAULTS.get(error.errno) is _GONE:
+        return StorageError(f"cannot read {path}: " + _GONE.format(folder=folder))
+    return DarkroomError(f"cannot read {path}: {(error.strerror or str(error)).lower()}")
+
+
+@contextlib.contextmanager
+def writes_to(folder: str | os.PathLike, doing: str, *, instead: str = ANOTHER_FOLDER) -> Iterator[None]:
+    """Inside it, an OSError is a write into `folder` that failed: raised as `storage_error`."""
+    try:
+        yield
+    except OSError as e:
+        raise storage_error(e, folder, doing, instead=instead) from e
+
+
+_SQLITE_READ_ONLY = "{folder} is read-only (a read-only drive, or no permission to write): make it writable or" \
+                    " {instead}"
+_SQLITE_FAULTS = {sqlite3.SQLITE_FULL: _FAULTS[errno.ENOSPC], sqlite3.SQLITE_IOERR: _GONE,
+                  sqlite3.SQLITE_READONLY: _SQLITE_READ_ONLY, sqlite3.SQLITE_PERM: _SQLITE_READ_ONLY,
+                  sqlite3.SQLITE_CANTOPEN: _SQLITE_READ_ONLY}
+
+
+def sqlite_storage_error(error: sqlite3.Error, folder: str | os.PathLike, doing: str, *,
+                         instead: str = ANOTHER_FOLDER) -> StorageError | None:
+    """`storage_error` for an SQLite write into `folder` that failed for the folder's sake (full,
+    read-only, gone); None for anything else (a damaged database, a busy lock), which the caller explains.
+    SQLite does not say which errno it met, so "read-only" covers a read-only drive and a permission."""
+    why = _SQLITE_FAULTS.get((getattr(error, "sqlite_errorcode", None) or 0) & 0xFF)
+    return None if why is None else StorageError(f"cannot {doing}: " + why.format(folder=folder, instead=instead))
+
+
+def copy_stream(fin: BinaryIO, fout: BinaryIO, source: str | os.PathLike,
+                on_block: Callable[[bytes], None] | None = None, *, chunk: int = CHUNK) -> int:
+    """Copy `fin` (the file at `source`) into `fout`; returns the bytes copied. A read that fails is
+    `read_error` naming the source (its drive pulled out), so `writes_to` around it only sees writes."""
+    size = 0
+    while True:
+        try:
+            block = fin.read(chunk)
+        except OSError as e:
+            raise read_error(e, source) from e
+        if not block:
+            return size
+        if on_block is not None:
+            on_block(block)
+        fout.write(block)
+        size += len(block)
+
+
+def write_atomic(path: Path, data: bytes, *, doing: str | None = None, folder: Path | None = None,
+                 instead: str = ANOTHER_FOLDER) -> None:
+    """Replace `path` with `data` all at once: written to a hidden temp beside it, synced, renamed over
+    it. A failure leaves the old file as it was (the temp is removed, or overwritten by the next write
+    where the folder no longer takes changes) and is a `storage_error` naming `folder` (default: path's)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as e:
+        discard(tmp)
+        raise storage_error(e, folder or path.parent, doing or f"write {path}", instead=instead) from e
+    fsync_dir(path.parent)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -16,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from darkroom.errors import DarkroomError, InvalidRequest
+from darkroom.errors import InvalidRequest
+from darkroom.fsutil import read_error, write_atomic, writes_to
 
 log = logging.getLogger("darkroom.settings")
+_ELSEWHERE = "use another home folder (--home)"
 
 
 def _optional_name(value: Any) -> bool:
@@ -116,24 +117,29 @@ class Settings:
         if bad:
             raise InvalidRequest(f"invalid setting(s): {'; '.join(bad)}")
         with self._lock:
-            self._values.update(changes)
+            values = {**self._values, **changes}
             if self.path is not None:
-                try:
-                    self._keep_invalid_file()
-                    self.path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = self.path.with_name(f".{self.path.name}.tmp")
-                    tmp.write_text(json.dumps(self._values, indent=2), encoding="utf-8")
-                    os.replace(tmp, self.path)
-                except OSError as e:
-                    raise DarkroomError(f"cannot save settings to {self.path}: {e.strerror or e}",
-                                        hint="check that the home folder is writable") from None
+                self._save(self.path, values)
+            self._values = values  # only once saved: a failed save changes nothing, on disk or here
+
+    def _save(self, path: Path, values: dict[str, Any]) -> None:
+        """Replace settings.json all at once (a full or read-only disk leaves the old file as it was)."""
+        doing = f"save the settings to {path}"
+        with writes_to(path.parent, doing, instead=_ELSEWHERE):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        self._keep_invalid_file()
+        write_atomic(path, json.dumps(values, indent=2).encode("utf-8"), doing=doing, instead=_ELSEWHERE)
 
     def _keep_invalid_file(self) -> None:
         """Copy a file that had problems aside before it is replaced (once): it is the user's."""
         if not self.problems or self.path is None or not self.path.is_file():
             return
         aside = self.path.with_name(f"{self.path.name}.invalid-{time.strftime('%Y%m%d-%H%M%S')}")
-        aside.write_bytes(self.path.read_bytes())
+        try:
+            data = self.path.read_bytes()
+        except OSError as e:
+            raise read_error(e, self.path) from e
+        write_atomic(aside, data, doing=f"keep the old {self.path} aside", instead=_ELSEWHERE)
         log.warning("%s had problems; kept as %s before saving the new settings", self.path, aside)
         self.problems = []
 

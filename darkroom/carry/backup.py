@@ -30,6 +30,7 @@ from darkroom.carry.backup_store import (
     FORMAT,
     HISTORY,
     MARKER,
+    OTHER_BACKUP_FOLDER,
     SETTINGS,
     BackupError,
     Progress,
@@ -45,7 +46,8 @@ from darkroom.carry.backup_store import (
     human_bytes,
     verify_backup,
 )
-from darkroom.errors import InvalidRequest
+from darkroom.errors import DarkroomError, InvalidRequest
+from darkroom.fsutil import discard, sqlite_storage_error, writes_to
 from darkroom.home import Home
 from darkroom.models.hashing import sha256_file
 
@@ -62,9 +64,10 @@ _RESTORE_TMP = ".restore-tmp"
 # --- small helpers ---------------------------------------------------------------------------
 
 
-def _sqlite_snapshot(src: Path, dst: Path) -> None:
-    """A consistent copy of a (possibly live, WAL-mode) database via SQLite's backup API."""
-    dst.unlink(missing_ok=True)
+def _sqlite_snapshot(src: Path, dst: Path, *, folder: Path, doing: str, instead: str) -> None:
+    """A consistent copy of a (possibly live, WAL-mode) database via SQLite's backup API, into `dst` in
+    `folder` (a full, read-only or vanished one is named in the error)."""
+    discard(dst)
     try:
         s = sqlite3.connect(src, timeout=30)
         try:
@@ -77,8 +80,9 @@ def _sqlite_snapshot(src: Path, dst: Path) -> None:
         finally:
             s.close()
     except sqlite3.Error as e:
-        dst.unlink(missing_ok=True)
-        raise BackupError(f"could not snapshot the database {src}: {e}") from e
+        discard(dst)
+        raise (sqlite_storage_error(e, folder, doing, instead=instead)
+               or BackupError(f"could not snapshot the database {src}: {e}")) from e
 
 
 def _content_digest(db: Path) -> str:
@@ -166,7 +170,7 @@ def backup_home(home: Home, dest: Path, *, models: bool = False, outputs: bool =
         history = home_root / HISTORY
         if history.is_file():
             db_tmp = repo.tmp / f"history-{os.getpid()}.sqlite3"
-            _sqlite_snapshot(history, db_tmp)
+            _sqlite_snapshot(history, db_tmp, folder=repo.root, doing="back up", instead=OTHER_BACKUP_FOLDER)
             result.history_rows = max(_row_count(db_tmp), 0)
 
         # 2. the file list
@@ -222,7 +226,7 @@ def backup_home(home: Home, dest: Path, *, models: bool = False, outputs: bool =
         finally:
             progress.close()
             if db_tmp is not None:
-                db_tmp.unlink(missing_ok=True)
+                discard(db_tmp)
 
         # 4. the manifest, last and atomically; then the `latest` pointer
         manifest = {
@@ -231,16 +235,29 @@ def backup_home(home: Home, dest: Path, *, models: bool = False, outputs: bool =
             "darkroom": darkroom.__version__, "home": str(home_root), "scope": scope,
             "options": {"models": models, "outputs": outputs}, "files": files,
         }
-        snap_dir = repo.snapshots_dir / sid
-        snap_dir.mkdir()
-        _write_atomic(snap_dir / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
-        _fsync_dir(repo.snapshots_dir)
-        _write_atomic(repo.latest_file, f"{sid}\n".encode())
+        _publish_snapshot(repo, sid, manifest)
     result.notes.append("hash cache (cache.sqlite3) not backed up: it is rebuilt on demand")
     if not models:
         result.notes.append("models not backed up (add --models to include models/)")
     result.seconds = time.monotonic() - t0
     return result
+
+
+def _publish_snapshot(repo: Repository, sid: str, manifest: dict) -> None:
+    """Write the snapshot's manifest, then point `latest` at it. Both or neither: a failure removes
+    the new snapshot (or leaves it manifest-less, which the next backup removes), so the previous
+    snapshot stays the latest and complete."""
+    snap_dir = repo.snapshots_dir / sid
+    try:
+        with repo.writing():
+            snap_dir.mkdir()
+        _write_atomic(snap_dir / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode(),
+                      root=repo.root)
+        _fsync_dir(repo.snapshots_dir)
+        _write_atomic(repo.latest_file, f"{sid}\n".encode(), root=repo.root)
+    except BaseException:
+        repo.drop_snapshot(sid)
+        raise
 
 
 # --- restore ---------------------------------------------------------------------------------
@@ -269,7 +286,10 @@ def _preview(names: list[str], n: int = 5) -> str:
 @_os_errors
 def restore_home(home: Home, src: Path, *, snapshot_id: str | None = None, force: bool = False,
                  exact: bool = False, progress: Progress | None = None) -> RestoreResult:
-    """Bring `home` back to a snapshot's state; what it replaces is kept in <home>/restore-saved/<time>/."""
+    """Bring `home` back to a snapshot's state; what it replaces is kept in <home>/restore-saved/<time>/.
+
+    All or nothing: a restore that cannot finish (a full or read-only home, the backup drive pulled
+    out) puts back what it had changed, so the home is as it was before."""
     progress = progress or _NoProgress()
     t0 = time.monotonic()
     repo = Repository(src).require()
@@ -277,7 +297,8 @@ def restore_home(home: Home, src: Path, *, snapshot_id: str | None = None, force
         raise InvalidRequest(f"malformed snapshot id {snapshot_id!r}")
     snap = repo.snapshot(snapshot_id)
     root = home.root.resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    with _writing_home(root):
+        root.mkdir(parents=True, exist_ok=True)
     result = RestoreResult(snap.id)
     entries = {str(_safe_rel(rel)): e for rel, e in snap.files.items()}
     for rel, e in entries.items():  # refuse a malformed manifest before touching anything
@@ -318,8 +339,9 @@ def restore_home(home: Home, src: Path, *, snapshot_id: str | None = None, force
     try:
         if db_entry is not None and db.is_file():
             # compared by content: the bytes of two copies of the same database differ in header counters
-            _sqlite_snapshot(db, db_check)
-            _extract(repo, HISTORY, db_entry, db_tmp, _NoProgress())
+            with _writing_home(root):
+                _sqlite_snapshot(db, db_check, folder=root, doing="restore", instead=OTHER_HOME)
+                _extract(repo, HISTORY, db_entry, db_tmp, _NoProgress())
             if _content_digest(db_check) == _content_digest(db_tmp):
                 result.history = "unchanged"
             else:
@@ -340,64 +362,147 @@ def restore_home(home: Home, src: Path, *, snapshot_id: str | None = None, force
                 n += 1
                 result.safety_dir = base.with_name(f"{base.name}-{n}")
 
-        # 2. files: each streamed from its object into a temp beside the target, checked against its hash,
-        # then renamed over the target (whose old version is first linked or copied into the safety folder)
         restore_db = db_entry is not None and (db_differs or not db.is_file())
         progress.start(sum(e["size"] for _, e, _ in plan) + (db_entry["size"] if restore_db and not db_differs else 0),
                        "Restoring")
+        undo = _Undo()
         try:
-            for rel, e, replaces in plan:
-                target = root / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(f".{target.name}{_RESTORE_TMP}")
-                _extract(repo, rel, e, tmp, progress)
-                if replaces:
-                    _save_aside(target, result.safety_dir / rel)
-                os.replace(tmp, target)
-                os.utime(target, ns=(e["mtime_ns"], e["mtime_ns"]))
-                result.restored += 1
-                result.restored_bytes += e["size"]
-            if exact:
-                for rel in result.extra:
-                    dest = result.safety_dir / rel
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(root / rel, dest)
-                    result.removed.append(rel)
-
-            # 3. the history database, last: through SQLite's backup API into a live one, else renamed in
-            if restore_db:
-                if db_differs:
-                    if HISTORY in result.replaced:
-                        dest = result.safety_dir / HISTORY
-                        dest.parent.mkdir(parents=True, exist_ok=True)
-                        os.replace(db_check, dest)
-                    _sqlite_restore(db_tmp, db)
-                    result.history = "replaced"
-                else:
-                    _extract(repo, HISTORY, db_entry, db_tmp, progress)
-                    for suffix in ("-wal", "-shm", "-journal"):  # a stale log would be replayed onto it
-                        Path(f"{db}{suffix}").unlink(missing_ok=True)
-                    os.replace(db_tmp, db)
-                    _fsync_dir(db.parent)
-                    result.history = "restored"
+            with _writing_home(root):
+                _write_home(repo, root, plan, result, undo, exact, progress)
+                if restore_db:
+                    _restore_history(repo, db, db_entry, db_check, db_tmp, db_differs, result, undo, progress)
+        except BaseException as e:
+            _put_back(undo, e, result.safety_dir)
+            raise
         finally:
             progress.close()
     finally:
-        db_check.unlink(missing_ok=True)
-        db_tmp.unlink(missing_ok=True)
+        discard(db_check)
+        discard(db_tmp)
     if db.is_file():
         result.history_rows = _row_count(db)
     result.seconds = time.monotonic() - t0
     return result
 
 
+OTHER_HOME = "restore into another home (--home)"
+
+
+def _writing_home(root: Path):
+    """Around a restore's writes into the home: a full, read-only or vanished one is one line naming it."""
+    return writes_to(root, "restore", instead=OTHER_HOME)
+
+
+class _Undo:
+    """What a restore changed in the home so far, last change last, so that one that cannot finish
+    puts it all back: the files it made removed, those it replaced or moved away back in place."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[Path, Path | None]] = []  # (path made or replaced, where its old version is)
+
+    def made(self, path: Path, old: Path | None = None) -> None:
+        self.steps.append((path, old))
+
+    def mkdirs(self, folder: Path) -> None:
+        """Make `folder` and its missing parents, each remembered."""
+        missing = []
+        while not folder.exists():
+            missing.append(folder)
+            folder = folder.parent
+        for d in reversed(missing):
+            d.mkdir()
+            self.made(d)
+
+    def undo(self) -> list[Path]:
+        """Put everything back, last change first; returns the paths that could not be (their drive gone)."""
+        stuck = []
+        for path, old in reversed(self.steps):
+            try:
+                if old is not None:
+                    os.replace(old, path)
+                elif path.is_dir() and not path.is_symlink():
+                    os.rmdir(path)
+                else:
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                stuck.append(path)
+        return stuck
+
+
+def _put_back(undo: _Undo, error: BaseException, safety_dir: Path | None) -> None:
+    """Undo a restore that failed; where something cannot be put back, the error says where the old versions are."""
+    stuck = undo.undo()
+    if stuck and isinstance(error, DarkroomError):
+        kept = f" (the old versions are in {safety_dir})" if safety_dir else ""
+        raise type(error)(f"{error}; the restore stopped half-way and {len(stuck)} change(s) could not be undone,"
+                          f" e.g. {stuck[0]}{kept}") from error
+
+
+def _write_home(repo: Repository, root: Path, plan: list[tuple[str, dict, bool]], result: RestoreResult,
+                undo: _Undo, exact: bool, progress: Progress) -> None:
+    """Each file streamed from its object into a temp beside its target, checked against its hash, then
+    renamed over the target (whose old version is first linked or copied into the safety folder)."""
+    for rel, e, replaces in plan:
+        target = root / rel
+        undo.mkdirs(target.parent)
+        tmp = target.with_name(f".{target.name}{_RESTORE_TMP}")
+        _extract(repo, rel, e, tmp, progress)
+        saved = result.safety_dir / rel if replaces else None
+        try:
+            if saved is not None:
+                undo.mkdirs(saved.parent)
+                _save_aside(target, saved)
+                undo.made(saved)
+            os.replace(tmp, target)
+        except BaseException:
+            discard(tmp)
+            raise
+        undo.made(target, saved)
+        os.utime(target, ns=(e["mtime_ns"], e["mtime_ns"]))
+        result.restored += 1
+        result.restored_bytes += e["size"]
+    if exact:
+        for rel in result.extra:
+            dest = result.safety_dir / rel
+            undo.mkdirs(dest.parent)
+            os.replace(root / rel, dest)
+            undo.made(root / rel, dest)
+            result.removed.append(rel)
+
+
+def _restore_history(repo: Repository, db: Path, entry: dict, db_check: Path, db_tmp: Path, differs: bool,
+                     result: RestoreResult, undo: _Undo, progress: Progress) -> None:
+    """The history database, last: through SQLite's backup API into a live one, else renamed in."""
+    if differs:
+        if HISTORY in result.replaced:
+            dest = result.safety_dir / HISTORY
+            undo.mkdirs(dest.parent)
+            os.replace(db_check, dest)
+            undo.made(dest)
+        _sqlite_restore(db_tmp, db)
+        result.history = "replaced"
+        return
+    _extract(repo, HISTORY, entry, db_tmp, progress)
+    for suffix in ("-wal", "-shm", "-journal"):  # a stale log would be replayed onto it
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    os.replace(db_tmp, db)
+    undo.made(db)
+    _fsync_dir(db.parent)
+    result.history = "restored"
+
+
 def _save_aside(target: Path, dest: Path) -> None:
     """Keep the file about to be replaced: a hard link when possible (no copy, no gap), else a copy."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(target, dest)
     except OSError:
-        shutil.copy2(target, dest)
+        try:
+            shutil.copy2(target, dest)
+        except BaseException:
+            discard(dest)
+            raise
 
 
 def _sqlite_restore(snapshot: Path, db: Path) -> None:
@@ -412,5 +517,6 @@ def _sqlite_restore(snapshot: Path, db: Path) -> None:
         finally:
             s.close()
     except sqlite3.Error as e:
-        raise BackupError(f"could not restore the history database into {db}: {e}",
-                          hint="stop any running Darkroom server and retry") from e
+        raise (sqlite_storage_error(e, db.parent, "restore", instead=OTHER_HOME)
+               or BackupError(f"could not restore the history database into {db}: {e}",
+                              hint="stop any running Darkroom server and retry")) from e

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,7 +33,16 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol
 
 from darkroom.errors import DarkroomError
-from darkroom.fsutil import NotARegularFile, open_regular, read_regular
+from darkroom.fsutil import (
+    NotARegularFile,
+    copy_stream,
+    discard,
+    open_regular,
+    read_error,
+    read_regular,
+    write_atomic,
+    writes_to,
+)
 from darkroom.fsutil import fsync_dir as _fsync_dir
 
 CHUNK = 1 << 20
@@ -95,14 +105,12 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"  # pragma: no cover
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+OTHER_BACKUP_FOLDER = "choose another backup folder"
+
+
+def _write_atomic(path: Path, data: bytes, *, root: Path | None = None) -> None:
+    """fsutil.write_atomic, a failure naming the backup folder `root` (the folder the user chose)."""
+    write_atomic(path, data, doing="back up", folder=root, instead=OTHER_BACKUP_FOLDER)
 
 
 def _safe_rel(rel: str) -> PurePosixPath:
@@ -176,6 +184,10 @@ class Repository:
     tmp = property(lambda self: self.root / "tmp")
     latest_file = property(lambda self: self.root / "latest")
 
+    def writing(self) -> contextlib.AbstractContextManager[None]:
+        """Around writes into the backup folder: a full, read-only or unplugged drive is one line naming it."""
+        return writes_to(self.root, "back up", instead=OTHER_BACKUP_FOLDER)
+
     def object_path(self, sha: str) -> Path:
         if not _SHA.fullmatch(sha):
             raise BackupError(f"backup manifest has a malformed hash {sha!r}")
@@ -205,10 +217,12 @@ class Repository:
         if self.root.is_dir() and not self.is_backup() and any(self.root.iterdir()):
             raise BackupError(f"{self.root} is not empty and not a Darkroom backup folder",
                               hint="choose an empty or new folder")
-        for d in (self.root, self.objects, self.snapshots_dir, self.tmp):
-            d.mkdir(parents=True, exist_ok=True)
+        with self.writing():
+            for d in (self.root, self.objects, self.snapshots_dir, self.tmp):
+                d.mkdir(parents=True, exist_ok=True)
         if not self.is_backup():
-            _write_atomic(self.root / MARKER, json.dumps({"format": FORMAT, "tool": "darkroom"}).encode())
+            _write_atomic(self.root / MARKER, json.dumps({"format": FORMAT, "tool": "darkroom"}).encode(),
+                          root=self.root)
         return self.require()
 
     @contextlib.contextmanager
@@ -219,7 +233,9 @@ class Repository:
         except ImportError:  # pragma: no cover - Windows: no locking
             yield
             return
-        with open(self.root / ".lock", "a+b") as fh:
+        with self.writing():
+            fh = open(self.root / ".lock", "a+b")  # noqa: SIM115 (closed below, after the lock is let go)
+        with fh:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -297,52 +313,68 @@ class Repository:
         """Store `source` (streamed through `tmp`) or the finished `tmp` as an object.
 
         Returns (sha256, size, newly stored). The object appears under its name only when
-        complete and fsynced; an object already there is kept and the temp dropped.
+        complete and fsynced; an object already there is kept and the temp dropped. A source
+        that is gone raises FileNotFoundError; a failed write is one line naming the backup folder.
         """
         h = hashlib.sha256()
         size = 0
+
+        def take(block: bytes) -> None:
+            h.update(block)
+            progress.advance(len(block))
+
         try:
-            if source is not None:
-                with open(source, "rb") as fi, open(tmp, "wb") as fo:
-                    while block := fi.read(CHUNK):
-                        h.update(block)
-                        fo.write(block)
-                        size += len(block)
-                        progress.advance(len(block))
-                    sha = h.hexdigest()
-                    obj = self.object_path(sha)
-                    new = not (obj.is_file() and obj.stat().st_size == size)
-                    if new:
-                        fo.flush()
-                        os.fsync(fo.fileno())
-            else:
-                with open(tmp, "rb+") as fo:
-                    while block := fo.read(CHUNK):
-                        h.update(block)
-                        size += len(block)
-                        progress.advance(len(block))
-                    sha = h.hexdigest()
-                    obj = self.object_path(sha)
-                    new = not (obj.is_file() and obj.stat().st_size == size)
-                    if new:
-                        os.fsync(fo.fileno())
-            if new:
-                obj.parent.mkdir(exist_ok=True)
-                os.replace(tmp, obj)
-                _fsync_dir(obj.parent)
+            with open(source or tmp, "rb") as fi, self.writing():
+                with open(tmp, "wb") if source is not None else contextlib.nullcontext(_Nowhere()) as fo:
+                    size = copy_stream(fi, fo, source or tmp, take, chunk=CHUNK)
+                sha = h.hexdigest()
+                obj = self.object_path(sha)
+                new = not (obj.is_file() and obj.stat().st_size == size)
+                if new:
+                    _fsync_file(tmp)
+                    obj.parent.mkdir(exist_ok=True)
+                    os.replace(tmp, obj)
+                    _fsync_dir(obj.parent)
             return sha, size, new
         finally:
-            tmp.unlink(missing_ok=True)
+            discard(tmp)  # where the drive no longer takes changes, the next backup clears tmp/
 
     def clear_tmp(self) -> int:
-        """Remove what killed backups left in tmp/ (call with the lock held)."""
+        """Remove what killed or failed backups left: files in tmp/, snapshot folders that never got
+        their manifest (call with the lock held)."""
         n = 0
-        if self.tmp.is_dir():
-            for f in self.tmp.iterdir():
-                if f.is_file():
-                    f.unlink()
-                    n += 1
+        with self.writing():
+            if self.tmp.is_dir():
+                for f in self.tmp.iterdir():
+                    if f.is_file():
+                        f.unlink()
+                        n += 1
+            if self.snapshots_dir.is_dir():
+                for d in self.snapshots_dir.iterdir():
+                    if d.is_dir() and not (d / "manifest.json").exists():
+                        shutil.rmtree(d)
+                        n += 1
         return n
+
+    def drop_snapshot(self, sid: str) -> None:
+        """Remove the snapshot a failed backup was writing (best effort: a leftover goes at the next run)."""
+        shutil.rmtree(self.snapshots_dir / sid, ignore_errors=True)
+
+
+class _Nowhere:
+    """A writer that keeps nothing: `copy_stream` into it only reads (and hashes) a file."""
+
+    def write(self, block: bytes) -> int:
+        return len(block)
+
+
+def _fsync_file(path: Path) -> None:
+    """Flush a closed file to the disk (written by another handle: SQLite's, or one closed already)."""
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def open_object(repo: Repository, sha: str, rel: str) -> BinaryIO:
@@ -358,26 +390,34 @@ def open_object(repo: Repository, sha: str, rel: str) -> BinaryIO:
 
 
 def _extract(repo: Repository, rel: str, e: dict, tmp: Path, progress: Progress) -> None:
-    """Copy an object to `tmp`, hashing while writing; a mismatch is an error and leaves nothing."""
+    """Copy an object to `tmp`, hashing while writing; a mismatch is an error and leaves nothing.
+
+    Reading the backup fails as a BackupError or fsutil.read_error (its drive pulled out), so an
+    OSError out of here is a write to `tmp` that failed (the caller names that folder)."""
     obj = repo.object_path(e["sha256"])
     h = hashlib.sha256()
+
+    def take(block: bytes) -> None:
+        h.update(block)
+        progress.advance(len(block))
+
     try:
-        with open_object(repo, e["sha256"], rel) as fi, open(tmp, "wb") as fo:
-            while block := fi.read(CHUNK):
-                h.update(block)
-                fo.write(block)
-                progress.advance(len(block))
+        fi = open_object(repo, e["sha256"], rel)
+    except FileNotFoundError as e_:
+        raise BackupError(f"the backup copy of {rel} is missing (object {obj.relative_to(repo.root)})",
+                          hint=f"run `darkroom verify {repo.root}`") from e_
+    except OSError as e_:
+        raise read_error(e_, obj) from e_
+    try:
+        with fi, open(tmp, "wb") as fo:
+            copy_stream(fi, fo, obj, take, chunk=CHUNK)
             if h.hexdigest() != e["sha256"]:
                 raise BackupError(f"the backup copy of {rel} is corrupt (object {obj.relative_to(repo.root)})",
                                   hint=f"run `darkroom verify {repo.root}`")
             fo.flush()
             os.fsync(fo.fileno())
-    except FileNotFoundError as e_:
-        tmp.unlink(missing_ok=True)
-        raise BackupError(f"the backup copy of {rel} is missing (object {obj.relative_to(repo.root)})",
-                          hint=f"run `darkroom verify {repo.root}`") from e_
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
         raise
 
 

@@ -12,11 +12,13 @@ Darkroom's own process never connects anywhere: the downloads are pip's, in a ch
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import functools
 import hashlib
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -24,13 +26,14 @@ import sys
 import tempfile
 import zipfile
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from email.parser import Parser
 from pathlib import Path
 
 from darkroom.carry.bundle_target import Target, make_target, marker_environment, torch_requirement
-from darkroom.errors import BundleError
+from darkroom.errors import BundleError, StorageError
+from darkroom.fsutil import copy_stream, discard, write_atomic, writes_to
 from darkroom.home import Home, is_folder
 from darkroom.models.library import walk_models
 
@@ -117,29 +120,68 @@ def run_pip(args: list[str], echo: Echo) -> None:
 
 def build_darkroom_wheel(source: Path, wheels: Path, pip: Pip) -> Path:
     """Darkroom's own wheel, built from a clean copy of the source (the checkout gets no build/ folder)."""
-    with tempfile.TemporaryDirectory(prefix="darkroom-wheel-") as tmp:
-        src = Path(tmp) / "src"
-        shutil.copytree(source / "darkroom", src / "darkroom",
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.partial"))
-        for extra in ("pyproject.toml", "README.md", "LICENSE", "setup.cfg", "MANIFEST.in"):
-            if (source / extra).is_file():
-                shutil.copy2(source / extra, src / extra)
-        out = Path(tmp) / "out"
+    with _scratch("darkroom-wheel-") as tmp:
+        src = tmp / "src"
+        with _writing_temp():
+            shutil.copytree(source / "darkroom", src / "darkroom",
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.partial"))
+            for extra in ("pyproject.toml", "README.md", "LICENSE", "setup.cfg", "MANIFEST.in"):
+                if (source / extra).is_file():
+                    shutil.copy2(source / extra, src / extra)
+        out = tmp / "out"
         isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
         pip(["wheel", "--no-deps", *isolation, "--wheel-dir", str(out), str(src)])
         built = sorted(out.glob("darkroom-*.whl"))
         if len(built) != 1:
             raise BundleError(f"building Darkroom's wheel from {source} gave {len(built)} wheels")
-        return Path(shutil.copy2(built[0], wheels / built[0].name))
+        _copy_in(built[0], wheels / built[0].name)
+        return wheels / built[0].name
+
+
+@contextlib.contextmanager
+def _scratch(prefix: str) -> Iterator[Path]:
+    """A temporary folder in the system's temp folder (a full one is named, with the way around it)."""
+    with _writing_temp():
+        tmp = tempfile.TemporaryDirectory(prefix=prefix, ignore_cleanup_errors=True)
+    with tmp as name:
+        yield Path(name)
+
+
+def _writing_temp() -> contextlib.AbstractContextManager[None]:
+    return writes_to(tempfile.gettempdir(), "prepare the bundle", instead="point TMPDIR at a folder with room")
+
+
+def _copy_in(src: Path, dest: Path, progress: Callable[[int], None] | None = None) -> str:
+    """Copy a file into the bundle through a hidden temp, renamed when complete; returns its SHA-256.
+    A source that cannot be read names the source; writes that fail are left to the caller's writes_to."""
+    h = hashlib.sha256()
+
+    def take(block: bytes) -> None:
+        h.update(block)
+        if progress:
+            progress(len(block))
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.part")
+    try:
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            copy_stream(fin, fout, src, take)
+        shutil.copystat(src, tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        discard(tmp)
+        raise
+    return h.hexdigest()
 
 
 def _download(requirements: list[str], wheels: Path, target: Target, pip: Pip) -> None:
     """pip download into the wheels folder; for another system with --no-deps, as pip would follow the
     dependencies' environment markers for *this* machine (a Windows torch would drag in Linux's CUDA
     libraries): complete_for_target() then adds the dependencies the target's markers call for."""
-    with tempfile.TemporaryDirectory(prefix="darkroom-reqs-") as tmp:
-        req_file = Path(tmp) / "requirements.txt"
-        req_file.write_text("\n".join(requirements) + "\n", encoding="utf-8")
+    with _scratch("darkroom-reqs-") as tmp:
+        req_file = tmp / "requirements.txt"
+        with _writing_temp():
+            req_file.write_text("\n".join(requirements) + "\n", encoding="utf-8")
         no_deps = [] if target.native else ["--no-deps"]
         pip(["download", *no_deps, "--dest", str(wheels), "--find-links", str(wheels), *target.pip_args(),
              "-r", str(req_file)])
@@ -346,19 +388,6 @@ def _find_other_kind(home: Home, name: str, library) -> Path:
     raise BundleError(f"no model named {name!r} ({'; '.join(available)})")
 
 
-def _copy_hashed(src: Path, dest: Path, progress: Callable[[int], None] | None) -> str:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    h = hashlib.sha256()
-    with open(src, "rb") as fin, open(dest, "wb") as fout:
-        while chunk := fin.read(1 << 20):
-            h.update(chunk)
-            fout.write(chunk)
-            if progress:
-                progress(len(chunk))
-    shutil.copystat(src, dest)
-    return h.hexdigest()
-
-
 def copy_models(models: list[BundleModel], root: Path, progress: Callable[[int], None] | None = None
                 ) -> dict[str, str]:
     """Copy the models under root/models/<kind>/; returns {bundle path: SHA-256 of the source bytes}."""
@@ -367,7 +396,7 @@ def copy_models(models: list[BundleModel], root: Path, progress: Callable[[int],
         files = sorted(p for p in model.path.rglob("*") if p.is_file()) if model.path.is_dir() else [model.path]
         for f in files:
             rel = model.dest if f == model.path else f"{model.dest}/{f.relative_to(model.path).as_posix()}"
-            hashes[rel] = _copy_hashed(f, root / rel, progress)
+            hashes[rel] = _copy_in(f, root / rel, progress)
     return hashes
 
 
@@ -387,8 +416,7 @@ def write_manifest(root: Path, info: dict, expected: dict[str, str] | None = Non
     stick) stops here rather than at install time.
     """
     check = checker()
-    files = sorted(p for p in root.rglob("*")
-                   if p.is_file() and p.name not in (MANIFEST, "SHA256SUMS", MANIFEST + ".tmp"))
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name not in _WRITTEN_LAST)
     entries = []
     for path in files:
         rel = path.relative_to(root).as_posix()
@@ -397,14 +425,21 @@ def write_manifest(root: Path, info: dict, expected: dict[str, str] | None = Non
             raise BundleError(f"{rel} in the bundle differs from its source after copying (disk failing?)")
         entries.append({"path": rel, "size": path.stat().st_size, "sha256": digest})
     sums = "".join(f"{e['sha256']}  {e['path']}\n" for e in entries)
-    (root / "SHA256SUMS").write_text(sums, encoding="utf-8")
     data = sums.encode()
+    _write_file(root / "SHA256SUMS", data, root)
     entries.append({"path": "SHA256SUMS", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
     manifest = {"format": check.FORMAT, **info, "files": entries}
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(root / MANIFEST)
+    _write_file(root / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode(), root)
     return manifest
+
+
+_WRITTEN_LAST = (MANIFEST, "SHA256SUMS", MANIFEST + ".tmp", f".{MANIFEST}.tmp", ".SHA256SUMS.tmp")
+"""Not listed in the manifest: the manifest and the checksums themselves, and their temps."""
+OTHER_BUNDLE_FOLDER = "choose another folder for the bundle"
+
+
+def _write_file(path: Path, data: bytes, root: Path) -> None:
+    write_atomic(path, data, doing="write the bundle", folder=root, instead=OTHER_BUNDLE_FOLDER)
 
 
 @dataclass
@@ -463,11 +498,21 @@ def create_bundle(dest: Path, *, home: Home, models: Sequence[str] = (), platfor
         echo(f"darkroom: {note}")
     pip = pip or functools.partial(run_pip, echo=echo)
     wheels = dest / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
     try:
-        return _fill(dest, wheels, src, requirements, torch_req, torch_index, target, chosen, pip, echo, progress)
-    except BundleError as e:
-        raise BundleError(f"{e} ({dest} is incomplete: delete it before trying again)") from None
+        with writes_to(dest, "write the bundle", instead=OTHER_BUNDLE_FOLDER):
+            wheels.mkdir(parents=True, exist_ok=True)
+            return _fill(dest, wheels, src, requirements, torch_req, torch_index, target, chosen, pip, echo,
+                         progress)
+    except (BundleError, StorageError) as e:  # the manifest, written last, is missing: no installer takes it
+        raise type(e)(f"{e} ({dest} is incomplete: delete it before trying again)" if _has_files(dest)
+                      else str(e)) from None
+
+
+def _has_files(folder: Path) -> bool:
+    try:
+        return any(p.is_file() for p in folder.rglob("*"))
+    except OSError:
+        return True  # cannot tell (the drive is gone): say it may hold part of a bundle
 
 
 def _fill(dest, wheels, src, requirements, torch_req, torch_index, target, chosen, pip, echo, progress) -> dict:
@@ -485,12 +530,12 @@ def _fill(dest, wheels, src, requirements, torch_req, torch_index, target, chose
     if chosen:
         echo(f"darkroom: copying {len(chosen)} model(s)")
         expected = copy_models(chosen, dest, progress("copying models", model_bytes(chosen)) if progress else None)
-    (dest / "requirements-torch.txt").write_text(f"{found['torch'].name}=={found['torch'].version}\n",
-                                                 encoding="utf-8")
-    (dest / "requirements.txt").write_text("".join(f"{w.name}=={w.version}\n" for w in found.values()),
-                                           encoding="utf-8")
+    _write_file(dest / "requirements-torch.txt", f"{found['torch'].name}=={found['torch'].version}\n".encode(),
+                dest)
+    _write_file(dest / "requirements.txt", "".join(f"{w.name}=={w.version}\n" for w in found.values()).encode(),
+                dest)
     for script in SCRIPTS:
-        shutil.copy2(ASSETS / script, dest / script)
+        _copy_in(ASSETS / script, dest / script)
     (dest / "install.sh").chmod(0o755)
 
     info = {

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from darkroom.cli.group import Context, user_errors
-from darkroom.services.model_manager import KIND_SPECS, KINDS, Progress, human_size, human_time
+from darkroom.services.model_manager import KIND_SPECS, KINDS, ImportStopped, Progress, human_size, human_time
 
 KIND_CHOICE = click.Choice(list(KINDS))
 BAR_MIN_BYTES = 64 << 20
@@ -190,8 +190,19 @@ def import_cmd(obj: Context, sources: tuple[Path, ...], kind: str, allow_pickle:
     against the source's SHA-256, then given its name: an interrupted import leaves no half file.
     """
     t0 = time.monotonic()
-    outcomes = _manager(obj).import_paths(sources, kind=kind, allow_pickle=allow_pickle, rename=rename,
-                                          progress=_Bar())
+    try:
+        outcomes = _manager(obj).import_paths(sources, kind=kind, allow_pickle=allow_pickle, rename=rename,
+                                              progress=_Bar())
+    except ImportStopped as e:  # a full or read-only folder, a drive pulled out: say what got in, then why not
+        if e.outcomes:
+            _print_imports(e.outcomes, as_json, t0)
+        raise
+    _print_imports(outcomes, as_json, t0)
+    if any(o.status in ("refused", "failed") for o in outcomes):
+        sys.exit(1)
+
+
+def _print_imports(outcomes, as_json: bool, t0: float) -> None:
     if as_json:
         _dump([o.to_dict() for o in outcomes])
     else:
@@ -214,8 +225,6 @@ def import_cmd(obj: Context, sources: tuple[Path, ...], kind: str, allow_pickle:
         size = sum(o.dest.stat().st_size for o in done if o.dest and o.dest.exists())
         parts = [f"imported {len(done)} ({human_size(size)})"] + [f"{n} {s}" for s, n in counts.items() if n]
         click.echo(", ".join(parts) + f" in {human_time(time.monotonic() - t0)}")
-    if any(o.status in ("refused", "failed") for o in outcomes):
-        sys.exit(1)
 
 
 @models_group.command("verify", short_help="Rehash files; report changed or rotted ones.")

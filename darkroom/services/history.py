@@ -12,15 +12,18 @@ aside, never deleted, and a fresh one is rebuilt from the images on disk.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from darkroom.errors import DarkroomError, InvalidRequest
+from darkroom.errors import DarkroomError, InvalidRequest, StorageError
+from darkroom.fsutil import discard, sqlite_storage_error, storage_error
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -42,6 +45,7 @@ CREATE TABLE IF NOT EXISTS images (
 CREATE INDEX IF NOT EXISTS images_created ON images(created);
 """
 log = logging.getLogger("darkroom.history")
+_DELETING = ".deleting"  # the suffix of an image file renamed aside while its delete commits
 SQLITE_INT = 2**63  # SQLite integers are 64-bit: an id outside [-2**63, 2**63) names no row
 _COLUMNS = ("id", "path", "created", "prompt", "negative_prompt", "seed", "width", "height", "model", "sampler",
             "steps", "cfg_scale", "infotext", "job_id")
@@ -140,7 +144,7 @@ class History:
         params = parse_infotext(infotext) if infotext else None
         fields = _fields_from(params)
         created = created if created is not None else _mtime(self.outputs / rel)
-        with self._lock:
+        with self._lock, self._writing(f"index {rel} in the history"):
             row = self._db.execute("SELECT id FROM images WHERE path = ?", (rel,)).fetchone()
             if row:
                 return row[0]
@@ -155,14 +159,56 @@ class History:
 
     def delete(self, item_id: int) -> HistoryItem:
         """Forget an image and delete its file: the entry's own file only (a link is removed, not
-        what it points to), and never anything outside outputs."""
+        what it points to), and never anything outside outputs.
+
+        Both or neither: the row is deleted in a transaction, the file renamed aside to a hidden
+        name, and only when the transaction commits is the hidden file removed (a failure puts the
+        file back; one left hidden by a crash is removed by the next `reconcile`)."""
         item = self.get(item_id)
         own = self._own_path(item)
+        aside = None
         if own is not None and (own.is_symlink() or own.is_file()):
-            own.unlink()
-        with self._lock:
-            self._db.execute("DELETE FROM images WHERE id = ?", (item_id,))
+            aside = own.with_name(f".{own.name}{_DELETING}")
+        with self._lock, self._writing(f"delete image {item_id}", own.parent if own else None):
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM images WHERE id = ?", (item_id,))
+                if aside is not None:
+                    os.replace(own, aside)
+                self._commit_or_put_back(aside, own)
+            except BaseException:
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):  # the first error is the one to tell
+                        self._db.execute("ROLLBACK")
+                raise
+        if aside is not None:
+            discard(aside)
         return item
+
+    def _commit_or_put_back(self, aside: Path | None, own: Path | None) -> None:
+        """COMMIT; if that fails, the file renamed aside gets its name back before the error goes on."""
+        try:
+            self._db.execute("COMMIT")
+        except BaseException:
+            if aside is not None and own is not None:
+                try:
+                    os.replace(aside, own)
+                except OSError:
+                    log.warning("history: could not put %s back after a failed delete; it is %s", own, aside)
+            raise
+
+    @contextlib.contextmanager
+    def _writing(self, doing: str, folder: Path | None = None) -> Iterator[None]:
+        """A write to the database (or a file in `folder`) that fails for the disk's sake is a StorageError
+        naming the folder; another database failure a HistoryUnavailable, never a traceback."""
+        try:
+            yield
+        except sqlite3.Error as e:
+            raise (sqlite_storage_error(e, self.db_path.parent, doing) or HistoryUnavailable(
+                f"cannot {doing}: the history database {self.db_path} failed ({e})",
+                hint="restart Darkroom; a damaged database is set aside and rebuilt from the images")) from e
+        except OSError as e:
+            raise storage_error(e, folder or self.outputs, doing) from e
 
     def reconcile(self) -> tuple[int, int]:
         """Index PNGs the database lacks and drop rows whose file is gone; (added, dropped)."""
@@ -184,13 +230,28 @@ class History:
                     meta = read_image_metadata(png)
                 except DarkroomError:
                     continue  # a damaged or foreign file: leave it alone, do not index it
-                self.add(png, meta.parameters or "")
+                try:
+                    self.add(png, meta.parameters or "")
+                except StorageError as e:  # a full or read-only disk: the rest waits for the next start
+                    log.warning("history: %s; the images not indexed yet are indexed at the next start", e)
+                    return added, dropped
                 added += 1
-        with self._lock:
-            for rel in known - on_disk:
-                self._db.execute("DELETE FROM images WHERE path = ?", (rel,))
-                dropped += 1
+        try:
+            with self._lock, self._writing("forget the images that are gone from the history"):
+                for rel in known - on_disk:
+                    self._db.execute("DELETE FROM images WHERE path = ?", (rel,))
+                    dropped += 1
+        except StorageError as e:
+            log.warning("history: %s; they are forgotten at the next start", e)
+        self._remove_deleted_leftovers()
         return added, dropped
+
+    def _remove_deleted_leftovers(self) -> None:
+        """Remove the hidden files of deletes that a crash or a read-only moment left behind."""
+        if self.outputs.is_dir():
+            for left in self.outputs.rglob(f".*{_DELETING}"):
+                if not left.is_dir():
+                    discard(left)
 
     # --- reads -------------------------------------------------------------------------------
 

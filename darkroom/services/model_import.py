@@ -10,13 +10,15 @@ darkroom.services.model_manager.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from darkroom.errors import DarkroomError, ModelLoadError
+from darkroom.errors import DarkroomError, ModelLoadError, StorageError
+from darkroom.fsutil import discard
 from darkroom.fsutil import fsync_dir as _fsync_dir
 from darkroom.models.families import detect
 from darkroom.models.header import read_header
@@ -96,6 +98,20 @@ class ImportRefused(DarkroomError):
     """One file that import will not take (the others go on)."""
 
     status = 422
+
+
+IN_PLACE = "use the models where they are with --models-dir"
+"""The way around a models folder that cannot take a copy: Darkroom reads models in place."""
+
+
+class ImportStopped(StorageError):
+    """A full, read-only or vanished folder stopped an import: the files after it would fail the same
+    way. `outcomes` are those of the files before it (complete); the one it stopped at left nothing."""
+
+    def __init__(self, error: StorageError, outcomes: list[ImportOutcome]):
+        done = sum(o.status == "imported" for o in outcomes)
+        super().__init__(str(error) + (f" ({done} file(s) imported before it are complete)" if done else ""))
+        self.outcomes = outcomes
 
 
 def _join(a: str | None, b: str) -> str:
@@ -191,16 +207,24 @@ def _remove_stale_parts(folder: Path) -> int:
     return removed
 
 
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK, errno.EXDEV}
+"""What `os.link` says on file systems without hard links (FAT, exFAT, some network shares)."""
+
+
 def _publish(part: Path, dest: Path) -> None:
-    """Give the finished copy its name without ever replacing a file that appeared meanwhile."""
+    """Give the finished copy its name without ever replacing a file that appeared meanwhile.
+
+    Any other failure (a full, read-only or vanished folder) is raised: `dest` is then not there."""
     try:
         os.link(part, dest)
     except FileExistsError:
         raise ImportRefused(f"{dest} appeared while copying; nothing was overwritten") from None
-    except OSError:  # no hard links here (FAT, exFAT, some network shares)
+    except OSError as e:
+        if e.errno not in _NO_HARD_LINKS:
+            raise
         if dest.exists():
             raise ImportRefused(f"{dest} appeared while copying; nothing was overwritten") from None
         os.replace(part, dest)
     else:
-        part.unlink()
+        discard(part)  # the copy has its name; a .part the folder keeps is removed as stale later
     _fsync_dir(dest.parent)

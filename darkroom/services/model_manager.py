@@ -26,17 +26,20 @@ Every name callers imported from here before the split is still importable from 
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 import os
 import shutil
+import sqlite3
 import stat
 import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from darkroom.errors import DarkroomError, Interrupted, ModelNotFound
-from darkroom.fsutil import NotARegularFile, is_inside, kind_of, open_regular
+from darkroom.errors import DarkroomError, Interrupted, ModelNotFound, StorageError
+from darkroom.fsutil import NotARegularFile, copy_stream, discard, is_inside, kind_of, open_regular, writes_to
 from darkroom.humanize import human_size, human_time
 from darkroom.models.header import read_header
 from darkroom.models.library import ModelEntry
@@ -44,11 +47,13 @@ from darkroom.services.model_import import (
     CHUNK,
     FREE_SPACE_MARGIN,
     IMPORT_SUFFIXES,
+    IN_PLACE,
     PICKLE_SUFFIXES,
     SIDECAR_SUFFIXES,
     STALE_PART_SECONDS,
     ImportOutcome,
     ImportRefused,
+    ImportStopped,
     Progress,
     RescanSummary,
     VerifyOutcome,
@@ -78,12 +83,14 @@ from darkroom.services.model_inventory import (
     lora_details,
 )
 
+log = logging.getLogger("darkroom.models")
+
 __all__ = [
     "CHUNK", "FOLDER_HINTS", "FREE_SPACE_MARGIN", "IMPORT_SUFFIXES", "KIND_SPECS", "KINDS", "MAX_META_VALUE",
     "PICKLE_SUFFIXES", "PRECISIONS", "PREVIEW_SUFFIXES", "SIDECAR_SUFFIXES", "SMALL_PICKLE", "STALE_PART_SECONDS",
-    "ImportOutcome", "ImportRefused", "KindSpec", "LibraryFile", "ModelInfo", "ModelInventory", "ModelManager",
-    "Progress", "RescanSummary", "VerifyOutcome", "classify", "copy_verified", "find_preview", "guess_pickle_kind",
-    "hash_file", "human_size", "human_time", "lora_details", "part_path",
+    "ImportOutcome", "ImportRefused", "ImportStopped", "KindSpec", "LibraryFile", "ModelInfo", "ModelInventory",
+    "ModelManager", "Progress", "RescanSummary", "VerifyOutcome", "classify", "copy_verified", "find_preview",
+    "guess_pickle_kind", "hash_file", "human_size", "human_time", "lora_details", "part_path",
 ]
 
 
@@ -295,7 +302,10 @@ class ModelManager(ModelInventory):
                 outcomes.append(ImportOutcome(src, "refused", reason="no model files in this folder"
                                               f" ({', '.join(IMPORT_SUFFIXES)})"))
         for f, root in files:
-            outcomes.append(self._import_one(f, kind, allow_pickle, rename, progress, root))
+            try:
+                outcomes.append(self._import_one(f, kind, allow_pickle, rename, progress, root))
+            except StorageError as e:  # the folder is full, read-only or gone: so it is for every file after
+                raise ImportStopped(e, outcomes) from e
         return outcomes
 
     def _import_one(self, src: Path, kind: str, allow_pickle: bool, rename: bool,
@@ -305,11 +315,16 @@ class ModelManager(ModelInventory):
             _check_source(src, root)
             out.kind, dest_name, out.note = classify(src, kind, allow_pickle)
             folder = self.home_folder(out.kind)
-            folder.mkdir(parents=True, exist_ok=True)
+            with writes_to(folder, f"import {src.name}", instead=IN_PLACE):
+                folder.mkdir(parents=True, exist_ok=True)
             out.removed_parts = _remove_stale_parts(folder)
             self._place(src, folder / dest_name, rename, progress, out, root)
         except (ImportRefused, NotARegularFile) as e:
             out.status, out.reason = "refused", str(e)
+        except StorageError:
+            raise
+        except DarkroomError as e:  # the source could not be read (not its drive gone: that stops the import)
+            out.status, out.reason = "failed", str(e)
         except OSError as e:
             out.status, out.reason = "failed", f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
         return out
@@ -350,12 +365,20 @@ class ModelManager(ModelInventory):
         finally:
             if progress is not None:
                 progress.finish()
-        st = candidate.stat()
-        self.hashes.record(candidate, digest, size=st.st_size, mtime_ns=st.st_mtime_ns)
+        self._remember(candidate, digest)
         out.status, out.dest, out.sha256 = "imported", candidate, digest
         if n > 1:
             out.note = _join(out.note, f"renamed: {candidate.name}")
         out.sidecars = _copy_sidecars(src, candidate)
+
+    def _remember(self, path: Path, digest: str) -> None:
+        """Record the hash taken while copying; the file is in place already, so a hash cache that cannot
+        be written (a full or read-only home) only means the file is hashed again when next needed."""
+        try:
+            st = path.stat()
+            self.hashes.record(path, digest, size=st.st_size, mtime_ns=st.st_mtime_ns)
+        except (OSError, sqlite3.Error) as e:
+            log.warning("could not record the hash of %s in the hash cache: %s", path, e)
 
     def _hash_with_bar(self, path: Path, progress: Progress | None, label: str, *, record: bool = False) -> str:
         if progress is not None:
@@ -386,18 +409,16 @@ def copy_verified(src: Path, dest: Path, progress: Progress | None = None, *, ex
     and compares; keeps the source's modified time; then links the copy under `dest` (which
     must not exist). Only a regular file is read, and with `within` only one really inside that
     folder (see fsutil.open_regular). On any error (or Ctrl-C) the `.part` file is removed; a killed process
-    leaves only the `.part` file, never a partial `dest`.
+    leaves only the `.part` file, never a partial `dest`. A destination folder that is full, read-only or
+    gone is a StorageError naming it; a source whose drive is pulled out one naming the source.
     """
     part = part_path(dest)
     before = src.stat()
     h = hashlib.sha256()
+    writing = functools.partial(writes_to, dest.parent, f"import {src.name}", instead=IN_PLACE)
     try:
-        with open_regular(src, what="a model file", within=within) as fin, open(part, "wb") as fout:
-            while block := fin.read(CHUNK):
-                h.update(block)
-                fout.write(block)
-                if progress is not None:
-                    progress.advance(len(block))
+        with open_regular(src, what="a model file", within=within) as fin, writing(), open(part, "wb") as fout:
+            copy_stream(fin, fout, src, functools.partial(_hash_block, h, progress), chunk=CHUNK)
             fout.flush()
             os.fsync(fout.fileno())
         digest = h.hexdigest()
@@ -406,16 +427,23 @@ def copy_verified(src: Path, dest: Path, progress: Progress | None = None, *, ex
             raise ImportRefused("the source changed while it was being copied; try again")
         if progress is not None:
             progress.label(f"verifying {dest.name}")
-        copied = hash_file(part, progress, from_disk=True)
-        if copied != digest:
-            raise ImportRefused(f"the copy differs from the source (SHA-256 {copied[:10]} != {digest[:10]}): a failing"
-                                " drive, cable or memory; nothing was kept")
-        os.utime(part, ns=(before.st_atime_ns, before.st_mtime_ns))
-        _publish(part, dest)
+        with writing():
+            copied = hash_file(part, progress, from_disk=True)
+            if copied != digest:
+                raise ImportRefused(f"the copy differs from the source (SHA-256 {copied[:10]} != {digest[:10]}): a"
+                                    " failing drive, cable or memory; nothing was kept")
+            os.utime(part, ns=(before.st_atime_ns, before.st_mtime_ns))
+            _publish(part, dest)
     except BaseException:
-        part.unlink(missing_ok=True)
+        discard(part)  # where the folder no longer takes changes, the hidden .part waits for the next import
         raise
     return digest
+
+
+def _hash_block(h, progress: Progress | None, block: bytes) -> None:
+    h.update(block)
+    if progress is not None:
+        progress.advance(len(block))
 
 
 def _copy_sidecars(src: Path, dest: Path) -> list[Path]:
@@ -435,6 +463,6 @@ def _copy_sidecars(src: Path, dest: Path) -> list[Path]:
         try:
             copy_verified(side, target, within=src.parent)
             copied.append(target)
-        except (ImportRefused, NotARegularFile, OSError):
+        except (DarkroomError, OSError):  # refused, not a regular file, no room left for it
             continue  # a preview is not worth failing the import for
     return copied
