@@ -326,3 +326,21 @@ def test_delete_removes_a_link_never_its_target(tmp_path):
     assert target.is_file() and victim.is_file() and (outside / "sub" / "x.png").is_file()
     assert history.count() == 1 and history.file_of(history.get(keep)) == target
     history.close()
+
+
+def test_a_damaged_or_unwritable_hash_cache_only_means_hashing_again(tmp_path):
+    """cache.sqlite3 is best effort: a damaged file or a home where it cannot be made never fails a listing."""
+    from darkroom.models.hashing import HashCache, sha256_file
+
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(b"x" * 1000)
+    damaged = tmp_path / "damaged.sqlite3"
+    damaged.write_bytes(b"not a database" * 100)
+    for db in (damaged, tmp_path / "a-file" / "under-a-file.sqlite3"):
+        if db.parent.name == "a-file":
+            db.parent.write_text("a file where the folder should be")
+        cache = HashCache(db)
+        assert cache.sha256(model) == sha256_file(model)
+        assert cache.records() == [] and cache.recorded(model) is None
+        cache.record(model, "0" * 64, size=1000, mtime_ns=1)
+        cache.forget(model)

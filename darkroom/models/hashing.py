@@ -27,6 +27,7 @@ class HashCache:
     def _connect(self) -> sqlite3.Connection | None:
         if self.db_path is None:
             return None
+        con = None
         try:
             self.db_path.parent.mkdir(parents=True, exist_ok=True)
             con = sqlite3.connect(self.db_path, timeout=10)
@@ -36,8 +37,10 @@ class HashCache:
                 "mtime_ns INTEGER, sha256 TEXT)"
             )
             return con
-        except sqlite3.Error:
-            return None  # a read-only home still works, just without a persistent cache
+        except (sqlite3.Error, OSError):  # a read-only or full home, a damaged cache: no persistent cache
+            if con is not None:
+                con.close()
+            return None
 
     @staticmethod
     def _key(path: Path) -> tuple[Path, tuple[str, int, int]]:
@@ -45,18 +48,29 @@ class HashCache:
         st = path.stat()
         return path, (str(path), st.st_size, st.st_mtime_ns)
 
-    def _lookup(self, key: tuple[str, int, int]) -> str | None:
-        if key in self._memory:
-            return self._memory[key]
+    def _query(self, sql: str, args: tuple = (), *, rows: bool = False) -> list | None:
+        """Run one statement on the cache database; None when there is none or it fails. The cache
+        is best effort: a full disk, a read-only home or a damaged cache.sqlite3 only means files
+        are hashed again, never an error (the connection is closed either way)."""
         con = self._connect()
         if con is None:
             return None
-        with con:
-            row = con.execute("SELECT sha256 FROM file_hashes WHERE path=? AND size=? AND mtime_ns=?", key).fetchone()
-        con.close()
-        if row:
-            self._memory[key] = row[0]
-        return row[0] if row else None
+        try:
+            with con:
+                cursor = con.execute(sql, args)
+                return cursor.fetchall() if rows else []
+        except sqlite3.Error:
+            return None
+        finally:
+            con.close()
+
+    def _lookup(self, key: tuple[str, int, int]) -> str | None:
+        if key in self._memory:
+            return self._memory[key]
+        found = self._query("SELECT sha256 FROM file_hashes WHERE path=? AND size=? AND mtime_ns=?", key, rows=True)
+        if found:
+            self._memory[key] = found[0][0]
+        return found[0][0] if found else None
 
     def sha256(self, path: Path) -> str:
         path, key = self._key(path)
@@ -65,11 +79,7 @@ class HashCache:
             return known
         digest = sha256_file(path)
         self._memory[key] = digest
-        con = self._connect()
-        if con is not None:
-            with con:
-                con.execute("INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?)", (*key, digest))
-            con.close()
+        self._query("INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?)", (*key, digest))
         return digest
 
     def short_hash(self, path: Path) -> str:
@@ -89,43 +99,23 @@ class HashCache:
 
     def recorded(self, path: Path) -> tuple[int, int, str] | None:
         """(size, mtime_ns, sha256) last recorded for this path, whatever the file is now (or None)."""
-        con = self._connect()
-        if con is None:
-            return None
-        with con:
-            row = con.execute("SELECT size, mtime_ns, sha256 FROM file_hashes WHERE path=?",
-                              (str(Path(path).resolve()),)).fetchone()
-        con.close()
-        return (int(row[0]), int(row[1]), row[2]) if row else None
+        found = self._query("SELECT size, mtime_ns, sha256 FROM file_hashes WHERE path=?",
+                            (str(Path(path).resolve()),), rows=True)
+        return (int(found[0][0]), int(found[0][1]), found[0][2]) if found else None
 
     def records(self) -> list[tuple[str, int, int, str]]:
         """Every recorded (path, size, mtime_ns, sha256)."""
-        con = self._connect()
-        if con is None:
-            return []
-        with con:
-            rows = con.execute("SELECT path, size, mtime_ns, sha256 FROM file_hashes ORDER BY path").fetchall()
-        con.close()
-        return [(p, int(s), int(m), h) for p, s, m, h in rows]
+        found = self._query("SELECT path, size, mtime_ns, sha256 FROM file_hashes ORDER BY path", rows=True) or []
+        return [(p, int(s), int(m), h) for p, s, m, h in found]
 
     def record(self, path: Path, sha256: str, *, size: int, mtime_ns: int) -> None:
         """Store a hash computed elsewhere (while copying or verifying) for the file at (size, mtime_ns)."""
         key = (str(Path(path).resolve()), int(size), int(mtime_ns))
         self._memory[key] = sha256
-        con = self._connect()
-        if con is None:
-            return
-        with con:
-            con.execute("INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?)", (*key, sha256))
-        con.close()
+        self._query("INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?)", (*key, sha256))
 
     def forget(self, path: Path | str) -> None:
         """Drop the record of a path (a file that is gone). `path` as `records()` gives it."""
         path = str(path)
         self._memory = {k: v for k, v in self._memory.items() if k[0] != path}
-        con = self._connect()
-        if con is None:
-            return
-        with con:
-            con.execute("DELETE FROM file_hashes WHERE path=?", (path,))
-        con.close()
+        self._query("DELETE FROM file_hashes WHERE path=?", (path,))
