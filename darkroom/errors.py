@@ -58,6 +58,8 @@ class StorageError(DarkroomError):
         errno.EPERM: "permission denied; choose a folder you can write to",
         errno.ENOTDIR: "a file is in the way of the folder; choose another output folder",
         errno.EEXIST: "a file is in the way of the folder; choose another output folder",
+        errno.ENAMETOOLONG: "a folder name in the path is too long for the file system; choose a shorter one",
+        errno.ELOOP: "the path goes round in a loop of symbolic links; choose another output folder",
     }
 
     @classmethod

@@ -185,7 +185,15 @@ def _generate_grid(obj: Context, engine, req, axes, output: Path | None, out_dir
 
 @contextlib.contextmanager
 def _sigint_cancels(cancel: threading.Event):
-    """Ctrl-C sets `cancel` (finish the current step, keep the images); a second Ctrl-C aborts at once."""
+    """Ctrl-C sets `cancel` (finish the current step, keep the images); a second Ctrl-C aborts at once.
+
+    Only the main thread may install a signal handler: run from another thread (the command invoked
+    from a program's worker thread), Ctrl-C keeps Python's default and the generation runs as usual.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
     def on_sigint(signum, frame):
         if cancel.is_set():
             raise KeyboardInterrupt

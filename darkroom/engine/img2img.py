@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps
 
 from darkroom.errors import InvalidRequest, TooLarge
 
@@ -35,15 +35,32 @@ def open_image(data: bytes, name: str, *, max_pixels: int | None = None) -> Imag
         image = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise _too_many_pixels(name, _pixels_in(e), limit) from None
-    except (UnidentifiedImageError, OSError) as e:
+    except MemoryError:
+        raise
+    except Exception as e:  # a format plugin's own error on bad bytes: see _brief
         raise InvalidRequest(f"{name}: not a readable image ({type(e).__name__}); use a PNG, JPEG or WebP") from None
     if image.width * image.height > limit:
         raise _too_many_pixels(name, f"{image.width}x{image.height}", limit)
     try:
         image.load()
-    except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise InvalidRequest(f"{name}: the image is damaged ({e})") from None
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise InvalidRequest(f"{name}: the image is damaged ({_brief(e)})") from None
     return image
+
+
+def _brief(error: Exception) -> str:
+    """A decoding error as one short line for a message (Pillow quotes raw header bytes in some).
+
+    Pillow's format plugins raise whatever their parsing meets on a damaged or hostile file, not
+    only OSError: a PPM header gives ValueError ("Token too long in file header"), others
+    struct.error, SyntaxError, EOFError, IndexError... Whatever reading a user's bytes raises is
+    the file's fault, so the openers here turn every exception but MemoryError (the machine's)
+    into an InvalidRequest naming the image.
+    """
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _pixels_in(error: Exception) -> str:
@@ -71,8 +88,10 @@ def decode_image(data: bytes, name: str, *, mode: str = "RGB") -> Image.Image:
                 # a mask painted on a transparent layer: painted (opaque) = repaint
                 return alpha
         return image.convert(mode)
-    except (OSError, ValueError) as e:
-        raise InvalidRequest(f"{name}: the image is damaged ({e})") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # a damaged EXIF block, a mode that cannot convert: see _brief
+        raise InvalidRequest(f"{name}: the image is damaged ({_brief(e)})") from None
 
 
 def resize_image(image: Image.Image, width: int, height: int, mode: int) -> Image.Image:
@@ -177,7 +196,11 @@ class Source:
             canvas = self.original.copy()
             canvas.paste(patch, (x1, y1))
             generated = canvas
-        return Image.composite(generated, self.original, self.overlay_mask)
+        original, overlay = self.original, self.overlay_mask
+        if generated.size != original.size:  # the hires fix made it larger: the source is laid over at that size
+            original = original.resize(generated.size, Image.LANCZOS)
+            overlay = overlay.resize(generated.size, Image.LANCZOS)
+        return Image.composite(generated, original, overlay)
 
 
 def prepare_source(init: bytes, mask: bytes | None, *, width: int | None, height: int | None, resize_mode: int,

@@ -191,7 +191,7 @@ def _exif_comment(image: Image.Image) -> str | None:
 def _json(text: str | None) -> Any:
     try:
         return json.loads(text) if text else None
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes ("[[[[...")
         return None
 
 
@@ -203,15 +203,26 @@ def _link(graph: dict, value: Any) -> dict | None:
     return None
 
 
-def _literal(graph: dict, value: Any, kinds: tuple[type, ...], depth: int = 0) -> Any:
-    """A literal input, following links to primitive nodes (seed/string/number widgets)."""
+def _literal(graph: dict, value: Any, kinds: tuple[type, ...], depth: int = 0,
+             seen: dict[int, int] | None = None) -> Any:
+    """A literal input, following links to primitive nodes (seed/string/number widgets).
+
+    Depth-first, at most 8 links deep, and each node is searched once (`seen`: node -> the
+    shallowest depth it was searched from): a node whose inputs all link to one another would
+    otherwise be searched (inputs per node) ** 8 times, hours for a graph of a few hundred bytes.
+    In a ComfyUI graph (links never form a loop) the first literal found is the same either way.
+    """
     if isinstance(value, kinds) and not isinstance(value, bool):
         return value
     node = _link(graph, value)
     if node is None or depth > 8:
         return None
+    seen = {} if seen is None else seen
+    if seen.get(id(node), depth + 1) <= depth:
+        return None  # already searched with at least as many links to go, and nothing found
+    seen[id(node)] = depth
     for v in (node.get("inputs") or {}).values():
-        found = _literal(graph, v, kinds, depth + 1)
+        found = _literal(graph, v, kinds, depth + 1, seen)
         if found is not None:
             return found
     return None

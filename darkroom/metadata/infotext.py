@@ -26,6 +26,13 @@ from darkroom.request import GenerationRequest
 # One `key: value` pair of the parameter line; a value is a JSON string or runs to the next
 # comma. The webui counts a last line as the parameter line only with >= 3 such pairs.
 _PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+# The pieces of _PARAM_RE that `parameter_pairs` uses to read a line in linear time.
+_KEY_RUN = re.compile(r"[\w \-/]*")
+_WORD = re.compile(r"\w")
+_VALUE_SPACE = re.compile(r"\s*")
+_QUOTED = re.compile(r'"(?:\\.|[^\\"])+"')
+_PLAIN = re.compile(r"[^,]*")
+_VALUE_END = re.compile(r",|$")
 _MIN_PARAMS = 3
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
 _NEGATIVE = "Negative prompt:"
@@ -165,6 +172,34 @@ def _unquote(value: str) -> str:
     return value
 
 
+def parameter_pairs(line: str) -> list[tuple[str, str]]:
+    """The (key, value) pairs of a parameter line: what `_PARAM_RE.findall(line)` gives, in linear time.
+
+    The regex alone is quadratic: on a run of key characters with no colon after it (a long
+    prompt on one line, a pasted file) it starts a match at every character and scans to the
+    run's end each time, so 70,000 characters take 20 s and a megabyte hours. Here each colon is
+    looked at once: a key is the run of key characters just before it (from its first word
+    character, at least two characters long), and its value is read as the regex reads it.
+    """
+    pairs = []
+    pos = 0
+    while (colon := line.find(":", pos)) >= 0:
+        run = len(_KEY_RUN.match(line[pos:colon][::-1])[0])
+        word = _WORD.search(line, colon - run, colon - 1)  # a key has one more character after it
+        if word is None:
+            pos = colon + 1
+            continue
+        start = _VALUE_SPACE.match(line, colon + 1).end()
+        quoted = _QUOTED.match(line, start)
+        end = _VALUE_END.match(line, quoted.end()) if quoted else None
+        if end is None:  # not a JSON string followed by a comma or the end: the value runs to the next comma
+            quoted = _PLAIN.match(line, start)
+            end = _VALUE_END.match(line, quoted.end())
+        pairs.append((line[word.start():colon], quoted[0]))
+        pos = end.end()
+    return pairs
+
+
 def parse_infotext(text: str) -> dict[str, str]:
     """Parse an infotext the way the webui's PNG Info does.
 
@@ -173,9 +208,10 @@ def parse_infotext(text: str) -> dict[str, str]:
     are present. Prompt lines are stripped of surrounding spaces, as in the webui.
     """
     *lines, last = text.replace("\r\n", "\n").replace("\r", "\n").strip().split("\n")
-    if len(_PARAM_RE.findall(last)) < _MIN_PARAMS:
+    pairs = parameter_pairs(last)
+    if len(pairs) < _MIN_PARAMS:
         lines.append(last)
-        last = ""
+        pairs = []
     prompt, negative, in_negative = "", "", False
     for line in lines:
         line = line.strip()
@@ -187,7 +223,7 @@ def parse_infotext(text: str) -> dict[str, str]:
         else:
             prompt += ("\n" if prompt else "") + line
     result = {"Prompt": prompt, "Negative prompt": negative}
-    for key, value in _PARAM_RE.findall(last):
+    for key, value in pairs:
         result[key] = _unquote(value)
     return result
 

@@ -55,9 +55,12 @@ def _check_fixed(options: dict[str, Any], where: str) -> None:
 
 
 def _clip_skip(value: Any, where: str) -> int:
+    """A webui clip skip (a whole number, also as text); 1.5, NaN, infinity or true are refused, not rounded."""
     try:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(value)
         n = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise InvalidRequest(f"{where}CLIP_stop_at_last_layers must be a whole number, not {value!r}") from None
     if not 1 <= n <= 12:
         raise InvalidRequest(f"{where}CLIP_stop_at_last_layers {n} is out of range (1-12)")

@@ -46,6 +46,8 @@ def create_app(studio: Studio, security: Security | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
+        if request.url.path.startswith("/v1/"):  # no such route or method: said in the OpenAI clients' shape
+            return openai_api.openai_error(exc.status_code, str(exc.detail))
         return error_response(exc.status_code, str(exc.detail))
 
     @app.exception_handler(Exception)

@@ -32,13 +32,29 @@ async def wait_for(job: Job) -> Job:
     return job
 
 
+def location(loc) -> str:
+    """A pydantic error's location as `init_images.0`; a part that is not plain text is quoted.
+
+    Locations name the client's own keys (an unknown field in a model that forbids them), so a key
+    with a line break, a control character or a lone surrogate is written as Python's repr: the
+    message stays one line and can be encoded as UTF-8.
+    """
+    parts = []
+    for p in loc:
+        if p in ("body", "query", "path"):
+            continue
+        text = str(p)
+        parts.append(text if text and text.isprintable() and text.strip() == text else repr(text))
+    return ".".join(parts)
+
+
 def validation_message(errors) -> str:
     """pydantic/FastAPI errors as one line: `width: width 513 is not a multiple of 8 ...`."""
     parts = []
     for err in errors:
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
-        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-        parts.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
+        loc = location(err.get("loc", ()))
+        msg = " ".join(str(err.get("msg", "invalid")).removeprefix("Value error, ").split())
+        parts.append(f"{loc}: {msg}" if loc else msg)
     return "invalid request: " + "; ".join(parts)
 
 

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from darkroom.errors import DarkroomError, InvalidRequest
 from darkroom.request import GenerationRequest
-from darkroom.server.common import StudioDep, find_model, validation_message, wait_for
+from darkroom.server.common import StudioDep, find_model, location, validation_message, wait_for
 from darkroom.server.uploads import open_image, read_upload
 from darkroom.services.jobs import ERROR, Job
 from darkroom.services.studio import Studio
@@ -68,12 +68,13 @@ class OpenAIRoute(APIRoute):
                 return await handler(request)
             except RequestValidationError as e:
                 first = next(iter(e.errors()), {})
-                loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-                return openai_error(400, validation_message(e.errors()), ".".join(loc) or None)
+                return openai_error(400, validation_message(e.errors()), location(first.get("loc", ())) or None)
             except OpenAIError as e:
                 return openai_error(e.status, str(e), e.param)
             except DarkroomError as e:
                 return openai_error(e.status, str(e))
+            except StarletteHTTPException as e:  # FastAPI's own: a body that is not JSON (b"\x80"), ...
+                return openai_error(e.status_code, str(e.detail))
             except Exception as e:
                 log.exception("unhandled error on %s %s", request.method, request.url.path)
                 return openai_error(500, f"internal error: {type(e).__name__} (details in logs/darkroom.log)")
@@ -325,7 +326,7 @@ async def edit(request: Request, studio: StudioDep) -> dict:
             body = ImageEditRequest(**text)
         except pydantic.ValidationError as e:
             first = next(iter(e.errors()), {})
-            param = ".".join(str(p) for p in first.get("loc", ())) or None
+            param = location(first.get("loc", ())) or None
             raise OpenAIError(validation_message(e.errors()), param=param) from None
         image = await _read(images[0], "image")
         mask = await _read(masks[0], "mask") if masks else None
@@ -347,7 +348,7 @@ def models(studio: StudioDep) -> dict:
     return {"object": "list", "data": [_model_row(m.name, m.path) for m in studio.models() if not m.error]}
 
 
-@router.get("/models/{model_id}")
+@router.get("/models/{model_id:path}")  # ids may hold a slash ("org/model", as some OpenAI-style servers name them)
 def model(model_id: str, studio: StudioDep) -> dict:
     found = find_model(studio, model_id)
     if found is None:

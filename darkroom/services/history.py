@@ -262,7 +262,7 @@ class History:
             row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM images WHERE id = ?", (item_id,)).fetchone()
         if row is None:
             raise NotFound(f"no image {item_id} in the history")
-        return HistoryItem(*row)
+        return _item(row)
 
     def search(self, query: str = "", *, page: int = 1, per_page: int = 24) -> tuple[int, list[HistoryItem]]:
         """Newest first; `query` matches prompt text (all words, any order, case-insensitive)."""
@@ -277,7 +277,7 @@ class History:
                 f"SELECT {', '.join(_COLUMNS)} FROM images WHERE {where} ORDER BY created DESC, id DESC"
                 " LIMIT ? OFFSET ?", [*args, per_page, min((page - 1) * per_page, SQLITE_INT - 1)],
             ).fetchall()
-        return total, [HistoryItem(*r) for r in rows]
+        return total, [_item(r) for r in rows]
 
     def count(self) -> int:
         with self._lock:
@@ -340,10 +340,32 @@ def _mtime(path: Path) -> float:
 
 
 def _int(value) -> int | None:
+    """A number from an image's infotext, or None when it is not one SQLite can hold (a foreign
+    file may say anything)."""
     try:
-        return int(value)
+        number = int(value)
     except (TypeError, ValueError):
         return None
+    return number if -SQLITE_INT <= number < SQLITE_INT else None
+
+
+def _seed(value) -> int | None:
+    """A seed as stored: seeds go up to 2**64-1 but SQLite's integers are signed 64-bit, so the
+    upper half is kept as its two's-complement (`_item` turns it back)."""
+    try:
+        seed = int(value)
+    except (TypeError, ValueError):
+        return None
+    if not 0 <= seed < 2 * SQLITE_INT:
+        return None
+    return seed - 2 * SQLITE_INT if seed >= SQLITE_INT else seed
+
+
+def _item(row) -> HistoryItem:
+    item = HistoryItem(*row)
+    if item.seed is not None and item.seed < 0:
+        item.seed += 2 * SQLITE_INT
+    return item
 
 
 def _float(value) -> float | None:
@@ -359,6 +381,7 @@ def _fields_from(p: dict[str, str] | None) -> dict:
     if "Size" in p and "x" in str(p["Size"]):
         w, _, h = str(p["Size"]).partition("x")
         width, height = _int(w), _int(h)
-    return {"prompt": p.get("Prompt", ""), "negative_prompt": p.get("Negative prompt", ""), "seed": _int(p.get("Seed")),
-            "width": width, "height": height, "model": p.get("Model"), "sampler": p.get("Sampler"),
+    return {"prompt": p.get("Prompt", ""), "negative_prompt": p.get("Negative prompt", ""),
+            "seed": _seed(p.get("Seed")), "width": width, "height": height, "model": p.get("Model"),
+            "sampler": p.get("Sampler"),
             "steps": _int(p.get("Steps")), "cfg_scale": _float(p.get("CFG scale"))}

@@ -302,7 +302,11 @@ class ModelInventory:
         """A path, or a name (file name with or without extension, any case) or short hash (of
         files already hashed) among the library's files; `kind` narrows the search."""
         candidate = Path(name_or_path).expanduser()
-        if candidate.exists():
+        try:
+            exists = candidate.exists()
+        except OSError:  # a name too long to be a file, say: then it can only be a library name
+            exists = False
+        if exists:
             return self.describe(candidate.resolve(), lora_base=lora_base)
         if any(sep in name_or_path for sep in ("/", "\\")):
             raise ModelNotFound(f"no such file: {name_or_path}")

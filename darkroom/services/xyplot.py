@@ -67,13 +67,28 @@ def split_values(text: str) -> list[str]:
 
 
 def _number(kind: type, text: str) -> int | float:
-    return kind(text.replace(" ", ""))
+    """A number as written; ValueError for one that is not (or a decimal too large to be finite)."""
+    value = kind(text.replace(" ", ""))  # int(): ValueError past 4,300 digits too
+    if kind is float and not math.isfinite(value):
+        raise ValueError(f"{text!r} is not a finite number")
+    return value
 
 
 def _expand(kind: type, item: str, axis: str) -> list[Any]:
     """One list item -> its values: a range, a counted range or a single value."""
     if kind is str:
         return [item]
+    try:
+        return _expand_numbers(kind, item, axis)
+    except ValueError:  # a bound of a range that is not a number (e.g. 5,000 digits): the single-value message
+        pass
+    except OverflowError:  # bounds so far apart that their distance is no float
+        raise InvalidRequest(f"{axis} value {item[:80]!r}: its numbers are too large") from None
+    raise InvalidRequest(f"{axis} value {item[:80]!r}: not {_KIND_WORDS[kind]} or a range such as"
+                         f" {'1-10 (+3)' if kind is int else '1.5-3 (+0.5)'}")
+
+
+def _expand_numbers(kind: type, item: str, axis: str) -> list[Any]:
     if m := _COUNT[kind].fullmatch(item):
         start, end, count = _number(kind, m[1]), _number(kind, m[2]), int(m[3])
         if count < 1 or count > MAX_VALUES:
@@ -88,15 +103,14 @@ def _expand(kind: type, item: str, axis: str) -> list[Any]:
         if step == 0 or (end - start) * step < 0:
             raise InvalidRequest(f"{axis} value {item!r}: the step never reaches {m[2].strip()}"
                                  f" (use a {'negative' if end < start else 'positive'} step)")
-        count = int((end - start) / step + 1e-9) + 1
+        span = (end - start) / step  # OverflowError for whole numbers too far apart for a float: see _expand
+        if not math.isfinite(span):
+            raise OverflowError(span)
+        count = int(span + 1e-9) + 1
         if count > MAX_VALUES:
             raise InvalidRequest(f"{axis} value {item!r}: makes {count} values; at most {MAX_VALUES}")
         return [start + i * step if kind is int else round(start + i * step, 10) for i in range(count)]
-    try:
-        return [_number(kind, item)]
-    except ValueError:
-        raise InvalidRequest(f"{axis} value {item!r}: not {_KIND_WORDS[kind]} or a range such as"
-                             f" {'1-10 (+3)' if kind is int else '1.5-3 (+0.5)'}") from None
+    return [_number(kind, item)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,7 +144,7 @@ def _prompt_sr(spec: AxisSpec, req: GenerationRequest | None, value: Any, values
 
 
 def _size(spec: AxisSpec, req: GenerationRequest | None, value: Any, values: list[Any]) -> dict[str, Any]:
-    m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", value)
+    m = re.fullmatch(r"\s*(\d{1,9})\s*[xX×]\s*(\d{1,9})\s*", value)  # (int() refuses 4,300 digits and more)
     if m is None:
         raise InvalidRequest("not WIDTHxHEIGHT, e.g. 512x768")
     return {"width": int(m[1]), "height": int(m[2])}

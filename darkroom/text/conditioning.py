@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from darkroom.errors import Interrupted
+from darkroom.errors import Interrupted, InvalidRequest
 from darkroom.models.loader import LoadedModel, TextEncoderSlot
 from darkroom.text.prompt_parser import EmbeddingVocab, PromptChunk, tokenize_weighted
 from darkroom.text.tokenizer import load_clip_tokenizer
@@ -105,6 +105,11 @@ class PromptEncoder:
         self.model = model
         self.cancel = cancel
         self.clip_skip = max(1, clip_skip)
+        layers = min((n for n in map(_layers, model.text_encoders) if n is not None), default=None)
+        if layers is not None and self.clip_skip > layers:
+            # clip skip N reads the output of the N-th layer from the end: there must be that many
+            raise InvalidRequest(f"clip skip {self.clip_skip} is more than the {layers} layers of this model's text"
+                                 f" encoder; use 1 to {layers}")
         self.tokenizer = load_clip_tokenizer()
         self.embeddings: dict[str, Embedding] = dict(embeddings or {})
         widths = [_width(slot) for slot in model.text_encoders] if self.embeddings else []
@@ -149,6 +154,12 @@ class PromptEncoder:
             per_encoder.append(torch.cat(parts, dim=1))
         context = torch.cat(per_encoder, dim=-1) if len(per_encoder) > 1 else per_encoder[0]
         return Conditioning(context, pooled)
+
+
+def _layers(slot: TextEncoderSlot) -> int | None:
+    """How many transformer layers a text encoder has (12 for SD1's CLIP, fewer in small models)."""
+    layers = getattr(getattr(slot.model, "config", None), "num_hidden_layers", None)
+    return layers if isinstance(layers, int) and layers > 0 else None
 
 
 def _width(slot: TextEncoderSlot) -> int:
