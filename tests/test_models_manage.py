@@ -317,8 +317,9 @@ def test_verify_tells_rotted_from_changed(run, home, usb):
     assert "mystyle.safetensors" not in rows
 
 
-def _fake_checkpoint(path: Path, data_bytes: int) -> Path:
-    """A valid SD1-layout safetensors header followed by `data_bytes` of zeros (a sparse file)."""
+def _fake_checkpoint(path: Path, data_bytes: int, *, random: bool = False) -> Path:
+    """A valid SD1-layout safetensors header followed by `data_bytes` of zeros (a sparse file), or of
+    random bytes (a file of its own hash)."""
     tensors = {
         "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": ("F32", [1, 1], 4),
         "first_stage_model.decoder.conv_in.weight": ("F32", [1], 4),
@@ -331,9 +332,13 @@ def _fake_checkpoint(path: Path, data_bytes: int) -> Path:
         offset += n
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as fh:
         fh.write(struct.pack("<Q", len(raw)) + raw)
-        fh.truncate(8 + len(raw) + offset)
+        if random:
+            fh.write(os.urandom(offset))
+        else:
+            fh.truncate(8 + len(raw) + offset)
     return path
 
 

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import sqlite3
-import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from tests.faults import (
     sha,
     sweep,
 )
+from tests.test_models_manage import _fake_checkpoint
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the fault injector names files through /proc")
 
@@ -43,24 +43,7 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the fault injec
 
 
 def fake_checkpoint(path: Path, data_bytes: int) -> Path:
-    """A valid SD1-layout safetensors header followed by `data_bytes` of zeros."""
-    tensors = {
-        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": ("F32", [1, 1], 4),
-        "first_stage_model.decoder.conv_in.weight": ("F32", [1], 4),
-        "model.diffusion_model.input_blocks.0.0.weight": ("F32", [1, 4, 1, 1], 16),
-        "model.diffusion_model.out.2.weight": ("U8", [data_bytes], data_bytes),
-    }
-    header, offset = {}, 0
-    for key, (dtype, shape, n) in tensors.items():
-        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(raw)) + raw)
-        fh.write(os.urandom(8 + len(raw) + offset - fh.tell()))
-    return path
+    return _fake_checkpoint(path, data_bytes, random=True)
 
 
 @pytest.fixture(scope="module")
