@@ -344,3 +344,31 @@ def test_a_damaged_or_unwritable_hash_cache_only_means_hashing_again(tmp_path):
         assert cache.records() == [] and cache.recorded(model) is None
         cache.record(model, "0" * 64, size=1000, mtime_ns=1)
         cache.forget(model)
+
+
+def test_a_model_that_vanishes_or_changes_between_listing_and_loading(tmp_path, tiny_model):
+    """Listed, then deleted or truncated before its job runs: the job fails with a line naming the
+    file (never 'internal error'), and the server goes on."""
+    from tests.server_util import FAST, client, studio_with, wait_job
+
+    studio = studio_with(Home(tmp_path / "home"), tiny_model("sd1")["path"], start=False)
+    model = studio.home.checkpoints / "tiny-sd1.safetensors"
+    original = model.read_bytes()
+    try:
+        with client(studio) as api:
+            gone = api.post("/api/jobs", json={"prompt": "x", **FAST, "model": "tiny-sd1"}).json()["job"]
+            model.unlink()
+            studio.queue.start()
+            done = wait_job(api, gone["id"])
+            assert done["state"] == "error" and f"not found: {model}" in done["error"]
+            assert "internal" not in done["error"]
+            model.write_bytes(original)
+            cut = api.post("/api/jobs", json={"prompt": "x", **FAST, "model": "tiny-sd1"}).json()["job"]
+            model.write_bytes(original[:5000])
+            done = wait_job(api, cut["id"])
+            assert done["state"] == "error" and "truncated" in done["error"] and "tiny-sd1" in done["error"]
+            model.write_bytes(original)
+            again = api.post("/api/jobs", json={"prompt": "x", **FAST, "model": "tiny-sd1"}).json()["job"]
+            assert wait_job(api, again["id"])["state"] == "done"
+    finally:
+        studio.close()
