@@ -157,18 +157,17 @@ class Studio:
         message whether or not such a file exists: no route reads, or tells about, other files.
         """
         library = self.engine.library
-        entries = library.scan()
-        listed = {os.path.realpath(e.path): e.path for e in entries}
         found = None
         if _path_like(reference):
-            found = listed.get(os.path.realpath(os.path.expanduser(reference)))
-        else:
+            real = os.path.realpath(os.path.expanduser(reference))
+            found = next((e.path for e in library.scan() if os.path.realpath(e.path) == real), None)
+        else:  # names and hashes match only the library's own entries
             try:
-                found = listed.get(os.path.realpath(library.resolve(reference, paths=False)))
+                found = library.resolve(reference, paths=False)
             except ModelNotFound:
                 found = None
         if found is None:
-            names = ", ".join(sorted({e.name for e in entries})) or "none"
+            names = ", ".join(sorted({e.name for e in library.scan()})) or "none"
             raise ModelNotFound(f"no model {reference!r} in the library (available: {names}); name one of those, or"
                                 f" put the file in {self.home.checkpoints}")
         return found

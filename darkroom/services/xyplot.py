@@ -356,8 +356,8 @@ def plan_xy(engine, base: GenerationRequest, x: Axis | None, y: Axis | None, *,
             prepare: Callable[[GenerationRequest], GenerationRequest] | None = None) -> XYPlan:
     """Resolve seeds, build every cell's request and validate them all (nothing is generated).
 
-    `prepare` is applied to each cell's request, as the queue applies it to a job's (the server pins
-    the models an axis names to files the library lists)."""
+    `prepare` is applied to each cell whose model or VAE an axis changed, as the queue applied it to
+    the job's request (the server pins the models an axis names to files the library lists)."""
     from pydantic import ValidationError
 
     from darkroom.engine.generate import random_seed
@@ -388,8 +388,8 @@ def plan_xy(engine, base: GenerationRequest, x: Axis | None, y: Axis | None, *,
                     if axis is not None:
                         for key, v in axis.spec.updates(req, value, list(axis.values)).items():
                             setattr(req, key, v)
-                if prepare is not None:
-                    req = prepare(req)
+                if prepare is not None and (req.model, req.vae) != (base.model, base.vae):
+                    req = prepare(req)  # an axis named another model or VAE (the base is prepared already)
                 engine.check_inputs(req)
                 if req.model not in checked_models:  # each checkpoint resolves (once)
                     engine.model_path(req)
