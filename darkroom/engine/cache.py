@@ -43,10 +43,13 @@ class ModelCache:
                 vae_dtype=self.device.vae_dtype(family_hint),
                 allow_pickle=self.allow_pickle,
                 v_prediction=v_prediction,
+                # a single file's UNet/VAE weights are stored NHWC as they load (no second copy)
+                channels_last=self.device.device.type == "cpu",
             )
             model = load_checkpoint(path, opts)
             if model.device.type == "cpu":
-                # oneDNN's convolutions are faster on NHWC weights, most of all at bf16
+                # oneDNN's convolutions are faster on NHWC weights, most of all at bf16 (a no-op
+                # for weights loaded NHWC already; converts a diffusers folder's)
                 model.unet.to(memory_format=torch.channels_last)
                 model.vae.to(memory_format=torch.channels_last)
             self._model = model

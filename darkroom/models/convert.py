@@ -3,6 +3,10 @@
 UNet and VAE use diffusers' own converters (the mapping the whole field relies on); the
 text encoders are mapped here because diffusers' OpenCLIP converter assumes the real
 widths (it splits q/k/v by the projection width and drops resblock 23 by index).
+
+Every value of the returned dicts is an input tensor or a view of one (renamed, sliced,
+transposed; never copied): the loader runs these on meta stand-ins of a file's tensors and
+reads each real tensor only when it fills it in (darkroom.models.loader._FileTensors).
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ def openclip_state_dict(ckpt: Tensors, prefix: str, num_layers: int) -> Tensors:
         elif name.startswith("ln_final."):
             out["text_model.final_layer_norm." + name.split(".", 1)[1]] = value
         elif name == "text_projection":
-            out["text_projection.weight"] = value.T.contiguous()
+            out["text_projection.weight"] = value.T  # a view: the loader copies it contiguous as it loads
         elif m := block.match(name):
             index, rest = int(m.group(1)), m.group(2)
             if index >= num_layers:
@@ -74,7 +78,7 @@ def openclip_state_dict(ckpt: Tensors, prefix: str, num_layers: int) -> Tensors:
             if rest.startswith("attn.in_proj_"):
                 kind = rest.rsplit("_", 1)[1]  # weight or bias
                 for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
-                    out[f"{base}self_attn.{proj}.{kind}"] = value[i * hidden:(i + 1) * hidden].clone()
+                    out[f"{base}self_attn.{proj}.{kind}"] = value[i * hidden:(i + 1) * hidden]  # views, as above
             else:
                 for old, new in _OPENCLIP_RESBLOCK.items():
                     if rest.startswith(old + "."):
