@@ -20,9 +20,10 @@ import torch
 from PIL import Image
 
 import darkroom
-from darkroom.engine import samplers
+from darkroom.engine import samplers, vae_tiling
 from darkroom.engine.cache import ModelCache
 from darkroom.engine.img2img import FILL_NAMES, RESIZE_NAMES, Source, prepare_source
+from darkroom.engine.interrupt import answering, stoppable, units_of
 from darkroom.engine.lora import LoraLibrary, apply_loras, extract_lora_tags, lora_hashes_infotext
 from darkroom.engine.sampling import SKIPPED, Guidance, Init, Noise, StepCallback, StepEvent, denoise
 from darkroom.errors import Interrupted, InvalidRequest, NonFiniteResult, StorageError
@@ -58,21 +59,25 @@ def _to_pixels(image: Image.Image) -> torch.Tensor:
     return arr.permute(2, 0, 1)[None]
 
 
-def _encode_pixels(model: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
-    latent = model.vae.encode(pixels.to(model.device, model.vae_dtype)).latent_dist.mode()
-    return latent.float() * model.vae.config.scaling_factor
+def _encode_pixels(model: LoadedModel, pixels: torch.Tensor, tiling: str = "auto",
+                   tile_pixels: int = vae_tiling.TILE_PIXELS) -> torch.Tensor:
+    return vae_tiling.encode(model, pixels, mode=tiling, tile_pixels=tile_pixels)
 
 
-def encode_image(model: LoadedModel, image: Image.Image) -> torch.Tensor:
-    """RGB image -> scaled latents [1, c, h/f, w/f]: the distribution's mode (deterministic, seed-independent)."""
-    return _encode_pixels(model, _to_pixels(image))
+def encode_image(model: LoadedModel, image: Image.Image, *, tiling: str = "auto",
+                 tile_pixels: int = vae_tiling.TILE_PIXELS) -> torch.Tensor:
+    """RGB image -> scaled latents [1, c, h/f, w/f]: the distribution's mode (deterministic, seed-independent).
+
+    `tiling`: "auto" (tiled when the untiled pass would not fit), "always" or "never" (see vae_tiling).
+    """
+    return _encode_pixels(model, _to_pixels(image), tiling, tile_pixels)
 
 
-def latents_to_images(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
-    vae = model.vae
-    scaled = latents / vae.config.scaling_factor
-    decoded = vae.decode(scaled.to(model.device, model.vae_dtype)).sample
-    arr = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+def latents_to_images(model: LoadedModel, latents: torch.Tensor, *, tiling: str = "auto",
+                      tile_pixels: int = vae_tiling.TILE_PIXELS) -> list[Image.Image]:
+    """Scaled latents -> RGB images; `tiling` as for encode_image."""
+    decoded = vae_tiling.decode(model, latents, mode=tiling, tile_pixels=tile_pixels)
+    arr = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     arr = arr.permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
 
@@ -124,6 +129,9 @@ class Engine:
         self.loras = LoraLibrary(library.home, library.hashes)
         self.embeddings = EmbeddingLibrary(library.home, library.hashes)
         self.vaes = VaeLibrary(library.home, library.hashes, allow_pickle=cache.allow_pickle)
+        # VAE tiling: "auto" (tiled when the untiled decode/encode would not fit), "always" or "never"
+        self.vae_tiling = "auto"
+        self.vae_tile_pixels = vae_tiling.TILE_PIXELS
 
     def check_inputs(self, req: GenerationRequest) -> tuple[samplers.Sampler, str]:
         return samplers.resolve(req.sampler, req.schedule)
@@ -180,11 +188,12 @@ class Engine:
                                         cancel=cancel)
                 try:
                     guidance = self._guidance(model, req, encoder, prompt)
-                except Interrupted:  # stopped while a long prompt was encoded: nothing made, nothing lost
+                    init = (self._init(model, req, source, cancel, self.vae_tiling, self.vae_tile_pixels)
+                            if source is not None else None)
+                except Interrupted:  # stopped while a long prompt or the source was encoded: nothing made, nothing lost
                     result.interrupted = True
                     result.timings = {**timings, "total": time.perf_counter() - t0}
                     return result
-                init = self._init(model, req, source) if source is not None else None
                 timings["encode"] = time.perf_counter() - t1
                 extra = self._infotext_extra(req, source, subseed)
                 if lora_uses:
@@ -204,10 +213,14 @@ class Engine:
                     if latents is None:
                         result.interrupted = True
                         break
-                    if latents is SKIPPED:
+                    images = self._decode(model, latents, cancel, skip) if latents is not SKIPPED else SKIPPED
+                    if images is None:  # interrupted while decoding: this batch is dropped, earlier ones kept
+                        result.interrupted = True
+                        break
+                    if images is SKIPPED:
                         skip.clear()
                         continue
-                    for i, image in enumerate(latents_to_images(model, latents)):
+                    for i, image in enumerate(images):
                         if source is not None:
                             image = source.finish(image)
                         image_extra = {**extra, "Variation seed": noise.subseeds[i]} if req.subseed_strength else extra
@@ -263,10 +276,29 @@ class Engine:
             suspects.check(latents)
         return latents
 
+    def _decode(self, model: LoadedModel, latents: torch.Tensor, cancel, skip):
+        """Latents -> images (tiled as self.vae_tiling says); None when cancelled, SKIPPED when skipped,
+        both answered before each block of the decoder (so between tiles too)."""
+        return stoppable(lambda: latents_to_images(model, latents, tiling=self.vae_tiling,
+                                                   tile_pixels=self.vae_tile_pixels),
+                         units_of(model.vae.decoder), cancel, skip)
+
+    def _encode(self, model: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
+        return _encode_pixels(model, pixels, self.vae_tiling, self.vae_tile_pixels)
+
     @staticmethod
-    def _init(model: LoadedModel, req: GenerationRequest, source: Source) -> Init:
-        """Encode the prepared source; apply "latent noise"/"latent nothing" to the masked area."""
-        latents = encode_image(model, source.image)
+    def _init(model: LoadedModel, req: GenerationRequest, source: Source, cancel=None, tiling: str = "auto",
+              tile_pixels: int = vae_tiling.TILE_PIXELS) -> Init:
+        """Encode the prepared source; apply "latent noise"/"latent nothing" to the masked area.
+
+        Raises Interrupted when `cancel` is set while the source is encoded (checked before each encoder block)."""
+        with answering(units_of(model.vae.encoder), cancel):
+            return Engine._init_latents(model, req, source, tiling, tile_pixels)
+
+    @staticmethod
+    def _init_latents(model: LoadedModel, req: GenerationRequest, source: Source, tiling: str,
+                      tile_pixels: int) -> Init:
+        latents = _encode_pixels(model, _to_pixels(source.image), tiling, tile_pixels)
         mask = masked_latents = None
         if source.latent_mask is not None:
             mask = torch.from_numpy(source.latent_mask)[None, None].to(model.device)
@@ -279,7 +311,7 @@ class Engine:
                 # the masked image as the webui and diffusers make it: the hole is 0 (mid-gray) in -1..1
                 keep = torch.from_numpy(np.asarray(source.mask) < 128)[None, None]
                 pixels = _to_pixels(source.image) * keep
-                masked_latents = _encode_pixels(model, pixels)
+                masked_latents = _encode_pixels(model, pixels, tiling, tile_pixels)
         return Init(latents, req.denoising_strength, mask, masked_latents)
 
     def _hires(self, model: LoadedModel, req: GenerationRequest, spec: samplers.Sampler, schedule: str,
@@ -292,8 +324,14 @@ class Engine:
             up = torch.nn.functional.interpolate(latents, size=(h2 // f, w2 // f), mode=mode)
         else:
             resample = Image.NEAREST if req.hr_upscaler == "Nearest" else Image.LANCZOS
-            images = [im.resize((w2, h2), resample) for im in latents_to_images(model, latents)]
-            up = torch.cat([encode_image(model, im) for im in images])
+            images = self._decode(model, latents, cancel, skip)
+            if images is None or images is SKIPPED:
+                return images
+            resized = [_to_pixels(im.resize((w2, h2), resample)) for im in images]
+            up = stoppable(lambda: torch.cat([self._encode(model, p) for p in resized]),
+                           units_of(model.vae.encoder), cancel, skip)
+            if up is None or up is SKIPPED:
+                return up
         steps = req.hr_second_pass_steps or req.steps
         init = Init(up, req.denoising_strength)
         shape = (model.unet.config.out_channels, h2 // f, w2 // f)

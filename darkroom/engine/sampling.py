@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from darkroom.engine import samplers
+from darkroom.engine import samplers, vae_tiling
+from darkroom.engine.interrupt import SKIPPED, stoppable, units_of
 from darkroom.models.loader import LoadedModel
 from darkroom.text.conditioning import Conditioning
-
-SKIPPED = object()
 
 
 @dataclass
@@ -183,7 +182,21 @@ def denoise(model: LoadedModel, spec: samplers.Sampler, schedule: str, *, steps:
             shape: tuple[int, int, int], guidance: Guidance, init: Init | None = None, eta: float | None = None,
             batch: int = 0, batch_count: int = 1, phase: str = "sample", on_step: StepCallback | None = None,
             cancel: threading.Event | None = None, skip: threading.Event | None = None):
-    """Sample one batch; returns latents, None when cancelled, or SKIPPED."""
+    """Sample one batch; returns latents, None when cancelled, or SKIPPED.
+
+    Cancel and skip are checked between steps and, inside a step, before each block of the UNet
+    (darkroom.engine.interrupt), so a long step is abandoned part-way.
+    """
+    return stoppable(lambda: _denoise(model, spec, schedule, steps=steps, noise=noise, shape=shape, guidance=guidance,
+                                      init=init, eta=eta, batch=batch, batch_count=batch_count, phase=phase,
+                                      on_step=on_step, cancel=cancel, skip=skip),
+                     units_of(model.unet), cancel, skip)
+
+
+def _denoise(model: LoadedModel, spec: samplers.Sampler, schedule: str, *, steps: int, noise: Noise,
+             shape: tuple[int, int, int], guidance: Guidance, init: Init | None, eta: float | None, batch: int,
+             batch_count: int, phase: str, on_step: StepCallback | None, cancel: threading.Event | None,
+             skip: threading.Event | None):
     device, n = model.device, len(noise.seeds)
     _, height, width = shape
     f = model.vae_scale_factor
@@ -263,6 +276,6 @@ def _gray_inpaint_extra(model: LoadedModel, n: int, height: int, width: int) -> 
     """txt2img on an inpainting checkpoint, as the webui does: everything masked, masked image mid-gray."""
     f = model.vae_scale_factor
     gray = torch.zeros((1, 3, height * f, width * f), device=model.device, dtype=model.vae_dtype)
-    gray_latent = model.vae.encode(gray).latent_dist.mode().float() * model.vae.config.scaling_factor
+    gray_latent = vae_tiling.encode(model, gray)
     mask = torch.ones((n, 1, height, width), device=model.device)
     return torch.cat([mask, gray_latent.expand(n, -1, -1, -1)], dim=1)
