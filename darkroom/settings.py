@@ -30,6 +30,11 @@ def _clip_skip(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 12
 
 
+def _whole(lo: int, hi: int, step: int = 1) -> Callable[[Any], bool]:
+    """A whole number from lo to hi (a multiple of `step`); true/false and 2.0 are not numbers here."""
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi and v % step == 0
+
+
 def _folders(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) and v for v in value)
 
@@ -53,7 +58,22 @@ SETTINGS: tuple[Setting, ...] = (
             _folders, "a list of folder paths"),
     Setting("samples_format", "png", "samples_format", "Image format of saved outputs (png only for now).",
             lambda v: v == "png", '"png"'),
+    # Limits every interface enforces before anything is allocated (darkroom/engine/admission.py; docs/limits.md).
+    # Sides stop at the request format's 4096 (memory decides below that); batch size 16 is twice the webui's
+    # slider (a UNet batch of 32 with CFG, past any throughput gain); batch count 100 is the webui's slider maximum
+    # (more holds the one queue for hours); steps cost time, never memory, so their default is the request format's
+    # 500, which API clients could always ask for (the webui's slider stops at 150: lower it for a shared server).
+    # Memory is checked on top of these, so raising one never lets a request exhaust the machine.
+    Setting("max_side", 4096, "darkroom_max_side", "Largest width or height in pixels (hires fix target included).",
+            _whole(64, 4096, 8), "a multiple of 8 from 64 to 4096"),
+    Setting("max_batch_size", 16, "darkroom_max_batch_size", "Most images sampled together in one batch.",
+            _whole(1, 64), "a whole number from 1 to 64"),
+    Setting("max_batch_count", 100, "darkroom_max_batch_count", "Most batches one request may run (batch count).",
+            _whole(1, 1000), "a whole number from 1 to 1000"),
+    Setting("max_steps", 500, "darkroom_max_steps", "Most sampling steps per pass (hires steps included).",
+            _whole(1, 500), "a whole number from 1 to 500"),
 )
+LIMIT_SETTINGS = ("max_side", "max_batch_size", "max_batch_count", "max_steps")
 _BY_NAME = {s.name: s for s in SETTINGS}
 
 
@@ -72,6 +92,7 @@ class Settings:
         self._lock = threading.Lock()
         self._values: dict[str, Any] = {s.name: s.default for s in SETTINGS}
         self.problems: list[str] = []
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []  # called with all values after each change
         if path is not None and path.is_file():
             self._values.update(self._read(path))
         for line in self.problems:
@@ -121,6 +142,8 @@ class Settings:
             if self.path is not None:
                 self._save(self.path, values)
             self._values = values  # only once saved: a failed save changes nothing, on disk or here
+        for listener in list(self.listeners):
+            listener(dict(values))
 
     def _save(self, path: Path, values: dict[str, Any]) -> None:
         """Replace settings.json all at once (a full or read-only disk leaves the old file as it was)."""

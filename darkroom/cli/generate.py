@@ -22,9 +22,13 @@ FILL_CHOICES = {"fill": 0, "original": 1, "latent-noise": 2, "latent-nothing": 3
 
 def _engine(home: Home, device: str | None, precision: str | None, allow_pickle: bool, v_prediction: bool | None):
     from darkroom.api import build_engine
+    from darkroom.engine.admission import Limits
+    from darkroom.settings import Settings
 
-    return build_engine(home, device=device, precision=precision, allow_pickle=allow_pickle,
-                        v_prediction=v_prediction)
+    engine = build_engine(home, device=device, precision=precision, allow_pickle=allow_pickle,
+                          v_prediction=v_prediction)
+    engine.limits = Limits.from_settings(Settings(home.root / "settings.json"))  # as the server's (docs/limits.md)
+    return engine
 
 @click.command()
 @click.argument("prompt", required=False, default=None)

@@ -132,9 +132,19 @@ class Engine:
         # VAE tiling: "auto" (tiled when the untiled decode/encode would not fit), "always" or "never"
         self.vae_tiling = "auto"
         self.vae_tile_pixels = vae_tiling.TILE_PIXELS
+        from darkroom.engine.admission import Limits
+
+        self.limits = Limits()  # maxima every request is admitted against (the studio and CLI set them from settings)
 
     def check_inputs(self, req: GenerationRequest) -> tuple[samplers.Sampler, str]:
         return samplers.resolve(req.sampler, req.schedule)
+
+    def admit(self, req: GenerationRequest) -> GenerationRequest:
+        """Refuse `req` (422, one line) when it is over self.limits or would not fit in the memory free,
+        without loading the model; returns it with its size settled (darkroom/engine/admission.py)."""
+        from darkroom.engine.admission import admit_engine
+
+        return admit_engine(self, req)
 
     def model_path(self, req: GenerationRequest) -> Path:
         if req.model:
@@ -160,6 +170,7 @@ class Engine:
         can index it before the next batch starts: a crash loses at most the batch in progress.
         """
         spec, schedule = self.check_inputs(req)
+        self.admit(req)  # limits and memory, before anything is allocated (docs/limits.md)
         if req.enable_hr and req.hr_upscaler not in HIRES_UPSCALERS:
             raise InvalidRequest(f"unknown hires upscaler {req.hr_upscaler!r}; choose one of: "
                                  + ", ".join(HIRES_UPSCALERS))

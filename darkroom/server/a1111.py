@@ -45,7 +45,7 @@ from darkroom.server.common import StudioDep, current_model_info, png_info_of, r
 from darkroom.server.uploads import decode_base64_image
 from darkroom.services.jobs import ERROR, QUEUED, Job
 from darkroom.services.studio import Studio
-from darkroom.settings import SETTINGS
+from darkroom.settings import LIMIT_SETTINGS, SETTINGS
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
 
@@ -168,6 +168,8 @@ def set_options(options: dict[str, Any], studio: StudioDep) -> None:
             if str(value).lower() != "png":
                 raise InvalidRequest(f"samples_format {value!r} is not supported yet (Darkroom saves png)")
             changes["samples_format"] = "png"
+        elif name in LIMIT_SETTINGS:  # darkroom_max_side, ...: validated by Settings.update (docs/limits.md)
+            changes[name] = value
     if model is not None:
         studio.select_model(model.path)
     if changes:

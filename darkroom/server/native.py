@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 import darkroom
 from darkroom.engine import samplers
+from darkroom.engine.admission import Limits
 from darkroom.errors import DarkroomError
 from darkroom.request import GenerationRequest
 from darkroom.server.common import get_studio, png_info_of
@@ -114,7 +115,8 @@ def status(studio: Studio = Depends(get_studio)) -> dict:
     return {"version": darkroom.__version__, "device": str(device.device), "precision": device.precision,
             "current_model": studio.current_model(),
             "queue": {"pending": studio.queue.pending(), "running": studio.queue.current is not None},
-            "history": studio.history.count(), "hashing": studio.hashing}
+            "history": studio.history.count(), "hashing": studio.hashing,
+            "limits": Limits.from_settings(studio.settings).as_dict()}  # the web UI's input maxima (docs/limits.md)
 
 
 @router.get("/models")

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from darkroom.errors import DarkroomError, Interrupted
+from darkroom.errors import DarkroomError, Interrupted, InvalidRequest
 from darkroom.request import GeneratedImage, GenerationRequest
 
 log = logging.getLogger("darkroom.jobs")
@@ -156,6 +156,7 @@ class JobQueue:
             x, y = (parse_axis_option(a) if a else None for a in xy)
             # every cell validated (and prepared, as the request was) before anything is queued
             plan = plan_xy(self.engine, request, x, y, prepare=self.prepare)
+        self._admit(request, plan)
         job = Job(request=request, private=private, source=source, batches=request.n_iter, steps=request.steps,
                   plan=plan, client=client)
         with self._cond:
@@ -166,6 +167,22 @@ class JobQueue:
             self._touch(job)
             self._cond.notify_all()
         return job
+
+    def _admit(self, request: GenerationRequest, plan) -> None:
+        """Limits and memory (darkroom/engine/admission.py): a request too big is refused now (HTTP 422), not
+        a failed job later; an X/Y plot's every cell is admitted. Engines without `admit` (test fakes) skip it."""
+        admit = getattr(self.engine, "admit", None)
+        if admit is None:
+            return
+        if plan is None:
+            admit(request)
+            return
+        for cell in plan.cells:
+            try:
+                admit(cell.request)
+            except InvalidRequest as e:
+                where = ", ".join(label for label in (cell.x_label, cell.y_label) if label)
+                raise InvalidRequest(f"X/Y plot cell ({where}): {e}") from None
 
     def get(self, job_id: str) -> Job:
         with self._cond:

@@ -249,6 +249,10 @@ def build_studio(home: Home, *, device: str | None = None, precision: str | None
     if added or dropped:
         log.info("history: indexed %d image(s) found on disk, forgot %d missing", added, dropped)
     settings = Settings(home.root / "settings.json")
+    from darkroom.engine.admission import Limits
+
+    engine.limits = Limits.from_settings(settings)  # the maxima every request is admitted against (docs/limits.md)
+    settings.listeners.append(lambda values: setattr(engine, "limits", Limits.from_values(values)))
     studio = Studio(home=home, engine=engine, queue=None, history=history, settings=settings,  # type: ignore[arg-type]
                     started=time.time())
     def outputs_for(req: GenerationRequest) -> Path:

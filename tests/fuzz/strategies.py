@@ -313,7 +313,8 @@ NATIVE_OPTIONAL = {**GENERATION_FIELDS, "private": with_wrong(st.booleans()),
 
 OVERRIDES = st.dictionaries(
     st.one_of(st.sampled_from(("sd_model_checkpoint", "CLIP_stop_at_last_layers", "sd_vae", "eta_noise_seed_delta",
-                               "randn_source", "samples_format", "sd_checkpoint_hash")), texts),
+                               "randn_source", "samples_format", "sd_checkpoint_hash", "darkroom_max_side",
+                               "darkroom_max_batch_size", "darkroom_max_batch_count", "darkroom_max_steps")), texts),
     st.one_of(st.sampled_from((1, 2, 12, 13, 0, "2", "tiny-sd1", "nope", "Automatic", "None", "CPU", "GPU", "png",
                                "jpg", None, 1.5, float("inf"), float("nan"), 2**64)), anything), max_size=3)
 A1111_CORE = {"prompt": prompts, "steps": st.integers(1, 3), "width": sides, "height": sides,

@@ -186,7 +186,8 @@ def test_a1111_routes(served, case):
         check(r)
     finally:
         served.settle()
-        served.studio.settings.update(current_model=None, clip_skip=1, vae=None)
+        served.studio.settings.update(current_model=None, clip_skip=1, vae=None, max_side=4096, max_batch_size=16,
+                                      max_batch_count=100, max_steps=500)
 
 
 # --- HTTP: the OpenAI API ------------------------------------------------------------------------------------

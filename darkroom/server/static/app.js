@@ -283,6 +283,19 @@
   DR.loaders = DR.loaders || []; // async list loaders run by init (VAEs, LoRAs, X/Y axes)
   DR.onSize = DR.onSize || [];   // called when the size fields or their placeholders change
 
+  /** The server's limits (settings max_side, max_batch_size, ...; docs/limits.md) as the inputs' max. */
+  async function loadLimits() {
+    const s = await api('/api/status');
+    const lim = (s && s.limits) || {};
+    const inputs = { max_side: ['width', 'height', 'hr-resize-x', 'hr-resize-y'], max_batch_size: ['batch-size'],
+      max_batch_count: ['batch-count'], max_steps: ['steps', 'hr-steps'] };
+    for (const [name, ids] of Object.entries(inputs)) {
+      if (!Number.isSafeInteger(lim[name])) continue;
+      for (const id of ids) { const input = $(id); if (input) input.max = String(lim[name]); }
+    }
+  }
+  DR.loaders.push(loadLimits);
+
   /** The GenerationRequest (+ private flag) described by the form. */
   function readForm(submit = false) {
     const req = {
