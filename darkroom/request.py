@@ -22,7 +22,7 @@ user asked for and the infotexts' seeds would jump from 2**64-1 to 0.
 MAX_TEXT = 64 * 1024
 """Characters in a text field (prompt, negative prompt, names). CLIP reads 75 tokens a chunk, so a
 longer prompt is a mistake (a pasted file, a runaway script): refused at once, never tokenized."""
-TEXT_FIELDS = ("prompt", "negative_prompt", "sampler", "schedule", "model", "vae", "hr_upscaler")
+TEXT_FIELDS = ("prompt", "negative_prompt", "sampler", "schedule", "model", "vae", "hr_upscaler", "preset")
 
 
 class GenerationRequest(BaseModel):
@@ -48,6 +48,10 @@ class GenerationRequest(BaseModel):
     subseed_strength: float = Field(0.0, ge=0.0, le=1.0, description="How far the noise moves towards the subseed's.")
     vae: str | None = Field(None, description="A separate VAE file (name in the VAE folders or path); None = the"
                                               " checkpoint's own.")
+    preset: str | None = Field(
+        None, description="Few-step preset (lcm, turbo, lightning, hyper, hyper-cfg, dmd2, tcd, standard) or 'auto'"
+                          " (detected from the checkpoint and LoRAs): fills sampler, schedule, steps and cfg_scale"
+                          " where the request does not set them. See docs/few-step.md.")
 
     # img2img / inpainting (A1111 names); images are encoded files (PNG, JPEG, WebP)
     init_image: bytes | None = Field(None, repr=False, description="img2img source image.")

@@ -14,9 +14,10 @@ from darkroom.cli.generate import generate
 from darkroom.cli.group import cli
 from darkroom.cli.info import png_info, samplers
 from darkroom.cli.models import models_group
+from darkroom.cli.presets import presets
 from darkroom.cli.serve import serve
 
-for _command in (generate, png_info, samplers, serve, backup, restore, verify, doctor):
+for _command in (generate, png_info, samplers, presets, serve, backup, restore, verify, doctor):
     cli.add_command(_command)
 cli.add_command(models_group, "models")
 cli.add_command(bundle_group, "bundle")

@@ -42,6 +42,10 @@ def _engine(home: Home, device: str | None, precision: str | None, allow_pickle:
 @click.option("--sampler", default=None,
               help="A1111 sampler name, e.g. 'Euler a', 'DPM++ 2M' (see `darkroom samplers`).")
 @click.option("--schedule", default=None, help="Schedule type: Automatic, Uniform, Karras, Exponential, SGM Uniform.")
+@click.option("--preset", default=None,
+              help="Few-step preset: lcm, turbo, lightning, hyper, hyper-cfg, dmd2, tcd, standard (see `darkroom"
+                   " presets`); it sets sampler, schedule, steps and CFG unless given here. Default: auto (detected"
+                   " from the checkpoint's and LoRAs' metadata or names; 'standard' turns it off).")
 @click.option("--seed", type=int, default=None, help="-1 picks a random seed (recorded in the image).")
 @click.option("-W", "--width", type=int, default=None)
 @click.option("-H", "--height", type=int, default=None)
@@ -94,7 +98,7 @@ def generate(obj: Context, prompt, negative_prompt, model, n_iter, batch_size, s
              seed, width, height, clip_skip, output, from_png, init_image, mask, denoising_strength, resize_mode,
              mask_blur, masked_content, inpaint_full_res, inpaint_full_res_padding, inpainting_mask_invert, enable_hr,
              hr_scale, hr_upscaler, hr_second_pass_steps, hr_size, vae, subseed, subseed_strength, x_axis, y_axis,
-             device, precision, allow_pickle, v_prediction) -> None:
+             device, precision, allow_pickle, v_prediction, preset) -> None:
     """Generate images from PROMPT (txt2img, img2img, inpainting, hires fix) and write PNGs with their parameters."""
     from darkroom.api import output_folder, request_from_png
     from darkroom.models import starter
@@ -118,20 +122,26 @@ def generate(obj: Context, prompt, negative_prompt, model, n_iter, batch_size, s
                   inpainting_mask_invert=inpainting_mask_invert, enable_hr=enable_hr, hr_scale=hr_scale,
                   hr_upscaler=hr_upscaler, hr_second_pass_steps=hr_second_pass_steps, hr_resize_x=hr_resize_x,
                   hr_resize_y=hr_resize_y, vae=vae, subseed=subseed, subseed_strength=subseed_strength,
-                  init_image=_read(init_image), mask=_read(mask))
+                  init_image=_read(init_image), mask=_read(mask), preset=preset)
     given = {k: v for k, v in fields.items() if v is not None}
     if from_png is not None:
         base = request_from_png(from_png)
         req = base.model_copy(update=given)
-        req = GenerationRequest.model_validate(req.model_dump())
+        # the image's settings count as given, except those an explicit --preset replaces
+        unset = {"sampler", "schedule", "steps", "cfg_scale"} - set(given) if preset else set()
+        req = GenerationRequest.model_validate(req.model_dump(exclude=unset))
     else:
         if prompt is None:
             raise click.UsageError("give a PROMPT (or --from-png FILE)")
-        req = GenerationRequest(**given)
+        req = GenerationRequest(**{"preset": "auto", **given})
     engine = _engine(obj.home, device, precision, allow_pickle, v_prediction)
+    req = engine.apply_preset(req)  # before the progress bar counts the steps
     path = engine.model_path(req)
     note = starter.description(path)
     click.echo(f"Model: {path.name}" + (f"  ({note})" if note else ""), err=True)
+    if req.preset not in (None, "auto"):
+        click.echo(f"Preset {req.preset}: {req.sampler}, {req.schedule}, {req.steps} steps,"
+                   f" CFG {req.cfg_scale:g}", err=True)
     out_dir = output or output_folder(obj.home, "img2img" if req.is_img2img else "txt2img")
 
     cancel = threading.Event()

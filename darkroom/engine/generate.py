@@ -137,6 +137,9 @@ class Engine:
         self.limits = Limits()  # maxima every request is admitted against (the studio and CLI set them from settings)
 
     def check_inputs(self, req: GenerationRequest) -> tuple[samplers.Sampler, str]:
+        from darkroom.engine.presets import check_preset_name
+
+        check_preset_name(req.preset)
         return samplers.resolve(req.sampler, req.schedule)
 
     def admit(self, req: GenerationRequest) -> GenerationRequest:
@@ -169,6 +172,7 @@ class Engine:
         `on_image` sees each image as soon as it is written, so a caller (the job queue)
         can index it before the next batch starts: a crash loses at most the batch in progress.
         """
+        req = self.apply_preset(req)  # few-step presets: docs/few-step.md
         spec, schedule = self.check_inputs(req)
         self.admit(req)  # limits and memory, before anything is allocated (docs/limits.md)
         if req.enable_hr and req.hr_upscaler not in HIRES_UPSCALERS:
@@ -407,6 +411,39 @@ class Engine:
         if output_dir is not None:
             path = str(write_numbered(output_dir, seed, png))
         return GeneratedImage(seed=seed, infotext=infotext, png=png, path=path)
+
+    def apply_preset(self, req: GenerationRequest) -> GenerationRequest:
+        """Fill sampler/schedule/steps/CFG from `req.preset` where the request left them unset
+        (darkroom/engine/presets.py); "auto" detects the preset from the LoRAs and the checkpoint."""
+        from darkroom.engine import presets
+
+        if req.preset is None:
+            return req
+        if req.preset.strip().lower() != presets.AUTO:
+            return presets.apply_preset(req)
+        return presets.apply_preset(req, self.detect_preset(req))
+
+    def detect_preset(self, req: GenerationRequest):
+        """The few-step preset the request's LoRAs or checkpoint need (presets.Detection), or None."""
+        from darkroom.engine import presets
+        from darkroom.errors import DarkroomError
+        from darkroom.models.header import read_header
+
+        loras = []
+        for tag in extract_lora_tags(req.prompt)[1]:
+            if tag.unet_weight == 0:
+                continue
+            try:
+                meta = self.loras.resolve(tag.name).metadata
+            except DarkroomError:  # a missing or damaged LoRA is reported when it is applied
+                meta = {}
+            loras.append((tag.name, meta))
+        try:
+            path = self.model_path(req)
+            metadata = read_header(path).metadata if path.suffix.lower() == ".safetensors" else {}
+        except (DarkroomError, OSError):  # reported when the model is loaded
+            path, metadata = None, {}
+        return presets.detect(loras=loras, checkpoint=path, metadata=metadata)
 
 
 def write_numbered(folder: Path, seed: int, data: bytes) -> Path:

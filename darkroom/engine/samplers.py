@@ -3,6 +3,11 @@
 One table drives the CLI choices, validation, the infotext and (later) the APIs' sampler
 lists. Each sampler lists the schedules it supports; "Automatic" resolves to the
 sampler's own default as the webui does (e.g. Karras for DPM++ 2M).
+
+The consistency samplers (LCM, TCD) pick their timesteps themselves: "Uniform" is their own
+schedule (evenly spaced indices into the distillation schedule, as diffusers does), and
+"SGM Uniform" gives them trailing timesteps (999, 749, 499, 249 at 4 steps: what DMD2 was
+trained on), which diffusers' LCMScheduler/TCDScheduler would ignore as a config value.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import diffusers
+import numpy as np
 
 from darkroom.errors import InvalidRequest
 
@@ -59,6 +65,8 @@ SAMPLERS: tuple[Sampler, ...] = (
     Sampler("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, ("plms", "pndm"), schedules=SPACING_ONLY),
     Sampler("UniPC", "UniPCMultistepScheduler", {}, ("uni_pc", "unipc")),
     Sampler("LCM", "LCMScheduler", {}, ("k_lcm", "lcm"), schedules=SPACING_ONLY, stochastic=True),
+    # TCD's gamma is the request's eta (default 0.3, the scheduler's own and the TCD LoRAs' recommendation)
+    Sampler("TCD", "TCDScheduler", {}, ("tcd",), schedules=SPACING_ONLY, stochastic=True),
 )
 _BY_NAME = {s.name.lower(): s for s in SAMPLERS} | {a.lower(): s for s in SAMPLERS for a in s.aliases}
 SCHEDULE_NAMES = ("Automatic", *SIGMA_SCHEDULES)
@@ -100,9 +108,45 @@ def resolve(sampler: str, schedule: str = "Automatic") -> tuple[Sampler, str]:
     return spec, label
 
 
+def trailing_timesteps(steps: int, train_timesteps: int = 1000) -> list[int]:
+    """diffusers' "trailing" spacing (as DDIM/Euler compute it): 999, 749, 499, 249 for 4 of 1000."""
+    return (np.round(np.arange(train_timesteps, 0, -train_timesteps / steps)) - 1).astype(np.int64).tolist()
+
+
+class _ConsistencyTimesteps:
+    """LCM/TCD timesteps: trailing when the config asks for it ("SGM Uniform"), else the scheduler's own."""
+
+    def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
+        if num_inference_steps is None or kwargs:  # custom timesteps or strength: diffusers' own handling
+            return super().set_timesteps(num_inference_steps, device, **kwargs)
+        total = self.config.num_train_timesteps
+        if self.config.timestep_spacing == "trailing":
+            # original_inference_steps=total: every integer timestep is on the "distillation schedule",
+            # which only silences diffusers' warning about custom timesteps off a 50-step grid
+            return super().set_timesteps(device=device, original_inference_steps=total,
+                                         timesteps=trailing_timesteps(num_inference_steps, total))
+        original = self.config.original_inference_steps
+        if num_inference_steps > original:
+            raise InvalidRequest(
+                f"{num_inference_steps} steps is more than the Uniform schedule of a consistency sampler allows"
+                f" ({original}); use fewer steps (few-step models want 1-8) or the SGM Uniform schedule")
+        return super().set_timesteps(num_inference_steps, device)
+
+
+class LCMScheduler(_ConsistencyTimesteps, diffusers.LCMScheduler):
+    pass
+
+
+class TCDScheduler(_ConsistencyTimesteps, diffusers.TCDScheduler):
+    pass
+
+
+_OWN_SCHEDULERS = {"LCMScheduler": LCMScheduler, "TCDScheduler": TCDScheduler}
+
+
 def make_scheduler(spec: Sampler, schedule: str, base_config: dict[str, Any], *, seed: int | None = None):
     """A fresh scheduler instance (schedulers are stateful: one per generation)."""
-    cls = getattr(diffusers, spec.scheduler)
+    cls = _OWN_SCHEDULERS.get(spec.scheduler) or getattr(diffusers, spec.scheduler)
     config = dict(base_config)
     config.update(SCHEDULES[schedule])
     config.update(spec.options)

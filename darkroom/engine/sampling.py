@@ -244,7 +244,7 @@ def _denoise(model: LoadedModel, spec: samplers.Sampler, schedule: str, *, steps
         pred = model.unet(x.to(model.dtype), t, encoder_hidden_states=context, added_cond_kwargs=extra).sample.float()
         pred = conditioning.combine(pred, n, weights)
         kwargs = {"generator": generators} if spec.stochastic and spec.scheduler != "DPMSolverSDEScheduler" else {}
-        if eta is not None and spec.scheduler == "DDIMScheduler":
+        if eta is not None and spec.scheduler in ("DDIMScheduler", "TCDScheduler"):  # TCD: eta is its gamma
             kwargs["eta"] = eta
         with _quiet_brownian_tree() if spec.scheduler == "DPMSolverSDEScheduler" else contextlib.nullcontext():
             out = scheduler.step(pred, t, latents, **kwargs)

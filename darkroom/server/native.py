@@ -45,7 +45,8 @@ class JobRequest(GenerationRequest):
     xy: XYAxes | None = None  # an X/Y grid over this request
 
     def to_request(self) -> GenerationRequest:
-        data = self.model_dump(exclude={"private", "init_image", "mask", "xy"})
+        # only the fields the client sent: a preset fills the ones it left out (model_fields_set)
+        data = self.model_dump(exclude={"private", "init_image", "mask", "xy"}, exclude_unset=True)
         if self.init_image:
             data["init_image"] = decode_base64_image(self.init_image, field="init_image")
         if self.mask:
@@ -183,6 +184,14 @@ def xy_axes() -> list[dict]:
 @router.get("/schedules")
 def schedule_list() -> list[str]:
     return list(samplers.SCHEDULE_NAMES)
+
+
+@router.get("/presets")
+def preset_list() -> list[dict]:
+    """Few-step presets for a job's `preset` field ("auto" detects one from the model and LoRAs)."""
+    from darkroom.engine.presets import PRESETS
+
+    return [p.to_dict() for p in PRESETS]
 
 
 @router.post("/jobs", status_code=202)

@@ -148,6 +148,7 @@ class JobQueue:
         """Queue a generation; with `xy` ("axis=values" for x and y) an X/Y grid of them."""
         if self.prepare is not None:
             request = self.prepare(request)
+        request = self.engine.apply_preset(request)  # few-step preset: the job's step count is the real one
         self.engine.check_inputs(request)  # an unknown sampler fails now, not when its turn comes
         plan = None
         if xy is not None and any(xy):
