@@ -11,16 +11,23 @@ from darkroom.request import GenerationRequest, GenerationResult
 
 
 def build_engine(home: Home, *, device: str | None = None, precision: str | None = None, allow_pickle: bool = False,
-                 v_prediction: bool | None = None):
-    """An Engine with its model cache and library, for one process."""
+                 v_prediction: bool | None = None, vram: str | None = None, fp8: bool = False):
+    """An Engine with its model cache and library, for one process.
+
+    `vram`: "auto" (default: the free VRAM decides), "high", "medium" (medvram: one
+    component on the GPU at a time), "low" (lowvram: the UNet's blocks streamed), or a budget such as
+    "4GB"; `fp8`: store the UNet's weights as float8 (see darkroom/engine/placement.py, docs/gpu.md).
+    """
     from darkroom.engine.cache import ModelCache
     from darkroom.engine.device import choose_device
     from darkroom.engine.generate import Engine
+    from darkroom.engine.placement import Placement
     from darkroom.models.library import ModelLibrary
     from darkroom.models.starter import starter_path
 
     library = ModelLibrary(home)
     cache = ModelCache(choose_device(device, precision), allow_pickle=allow_pickle, v_prediction=v_prediction)
+    cache.placement = Placement(vram, fp8=fp8)
     return Engine(library, cache, default_model=lambda: starter_path(home))
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from darkroom.cli.group import Context, log, user_errors
+from darkroom.cli.group import Context, log, user_errors, vram_options
 from darkroom.fsutil import read_regular
 from darkroom.home import Home
 from darkroom.metadata.images import MAX_IMAGE_FILE_BYTES
@@ -20,13 +20,14 @@ RESIZE_CHOICES = {"just-resize": 0, "crop": 1, "fill": 2}
 FILL_CHOICES = {"fill": 0, "original": 1, "latent-noise": 2, "latent-nothing": 3}
 
 
-def _engine(home: Home, device: str | None, precision: str | None, allow_pickle: bool, v_prediction: bool | None):
+def _engine(home: Home, device: str | None, precision: str | None, allow_pickle: bool, v_prediction: bool | None,
+            vram: str | None = None, fp8: bool = False):
     from darkroom.api import build_engine
     from darkroom.engine.admission import Limits
     from darkroom.settings import Settings
 
     engine = build_engine(home, device=device, precision=precision, allow_pickle=allow_pickle,
-                          v_prediction=v_prediction)
+                          v_prediction=v_prediction, vram=vram, fp8=fp8)
     engine.limits = Limits.from_settings(Settings(home.root / "settings.json"))  # as the server's (docs/limits.md)
     return engine
 
@@ -89,6 +90,7 @@ def _engine(home: Home, device: str | None, precision: str | None, allow_pickle:
               help="X/Y plot: the values in the rows, e.g. 'sampler=Euler a,DPM++ 2M'.")
 @click.option("--device", default=None, help="auto (default), cpu, cuda, cuda:N, mps.")
 @click.option("--precision", default=None, help="auto (default), fp32, fp16, bf16.")
+@vram_options
 @click.option("--allow-pickle", is_flag=True, help="Allow .ckpt pickles (loaded with torch.load(weights_only=True)).")
 @click.option("--v-pred/--no-v-pred", "v_prediction", default=None,
               help="Force v-prediction on/off (default: from the file's metadata, v_pred key or sidecar .yaml).")
@@ -98,7 +100,7 @@ def generate(obj: Context, prompt, negative_prompt, model, n_iter, batch_size, s
              seed, width, height, clip_skip, output, from_png, init_image, mask, denoising_strength, resize_mode,
              mask_blur, masked_content, inpaint_full_res, inpaint_full_res_padding, inpainting_mask_invert, enable_hr,
              hr_scale, hr_upscaler, hr_second_pass_steps, hr_size, vae, subseed, subseed_strength, x_axis, y_axis,
-             device, precision, allow_pickle, v_prediction, preset) -> None:
+             device, precision, allow_pickle, v_prediction, preset, vram, fp8) -> None:
     """Generate images from PROMPT (txt2img, img2img, inpainting, hires fix) and write PNGs with their parameters."""
     from darkroom.api import output_folder, request_from_png
     from darkroom.models import starter
@@ -134,7 +136,7 @@ def generate(obj: Context, prompt, negative_prompt, model, n_iter, batch_size, s
         if prompt is None:
             raise click.UsageError("give a PROMPT (or --from-png FILE)")
         req = GenerationRequest(**{"preset": "auto", **given})
-    engine = _engine(obj.home, device, precision, allow_pickle, v_prediction)
+    engine = _engine(obj.home, device, precision, allow_pickle, v_prediction, vram, fp8)
     req = engine.apply_preset(req)  # before the progress bar counts the steps
     path = engine.model_path(req)
     note = starter.description(path)

@@ -126,3 +126,23 @@ def cli(ctx: click.Context, home: Path | None, models_dirs: tuple[Path, ...]) ->
     obj.setup_logging()
     ctx.obj = obj
 
+
+
+def vram_options(command):
+    """`--vram MODE|BUDGET` (env DARKROOM_VRAM), the webui's `--medvram`/`--lowvram` and `--fp8` (env
+    DARKROOM_FP8): how the model is placed on a GPU (darkroom/engine/placement.py, docs/gpu.md). The
+    command receives `vram` (None: auto) and `fp8`."""
+    options = [
+        click.option("--vram", default=None, envvar="DARKROOM_VRAM", metavar="MODE",
+                     help="GPU memory: auto (from the free VRAM), high, medium, low, or a budget such as 4GB"
+                          " (docs/gpu.md)."),
+        click.option("--medvram", "vram", flag_value="medium",
+                     help="Same as --vram medium: one model component on the GPU at a time."),
+        click.option("--lowvram", "vram", flag_value="low",
+                     help="Same as --vram low: the UNet's blocks streamed through the GPU, tiled VAE."),
+        click.option("--fp8", is_flag=True, envvar="DARKROOM_FP8",
+                     help="Store the UNet's weights as fp8 (half the VRAM; computed in fp16/bf16)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from darkroom.cli.group import Context, user_errors
+from darkroom.cli.group import Context, user_errors, vram_options
 
 
 @click.command()
@@ -21,13 +21,16 @@ from darkroom.cli.group import Context, user_errors
 @click.option("--max-queue", type=int, default=100, show_default=True, help="Waiting jobs before 'queue full'.")
 @click.option("--device", default=None, help="auto (default), cpu, cuda, cuda:N, mps.")
 @click.option("--precision", default=None, help="auto (default), fp32, fp16, bf16.")
+@vram_options
 @click.option("--allow-pickle", is_flag=True, help="Allow .ckpt pickles (loaded with torch.load(weights_only=True)).")
 @click.pass_obj
 @user_errors
-def serve(obj: Context, port, listen, host, token, api_auth, max_queue, device, precision, allow_pickle) -> None:
+def serve(obj: Context, port, listen, host, token, api_auth, max_queue, device, precision, allow_pickle, vram,
+          fp8) -> None:
     """Start the web UI and the HTTP APIs (A1111 /sdapi/v1, OpenAI /v1) on http://127.0.0.1:7860."""
     from darkroom.server.run import serve as run_server
 
     run_server(obj.home, port=port, listen=listen, host=host, token=token, api_auth=api_auth, max_queue=max_queue,
-               device=device, precision=precision, allow_pickle=allow_pickle, echo=click.echo)
+               device=device, precision=precision, allow_pickle=allow_pickle, vram=vram, fp8=fp8,
+               echo=click.echo)
 

@@ -15,6 +15,8 @@ from darkroom.models.loader import LoadedModel, LoadOptions, load_checkpoint
 class ModelCache:
     """Keeps the last loaded model; loading another frees it first (peak memory = one model)."""
 
+    placement = None  # a darkroom.engine.placement.Placement (low-VRAM offload, fp8) or None: all on the device
+
     def __init__(self, device: DeviceChoice, *, allow_pickle: bool = False, v_prediction: bool | None = None):
         self.device = device
         self.allow_pickle = allow_pickle
@@ -46,7 +48,11 @@ class ModelCache:
                 # a single file's UNet/VAE weights are stored NHWC as they load (no second copy)
                 channels_last=self.device.device.type == "cpu",
             )
+            if self.placement is not None:  # may offload: load in CPU memory, then place (engine/placement.py)
+                opts.device = self.placement.load_device(opts.device)
             model = load_checkpoint(path, opts)
+            if self.placement is not None:
+                self.placement.install(model, self.device.device)
             if model.device.type == "cpu":
                 # oneDNN's convolutions are faster on NHWC weights, most of all at bf16 (a no-op
                 # for weights loaded NHWC already; converts a diffusers folder's)

@@ -38,7 +38,8 @@ def _check_port(host: str, port: int) -> None:
 
 def serve(home: Home, *, port: int = 7860, listen: bool = False, host: str | None = None, token: str | None = None,
           api_auth: str | None = None, max_queue: int = 100, device: str | None = None, precision: str | None = None,
-          allow_pickle: bool = False, echo: Callable[[str], None] = print) -> None:
+          allow_pickle: bool = False, vram: str | None = None, fp8: bool = False,
+          echo: Callable[[str], None] = print) -> None:
     import uvicorn
 
     from darkroom.server.app import create_app
@@ -49,7 +50,8 @@ def serve(home: Home, *, port: int = 7860, listen: bool = False, host: str | Non
     beyond_loopback = not _is_loopback(host)
     security = Security.for_serve(listen=beyond_loopback, token=token, api_auth=api_auth)
     _check_port(host, port)
-    studio = build_studio(home, device=device, precision=precision, allow_pickle=allow_pickle, max_queue=max_queue)
+    studio = build_studio(home, device=device, precision=precision, allow_pickle=allow_pickle, max_queue=max_queue,
+                          vram=vram, fp8=fp8)
     app = create_app(studio, security)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown}:{port}/"

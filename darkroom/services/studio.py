@@ -238,12 +238,12 @@ class Studio:
 
 
 def build_studio(home: Home, *, device: str | None = None, precision: str | None = None, allow_pickle: bool = False,
-                 max_queue: int = 100, start: bool = True) -> Studio:
+                 max_queue: int = 100, start: bool = True, vram: str | None = None, fp8: bool = False) -> Studio:
     """Everything `darkroom serve` runs on; `start=False` leaves the worker thread off (tests)."""
     import time
 
     home = home.ensure()
-    engine = build_engine(home, device=device, precision=precision, allow_pickle=allow_pickle)
+    engine = build_engine(home, device=device, precision=precision, allow_pickle=allow_pickle, vram=vram, fp8=fp8)
     history = History(home.root / "history.sqlite3", home.outputs)
     added, dropped = history.reconcile()
     if added or dropped:
