@@ -9,7 +9,13 @@ the same Euler scheduler, size, steps, CFG scale and prompts:
   `elapsed`, the decode from timing `latents_to_images` on the final latents.
 - diffusers: `StableDiffusionPipeline.from_single_file(path, config=<configs and tokenizer
   only>, local_files_only=True)` in fp32, per-step times from `callback_on_step_end`, the
-  decode from timing `vae.decode` + `image_processor.postprocess` on the final latents.
+  decode from timing `vae.decode` + `image_processor.postprocess` on the final latents;
+- diffusers bf16 + channels-last: the same pipeline loaded in bf16, UNet and VAE moved to
+  channels-last by hand.
+
+Each side's time is also divided by the floor (benchmarks/floor.py: the model's FLOPs from
+its config over the measured bf16 matmul peak). `--family sdxl`: Darkroom alone against the
+SDXL floor at 1024x1024 (benchmarks/sdxl_file.py writes the random file).
 
 The first step of every run is dropped (oneDNN primitive creation, caches). Machines are
 noisy, so the number to read is the ratio diffusers/Darkroom measured in the same run
@@ -38,6 +44,9 @@ from pathlib import Path
 import torch
 
 import darkroom  # noqa: F401  (sets the HF stack offline and installs the network guard first)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from floor import matmul_peak, unet_step_flops, vae_decode_flops  # noqa: E402  (benchmarks/floor.py)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -350,7 +359,7 @@ def run_darkroom(engine, req, monitor: RssMonitor) -> dict:
     }
 
 
-def run_diffusers(pipe, make_scheduler, steps: int, size: int, monitor: RssMonitor) -> dict:
+def run_diffusers(pipe, make_scheduler, steps: int, size: int, monitor: RssMonitor, phase: str) -> dict:
     stamps: list[float] = []
     cpu: list[float] = []
 
@@ -360,7 +369,7 @@ def run_diffusers(pipe, make_scheduler, steps: int, size: int, monitor: RssMonit
         return kwargs
 
     pipe.scheduler = make_scheduler()
-    with monitor.phase("diffusers run"):
+    with monitor.phase(f"{phase} run"):
         t0 = time.perf_counter()
         latents = pipe(
             PROMPT,
@@ -402,6 +411,78 @@ def summarize(runs: list[dict]) -> dict:
     }
 
 
+def main_sdxl(args) -> int:
+    """SDXL: Darkroom's default path against the floor (the diffusers sides are left out: its fp32
+    pipeline alone is 14 GB, next to Darkroom's 7 GB bf16 model). The random file is written
+    tensor by tensor by benchmarks/sdxl_file.py (about 80 s, 6.5 GiB on disk, little memory)."""
+    import sdxl_file
+
+    from darkroom.api import build_engine
+    from darkroom.home import Home
+    from darkroom.offline.guard import process_guard
+    from darkroom.request import GenerationRequest
+
+    if args.steps < 2:
+        raise SystemExit("--steps must be at least 2 (the first step is warm-up)")
+    size = 1024 if args.size == 512 else args.size
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / sdxl_file.CHECKPOINT_NAME
+    if not (args.keep and sdxl_file.checkpoint_ok(ckpt)):
+        sdxl_file.write_checkpoint(ckpt)
+    load_before = os.getloadavg()
+    unet_flops, unet_ops = unet_step_flops(sdxl_file.UNET_CONFIG, size, context=sdxl_file.CONTEXT,
+                                           added_cond=sdxl_file.ADDED_COND)
+    vae_flops, vae_ops = vae_decode_flops(sdxl_file.VAE_CONFIG, size)
+    monitor = RssMonitor().start()
+    tmp = tempfile.TemporaryDirectory(prefix="darkroom-bench-home-")
+    engine = build_engine(Home(Path(tmp.name)).ensure())
+    req = GenerationRequest(model=str(ckpt), prompt=PROMPT, negative_prompt=NEGATIVE, steps=args.steps, width=size,
+                            height=size, cfg_scale=CFG_SCALE, sampler=SAMPLER, seed=SEED)
+    with monitor.phase("darkroom load"):
+        t0 = time.perf_counter()
+        model = engine.load(req)
+        load_s = time.perf_counter() - t0
+    peak_before = matmul_peak()
+    runs = []
+    for r in range(args.rounds):
+        gc.collect()
+        res = run_darkroom(engine, req, monitor)
+        runs.append(res)
+        print(f"round {r + 1} darkroom: steps 2..{args.steps} [{', '.join(f'{x:.2f}' for x in res['step_seconds'])}] s,"
+              f" decode {res['decode_seconds']:.2f} s, {res['cpu_utilisation']:.2f} cores busy", flush=True)
+    monitor.stop()
+    peak = max(peak_before, matmul_peak())
+    dr = summarize(runs)
+    floor_step, floor_decode = unet_flops / peak, vae_flops / peak
+    report = {
+        "family": "sdxl", "size": size, "steps": args.steps, "rounds": args.rounds, "load_seconds": round(load_s, 1),
+        "dtype": str(model.dtype), "vae_dtype": str(model.vae_dtype), **dr, "runs": runs,
+        "floor": {"unet_cfg_step_flops": unet_flops, "vae_decode_flops": vae_flops, "unet_flops_per_op": unet_ops,
+                  "vae_flops_per_op": vae_ops, "bf16_matmul_flops_per_s": peak, "step_s": floor_step,
+                  "decode_s": floor_decode, "targets": {"step": 1.5}},
+        "ratio_to_floor": {"step": dr["s_per_step"] / floor_step, "decode": dr["decode_s"] / floor_decode},
+        "peak_rss_gib": {phase: gib(v) for phase, v in monitor.peaks.items()},
+        "machine": {"cpu": cpu_model(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "loadavg_before": [round(x, 2) for x in load_before],
+                    "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
+        "network_attempts": len(process_guard().attempts),
+    }
+    tmp.cleanup()
+    print(f"\nSDXL random weights, {size}x{size}, {SAMPLER}, CFG {CFG_SCALE:g}; {report['machine']['cpu']},"
+          f" torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    print(f"floor (FLOPs / bf16 matmul peak {peak / 1e9:.0f} GFLOP/s): step {floor_step:.2f} s"
+          f" ({unet_flops / 1e12:.2f} TFLOP), decode {floor_decode:.2f} s ({vae_flops / 1e12:.2f} TFLOP)")
+    print(f"Darkroom {str(model.dtype).replace('torch.', '')}: {dr['s_per_step']:.2f} s/step"
+          f" ({report['ratio_to_floor']['step']:.2f}x floor, target 1.5x), decode {dr['decode_s']:.2f} s"
+          f" ({report['ratio_to_floor']['decode']:.2f}x floor)")
+    print("peak RSS (GiB): " + ", ".join(f"{k} {v}" for k, v in report["peak_rss_gib"].items()))
+    print(f"load average before/after: {load_before[0]:.2f}/{os.getloadavg()[0]:.2f};"
+          f" network attempts: {report['network_attempts']}")
+    (out / "step_time_sdxl.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3, help="sampling steps per run (the first is dropped)")
@@ -409,8 +490,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved runs of each (A B, B A, ...)")
     parser.add_argument("--out", type=Path, default=HERE / "out", help="checkpoint, config folder, JSON")
     parser.add_argument("--keep", action="store_true", help="reuse a checkpoint already in --out")
+    parser.add_argument("--family", choices=("sd15", "sdxl"), default="sd15",
+                        help="sdxl: Darkroom alone against the floor, 1024x1024 unless --size says otherwise")
     parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.family == "sdxl":
+        return main_sdxl(args)
     out = args.out.resolve()
     if args.build_only:
         build_checkpoint(out / CHECKPOINT_NAME)
@@ -430,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     from darkroom.engine import samplers
     from darkroom.home import Home
     from darkroom.models.configs import scheduler_config
+    from darkroom.offline.guard import process_guard
     from darkroom.request import GenerationRequest
 
     diffusers_logging.disable_progress_bar()
@@ -464,6 +550,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         diffusers_load = time.perf_counter() - t0
     pipe.set_progress_bar_config(disable=True)
+    # What a user could do by hand: the same pipeline in bf16 with channels-last UNet/VAE weights.
+    with monitor.phase("diffusers bf16 load"):
+        t0 = time.perf_counter()
+        pipe16 = StableDiffusionPipeline.from_single_file(
+            str(ckpt), config=str(config_dir), local_files_only=True, torch_dtype=torch.bfloat16,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe16.unet.to(memory_format=torch.channels_last)
+        pipe16.vae.to(memory_format=torch.channels_last)
+        diffusers16_load = time.perf_counter() - t0
+    pipe16.set_progress_bar_config(disable=True)
+    diffusers16_info = {"dtype": "bfloat16", "load_seconds": round(diffusers16_load, 1),
+                        "unet": describe_unet(pipe16.unet)}
     ids = pipe.tokenizer("a photo of a cat").input_ids
     if ids != CAT_IDS:
         raise SystemExit(f"tokenizer mismatch: {ids} != {CAT_IDS}")
@@ -480,23 +579,43 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.equal(ours.timesteps, theirs.timesteps) or not torch.allclose(ours.sigmas, theirs.sigmas):
         raise SystemExit(f"schedules differ: {ours.timesteps} vs {theirs.timesteps}")
 
-    runs: dict[str, list[dict]] = {"darkroom": [], "diffusers": []}
-    order = ["darkroom", "diffusers"]
+    # The floor: the model's FLOPs (from its config, on the meta device) over the measured bf16
+    # matmul peak on these threads (measured before and after the runs; the better one is used).
+    unet_flops, unet_ops = unet_step_flops(UNET_CONFIG, args.size)
+    vae_flops, vae_ops = vae_decode_flops(VAE_CONFIG, args.size)
+    peak_before = matmul_peak()
+    print(f"floor: UNet CFG step {unet_flops / 1e12:.3f} TFLOP, VAE decode {vae_flops / 1e12:.3f} TFLOP;"
+          f" bf16 matmul peak {peak_before / 1e9:.0f} GFLOP/s", flush=True)
+
+    runs: dict[str, list[dict]] = {"darkroom": [], "diffusers": [], "diffusers_bf16": []}
+    order = ["darkroom", "diffusers", "diffusers_bf16"]
     for r in range(args.rounds):
         for name in order if r % 2 == 0 else order[::-1]:
             gc.collect()
             if name == "darkroom":
                 res = run_darkroom(engine, req, monitor)
+            elif name == "diffusers":
+                res = run_diffusers(pipe, make_scheduler, args.steps, args.size, monitor, "diffusers")
             else:
-                res = run_diffusers(pipe, make_scheduler, args.steps, args.size, monitor)
+                res = run_diffusers(pipe16, make_scheduler, args.steps, args.size, monitor, "diffusers bf16")
             runs[name].append(res)
             steps_txt = ", ".join(f"{s:.2f}" for s in res["step_seconds"])
-            print(f"round {r + 1} {name:9s}: steps 2..{args.steps} [{steps_txt}] s,"
+            print(f"round {r + 1} {name:14s}: steps 2..{args.steps} [{steps_txt}] s,"
                   f" decode {res['decode_seconds']:.2f} s, {res['cpu_utilisation']:.2f} cores busy while stepping",
                   flush=True)
     monitor.stop()
+    peak_after = matmul_peak()
+    peak = max(peak_before, peak_after)
+    floor = {
+        "unet_cfg_step_flops": unet_flops, "vae_decode_flops": vae_flops,
+        "unet_flops_per_op": unet_ops, "vae_flops_per_op": vae_ops,
+        "bf16_matmul_flops_per_s": {"before": peak_before, "after": peak_after, "used": peak},
+        "step_s": unet_flops / peak, "decode_s": vae_flops / peak,
+        "targets": {"step": 1.25, "decode": 1.3},
+    }
 
     dr, df = summarize(runs["darkroom"]), summarize(runs["diffusers"])
+    d16 = summarize(runs["diffusers_bf16"])
     darkroom_info["unet_input"] = sorted(darkroom_fmt.seen)
     diffusers_info["unet_input"] = sorted(diffusers_fmt.seen)
     report = {
@@ -515,11 +634,19 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": ckpt_info,
         "darkroom": {**darkroom_info, **dr, "runs": runs["darkroom"]},
         "diffusers": {**diffusers_info, **df, "runs": runs["diffusers"]},
+        "diffusers_bf16_channels_last": {**diffusers16_info, **d16, "runs": runs["diffusers_bf16"]},
+        "floor": floor,
         "ratio_step": df["s_per_step"] / dr["s_per_step"],
         "ratio_decode": df["decode_s"] / dr["decode_s"],
+        "ratio_step_bf16": d16["s_per_step"] / dr["s_per_step"],
+        "ratio_decode_bf16": d16["decode_s"] / dr["decode_s"],
+        "ratio_to_floor": {
+            name: {"step": v["s_per_step"] / floor["step_s"], "decode": v["decode_s"] / floor["decode_s"]}
+            for name, v in (("darkroom", dr), ("diffusers", df), ("diffusers_bf16", d16))
+        },
         "peak_rss_gib": {phase: gib(v) for phase, v in monitor.peaks.items()},
         "peak_rss_gib_process": gib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
-        "network_attempts": len(darkroom.offline.process_guard().attempts),
+        "network_attempts": len(process_guard().attempts),
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     tmp.cleanup()
@@ -531,12 +658,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"SD1.5 random weights, {args.size}x{args.size}, {SAMPLER}, CFG {CFG_SCALE:g}, {args.steps} steps"
           f" x {args.rounds} rounds (step 1 of each run dropped)")
     print()
-    print(f"{'':28s} {'dtype':>6s} {'s/step':>8s} {'decode s':>9s}")
-    print(f"{'Darkroom (engine, auto)':28s} {darkroom_info['dtype']:>6s} {dr['s_per_step']:8.2f} {dr['decode_s']:9.2f}")
-    print(f"{'diffusers (from_single_file)':28s} {diffusers_info['dtype']:>6s} {df['s_per_step']:8.2f}"
-          f" {df['decode_s']:9.2f}")
-    print(f"{'ratio diffusers/Darkroom':28s} {'':>6s} {report['ratio_step']:8.2f} {report['ratio_decode']:9.2f}"
-          "   (higher = Darkroom faster)")
+    fl = report["ratio_to_floor"]
+    print(f"floor (FLOPs / bf16 matmul peak {peak / 1e9:.0f} GFLOP/s): step {floor['step_s']:.2f} s"
+          f" ({unet_flops / 1e12:.3f} TFLOP), decode {floor['decode_s']:.2f} s ({vae_flops / 1e12:.3f} TFLOP)")
+    print(f"{'':32s} {'dtype':>8s} {'s/step':>8s} {'x floor':>8s} {'decode s':>9s} {'x floor':>8s}"
+          f" {'step: x DR':>10s} {'decode: x DR':>12s}")
+    for label, dtype, v, key in (
+        ("Darkroom (engine, auto)", darkroom_info["dtype"], dr, "darkroom"),
+        ("diffusers fp32 (from_single_file)", diffusers_info["dtype"], df, "diffusers"),
+        ("diffusers bf16 + channels-last", "bfloat16", d16, "diffusers_bf16"),
+    ):
+        print(f"{label:32s} {dtype:>8s} {v['s_per_step']:8.2f} {fl[key]['step']:8.2f} {v['decode_s']:9.2f}"
+              f" {fl[key]['decode']:8.2f} {v['s_per_step'] / dr['s_per_step']:10.2f}"
+              f" {v['decode_s'] / dr['decode_s']:12.2f}")
+    print(f"targets: Darkroom step within {floor['targets']['step']}x of the floor, decode within"
+          f" {floor['targets']['decode']}x; 'x DR' = time / Darkroom's time (higher = Darkroom faster)")
     print()
     print(f"Darkroom: {darkroom_info['reason']}; UNet input {darkroom_info['unet_input']},"
           f" channels_last conv weights {darkroom_info['unet']['channels_last_conv_weights']}")
