@@ -58,6 +58,9 @@ class ModelCache:
                 # for weights loaded NHWC already; converts a diffusers folder's)
                 model.unet.to(memory_format=torch.channels_last)
                 model.vae.to(memory_format=torch.channels_last)
+            from darkroom.engine.speed import optimize_cached  # exact CPU speed-ups; compile opt-in
+
+            optimize_cached(self, model)
             self._model = model
             self._key = key
             return self._model

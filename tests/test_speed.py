@@ -1,0 +1,147 @@
+"""darkroom/engine/speed.py: the CPU speed-ups change no output, keep LoRAs working, survive reloads."""
+
+from __future__ import annotations
+
+import io
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from darkroom.engine import speed
+from darkroom.home import Home
+from darkroom.models.loader import LoadOptions, load_checkpoint
+from darkroom.request import GenerationRequest
+from darkroom.testing.tiny_lora import write_tiny_lora
+
+REQ = GenerationRequest(prompt="a red circle", negative_prompt="blurry", steps=3, width=64, height=64, seed=7,
+                        sampler="Euler", cfg_scale=5.0)
+
+
+def _pixels(image) -> bytes:
+    return Image.open(io.BytesIO(image.png)).convert("RGB").tobytes()
+
+
+def _load(path, dtype=torch.float32):
+    model = load_checkpoint(path, LoadOptions(device=torch.device("cpu"), dtype=dtype, vae_dtype=dtype,
+                                              channels_last=True))
+    model.unet.to(memory_format=torch.channels_last)
+    model.vae.to(memory_format=torch.channels_last)
+    return model
+
+
+def _run(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    unet_cfg = model.unet.config
+    cross = unet_cfg.cross_attention_dim
+    x = torch.randn(2, unet_cfg.in_channels, 8, 8, generator=g).to(model.dtype)
+    ctx = torch.randn(2, 77, cross, generator=g).to(model.dtype)
+    extra = None
+    if unet_cfg.addition_embed_type == "text_time":
+        text_embeds = unet_cfg.projection_class_embeddings_input_dim - 6 * unet_cfg.addition_time_embed_dim
+        extra = {"text_embeds": torch.randn(2, text_embeds, generator=g).to(model.dtype),
+                 "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2).to(model.dtype)}
+    lat = torch.randn(1, model.vae.config.latent_channels, 8, 8, generator=g).to(model.vae_dtype)
+    with torch.no_grad():
+        eps = model.unet(x, torch.tensor(500.0), encoder_hidden_states=ctx, added_cond_kwargs=extra).sample
+        img = model.vae.decode(lat).sample
+    return eps, img
+
+
+@pytest.mark.parametrize("variant", ["sd1", "sd2", "sdxl"])  # sd2/sdxl: linear proj_in/proj_out
+def test_unet_and_vae_outputs_are_unchanged(tiny_model, variant):
+    path = tiny_model(variant)["path"]
+    plain, fast = _load(path), _load(path)
+    report = speed.optimize(fast)
+    unet_counts = report["eager"]["unet"]
+    assert unet_counts["transformer_layout"] > 0 and unet_counts["resnet_no_div"] > 0
+    assert unet_counts["attention_lean"] > 0 and report["eager"]["vae"]["resnet_no_div"] > 0
+    assert report["compiled"] == []
+    assert speed.optimize(fast)["eager"]["unet"] == dict.fromkeys(unet_counts, 0)  # a second call changes nothing
+    for (a, b) in zip(_run(plain), _run(fast), strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+def test_bf16_outputs_are_unchanged(tiny_model):
+    path = tiny_model("sd1")["path"]
+    plain, fast = _load(path, torch.bfloat16), _load(path, torch.bfloat16)
+    speed.optimize(fast)
+    for (a, b) in zip(_run(plain), _run(fast), strict=True):
+        torch.testing.assert_close(b.float(), a.float(), rtol=0, atol=1e-2)
+
+
+@pytest.fixture(params=["fp32", "bf16"])
+def two_homes(request, tmp_path, tiny_model, engine_factory):
+    """Two engines over the same models: one with the speed-ups (the default), one without."""
+    info = tiny_model("sd1")
+    out = []
+    for name in ("fast", "plain"):
+        home = Home(tmp_path / name).ensure()
+        shutil.copy(info["path"], home.checkpoints / "tiny-sd1.safetensors")
+        write_tiny_lora(home.loras / "inked.safetensors", info, alpha=2.0)
+        engine = engine_factory(home, precision=request.param)
+        engine.cache.speedups = name == "fast"
+        out.append(engine)
+    return out
+
+
+def test_images_and_loras_are_the_same_with_the_speedups(two_homes):
+    fast, plain = two_homes
+    with_lora = REQ.model_copy(update={"prompt": "a red circle <lora:inked:0.8>"})
+    images = {}
+    for label, engine in (("fast", fast), ("plain", plain)):
+        images[label] = [_pixels(engine.generate(r).images[0]) for r in (REQ, with_lora, REQ)]
+    assert fast.cache.current.unet.down_blocks[0].resnets[0].forward.__func__ is speed._resnet_forward
+    assert "forward" not in vars(plain.cache.current.unet.down_blocks[0].resnets[0])
+    if fast.cache.current.dtype == torch.float32:
+        assert images["fast"] == images["plain"]
+    else:  # bf16: the same kernels and values here; allow one level for other CPUs' kernels
+        for a, b in zip(images["fast"], images["plain"], strict=True):
+            assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= 1
+    base, lora, again = images["fast"]
+    assert lora != base  # the LoRA merged into the (patched) model's weights takes effect ...
+    assert again == base  # ... and is gone afterwards
+
+
+def test_a_second_model_load_is_optimized_too(tmp_path, tiny_model, engine_factory):
+    home = Home(tmp_path / "home").ensure()
+    for variant in ("sd1", "sd2"):
+        shutil.copy(tiny_model(variant)["path"], home.checkpoints / f"tiny-{variant}.safetensors")
+    engine = engine_factory(home)
+    seen = []
+    for name in ("tiny-sd1", "tiny-sd2", "tiny-sd1"):
+        result = engine.generate(REQ.model_copy(update={"model": name}))
+        model = engine.cache.current
+        assert model.name.startswith(name)
+        assert isinstance(model.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.processor,
+                          type(speed.lean_processor()))
+        seen.append(_pixels(result.images[0]))
+    assert seen[0] == seen[2]
+
+
+def test_compile_settings_are_checked_and_never_freeze(tiny_model, tmp_path, monkeypatch):
+    model = _load(tiny_model("sd1")["path"])
+    with pytest.raises(ValueError, match="compile_mode"):
+        speed.optimize(model, compile_mode="fast")
+    assert speed.compile_cache_dir(Home(tmp_path)) == tmp_path / "cache" / "torch-compile"
+
+
+@pytest.mark.slow
+def test_compiled_unet_follows_lora_merges(tiny_model, tmp_path, monkeypatch):
+    """torch.compile (inductor, no freezing): the weights stay graph inputs, so a LoRA merged in
+    place after the compile (engine/lora.py) changes the output, and restoring it restores it."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    plain, fast = _load(tiny_model("sd1")["path"]), _load(tiny_model("sd1")["path"])
+    assert speed.optimize(fast, home=Home(tmp_path), compile_mode="unet")["compiled"] == ["unet"]
+    try:
+        ref, got = _run(plain)[0], _run(fast)[0]
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-3)
+        for m in (plain, fast):  # a merge as engine/lora.py does it: in place
+            m.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.weight.data.mul_(3.0)
+        ref2, got2 = _run(plain)[0], _run(fast)[0]
+        assert (ref2 - ref).abs().max() > 1e-3
+        torch.testing.assert_close(got2, ref2, rtol=0, atol=1e-3)
+    finally:
+        torch._dynamo.reset()
