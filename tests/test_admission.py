@@ -264,6 +264,10 @@ def test_cli_refuses_in_one_line(home, tiny_model, monkeypatch):
     Settings(home.root / "settings.json").update(max_steps=5)  # the CLI reads the home's settings
     r = CliRunner().invoke(cli, ["--home", str(home.root), "generate", "x", "-W", "64", "-H", "64", "-s", "6"])
     assert r.exit_code == 2 and "steps 6 is over the limit max_steps = 5" in r.output
+    # an X/Y plot whose last cell is over a limit: refused before the first cell runs
+    r = CliRunner().invoke(cli, ["--home", str(home.root), "generate", "x", "-W", "64", "-H", "64", "-s", "2",
+                                 "--x", "steps=1,2,9", "--device", "cpu"])
+    assert r.exit_code == 2 and "X/Y plot cell (Steps: 9)" in r.output and "max_steps = 5" in r.output, r.output
     assert list(home.outputs.rglob("*.png")) == []
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from darkroom.errors import DarkroomError, Interrupted, InvalidRequest
+from darkroom.errors import DarkroomError, Interrupted
 from darkroom.request import GeneratedImage, GenerationRequest
 
 log = logging.getLogger("darkroom.jobs")
@@ -171,19 +171,11 @@ class JobQueue:
 
     def _admit(self, request: GenerationRequest, plan) -> None:
         """Limits and memory (darkroom/engine/admission.py): a request too big is refused now (HTTP 422), not
-        a failed job later; an X/Y plot's every cell is admitted. Engines without `admit` (test fakes) skip it."""
+        a failed job later; an X/Y plot's cells were admitted by plan_xy. Engines without `admit` (test
+        fakes) skip it."""
         admit = getattr(self.engine, "admit", None)
-        if admit is None:
-            return
-        if plan is None:
+        if admit is not None and plan is None:
             admit(request)
-            return
-        for cell in plan.cells:
-            try:
-                admit(cell.request)
-            except InvalidRequest as e:
-                where = ", ".join(label for label in (cell.x_label, cell.y_label) if label)
-                raise InvalidRequest(f"X/Y plot cell ({where}): {e}") from None
 
     def get(self, job_id: str) -> Job:
         with self._cond:

@@ -354,7 +354,7 @@ def _fix_seeds(axis: Axis | None) -> Axis | None:
 
 def plan_xy(engine, base: GenerationRequest, x: Axis | None, y: Axis | None, *,
             prepare: Callable[[GenerationRequest], GenerationRequest] | None = None) -> XYPlan:
-    """Resolve seeds, build every cell's request and validate them all (nothing is generated).
+    """Resolve seeds, build every cell's request and validate and admit them all (nothing is generated).
 
     `prepare` is applied to each cell whose model or VAE an axis changed, as the queue applied it to
     the job's request (the server pins the models an axis names to files the library lists)."""
@@ -391,6 +391,8 @@ def plan_xy(engine, base: GenerationRequest, x: Axis | None, y: Axis | None, *,
                 if prepare is not None and (req.model, req.vae) != (base.model, base.vae):
                     req = prepare(req)  # an axis named another model or VAE (the base is prepared already)
                 engine.check_inputs(req)
+                if hasattr(engine, "admit"):  # limits and memory, for the CLI and the queue alike (engine/admission.py)
+                    engine.admit(req)
                 if req.model not in checked_models:  # each checkpoint resolves (once)
                     engine.model_path(req)
                     checked_models.add(req.model)
