@@ -78,8 +78,9 @@ def _transformer_output_channels_last(self, hidden_states, residual, batch_size,
 def _resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args, **kwargs) -> torch.Tensor:
     """diffusers' `ResnetBlock2D.forward` for output_scale_factor == 1, "default" time embedding
     norm and no up/downsampling (checked before it is installed): no division by 1.0, and the
-    additions land in tensors this function just made."""
-    hidden_states = self.nonlinearity(self.norm1(input_tensor))
+    additions and the activations after the norms land in tensors this function just made (one
+    full-size tensor less alive at a time: the VAE decode's peak is such a block at full resolution)."""
+    hidden_states = _act(self, self.norm1(input_tensor))
     hidden_states = self.conv1(hidden_states)
     if self.time_emb_proj is not None:
         if not self.skip_time_act:
@@ -87,12 +88,19 @@ def _resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None,
         temb = self.time_emb_proj(temb)[:, :, None, None]
     if temb is not None:
         hidden_states = _add(hidden_states, temb)
-    hidden_states = self.nonlinearity(self.norm2(hidden_states))
+    hidden_states = _act(self, self.norm2(hidden_states))
     hidden_states = self.dropout(hidden_states)
     hidden_states = self.conv2(hidden_states)
     if self.conv_shortcut is not None:
         input_tensor = self.conv_shortcut(input_tensor)
     return _add(hidden_states, input_tensor)
+
+
+def _act(block, fresh: torch.Tensor) -> torch.Tensor:
+    """The block's nonlinearity on a tensor nothing else holds: SiLU in place (same values), others as they are."""
+    if type(block.nonlinearity) is torch.nn.SiLU and not (torch.is_grad_enabled() and fresh.requires_grad):
+        return F.silu(fresh, inplace=True)
+    return block.nonlinearity(fresh)
 
 
 def _add(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
