@@ -20,15 +20,17 @@ import torch
 from PIL import Image
 
 import darkroom
-from darkroom.engine import samplers, vae_tiling
+from darkroom.engine import presets, samplers, vae_tiling
+from darkroom.engine.admission import Limits, admit_engine
 from darkroom.engine.cache import ModelCache
 from darkroom.engine.img2img import FILL_NAMES, RESIZE_NAMES, Source, prepare_source
 from darkroom.engine.interrupt import answering, stoppable, units_of
 from darkroom.engine.lora import LoraLibrary, apply_loras, extract_lora_tags, lora_hashes_infotext
 from darkroom.engine.sampling import SKIPPED, Guidance, Init, Noise, StepCallback, StepEvent, denoise
-from darkroom.errors import Interrupted, InvalidRequest, NonFiniteResult, StorageError
+from darkroom.errors import DarkroomError, Interrupted, InvalidRequest, NonFiniteResult, StorageError
 from darkroom.metadata.images import encode_png
 from darkroom.metadata.infotext import build_infotext
+from darkroom.models.header import read_header
 from darkroom.models.library import ModelLibrary
 from darkroom.models.loader import LoadedModel
 from darkroom.models.vae_file import VaeLibrary, swap_vae
@@ -132,21 +134,15 @@ class Engine:
         # VAE tiling: "auto" (tiled when the untiled decode/encode would not fit), "always" or "never"
         self.vae_tiling = "auto"
         self.vae_tile_pixels = vae_tiling.TILE_PIXELS
-        from darkroom.engine.admission import Limits
-
         self.limits = Limits()  # maxima every request is admitted against (the studio and CLI set them from settings)
 
     def check_inputs(self, req: GenerationRequest) -> tuple[samplers.Sampler, str]:
-        from darkroom.engine.presets import check_preset_name
-
-        check_preset_name(req.preset)
+        presets.check_preset_name(req.preset)
         return samplers.resolve(req.sampler, req.schedule)
 
     def admit(self, req: GenerationRequest) -> GenerationRequest:
         """Refuse `req` (422, one line) when it is over self.limits or would not fit in the memory free,
         without loading the model; returns it with its size settled (darkroom/engine/admission.py)."""
-        from darkroom.engine.admission import admit_engine
-
         return admit_engine(self, req)
 
     def model_path(self, req: GenerationRequest) -> Path:
@@ -415,8 +411,6 @@ class Engine:
     def apply_preset(self, req: GenerationRequest) -> GenerationRequest:
         """Fill sampler/schedule/steps/CFG from `req.preset` where the request left them unset
         (darkroom/engine/presets.py); "auto" detects the preset from the LoRAs and the checkpoint."""
-        from darkroom.engine import presets
-
         if req.preset is None:
             return req
         if req.preset.strip().lower() != presets.AUTO:
@@ -425,10 +419,6 @@ class Engine:
 
     def detect_preset(self, req: GenerationRequest):
         """The few-step preset the request's LoRAs or checkpoint need (presets.Detection), or None."""
-        from darkroom.engine import presets
-        from darkroom.errors import DarkroomError
-        from darkroom.models.header import read_header
-
         loras = []
         for tag in extract_lora_tags(req.prompt)[1]:
             if tag.unet_weight == 0:
