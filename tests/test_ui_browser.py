@@ -622,6 +622,19 @@ def test_hires_fix_doubles_the_size(open_page, tmp_path):
     rec.check()
 
 
+def test_few_step_preset_fills_the_form(open_page):
+    page, rec = open_page()
+    expect(page.locator("#fewstep option[value=lightning]")).to_have_count(1)
+    page.select_option("#fewstep", "lightning")
+    expect(page.locator("#sampler")).to_have_value("Euler")
+    expect(page.locator("#schedule")).to_have_value("SGM Uniform")
+    expect(page.locator("#steps")).to_have_value("4")
+    expect(page.locator("#cfg")).to_have_value("1")
+    expect(page.locator("#fewstep")).to_have_value("")  # an action: the fields stay the user's to edit
+    expect(page.locator(".toast", has_text="Preset lightning")).to_be_visible()
+    rec.check()
+
+
 def test_extra_networks_and_xy_grid(open_page, tmp_path):
     page, rec = open_page()
     page.locator("#networks > summary").click()

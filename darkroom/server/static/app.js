@@ -219,6 +219,23 @@
     state.samplers = await api('/api/samplers');
     fillSelect($('sampler'), state.samplers.map((s) => [s.name, s.name]));
   }
+  /** Few-step presets (docs/few-step.md): choosing one fills sampler, schedule, steps and CFG, which stay editable. */
+  async function loadFewStep() {
+    state.fewstep = await api('/api/presets');
+    fillSelect($('fewstep'), [['', 'Set sampler, steps and CFG for…'],
+      ...state.fewstep.map((p) => [p.name, `${p.name}: ${p.description}`])], '');
+  }
+  function applyFewStep() {
+    const p = (state.fewstep || []).find((x) => x.name === $('fewstep').value);
+    if (!p) return;
+    $('sampler').value = p.sampler;
+    $('schedule').value = p.schedule;
+    $('steps').value = p.steps;
+    $('cfg').value = p.cfg_scale;
+    $('fewstep').value = '';
+    toast(`Preset ${p.name}: ${p.sampler}, ${p.schedule}, ${p.steps} steps, CFG ${p.cfg_scale}`);
+    saveSoon();
+  }
   async function loadSchedules() {
     state.schedules = await api('/api/schedules');
     fillSelect($('schedule'), state.schedules.map((s) => [s, s]));
@@ -483,6 +500,7 @@
       $('seed').value = String(state.lastSeed);
       saveSoon();
     });
+    $('fewstep').addEventListener('change', applyFewStep);
     $('size-preset').addEventListener('change', () => {
       const v = $('size-preset').value;
       if (v === 'native') { $('width').value = ''; $('height').value = ''; }
@@ -516,7 +534,7 @@
     route();
     const saved = savedForm();
     if (saved) applyValues(saved, { restoring: true }); // text fields right away
-    const results = await Promise.allSettled([loadModels(), loadSamplers(), loadSchedules(), DR.refreshStatus(),
+    const results = await Promise.allSettled([loadModels(), loadSamplers(), loadSchedules(), loadFewStep(), DR.refreshStatus(),
       ...DR.loaders.map((f) => f())]);
     for (const r of results) if (r.status === 'rejected') showError(r.reason);
     if (saved) applyValues(saved, { restoring: true }); // again now that the selects have options
