@@ -288,7 +288,7 @@ class Check:
     def capped(self, cap_gib: float, fp8: bool = False) -> dict:
         import torch
 
-        from darkroom.engine import placement
+        from darkroom.engine import memory
 
         if "sdxl" not in self.files:
             raise RuntimeError("no SDXL file (the sdxl part failed or was skipped)")
@@ -296,7 +296,7 @@ class Check:
         reset_peak(self.device)
         if self.device.type == "cuda":
             total = torch.cuda.get_device_properties(self.device).total_memory
-            placement.note_memory_fraction(min(1.0, cap_gib * GiB / total), self.device.index or 0)
+            memory.note_memory_fraction(min(1.0, cap_gib * GiB / total), self.device.index or 0)
             vram = "auto"
         else:  # no CUDA: the same logic with the cap scaled to the tiny model as a budget
             vram = f"{max(1, int(cap_gib * 2))}MB"
@@ -307,7 +307,7 @@ class Check:
             del engine
         finally:
             if self.device.type == "cuda":
-                placement.note_memory_fraction(1.0, self.device.index or 0)
+                memory.note_memory_fraction(1.0, self.device.index or 0)
         out = {"cap_gib": cap_gib, "fp8": fp8, "size": size, "darkroom": strip(ours)}
         under = ours["peak_vram_gib"] is None or ours["peak_vram_gib"] <= cap_gib
         out["under_cap"] = under

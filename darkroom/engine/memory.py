@@ -289,23 +289,53 @@ def estimate_for_model(model, req: GenerationRequest, *, tiled_vae: bool = True)
 def available_memory(device: torch.device | str, reclaimable: int = 0) -> int | None:
     """Bytes a generation may use on `device`, or None when that cannot be known (no check then).
 
-    CPU: MemAvailable from /proc/meminfo; CUDA: the free memory torch.cuda.mem_get_info reports
-    plus what this process's caching allocator holds unused. Both plus `reclaimable`: what the
-    engine will free or reuse itself (the loaded model's weights, which the estimate counts again,
-    and the activations of a generation running now, over before the next one starts).
+    CPU: MemAvailable from /proc/meminfo; CUDA: `free_vram` (the driver's free memory, within the
+    per-process cap when one is set) plus what this process's caching allocator holds unused. Both
+    plus `reclaimable`: what the engine will free or reuse itself (the loaded model's weights, which
+    the estimate counts again, and the activations of a generation running now, over before the next
+    one starts).
     """
     device = torch.device(device)
     if device.type == "cuda":
         try:
-            free, _total = torch.cuda.mem_get_info(device)
+            free = free_vram(device)
             cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         except (RuntimeError, AssertionError):
             return None
-        return int(free + cached + reclaimable)
+        return None if free is None else int(free + cached + reclaimable)
     if device.type in ("cpu", "mps"):  # MPS shares the system's memory
         free = _meminfo_available()
         return None if free is None else free + reclaimable
     return None
+
+
+def free_vram(device: torch.device) -> int | None:
+    """Bytes this process may still allocate on `device` (None for a CPU): the driver's free memory,
+    lowered to the per-process cap when torch.cuda.set_per_process_memory_fraction set one."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    fraction = None
+    if getter is not None:
+        try:
+            fraction = float(getter(index))
+        except (RuntimeError, TypeError):
+            fraction = None
+    fraction = _CAPS.get(index, fraction)
+    if fraction is not None and fraction < 1.0:
+        free = min(free, int(total * fraction) - torch.cuda.memory_reserved(index))
+    return max(0, free)
+
+
+_CAPS: dict[int, float] = {}
+
+
+def note_memory_fraction(fraction: float, index: int = 0) -> None:
+    """Sets torch's per-process cap and remembers it (older torch has no getter for it)."""
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
+    _CAPS[index] = fraction
 
 
 def _meminfo_available() -> int | None:

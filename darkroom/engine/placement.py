@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from darkroom.engine.memory import TILE_PIXELS
+from darkroom.engine.memory import TILE_PIXELS, free_vram
 from darkroom.errors import InvalidRequest
 
 GiB = 2**30
@@ -144,35 +144,6 @@ def component_sizes(model) -> dict[str, int]:
     for i, slot in enumerate(model.text_encoders):
         sizes[f"text_encoder{'' if i == 0 else f'_{i + 1}'}"] = module_bytes(slot.model)
     return sizes
-
-
-def free_vram(device: torch.device) -> int | None:
-    """Bytes this process may still allocate on `device` (None for a CPU): the driver's free memory,
-    lowered to the per-process cap when torch.cuda.set_per_process_memory_fraction set one."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    free, total = torch.cuda.mem_get_info(index)
-    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-    fraction = None
-    if getter is not None:
-        try:
-            fraction = float(getter(index))
-        except (RuntimeError, TypeError):
-            fraction = None
-    fraction = _CAPS.get(index, fraction)
-    if fraction is not None and fraction < 1.0:
-        free = min(free, int(total * fraction) - torch.cuda.memory_reserved(index))
-    return max(0, free)
-
-
-_CAPS: dict[int, float] = {}
-
-
-def note_memory_fraction(fraction: float, index: int = 0) -> None:
-    """Sets torch's per-process cap and remembers it (older torch has no getter for it)."""
-    torch.cuda.set_per_process_memory_fraction(fraction, index)
-    _CAPS[index] = fraction
 
 
 # --------------------------------------------------------------------------- the hooks
