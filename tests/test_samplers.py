@@ -24,6 +24,13 @@ def test_required_samplers_present():
     ("Euler Exponential", "Automatic", ("Euler", "Exponential")),
     ("DPM++ 2M SDE", "Automatic", ("DPM++ 2M SDE", "Exponential")),
     ("UniPC", "karras", ("UniPC", "Karras")),
+    ("Euler a", "Karras", ("Euler a", "Karras")),
+    ("DPM2", "Automatic", ("DPM2", "Karras")),
+    ("DPM2 a", "Automatic", ("DPM2 a", "Karras")),
+    ("DPM++ 3M SDE", "Automatic", ("DPM++ 3M SDE", "Exponential")),
+    ("Heun", "normal", ("Heun", "Normal")),
+    ("DPM++ 2M Beta", "Automatic", ("DPM++ 2M", "Beta")),
+    ("Euler align_your_steps", "Automatic", ("Euler", "Align Your Steps")),
 ])
 def test_resolve(name, schedule, expected):
     spec, label = samplers.resolve(name, schedule)
@@ -36,16 +43,40 @@ def test_unknown_sampler_lists_choices():
 
 
 def test_unsupported_combination_is_clear():
-    with pytest.raises(InvalidRequest, match="'DDIM' does not support the Karras schedule"):
+    with pytest.raises(InvalidRequest, match="'DDIM' does not support the Karras schedule .DDIM picks its own"):
         samplers.resolve("DDIM", "Karras")
+    with pytest.raises(InvalidRequest, match="'LCM' does not support the Beta schedule"):
+        samplers.resolve("LCM", "Beta")
     with pytest.raises(InvalidRequest, match="unknown schedule type 'Sideways'"):
         samplers.resolve("Euler", "Sideways")
 
 
+def test_k_diffusion_samplers_take_every_schedule():
+    every = set(samplers.SCHEDULE_NAMES)
+    for spec in samplers.SAMPLERS:
+        if spec.kfunc is not None:
+            assert {"Automatic", *spec.schedules} == every, spec.name
+    assert len(every) == 12
+
+
+@pytest.mark.parametrize("name,schedule,how", [
+    ("DPM++ 2M", "Karras", "diffusers"), ("Euler a", "Automatic", "diffusers"), ("Euler", "Beta", "sigmas"),
+    ("Euler a", "Karras", "own"), ("DPM2", "Uniform", "own"), ("LMS", "KL Optimal", "own"), ("DDIM", "Uniform",
+                                                                                             "diffusers")])
+def test_runner(name, schedule, how):
+    assert samplers.runner(*samplers.resolve(name, schedule)) == how
+
+
 @pytest.mark.parametrize("spec", samplers.SAMPLERS, ids=lambda s: s.name)
 def test_every_sampler_and_schedule_builds(spec):
+    from darkroom.engine import schedules
+
+    train = schedules.model_sigmas(scheduler_config(False))
     for schedule in ("Automatic", *spec.schedules):
         s, label = samplers.resolve(spec.name, schedule)
-        sched = samplers.make_scheduler(s, label, scheduler_config(False), seed=1)
-        sched.set_timesteps(10)
-        assert len(sched.timesteps) >= 10
+        if samplers.runner(s, label) == "diffusers":
+            sched = samplers.make_scheduler(s, label, scheduler_config(False), seed=1)
+            sched.set_timesteps(10)
+            assert len(sched.timesteps) >= 10
+        else:
+            assert len(samplers.sigmas(s, label, 10, train)) >= 11

@@ -162,8 +162,8 @@ def test_plan_shares_one_seed_and_checks_every_cell_first():
     fixed = [c.request.seed for c in plan.cells]
     assert fixed[2] == 3 and -1 not in fixed and plan.x.labels()[2] == "Seed: 3"
     # an axis value valid alone but not with the base request fails at planning
-    with pytest.raises(InvalidRequest, match="Euler a.*Karras"):
-        plan_xy(FakeEngine(), req, parse_axis("sampler", "Euler, Euler a"), None)
+    with pytest.raises(InvalidRequest, match="DDIM.*Karras"):
+        plan_xy(FakeEngine(), req, parse_axis("sampler", "Euler, DDIM"), None)
     with pytest.raises(InvalidRequest, match="Checkpoint name: missing"):
         plan_xy(FakeEngine(), req, parse_axis("model", "here, missing"), None)
     with pytest.raises(InvalidRequest, match="both set Steps"):
@@ -254,10 +254,10 @@ def test_batch_cells_side_by_side_and_seed_axis(tiny_engine, tiny_model, tmp_pat
 
 def test_invalid_cell_fails_before_any_image(tiny_engine, tiny_model, tmp_path):
     out = tmp_path / "out"
-    # each value is valid alone, but Euler a has no Karras schedule: nothing may be generated
-    with pytest.raises(InvalidRequest, match="Euler a"):
+    # each value is valid alone, but DDIM takes no Karras schedule: nothing may be generated
+    with pytest.raises(InvalidRequest, match="DDIM"):
         run_xy(tiny_engine, base(tiny_model, schedule="Karras"), parse_axis("steps", "1, 2"),
-               parse_axis("sampler", "Euler, Euler a"), output_dir=out, grid_dir=out)
+               parse_axis("sampler", "Euler, DDIM"), output_dir=out, grid_dir=out)
     assert not out.exists() or not any(out.iterdir())
 
 

@@ -30,8 +30,10 @@ def png_info(files: tuple[Path, ...]) -> None:
 @click.command()
 def samplers() -> None:
     """List the samplers and the schedule types each accepts."""
-    from darkroom.engine.samplers import SAMPLERS
+    from darkroom.engine.samplers import ALL_SCHEDULES, SAMPLERS
 
     for s in SAMPLERS:
-        click.echo(f"{s.name:<14} schedules: Automatic (= {s.default_schedule}), {', '.join(s.schedules)}")
+        accepted = "all schedule types" if s.schedules == ALL_SCHEDULES else ", ".join(s.schedules)
+        click.echo(f"{s.name:<14} schedules: Automatic (= {s.default_schedule}), {accepted}")
+    click.echo(f"\nAll schedule types: {', '.join(ALL_SCHEDULES)}")
 

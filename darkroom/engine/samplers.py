@@ -1,8 +1,22 @@
-"""The sampler table: AUTOMATIC1111 names -> diffusers schedulers, and the schedule types.
+"""The sampler table: AUTOMATIC1111 names -> how each runs, and which schedule types it takes.
 
-One table drives the CLI choices, validation, the infotext and (later) the APIs' sampler
-lists. Each sampler lists the schedules it supports; "Automatic" resolves to the
-sampler's own default as the webui does (e.g. Karras for DPM++ 2M).
+One table drives the CLI choices, validation, the infotext and the APIs' sampler lists. The
+schedule types are the webui's twelve (darkroom/engine/schedules.py); "Automatic" resolves to
+the sampler's own default as in the webui v1.10 (Karras for DPM++ 2M, DPM++ SDE, DPM2 and
+DPM2 a; Exponential for DPM++ 2M/3M SDE; Uniform for the rest).
+
+How a sampler runs with a schedule (`runner`):
+- "diffusers": its diffusers scheduler makes the schedule itself (the combinations Darkroom has
+  always run that way, e.g. DPM++ 2M Karras, Euler a Uniform): images stay identical to
+  diffusers' own pipelines, which tests/test_diffusers_parity.py checks.
+- "sigmas": Euler's diffusers scheduler takes the webui's sigmas (`set_timesteps(sigmas=...)`).
+- "own": every other k-diffusion combination runs our k-diffusion-style function over the
+  webui's sigmas (darkroom/engine/ksamplers.py). DPM2, DPM2 a and DPM++ 3M SDE always do, since
+  the webui makes their schedule for steps + 1 and drops the next-to-last sigma.
+
+DDIM, PLMS and UniPC pick their own timesteps; the webui ignores the schedule type for them
+(its `sd_samplers_timesteps`), so only the spacings their diffusers schedulers honour are
+accepted and any other label is refused with that reason, rather than silently ignored.
 
 The consistency samplers (LCM, TCD) pick their timesteps themselves: "Uniform" is their own
 schedule (evenly spaced indices into the distillation schedule, as diffusers does), and
@@ -18,16 +32,20 @@ from typing import Any
 import diffusers
 import numpy as np
 
+from darkroom.engine import schedules
 from darkroom.errors import InvalidRequest
 
-# schedule label -> scheduler kwargs
+# schedule label -> diffusers scheduler kwargs, for the schedules diffusers makes itself
 SCHEDULES: dict[str, dict[str, Any]] = {
     "Uniform": {"timestep_spacing": "linspace"},
     "Karras": {"use_karras_sigmas": True, "timestep_spacing": "linspace"},
     "Exponential": {"use_exponential_sigmas": True, "timestep_spacing": "linspace"},
     "SGM Uniform": {"timestep_spacing": "trailing"},
 }
-SCHEDULE_ALIASES = {"normal": "Uniform", "simple": "SGM Uniform", "sgm_uniform": "SGM Uniform"}
+SCHEDULE_NAMES: tuple[str, ...] = schedules.LABELS  # "Automatic" first, then the webui's eleven
+ALL_SCHEDULES: tuple[str, ...] = SCHEDULE_NAMES[1:]
+# every lower-case name and alias the webui knows -> label ("karras" -> "Karras", "normal" -> "Normal")
+SCHEDULE_ALIASES: dict[str, str] = {k.lower(): s.label for s in schedules.SCHEDULES for k in (s.name, *s.aliases)}
 SIGMA_SCHEDULES = ("Uniform", "Karras", "Exponential", "SGM Uniform")
 SPACING_ONLY = ("Uniform", "SGM Uniform")
 
@@ -39,37 +57,52 @@ class Sampler:
     options: dict[str, Any] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
     default_schedule: str = "Uniform"
-    schedules: tuple[str, ...] = SIGMA_SCHEDULES
+    schedules: tuple[str, ...] = ALL_SCHEDULES  # concrete labels accepted ("Automatic" always is)
     stochastic: bool = False  # draws fresh noise each step (ancestral / SDE)
+    kfunc: str | None = None  # ksamplers.SAMPLERS name: a k-diffusion sampler, as in the webui
+    native: tuple[str, ...] = SIGMA_SCHEDULES  # schedules its diffusers scheduler makes itself
+    takes_sigmas: bool = False  # its diffusers scheduler accepts set_timesteps(sigmas=...)
+    discard_penultimate: bool = False  # the webui's discard_next_to_last_sigma
+    webui_scheduler: str | None = None  # the webui's options["scheduler"] (its default schedule's name)
+
+
+def _k(name, scheduler, options, aliases, kfunc, default="Uniform", **kw) -> Sampler:
+    webui = schedules.by_label(default).name if default != "Uniform" else None
+    return Sampler(name, scheduler, options, aliases, default_schedule=default, kfunc=kfunc, webui_scheduler=webui,
+                   **kw)
 
 
 SAMPLERS: tuple[Sampler, ...] = (
-    Sampler("DPM++ 2M", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2},
-            ("k_dpmpp_2m", "dpmpp_2m", "dpm++2m"), default_schedule="Karras"),
-    Sampler("DPM++ SDE", "DPMSolverSDEScheduler", {}, ("k_dpmpp_sde", "dpmpp_sde"), default_schedule="Karras",
-            stochastic=True),
-    Sampler("DPM++ 2M SDE", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
-            ("k_dpmpp_2m_sde", "dpmpp_2m_sde"), default_schedule="Exponential", stochastic=True),
-    Sampler("DPM++ 3M SDE", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
-            ("k_dpmpp_3m_sde", "dpmpp_3m_sde"), default_schedule="Exponential", stochastic=True),
-    Sampler("Euler a", "EulerAncestralDiscreteScheduler", {}, ("k_euler_a", "k_euler_ancestral", "euler_a",
-            "euler_ancestral"), schedules=SPACING_ONLY, stochastic=True),
-    Sampler("Euler", "EulerDiscreteScheduler", {}, ("k_euler", "euler")),
-    Sampler("LMS", "LMSDiscreteScheduler", {}, ("k_lms", "lms")),
-    Sampler("Heun", "HeunDiscreteScheduler", {}, ("k_heun", "heun")),
-    Sampler("DPM2", "KDPM2DiscreteScheduler", {}, ("k_dpm_2", "dpm_2", "dpm2")),
-    Sampler("DPM2 a", "KDPM2AncestralDiscreteScheduler", {}, ("k_dpm_2_a", "dpm_2_ancestral", "dpm2_a"),
-            stochastic=True),
-    Sampler("DDIM", "DDIMScheduler", {"set_alpha_to_one": False}, ("ddim",), default_schedule="Uniform",
-            schedules=SPACING_ONLY),
-    Sampler("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, ("plms", "pndm"), schedules=SPACING_ONLY),
-    Sampler("UniPC", "UniPCMultistepScheduler", {}, ("uni_pc", "unipc")),
-    Sampler("LCM", "LCMScheduler", {}, ("k_lcm", "lcm"), schedules=SPACING_ONLY, stochastic=True),
+    _k("DPM++ 2M", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2},
+       ("k_dpmpp_2m", "dpmpp_2m", "dpm++2m"), "dpmpp_2m", "Karras"),
+    _k("DPM++ SDE", "DPMSolverSDEScheduler", {}, ("k_dpmpp_sde", "dpmpp_sde"), "dpmpp_sde", "Karras",
+       stochastic=True),
+    _k("DPM++ 2M SDE", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
+       ("k_dpmpp_2m_sde", "dpmpp_2m_sde"), "dpmpp_2m_sde", "Exponential", stochastic=True),
+    _k("DPM++ 3M SDE", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
+       ("k_dpmpp_3m_sde", "dpmpp_3m_sde"), "dpmpp_3m_sde", "Exponential", stochastic=True, native=(),
+       discard_penultimate=True),
+    _k("Euler a", "EulerAncestralDiscreteScheduler", {}, ("k_euler_a", "k_euler_ancestral", "euler_a",
+       "euler_ancestral"), "euler_ancestral", stochastic=True, native=SPACING_ONLY),
+    _k("Euler", "EulerDiscreteScheduler", {}, ("k_euler", "euler"), "euler", takes_sigmas=True),
+    _k("LMS", "LMSDiscreteScheduler", {}, ("k_lms", "lms"), "lms"),
+    _k("Heun", "HeunDiscreteScheduler", {}, ("k_heun", "heun"), "heun"),
+    _k("DPM2", "KDPM2DiscreteScheduler", {}, ("k_dpm_2", "dpm_2", "dpm2"), "dpm_2", "Karras", native=(),
+       discard_penultimate=True),
+    _k("DPM2 a", "KDPM2AncestralDiscreteScheduler", {}, ("k_dpm_2_a", "dpm_2_ancestral", "dpm2_a"),
+       "dpm_2_ancestral", "Karras", stochastic=True, native=(), discard_penultimate=True),
+    Sampler("DDIM", "DDIMScheduler", {"set_alpha_to_one": False}, ("ddim",), schedules=SPACING_ONLY,
+            native=SPACING_ONLY),
+    Sampler("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, ("plms", "pndm"), schedules=SPACING_ONLY,
+            native=SPACING_ONLY),
+    Sampler("UniPC", "UniPCMultistepScheduler", {}, ("uni_pc", "unipc"), schedules=SIGMA_SCHEDULES),
+    Sampler("LCM", "LCMScheduler", {}, ("k_lcm", "lcm"), schedules=SPACING_ONLY, stochastic=True,
+            native=SPACING_ONLY),
     # TCD's gamma is the request's eta (default 0.3, the scheduler's own and the TCD LoRAs' recommendation)
-    Sampler("TCD", "TCDScheduler", {}, ("tcd",), schedules=SPACING_ONLY, stochastic=True),
+    Sampler("TCD", "TCDScheduler", {}, ("tcd",), schedules=SPACING_ONLY, stochastic=True, native=SPACING_ONLY),
 )
 _BY_NAME = {s.name.lower(): s for s in SAMPLERS} | {a.lower(): s for s in SAMPLERS for a in s.aliases}
-SCHEDULE_NAMES = ("Automatic", *SIGMA_SCHEDULES)
+_OWN_TIMESTEPS = ("DDIM", "PLMS", "UniPC")
 
 
 def sampler_names() -> list[str]:
@@ -77,12 +110,21 @@ def sampler_names() -> list[str]:
 
 
 def _canonical_schedule(schedule: str) -> str:
-    for name in SCHEDULE_NAMES:
-        if schedule.lower() == name.lower():
-            return name
-    if schedule.lower() in SCHEDULE_ALIASES:
-        return SCHEDULE_ALIASES[schedule.lower()]
-    raise InvalidRequest(f"unknown schedule type {schedule!r}; choose one of: {', '.join(SCHEDULE_NAMES)}")
+    found = schedules.find(schedule)
+    if found is None:
+        raise InvalidRequest(f"unknown schedule type {schedule!r}; choose one of: {', '.join(SCHEDULE_NAMES)}"
+                             " (or the webui's names: " + ", ".join(s.name for s in schedules.SCHEDULES) + ")")
+    return found.label
+
+
+def _split_legacy(name: str) -> tuple[Sampler, str] | None:
+    """"DPM++ 2M Karras" -> (DPM++ 2M, "Karras"): the webui's combined names, any schedule name or alias."""
+    keys = sorted(((k, s.label) for s in schedules.SCHEDULES[1:] for k in (s.label, s.name, *s.aliases)),
+                  key=lambda kv: len(kv[0]), reverse=True)
+    for key, label in keys:
+        if name.lower().endswith(" " + key.lower()) and name[: -len(key) - 1].lower() in _BY_NAME:
+            return _BY_NAME[name[: -len(key) - 1].lower()], label
+    return None
 
 
 def resolve(sampler: str, schedule: str = "Automatic") -> tuple[Sampler, str]:
@@ -90,22 +132,42 @@ def resolve(sampler: str, schedule: str = "Automatic") -> tuple[Sampler, str]:
     name = sampler.strip()
     spec = _BY_NAME.get(name.lower())
     if spec is None:
-        for label in sorted(SCHEDULE_NAMES, key=len, reverse=True):
-            if name.lower().endswith(" " + label.lower()) and name[: -len(label) - 1].lower() in _BY_NAME:
-                spec = _BY_NAME[name[: -len(label) - 1].lower()]
-                schedule = label if schedule in ("Automatic", "", None) else schedule
-                break
+        legacy = _split_legacy(name)
+        if legacy is not None:
+            spec = legacy[0]
+            schedule = legacy[1] if schedule in ("Automatic", "automatic", "", None) else schedule
     if spec is None:
         raise InvalidRequest(f"unknown sampler {sampler!r}; choose one of: {', '.join(sampler_names())}")
     label = _canonical_schedule(schedule or "Automatic")
     if label == "Automatic":
         label = spec.default_schedule
     if label not in spec.schedules:
+        why = ""
+        if spec.name in _OWN_TIMESTEPS:
+            why = (f" ({spec.name} picks its own timesteps; the webui ignores the schedule type for it, Darkroom"
+                   " refuses rather than ignore it)")
+        elif spec.name in ("LCM", "TCD"):
+            why = f" ({spec.name} picks its own timesteps from the distillation schedule)"
         raise InvalidRequest(
-            f"sampler {spec.name!r} does not support the {label} schedule; use one of: "
+            f"sampler {spec.name!r} does not support the {label} schedule{why}; use one of: "
             f"{', '.join(('Automatic', *spec.schedules))}"
         )
     return spec, label
+
+
+def runner(spec: Sampler, label: str) -> str:
+    """How `spec` runs the schedule `label`: "diffusers", "sigmas" (diffusers over our sigmas) or "own"."""
+    if spec.kfunc is None or label in spec.native:
+        return "diffusers"
+    return "sigmas" if spec.takes_sigmas else "own"
+
+
+def sigmas(spec: Sampler, label: str, steps: int, train_sigmas, *, sdxl: bool = False):
+    """The webui's sigmas for `spec` over `steps` steps: made for steps + 1 then the next-to-last dropped
+    where the webui does (DPM2, DPM2 a, DPM++ 3M SDE)."""
+    n = steps + 1 if spec.discard_penultimate else steps
+    out = schedules.sigmas_for(label, n, train_sigmas, sdxl=sdxl)
+    return schedules.drop_penultimate(out) if spec.discard_penultimate else out
 
 
 def trailing_timesteps(steps: int, train_timesteps: int = 1000) -> list[int]:
@@ -145,10 +207,13 @@ _OWN_SCHEDULERS = {"LCMScheduler": LCMScheduler, "TCDScheduler": TCDScheduler}
 
 
 def make_scheduler(spec: Sampler, schedule: str, base_config: dict[str, Any], *, seed: int | None = None):
-    """A fresh scheduler instance (schedulers are stateful: one per generation)."""
+    """A fresh scheduler instance (schedulers are stateful: one per generation).
+
+    For a schedule diffusers does not make itself (runner "sigmas"), the caller passes the sigmas
+    to set_timesteps."""
     cls = _OWN_SCHEDULERS.get(spec.scheduler) or getattr(diffusers, spec.scheduler)
     config = dict(base_config)
-    config.update(SCHEDULES[schedule])
+    config.update(SCHEDULES.get(schedule, SCHEDULES["Uniform"]))
     config.update(spec.options)
     if spec.scheduler == "DPMSolverSDEScheduler" and seed is not None:
         config["noise_sampler_seed"] = seed

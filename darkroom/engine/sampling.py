@@ -1,7 +1,9 @@
 """The denoising loop shared by txt2img, img2img, inpainting and the hires fix's second pass.
 
-One function, `denoise`, runs a diffusers scheduler over the UNet with classifier-free
-guidance. img2img starts part-way (the webui's and diffusers' convention: int(steps x
+One function, `denoise`, runs the sampler over the UNet with classifier-free guidance: a
+diffusers scheduler where it makes the schedule itself (or, for Euler, takes the webui's
+sigmas), else one of our k-diffusion functions (ksamplers.py) over the webui's sigmas through
+`KDenoiser` (samplers.runner decides). img2img starts part-way (the webui's and diffusers' convention: int(steps x
 strength) steps are run, from the init latents noised to that point); inpainting with a
 normal checkpoint re-imposes the noised source outside the mask after every step, and a
 9-channel inpainting checkpoint gets the mask and the masked image as extra input channels.
@@ -14,12 +16,14 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from darkroom.engine import samplers, vae_tiling
-from darkroom.engine.interrupt import SKIPPED, stoppable, units_of
+from darkroom.engine import ksamplers, samplers, schedules, vae_tiling
+from darkroom.engine.interrupt import SKIPPED, Skipped, stoppable, units_of
+from darkroom.engine.rng import Noise, slerp  # noqa: F401  (re-exported: Noise lives in rng)
+from darkroom.errors import Interrupted
 from darkroom.models.loader import LoadedModel
 from darkroom.text.conditioning import Conditioning
 
@@ -40,43 +44,6 @@ class StepEvent:
 
 
 StepCallback = Callable[[StepEvent], None]
-
-
-def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Spherical interpolation per image, as the webui mixes seed and variation-seed noise."""
-    out = []
-    for x, y in zip(a, b, strict=True):
-        xn, yn = x / x.norm(), y / y.norm()
-        dot = (xn * yn).sum().clamp(-1.0, 1.0)
-        if dot.abs() > 0.9995:
-            out.append((1 - t) * x + t * y)
-            continue
-        omega = torch.acos(dot)
-        so = torch.sin(omega)
-        out.append(torch.sin((1.0 - t) * omega) / so * x + torch.sin(t * omega) / so * y)
-    return torch.stack(out)
-
-
-@dataclass
-class Noise:
-    """Per-image CPU generators: identical on every device and in any batch.
-
-    The same generators then feed the ancestral/SDE steps, so each image's whole noise
-    sequence depends on its own seed only (as the webui's per-image RNG does).
-    """
-
-    seeds: list[int]
-    subseeds: list[int] = field(default_factory=list)
-    subseed_strength: float = 0.0
-
-    def start(self, shape: tuple[int, int, int]) -> tuple[torch.Tensor, list[torch.Generator]]:
-        generators = [torch.Generator("cpu").manual_seed(s) for s in self.seeds]
-        noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
-        if self.subseed_strength > 0 and self.subseeds:
-            sub = torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s))
-                               for s in self.subseeds])
-            noise = slerp(self.subseed_strength, noise, sub)
-        return noise, generators
 
 
 class Guidance:
@@ -197,13 +164,23 @@ def _denoise(model: LoadedModel, spec: samplers.Sampler, schedule: str, *, steps
              shape: tuple[int, int, int], guidance: Guidance, init: Init | None, eta: float | None, batch: int,
              batch_count: int, phase: str, on_step: StepCallback | None, cancel: threading.Event | None,
              skip: threading.Event | None):
+    how = samplers.runner(spec, schedule)
+    if how == "own":
+        return _denoise_own(model, spec, schedule, steps=steps, noise=noise, shape=shape, guidance=guidance,
+                            init=init, eta=eta, batch=batch, batch_count=batch_count, phase=phase, on_step=on_step,
+                            cancel=cancel, skip=skip)
     device, n = model.device, len(noise.seeds)
     _, height, width = shape
     f = model.vae_scale_factor
     scheduler = samplers.make_scheduler(spec, schedule, model.scheduler_config, seed=noise.seeds[0])
-    scheduler.set_timesteps(steps, device=device)
+    if how == "sigmas":  # the webui's schedule, run by the diffusers scheduler
+        sigmas = _sigmas(model, spec, schedule, steps)
+        scheduler.set_timesteps(sigmas=sigmas.tolist(), device=device)
+        steps = len(sigmas) - 1
+    else:
+        scheduler.set_timesteps(steps, device=device)
     timesteps = scheduler.timesteps
-    start_noise, generators = noise.start(shape)
+    start_noise, rng = noise.start(shape)
     start_noise = start_noise.to(device)
     if init is None:
         latents = start_noise * scheduler.init_noise_sigma
@@ -219,16 +196,7 @@ def _denoise(model: LoadedModel, spec: samplers.Sampler, schedule: str, *, steps
             scheduler.set_begin_index(t_start)
         latents = scheduler.add_noise(init_latents, start_noise, timesteps[:1].repeat(n))
     conditioning = guidance.schedule(len(scheduler.timesteps))
-    mask = None if init is None or init.mask is None else init.mask.to(device).float()
-    channels9 = model.unet.config.in_channels == 9
-    inpaint_extra = None
-    if channels9:
-        if init is not None and init.masked_image_latents is not None:
-            m = mask if mask is not None else torch.ones((1, 1, height, width), device=device)
-            inpaint_extra = torch.cat([m.expand(n, -1, -1, -1),
-                                       init.masked_image_latents.to(device).float().expand(n, -1, -1, -1)], dim=1)
-        else:
-            inpaint_extra = _gray_inpaint_extra(model, n, height, width)
+    mask, channels9, inpaint_extra = _inpaint_inputs(model, init, n, height, width)
     start = time.perf_counter()
     for i, t in enumerate(timesteps):
         if cancel is not None and cancel.is_set():
@@ -243,7 +211,7 @@ def _denoise(model: LoadedModel, spec: samplers.Sampler, schedule: str, *, steps
             x = torch.cat([x, torch.cat([inpaint_extra] * copies)], dim=1)
         pred = model.unet(x.to(model.dtype), t, encoder_hidden_states=context, added_cond_kwargs=extra).sample.float()
         pred = conditioning.combine(pred, n, weights)
-        kwargs = {"generator": generators} if spec.stochastic and spec.scheduler != "DPMSolverSDEScheduler" else {}
+        kwargs = {"generator": rng.generators} if spec.stochastic and spec.scheduler != "DPMSolverSDEScheduler" else {}
         if eta is not None and spec.scheduler in ("DDIMScheduler", "TCDScheduler"):  # TCD: eta is its gamma
             kwargs["eta"] = eta
         with _quiet_brownian_tree() if spec.scheduler == "DPMSolverSDEScheduler" else contextlib.nullcontext():
@@ -260,6 +228,121 @@ def _denoise(model: LoadedModel, spec: samplers.Sampler, schedule: str, *, steps
             on_step(StepEvent(batch, batch_count, i + 1, len(timesteps), latents, time.perf_counter() - start,
                               denoised=getattr(out, "pred_original_sample", None), model=model, phase=phase))
     return latents
+
+
+def _sigmas(model: LoadedModel, spec: samplers.Sampler, schedule: str, steps: int) -> torch.Tensor:
+    return samplers.sigmas(spec, schedule, steps, schedules.model_sigmas(model.scheduler_config),
+                           sdxl=model.family.id.startswith("sdxl"))
+
+
+def _inpaint_inputs(model: LoadedModel, init: Init | None, n: int, height: int, width: int):
+    """(latent mask or None, 9-channel model?, the extra input channels of a 9-channel model or None)."""
+    device = model.device
+    mask = None if init is None or init.mask is None else init.mask.to(device).float()
+    channels9 = model.unet.config.in_channels == 9
+    inpaint_extra = None
+    if channels9:
+        if init is not None and init.masked_image_latents is not None:
+            m = mask if mask is not None else torch.ones((1, 1, height, width), device=device)
+            inpaint_extra = torch.cat([m.expand(n, -1, -1, -1),
+                                       init.masked_image_latents.to(device).float().expand(n, -1, -1, -1)], dim=1)
+        else:
+            inpaint_extra = _gray_inpaint_extra(model, n, height, width)
+    return mask, channels9, inpaint_extra
+
+
+class KDenoiser:
+    """The UNet as k-diffusion's denoiser D(x, sigma) -> x0 estimate (its CompVis wrappers' scalings).
+
+    Input scaled by 1 / sqrt(sigma^2 + 1); the UNet sees the fractional training timestep of sigma
+    (log-sigma interpolation); eps models give x - sigma * eps, v models x / (sigma^2 + 1) - v * sigma /
+    sqrt(sigma^2 + 1). Conditioning is looked up by the call's index (prompt editing counts model calls,
+    as the webui's CFGDenoiser does). For inpainting with a normal checkpoint the estimate outside the
+    mask is the source (the webui's way), so every step is pulled back to it there.
+    """
+
+    def __init__(self, model: LoadedModel, conditioning: StepConditioning, n: int, height: int, width: int,
+                 train_sigmas: torch.Tensor, mask: torch.Tensor | None = None, source: torch.Tensor | None = None,
+                 inpaint_extra: torch.Tensor | None = None, unet: Callable | None = None):
+        self.model, self.conditioning, self.n, self.height, self.width = model, conditioning, n, height, width
+        self.train_sigmas, self.mask, self.source, self.inpaint_extra = train_sigmas, mask, source, inpaint_extra
+        self.unet = unet or model.unet
+        self.v_prediction = model.v_prediction
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float32)
+        f = self.model.vae_scale_factor
+        context, extra, weights = self.conditioning.inputs(self.calls, self.n, self.height * f, self.width * f,
+                                                           self.model.dtype)
+        self.calls += 1
+        copies = context.shape[0] // self.n
+        scale = 1 / torch.sqrt(sigma ** 2 + 1)
+        inp = torch.cat([x * scale] * copies)
+        if self.inpaint_extra is not None:
+            inp = torch.cat([inp, torch.cat([self.inpaint_extra] * copies)], dim=1)
+        t = schedules.sigma_to_t(sigma.cpu(), self.train_sigmas).to(x.device)
+        out = self.unet(inp.to(self.model.dtype), t, encoder_hidden_states=context, added_cond_kwargs=extra)
+        pred = self.conditioning.combine(out.sample.float(), self.n, weights)
+        if self.v_prediction:
+            denoised = x * scale ** 2 - pred * sigma * scale
+        else:
+            denoised = x - pred * sigma
+        if self.mask is not None and self.source is not None:
+            denoised = (1 - self.mask) * self.source + self.mask * denoised
+        return denoised
+
+
+def _denoise_own(model: LoadedModel, spec: samplers.Sampler, schedule: str, *, steps: int, noise: Noise,
+                 shape: tuple[int, int, int], guidance: Guidance, init: Init | None, eta: float | None, batch: int,
+                 batch_count: int, phase: str, on_step: StepCallback | None, cancel: threading.Event | None,
+                 skip: threading.Event | None):
+    """A k-diffusion sampler of ours (ksamplers.py) over the webui's sigmas, as the webui runs it."""
+    device, n = model.device, len(noise.seeds)
+    _, height, width = shape
+    sigmas = _sigmas(model, spec, schedule, steps).to(device)
+    start_noise, rng = noise.start(shape)
+    start_noise = start_noise.to(device)
+    source = None
+    if init is None:
+        x = start_noise * sigmas[0]
+    else:
+        run = steps_to_run(len(sigmas) - 1, init.strength)
+        source = init.latents.to(device).float().expand(n, -1, -1, -1)
+        if run == 0:
+            return source.clone()
+        sigmas = sigmas[len(sigmas) - 1 - run:]
+        x = source + start_noise * sigmas[0]
+    fn = ksamplers.SAMPLERS[spec.kfunc]
+    conditioning = guidance.schedule(ksamplers.model_calls(spec.kfunc, sigmas))
+    mask, channels9, inpaint_extra = _inpaint_inputs(model, init, n, height, width)
+    keep = mask if not channels9 else None
+    denoiser = KDenoiser(model, conditioning, n, height, width, schedules.model_sigmas(model.scheduler_config),
+                         mask=keep, source=source, inpaint_extra=inpaint_extra)
+    start = time.perf_counter()
+    total = len(sigmas) - 1
+
+    def step_done(i: int, latents: torch.Tensor, denoised: torch.Tensor) -> None:
+        if on_step is not None:
+            on_step(StepEvent(batch, batch_count, i + 1, total, latents, time.perf_counter() - start,
+                              denoised=denoised, model=model, phase=phase))
+        if i + 1 < total:
+            _raise_if_stopped(cancel, skip)
+
+    _raise_if_stopped(cancel, skip)
+    draw = (lambda: rng.next().to(device)) if spec.stochastic else None
+    with torch.no_grad():
+        x = fn(denoiser, x, sigmas, callback=step_done, noise=draw, eta=1.0 if eta is None else eta)
+    if keep is not None:
+        x = (1 - keep) * source + keep * x
+    return x
+
+
+def _raise_if_stopped(cancel: threading.Event | None, skip: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Interrupted("interrupted")
+    if skip is not None and skip.is_set():
+        raise Skipped()
 
 
 @contextlib.contextmanager
