@@ -357,6 +357,25 @@ def test_create_bundle_orchestration(tmp_path, model_home):
         bundle.create_bundle(out, home=model_home, source=_fake_source(tmp_path / "again"), pip=pip)
 
 
+def test_no_deps_requirements_travel_without_their_declared_dependencies(tmp_path, model_home):
+    """spandrel declares torchvision, which must never be installed: requirements-nodeps.txt is downloaded and
+    installed with --no-deps, and nothing in the bundle asks for torchvision."""
+    pip = FakePip()
+    pip.DEPS = {**FakePip.DEPS, "spandrel": ["torchvision", "einops"]}
+    src = _fake_source(tmp_path)
+    (src / "requirements-nodeps.txt").write_text("# see the file\nspandrel==0.4.2\neinops==0.8.2\n")
+    out = tmp_path / "bundle"
+    manifest = bundle.create_bundle(out, home=model_home, source=src, pip=pip, echo=lambda s: None)
+    last = pip.calls[-1]
+    assert "--no-deps" in last and Path(last[-1]).name == "requirements.txt"
+    assert not list((out / "wheels").glob("torchvision*"))
+    assert (out / "requirements-nodeps.txt").read_text().split() == ["einops==0.8.2", "spandrel==0.4.2"]
+    assert not {"spandrel", "einops"} & {r.split("==")[0] for r in (out / "requirements.txt").read_text().split()}
+    assert manifest["install"]["then_no_deps"] == "requirements-nodeps.txt"
+    assert 'pip_offline --no-deps -r "$HERE/requirements-nodeps.txt"' in (out / "install.sh").read_text()
+    assert bundle.verify_bundle(out).problems == []
+
+
 def test_create_for_another_system_adds_what_its_markers_need(tmp_path, model_home):
     """pip evaluates markers for the machine it runs on: click's colorama only counts on Windows."""
     pip = FakePip()

@@ -38,6 +38,9 @@ from darkroom.home import Home, is_folder
 from darkroom.models.library import walk_models
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "bundle"
+NODEPS_FILE = "requirements-nodeps.txt"
+"""Pinned packages installed with `pip --no-deps`, in the checkout and in a bundle (see the file: spandrel
+declares torchvision, which must never be installed beside the pinned CPU torch)."""
 SCRIPTS = ("install.sh", "install.ps1", "bundle_check.py")
 MANIFEST = "manifest.json"
 # Detection.kind -> folder under models/ (in a bundle and in the Darkroom home alike)
@@ -174,15 +177,16 @@ def _copy_in(src: Path, dest: Path, progress: Callable[[int], None] | None = Non
     return h.hexdigest()
 
 
-def _download(requirements: list[str], wheels: Path, target: Target, pip: Pip) -> None:
+def _download(requirements: list[str], wheels: Path, target: Target, pip: Pip, *, no_deps: bool = False) -> None:
     """pip download into the wheels folder; for another system with --no-deps, as pip would follow the
     dependencies' environment markers for *this* machine (a Windows torch would drag in Linux's CUDA
-    libraries): complete_for_target() then adds the dependencies the target's markers call for."""
+    libraries): complete_for_target() then adds the dependencies the target's markers call for.
+    `no_deps`: the packages of requirements-nodeps.txt, whose declared dependencies must not come along."""
     with _scratch("darkroom-reqs-") as tmp:
         req_file = tmp / "requirements.txt"
         with _writing_temp():
             req_file.write_text("\n".join(requirements) + "\n", encoding="utf-8")
-        no_deps = [] if target.native else ["--no-deps"]
+        no_deps = [] if target.native and not no_deps else ["--no-deps"]
         pip(["download", *no_deps, "--dest", str(wheels), "--find-links", str(wheels), *target.pip_args(),
              "-r", str(req_file)])
 
@@ -483,6 +487,8 @@ def create_bundle(dest: Path, *, home: Home, models: Sequence[str] = (), platfor
     target = make_target(platforms, python_version, torch)
     src = find_source(source)
     requirements = read_requirements(src / "requirements.txt")
+    nodeps_file = src / NODEPS_FILE
+    nodeps = read_requirements(nodeps_file) if nodeps_file.is_file() else []
     torch_pins = [r for r in requirements if _name(r) == "torch"]
     m = re.fullmatch(r"torch\s*==\s*([\w.+]+)", torch_pins[0]) if len(torch_pins) == 1 else None
     if not m:
@@ -502,7 +508,7 @@ def create_bundle(dest: Path, *, home: Home, models: Sequence[str] = (), platfor
         with writes_to(dest, "write the bundle", instead=OTHER_BUNDLE_FOLDER):
             wheels.mkdir(parents=True, exist_ok=True)
             return _fill(dest, wheels, src, requirements, torch_req, torch_index, target, chosen, pip, echo,
-                         progress)
+                         progress, nodeps)
     except (BundleError, StorageError) as e:  # the manifest, written last, is missing: no installer takes it
         raise type(e)(f"{e} ({dest} is incomplete: delete it before trying again)" if _has_files(dest)
                       else str(e)) from None
@@ -515,7 +521,8 @@ def _has_files(folder: Path) -> bool:
         return True  # cannot tell (the drive is gone): say it may hold part of a bundle
 
 
-def _fill(dest, wheels, src, requirements, torch_req, torch_index, target, chosen, pip, echo, progress) -> dict:
+def _fill(dest, wheels, src, requirements, torch_req, torch_index, target, chosen, pip, echo, progress,
+          nodeps=()) -> dict:
     where = "this machine" if target.native else f"{target.os} {target.machine or ''} Python {target.python}"
     echo(f"darkroom: building Darkroom's wheel from {src}")
     own = build_darkroom_wheel(src, wheels, pip)
@@ -524,7 +531,11 @@ def _fill(dest, wheels, src, requirements, torch_req, torch_index, target, chose
     download_wheels(requirements, torch_req, torch_index, wheels, target, pip)
     roots = [torch_req if _name(r) == "torch" else r for r in requirements] + [f"darkroom=={version}"]
     complete_for_target(wheels, roots, target, pip, echo)
+    if nodeps:  # after the closure, so their declared dependencies (spandrel's torchvision) are never followed
+        echo(f"darkroom: downloading {', '.join(nodeps)} without their declared dependencies")
+        _download(list(nodeps), wheels, target, pip, no_deps=True)
     found = read_wheels(wheels)
+    apart = {_name(r) for r in nodeps}
 
     expected = {}
     if chosen:
@@ -532,8 +543,11 @@ def _fill(dest, wheels, src, requirements, torch_req, torch_index, target, chose
         expected = copy_models(chosen, dest, progress("copying models", model_bytes(chosen)) if progress else None)
     _write_file(dest / "requirements-torch.txt", f"{found['torch'].name}=={found['torch'].version}\n".encode(),
                 dest)
-    _write_file(dest / "requirements.txt", "".join(f"{w.name}=={w.version}\n" for w in found.values()).encode(),
-                dest)
+    _write_file(dest / "requirements.txt", "".join(f"{w.name}=={w.version}\n" for n, w in found.items()
+                                                   if n not in apart).encode(), dest)
+    if apart:
+        _write_file(dest / NODEPS_FILE, "".join(f"{found[n].name}=={found[n].version}\n" for n in sorted(apart)
+                                                if n in found).encode(), dest)
     for script in SCRIPTS:
         _copy_in(ASSETS / script, dest / script)
     (dest / "install.sh").chmod(0o755)
@@ -542,7 +556,8 @@ def _fill(dest, wheels, src, requirements, torch_req, torch_index, target, chose
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "darkroom_version": version,
         "target": {**target.as_json(), "torch_requirement": torch_req},
-        "install": {"first": "requirements-torch.txt", "then": "requirements.txt"},
+        "install": {"first": "requirements-torch.txt", "then": "requirements.txt",
+                    **({"then_no_deps": NODEPS_FILE} if apart else {})},
         "models": [{"path": mdl.dest, "kind": mdl.kind} for mdl in chosen],
     }
     total = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())

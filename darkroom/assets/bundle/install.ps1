@@ -69,6 +69,9 @@ Write-Host "darkroom: installing torch"
 Pip-Offline "-r" (Join-Path $Here "requirements-torch.txt")
 Write-Host "darkroom: installing Darkroom and its dependencies"
 Pip-Offline "-r" (Join-Path $Here "requirements.txt")
+if (Test-Path (Join-Path $Here "requirements-nodeps.txt")) {  # declared dependencies must not be installed
+    Pip-Offline "--no-deps" "-r" (Join-Path $Here "requirements-nodeps.txt")
+}
 
 # 4. the models
 & $VPy (Join-Path $Here "bundle_check.py") install-models $Here

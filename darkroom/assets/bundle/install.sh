@@ -64,6 +64,9 @@ echo "darkroom: installing torch" >&2
 pip_offline -r "$HERE/requirements-torch.txt"
 echo "darkroom: installing Darkroom and its dependencies" >&2
 pip_offline -r "$HERE/requirements.txt"
+if [ -f "$HERE/requirements-nodeps.txt" ]; then  # packages whose declared dependencies must not be installed
+  pip_offline --no-deps -r "$HERE/requirements-nodeps.txt"
+fi
 
 # 4. the models
 "$VPY" "$HERE/bundle_check.py" install-models "$HERE"
