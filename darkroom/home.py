@@ -51,6 +51,11 @@ class Home:
         return self.root / "models" / "embeddings"
 
     @property
+    def upscalers(self) -> Path:
+        """Upscaler model files (ESRGAN, SwinIR, ...); see darkroom/upscale/discover.py for installs' folders."""
+        return self.root / "models" / "upscalers"
+
+    @property
     def outputs(self) -> Path:
         return self.root / "outputs"
 
@@ -71,6 +76,38 @@ class Home:
         """Where Darkroom makes its own fallback model (see darkroom.models.starter)."""
         return self.root / "builtin"
 
+    @property
+    def styles_file(self) -> Path:
+        """The webui's styles.csv (name, prompt, negative_prompt) of this home: where new styles are saved."""
+        return self.root / "styles.csv"
+
+    @property
+    def wildcards(self) -> Path:
+        """Wildcard files (`name.txt` -> `__name__`) of the Dynamic Prompts syntax."""
+        return self.root / "wildcards"
+
+    def styles_files(self) -> list[Path]:
+        """Every styles file, in the order they are read (a later file's style wins a name): the home's
+        `styles.csv` and other `styles*.csv`, then each A1111/Forge root's, as the webui finds them beside it."""
+        found = []
+        for root in (self.root, *self.extra_model_dirs):
+            try:
+                others = sorted(p for p in root.glob("styles*.csv") if p.name != "styles.csv")
+            except OSError:
+                others = []
+            found += [root / "styles.csv", *others]
+        return [p for i, p in enumerate(found) if p not in found[:i] and (p == self.styles_file or _is_file(p))]
+
+    def wildcard_dirs(self) -> list[Path]:
+        """The home's `wildcards/`, then the Dynamic Prompts extension's of each A1111/Forge root, used in place."""
+        dirs = [self.wildcards]
+        for extra in self.extra_model_dirs:
+            try:
+                dirs += sorted(p for p in extra.glob("extensions/*dynamic-prompts*/wildcards") if is_folder(p))
+            except OSError:
+                continue
+        return dirs
+
     def checkpoint_dirs(self) -> list[Path]:
         dirs = [self.checkpoints]
         for extra in self.extra_model_dirs:
@@ -82,6 +119,13 @@ class Home:
             else:
                 dirs.append(extra)
         return dirs
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def is_folder(path: Path) -> bool:

@@ -6,7 +6,7 @@ these. Field names follow the AUTOMATIC1111 API where one exists, so translation
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -19,6 +19,8 @@ request uses seed + k, so seed + images - 1 must also be in range: such a reques
 (422 naming the field) rather than wrapped round to 0, since a wrapped seed is not what the
 user asked for and the infotexts' seeds would jump from 2**64-1 to 0.
 """
+MAX_ENSD = 2**32 - 1  # the webui takes any int; 32 bits keep seed + delta a seed in practice
+RANDN_SOURCES = ("CPU", "GPU", "NV")
 MAX_TEXT = 64 * 1024
 """Characters in a text field (prompt, negative prompt, names). CLIP reads 75 tokens a chunk, so a
 longer prompt is a mistake (a pasted file, a runaway script): refused at once, never tokenized."""
@@ -46,12 +48,25 @@ class GenerationRequest(BaseModel):
     eta: float | None = Field(None, ge=0.0, le=1.0, description="Ancestral noise; None = default.")
     subseed: int = Field(-1, ge=-1, le=MAX_SEED, description="Variation seed (-1 picks one when a strength is set).")
     subseed_strength: float = Field(0.0, ge=0.0, le=1.0, description="How far the noise moves towards the subseed's.")
+    randn_source: str = Field("CPU", description="Where the noise comes from, as the webui's 'RNG': CPU (the same"
+                                                 " everywhere), GPU (NVIDIA's numbers) or NV (the webui's CPU copy"
+                                                 " of NVIDIA's). See darkroom/engine/rng.py.")
+    eta_noise_seed_delta: int = Field(0, ge=0, le=MAX_ENSD, description="The webui's ENSD: ancestral/SDE steps draw"
+                                                                      " their noise from seed + this (0: off).")
     vae: str | None = Field(None, description="A separate VAE file (name in the VAE folders or path); None = the"
                                               " checkpoint's own.")
     preset: str | None = Field(
         None, description="Few-step preset (lcm, turbo, lightning, hyper, hyper-cfg, dmd2, tcd, standard) or 'auto'"
                           " (detected from the checkpoint and LoRAs): fills sampler, schedule, steps and cfg_scale"
                           " where the request does not set them. See docs/few-step.md.")
+    styles: list[str] = Field([], max_length=64, description="Prompt styles (names in the webui's styles.csv),"
+                                                             " applied to both prompts in this order.")
+    dynamic_prompts: bool = Field(True, description="Expand {a|b} variants and __name__ wildcards per image (the"
+                                                    " Dynamic Prompts extension's syntax); false sends the text as"
+                                                    " written. Text without that syntax is never changed.")
+    combinatorial: bool = Field(False, description="Dynamic prompts: one image per combination (the batch count"
+                                                   " follows), instead of a random pick per image.")
+    tiling: bool = Field(False, description="Seamless tiling: the image wraps around at its edges (A1111 'Tiling').")
 
     # img2img / inpainting (A1111 names); images are encoded files (PNG, JPEG, WebP)
     init_image: bytes | None = Field(None, repr=False, description="img2img source image.")
@@ -68,10 +83,27 @@ class GenerationRequest(BaseModel):
     # hires fix
     enable_hr: bool = False
     hr_scale: float = Field(2.0, ge=1.0, le=4.0)
-    hr_upscaler: str = Field("Latent", description="Latent, Latent (nearest), Lanczos, Nearest.")
+    hr_upscaler: str = Field("Latent", description="Latent, Latent (nearest), Lanczos, Nearest, or an upscaler"
+                             " model's name (4x-UltraSharp, R-ESRGAN 4x+: darkroom/upscale).")
     hr_second_pass_steps: int = Field(0, ge=0, le=500, description="0 = the same as steps.")
     hr_resize_x: int = Field(0, ge=0, le=MAX_SIDE)
     hr_resize_y: int = Field(0, ge=0, le=MAX_SIDE)
+
+    # how outputs are saved (not the picture): the webui's samples_format, jpeg_quality and webp_lossless
+    output_format: Literal["png", "jpg", "jpeg", "webp"] | None = Field(
+        None, description="File format of saved images; None = the samples_format setting (png by default).")
+    output_quality: int | None = Field(None, ge=1, le=100, description="JPEG/WebP quality; None = the setting (80).")
+    output_lossless: bool | None = Field(None, description="Lossless WebP; None = the webp_lossless setting.")
+
+    @field_validator("styles")
+    @classmethod
+    def _valid_styles(cls, v: list[str]) -> list[str]:
+        """Style names follow the text fields' rule (see _valid_text)."""
+        for name in v:
+            problem = "too long" if len(name) > MAX_TEXT else unicode_problem(name)
+            if problem:
+                raise ValueError(f"style {name[:40]!r}: {problem}")
+        return v
 
     @field_validator(*TEXT_FIELDS)
     @classmethod
@@ -104,6 +136,15 @@ class GenerationRequest(BaseModel):
                     f"{name} {value} is too large for {self.image_count} images: image k uses {name} + k, and seeds"
                     f" go up to 2**64-1, so {name} must be at most {MAX_SEED - last} (or -1 for a random one)")
         return self
+
+    @field_validator("randn_source", mode="before")
+    @classmethod
+    def _known_source(cls, v: object) -> str:
+        """Any case, as the webui's option names them (CPU, GPU, NV)."""
+        canonical = str(v).strip().upper()
+        if canonical not in RANDN_SOURCES:
+            raise ValueError(f"randn_source {v!r} is not one of CPU, GPU, NV (the webui's 'RNG' settings)")
+        return canonical
 
     @field_validator("width", "height")
     @classmethod

@@ -17,9 +17,11 @@ from typing import Any
 
 from darkroom.errors import InvalidRequest
 from darkroom.fsutil import read_error, write_atomic, writes_to
+from darkroom.webui_options import valid_store
 
 log = logging.getLogger("darkroom.settings")
 _ELSEWHERE = "use another home folder (--home)"
+OUTPUT_FORMATS = ("png", "jpg", "jpeg", "webp")  # the webui's samples_format values
 
 
 def _optional_name(value: Any) -> bool:
@@ -56,8 +58,23 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("vae", None, "sd_vae", "Separate VAE used when a request names none (None: the checkpoint's own)."),
     Setting("models_dirs", [], "", "Extra model folders used in place (A1111/Forge or ComfyUI roots, plain folders).",
             _folders, "a list of folder paths"),
-    Setting("samples_format", "png", "samples_format", "Image format of saved outputs (png only for now).",
-            lambda v: v == "png", '"png"'),
+    Setting("samples_format", "png", "samples_format", "File format of saved outputs: png, jpg or webp (the infotext"
+            " goes in a PNG text chunk, or the EXIF UserComment as the webui writes it).",
+            lambda v: v in OUTPUT_FORMATS, "one of " + ", ".join(OUTPUT_FORMATS)),
+    Setting("jpeg_quality", 80, "jpeg_quality", "Quality of saved JPEG and lossy WebP outputs (1-100).",
+            _whole(1, 100), "a whole number from 1 to 100"),
+    Setting("webp_lossless", False, "webp_lossless", "Save WebP outputs losslessly.",
+            lambda v: isinstance(v, bool), "true or false"),
+    # The webui's options that cannot change a picture (UI, paths, ...), kept so A1111 clients read back what they
+    # wrote (darkroom/webui_options.py); Darkroom does not use them.
+    Setting("webui_options", {}, "", "The webui's options that do not change pictures, as A1111 clients set them.",
+            valid_store, "an object of webui option names and values of their kind"),
+    # The webui's noise options: the defaults of A1111 API requests that do not override them (darkroom/engine/rng.py).
+    # CPU, not the webui's GPU: Darkroom's own default, the same noise on every machine.
+    Setting("randn_source", "CPU", "randn_source", "Noise source of A1111 API requests: CPU, GPU (NVIDIA's numbers)"
+            " or NV (the webui's RNG setting).", lambda v: v in ("CPU", "GPU", "NV"), '"CPU", "GPU" or "NV"'),
+    Setting("eta_noise_seed_delta", 0, "eta_noise_seed_delta", "ENSD of A1111 API requests: ancestral/SDE steps draw"
+            " their noise from seed + this (0: off).", _whole(0, 2**32 - 1), "a whole number from 0 to 4294967295"),
     # Limits every interface enforces before anything is allocated (darkroom/engine/admission.py; docs/limits.md).
     # Sides stop at the request format's 4096 (memory decides below that); batch size 16 is twice the webui's
     # slider (a UNet batch of 32 with CFG, past any throughput gain); batch count 100 is the webui's slider maximum

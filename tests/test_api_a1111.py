@@ -116,9 +116,9 @@ def test_eta_kept_only_where_it_matters(api):
     ({"scheduler": "Wobbly"}, "Wobbly"),
     ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler 'R-ESRGAN 4x+' is not supported"),
     ({"restore_faces": True}, "restore_faces"),
-    ({"tiling": True}, "tiling"),
+    ({"styles": ["No Such Style"]}, "unknown style 'No Such Style'"),
     ({"subseed_strength": 1.3}, "subseed_strength"),
-    ({"script_name": "x/y/z plot"}, "script_name"),
+    ({"script_name": "prompt matrix"}, "script_name"),  # the X/Y/Z plot runs: tests/test_api_scripts.py
     ({"alwayson_scripts": {"ControlNet": {"args": []}}}, "ControlNet"),
     ({"refiner_checkpoint": "sdxl-refiner"}, "refiner_checkpoint"),
     ({"override_settings": {"CLIP_stop_at_last_layers": 40}}, "CLIP_stop_at_last_layers"),
@@ -198,7 +198,7 @@ def test_options_read_and_write(api, studio):
     r = api.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 3, "sd_model_checkpoint": "ghost"})
     assert r.status_code == 404 and "ghost" in error_of(r)
     assert studio.settings.get("clip_skip") == 2
-    assert api.post("/sdapi/v1/options", json={"samples_format": "jpg"}).status_code == 422
+    assert api.post("/sdapi/v1/options", json={"samples_format": "gif"}).status_code == 422  # png/jpg/webp only
     assert api.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": "two"}).status_code == 422
     api.post("/sdapi/v1/options", json=api.get("/sdapi/v1/options").json())  # a client echoing it all back
     assert api.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 2
@@ -234,7 +234,7 @@ def test_other_lists_are_truthful(api, studio):
     assert api.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
     assert [u["name"] for u in api.get("/sdapi/v1/upscalers").json()] == ["None", "Lanczos", "Nearest"]
     assert [m["name"] for m in api.get("/sdapi/v1/latent-upscale-modes").json()] == ["Latent", "Latent (nearest)"]
-    assert api.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
+    assert api.get("/sdapi/v1/scripts").json() == {"txt2img": ["x/y/z plot"], "img2img": ["x/y/z plot"]}
     flags = api.get("/sdapi/v1/cmd-flags").json()
     assert flags["ckpt_dir"] == str(studio.home.checkpoints) and flags["api"] is True
     mem = api.get("/sdapi/v1/memory").json()

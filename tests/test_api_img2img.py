@@ -121,7 +121,7 @@ def test_refusals_before_queueing(api, studio):
         ("img2img", {"init_images": [b64(scene())], "mask": "bm9wZQ=="}, "mask: not a readable image"),
         ("img2img", {"init_images": [b64(scene())], "denoising_strength": 1.5}, "denoising_strength"),
         ("img2img", {"init_images": [b64(scene())], "initial_noise_multiplier": 1.1}, "initial_noise_multiplier"),
-        ("img2img", {"init_images": [b64(scene())], "tiling": True}, "tiling"),
+        ("img2img", {"init_images": [b64(scene())], "styles": ["nope"]}, "unknown style 'nope'"),
         ("img2img", {"init_images": [b64(scene())], "width": 60}, "width 60 is not a multiple of 8"),
     ]
     for route, fields, needle in cases:

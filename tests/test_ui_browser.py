@@ -396,7 +396,7 @@ def test_phone_sized_viewport(open_page, tmp_path):
     box = gen.bounding_box()
     assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390, box
     assert no_horizontal_overflow(page)
-    for tab in ("generate", "history", "pnginfo", "models"):
+    for tab in ("generate", "extras", "history", "pnginfo", "models"):
         tb = page.locator(f"#tab-{tab}").bounding_box()
         assert tb and tb["x"] >= 0 and tb["x"] + tb["width"] <= 390, (tab, tb)
     shot(page, tmp_path, "generate-phone.png")

@@ -16,11 +16,15 @@ from darkroom.cli.info import png_info, samplers
 from darkroom.cli.models import models_group
 from darkroom.cli.presets import presets
 from darkroom.cli.serve import serve
+from darkroom.cli.styles import styles_group
+from darkroom.cli.upscale import upscale
 
 for _command in (generate, png_info, samplers, presets, serve, backup, restore, verify, doctor):
     cli.add_command(_command)
 cli.add_command(models_group, "models")
 cli.add_command(bundle_group, "bundle")
+cli.add_command(upscale)
+cli.add_command(styles_group, "styles")
 
 __all__ = ["cli", "main"]
 

@@ -34,6 +34,14 @@ def _engine(home: Home, device: str | None, precision: str | None, allow_pickle:
 @click.command()
 @click.argument("prompt", required=False, default=None)
 @click.option("-N", "--negative", "negative_prompt", default=None, help="Negative prompt.")
+@click.option("--style", "styles", multiple=True, metavar="NAME",
+              help="Apply a prompt style from styles.csv (repeatable, applied in order; see `darkroom styles`).")
+@click.option("--dynamic-prompts/--no-dynamic-prompts", default=None,
+              help="Expand {a|b} variants and __name__ wildcards per image, seeded by each image's seed (default on;"
+                   " text without them is never changed).")
+@click.option("--combinatorial", is_flag=True, default=None,
+              help="Dynamic prompts: one image per combination instead of a random pick per image.")
+@click.option("--tiling", is_flag=True, default=None, help="Seamless tiling: the image wraps around at its edges.")
 @click.option("-m", "--model", default=None, help="Checkpoint: a name or short hash in the models folders, or a path.")
 @click.option("-n", "--count", "n_iter", type=int, default=None,
               help="How many batches to make (images = count x batch size).")
@@ -53,6 +61,9 @@ def _engine(home: Home, device: str | None, precision: str | None, allow_pickle:
 @click.option("--clip-skip", type=int, default=None)
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for the PNGs (default: <home>/outputs/txt2img/<date>).")
+@click.option("--format", "output_format", type=click.Choice(["png", "jpg", "jpeg", "webp"], case_sensitive=False),
+              default=None, help="File format of the images (default png); JPEG and WebP carry the parameters in"
+                                 " EXIF, as the webui writes them, so png-info reads them too.")
 @click.option("--from-png", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="Rerun the parameters stored in an image; options given here override them.")
 @click.option("-i", "--init-image", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
@@ -82,6 +93,11 @@ def _engine(home: Home, device: str | None, precision: str | None, allow_pickle:
 @click.option("--vae", default=None, help="A separate VAE: a name in the VAE folders or a path (default: Automatic).")
 @click.option("--subseed", type=int, default=None, help="Variation seed.")
 @click.option("--subseed-strength", type=float, default=None, help="How far to move towards the variation seed.")
+@click.option("--rng", "randn_source", type=click.Choice(["cpu", "gpu", "nv"], case_sensitive=False), default=None,
+              help="Noise source, the webui's RNG setting: cpu (default, the same everywhere), gpu (NVIDIA GPU noise,"
+                   " also without one), nv (the webui's CPU copy of it). --from-png takes the image's.")
+@click.option("--ensd", "eta_noise_seed_delta", type=int, default=None, metavar="N",
+              help="The webui's eta noise seed delta: ancestral/SDE steps draw noise from seed + N (default 0).")
 @click.option("--x", "x_axis", default=None, metavar="AXIS=VALUES",
               help="X/Y plot: one image per value in the columns, plus a labelled grid (<outputs>/txt2img-grids, or"
                    " -o), e.g. 'steps=10-30 (+10)'. VALUES: comma-separated (CSV quotes), ranges 1-5, 1-10 (+3),"
@@ -100,7 +116,9 @@ def generate(obj: Context, prompt, negative_prompt, model, n_iter, batch_size, s
              seed, width, height, clip_skip, output, from_png, init_image, mask, denoising_strength, resize_mode,
              mask_blur, masked_content, inpaint_full_res, inpaint_full_res_padding, inpainting_mask_invert, enable_hr,
              hr_scale, hr_upscaler, hr_second_pass_steps, hr_size, vae, subseed, subseed_strength, x_axis, y_axis,
-             device, precision, allow_pickle, v_prediction, preset, vram, fp8) -> None:
+             device, precision, allow_pickle, v_prediction, preset, vram, fp8, randn_source=None,
+             eta_noise_seed_delta=None, styles=(), dynamic_prompts=None, combinatorial=None, tiling=None,
+             output_format=None) -> None:
     """Generate images from PROMPT (txt2img, img2img, inpainting, hires fix) and write PNGs with their parameters."""
     from darkroom.api import output_folder, request_from_png
     from darkroom.models import starter
@@ -124,7 +142,10 @@ def generate(obj: Context, prompt, negative_prompt, model, n_iter, batch_size, s
                   inpainting_mask_invert=inpainting_mask_invert, enable_hr=enable_hr, hr_scale=hr_scale,
                   hr_upscaler=hr_upscaler, hr_second_pass_steps=hr_second_pass_steps, hr_resize_x=hr_resize_x,
                   hr_resize_y=hr_resize_y, vae=vae, subseed=subseed, subseed_strength=subseed_strength,
-                  init_image=_read(init_image), mask=_read(mask), preset=preset)
+                  init_image=_read(init_image), mask=_read(mask), preset=preset,
+                  randn_source=randn_source and randn_source.upper(), eta_noise_seed_delta=eta_noise_seed_delta)
+    fields.update(styles=list(styles) or None, dynamic_prompts=dynamic_prompts, combinatorial=combinatorial,
+                  tiling=tiling, output_format=output_format and output_format.lower())
     given = {k: v for k, v in fields.items() if v is not None}
     if from_png is not None:
         base = request_from_png(from_png)

@@ -1,13 +1,14 @@
 """txt2img: GenerationRequest -> GenerationResult, with progress, previews and interrupt.
 
 Steps mirror a diffusers pipeline: (1) check inputs, (2) load the model, (3) encode the
-prompts, (4) per batch: noise from per-image CPU generators seeded s, s+1, ... (so a batch
-of N equals N single runs and images do not depend on the device), (5) denoise with the
+prompts, (4) per batch: noise from per-image generators seeded s, s+1, ... on the request's
+randn_source (engine/rng.py; a batch of N equals N single runs), (5) denoise with the
 chosen scheduler and classifier-free guidance, (6) decode and write PNGs with infotext.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
@@ -20,15 +21,16 @@ import torch
 from PIL import Image
 
 import darkroom
-from darkroom.engine import presets, samplers, vae_tiling
+from darkroom.engine import presets, rng, samplers, vae_tiling
 from darkroom.engine.admission import Limits, admit_engine
 from darkroom.engine.cache import ModelCache
 from darkroom.engine.img2img import FILL_NAMES, RESIZE_NAMES, Source, prepare_source
 from darkroom.engine.interrupt import answering, stoppable, units_of
 from darkroom.engine.lora import LoraLibrary, apply_loras, extract_lora_tags, lora_hashes_infotext
 from darkroom.engine.sampling import SKIPPED, Guidance, Init, Noise, StepCallback, StepEvent, denoise
+from darkroom.engine.tiling import seamless
 from darkroom.errors import DarkroomError, Interrupted, InvalidRequest, NonFiniteResult, StorageError
-from darkroom.metadata.images import encode_png
+from darkroom.metadata.images import SUFFIXES, encode_file, encode_png
 from darkroom.metadata.infotext import build_infotext
 from darkroom.models.header import read_header
 from darkroom.models.library import ModelLibrary
@@ -39,9 +41,12 @@ from darkroom.text.conditioning import Conditioning, PromptEncoder
 from darkroom.text.embeddings import EmbeddingLibrary, format_ti_hashes
 from darkroom.text.prompt_parser import parse_prompt_attention
 from darkroom.text.schedule import split_and
+from darkroom.text.wildcards import PromptPlan, PromptPlanner
+from darkroom.upscale import UpscalerLibrary
 
 __all__ = ["Engine", "StepEvent", "StepCallback", "HIRES_UPSCALERS", "encode_image", "latents_to_images"]
 HIRES_UPSCALERS = ("Latent", "Latent (nearest)", "Lanczos", "Nearest")
+OUTPUT_SUFFIXES = frozenset(SUFFIXES.values())  # numbered outputs of every format share one count
 
 
 ImageCallback = Callable[[GeneratedImage], None]
@@ -49,11 +54,6 @@ ImageCallback = Callable[[GeneratedImage], None]
 
 def random_seed() -> int:
     return random.SystemRandom().randrange(4294967294)
-
-
-def initial_noise(generators: list[torch.Generator], shape: tuple[int, int, int]) -> torch.Tensor:
-    """Per-image noise from CPU generators (see sampling.Noise, which the engine uses)."""
-    return torch.stack([torch.randn(shape, generator=g) for g in generators])
 
 
 def _to_pixels(image: Image.Image) -> torch.Tensor:
@@ -131,19 +131,33 @@ class Engine:
         self.loras = LoraLibrary(library.home, library.hashes)
         self.embeddings = EmbeddingLibrary(library.home, library.hashes)
         self.vaes = VaeLibrary(library.home, library.hashes, allow_pickle=cache.allow_pickle)
+        self.upscalers = UpscalerLibrary(library.home, device=cache.device.device,
+                                         dtype=cache.device.dtype)  # the hires fix's and the extras' models
         # VAE tiling: "auto" (tiled when the untiled decode/encode would not fit), "always" or "never"
         self.vae_tiling = "auto"
         self.vae_tile_pixels = vae_tiling.TILE_PIXELS
         self.limits = Limits()  # maxima every request is admitted against (the studio and CLI set them from settings)
+        self.prompts = PromptPlanner(library.home)  # styles and dynamic prompts (darkroom/text/wildcards.py)
 
     def check_inputs(self, req: GenerationRequest) -> tuple[samplers.Sampler, str]:
         presets.check_preset_name(req.preset)
+        self.prompts.check(req)  # unknown styles, dynamic syntax that does not parse, missing wildcards
+        if req.enable_hr and req.hr_upscaler not in HIRES_UPSCALERS:
+            self.hires_model_upscaler(req.hr_upscaler)
         return samplers.resolve(req.sampler, req.schedule)
 
     def admit(self, req: GenerationRequest) -> GenerationRequest:
         """Refuse `req` (422, one line) when it is over self.limits or would not fit in the memory free,
         without loading the model; returns it with its size settled (darkroom/engine/admission.py)."""
         return admit_engine(self, req)
+
+    def hires_model_upscaler(self, name: str) -> str:
+        """The upscaler model file's listed name for the hires fix, or InvalidRequest naming every choice."""
+        try:
+            return self.upscalers.file(name).name
+        except InvalidRequest:
+            choices = [*HIRES_UPSCALERS, *(f.name for f in self.upscalers.files())]
+            raise InvalidRequest(f"unknown hires upscaler {name!r}; choose one of: {', '.join(choices)}") from None
 
     def model_path(self, req: GenerationRequest) -> Path:
         if req.model:
@@ -159,7 +173,6 @@ class Engine:
     def load(self, req: GenerationRequest) -> LoadedModel:
         return self.cache.get(self.model_path(req))
 
-    @torch.no_grad()
     def generate(self, req: GenerationRequest, *, on_step: StepCallback | None = None,
                  cancel: threading.Event | None = None, output_dir: Path | None = None,
                  skip: threading.Event | None = None, on_image: ImageCallback | None = None) -> GenerationResult:
@@ -167,13 +180,43 @@ class Engine:
 
         `on_image` sees each image as soon as it is written, so a caller (the job queue)
         can index it before the next batch starts: a crash loses at most the batch in progress.
+        Styles and dynamic prompts come first (darkroom/text/wildcards.py); when images of one batch
+        get different prompts, each run of images sharing one is sampled on its own (same pixels).
         """
+        plan = self.prompts.plan(req, max_images=self.limits.max_batch_count * req.batch_size,
+                                 random_seed=random_seed)
+        run = dict(cancel=cancel, output_dir=output_dir, skip=skip, on_image=on_image)
+        if plan.uniform:
+            result = self._generate(plan.single(), on_step=on_step, **run)
+        else:
+            result = self._generate_chunks(plan, on_step, run)
+        result.request = plan.restore(result.request)
+        return result
+
+    def _generate_chunks(self, plan: PromptPlan, on_step: StepCallback | None, run: dict) -> GenerationResult:
+        """The plan's runs of images one after another; progress reports the batch each belongs to."""
+        results: list[GenerationResult] = []
+        for chunk in plan.chunks():
+            def step(event: StepEvent, batch: int = chunk.batch) -> None:
+                on_step(dataclasses.replace(event, batch_index=batch, batch_count=plan.request.n_iter))
+
+            results.append(self._generate(chunk.request, on_step=step if on_step else None, **run))
+            if results[-1].interrupted:
+                break
+        last = results[-1]
+        return GenerationResult(request=results[0].request, images=[im for r in results for im in r.images],
+                                interrupted=last.interrupted, model_name=last.model_name, model_hash=last.model_hash,
+                                timings={k: sum(r.timings.get(k, 0.0) for r in results) for k in last.timings},
+                                info=last.info)
+
+    @torch.no_grad()
+    def _generate(self, req: GenerationRequest, *, on_step: StepCallback | None = None,
+                  cancel: threading.Event | None = None, output_dir: Path | None = None,
+                  skip: threading.Event | None = None, on_image: ImageCallback | None = None) -> GenerationResult:
+        """Run `req`, its prompts already expanded (see generate)."""
         req = self.apply_preset(req)  # few-step presets: docs/few-step.md
         spec, schedule = self.check_inputs(req)
         self.admit(req)  # limits and memory, before anything is allocated (docs/limits.md)
-        if req.enable_hr and req.hr_upscaler not in HIRES_UPSCALERS:
-            raise InvalidRequest(f"unknown hires upscaler {req.hr_upscaler!r}; choose one of: "
-                                 + ", ".join(HIRES_UPSCALERS))
         if req.mask is not None and req.init_image is None:
             raise InvalidRequest("a mask needs an init image to inpaint")
         timings: dict[str, float] = {}
@@ -194,6 +237,7 @@ class Engine:
                 # only (both restored exactly on exit), around prompt encoding and sampling alike
                 applied = stack.enter_context(apply_loras(model, lora_uses))
                 stack.enter_context(swap_vae(model, separate_vae.vae if separate_vae else None))
+                stack.enter_context(seamless(model, req.tiling))  # after the swap: the VAE that decodes wraps too
                 t1 = time.perf_counter()
                 encoder = PromptEncoder(model, req.clip_skip, embeddings=self.embeddings.for_model(model),
                                         cancel=cancel)
@@ -218,7 +262,8 @@ class Engine:
                 for batch in range(req.n_iter):
                     first = batch * req.batch_size
                     noise = Noise([seed + first + i for i in range(req.batch_size)],
-                                  [subseed + first + i for i in range(req.batch_size)], req.subseed_strength)
+                                  [subseed + first + i for i in range(req.batch_size)], req.subseed_strength,
+                                  source=req.randn_source, seed_delta=req.eta_noise_seed_delta)
                     latents = self._batch(model, req, spec, schedule, noise, guidance, init, batch, on_step, cancel,
                                           skip, suspects)
                     if latents is None:
@@ -314,8 +359,8 @@ class Engine:
         if source.latent_mask is not None:
             mask = torch.from_numpy(source.latent_mask)[None, None].to(model.device)
             if req.inpainting_fill == 2:  # latent noise
-                g = torch.Generator("cpu").manual_seed(req.seed if req.seed >= 0 else 0)
-                latents = latents * (1 - mask) + torch.randn(latents.shape, generator=g).to(model.device) * mask
+                fill = rng.randn(req.randn_source, req.seed if req.seed >= 0 else 0, tuple(latents.shape))
+                latents = latents * (1 - mask) + fill.to(model.device) * mask
             elif req.inpainting_fill == 3:  # latent nothing
                 latents = latents * (1 - mask)
             if model.unet.config.in_channels == 9:
@@ -334,11 +379,18 @@ class Engine:
             mode = "nearest" if "nearest" in req.hr_upscaler else "bilinear"
             up = torch.nn.functional.interpolate(latents, size=(h2 // f, w2 // f), mode=mode)
         else:
-            resample = Image.NEAREST if req.hr_upscaler == "Nearest" else Image.LANCZOS
             images = self._decode(model, latents, cancel, skip)
             if images is None or images is SKIPPED:
                 return images
-            resized = [_to_pixels(im.resize((w2, h2), resample)) for im in images]
+            if req.hr_upscaler in HIRES_UPSCALERS:
+                resample = Image.NEAREST if req.hr_upscaler == "Nearest" else Image.LANCZOS
+                resized = [_to_pixels(im.resize((w2, h2), resample)) for im in images]
+            else:  # an upscaler model, as the webui: its passes, then Lanczos to the exact size (tiles answer cancel)
+                try:
+                    resized = [_to_pixels(self.upscalers.resize_to(im, w2, h2, req.hr_upscaler, cancel=cancel))
+                               for im in images]
+                except Interrupted:
+                    return None
             up = stoppable(lambda: torch.cat([self._encode(model, p) for p in resized]),
                            units_of(model.vae.encoder), cancel, skip)
             if up is None or up is SKIPPED:
@@ -356,6 +408,9 @@ class Engine:
         extra: dict[str, object] = {}
         if req.init_image is not None or req.enable_hr:
             extra["Denoising strength"] = req.denoising_strength
+        spec = samplers.resolve(req.sampler, req.schedule)[0]
+        if not spec.stochastic or spec.scheduler == "DPMSolverSDEScheduler":
+            extra["ENSD"] = None  # as the webui: ENSD is written only where the sampler draws later noise
         if req.subseed_strength > 0:
             extra["Variation seed"] = subseed
             extra["Variation seed strength"] = req.subseed_strength
@@ -400,12 +455,15 @@ class Engine:
                 schedule: str, output_dir: Path | None, extra: dict[str, object] | None = None) -> GeneratedImage:
         infotext = build_infotext(
             req, seed=seed, model_name=model.name, model_hash=model_hash, schedule_label=schedule,
-            extra={**(extra or {}), "RNG": "CPU"}, version=darkroom.__version__,
+            extra={**(extra or {}), "RNG": req.randn_source}, version=darkroom.__version__,
         )
         png = encode_png(image, infotext)
         path = None
         if output_dir is not None:
-            path = str(write_numbered(output_dir, seed, png))
+            fmt = (req.output_format or "png").lower()
+            data = png if fmt == "png" else encode_file(
+                image, infotext, fmt, quality=req.output_quality or 80, lossless=bool(req.output_lossless))
+            path = str(write_numbered(output_dir, seed, data, SUFFIXES[fmt]))
         return GeneratedImage(seed=seed, infotext=infotext, png=png, path=path)
 
     def apply_preset(self, req: GenerationRequest) -> GenerationRequest:
@@ -436,16 +494,17 @@ class Engine:
         return presets.detect(loras=loras, checkpoint=path, metadata=metadata)
 
 
-def write_numbered(folder: Path, seed: int, data: bytes) -> Path:
-    """Write `NNNNN-seed.png` atomically (temp file, then rename) with the next free number."""
+def write_numbered(folder: Path, seed: int, data: bytes, suffix: str = ".png") -> Path:
+    """Write `NNNNN-seed.png` (or .jpg, .webp) atomically (temp file, then rename) with the next free number."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise StorageError.wrap(e, folder) from None
-    numbers = [int(p.name.split("-", 1)[0]) for p in folder.glob("*.png") if p.name.split("-", 1)[0].isdigit()]
+    numbers = [int(p.name.split("-", 1)[0]) for p in folder.iterdir()
+               if p.suffix in OUTPUT_SUFFIXES and p.name.split("-", 1)[0].isdigit()]
     number = max(numbers, default=-1) + 1
     while True:
-        target = folder / f"{number:05d}-{seed}.png"
+        target = folder / f"{number:05d}-{seed}{suffix}"
         if not target.exists():
             break
         number += 1

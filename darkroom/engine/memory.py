@@ -22,6 +22,7 @@ The estimate is the sum of (docs/limits.md has the calibration table):
     at a time) the phase is min(untiled, one TILE_PIXELS tile of one image + the batch's output
     buffers);
   - VAE encode (img2img's init image, the hires fix's non-latent upscalers), the same way;
+  - the hires fix's upscaler model (an ESRGAN-like 4x network run in tiles: darkroom/upscale/tiled.py);
   - plus the finished images kept until the request ends (PNG bytes, 2 bytes a pixel: raw
     RGB is 3, PNG of a photo about half of that).
 
@@ -41,6 +42,7 @@ import torch
 from darkroom.models.families import FAMILIES, UNET, detect
 from darkroom.models.header import read_header
 from darkroom.request import GenerationRequest
+from darkroom.upscale.tiled import working_bytes as upscale_working_bytes
 
 __all__ = ["Arch", "Estimate", "SD15", "SDXL", "read_arch", "arch_of_loaded", "estimate", "estimate_for_model",
            "available_memory", "human_gb", "resident_bytes", "unet_activations", "vae_activations"]
@@ -56,6 +58,7 @@ RESULT_BYTES = 2  # per pixel and finished image: the PNG kept in memory until t
 OVERHEAD = int(0.3 * GiB)  # text encoding, sampler state, workspaces, allocator slack (measured 0.1-0.15 GiB)
 ACT_BYTES_CPU_BF16 = 4  # the UNet in bf16 on CPU: its intermediates measure as fp32-sized (the VAE's do not)
 
+UPSCALER_WEIGHTS = 200 * 2**20  # an upscaler model's weights (ESRGAN 4x: 67 MB; HAT-L, the largest common one: 160 MB)
 TILE_PIXELS = 512
 """The side of one tile of the tiled VAE (darkroom/engine/vae_tiling.py), in pixels: 64 latent cells for SD."""
 _SKIP_PREFIXES = ("model_ema.",)
@@ -270,6 +273,10 @@ def estimate(arch: Arch, req: GenerationRequest, *, dtype: torch.dtype, vae_dtyp
         hires = [vae_phase(arch, w2, h2, req.batch_size, vae_act, decode=True, **vae_kw)]
         if not req.hr_upscaler.startswith("Latent"):
             hires.append(vae_phase(arch, w2, h2, 1, vae_act, decode=False, **vae_kw))
+        if req.hr_upscaler not in ("Latent", "Latent (nearest)", "Lanczos", "Nearest"):
+            # an upscaler model (darkroom/upscale/tiled.py) on one image at a time, at 4x: the common scale
+            model_up = upscale_working_bytes(width, height, 4, weights=UPSCALER_WEIGHTS)
+            hires.append((model_up, model_up))
         vae = max(vae, *(v for v, _ in hires))
         untiled = max(untiled, *(u for _, u in hires))
     results = req.image_count * final_w * final_h * RESULT_BYTES

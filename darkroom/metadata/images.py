@@ -81,6 +81,34 @@ def encode_png(image: Image.Image, infotext: str | None) -> bytes:
     return out.getvalue()
 
 
+SUFFIXES = {"png": ".png", "jpg": ".jpg", "jpeg": ".jpg", "webp": ".webp"}
+"""The webui's samples_format values and the file suffix each is saved with."""
+
+
+def encode_file(image: Image.Image, infotext: str | None, fmt: str = "png", *, quality: int = 80,
+                 lossless: bool = False) -> bytes:
+    """Encode as PNG, JPEG or WebP with the infotext where the webui puts it, so every reader finds it.
+
+    PNG: the `parameters` chunk (encode_png). JPEG and WebP: the EXIF UserComment, "UNICODE\\0" then
+    UTF-16 big-endian, as the webui writes it with piexif's UserComment.dump(encoding="unicode").
+    """
+    fmt = fmt.lower()
+    if fmt == "png":
+        return encode_png(image, infotext)
+    if fmt not in SUFFIXES:
+        raise DarkroomError(f"image format {fmt!r} is not one of {', '.join(SUFFIXES)}")
+    exif = Image.Exif()
+    if infotext is not None:
+        exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = b"UNICODE\0" + infotext.encode("utf-16-be")
+    out = io.BytesIO()
+    rgb = image.convert("RGB") if image.mode not in ("RGB", "L") else image
+    if fmt == "webp":
+        rgb.save(out, format="WEBP", exif=exif, quality=quality, lossless=lossless)
+    else:
+        rgb.save(out, format="JPEG", exif=exif, quality=quality)
+    return out.getvalue()
+
+
 def _sniff(data: bytes) -> str:
     """Say what a non-image looks like, for the error message."""
     if not data:

@@ -156,6 +156,11 @@ def build_infotext(
         "Model": model_name or None,
         "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
         "Eta": req.eta,
+        # RNG when not Darkroom's default CPU (the engine writes it always); ENSD when set (the engine drops
+        # it, via `extra`, for samplers that draw no later noise, as the webui does)
+        "RNG": req.randn_source if req.randn_source != "CPU" else None,
+        "ENSD": req.eta_noise_seed_delta or None,
+        "Tiling": "True" if req.tiling else None,  # as the webui writes it
     }
     params.update(extra or {})
     params["Version"] = (extra or {}).get("Version", f"darkroom-{version}")
@@ -253,8 +258,22 @@ def split_sampler(sampler: str, schedule: str | None, *, sdcpp: bool = False) ->
 
 _KEY_OF_FIELD = {
     "steps": "Steps", "cfg_scale": "CFG scale", "seed": "Seed", "width": "Size width",
-    "height": "Size height", "clip_skip": "Clip skip", "eta": "Eta",
+    "height": "Size height", "clip_skip": "Clip skip", "eta": "Eta", "eta_noise_seed_delta": "ENSD",
 }
+# "RNG" values -> randn_source: the webui's three, and stable-diffusion.cpp's "cuda" (its port of the
+# webui's Philox, the same numbers as NV). Anything else (sd.cpp's std_default) is not reproducible here.
+_RNG_SOURCES = {"cpu": "CPU", "gpu": "GPU", "nv": "NV", "cuda": "NV"}
+
+
+def randn_source_of(params: Mapping[str, str]) -> str:
+    """The noise source an infotext was made with. No "RNG" key means the webui's default, GPU, as the
+    webui reads it when pasting (it writes the key only for CPU and NV), except in Darkroom's own
+    infotexts ("Version: darkroom-..."): Darkroom's images always carry the key, but an infotext built
+    without it (before noise sources existed) was made with Darkroom's default, CPU."""
+    raw = params.get("RNG")
+    if raw is None:
+        return "CPU" if params.get("Version", "").strip().startswith("darkroom-") else "GPU"
+    return _RNG_SOURCES.get(raw.strip().lower(), "CPU")
 
 
 def _number(params: Mapping[str, str], key: str, kind: type[int] | type[float]):
@@ -270,8 +289,8 @@ def request_from_infotext(text: str) -> GenerationRequest:
 
     Reads prompt, negative prompt, Steps, Sampler, Schedule type, CFG scale, Seed, Size,
     Clip skip, Eta, Model (falling back to Model hash), Denoising strength, the hires fix's
-    keys and variation seeds; anything else keeps its default (an img2img source image is
-    not in the infotext, so such images rerun as txt2img, as in the webui).
+    keys, variation seeds, RNG (missing: GPU, as in the webui) and ENSD; anything else keeps its
+    default (an img2img source image is not in the infotext, so such images rerun as txt2img, as in the webui).
     Raises InvalidRequest when the text has no parameter line or a value is out of range.
     """
     params = parse_infotext(text)
@@ -303,6 +322,8 @@ def request_from_infotext(text: str) -> GenerationRequest:
         if not size:
             raise InvalidRequest(f"the infotext's 'Size: {params['Size']}' is not WIDTHxHEIGHT")
         fields["width"], fields["height"] = int(size[1]), int(size[2])
+    if params.get("Tiling", "").strip().lower() == "true":
+        fields["tiling"] = True
     if "Clip skip" in params:
         fields["clip_skip"] = _number(params, "Clip skip", int)
     if "Eta" in params and not sdcpp:  # sd.cpp's "Eta" is DDIM/TCD eta, not ancestral noise
@@ -314,6 +335,9 @@ def request_from_infotext(text: str) -> GenerationRequest:
         fields["subseed"] = _number(params, "Variation seed", int)
         if "Variation seed strength" in params:
             fields["subseed_strength"] = _number(params, "Variation seed strength", float)
+    fields["randn_source"] = randn_source_of(params)
+    if "ENSD" in params:
+        fields["eta_noise_seed_delta"] = _number(params, "ENSD", int)
     if "Denoising strength" in params:
         fields["denoising_strength"] = _number(params, "Denoising strength", float)
     if any(k in params for k in ("Hires upscale", "Hires resize", "Hires upscaler")):

@@ -13,6 +13,7 @@ worse than an error.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -20,10 +21,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
+from PIL import Image
 from pydantic import BaseModel
 
-from darkroom.engine import samplers
+from darkroom.engine import samplers, schedules
 from darkroom.errors import DarkroomError, InvalidRequest
+from darkroom.metadata.images import encode_file, read_image_metadata
+from darkroom.request import GenerationRequest
 from darkroom.server.a1111_requests import (
     _OUR_NAME,
     FIXED_OPTIONS,
@@ -38,9 +42,16 @@ from darkroom.server.a1111_requests import (
     _timestamp,
     _unset,
     _with_infotext,
+    ensd_option,
     job_info,
+    output_format_option,
+    randn_source_option,
+    save_option,
     to_generation_request,
+    webui_only_changes,
+    webui_options_view,
 )
+from darkroom.server.a1111_scripts import XYZRequest, is_xyz, parse_xyz
 from darkroom.server.common import StudioDep, current_model_info, png_info_of, require_model, wait_for
 from darkroom.server.uploads import decode_base64_image
 from darkroom.services.jobs import ERROR, QUEUED, Job
@@ -56,7 +67,8 @@ async def _generate(body: ProcessingRequest, studio: Studio) -> Job:
     def submit() -> Job:
         request = to_generation_request(body, studio)
         private = not body.save_images or body.do_not_save_samples
-        return studio.queue.submit(request, private=private, source="a1111")
+        xyz = _xyz(body)  # the X/Y/Z plot script: an X/Y grid job (each cell checked before anything runs)
+        return studio.queue.submit(request, private=private, source="a1111", xy=(xyz.x, xyz.y) if xyz else None)
 
     job = await wait_for(await run_in_threadpool(submit))
     if job.state == ERROR:
@@ -64,11 +76,35 @@ async def _generate(body: ProcessingRequest, studio: Studio) -> Job:
     return job
 
 
+def _xyz(body: ProcessingRequest) -> XYZRequest | None:
+    if not is_xyz(body.script_name):
+        return None
+    return parse_xyz(body.script_args, img2img=isinstance(body, Img2ImgRequest), seed_was_random=body.seed == -1)
+
+
+def _encoded(png: bytes, infotext: str | None, req: GenerationRequest) -> bytes:
+    """An image as the webui's API sends it: in the samples_format, with the infotext where that format keeps it."""
+    fmt = (req.output_format or "png").lower()
+    if fmt == "png":
+        return png
+    with Image.open(io.BytesIO(png)) as image:
+        return encode_file(image, infotext, fmt, quality=req.output_quality or 80, lossless=bool(req.output_lossless))
+
+
 def _response(job: Job, body: ProcessingRequest, parameters: dict[str, Any]) -> dict:
+    """The webui's answer; for the X/Y/Z plot the grid first (twice with include_sub_grids, as the webui's one
+    Z sub-grid), then the cells when include_lone_images; an interrupted plot answers with the cells done."""
+    pictures = [(im.png, im.infotext) for im in job.images]
+    info = job_info(job, body)
+    xyz = _xyz(body)
+    if xyz is not None and job.grid_png:
+        grid = (job.grid_png, read_image_metadata(job.grid_png).parameters)
+        pictures = [grid] * (2 if xyz.include_sub_grids else 1) + (pictures if xyz.include_lone_images else [])
+        info.update(infotexts=[text for _, text in pictures], index_of_first_image=1)
     return {
-        "images": [_b64(im.png) for im in job.images] if body.send_images else [],
+        "images": [_b64(_encoded(png, text, job.request)) for png, text in pictures] if body.send_images else [],
         "parameters": parameters,
-        "info": json.dumps(job_info(job, body)),
+        "info": json.dumps(info),
     }
 
 
@@ -136,7 +172,8 @@ def skip(studio: StudioDep) -> dict:
 
 @router.get("/options")
 def get_options(studio: StudioDep) -> dict:
-    """The webui options Darkroom has: the current model (as its title), clip skip, output format."""
+    """All the webui's options (darkroom/webui_options.py): Darkroom's settings, the values its pictures match,
+    and what clients stored; the current model as its title."""
     ours = studio.settings.as_dict()
     options: dict[str, Any] = {s.a1111: ours[s.name] for s in SETTINGS if s.a1111}
     current = current_model_info(studio)
@@ -144,14 +181,15 @@ def get_options(studio: StudioDep) -> dict:
     options["sd_checkpoint_hash"] = current.sha256 if current else None
     options["sd_vae"] = ours.get("vae") or "Automatic"
     options.update({key: allowed[0] for key, allowed in FIXED_OPTIONS.items()})
-    return options
+    return {**webui_options_view(ours["webui_options"]), **options}
 
 
 @router.post("/options")
 def set_options(options: dict[str, Any], studio: StudioDep) -> None:
-    """Change the options Darkroom has; others are ignored, as the webui ignores unknown ones.
+    """Change Darkroom's settings and keep the webui's other options; unknown ones are ignored.
 
-    Everything is checked before anything changes, so a bad value leaves all settings as they were.
+    Everything is checked before anything changes, so a bad value leaves all settings as they were;
+    a picture-changing option Darkroom does not apply is refused unless set to Darkroom's value.
     """
     _check_fixed(options, "")
     changes: dict[str, Any] = {}
@@ -165,11 +203,18 @@ def set_options(options: dict[str, Any], studio: StudioDep) -> None:
         elif name == "vae":
             changes["vae"] = studio.vae_choice(value)
         elif name == "samples_format":
-            if str(value).lower() != "png":
-                raise InvalidRequest(f"samples_format {value!r} is not supported yet (Darkroom saves png)")
-            changes["samples_format"] = "png"
+            changes[name] = output_format_option(value, "")
+        elif name in ("jpeg_quality", "webp_lossless"):
+            changes[name] = save_option(name, value, "")
+        elif name == "randn_source":
+            changes[name] = randn_source_option(value, "")
+        elif name == "eta_noise_seed_delta":
+            changes[name] = ensd_option(value, "")
         elif name in LIMIT_SETTINGS:  # darkroom_max_side, ...: validated by Settings.update (docs/limits.md)
             changes[name] = value
+    store = webui_only_changes(options, studio.settings.get("webui_options"))
+    if store is not None:
+        changes["webui_options"] = store
     if model is not None:
         studio.select_model(model.path)
     if changes:
@@ -188,14 +233,16 @@ def sd_models(studio: StudioDep) -> list[dict]:
 
 @router.get("/samplers")
 def sampler_list() -> list[dict]:
-    return [{"name": s.name, "aliases": list(s.aliases), "options": {}} for s in samplers.SAMPLERS]
+    """As the webui: options.scheduler is the sampler's default schedule's name ("karras"), where it has one."""
+    return [{"name": s.name, "aliases": list(s.aliases),
+             "options": {"scheduler": s.webui_scheduler} if s.webui_scheduler else {}} for s in samplers.SAMPLERS]
 
 
 @router.get("/schedulers")
 def scheduler_list() -> list[dict]:
-    return [{"name": label.lower().replace(" ", "_"), "label": label, "aliases": None,
-             "default_rho": 7.0 if label == "Karras" else -1, "need_inner_model": False}
-            for label in samplers.SCHEDULE_NAMES]
+    """The webui's twelve schedule types in its shape; clients send `name` (or `label`) as `scheduler`."""
+    return [{"name": s.name, "label": s.label, "aliases": list(s.aliases) or None, "default_rho": s.default_rho,
+             "need_inner_model": s.need_inner_model} for s in schedules.SCHEDULES]
 
 
 @router.get("/sd-vae")
@@ -214,27 +261,15 @@ def embeddings(studio: StudioDep) -> dict:
     return studio.embeddings()
 
 
-@router.get("/upscalers")
-def upscalers() -> list[dict]:
-    """The image-space upscalers the hires fix has ("None" resizes with Lanczos, as in the webui)."""
-    return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": scale}
-            for name, scale in (("None", 1), ("Lanczos", 4), ("Nearest", 4))]
-
-
 @router.get("/latent-upscale-modes")
 def latent_upscale_modes() -> list[dict]:
     return [{"name": name} for name in LATENT_UPSCALERS]
 
 
 @router.get("/prompt-styles")
-def prompt_styles() -> list:
-    return []
-
-
-@router.get("/scripts")
-def scripts() -> dict:
-    """No webui scripts or extensions (webuiapi asks at start-up to see which it may use)."""
-    return {"txt2img": [], "img2img": []}
+def prompt_styles(studio: StudioDep) -> list[dict]:
+    """The styles in the styles.csv files Darkroom reads (darkroom/text/styles.py), as the webui lists them."""
+    return [style.as_a1111() for style in studio.engine.prompts.styles.styles().values()]
 
 
 @router.get("/cmd-flags")

@@ -18,12 +18,14 @@ from pydantic import BaseModel, ConfigDict, field_validator
 import darkroom
 from darkroom.engine import samplers
 from darkroom.errors import DarkroomError, InvalidRequest
-from darkroom.request import GenerationRequest, unicode_problem
+from darkroom.request import MAX_ENSD, RANDN_SOURCES, GenerationRequest, unicode_problem
+from darkroom.server.a1111_scripts import check_script_name
 from darkroom.server.common import current_model_info, find_model, require_model, validation_message
 from darkroom.server.uploads import decode_base64_image, open_image
 from darkroom.services.jobs import Job
 from darkroom.services.studio import Studio
-from darkroom.settings import SETTINGS
+from darkroom.settings import OUTPUT_FORMATS, SETTINGS
+from darkroom.webui_options import DEFAULTS, PICTURE, picture_problem, stored_value
 
 VERSION = f"darkroom-{darkroom.__version__}"
 
@@ -42,16 +44,107 @@ class NotAvailable(DarkroomError):
 _OUR_NAME = {s.a1111: s.name for s in SETTINGS if s.a1111}
 # Webui options Darkroom has one fixed behaviour for: the accepted values (first = what we do).
 # A client asking for another value would get a different picture, so it is refused.
-FIXED_OPTIONS: dict[str, tuple[Any, ...]] = {
-    "eta_noise_seed_delta": (0, None),
-    "randn_source": ("CPU", "cpu"),
-}
+FIXED_OPTIONS: dict[str, tuple[Any, ...]] = {}
 
 
 def _check_fixed(options: dict[str, Any], where: str) -> None:
     for key, allowed in FIXED_OPTIONS.items():
         if key in options and options[key] not in allowed:
             raise InvalidRequest(f"{where}{key} {options[key]!r} is not supported yet (Darkroom uses {allowed[0]!r})")
+
+
+def randn_source_option(value: Any, where: str) -> str:
+    """The webui's randn_source option (CPU, GPU or NV; any case here)."""
+    canonical = str(value).strip().upper()
+    if canonical not in RANDN_SOURCES:
+        raise InvalidRequest(f"{where}randn_source {value!r} is not one of CPU, GPU, NV")
+    return canonical
+
+
+def ensd_option(value: Any, where: str) -> int:
+    """The webui's eta_noise_seed_delta option: a whole number (also as text), 0 to 2**32-1."""
+    try:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(value)
+        n = int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidRequest(f"{where}eta_noise_seed_delta must be a whole number, not {value!r}") from None
+    if not 0 <= n <= MAX_ENSD:
+        raise InvalidRequest(f"{where}eta_noise_seed_delta {n} is out of range (0-{MAX_ENSD})")
+    return n
+
+
+def output_format_option(value: Any, where: str) -> str:
+    """The webui's samples_format: png, jpg, jpeg or webp (any case)."""
+    fmt = value.strip().lower() if isinstance(value, str) else value
+    if fmt not in OUTPUT_FORMATS:
+        raise InvalidRequest(f"{where}samples_format {value!r} is not one of {', '.join(OUTPUT_FORMATS)}")
+    return fmt
+
+
+def save_option(key: str, value: Any, where: str) -> Any:
+    """jpeg_quality (a whole number 1-100) or webp_lossless (true or false), checked."""
+    if key == "webp_lossless":
+        if not isinstance(value, bool):
+            raise InvalidRequest(f"{where}webp_lossless must be true or false, not {value!r}")
+        return value
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
+        raise InvalidRequest(f"{where}jpeg_quality must be a whole number from 1 to 100, not {value!r}")
+    return value
+
+
+# Webui options this module applies itself; the others are darkroom/webui_options.py's to classify.
+_APPLIED = {"sd_model_checkpoint", "CLIP_stop_at_last_layers", "sd_vae", "samples_format", "jpeg_quality",
+            "webp_lossless", "randn_source", "eta_noise_seed_delta", "sd_checkpoint_hash", *_OUR_NAME}
+
+
+def override_fields(overrides: dict[str, Any]) -> dict[str, Any]:
+    """override_settings: a picture-changing option Darkroom does not apply is refused (naming it) unless at
+    Darkroom's value; the saving options become the request's output fields; the rest cannot change the
+    picture and are ignored, as they would be after the webui restores its settings."""
+    for key, value in overrides.items():
+        problem = picture_problem(key, value, "override_settings.")
+        if problem:
+            raise InvalidRequest(problem)
+    fields: dict[str, Any] = {}
+    if "samples_format" in overrides:
+        fields["output_format"] = output_format_option(overrides["samples_format"], "override_settings.")
+    for key, field in (("jpeg_quality", "output_quality"), ("webp_lossless", "output_lossless")):
+        if key in overrides:
+            fields[field] = save_option(key, overrides[key], "override_settings.")
+    return fields
+
+
+def webui_only_changes(options: dict[str, Any], stored: dict[str, Any]) -> dict[str, Any] | None:
+    """POST /options for the options Darkroom only keeps: all checked, then the new store (None: no change).
+
+    Picture-changing ones are refused unless at Darkroom's value (nothing to keep); unknown keys are
+    ignored, as before (the webui's extensions add their own options, which Darkroom has no use for).
+    """
+    store = dict(stored)
+    for key, value in options.items():
+        if key in _APPLIED or key not in DEFAULTS:
+            continue
+        problem = picture_problem(key, value)
+        if problem:
+            raise InvalidRequest(problem)
+        if key in PICTURE:
+            continue
+        kept, expected = stored_value(key, value)
+        if expected:
+            raise InvalidRequest(f"{key} should be {expected} (its default is {DEFAULTS[key]!r}), not {value!r}")
+        store[key] = kept
+    return store if store != stored else None
+
+
+def webui_options_view(stored: dict[str, Any]) -> dict[str, Any]:
+    """GET /options for the options Darkroom does not apply: defaults, Darkroom's values, what clients stored."""
+    view = {k: v for k, v in DEFAULTS.items() if k not in _APPLIED}
+    view.update({key: accepted[0] for key, accepted in PICTURE.items()})
+    view.update({k: v for k, v in stored.items() if k in view and k not in PICTURE})
+    return view
 
 
 def _clip_skip(value: Any, where: str) -> int:
@@ -196,10 +289,8 @@ def _unset(value: Any) -> bool:
 # Rows whose field a body does not have (img2img has no hires fix) do not apply to it.
 UNSUPPORTED: tuple[tuple[str, Any, str], ...] = (
     ("restore_faces", bool, "restore_faces (face restoration) is not supported yet"),
-    ("tiling", bool, "tiling (seamless textures) is not supported yet"),
     ("seed_resize_from_w", lambda v: v is not None and v > 0, "seed_resize_from_w (seed resize) is not supported yet"),
     ("seed_resize_from_h", lambda v: v is not None and v > 0, "seed_resize_from_h (seed resize) is not supported yet"),
-    ("script_name", lambda v: not _unset(v), "script_name (webui scripts) is not supported"),
     ("alwayson_scripts", bool, "alwayson_scripts (webui extensions) are not supported"),
     ("refiner_checkpoint", lambda v: not _unset(v), "refiner_checkpoint (SDXL refiner pass) is not supported yet"),
     ("s_churn", lambda v: v not in (None, 0), "s_churn (sampler noise settings) is not supported yet"),
@@ -236,7 +327,8 @@ def _with_infotext(body: ProcessingRequest) -> ProcessingRequest:
     pasted = request_from_infotext(body.infotext)
     fill = {"prompt": pasted.prompt, "negative_prompt": pasted.negative_prompt, "steps": pasted.steps,
             "sampler_name": pasted.sampler, "scheduler": pasted.schedule, "cfg_scale": pasted.cfg_scale,
-            "seed": pasted.seed, "width": pasted.width, "height": pasted.height}
+            "seed": pasted.seed, "width": pasted.width, "height": pasted.height,
+            "tiling": True if pasted.tiling else None}
     if pasted.subseed_strength > 0:
         fill.update(subseed=pasted.subseed, subseed_strength=pasted.subseed_strength)
     if pasted.enable_hr and isinstance(body, Txt2ImgRequest):
@@ -246,7 +338,13 @@ def _with_infotext(body: ProcessingRequest) -> ProcessingRequest:
     update = {k: v for k, v in fill.items() if k not in body.model_fields_set and v is not None}
     overrides = dict(body.override_settings or {})
     if pasted.clip_skip != 1 and "CLIP_stop_at_last_layers" not in overrides:
-        update["override_settings"] = {**overrides, "CLIP_stop_at_last_layers": pasted.clip_skip}
+        overrides["CLIP_stop_at_last_layers"] = pasted.clip_skip
+    # the infotext's noise source (no RNG key: the webui's GPU) and ENSD, as the webui applies them
+    overrides.setdefault("randn_source", pasted.randn_source)
+    if pasted.eta_noise_seed_delta:
+        overrides.setdefault("eta_noise_seed_delta", pasted.eta_noise_seed_delta)
+    if overrides != (body.override_settings or {}):
+        update["override_settings"] = overrides
     return body.model_copy(update=update)
 
 
@@ -269,8 +367,9 @@ def hires_upscaler(value: str | None) -> str:
     """The webui's hr_upscaler as ours: unset = its default latent mode, "None" = a Lanczos resize.
 
     In the webui, "None" means no upscaler model, and the image is resized with Lanczos (the
-    same pixels as its "Lanczos" upscaler). Upscaler models (ESRGAN, ...) and the other latent
-    modes (bicubic, antialiased, nearest-exact) would give other pictures, so they are refused.
+    same pixels as its "Lanczos" upscaler). The other latent modes (bicubic, antialiased,
+    nearest-exact) would give other pictures, so they are refused; upscaler model files (ESRGAN,
+    ...) are looked up by `hires_upscaler_for`.
     """
     if value in (None, ""):
         return "Latent"
@@ -281,6 +380,21 @@ def hires_upscaler(value: str | None) -> str:
             return name
     raise InvalidRequest(f"hr_upscaler {value!r} is not supported; choose one of: "
                          + ", ".join(("None", *LATENT_UPSCALERS, *IMAGE_UPSCALERS)))
+
+
+def hires_upscaler_for(value: str | None, studio: Studio) -> str:
+    """`hires_upscaler`, or an upscaler model file in the models folders by the name users type
+    ("R-ESRGAN 4x+", "4x-UltraSharp"); anything else is refused naming every choice."""
+    try:
+        return hires_upscaler(value)
+    except InvalidRequest:
+        files = studio.engine.upscalers.files()
+        try:
+            return studio.engine.upscalers.file(value or "").name
+        except InvalidRequest:
+            names = ("None", *LATENT_UPSCALERS, *IMAGE_UPSCALERS, *(f.name for f in files))
+            raise InvalidRequest(f"hr_upscaler {value!r} is not supported; choose one of: " + ", ".join(names)
+                                 + ("" if files else " (or put upscaler model files in models/upscalers)")) from None
 
 
 def _hires_fields(body: Txt2ImgRequest, fields: dict[str, Any], spec: samplers.Sampler, schedule: str,
@@ -308,7 +422,7 @@ def _hires_fields(body: Txt2ImgRequest, fields: dict[str, Any], spec: samplers.S
         if value and value != first:
             raise InvalidRequest(f"{name} (a different prompt for the hires pass) is not supported yet; leave it empty")
     strength = 0.7 if body.denoising_strength is None else body.denoising_strength
-    return {"enable_hr": True, "hr_scale": body.hr_scale, "hr_upscaler": hires_upscaler(body.hr_upscaler),
+    return {"enable_hr": True, "hr_scale": body.hr_scale, "hr_upscaler": hires_upscaler_for(body.hr_upscaler, studio),
             "hr_second_pass_steps": body.hr_second_pass_steps, "hr_resize_x": body.hr_resize_x,
             "hr_resize_y": body.hr_resize_y, "denoising_strength": strength}
 
@@ -350,8 +464,10 @@ def _img2img_fields(body: Img2ImgRequest) -> dict[str, Any]:
 def to_generation_request(body: ProcessingRequest, studio: Studio) -> GenerationRequest:
     """The webui request as a GenerationRequest; raises 4xx DarkroomErrors for what cannot be done."""
     _refuse_unsupported(body)
+    check_script_name(body.script_name)  # the X/Y/Z plot is queued by the route (darkroom/server/a1111_scripts.py)
     overrides = body.override_settings or {}
     _check_fixed(overrides, "override_settings.")
+    output = override_fields(overrides)
     sampler = body.sampler_name or body.sampler_index or "Euler"
     schedule = body.scheduler or "Automatic"
     spec, concrete_schedule = samplers.resolve(sampler, schedule)
@@ -359,7 +475,7 @@ def to_generation_request(body: ProcessingRequest, studio: Studio) -> Generation
         "prompt": body.prompt or "", "negative_prompt": body.negative_prompt or "", "sampler": sampler,
         "schedule": schedule, "steps": body.steps, "cfg_scale": body.cfg_scale, "seed": body.seed,
         "width": body.width, "height": body.height, "batch_size": body.batch_size, "n_iter": body.n_iter,
-        "eta": _eta_for(spec, body.eta),
+        "eta": _eta_for(spec, body.eta), "styles": list(body.styles or []), "tiling": bool(body.tiling),
     }
     if not _unset(overrides.get("sd_model_checkpoint")):
         fields["model"] = require_model(studio, str(overrides["sd_model_checkpoint"])).path
@@ -367,6 +483,13 @@ def to_generation_request(body: ProcessingRequest, studio: Studio) -> Generation
         fields["clip_skip"] = _clip_skip(overrides["CLIP_stop_at_last_layers"], "override_settings.")
     if "sd_vae" in overrides:
         fields["vae"] = studio.vae_choice(overrides["sd_vae"])
+    fields.update(output)
+    # the noise options: per request, else the stored options (darkroom/settings.py)
+    fields["randn_source"] = randn_source_option(overrides.get("randn_source") or studio.settings.get("randn_source"),
+                                                 "override_settings.")
+    ensd = overrides.get("eta_noise_seed_delta")
+    fields["eta_noise_seed_delta"] = ensd_option(studio.settings.get("eta_noise_seed_delta") if ensd is None else ensd,
+                                                 "override_settings.")
     # seeds are resolved here, as the webui does, so all_seeds is known even for an interrupted job
     from darkroom.engine.generate import random_seed
 
@@ -398,6 +521,16 @@ def _denoising_of(req: GenerationRequest, body: ProcessingRequest) -> float | No
     return req.denoising_strength if req.is_img2img or req.enable_hr else body.denoising_strength
 
 
+def _image_prompts(job: Job, key: str, asked: str, count: int) -> list[str]:
+    """Each image's prompt as it was drawn (styles applied, dynamic prompts expanded), read back from its
+    infotext, as the webui's all_prompts; the prompt asked for when no image was made."""
+    from darkroom.metadata.infotext import parse_infotext
+
+    if not job.images:
+        return [asked] * count
+    return [parse_infotext(im.infotext)[key] for im in job.images]
+
+
 def job_info(job: Job, body: ProcessingRequest) -> dict[str, Any]:
     """The webui's `Processed.js()` fields for a finished job (sent as a JSON *string*)."""
     req = job.request
@@ -406,8 +539,9 @@ def job_info(job: Job, body: ProcessingRequest) -> dict[str, Any]:
     subseed = req.subseed if req.subseed_strength > 0 else body.subseed
     subseeds = seeds if subseed == -1 else [subseed + i for i in range(count)]
     return {
-        "prompt": req.prompt, "all_prompts": [req.prompt] * count,
-        "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * count,
+        "prompt": req.prompt, "all_prompts": _image_prompts(job, "Prompt", req.prompt, count),
+        "negative_prompt": req.negative_prompt,
+        "all_negative_prompts": _image_prompts(job, "Negative prompt", req.negative_prompt, count),
         "seed": req.seed, "all_seeds": seeds, "subseed": subseeds[0], "all_subseeds": subseeds,
         "subseed_strength": req.subseed_strength, "width": req.width, "height": req.height, "sampler_name": req.sampler,
         "cfg_scale": req.cfg_scale, "steps": req.steps, "batch_size": req.batch_size, "n_iter": req.n_iter,

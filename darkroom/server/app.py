@@ -30,7 +30,7 @@ def error_response(status: int, message: str) -> JSONResponse:
 
 
 def create_app(studio: Studio, security: Security | None = None) -> FastAPI:
-    from darkroom.server import a1111, native, openai_api
+    from darkroom.server import a1111, a1111_extras, a1111_info, native, openai_api
 
     app = FastAPI(title="Darkroom", version=darkroom.__version__, docs_url=None, redoc_url=None,
                   openapi_url="/api/openapi.json")
@@ -57,6 +57,8 @@ def create_app(studio: Studio, security: Security | None = None) -> FastAPI:
 
     app.include_router(native.router)
     app.include_router(a1111.router)
+    app.include_router(a1111_info.router)  # hypernetworks, face restorers, scripts, extensions, ...
+    app.include_router(a1111_extras.router)
     app.include_router(openai_api.router)
 
     static = resources.files("darkroom.server") / "static"

@@ -194,6 +194,20 @@ def preset_list() -> list[dict]:
     return [p.to_dict() for p in PRESETS]
 
 
+@router.get("/styles")
+def style_list(studio: Studio = Depends(get_studio)) -> list[dict]:
+    """Prompt styles for a job's `styles` field: the webui's styles.csv files (darkroom/text/styles.py)."""
+    return [{**s.as_a1111(), "description": s.description, "file": str(s.path)}
+            for s in studio.engine.prompts.styles.styles().values()]
+
+
+@router.get("/wildcards")
+def wildcard_list(studio: Studio = Depends(get_studio)) -> dict:
+    """The `__name__` wildcards a prompt can use, and the folders they are read from."""
+    wildcards = studio.engine.prompts.wildcards
+    return {"names": wildcards.names(), "folders": [str(d) for d in wildcards.dirs()]}
+
+
 @router.post("/jobs", status_code=202)
 def submit(body: JobRequest, studio: Studio = Depends(get_studio),
            client: str | None = Header(None, alias="x-darkroom-client", max_length=64)) -> dict:

@@ -211,7 +211,7 @@ class History:
             raise storage_error(e, folder or self.outputs, doing) from e
 
     def reconcile(self) -> tuple[int, int]:
-        """Index PNGs the database lacks and drop rows whose file is gone; (added, dropped)."""
+        """Index images (PNG, JPEG, WebP) the database lacks and drop rows whose file is gone; (added, dropped)."""
         from darkroom.metadata.images import read_image_metadata
 
         with self._lock:
@@ -219,7 +219,8 @@ class History:
         added = dropped = 0
         on_disk: set[str] = set()
         if self.outputs.is_dir():
-            for png in sorted(self.outputs.rglob("*.png")):
+            found = (p for p in self.outputs.rglob("*") if p.suffix in (".png", ".jpg", ".webp"))  # samples_format
+            for png in sorted(found):
                 if png.name.startswith(".") or png.is_symlink():
                     continue  # temp files of an interrupted write; links could point anywhere
                 rel = png.relative_to(self.outputs).as_posix()

@@ -200,6 +200,10 @@ class Studio:
             update["vae"] = self.settings.get("vae")
         if request.clip_skip == 1 and int(self.settings.get("clip_skip") or 1) != 1:
             update["clip_skip"] = int(self.settings.get("clip_skip"))
+        for name, setting in (("output_format", "samples_format"), ("output_quality", "jpeg_quality"),
+                              ("output_lossless", "webp_lossless")):  # how outputs are saved (webui options)
+            if getattr(request, name) is None:
+                update[name] = self.settings.get(setting)
         model = update.get("model", request.model)
         if model is not None:
             update["model"] = str(self.library_checkpoint(model))

@@ -165,10 +165,17 @@ def _check_schedule(value: str) -> None:
 
 
 def _check_upscaler(value: str) -> None:
+    """The hires fix's upscalers, or a name an upscaler model file may have ("R-ESRGAN 4x+", "4x-UltraSharp"):
+    the files are looked up when the plot is planned (Engine.generate names the ones there)."""
     from darkroom.engine.generate import HIRES_UPSCALERS
 
-    if value not in HIRES_UPSCALERS:
-        raise InvalidRequest(f"unknown hires upscaler {value!r}; choose one of: {', '.join(HIRES_UPSCALERS)}")
+    if value not in HIRES_UPSCALERS and not _MODEL_UPSCALER.fullmatch(value):
+        raise InvalidRequest(f"unknown hires upscaler {value!r}; choose one of: {', '.join(HIRES_UPSCALERS)}"
+                             " or an upscaler model's name (see `darkroom upscale --list`)")
+
+
+_MODEL_UPSCALER = re.compile(r"(?=.*\d)[\w .+()\[\]-]{2,120}")
+"""An upscaler model's name states its scale ("4x-UltraSharp", "R-ESRGAN 4x+", "SwinIR 4x", "DAT x2")."""
 
 
 Apply = Callable[["AxisSpec", "GenerationRequest | None", Any, list[Any]], dict[str, Any]]
