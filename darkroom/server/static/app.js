@@ -164,7 +164,7 @@
 
   // ------------------------------------------------------------------ routing
 
-  const PAGES = ['generate', 'history', 'pnginfo', 'models'];
+  const PAGES = ['generate', 'extras', 'history', 'pnginfo', 'models'];
   DR.pageHooks = DR.pageHooks || {}; // name -> function called when the page is shown
 
   function route() {
@@ -218,6 +218,22 @@
   async function loadSamplers() {
     state.samplers = await api('/api/samplers');
     fillSelect($('sampler'), state.samplers.map((s) => [s.name, s.name]));
+    updateSchedules();
+  }
+  /** The schedule types the chosen sampler accepts (GET /api/samplers: each sampler's `schedules`,
+   *  "Automatic" first); every schedule while the samplers are not known. */
+  function allowedSchedules(samplerName) {
+    const s = state.samplers.find((x) => x.name === samplerName);
+    return s && Array.isArray(s.schedules) && s.schedules.length ? s.schedules : state.schedules;
+  }
+  /** Refill the schedule list for the current sampler: the chosen schedule stays if the sampler
+   *  accepts it, else "Automatic". `want` (a saved or loaded value) is tried first. */
+  function updateSchedules(want) {
+    const sel = $('schedule');
+    const list = allowedSchedules($('sampler').value);
+    if (!list.length) return;
+    const pick = [want, sel.value].find((v) => v && list.includes(v)) || (list.includes('Automatic') ? 'Automatic' : list[0]);
+    fillSelect(sel, list.map((s) => [s, s]), pick);
   }
   /** Few-step presets (docs/few-step.md): choosing one fills sampler, schedule, steps and CFG, which stay editable. */
   async function loadFewStep() {
@@ -229,7 +245,7 @@
     const p = (state.fewstep || []).find((x) => x.name === $('fewstep').value);
     if (!p) return;
     $('sampler').value = p.sampler;
-    $('schedule').value = p.schedule;
+    updateSchedules(p.schedule);
     $('steps').value = p.steps;
     $('cfg').value = p.cfg_scale;
     $('fewstep').value = '';
@@ -238,7 +254,7 @@
   }
   async function loadSchedules() {
     state.schedules = await api('/api/schedules');
-    fillSelect($('schedule'), state.schedules.map((s) => [s, s]));
+    updateSchedules();
   }
 
   /** Switch the server's current model (select box and Models page both use this). */
@@ -360,8 +376,10 @@
     }
     if (has('schedule') && state.schedules.length) {
       const s = state.schedules.find((x) => x.toLowerCase() === String(req.schedule).toLowerCase());
-      if (s) $('schedule').value = s; else notes.push(`schedule ${req.schedule} not found`);
-    }
+      if (!s) notes.push(`schedule ${req.schedule} not found`);
+      else if (!allowedSchedules($('sampler').value).includes(s)) notes.push(`schedule ${s} does not go with sampler ${$('sampler').value}`);
+      updateSchedules(s);
+    } else if (has('sampler')) updateSchedules();
     // On reload the server's current model wins; when loading settings we pick the requested one.
     if (has('model') && !restoring) {
       const m = state.models.find((x) => x.name === req.model || (x.hash && x.hash === req.model));
@@ -501,6 +519,7 @@
       saveSoon();
     });
     $('fewstep').addEventListener('change', applyFewStep);
+    $('sampler').addEventListener('change', () => updateSchedules());
     $('size-preset').addEventListener('change', () => {
       const v = $('size-preset').value;
       if (v === 'native') { $('width').value = ''; $('height').value = ''; }

@@ -1,5 +1,6 @@
 /* Darkroom browser UI — the Generate form's extra sections: hires fix, variation seed,
- * VAE, extra networks (LoRAs and embeddings) and the X/Y grid.
+ * VAE, extra networks (LoRAs and embeddings), prompt styles, seamless tiling and the X/Y grid.
+ * (The Extras page, upscaling, is upscale.js.)
  * Loaded (defer) after img2img.js; adds its fields to the request through
  * DR.formExtensions and its lists through DR.loaders (both in app.js).
  */
@@ -171,6 +172,80 @@
     $('networks-count').textContent = `${nl} LoRA${nl === 1 ? '' : 's'} · ${ne} embedding${ne === 1 ? '' : 's'}`;
   }
 
+  // ================================================================== prompt styles
+
+  /* The webui's styles.csv styles (GET /api/styles), picked by checkbox; the request's `styles`
+   * lists them in the order they were checked (the server applies them in that order). With no
+   * styles at all the picker is hidden and a hint says where styles.csv goes. */
+  const ST = { list: null, selected: [], loading: null, home: null };
+
+  async function loadStyles() {
+    if (ST.loading) return ST.loading;
+    ST.loading = (async () => {
+      const list = await api('/api/styles');
+      ST.list = Array.isArray(list) ? list.filter((x) => x && typeof x.name === 'string') : [];
+      if (!ST.list.length && ST.home === null) {
+        try { ST.home = (await api('/sdapi/v1/cmd-flags')).data_dir || ''; } catch (e) { ST.home = ''; }
+      }
+      renderStyles();
+    })();
+    try { await ST.loading; } finally { ST.loading = null; }
+  }
+
+  const styleByName = (name) => (ST.list || []).find((x) => x.name === name) || null;
+
+  function renderStyles() {
+    const none = ST.list !== null && !ST.list.length;
+    $('styles-section').hidden = ST.list === null || none;
+    $('styles-hint').hidden = !none;
+    if (none && ST.home) {
+      $('styles-hint-text').replaceChildren('No prompt styles yet: put a ', el('code', {}, 'styles.csv'),
+        ' (columns name, prompt, negative_prompt, as AUTOMATIC1111 writes it) in ',
+        el('code', { className: 'styles-path' }, ST.home), '.');
+    }
+    const q = $('styles-search').value.trim().toLowerCase();
+    const shown = (ST.list || []).filter((x) => !q || ST.selected.includes(x.name)
+      || [x.name, x.prompt, x.negative_prompt, x.description].some((t) => t && String(t).toLowerCase().includes(q)));
+    const box = $('style-list');
+    if (!shown.length) {
+      box.replaceChildren(el('p', { className: 'muted network-empty' }, 'No style matches the filter.'));
+    } else {
+      box.replaceChildren(...shown.map((x) => {
+        const box = el('input', { type: 'checkbox', value: x.name, checked: ST.selected.includes(x.name) });
+        box.addEventListener('change', () => toggleStyle(x.name, box.checked));
+        const tip = [x.description, x.prompt && `Prompt: ${x.prompt}`, x.negative_prompt && `Negative: ${x.negative_prompt}`]
+          .filter(Boolean).join('\n');
+        const chip = el('label', { className: 'style-chip', title: tip || x.name }, box,
+          el('span', { className: 'network-name', textContent: x.name }));
+        chip.dataset.name = x.name;
+        return chip;
+      }));
+    }
+    updateStylesInfo();
+  }
+
+  function updateStylesInfo() {
+    const n = ST.selected.length;
+    $('styles-info').textContent = n ? ST.selected.join(', ') : '';
+    $('styles-section').classList.toggle('on', n > 0);
+  }
+
+  function toggleStyle(name, on) {
+    ST.selected = ST.selected.filter((x) => x !== name);
+    if (on) ST.selected.push(name);
+    updateStylesInfo();
+    DR.saveSoon();
+  }
+
+  /** Selected styles from a request; names the server does not list are dropped (with a note). */
+  function applyStyles(names, notes, restoring) {
+    const known = ST.list === null ? names : names.filter((n) => styleByName(n));
+    if (ST.list !== null && !restoring) for (const n of names) if (!styleByName(n)) notes.push(`style ${n} not found`);
+    ST.selected = [...new Set(known)];
+    if (ST.selected.length) $('styles-section').open = true;
+    if (ST.list !== null) renderStyles(); else updateStylesInfo();
+  }
+
   // ================================================================== X/Y grid
 
   const X = { axes: [] };
@@ -256,6 +331,8 @@
         subseed: readSubseed(),
         subseed_strength: Math.min(1, Math.max(0, floatOr($('subseed-strength').value, 0))),
         vae: $('vae').value || null,
+        styles: [...ST.selected],
+        tiling: $('tiling').checked,
       }, readXY(submit));
     },
     apply(req, notes, { restoring }) {
@@ -281,13 +358,17 @@
         if ([...$('vae').options].some((o) => o.value === v)) $('vae').value = v;
         else if ($('vae').options.length > 1 || !restoring) notes.push(`VAE ${v} not found`);
       }
+      if (has(req, 'tiling')) $('tiling').checked = !!req.tiling;
+      // a request without styles (e.g. from an image's infotext, whose prompt has them applied) clears them
+      if (Array.isArray(req.styles)) applyStyles(req.styles.filter((n) => typeof n === 'string'), notes, restoring);
+      else if (!restoring) applyStyles([], notes, restoring);
       if (restoring) applyXY(req.xy_ui);
       updateHires();
       updateVariation();
     },
   });
 
-  DR.loaders.push(loadVaes, loadNetworks, loadAxes);
+  DR.loaders.push(loadVaes, loadNetworks, loadAxes, loadStyles);
   DR.onSize.push(updateHires);
 
   // ================================================================== wiring
@@ -318,6 +399,22 @@
   });
   $('networks').addEventListener('toggle', () => {
     if ($('networks').open) loadNetworks().catch(showError); // pick up files added since
+  });
+  $('styles-search').addEventListener('input', renderStyles);
+  $('styles-search').addEventListener('keydown', (e) => { if (e.key === 'Enter') e.preventDefault(); });
+  for (const id of ['styles-refresh', 'styles-recheck']) {
+    $(id).addEventListener('click', async () => {
+      const btn = $(id);
+      btn.disabled = true;
+      try { await loadStyles(); } catch (e) { showError(e); } finally { btn.disabled = false; }
+      if (ST.list && ST.list.length && id === 'styles-recheck') {
+        $('styles-section').open = true;
+        $('styles-section').querySelector('summary').focus();
+      }
+    });
+  }
+  $('styles-section').addEventListener('toggle', () => {
+    if ($('styles-section').open) loadStyles().catch(showError); // pick up edits to styles.csv
   });
   // (these inputs live in the form: its input/change listeners in app.js save them)
   updateHires();

@@ -183,6 +183,11 @@
       b.addEventListener('click', () => DR.sendToImg2img(url));
       return b;
     };
+    const extrasBtn = (url, seed) => {
+      const b = el('button', { type: 'button', className: 'btn send-extras', textContent: 'Send to extras' });
+      b.addEventListener('click', () => DR.sendToExtras(url, `seed-${seed}`));
+      return b;
+    };
     const viewable = (img, i) => {
       img.addEventListener('click', () => openLightbox(urls, i));
       img.addEventListener('keydown', (e) => { if (e.key === 'Enter') openLightbox(urls, i); });
@@ -203,7 +208,7 @@
         el('figcaption', {},
           priv ? el('p', { className: 'badge', textContent: 'Private · not saved' }) : null,
           el('pre', { className: 'infotext', textContent: im.infotext || '' }),
-          el('div', { className: 'actions' }, copy, use, sendBtn(im.url))));
+          el('div', { className: 'actions' }, copy, use, sendBtn(im.url), extrasBtn(im.url, im.seed))));
     }));
     // small images: a whole-number scale that fits the card (and 75vh, as in app.css)
     for (const img of box.querySelectorAll('img.result-image')) pixelFit(img, { maxScale: 4, maxVh: 0.75 });
