@@ -51,7 +51,16 @@ def request_from_png(path: Path) -> GenerationRequest:
     meta = read_image_metadata(path)
     if not meta.parameters:
         raise InvalidRequest(f"{path}: no generation parameters found in this image, nothing to rerun")
-    return request_from_infotext(meta.parameters)
+    return pasted_schedule(request_from_infotext(meta.parameters))
+
+
+def pasted_schedule(req: GenerationRequest) -> GenerationRequest:
+    """A recorded schedule read as the webui reads it (darkroom/engine/samplers.py as_the_webui_reads): Forge
+    writes one for DDIM/PLMS/UniPC, which take none, and such an image reruns with Automatic."""
+    from darkroom.engine import samplers
+
+    schedule = samplers.as_the_webui_reads(req.sampler, req.schedule)
+    return req if schedule == req.schedule else req.model_copy(update={"schedule": schedule})
 
 
 def list_models(home: Home, *, hashes: bool = True) -> list[dict]:

@@ -80,3 +80,24 @@ def test_every_sampler_and_schedule_builds(spec):
             assert len(sched.timesteps) >= 10
         else:
             assert len(samplers.sigmas(s, label, 10, train)) >= 11
+
+
+def test_a_pasted_schedule_the_sampler_ignores_becomes_automatic(tmp_path):
+    """The webui ignores the schedule type for DDIM/PLMS/UniPC (Forge writes one anyway): such an image reruns
+    with Automatic, while a schedule the sampler does take (Euler a + Karras) is kept, and a request that asks
+    for DDIM + Karras itself is still refused."""
+    from PIL import Image
+
+    from darkroom.api import request_from_png
+    from darkroom.metadata.images import encode_png
+
+    def png(params: str):
+        path = tmp_path / f"{abs(hash(params))}.png"
+        path.write_bytes(encode_png(Image.new("RGB", (8, 8)), f"a cat\n{params}"))
+        return request_from_png(path)
+
+    assert png("Steps: 20, Sampler: DDIM, Schedule type: Karras, CFG scale: 7, Seed: 1").schedule == "Automatic"
+    assert png("Steps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 1").schedule == "Karras"
+    assert png("Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1").schedule == "Karras"
+    with pytest.raises(InvalidRequest, match="DDIM"):
+        samplers.resolve("DDIM", "Karras")

@@ -86,7 +86,9 @@ def _engine(home: Home, device: str | None, precision: str | None, allow_pickle:
 @click.option("--hires", "enable_hr", is_flag=True, default=None,
               help="Hires fix: generate at the size given, upscale, then refine at the larger size.")
 @click.option("--hr-scale", type=float, default=None, help="Hires upscale factor (default 2).")
-@click.option("--hr-upscaler", default=None, help="Latent (default), Latent (nearest), Lanczos, Nearest.")
+@click.option("--hr-upscaler", default=None,
+              help="Latent (default), Latent (nearest), Lanczos, Nearest, or an upscaler model by name (see"
+                   " `darkroom upscale --list`).")
 @click.option("--hr-steps", "hr_second_pass_steps", type=int, default=None,
               help="Steps of the second pass (default: the same as --steps).")
 @click.option("--hr-size", default=None, metavar="WxH", help="Hires target size instead of --hr-scale.")

@@ -127,6 +127,25 @@ def _split_legacy(name: str) -> tuple[Sampler, str] | None:
     return None
 
 
+def as_the_webui_reads(sampler: str, schedule: str | None) -> str:
+    """The schedule to use for what a webui client sent or an image recorded.
+
+    The webui ignores the schedule type for DDIM, PLMS and UniPC, and clients send one anyway
+    (SillyTavern's defaults are sampler DDIM with scheduler "normal"): for those samplers a schedule
+    they do not take becomes Automatic, which is what the webui runs. Any other pair is left as
+    it is, so a schedule a sampler cannot honour is still refused by `resolve`.
+    """
+    schedule = schedule or "Automatic"
+    spec = _BY_NAME.get(sampler.strip().lower())
+    if spec is None or spec.name not in _OWN_TIMESTEPS:
+        return schedule
+    try:
+        resolve(spec.name, schedule)
+    except InvalidRequest:
+        return "Automatic"
+    return schedule
+
+
 def resolve(sampler: str, schedule: str = "Automatic") -> tuple[Sampler, str]:
     """(sampler, concrete schedule label); accepts legacy names such as "DPM++ 2M Karras"."""
     name = sampler.strip()

@@ -320,11 +320,12 @@ def _refuse_unsupported(body: ProcessingRequest) -> None:
 
 def _with_infotext(body: ProcessingRequest) -> ProcessingRequest:
     """The webui's `infotext` field: a pasted infotext fills the fields the request left unset."""
+    from darkroom.api import pasted_schedule
     from darkroom.metadata.infotext import request_from_infotext
 
     if not body.infotext:
         return body
-    pasted = request_from_infotext(body.infotext)
+    pasted = pasted_schedule(request_from_infotext(body.infotext))
     fill = {"prompt": pasted.prompt, "negative_prompt": pasted.negative_prompt, "steps": pasted.steps,
             "sampler_name": pasted.sampler, "scheduler": pasted.schedule, "cfg_scale": pasted.cfg_scale,
             "seed": pasted.seed, "width": pasted.width, "height": pasted.height,
@@ -469,7 +470,7 @@ def to_generation_request(body: ProcessingRequest, studio: Studio) -> Generation
     _check_fixed(overrides, "override_settings.")
     output = override_fields(overrides)
     sampler = body.sampler_name or body.sampler_index or "Euler"
-    schedule = body.scheduler or "Automatic"
+    schedule = samplers.as_the_webui_reads(sampler, body.scheduler)  # DDIM + "normal" (SillyTavern) runs as there
     spec, concrete_schedule = samplers.resolve(sampler, schedule)
     fields: dict[str, Any] = {
         "prompt": body.prompt or "", "negative_prompt": body.negative_prompt or "", "sampler": sampler,

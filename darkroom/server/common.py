@@ -108,6 +108,7 @@ FORMAT_LABELS = {"a1111": "AUTOMATIC1111", "comfyui": "ComfyUI", "invokeai": "In
 
 
 def png_info_of(data: bytes, name: str) -> dict:
+    from darkroom.api import pasted_schedule
     from darkroom.metadata.images import read_image_metadata
     from darkroom.metadata.infotext import request_from_infotext
 
@@ -120,7 +121,7 @@ def png_info_of(data: bytes, name: str) -> dict:
     request = None
     if meta.parameters:
         try:
-            request = request_from_infotext(meta.parameters).model_dump()
+            request = pasted_schedule(request_from_infotext(meta.parameters)).model_dump()
         except InvalidRequest:
             request = None
     return {"format": label, "parameters": meta.parameters, "request": request, "items": meta.raw}
