@@ -114,6 +114,10 @@ def test_samples_format_jpg_saves_a_jpeg_whose_infotext_png_info_reads(studio):
         info = httpx.post(f"{url}/sdapi/v1/png-info", timeout=60,
                           json={"image": base64.b64encode(saved[0].read_bytes()).decode()}).json()
         assert info["parameters"]["Seed"] == "7" and info["info"] == meta.parameters
+        # the history serves the file as what it is
+        [item] = [i for i in httpx.get(f"{url}/api/history", timeout=60).json()["items"] if i["seed"] == 7]
+        got = httpx.get(f"{url}/api/images/{item['id']}", timeout=60)
+        assert got.headers["content-type"] == "image/jpeg" and got.content == saved[0].read_bytes()
         # per request: WebP, with the infotext in its EXIF too
         result = api.txt2img(prompt="a blue square", seed=8, **SMALL, override_settings={"samples_format": "webp"})
         assert result.image.format == "WEBP"

@@ -297,3 +297,21 @@ def test_models_dirs_from_settings(home, tiny_model, tmp_path):
     (home.root / "settings.json").write_text(json.dumps({"models_dirs": [str(webui)]}))
     r = run(home, "models")
     assert r.exit_code == 0 and "from-webui" in r.output
+
+
+def test_generate_format_jpg_and_webp_keep_the_parameters(home, sd1_in_home, tmp_path):
+    """--format writes JPEG/WebP with the infotext in EXIF (as the webui stores it), which png-info and
+    --from-png read back."""
+    for fmt, suffix, kind in (("jpg", ".jpg", "JPEG"), ("webp", ".webp", "WebP")):
+        out = tmp_path / fmt
+        r = run(home, "generate", "a red circle", "--model", "tiny-sd1", "--steps", "2", "--seed", "5", "-W", "64",
+                "-H", "64", "-o", str(out), "--format", fmt)
+        assert r.exit_code == 0, r.output
+        [saved] = out.iterdir()
+        assert saved.suffix == suffix
+        meta = read_image_metadata(saved)
+        assert meta.image_format == kind and parse_infotext(meta.parameters)["Seed"] == "5"
+        r = run(home, "png-info", str(saved))
+        assert r.exit_code == 0 and "Seed: 5" in r.output
+    r = run(home, "generate", "x", "--format", "gif")
+    assert r.exit_code == 2 and "gif" in r.output

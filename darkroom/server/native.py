@@ -318,8 +318,9 @@ def delete(item_id: int, studio: Studio = Depends(get_studio)) -> dict:
 @router.get("/images/{item_id}", responses={200: {"content": {"image/png": {}}}})
 def image(item_id: int, studio: Studio = Depends(get_studio)) -> FileResponse:
     item = studio.history.get(item_id)
-    return FileResponse(studio.history.file_of(item), media_type="image/png",
-                        headers={"cache-control": "private, max-age=86400"})
+    path = studio.history.file_of(item)
+    media = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}.get(path.suffix.lower(), "image/png")
+    return FileResponse(path, media_type=media, headers={"cache-control": "private, max-age=86400"})
 
 
 @router.post("/png-info")
