@@ -56,6 +56,12 @@ class Home:
         return self.root / "models" / "upscalers"
 
     @property
+    def faces(self) -> Path:
+        """Face restoration files (GFPGANv1.4.pth, codeformer-v0.1.0.pth, detection_Resnet50_Final.pth); see
+        darkroom/faces/load.py for installs' folders."""
+        return self.root / "models" / "faces"
+
+    @property
     def outputs(self) -> Path:
         return self.root / "outputs"
 

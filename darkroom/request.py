@@ -67,6 +67,8 @@ class GenerationRequest(BaseModel):
     combinatorial: bool = Field(False, description="Dynamic prompts: one image per combination (the batch count"
                                                    " follows), instead of a random pick per image.")
     tiling: bool = Field(False, description="Seamless tiling: the image wraps around at its edges (A1111 'Tiling').")
+    restore_faces: bool = Field(False, description="Restore faces after decoding with the face_restoration_model"
+                                " setting (CodeFormer or GFPGAN; darkroom/faces).")
 
     # img2img / inpainting (A1111 names); images are encoded files (PNG, JPEG, WebP)
     init_image: bytes | None = Field(None, repr=False, description="img2img source image.")

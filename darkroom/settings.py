@@ -65,6 +65,13 @@ SETTINGS: tuple[Setting, ...] = (
             _whole(1, 100), "a whole number from 1 to 100"),
     Setting("webp_lossless", False, "webp_lossless", "Save WebP outputs losslessly.",
             lambda v: isinstance(v, bool), "true or false"),
+    # Face restoration (restore_faces: true; darkroom/faces): the webui's options of the same names and defaults.
+    Setting("face_restoration_model", "CodeFormer", "face_restoration_model", "Model that restores faces when a"
+            " request asks for it: CodeFormer or GFPGAN.", lambda v: v in ("CodeFormer", "GFPGAN"),
+            '"CodeFormer" or "GFPGAN"'),
+    Setting("code_former_weight", 0.5, "code_former_weight", "CodeFormer's fidelity: 0 restores the most, 1 keeps"
+            " closest to the face as generated.", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+            and 0 <= v <= 1, "a number from 0 to 1"),
     # The webui's options that cannot change a picture (UI, paths, ...), kept so A1111 clients read back what they
     # wrote (darkroom/webui_options.py); Darkroom does not use them.
     Setting("webui_options", {}, "", "The webui's options that do not change pictures, as A1111 clients set them.",

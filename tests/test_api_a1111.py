@@ -115,7 +115,7 @@ def test_eta_kept_only_where_it_matters(api):
     ({"steps": 0}, "steps"),
     ({"scheduler": "Wobbly"}, "Wobbly"),
     ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler 'R-ESRGAN 4x+' is not supported"),
-    ({"restore_faces": True}, "restore_faces"),
+    ({"restore_faces": True}, "needs codeformer-v0.1.0.pth and detection_Resnet50_Final.pth"),  # files absent
     ({"styles": ["No Such Style"]}, "unknown style 'No Such Style'"),
     ({"subseed_strength": 1.3}, "subseed_strength"),
     ({"script_name": "prompt matrix"}, "script_name"),  # the X/Y/Z plot runs: tests/test_api_scripts.py
@@ -234,7 +234,7 @@ def test_other_lists_are_truthful(api, studio):
     assert api.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
     assert [u["name"] for u in api.get("/sdapi/v1/upscalers").json()] == ["None", "Lanczos", "Nearest"]
     assert [m["name"] for m in api.get("/sdapi/v1/latent-upscale-modes").json()] == ["Latent", "Latent (nearest)"]
-    assert api.get("/sdapi/v1/scripts").json() == {"txt2img": ["x/y/z plot"], "img2img": ["x/y/z plot"]}
+    assert api.get("/sdapi/v1/scripts").json() == {"txt2img": ["x/y/z plot"], "img2img": ["sd upscale", "x/y/z plot"]}
     flags = api.get("/sdapi/v1/cmd-flags").json()
     assert flags["ckpt_dir"] == str(studio.home.checkpoints) and flags["api"] is True
     mem = api.get("/sdapi/v1/memory").json()

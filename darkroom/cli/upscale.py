@@ -24,6 +24,12 @@ from darkroom.cli.group import Context, log, user_errors
 @click.option("--upscaler-2", default="None", help="A second upscaler blended over the first (see --visibility).")
 @click.option("--visibility", type=float, default=0.5, show_default=True,
               help="How much of --upscaler-2 shows (0-1).")
+@click.option("--gfpgan", "gfpgan", type=click.FloatRange(0, 1), default=0.0, metavar="V",
+              help="Restore faces with GFPGAN after upscaling, blended in at visibility V (0-1).")
+@click.option("--codeformer", "codeformer", type=click.FloatRange(0, 1), default=0.0, metavar="V",
+              help="Restore faces with CodeFormer after upscaling (and GFPGAN), at visibility V (0-1).")
+@click.option("--codeformer-weight", type=click.FloatRange(0, 1), default=0.5, show_default=True, metavar="W",
+              help="CodeFormer's fidelity: 0 restores the most, 1 keeps closest to the input.")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for the PNGs (default: <home>/outputs/extras/<date>).")
 @click.option("--list", "list_only", is_flag=True, help="List the upscalers found and exit.")
@@ -32,7 +38,7 @@ from darkroom.cli.group import Context, log, user_errors
 @user_errors
 def upscale(obj: Context, images: tuple[Path, ...], upscaler: str, scale: float | None, width: int | None,
             height: int | None, crop: bool, upscaler_2: str, visibility: float, output: Path | None, list_only: bool,
-            device: str | None) -> None:
+            device: str | None, gfpgan: float = 0.0, codeformer: float = 0.0, codeformer_weight: float = 0.5) -> None:
     """Upscale IMAGE files; each PNG keeps the source's parameters and adds the webui's postprocessing text."""
     from darkroom.errors import InvalidRequest
     from darkroom.upscale import UpscalerLibrary
@@ -51,10 +57,13 @@ def upscale(obj: Context, images: tuple[Path, ...], upscaler: str, scale: float 
         raise InvalidRequest("give either --scale or -W/-H, not both")
     if crop and width is None:
         raise InvalidRequest("--crop needs -W and -H")
-    _run(obj, images, upscaler, scale, width, height, crop, upscaler_2, visibility, output, device)
+    faces = [(name, v, w) for name, v, w in (("GFPGAN", gfpgan, None), ("CodeFormer", codeformer, codeformer_weight))
+             if v > 0]  # after the upscale, GFPGAN first: the webui's postprocessing order
+    _run(obj, images, upscaler, scale, width, height, crop, upscaler_2, visibility, output, device, faces)
 
 
-def _run(obj: Context, images, upscaler, scale, width, height, crop, upscaler_2, visibility, output, device) -> None:
+def _run(obj: Context, images, upscaler, scale, width, height, crop, upscaler_2, visibility, output, device,
+         faces=()) -> None:
     from darkroom.api import output_folder
     from darkroom.engine.device import choose_device
     from darkroom.engine.img2img import open_image
@@ -68,6 +77,11 @@ def _run(obj: Context, images, upscaler, scale, width, height, crop, upscaler_2,
     extras = Extras(resize, library.canonical(upscaler), library.canonical(upscaler_2) if visibility > 0 else "None",
                     visibility)
     extras.check()
+    from darkroom.faces import FaceRestorer
+
+    restorer = FaceRestorer(obj.home, device=choice.device)
+    for name, _, _ in faces:
+        restorer.check(name)  # missing files: one line naming them, before any work
     out_dir = output or output_folder(obj.home, "extras")
     bar = _Bar()
     try:
@@ -76,6 +90,11 @@ def _run(obj: Context, images, upscaler, scale, width, height, crop, upscaler_2,
             data = read_regular(path, what="an image file", limit=MAX_IMAGE_FILE_BYTES)
             image = open_image(data, str(path))
             result, info = library.postprocess(image, extras, progress=bar.update)
+            for name, v, w in faces:
+                result = restorer.restore(result, name, weight=w, visibility=v)
+                info[f"{name} visibility"] = round(v, 3)  # the webui's postprocessing keys
+                if w is not None:
+                    info["CodeFormer weight"] = round(w, 3)
             parameters = read_image_metadata(data, name=str(path)).parameters
             target = out_dir / f"{path.stem}-{'upscaled' if info else 'copy'}.png"
             with writes_to(out_dir, "save the upscaled image"):

@@ -30,6 +30,7 @@ from darkroom.engine.lora import LoraLibrary, apply_loras, extract_lora_tags, lo
 from darkroom.engine.sampling import SKIPPED, Guidance, Init, Noise, StepCallback, StepEvent, denoise
 from darkroom.engine.tiling import seamless
 from darkroom.errors import DarkroomError, Interrupted, InvalidRequest, NonFiniteResult, StorageError
+from darkroom.faces import FaceRestorer
 from darkroom.metadata.images import SUFFIXES, encode_file, encode_png
 from darkroom.metadata.infotext import build_infotext
 from darkroom.models.header import read_header
@@ -133,6 +134,7 @@ class Engine:
         self.vaes = VaeLibrary(library.home, library.hashes, allow_pickle=cache.allow_pickle)
         self.upscalers = UpscalerLibrary(library.home, device=cache.device.device,
                                          dtype=cache.device.dtype)  # the hires fix's and the extras' models
+        self.faces = FaceRestorer(library.home, device=cache.device.device)  # restore_faces (darkroom/faces)
         # VAE tiling: "auto" (tiled when the untiled decode/encode would not fit), "always" or "never"
         self.vae_tiling = "auto"
         self.vae_tile_pixels = vae_tiling.TILE_PIXELS
@@ -144,6 +146,8 @@ class Engine:
         self.prompts.check(req)  # unknown styles, dynamic syntax that does not parse, missing wildcards
         if req.enable_hr and req.hr_upscaler not in HIRES_UPSCALERS:
             self.hires_model_upscaler(req.hr_upscaler)
+        if req.restore_faces:
+            self.faces.check()  # the files are there: a clear 422 before sampling, not after
         return samplers.resolve(req.sampler, req.schedule)
 
     def admit(self, req: GenerationRequest) -> GenerationRequest:
@@ -257,6 +261,8 @@ class Engine:
                     extra["TI hashes"] = format_ti_hashes(encoder.used_embeddings)
                 if separate_vae is not None:
                     extra.update(separate_vae.infotext())
+                if req.restore_faces:
+                    extra["Face restoration"] = self.faces.check()  # the webui writes the model's name
                 t2 = time.perf_counter()
                 suspects = Suspects(model, req, prompt, lora_uses)
                 for batch in range(req.n_iter):
@@ -276,6 +282,11 @@ class Engine:
                     if images is SKIPPED:
                         skip.clear()
                         continue
+                    if req.restore_faces:  # after decoding, before writing, as the webui (darkroom/faces)
+                        images = self._restore_faces(images, cancel)
+                        if images is None:
+                            result.interrupted = True
+                            break
                     for i, image in enumerate(images):
                         if source is not None:
                             image = source.finish(image)
@@ -338,6 +349,13 @@ class Engine:
         return stoppable(lambda: latents_to_images(model, latents, tiling=self.vae_tiling,
                                                    tile_pixels=self.vae_tile_pixels),
                          units_of(model.vae.decoder), cancel, skip)
+
+    def _restore_faces(self, images: list[Image.Image], cancel) -> list[Image.Image] | None:
+        """Each image with its faces restored; None when `cancel` stopped it (the batch is dropped)."""
+        try:
+            return [self.faces.restore(image, cancel=cancel) for image in images]
+        except Interrupted:
+            return None
 
     def _encode(self, model: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
         return _encode_pixels(model, pixels, self.vae_tiling, self.vae_tile_pixels)

@@ -324,6 +324,8 @@ def request_from_infotext(text: str) -> GenerationRequest:
         fields["width"], fields["height"] = int(size[1]), int(size[2])
     if params.get("Tiling", "").strip().lower() == "true":
         fields["tiling"] = True
+    if params.get("Face restoration", "").strip():  # the model is a setting, not part of the request
+        fields["restore_faces"] = True
     if "Clip skip" in params:
         fields["clip_skip"] = _number(params, "Clip skip", int)
     if "Eta" in params and not sdcpp:  # sd.cpp's "Eta" is DDIM/TCD eta, not ancestral noise

@@ -5,8 +5,8 @@ only translate webui requests to a `GenerationRequest` (and back); every generat
 one job queue. Facts about the dialect: shared/reference/a1111-api.md.
 
 txt2img (with the hires fix and variation seeds) and img2img (with inpainting) are served.
-Fields that would change the picture in the webui but that Darkroom cannot honour yet (face
-restoration, tiling, scripts, a different hires checkpoint/sampler/prompt, ...) are refused with
+Fields that would change the picture in the webui but that Darkroom cannot honour yet (seed
+resize, scripts, a different hires checkpoint/sampler/prompt, ...) are refused with
 a 422 naming the field, never dropped: an image that silently differs from what was asked is
 worse than an error.
 """
@@ -51,7 +51,14 @@ from darkroom.server.a1111_requests import (
     webui_only_changes,
     webui_options_view,
 )
-from darkroom.server.a1111_scripts import XYZRequest, is_xyz, parse_xyz
+from darkroom.server.a1111_scripts import (
+    XYZRequest,
+    is_sd_upscale,
+    is_xyz,
+    parse_sd_upscale,
+    parse_xyz,
+    sd_upscale_info,
+)
 from darkroom.server.common import StudioDep, current_model_info, png_info_of, require_model, wait_for
 from darkroom.server.uploads import decode_base64_image
 from darkroom.services.jobs import ERROR, QUEUED, Job
@@ -68,7 +75,9 @@ async def _generate(body: ProcessingRequest, studio: Studio) -> Job:
         request = to_generation_request(body, studio)
         private = not body.save_images or body.do_not_save_samples
         xyz = _xyz(body)  # the X/Y/Z plot script: an X/Y grid job (each cell checked before anything runs)
-        return studio.queue.submit(request, private=private, source="a1111", xy=(xyz.x, xyz.y) if xyz else None)
+        sd_upscale = _sd_upscale(body, studio)  # the SD upscale script: checked and one tile admitted when queued
+        return studio.queue.submit(request, private=private, source="a1111", xy=(xyz.x, xyz.y) if xyz else None,
+                                   sd_upscale=sd_upscale)
 
     job = await wait_for(await run_in_threadpool(submit))
     if job.state == ERROR:
@@ -80,6 +89,15 @@ def _xyz(body: ProcessingRequest) -> XYZRequest | None:
     if not is_xyz(body.script_name):
         return None
     return parse_xyz(body.script_args, img2img=isinstance(body, Img2ImgRequest), seed_was_random=body.seed == -1)
+
+
+def _sd_upscale(body: ProcessingRequest, studio: Studio):
+    if not is_sd_upscale(body.script_name):
+        return None
+    from darkroom.services.sd_upscale import upscaler_names
+
+    return parse_sd_upscale(body.script_args, img2img=isinstance(body, Img2ImgRequest),
+                            upscalers=upscaler_names(studio.engine.upscalers))
 
 
 def _encoded(png: bytes, infotext: str | None, req: GenerationRequest) -> bytes:
@@ -101,6 +119,7 @@ def _response(job: Job, body: ProcessingRequest, parameters: dict[str, Any]) -> 
         grid = (job.grid_png, read_image_metadata(job.grid_png).parameters)
         pictures = [grid] * (2 if xyz.include_sub_grids else 1) + (pictures if xyz.include_lone_images else [])
         info.update(infotexts=[text for _, text in pictures], index_of_first_image=1)
+    info.update(sd_upscale_info(job.plan))  # an SD upscale's seeds: one image per upscale (nothing otherwise)
     return {
         "images": [_b64(_encoded(png, text, job.request)) for png, text in pictures] if body.send_images else [],
         "parameters": parameters,
@@ -211,6 +230,10 @@ def set_options(options: dict[str, Any], studio: StudioDep) -> None:
         elif name == "eta_noise_seed_delta":
             changes[name] = ensd_option(value, "")
         elif name in LIMIT_SETTINGS:  # darkroom_max_side, ...: validated by Settings.update (docs/limits.md)
+            changes[name] = value
+        elif name == "face_restoration_model":  # the webui's names, any case; Settings.update checks the rest
+            changes[name] = {"codeformer": "CodeFormer", "gfpgan": "GFPGAN"}.get(str(value).strip().lower(), value)
+        elif name == "code_former_weight":
             changes[name] = value
     store = webui_only_changes(options, studio.settings.get("webui_options"))
     if store is not None:

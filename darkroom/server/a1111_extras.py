@@ -4,7 +4,9 @@ upscale buttons, webuiapi's extra_single_image / extra_batch_images), and the up
 Request and response shapes are the webui's (modules/api/models.py: ExtrasBaseRequest, ...). The
 upscale itself is darkroom.upscale (the webui's scale, crop and blend rules); it runs in a worker
 thread so the server keeps answering, after its memory need was checked against what is free.
-Face restoration (gfpgan/codeformer visibility > 0) is refused with a 422 until Darkroom has it.
+Face restoration (gfpgan/codeformer visibility > 0, darkroom/faces) runs after the upscale, GFPGAN
+then CodeFormer: the order of the webui's postprocessing scripts (Upscale 1000, GFPGAN 2000,
+CodeFormer 3000), which since v1.0 ignores the API's `upscale_first`.
 """
 
 from __future__ import annotations
@@ -44,10 +46,16 @@ class ExtrasBase(BaseModel):
     extras_upscaler_2_visibility: float = Field(0, ge=0, le=1, allow_inf_nan=False)
     upscale_first: bool = False
 
+    def faces(self) -> list[tuple[str, float, float | None]]:
+        """(model, visibility, CodeFormer weight) of each face restoration asked for, in the webui's order."""
+        steps: list[tuple[str, float, float | None]] = []
+        if self.gfpgan_visibility > 0:
+            steps.append(("GFPGAN", self.gfpgan_visibility, None))
+        if self.codeformer_visibility > 0:
+            steps.append(("CodeFormer", self.codeformer_visibility, self.codeformer_weight))
+        return steps
+
     def extras(self) -> Extras:
-        if self.gfpgan_visibility > 0 or self.codeformer_visibility > 0:
-            raise InvalidRequest("face restoration (gfpgan_visibility / codeformer_visibility over 0) is not"
-                                 " supported yet; set both to 0")
         resize = Resize(self.resize_mode, self.upscaling_resize, self.upscaling_resize_w, self.upscaling_resize_h,
                         self.upscaling_crop)
         return Extras(resize, self.upscaler_1, self.upscaler_2, self.extras_upscaler_2_visibility)
@@ -101,14 +109,18 @@ class _Size:
         self.width, self.height = width, height
 
 
-def _run(studio: Studio, items: list[tuple[str, str]], extras: Extras) -> tuple[list[str], str]:
-    """Decode, check, upscale and encode every image (in a worker thread); the last one's info as HTML."""
+def _run(studio: Studio, items: list[tuple[str, str]], extras: Extras,
+         faces: list[tuple[str, float, float | None]] = ()) -> tuple[list[str], str]:
+    """Decode, check, upscale, restore faces and encode every image (in a worker thread); the last one's info
+    as HTML."""
     from darkroom.metadata.images import read_image_metadata
 
     ups = studio.engine.upscalers
     extras = Extras(extras.resize, ups.canonical(extras.upscaler_1),
                     ups.canonical(extras.upscaler_2) if extras.blends else NONE, extras.visibility)
     extras.check()
+    for name, _, _ in faces:
+        studio.engine.faces.check(name)  # missing files: a 422 naming them, before any work
     decoded = []
     for field, value in items:
         data = decode_base64_image(value, field=field)
@@ -117,6 +129,11 @@ def _run(studio: Studio, items: list[tuple[str, str]], extras: Extras) -> tuple[
     images, text = [], ""
     for data, image in decoded:
         result, info = ups.postprocess(image, extras)
+        for name, visibility, weight in faces:
+            result = studio.engine.faces.restore(result, name, weight=weight, visibility=visibility)
+            info[f"{name} visibility"] = round(visibility, 3)  # the webui's postprocessing keys
+            if weight is not None:
+                info["CodeFormer weight"] = round(weight, 3)
         text = postprocessing_text(info)
         try:
             parameters = read_image_metadata(data).parameters
@@ -129,7 +146,7 @@ def _run(studio: Studio, items: list[tuple[str, str]], extras: Extras) -> tuple[
 @router.post("/extra-single-image")
 async def extra_single_image(body: ExtrasSingleImage, studio: StudioDep) -> dict:
     """Upscale one image: {"image": base64 PNG, "html_info": the postprocessing text as HTML}."""
-    images, info = await run_in_threadpool(_run, studio, [("image", body.image)], body.extras())
+    images, info = await run_in_threadpool(_run, studio, [("image", body.image)], body.extras(), body.faces())
     return {"html_info": info, "image": images[0]}
 
 
@@ -139,7 +156,7 @@ async def extra_batch_images(body: ExtrasBatchImages, studio: StudioDep) -> dict
     if not body.imageList:
         raise InvalidRequest("imageList: give at least one image ({\"data\": base64, \"name\": file name})")
     items = [(f"imageList.{i}" + (f" ({f.name})" if f.name else ""), f.data) for i, f in enumerate(body.imageList)]
-    images, info = await run_in_threadpool(_run, studio, items, body.extras())
+    images, info = await run_in_threadpool(_run, studio, items, body.extras(), body.faces())
     return {"html_info": info, "images": images}
 
 

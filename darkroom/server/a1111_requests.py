@@ -288,7 +288,6 @@ def _unset(value: Any) -> bool:
 # (field, "does this value ask for something we cannot do?", message): supporting one = deleting its row.
 # Rows whose field a body does not have (img2img has no hires fix) do not apply to it.
 UNSUPPORTED: tuple[tuple[str, Any, str], ...] = (
-    ("restore_faces", bool, "restore_faces (face restoration) is not supported yet"),
     ("seed_resize_from_w", lambda v: v is not None and v > 0, "seed_resize_from_w (seed resize) is not supported yet"),
     ("seed_resize_from_h", lambda v: v is not None and v > 0, "seed_resize_from_h (seed resize) is not supported yet"),
     ("alwayson_scripts", bool, "alwayson_scripts (webui extensions) are not supported"),
@@ -329,7 +328,7 @@ def _with_infotext(body: ProcessingRequest) -> ProcessingRequest:
     fill = {"prompt": pasted.prompt, "negative_prompt": pasted.negative_prompt, "steps": pasted.steps,
             "sampler_name": pasted.sampler, "scheduler": pasted.schedule, "cfg_scale": pasted.cfg_scale,
             "seed": pasted.seed, "width": pasted.width, "height": pasted.height,
-            "tiling": True if pasted.tiling else None}
+            "tiling": True if pasted.tiling else None, "restore_faces": True if pasted.restore_faces else None}
     if pasted.subseed_strength > 0:
         fill.update(subseed=pasted.subseed, subseed_strength=pasted.subseed_strength)
     if pasted.enable_hr and isinstance(body, Txt2ImgRequest):
@@ -477,6 +476,7 @@ def to_generation_request(body: ProcessingRequest, studio: Studio) -> Generation
         "schedule": schedule, "steps": body.steps, "cfg_scale": body.cfg_scale, "seed": body.seed,
         "width": body.width, "height": body.height, "batch_size": body.batch_size, "n_iter": body.n_iter,
         "eta": _eta_for(spec, body.eta), "styles": list(body.styles or []), "tiling": bool(body.tiling),
+        "restore_faces": bool(body.restore_faces),
     }
     if not _unset(overrides.get("sd_model_checkpoint")):
         fields["model"] = require_model(studio, str(overrides["sd_model_checkpoint"])).path
@@ -532,6 +532,13 @@ def _image_prompts(job: Job, key: str, asked: str, count: int) -> list[str]:
     return [parse_infotext(im.infotext)[key] for im in job.images]
 
 
+def _face_model(job: Job) -> str | None:
+    """The face restoration model the images were made with (their infotext's), else None."""
+    from darkroom.metadata.infotext import parse_infotext
+
+    return parse_infotext(job.images[0].infotext).get("Face restoration") if job.images else None
+
+
 def job_info(job: Job, body: ProcessingRequest) -> dict[str, Any]:
     """The webui's `Processed.js()` fields for a finished job (sent as a JSON *string*)."""
     req = job.request
@@ -546,7 +553,7 @@ def job_info(job: Job, body: ProcessingRequest) -> dict[str, Any]:
         "seed": req.seed, "all_seeds": seeds, "subseed": subseeds[0], "all_subseeds": subseeds,
         "subseed_strength": req.subseed_strength, "width": req.width, "height": req.height, "sampler_name": req.sampler,
         "cfg_scale": req.cfg_scale, "steps": req.steps, "batch_size": req.batch_size, "n_iter": req.n_iter,
-        "restore_faces": False, "face_restoration_model": None,
+        "restore_faces": req.restore_faces, "face_restoration_model": _face_model(job),
         "sd_model_name": job.model_name or None, "sd_model_hash": job.model_hash or None,
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": _denoising_of(req, body), "extra_generation_params": {}, "index_of_first_image": 0,

@@ -257,6 +257,8 @@ def build_studio(home: Home, *, device: str | None = None, precision: str | None
 
     engine.limits = Limits.from_settings(settings)  # the maxima every request is admitted against (docs/limits.md)
     settings.listeners.append(lambda values: setattr(engine, "limits", Limits.from_values(values)))
+    engine.faces.configure(settings.as_dict())  # restore_faces: the model and CodeFormer weight settings
+    settings.listeners.append(engine.faces.configure)
     studio = Studio(home=home, engine=engine, queue=None, history=history, settings=settings,  # type: ignore[arg-type]
                     started=time.time())
     def outputs_for(req: GenerationRequest) -> Path:
