@@ -47,11 +47,11 @@ def test_every_list_route_answers_the_webuis_shape(studio):
     with live_server(studio) as url:
         api = _client(url)
         assert api.get_hypernetworks() == [] and api.get_face_restorers() == []
-        assert api.get_scripts() == {"txt2img": ["x/y/z plot"], "img2img": ["x/y/z plot"]}
+        assert api.get_scripts() == {"txt2img": ["x/y/z plot"], "img2img": ["sd upscale", "x/y/z plot"]}
         assert api.custom_get("extensions", baseurl=True) == []
         info = api.custom_get("script-info", baseurl=True)
         assert [(s["name"], s["is_img2img"], s["is_alwayson"]) for s in info] == [
-            ("x/y/z plot", False, False), ("x/y/z plot", True, False)]
+            ("x/y/z plot", False, False), ("x/y/z plot", True, False), ("sd upscale", True, False)]
         assert len(info[0]["args"]) == 16 and info[0]["args"][0]["choices"] == list(TXT2IMG_AXES)
         assert info[1]["args"][0]["choices"] == list(IMG2IMG_AXES) and info[0]["args"][9]["label"] == "Draw legend"
         assert httpx.post(f"{url}/sdapi/v1/refresh-embeddings", timeout=60).status_code == 200
@@ -100,8 +100,7 @@ def test_xyz_plot_and_other_scripts_are_refused_with_the_reason(studio):
                  "abc")
         _refused(lambda: run(prompt="a", **SMALL, script_name="x/y/z plot", script_args=_xyz(legend=False)),
                  "draw_legend")
-        _refused(lambda: run(prompt="a", **SMALL, script_name="SD upscale", script_args=[]), "not available yet",
-                 "X/Y/Z plot")
+        _refused(lambda: run(prompt="a", **SMALL, script_name="SD upscale", script_args=[]), "img2img")
         _refused(lambda: run(prompt="a", **SMALL, script_name="prompt matrix", script_args=[]), "'prompt matrix'",
-                 "X/Y/Z plot")
+                 "X/Y/Z plot", "SD upscale")
         assert studio.queue.jobs() == [] or all(j.plan is None for j in studio.queue.jobs())  # nothing was queued

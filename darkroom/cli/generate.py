@@ -1,4 +1,4 @@
-"""`darkroom generate`: txt2img, img2img, inpainting, hires fix and X/Y plots to PNGs, with a progress bar."""
+"""`darkroom generate`: txt2img, img2img, inpainting, hires fix, X/Y plots and SD upscale to PNGs, with progress."""
 
 from __future__ import annotations
 
@@ -28,7 +28,9 @@ def _engine(home: Home, device: str | None, precision: str | None, allow_pickle:
 
     engine = build_engine(home, device=device, precision=precision, allow_pickle=allow_pickle,
                           v_prediction=v_prediction, vram=vram, fp8=fp8)
-    engine.limits = Limits.from_settings(Settings(home.root / "settings.json"))  # as the server's (docs/limits.md)
+    settings = Settings(home.root / "settings.json")
+    engine.limits = Limits.from_settings(settings)  # as the server's (docs/limits.md)
+    engine.faces.configure(settings.as_dict())  # --restore-faces: the face_restoration_model setting
     return engine
 
 @click.command()
@@ -42,6 +44,9 @@ def _engine(home: Home, device: str | None, precision: str | None, allow_pickle:
 @click.option("--combinatorial", is_flag=True, default=None,
               help="Dynamic prompts: one image per combination instead of a random pick per image.")
 @click.option("--tiling", is_flag=True, default=None, help="Seamless tiling: the image wraps around at its edges.")
+@click.option("--restore-faces", is_flag=True, default=None,
+              help="Restore faces with the face_restoration_model setting (CodeFormer or GFPGAN): needs its file and"
+                   " detection_Resnet50_Final.pth in models/faces or an A1111 install's models/GFPGAN, Codeformer.")
 @click.option("-m", "--model", default=None, help="Checkpoint: a name or short hash in the models folders, or a path.")
 @click.option("-n", "--count", "n_iter", type=int, default=None,
               help="How many batches to make (images = count x batch size).")
@@ -106,6 +111,14 @@ def _engine(home: Home, device: str | None, precision: str | None, allow_pickle:
                    " 1-10 [4], 1.5-3 (+0.5). AXIS: " + ", ".join(axis_names()) + " (or the request field name).")
 @click.option("--y", "y_axis", default=None, metavar="AXIS=VALUES",
               help="X/Y plot: the values in the rows, e.g. 'sampler=Euler a,DPM++ 2M'.")
+@click.option("--sd-upscale", "sd_upscale", type=float, default=None, metavar="FACTOR",
+              help="SD upscale (with -i): upscale the image by FACTOR, then redraw it with img2img in tiles of -W x -H"
+                   " (default: the model's size), as the webui's script; -d sets how much each tile changes.")
+@click.option("--sd-upscale-overlap", type=int, default=None, metavar="N",
+              help="SD upscale: pixels the tiles overlap, blended (default 64).")
+@click.option("--sd-upscale-upscaler", default=None, metavar="NAME",
+              help="SD upscale: Lanczos (default), Nearest, None (keeps the size) or an upscaler model by name (see"
+                   " `darkroom upscale --list`).")
 @click.option("--device", default=None, help="auto (default), cpu, cuda, cuda:N, mps.")
 @click.option("--precision", default=None, help="auto (default), fp32, fp16, bf16.")
 @vram_options
@@ -120,7 +133,8 @@ def generate(obj: Context, prompt, negative_prompt, model, n_iter, batch_size, s
              hr_scale, hr_upscaler, hr_second_pass_steps, hr_size, vae, subseed, subseed_strength, x_axis, y_axis,
              device, precision, allow_pickle, v_prediction, preset, vram, fp8, randn_source=None,
              eta_noise_seed_delta=None, styles=(), dynamic_prompts=None, combinatorial=None, tiling=None,
-             output_format=None) -> None:
+             restore_faces=None, output_format=None, sd_upscale=None, sd_upscale_overlap=None,
+             sd_upscale_upscaler=None) -> None:
     """Generate images from PROMPT (txt2img, img2img, inpainting, hires fix) and write PNGs with their parameters."""
     from darkroom.api import output_folder, request_from_png
     from darkroom.models import starter
@@ -147,7 +161,7 @@ def generate(obj: Context, prompt, negative_prompt, model, n_iter, batch_size, s
                   init_image=_read(init_image), mask=_read(mask), preset=preset,
                   randn_source=randn_source and randn_source.upper(), eta_noise_seed_delta=eta_noise_seed_delta)
     fields.update(styles=list(styles) or None, dynamic_prompts=dynamic_prompts, combinatorial=combinatorial,
-                  tiling=tiling, output_format=output_format and output_format.lower())
+                  tiling=tiling, restore_faces=restore_faces, output_format=output_format and output_format.lower())
     given = {k: v for k, v in fields.items() if v is not None}
     if from_png is not None:
         base = request_from_png(from_png)
@@ -170,6 +184,10 @@ def generate(obj: Context, prompt, negative_prompt, model, n_iter, batch_size, s
     out_dir = output or output_folder(obj.home, "img2img" if req.is_img2img else "txt2img")
 
     cancel = threading.Event()
+    if sd_upscale is not None or sd_upscale_overlap is not None or sd_upscale_upscaler is not None:
+        if any(axes):
+            raise click.UsageError("--sd-upscale and --x/--y cannot be combined; run them one after the other")
+        return _generate_sd_upscale(engine, req, sd_upscale, sd_upscale_overlap, sd_upscale_upscaler, out_dir, cancel)
     if any(axes):
         return _generate_grid(obj, engine, req, axes, output, out_dir, cancel)
     progress = _Progress(req)
@@ -218,6 +236,42 @@ def _generate_grid(obj: Context, engine, req, axes, output: Path | None, out_dir
     click.echo(f"{done} (seed {plan.cells[0].request.seed}; sampling {result.timings.get('sampling', 0):.1f}s,"
                f" total {result.timings.get('total', 0):.1f}s)", err=True)
     log.info("X/Y plot: %d image(s) into %s, grid %s", len(result.images), out_dir, result.grid_path)
+    if result.interrupted:
+        sys.exit(130)
+
+
+def _generate_sd_upscale(engine, req, factor, overlap, upscaler, out_dir: Path, cancel) -> None:
+    """The SD upscale path of `generate`: check it all, then upscale and redraw tile by tile; print the images."""
+    from darkroom.services.sd_upscale import DEFAULT_FACTOR, DEFAULT_OVERLAP, SDUpscale, plan_sd_upscale, run_sd_upscale
+
+    if req.init_image is None:
+        raise click.UsageError("--sd-upscale upscales an image: give it with -i/--init-image")
+    options = SDUpscale(DEFAULT_FACTOR if factor is None else factor, DEFAULT_OVERLAP if overlap is None else overlap,
+                        upscaler or "Lanczos")
+    plan = plan_sd_upscale(engine, req, options)
+    grid = plan.grid
+    click.echo(f"SD upscale: {plan.source_size[0]}x{plan.source_size[1]} -> {grid.width}x{grid.height}"
+               f" ({plan.options.upscaler}), {len(grid.xs)}x{len(grid.ys)} tiles of {grid.tile_w}x{grid.tile_h}",
+               err=True)
+    progress = _Progress(req, total=plan.total_steps)
+
+    def on_tile(n, t) -> None:
+        progress.prefix = f"upscale {n + 1}/{plan.upscales}, " if plan.upscales > 1 else ""
+
+    with _sigint_cancels(cancel):
+        try:
+            result = run_sd_upscale(engine, plan, output_dir=out_dir, on_step=progress.update, cancel=cancel,
+                                    on_tile=on_tile)
+        finally:
+            progress.close()
+    for image in result.images:
+        click.echo(image.path)
+    done = f"{len(result.images)} image(s) in {out_dir}"
+    if result.interrupted:
+        done = f"interrupted: kept {done}"
+    click.echo(f"{done} (seed {plan.request.seed}; sampling {result.timings.get('sampling', 0):.1f}s,"
+               f" total {result.timings.get('total', 0):.1f}s)", err=True)
+    log.info("SD upscale: %d image(s) into %s", len(result.images), out_dir)
     if result.interrupted:
         sys.exit(130)
 

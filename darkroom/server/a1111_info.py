@@ -3,8 +3,9 @@
 Clients ask for these at start-up and loop over the answer to fill dropdowns (webuiapi's
 get_hypernetworks, get_face_restorers, get_scripts; SillyTavern and the Photoshop plugin list
 scripts and extensions): a 404 there hands them an error object where they expect a list. So each
-answers with what Darkroom really has, which for hypernetworks, face restorers and extensions is
-nothing, and the scripts list names exactly the one script Darkroom runs (the X/Y/Z plot).
+answers with what Darkroom really has: nothing for hypernetworks and extensions, the models whose
+files are found for face restorers, and the scripts list names exactly the scripts Darkroom runs
+(the X/Y/Z plot, SD upscale).
 Shapes: the webui's modules/api/models.py and api.py (v1.10).
 """
 
@@ -16,7 +17,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict
 
 from darkroom.errors import InvalidRequest
-from darkroom.server.a1111_scripts import script_info as xyz_script_info
+from darkroom.server.a1111_scripts import script_info as scripts_info
 from darkroom.server.a1111_scripts import script_names
 from darkroom.server.common import StudioDep
 
@@ -30,9 +31,9 @@ def hypernetworks() -> list[dict]:
 
 
 @router.get("/face-restorers")
-def face_restorers() -> list[dict]:
-    """The face restorers usable now ({name, cmd_dir} each): none until face restoration exists in Darkroom."""
-    return []
+def face_restorers(studio: StudioDep) -> list[dict]:
+    """The face restorers usable now ({name, cmd_dir} each): those whose model and detector files are found."""
+    return studio.engine.faces.available()
 
 
 @router.get("/scripts")
@@ -42,9 +43,11 @@ def scripts() -> dict[str, list[str]]:
 
 
 @router.get("/script-info")
-def script_info() -> list[dict[str, Any]]:
-    """Each script's arguments in `script_args` order, with labels, defaults and the axis choices."""
-    return xyz_script_info()
+def script_info(studio: StudioDep) -> list[dict[str, Any]]:
+    """Each script's arguments in `script_args` order, with labels, defaults and the axis and upscaler choices."""
+    from darkroom.services.sd_upscale import upscaler_names
+
+    return scripts_info(upscaler_names(studio.engine.upscalers))
 
 
 @router.get("/extensions")

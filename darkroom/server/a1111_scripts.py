@@ -1,6 +1,7 @@
-"""The webui's scripts over its API: `script_name` + positional `script_args`, for the X/Y/Z plot only.
+"""The webui's scripts over its API: `script_name` + positional `script_args`, for the X/Y/Z plot and SD upscale.
 
-Darkroom runs one webui script, the X/Y/Z plot, on its own X/Y plots (darkroom/services/xyplot.py).
+Darkroom runs two webui scripts: the X/Y/Z plot on its own X/Y plots (darkroom/services/xyplot.py),
+and SD upscale (img2img only) on darkroom/services/sd_upscale.py.
 Clients send it as the webui's API takes it (webuiapi's `txt2img(script_name=..., script_args=[...])`):
 `script_args` in the order of the values the script's `ui()` returns (scripts/xyz_grid.py):
 
@@ -18,6 +19,12 @@ Missing trailing arguments take the script's defaults, as the webui fills them.
 Refused with a 422 that says why: a Z axis (Darkroom's plots have two), an axis Darkroom's plots do
 not have, "Keep -1 for seeds" with a random seed, no legend or grid margins (Darkroom's grid always
 has its labels and no margins), and any other script.
+
+SD upscale's `script_args` are its `ui()` values, `[info, overlap, upscaler, scale_factor]` (scripts/
+sd_upscale.py): `info` is the script's HTML note and ignored; the upscaler is an index into the list
+/sdapi/v1/upscalers answers (None, Lanczos, Nearest, then the model files; the webui's radio uses
+type="index"), or its name, as many clients send it. Missing trailing values take the script's
+defaults (64, None, 2): webui versions before the scale factor existed sent three values.
 """
 
 from __future__ import annotations
@@ -30,8 +37,9 @@ from typing import Any
 from darkroom.errors import InvalidRequest
 
 XYZ_TITLE = "X/Y/Z plot"
+SD_UPSCALE_TITLE = "SD upscale"
 _XYZ_NAMES = {"x/y/z plot", "xyz plot", "x/y/z", "xyz", "xyz_grid", "xyz grid"}
-_LATER = {"sd upscale": "the SD upscale script is not available yet"}
+_SD_UPSCALE_NAMES = {"sd upscale", "sd_upscale", "sdupscale"}
 
 # The axis lists of scripts/xyz_grid.py (AUTOMATIC1111/stable-diffusion-webui, commit 02d5a43c), in order:
 # the common axes plus those for one tab. Data only; which ones Darkroom runs is xyplot.AXES.
@@ -65,16 +73,19 @@ def _key(name: str) -> str:
 
 
 def check_script_name(name: str | None) -> None:
-    """Refuse a script Darkroom does not run, naming the one it does (no script and the X/Y/Z plot pass)."""
-    if name is None or _key(name) in ("", "none") or _key(name) in _XYZ_NAMES:
+    """Refuse a script Darkroom does not run, naming those it does (no script, the X/Y/Z plot and SD upscale pass)."""
+    if name is None or _key(name) in ("", "none") or _key(name) in _XYZ_NAMES | _SD_UPSCALE_NAMES:
         return
-    why = _LATER.get(_key(name), "Darkroom does not have it")
-    raise InvalidRequest(f"script_name {name!r}: {why}; the script Darkroom runs is {XYZ_TITLE!r}"
-                         " (or leave script_name out)")
+    raise InvalidRequest(f"script_name {name!r}: Darkroom does not have it; the scripts Darkroom runs are"
+                         f" {XYZ_TITLE!r} and {SD_UPSCALE_TITLE!r} (img2img), or leave script_name out")
 
 
 def is_xyz(name: str | None) -> bool:
     return name is not None and _key(name) in _XYZ_NAMES
+
+
+def is_sd_upscale(name: str | None) -> bool:
+    return name is not None and _key(name) in _SD_UPSCALE_NAMES
 
 
 @dataclass(frozen=True)
@@ -185,20 +196,115 @@ def parse_xyz(script_args: list[Any], *, img2img: bool, seed_was_random: bool) -
     return XYZRequest(x, y, _flag(args, "include_lone_images"), _flag(args, "include_sub_grids"))
 
 
+# --- SD upscale ---------------------------------------------------------------------------------------
+
+SD_UPSCALE_ARGS = ("info", "overlap", "upscaler", "scale_factor")
+
+
+def _brief(value: Any) -> str:
+    """A value for a message, cut short (a 5,000-digit number has no repr at all)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return "a number of thousands of digits"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _whole(value: Any, name: str) -> int:
+    """A whole number as clients send it (64, 64.0, "64")."""
+    if isinstance(value, bool):
+        raise InvalidRequest(f"SD upscale: script_args {name} must be a whole number, not {_brief(value)}")
+    try:
+        number = float(str(value).strip()) if isinstance(value, str) else float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidRequest(f"SD upscale: script_args {name} must be a whole number, not {_brief(value)}") from None
+    if not number.is_integer():
+        raise InvalidRequest(f"SD upscale: script_args {name} must be a whole number, not {_brief(value)}")
+    return int(number)
+
+
+def _upscaler(value: Any, names: list[str]) -> str:
+    """An index into /sdapi/v1/upscalers' list (also as text) or a name (checked when the job is planned)."""
+    if value is None:
+        return names[0]
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise InvalidRequest(f"SD upscale: script_args upscaler must be an index into /sdapi/v1/upscalers or a"
+                             f" name, not {_brief(value)}")
+    if isinstance(value, int):
+        text = ""
+    else:
+        text = str(value).strip()
+        if len(text) > 200:
+            raise InvalidRequest(f"SD upscale: script_args upscaler {_brief(text)} is not an upscaler's name")
+    if isinstance(value, (int, float)) or text.isdigit():
+        index = _whole(value, "upscaler")
+        if not 0 <= index < len(names):
+            raise InvalidRequest(f"SD upscale: script_args upscaler {_brief(value)} is not an index into the upscalers"
+                                 f" (0-{len(names) - 1}: {', '.join(names)}); GET /sdapi/v1/upscalers lists them")
+        return names[index]
+    return text
+
+
+def parse_sd_upscale(script_args: list[Any], *, img2img: bool, upscalers: list[str]):
+    """SD upscale's positional `script_args` as an sd_upscale.SDUpscale (sizes are checked when queued).
+
+    `upscalers` is /sdapi/v1/upscalers' list of names, in its order."""
+    from darkroom.services.sd_upscale import DEFAULT_FACTOR, DEFAULT_OVERLAP, SDUpscale
+
+    if not img2img:
+        raise InvalidRequest("SD upscale is an img2img script (it upscales the init image): send it to"
+                             " /sdapi/v1/img2img with init_images")
+    if not isinstance(script_args, list):
+        raise InvalidRequest("script_args must be a list: [info, overlap, upscaler, scale_factor]")
+    if len(script_args) > len(SD_UPSCALE_ARGS):
+        raise InvalidRequest(f"script_args: SD upscale takes at most {len(SD_UPSCALE_ARGS)} arguments"
+                             f" ({', '.join(SD_UPSCALE_ARGS)}), not {len(script_args)}")
+    args = [*script_args, *[None] * (len(SD_UPSCALE_ARGS) - len(script_args))]
+    overlap = DEFAULT_OVERLAP if args[1] is None else _whole(args[1], "overlap")
+    factor = args[3]
+    if factor is None:
+        factor = DEFAULT_FACTOR
+    elif isinstance(factor, bool) or not isinstance(factor, (int, float, str)):
+        raise InvalidRequest(f"SD upscale: script_args scale_factor must be a number such as 2, not {_brief(factor)}")
+    else:
+        try:
+            factor = float(factor)
+        except (ValueError, OverflowError):
+            raise InvalidRequest(f"SD upscale: script_args scale_factor must be a number such as 2, not"
+                                 f" {_brief(factor)}") from None
+    options = SDUpscale(factor=factor, overlap=overlap, upscaler=_upscaler(args[2], upscalers))
+    options.check()
+    return options
+
+
+def sd_upscale_info(plan: Any) -> dict[str, Any]:
+    """What an SD upscale changes in the webui's info: one seed per upscale, the script's parameters; {} for
+    any other job (`plan` is the job's plan)."""
+    from darkroom.services.sd_upscale import SDUpscalePlan
+
+    if not isinstance(plan, SDUpscalePlan):
+        return {}
+    seeds = [(s, v if v >= 0 else s) for s, v in (plan.tile_seeds(n, 0) for n in range(plan.upscales))]
+    return {"seed": seeds[0][0], "all_seeds": [s for s, _ in seeds], "subseed": seeds[0][1],
+            "all_subseeds": [v for _, v in seeds], "extra_generation_params": plan.extra_params()}
+
+
 # --- what /scripts and /script-info report ------------------------------------------------------------
 
 
 def script_names() -> dict[str, list[str]]:
-    """The webui's /scripts: each tab's script names, lower-case titles as the webui lists them."""
-    return {"txt2img": [XYZ_TITLE.lower()], "img2img": [XYZ_TITLE.lower()]}
+    """The webui's /scripts: each tab's script names, lower-case titles as the webui lists them (in its order)."""
+    return {"txt2img": [XYZ_TITLE.lower()], "img2img": [SD_UPSCALE_TITLE.lower(), XYZ_TITLE.lower()]}
 
 
-def _arg(label: str, value: Any, choices: list[str] | None = None, minimum=None, maximum=None, step=None) -> dict:
+def _arg(label: str | None, value: Any, choices: list[str] | None = None, minimum=None, maximum=None,
+         step=None) -> dict:
     return {"label": label, "value": value, "minimum": minimum, "maximum": maximum, "step": step, "choices": choices}
 
 
-def script_info() -> list[dict]:
-    """The webui's /script-info entries (models.ScriptInfo) for the X/Y/Z plot, one per tab."""
+def script_info(upscalers: list[str]) -> list[dict]:
+    """The webui's /script-info entries (models.ScriptInfo): the X/Y/Z plot for each tab, then SD upscale
+    (img2img) with `upscalers` (/sdapi/v1/upscalers' names) as its choices."""
     entries = []
     for img2img, axes in ((False, TXT2IMG_AXES), (True, IMG2IMG_AXES)):
         choices = list(axes)
@@ -211,4 +317,8 @@ def script_info() -> list[dict]:
             _arg("Use text inputs instead of dropdowns", False), _arg("Use raw text lines", False),
         ]
         entries.append({"name": XYZ_TITLE.lower(), "is_alwayson": False, "is_img2img": img2img, "args": args})
+    note = "<p>Upscales the image by the scale factor, then redraws it in tiles of the width x height set above</p>"
+    args = [_arg(None, note), _arg("Tile overlap", 64, None, 0, 256, 16), _arg("Upscaler", upscalers[0], upscalers),
+            _arg("Scale Factor", 2, None, 0, 4, 1)]
+    entries.append({"name": SD_UPSCALE_TITLE.lower(), "is_alwayson": False, "is_img2img": True, "args": args})
     return entries

@@ -70,7 +70,7 @@ class Job:
     preview_png: bytes | None = None
     preview_rev: int = 0
     rev: int = 0
-    plan: object | None = None  # an xyplot.XYPlan for X/Y grid jobs
+    plan: object | None = None  # an xyplot.XYPlan for X/Y grid jobs, an sd_upscale.SDUpscalePlan for SD upscales
     grid_png: bytes | None = None
     grid_history_id: int | None = None
     model_name: str = ""
@@ -144,8 +144,10 @@ class JobQueue:
     # --- submitting and control ------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest, *, private: bool = False, source: str = "api",
-               xy: tuple[str | None, str | None] | None = None, client: str | None = None) -> Job:
-        """Queue a generation; with `xy` ("axis=values" for x and y) an X/Y grid of them."""
+               xy: tuple[str | None, str | None] | None = None, client: str | None = None,
+               sd_upscale=None) -> Job:
+        """Queue a generation; with `xy` ("axis=values" for x and y) an X/Y grid of them; with `sd_upscale`
+        (an sd_upscale.SDUpscale) the init image upscaled and redrawn tile by tile."""
         if self.prepare is not None:
             request = self.prepare(request)
         request = self.engine.apply_preset(request)  # few-step preset: the job's step count is the real one
@@ -157,9 +159,14 @@ class JobQueue:
             x, y = (parse_axis_option(a) if a else None for a in xy)
             # every cell validated (and prepared, as the request was) before anything is queued
             plan = plan_xy(self.engine, request, x, y, prepare=self.prepare)
+        elif sd_upscale is not None:
+            from darkroom.services.sd_upscale import plan_sd_upscale
+
+            plan = plan_sd_upscale(self.engine, request, sd_upscale)  # checked and one tile admitted
+            request = plan.request  # seeds resolved, the tile size as width x height
         self._admit(request, plan)
-        job = Job(request=request, private=private, source=source, batches=request.n_iter, steps=request.steps,
-                  plan=plan, client=client)
+        job = Job(request=request, private=private, source=source, steps=request.steps, plan=plan, client=client,
+                  batches=getattr(plan, "runs", request.n_iter))  # an SD upscale's tiles count as its batches
         with self._cond:
             if len(self._pending) >= self.max_pending:
                 raise QueueFull(f"queue full: {len(self._pending)} jobs are waiting; try again when some have finished")
@@ -312,7 +319,7 @@ class JobQueue:
         out = None if job.private or self.output_dir is None else self.output_dir(job.request)
         try:
             if job.plan is not None:
-                return self._run_grid(job, out, on_step, on_image)
+                return self._run_plan(job, out, on_step, on_image)
             result = self.engine.generate(job.request, on_step=on_step, cancel=job.cancel, skip=job.skip,
                                           output_dir=out, on_image=on_image)
         except Interrupted:  # stopped before sampling began (e.g. while a long prompt was encoded)
@@ -327,6 +334,16 @@ class JobQueue:
             return ERROR
         job.model_name, job.model_hash, job.timings = result.model_name, result.model_hash, result.timings
         job.request = result.request  # with the native size filled in
+        return INTERRUPTED if result.interrupted else DONE
+
+    def _run_plan(self, job: Job, out: Path | None, on_step, on_image) -> str:
+        from darkroom.services.sd_upscale import SDUpscalePlan, run_sd_upscale
+
+        if not isinstance(job.plan, SDUpscalePlan):
+            return self._run_grid(job, out, on_step, on_image)
+        result = run_sd_upscale(self.engine, job.plan, output_dir=out, on_step=on_step, cancel=job.cancel,
+                                skip=job.skip, on_image=on_image)
+        job.model_name, job.model_hash, job.timings = result.model_name, result.model_hash, result.timings
         return INTERRUPTED if result.interrupted else DONE
 
     def _run_grid(self, job: Job, out: Path | None, on_step, on_image) -> str:
