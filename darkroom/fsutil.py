@@ -51,6 +51,40 @@ def unique_dirs(dirs: Iterable[Path]) -> list[Path]:
     return out
 
 
+def case_collisions(paths: Iterable[str]) -> list[tuple[str, str]]:
+    """Pairs of relative paths that differ only in letter case (`A.png`, `a.png`).
+
+    FAT and exFAT (what USB drives are formatted with), and Windows' and macOS's default file
+    systems, keep such names as one file: writing both there silently keeps one. Callers that
+    write a set of names to such a drive refuse the set, naming both, instead.
+    """
+    seen: dict[str, str] = {}
+    pairs = []
+    for path in paths:
+        key = path.casefold()
+        if key in seen and seen[key] != path:
+            pairs.append((seen[key], path))
+        seen.setdefault(key, path)
+    return pairs
+
+
+def folds_case(folder: Path) -> bool:
+    """Whether the file system holding `folder` treats names that differ only in case as one file.
+
+    Probed, not guessed from the platform: a name is made in `folder` and looked up in the other
+    case. A folder that cannot be written (or does not exist) answers False, and the write that
+    follows reports its own error."""
+    probe = folder / f".darkroom-case-probe-{os.getpid()}"
+    try:
+        probe.touch(exist_ok=True)
+    except OSError:
+        return False
+    try:
+        return (folder / probe.name.upper()).exists()
+    finally:
+        discard(probe)
+
+
 # --- files that come from outside (a USB drive, a backup, a download, a client) ----------------
 
 _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),

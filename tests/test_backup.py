@@ -396,3 +396,32 @@ def test_interrupted_backup_leaves_the_previous_snapshot_intact(full_home, tmp_p
     r = run(fresh, "restore", str(dest))
     assert r.exit_code == 0, r.output
     assert state(fresh.root) == state(full_home.root)
+
+
+def test_names_that_differ_only_in_case_are_refused_on_a_home_that_folds_case(full_home, tmp_path, monkeypatch):
+    """A FAT/exFAT home (a USB drive) keeps `A.png` and `a.png` as one file: restoring both there would silently
+    lose one, so the restore is refused naming both, before anything is written. A home that tells them apart
+    takes both."""
+    add_output(full_home, None, "Sunset-1.png", 1)
+    add_output(full_home, None, "sunset-1.png", 2)
+    dest = tmp_path / "bk"
+    assert run(full_home, "backup", str(dest)).exit_code == 0
+    fresh = Home(tmp_path / "fat-home").ensure()
+    monkeypatch.setattr(bk, "folds_case", lambda folder: True)  # no FAT driver here: the probe's answer is faked
+    r = run(fresh, "restore", str(dest))
+    one_line_error(r, "Sunset-1.png", "sunset-1.png", "differ only in letter case", "FAT")
+    assert state(fresh.root) == {}
+    monkeypatch.undo()
+    assert run(fresh, "restore", str(dest)).exit_code == 0
+    both = {"outputs/txt2img/2024-05-01/Sunset-1.png", "outputs/txt2img/2024-05-01/sunset-1.png"}
+    assert both <= set(state(fresh.root))
+
+
+def test_case_helpers(tmp_path):
+    from darkroom.fsutil import case_collisions, folds_case
+
+    assert case_collisions(["a/B.png", "a/b.png", "c.png", "a/B.png"]) == [("a/B.png", "a/b.png")]
+    assert case_collisions(["x.png", "y.png"]) == []
+    assert folds_case(tmp_path) is False  # ext4/tmpfs tell names apart by case
+    assert not list(tmp_path.iterdir())  # the probe is removed
+    assert folds_case(tmp_path / "missing") is False

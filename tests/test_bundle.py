@@ -521,3 +521,11 @@ def test_a_failed_download_is_one_line_naming_the_cause(tmp_path, model_home):
         bundle.create_bundle(tmp_path / "bundle", home=model_home, source=_fake_source(tmp_path), pip=failing_pip,
                              echo=lambda s: None)
     assert not (tmp_path / "bundle" / "manifest.json").exists()
+
+
+def test_models_whose_names_differ_only_in_case_are_refused(model_home):
+    """A bundle travels on FAT/exFAT drives, which keep Inkwash and inkwash as one file."""
+    _tensor_file(model_home.loras / "Inkwash.safetensors", "lora_unet_b.lora_down.weight")
+    with pytest.raises(bundle.BundleError, match="letter case"):
+        bundle.resolve_models(model_home, [str(model_home.loras / "inkwash.safetensors"),
+                                           str(model_home.loras / "Inkwash.safetensors")])

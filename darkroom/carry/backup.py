@@ -47,7 +47,7 @@ from darkroom.carry.backup_store import (
     verify_backup,
 )
 from darkroom.errors import DarkroomError, InvalidRequest
-from darkroom.fsutil import discard, sqlite_storage_error, writes_to
+from darkroom.fsutil import case_collisions, discard, folds_case, sqlite_storage_error, writes_to
 from darkroom.home import Home
 from darkroom.models.hashing import sha256_file
 
@@ -306,6 +306,13 @@ def restore_home(home: Home, src: Path, *, snapshot_id: str | None = None, force
         if not all(isinstance(e.get(k), int) and e[k] >= 0 for k in ("size", "mtime_ns")):
             raise BackupError(f"snapshot {snap.id} has a malformed entry for {rel}")
     scope = snap.manifest.get("scope") or [SETTINGS, HISTORY, "outputs"]
+    clashes = case_collisions(entries) if folds_case(root) else []
+    if clashes:  # a home on FAT/exFAT (a USB drive) would keep one of each pair, silently
+        a, b = clashes[0]
+        raise BackupError(f"snapshot {snap.id} holds {a} and {b}, whose names differ only in letter case, and the"
+                          f" file system of {root} stores them as one file (FAT/exFAT, or a Windows/macOS default):"
+                          f" restore into a home on a drive that tells them apart (ext4, NTFS, APFS"
+                          f" case-sensitive), or rename one of them in the backed-up home and back up again")
 
     # 1. plan: what is new, what is already right, what would be replaced
     plan: list[tuple[str, dict, bool]] = []  # (rel, entry, replaces an existing file)

@@ -371,11 +371,13 @@ def resolve_models(home: Home, names: Sequence[str]) -> tuple[list[BundleModel],
             notes.append(f"{path.stem} is built in: it ships inside Darkroom's wheel, nothing to copy")
             continue
         model = BundleModel(path, _kind_of(path, home))
-        if any(m.dest == model.dest for m in chosen):
+        if any(m.dest.casefold() == model.dest.casefold() for m in chosen):
             if any(m.path == model.path for m in chosen):
                 continue
+            # names that differ only in case are one file on the FAT/exFAT drives bundles travel on
             raise BundleError(f"two models would be {model.dest}: {path} and "
-                              f"{next(m.path for m in chosen if m.dest == model.dest)}; rename one")
+                              f"{next(m.path for m in chosen if m.dest.casefold() == model.dest.casefold())}"
+                              " (a FAT/exFAT drive does not tell names apart by letter case); rename one")
         chosen.append(model)
     return chosen, notes
 
