@@ -6,8 +6,10 @@ Each sampler has the shape `fn(denoiser, x, sigmas, *, callback=None, noise=None
 - `x` starts at noise level sigmas[0] (noise * sigmas[0], or the init latents plus that for img2img);
 - `callback(i, x, denoised)` runs after step i with the new x and the step's first estimate
   (previews, progress, cancel: raise to stop);
-- `noise() -> Tensor` gives the next per-image Gaussian draw for the stochastic samplers (the
-  webui's ImageRNG.next); the deterministic ones never call it.
+- `noise(sigma, sigma_next) -> Tensor` gives the step's per-image unit Gaussian noise for the stochastic
+  samplers, called with the same two noise levels as k-diffusion's `noise_sampler` (the webui's ImageRNG.next
+  ignores them; its Brownian tree for the SDE samplers, rng.BrownianNoise, needs them); the deterministic
+  ones never call it.
 They are written from the published algorithms (Karras et al. 2022; Lu et al., DPM-Solver++), with
 the same step rules as k-diffusion: second-order samplers fall back to Euler on a step to sigma 0,
 multistep samplers take a plain denoising step there. Used where a diffusers scheduler cannot take
@@ -24,7 +26,7 @@ import torch
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None] | None
-NoiseFn = Callable[[], torch.Tensor] | None
+NoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
 
 
 def _d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
@@ -46,10 +48,10 @@ def _done(callback: Callback, i: int, x: torch.Tensor, denoised: torch.Tensor) -
         callback(i, x, denoised)
 
 
-def _draw(noise: NoiseFn, x: torch.Tensor) -> torch.Tensor:
+def _draw(noise: NoiseFn, x: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
     if noise is None:
         raise ValueError("this sampler is stochastic: pass noise=, the per-image noise source")
-    return noise().to(x.device, x.dtype)
+    return noise(sigma, sigma_next).to(x.device, x.dtype)
 
 
 def euler(denoiser: Denoiser, x, sigmas, *, callback: Callback = None, noise: NoiseFn = None, eta: float = 1.0):
@@ -69,7 +71,7 @@ def euler_ancestral(denoiser: Denoiser, x, sigmas, *, callback: Callback = None,
         down, up = ancestral_step(float(s), float(s_next), eta)
         x = x + _d(x, s, denoised) * (down - s)
         if s_next > 0:
-            x = x + _draw(noise, x) * up
+            x = x + _draw(noise, x, s, s_next) * up
         _done(callback, i, x, denoised)
     return x
 
@@ -123,7 +125,7 @@ def dpm_2_ancestral(denoiser: Denoiser, x, sigmas, *, callback: Callback = None,
             mid = _log_midpoint(s, down)
             x2 = x + d * (mid - s)
             x = x + _d(x2, mid, denoiser(x2, mid)) * (down - s)
-            x = x + _draw(noise, x) * up
+            x = x + _draw(noise, x, s, s_next) * up
         _done(callback, i, x, denoised)
     return x
 
@@ -190,13 +192,13 @@ def dpmpp_sde(denoiser: Denoiser, x, sigmas, *, callback: Callback = None, noise
             mid = (-(t + (t_next - t) * r)).exp()
             down, up = ancestral_step(float(s), float(mid), eta)
             x2 = (down / s) * x - torch.expm1(t + math.log(down)) * denoised
-            x2 = x2 + _draw(noise, x) * up
+            x2 = x2 + _draw(noise, x, (-t).exp(), mid) * up
             denoised2 = denoiser(x2, mid)
             down, up = ancestral_step(float(s), float(s_next), eta)
             fac = 1 / (2 * r)
             mixed = (1 - fac) * denoised + fac * denoised2
             x = (down / s) * x - torch.expm1(t + math.log(down)) * mixed
-            x = x + _draw(noise, x) * up
+            x = x + _draw(noise, x, (-t).exp(), (-t_next).exp()) * up
         _done(callback, i, x, denoised)
     return x
 
@@ -218,7 +220,7 @@ def dpmpp_2m_sde(denoiser: Denoiser, x, sigmas, *, callback: Callback = None, no
             if old is not None:
                 x = x - 0.5 * torch.expm1(-h - eta_h) * (h / h_last) * (denoised - old)
             if eta:
-                x = x + _draw(noise, x) * s_next * torch.sqrt(-torch.expm1(-2 * eta_h))
+                x = x + _draw(noise, x, s, s_next) * s_next * torch.sqrt(-torch.expm1(-2 * eta_h))
             h_last = h
         old = denoised
         _done(callback, i, x, denoised)
@@ -250,7 +252,7 @@ def dpmpp_3m_sde(denoiser: Denoiser, x, sigmas, *, callback: Callback = None, no
             elif h1 is not None:
                 x = x + phi_2 * (denoised - den1) / (h1 / h)
             if eta:
-                x = x + _draw(noise, x) * s_next * torch.sqrt(-torch.expm1(-2 * h * eta))
+                x = x + _draw(noise, x, s, s_next) * s_next * torch.sqrt(-torch.expm1(-2 * h * eta))
             h1, h2 = h, h1
         den1, den2 = denoised, den1
         _done(callback, i, x, denoised)

@@ -12,10 +12,17 @@ infotext):
 The first draw is the initial latent noise; later draws (ancestral / SDE sampler steps) continue
 the same per-image generators, except that a non-zero eta_noise_seed_delta (ENSD) first reseeds
 them with seed + delta, so it changes the sampler's later noise and never the initial noise.
+
+With GPU or NV the sampling itself is the webui's too (darkroom/engine/samplers.py `runner`): the
+SDE samplers then take their step noise from `BrownianNoise`, the webui's per-seed Brownian trees.
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -177,3 +184,73 @@ class Noise:
             seeds = [(s + self.seed_delta) % 2**64 for s in self.seeds]
             draws = [_Draw(self.source, s) for s in seeds]
         return noise, NoiseStream(draws, seeds, shape)
+
+
+# torchsde draws every Brownian-tree value with `_randn(size, dtype, device, seed)`: a fresh generator on the
+# tree's device seeded from the tree's SeedSequence. The webui's trees live on its GPU, so on a machine without
+# CUDA those draws are made with `Philox` instead: set per thread (a ContextVar) around our own trees' calls
+# only, everything else (diffusers' DPMSolverSDEScheduler included) keeps torchsde's own draws.
+_TREE_DRAW: ContextVar[Callable[[tuple[int, ...], int], torch.Tensor] | None] = ContextVar("tree_draw", default=None)
+_TORCHSDE_RANDN: list[Callable] = []
+
+
+def _tree_randn(size, dtype, device, seed):
+    draw = _TREE_DRAW.get()
+    if draw is None:
+        return _TORCHSDE_RANDN[0](size, dtype, device, seed)
+    return draw(tuple(size), int(seed)).to(device=device, dtype=dtype)
+
+
+def _route_tree_draws() -> None:
+    """Let `_TREE_DRAW` replace torchsde's draws (once per process; a no-op while it is unset)."""
+    from torchsde._brownian import brownian_interval
+
+    if brownian_interval._randn is not _tree_randn:
+        _TORCHSDE_RANDN[:] = [brownian_interval._randn]
+        brownian_interval._randn = _tree_randn
+
+
+class BrownianNoise:
+    """The webui's noise for DPM++ SDE, 2M SDE and 3M SDE: one Brownian tree per image seed.
+
+    As the webui's `create_noise_sampler` (k-diffusion's BrownianTreeNoiseSampler, identity transform):
+    trees over [sigma_min, sigma_max] of the run's full schedule (lowest non-zero sigma to highest), each
+    seeded with its image's seed (not the ENSD-shifted one), so a batch equals single runs; a call
+    (sigma, sigma_next) gives the tree's increment between them divided by sqrt(|sigma_next - sigma|), i.e.
+    unit-variance noise. The webui builds the trees on its GPU, so their draws are GPU draws: CUDA's own when
+    CUDA is here, else `Philox` (the same numbers); `gpu=False` keeps torchsde's CPU draws.
+    """
+
+    def __init__(self, seeds: list[int], shape: tuple[int, ...], sigma_min, sigma_max, *, gpu: bool = True,
+                 device: torch.device | str = "cpu"):
+        import torchsde
+
+        self.device = torch.device(device)
+        self._tree_device = torch.device("cuda") if gpu and torch.cuda.is_available() else torch.device("cpu")
+        self._draw = (lambda size, seed: Philox(seed).randn(size)) if gpu and not torch.cuda.is_available() else None
+        t0, t1 = torch.as_tensor(sigma_min, dtype=torch.float32), torch.as_tensor(sigma_max, dtype=torch.float32)
+        self._sign = 1 if t0 < t1 else -1
+        t0, t1 = (t0, t1) if t0 < t1 else (t1, t0)
+        w0 = torch.zeros(tuple(shape), dtype=torch.float32, device=self._tree_device)
+        _route_tree_draws()
+        with self._drawing():
+            self._trees = [torchsde.BrownianTree(t0, w0, t1, entropy=int(s)) for s in seeds]
+
+    @contextlib.contextmanager
+    def _drawing(self):
+        token = _TREE_DRAW.set(self._draw)
+        try:
+            with warnings.catch_warnings():  # float32 rounding can put a query a hair outside the tree
+                warnings.filterwarnings("ignore", message=r"Should have t[ab]", category=UserWarning)
+                yield
+        finally:
+            _TREE_DRAW.reset(token)
+
+    def __call__(self, sigma, sigma_next) -> torch.Tensor:
+        t0 = torch.as_tensor(sigma, dtype=torch.float32).cpu()
+        t1 = torch.as_tensor(sigma_next, dtype=torch.float32).cpu()
+        sign = 1 if t0 < t1 else -1
+        lo, hi = (t0, t1) if t0 < t1 else (t1, t0)
+        with self._drawing():
+            w = torch.stack([tree(lo, hi) for tree in self._trees]) * (self._sign * sign)
+        return (w / (t1 - t0).abs().sqrt().to(w.device)).to(self.device)

@@ -5,7 +5,14 @@ schedule types are the webui's twelve (darkroom/engine/schedules.py); "Automatic
 the sampler's own default as in the webui v1.10 (Karras for DPM++ 2M, DPM++ SDE, DPM2 and
 DPM2 a; Exponential for DPM++ 2M/3M SDE; Uniform for the rest).
 
-How a sampler runs with a schedule (`runner`):
+How a sampler runs with a schedule and a noise source (`runner`):
+- "own" whenever the request's randn_source is "GPU" or "NV", the webui's sources (no RNG key in
+  an infotext means GPU): every k-diffusion sampler then runs as the webui's KDiffusionSampler
+  does (darkroom/engine/sampling.py `_denoise_own`): its sigmas over the model's float32
+  alphas_cumprod (`webui_train_sigmas`), the CompVis denoiser (eps and v), step noise from the
+  source's own next draws, a Brownian tree seeded with the image seeds for the SDE samplers, and
+  the webui's img2img and hires step counts. A webui image reruns with its own sampling.
+With the CPU source (Darkroom's default; what existing images and the diffusers parity use):
 - "diffusers": its diffusers scheduler makes the schedule itself (the combinations Darkroom has
   always run that way, e.g. DPM++ 2M Karras, Euler a Uniform): images stay identical to
   diffusers' own pipelines, which tests/test_diffusers_parity.py checks.
@@ -31,6 +38,7 @@ from typing import Any
 
 import diffusers
 import numpy as np
+import torch
 
 from darkroom.engine import schedules
 from darkroom.errors import InvalidRequest
@@ -64,6 +72,7 @@ class Sampler:
     takes_sigmas: bool = False  # its diffusers scheduler accepts set_timesteps(sigmas=...)
     discard_penultimate: bool = False  # the webui's discard_next_to_last_sigma
     webui_scheduler: str | None = None  # the webui's options["scheduler"] (its default schedule's name)
+    brownian: bool = False  # the webui's "brownian_noise": its step noise comes from a Brownian tree (SDE samplers)
 
 
 def _k(name, scheduler, options, aliases, kfunc, default="Uniform", **kw) -> Sampler:
@@ -76,12 +85,12 @@ SAMPLERS: tuple[Sampler, ...] = (
     _k("DPM++ 2M", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2},
        ("k_dpmpp_2m", "dpmpp_2m", "dpm++2m"), "dpmpp_2m", "Karras"),
     _k("DPM++ SDE", "DPMSolverSDEScheduler", {}, ("k_dpmpp_sde", "dpmpp_sde"), "dpmpp_sde", "Karras",
-       stochastic=True),
+       stochastic=True, brownian=True),
     _k("DPM++ 2M SDE", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
-       ("k_dpmpp_2m_sde", "dpmpp_2m_sde"), "dpmpp_2m_sde", "Exponential", stochastic=True),
+       ("k_dpmpp_2m_sde", "dpmpp_2m_sde"), "dpmpp_2m_sde", "Exponential", stochastic=True, brownian=True),
     _k("DPM++ 3M SDE", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
        ("k_dpmpp_3m_sde", "dpmpp_3m_sde"), "dpmpp_3m_sde", "Exponential", stochastic=True, native=(),
-       discard_penultimate=True),
+       discard_penultimate=True, brownian=True),
     _k("Euler a", "EulerAncestralDiscreteScheduler", {}, ("k_euler_a", "k_euler_ancestral", "euler_a",
        "euler_ancestral"), "euler_ancestral", stochastic=True, native=SPACING_ONLY),
     _k("Euler", "EulerDiscreteScheduler", {}, ("k_euler", "euler"), "euler", takes_sigmas=True),
@@ -174,8 +183,14 @@ def resolve(sampler: str, schedule: str = "Automatic") -> tuple[Sampler, str]:
     return spec, label
 
 
-def runner(spec: Sampler, label: str) -> str:
-    """How `spec` runs the schedule `label`: "diffusers", "sigmas" (diffusers over our sigmas) or "own"."""
+WEBUI_SOURCES = ("GPU", "NV")  # noise sources that mean "as the webui samples" (see the module docstring)
+
+
+def runner(spec: Sampler, label: str, source: str = "CPU") -> str:
+    """How `spec` runs the schedule `label` with noise from `source`: "diffusers", "sigmas" (diffusers over
+    our sigmas) or "own" (always, for a k-diffusion sampler with the webui's GPU or NV source)."""
+    if spec.kfunc is not None and is_webui_source(source):
+        return "own"
     if spec.kfunc is None or label in spec.native:
         return "diffusers"
     return "sigmas" if spec.takes_sigmas else "own"
@@ -187,6 +202,29 @@ def sigmas(spec: Sampler, label: str, steps: int, train_sigmas, *, sdxl: bool = 
     n = steps + 1 if spec.discard_penultimate else steps
     out = schedules.sigmas_for(label, n, train_sigmas, sdxl=sdxl)
     return schedules.drop_penultimate(out) if spec.discard_penultimate else out
+
+
+def is_webui_source(source: str) -> bool:
+    return str(source).strip().upper() in WEBUI_SOURCES
+
+
+def webui_train_sigmas(scheduler_config: dict) -> torch.Tensor:
+    """The model's noise levels as the webui's k-diffusion wrapper holds them, lowest first.
+
+    The webui's (CompVis/sgm) models compute alphas_cumprod in float64, keep it as float32, and k-diffusion's
+    CompVisDenoiser takes sqrt((1 - abar) / abar) of that float32 tensor; schedules.model_sigmas stays in
+    float64 to the end (up to 1.3e-5 apart at the low end), so this is used for the webui's sources only."""
+    steps = scheduler_config.get("num_train_timesteps", 1000)
+    start, end = scheduler_config.get("beta_start", 0.00085), scheduler_config.get("beta_end", 0.012)
+    kind = scheduler_config.get("beta_schedule", "scaled_linear")
+    if kind == "scaled_linear":
+        betas = torch.linspace(start ** 0.5, end ** 0.5, steps, dtype=torch.float64) ** 2
+    elif kind == "linear":
+        betas = torch.linspace(start, end, steps, dtype=torch.float64)
+    else:
+        raise ValueError(f"beta_schedule {kind!r} has no sigma table here (expected scaled_linear or linear)")
+    abar = torch.from_numpy(np.cumprod(1.0 - betas.numpy(), axis=0)).float()
+    return ((1 - abar) / abar) ** 0.5
 
 
 def trailing_timesteps(steps: int, train_timesteps: int = 1000) -> list[int]:

@@ -3,8 +3,10 @@
 One function, `denoise`, runs the sampler over the UNet with classifier-free guidance: a
 diffusers scheduler where it makes the schedule itself (or, for Euler, takes the webui's
 sigmas), else one of our k-diffusion functions (ksamplers.py) over the webui's sigmas through
-`KDenoiser` (samplers.runner decides). img2img starts part-way (the webui's and diffusers' convention: int(steps x
-strength) steps are run, from the init latents noised to that point); inpainting with a
+`KDenoiser` (samplers.runner decides: with the webui's GPU/NV noise sources always the latter, run as the
+webui's KDiffusionSampler runs k-diffusion, see `_denoise_own`). img2img starts part-way (with the CPU source
+int(steps x strength) steps are run, diffusers' convention; with GPU/NV the webui's t_enc + 1, see
+`webui_img2img_sigmas`), from the init latents noised to that point; inpainting with a
 normal checkpoint re-imposes the noised source outside the mask after every step, and a
 9-channel inpainting checkpoint gets the mask and the masked image as extra input channels.
 """
@@ -22,7 +24,7 @@ import torch
 
 from darkroom.engine import ksamplers, samplers, schedules, vae_tiling
 from darkroom.engine.interrupt import SKIPPED, Skipped, stoppable, units_of
-from darkroom.engine.rng import Noise, slerp  # noqa: F401  (re-exported: Noise lives in rng)
+from darkroom.engine.rng import BrownianNoise, Noise, slerp  # noqa: F401  (re-exported: Noise lives in rng)
 from darkroom.errors import Interrupted
 from darkroom.models.loader import LoadedModel
 from darkroom.text.conditioning import Conditioning
@@ -164,7 +166,7 @@ def _denoise(model: LoadedModel, spec: samplers.Sampler, schedule: str, *, steps
              shape: tuple[int, int, int], guidance: Guidance, init: Init | None, eta: float | None, batch: int,
              batch_count: int, phase: str, on_step: StepCallback | None, cancel: threading.Event | None,
              skip: threading.Event | None):
-    how = samplers.runner(spec, schedule)
+    how = samplers.runner(spec, schedule, noise.source)
     if how == "own":
         return _denoise_own(model, spec, schedule, steps=steps, noise=noise, shape=shape, guidance=guidance,
                             init=init, eta=eta, batch=batch, batch_count=batch_count, phase=phase, on_step=on_step,
@@ -230,9 +232,34 @@ def _denoise(model: LoadedModel, spec: samplers.Sampler, schedule: str, *, steps
     return latents
 
 
-def _sigmas(model: LoadedModel, spec: samplers.Sampler, schedule: str, steps: int) -> torch.Tensor:
-    return samplers.sigmas(spec, schedule, steps, schedules.model_sigmas(model.scheduler_config),
+def _train_sigmas(model: LoadedModel, webui: bool = False) -> torch.Tensor:
+    config = model.scheduler_config
+    return samplers.webui_train_sigmas(config) if webui else schedules.model_sigmas(config)
+
+
+def _sigmas(model: LoadedModel, spec: samplers.Sampler, schedule: str, steps: int,
+            webui: bool = False) -> torch.Tensor:
+    return samplers.sigmas(spec, schedule, steps, _train_sigmas(model, webui),
                            sdxl=model.family.id.startswith("sdxl"))
+
+
+def webui_img2img_sigmas(make: Callable[[int], torch.Tensor], steps: int, strength: float, *,
+                         hires: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the full schedule, the part img2img runs) as the webui's KDiffusionSampler.sample_img2img has them.
+
+    Its `setup_img2img_steps`: img2img makes the schedule for `steps` and runs t_enc + 1 steps of it, t_enc =
+    int(min(strength, 0.999) x steps); the hires fix's second pass (steps given) runs `steps` steps of a schedule
+    made for int(steps / min(strength, 0.999)). Either way it is `sigmas[total - t_enc - 1:]`.
+    `make(n)` gives the sampler's sigmas for n steps (next-to-last dropped where the sampler does)."""
+    capped = min(strength, 0.999)
+    if hires and strength <= 0:  # the webui's hires steps come out 0 here: nothing to run
+        return make(steps), make(steps)[-1:]
+    if hires:
+        total, t_enc = (int(steps / capped) if strength > 0 else 0), steps - 1
+    else:
+        total, t_enc = steps, int(capped * steps)
+    full = make(total)
+    return full, full[max(total - t_enc - 1, 0):]
 
 
 def _inpaint_inputs(model: LoadedModel, init: Init | None, n: int, height: int, width: int):
@@ -297,15 +324,30 @@ def _denoise_own(model: LoadedModel, spec: samplers.Sampler, schedule: str, *, s
                  shape: tuple[int, int, int], guidance: Guidance, init: Init | None, eta: float | None, batch: int,
                  batch_count: int, phase: str, on_step: StepCallback | None, cancel: threading.Event | None,
                  skip: threading.Event | None):
-    """A k-diffusion sampler of ours (ksamplers.py) over the webui's sigmas, as the webui runs it."""
+    """A k-diffusion sampler of ours (ksamplers.py) over the webui's sigmas, as the webui runs it.
+
+    With the webui's GPU/NV sources it is the webui's KDiffusionSampler step for step: the sigma table of
+    `samplers.webui_train_sigmas`, img2img and hires step counts of `webui_img2img_sigmas`, and for the
+    SDE samplers a Brownian tree per image seed over the full schedule (rng.BrownianNoise, the webui's
+    `create_noise_sampler`). With the CPU source it stays what Darkroom has always run (int(steps x strength)
+    img2img steps; every step draw, SDE samplers included, from the seeds' generators)."""
     device, n = model.device, len(noise.seeds)
     _, height, width = shape
-    sigmas = _sigmas(model, spec, schedule, steps).to(device)
+    webui = samplers.is_webui_source(noise.source)
+    sigmas = _sigmas(model, spec, schedule, steps, webui).to(device)
     start_noise, rng = noise.start(shape)
     start_noise = start_noise.to(device)
     source = None
+    full = sigmas
     if init is None:
-        x = start_noise * sigmas[0]
+        x = start_noise * sigmas[0]  # the webui's txt2img (its sgm_noise_multiplier option is off by default)
+    elif webui:
+        full, sigmas = webui_img2img_sigmas(lambda k: _sigmas(model, spec, schedule, k, True).to(device), steps,
+                                            init.strength, hires=phase == "hires")
+        source = init.latents.to(device).float().expand(n, -1, -1, -1)
+        if len(sigmas) < 2:
+            return source.clone()
+        x = source + start_noise * sigmas[0]
     else:
         run = steps_to_run(len(sigmas) - 1, init.strength)
         source = init.latents.to(device).float().expand(n, -1, -1, -1)
@@ -317,7 +359,7 @@ def _denoise_own(model: LoadedModel, spec: samplers.Sampler, schedule: str, *, s
     conditioning = guidance.schedule(ksamplers.model_calls(spec.kfunc, sigmas))
     mask, channels9, inpaint_extra = _inpaint_inputs(model, init, n, height, width)
     keep = mask if not channels9 else None
-    denoiser = KDenoiser(model, conditioning, n, height, width, schedules.model_sigmas(model.scheduler_config),
+    denoiser = KDenoiser(model, conditioning, n, height, width, _train_sigmas(model, webui),
                          mask=keep, source=source, inpaint_extra=inpaint_extra)
     start = time.perf_counter()
     total = len(sigmas) - 1
@@ -330,7 +372,10 @@ def _denoise_own(model: LoadedModel, spec: samplers.Sampler, schedule: str, *, s
             _raise_if_stopped(cancel, skip)
 
     _raise_if_stopped(cancel, skip)
-    draw = (lambda: rng.next().to(device)) if spec.stochastic else None
+    draw = (lambda sigma, sigma_next: rng.next().to(device)) if spec.stochastic else None
+    if webui and spec.brownian:
+        positive = full[full > 0]
+        draw = BrownianNoise(noise.seeds, shape, positive.min().cpu(), full.max().cpu(), device=device)
     with torch.no_grad():
         x = fn(denoiser, x, sigmas, callback=step_done, noise=draw, eta=1.0 if eta is None else eta)
     if keep is not None:
