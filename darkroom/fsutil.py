@@ -95,6 +95,8 @@ class NotARegularFile(InvalidRequest):
     """A path that is a FIFO, a device, a socket or a folder where a file was expected: reading it
     would block for ever or never end, so it is refused before anything is read."""
 
+    code = "DR-NOT-REGULAR-FILE"
+
 
 def kind_of(mode: int) -> str:
     """'a named pipe (FIFO)', 'a folder', ... for an `st_mode` that is not a regular file."""
@@ -176,14 +178,15 @@ def storage_error(error: OSError, folder: str | os.PathLike, doing: str, *,
     wrong with the folder and what to do (`instead`: the way around it, "choose another folder")."""
     why = _FAULTS.get(error.errno, "{reason} in {folder}")
     return StorageError(f"cannot {doing}: " + why.format(folder=folder, instead=instead,
-                                                          reason=(error.strerror or str(error)).lower()))
+                                                          reason=(error.strerror or str(error)).lower()),
+                        code=StorageError.code_for(error.errno))
 
 
 def read_error(error: OSError, path: str | os.PathLike) -> DarkroomError:
     """The one line for a read of `path` that failed mid-way (its drive removed, a bad sector)."""
     folder = Path(path).parent
     if _FAULTS.get(error.errno) is _GONE:
-        return StorageError(f"cannot read {path}: " + _GONE.format(folder=folder))
+        return StorageError(f"cannot read {path}: " + _GONE.format(folder=folder), code="DR-STORAGE-GONE")
     return DarkroomError(f"cannot read {path}: {(error.strerror or str(error)).lower()}")
 
 
@@ -208,8 +211,12 @@ def sqlite_storage_error(error: sqlite3.Error, folder: str | os.PathLike, doing:
     """`storage_error` for an SQLite write into `folder` that failed for the folder's sake (full,
     read-only, gone); None for anything else (a damaged database, a busy lock), which the caller explains.
     SQLite does not say which errno it met, so "read-only" covers a read-only drive and a permission."""
-    why = _SQLITE_FAULTS.get((getattr(error, "sqlite_errorcode", None) or 0) & 0xFF)
-    return None if why is None else StorageError(f"cannot {doing}: " + why.format(folder=folder, instead=instead))
+    kind = (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF
+    why = _SQLITE_FAULTS.get(kind)
+    code = {sqlite3.SQLITE_FULL: "DR-STORAGE-FULL", sqlite3.SQLITE_IOERR: "DR-STORAGE-GONE"}.get(kind,
+                                                                                            "DR-STORAGE-READ-ONLY")
+    return None if why is None else StorageError(f"cannot {doing}: " + why.format(folder=folder, instead=instead),
+                                                 code=code)
 
 
 def copy_stream(fin: BinaryIO, fout: BinaryIO, source: str | os.PathLike,

@@ -30,7 +30,7 @@ def openai_error(r, status: int, param: str | None) -> str:
     """The OpenAI error shape, which the openai client turns into BadRequestError etc."""
     assert r.status_code == status, r.text
     error = r.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["code"] is None
+    assert set(error) == {"message", "type", "param", "code"} and error["code"].startswith("DR-")  # its help page
     assert error["type"] == "invalid_request_error" and error["param"] == param
     return error["message"]
 

@@ -58,6 +58,8 @@ MAX_MANIFEST_BYTES = 256 << 20  # a manifest of a million files fits
 class BackupError(DarkroomError):
     """A backup folder that is missing, foreign, damaged or busy."""
 
+    code = "DR-BACKUP"
+
 
 class Progress(Protocol):
     """Byte progress; the CLI draws a bar, the library passes None."""

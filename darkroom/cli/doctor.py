@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -23,14 +24,23 @@ from darkroom.cli.group import user_errors
 @click.option("-m", "--model", default=None,
               help="Checkpoint for --prove-offline (default: the selected one, else the first, else the starter).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--report", "report_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write a diagnostics file to carry to a connected machine (JSON if it ends in .json, else"
+                   " text): versions, device, settings, model names and families, the checks, the end of the log"
+                   " and the network guard's record, with your home folder, user name, paths and prompts left out.")
 @click.pass_obj
 @user_errors
-def doctor(obj, device, precision, deep, prove_offline, model, as_json) -> None:
+def doctor(obj, device, precision, deep, prove_offline, model, as_json, report_file) -> None:
     """Check offline readiness: models, tokenizer, configs, offline switches, the network guard and its record."""
     from darkroom.offline import proof as prove
     from darkroom.offline import readiness
 
     ready = readiness.readiness(obj.home, device=device, precision=precision, deep=deep)
+    if report_file is not None:
+        from darkroom.offline import report
+
+        report.write_report(report_file, report.build_report(obj.home, ready))
+        click.echo(f"Diagnostics written to {report_file} (read it before you share it)", err=True)
     if not prove_offline:
         click.echo(json.dumps(ready, indent=2) if as_json else readiness.render_readiness(ready))
         sys.exit(0 if ready["ok"] else 1)

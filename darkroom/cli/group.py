@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 import darkroom
-from darkroom.errors import DarkroomError
+from darkroom.errors import DarkroomError, InvalidRequest
 from darkroom.home import Home
 from darkroom.offline import guard as offline
 
@@ -78,16 +78,21 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except DarkroomError as e:
-            log.error("%s", e)
-            click.echo(f"error: {e}", err=True)
+            log.error("%s [%s]", e, e.code)
+            click.echo(f"error: {e}{help_note(e.code)}", err=True)
             sys.exit(2 if isinstance(e, darkroom.errors.InvalidRequest) else 1)
         except ValidationError as e:
             msgs = [_validation_line(err) for err in e.errors()]
             log.error("invalid request: %s", "; ".join(msgs))
-            click.echo(f"error: invalid request: {'; '.join(msgs)}", err=True)
+            click.echo(f"error: invalid request: {'; '.join(msgs)}{help_note(InvalidRequest.code)}", err=True)
             sys.exit(2)
 
     return wrapper
+
+
+def help_note(code: str) -> str:
+    """What the one-line error ends with: its code and the command that explains it (darkroom/help)."""
+    return f" [{code}] (darkroom help {code})"
 
 
 def _validation_line(err) -> str:

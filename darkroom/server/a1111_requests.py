@@ -34,6 +34,7 @@ class NotAvailable(DarkroomError):
     """A webui route whose feature Darkroom does not have yet: an honest 501, not a fake answer."""
 
     status = 501
+    code = "DR-NOT-AVAILABLE"
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -564,7 +565,8 @@ def job_info(job: Job, body: ProcessingRequest) -> dict[str, Any]:
 
 
 def _job_failed(job: Job) -> DarkroomError:
-    error = DarkroomError(job.error or "the generation failed (details in logs/darkroom.log)")
+    error = DarkroomError(job.error or "the generation failed (details in logs/darkroom.log)",
+                          code=job.error_code or "DR-INTERNAL")
     # the queue keeps only the message; a status recorded with it (if the queue ever does) is used
     error.status = getattr(job, "error_status", None) or 500
     return error

@@ -43,17 +43,19 @@ _SIZE_RE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
 class OpenAIError(DarkroomError):
     """An error to render in OpenAI's shape; `param` names the request field at fault."""
 
-    def __init__(self, message: str, *, status: int = 400, param: str | None = None):
-        super().__init__(message)
+    code = "DR-INVALID-REQUEST"
+
+    def __init__(self, message: str, *, status: int = 400, param: str | None = None, code: str | None = None):
+        super().__init__(message, code=code)
         self.status = status
         self.param = param
 
 
-def openai_error(status: int, message: str, param: str | None = None) -> JSONResponse:
-    # OpenAI answers invalid values with 400, where FastAPI and Darkroom use 422
+def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    # OpenAI answers invalid values with 400, where FastAPI and Darkroom use 422; `code` is Darkroom's DR-...
     status = 400 if status == 422 else status
     kind = "server_error" if status >= 500 else "authentication_error" if status == 401 else "invalid_request_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
                         status_code=status)
 
 
@@ -68,16 +70,18 @@ class OpenAIRoute(APIRoute):
                 return await handler(request)
             except RequestValidationError as e:
                 first = next(iter(e.errors()), {})
-                return openai_error(400, validation_message(e.errors()), location(first.get("loc", ())) or None)
+                return openai_error(400, validation_message(e.errors()), location(first.get("loc", ())) or None,
+                                    "DR-INVALID-REQUEST")
             except OpenAIError as e:
-                return openai_error(e.status, str(e), e.param)
+                return openai_error(e.status, str(e), e.param, e.code)
             except DarkroomError as e:
-                return openai_error(e.status, str(e))
+                return openai_error(e.status, str(e), code=e.code)
             except StarletteHTTPException as e:  # FastAPI's own: a body that is not JSON (b"\x80"), ...
                 return openai_error(e.status_code, str(e.detail))
             except Exception as e:
                 log.exception("unhandled error on %s %s", request.method, request.url.path)
-                return openai_error(500, f"internal error: {type(e).__name__} (details in logs/darkroom.log)")
+                return openai_error(500, f"internal error: {type(e).__name__} (details in logs/darkroom.log)",
+                                    code="DR-INTERNAL")
 
         return handle
 
@@ -158,9 +162,11 @@ def to_generation_request(body: ImageGenerationRequest, studio: Studio) -> Gener
 def _finished_or_error(job: Job) -> Job:
     if job.state == ERROR:
         status = getattr(job, "error_status", None) or 500
-        raise OpenAIError(job.error or "the generation failed (details in logs/darkroom.log)", status=status)
+        raise OpenAIError(job.error or "the generation failed (details in logs/darkroom.log)", status=status,
+                          code=job.error_code or "DR-INTERNAL")
     if not job.images:
-        raise OpenAIError("the generation was interrupted before any image was finished", status=409)
+        raise OpenAIError("the generation was interrupted before any image was finished", status=409,
+                          code="DR-INTERRUPTED")
     return job
 
 
@@ -236,14 +242,14 @@ def edit_mask(image_data: bytes, mask_data: bytes | None) -> tuple[bytes | None,
     try:
         image = ImageOps.exif_transpose(open_image(image_data, name="image"))
     except InvalidRequest as e:
-        raise OpenAIError(str(e), status=e.status, param="image") from None
+        raise OpenAIError(str(e), status=e.status, param="image", code=e.code) from None
     if mask_data is None:
         mask = _transparent(image) if _has_alpha(image) else None
         return (_png(mask), True) if mask is not None and mask.getbbox() else (None, False)
     try:
         source = ImageOps.exif_transpose(open_image(mask_data, name="mask"))
     except InvalidRequest as e:
-        raise OpenAIError(str(e), status=e.status, param="mask") from None
+        raise OpenAIError(str(e), status=e.status, param="mask", code=e.code) from None
     if _has_alpha(source):
         mask = _transparent(source)
         if mask.getbbox() is None:

@@ -33,7 +33,8 @@ def _check_port(host: str, port: int) -> None:
             s.bind((host.strip("[]"), port))
         except OSError as e:
             raise DarkroomError(f"cannot listen on {host}:{port}: {e.strerror or e}",
-                                hint=f"is another web UI running? try --port {port + 1}") from None
+                                hint=f"is another web UI running? try --port {port + 1}",
+                                code="DR-CANNOT-LISTEN") from None
 
 
 def serve(home: Home, *, port: int = 7860, listen: bool = False, host: str | None = None, token: str | None = None,

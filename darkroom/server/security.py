@@ -99,7 +99,9 @@ def _host_name(host: str) -> str:
 
 
 def _error(status: int, message: str, **headers: str) -> Response:
-    return JSONResponse({"error": message, "detail": message}, status_code=status, headers={**HEADERS, **headers})
+    code = "DR-ACCESS-TOKEN" if status == 401 else "DR-ACCESS-REFUSED"  # its help page: /docs/errors/CODE
+    return JSONResponse({"error": message, "detail": message, "code": code}, status_code=status,
+                        headers={**HEADERS, **headers})
 
 
 class SecurityMiddleware:

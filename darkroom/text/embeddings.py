@@ -55,6 +55,8 @@ SHORT_HASH = 12
 class EmbeddingError(ModelLoadError):
     """A file in an embeddings folder that is not a usable embedding."""
 
+    code = "DR-EMBEDDING"
+
 
 @dataclass
 class EmbeddingFile:
