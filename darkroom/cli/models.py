@@ -1,4 +1,5 @@
-"""`darkroom models ...`: list, info, import, verify, rescan (the work is in darkroom.services.model_manager)."""
+"""`darkroom models ...`: list, info, import, export, verify, rescan (the work is in darkroom.services.model_manager
+and, for export, darkroom.services.model_export)."""
 
 from __future__ import annotations
 
@@ -162,13 +163,31 @@ def info_cmd(obj: Context, name_or_path: str, kind: str | None, as_json: bool) -
         rows.append(("trigger words", ", ".join(lora["trigger_words"]) or "none recorded"))
     if data["note"]:
         rows.append(("note", data["note"]))
+    card = data["card"]
+    rows += _card_rows(card)
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")
+    for problem in card["problems"]:
+        click.echo(f"note: {problem}", err=True)
     meta = data["metadata"]
     click.echo(f"metadata ({len(meta)} key{'s' if len(meta) != 1 else ''})" + (":" if meta else ""))
     for key in sorted(meta):
         click.echo(f"  {key}: {_meta_value(meta[key])}")
+
+
+CARD_ROWS = (("title", "title"), ("description", "description"), ("activation_text", "activation text"),
+             ("negative_text", "negative text"), ("preferred_weight", "preferred weight"),
+             ("base_model", "card base model"), ("notes", "notes"))
+
+
+def _card_rows(card: dict) -> list[tuple[str, str]]:
+    """The model card's lines for `info` (long texts on one line, shortened as metadata values are)."""
+    if not card["sources"]:
+        return [("card", "none (no NAME.json or NAME.civitai.info beside it)")]
+    rows = [("card", ", ".join(card["sources"]))]
+    rows += [(label, _meta_value(str(card[key]))) for key, label in CARD_ROWS if card[key] is not None]
+    return rows
 
 
 @models_group.command("import", short_help="Copy model files in by kind, checked by SHA-256.")
@@ -225,6 +244,48 @@ def _print_imports(outcomes, as_json: bool, t0: float) -> None:
         size = sum(o.dest.stat().st_size for o in done if o.dest and o.dest.exists())
         parts = [f"imported {len(done)} ({human_size(size)})"] + [f"{n} {s}" for s, n in counts.items() if n]
         click.echo(", ".join(parts) + f" in {human_time(time.monotonic() - t0)}")
+
+
+@models_group.command("export", short_help="Copy models with their previews and cards to a drive, checked.")
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("names", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+@user_errors
+def export_cmd(obj: Context, dest: Path, names: tuple[str, ...], as_json: bool) -> None:
+    """Copy the models NAMES (names, short hashes or paths, as `info` takes them) to DEST, a USB drive
+    say, with the previews, .yaml and model cards (NAME.json, NAME.civitai.info) beside them.
+
+    Each goes to DEST/<kind folder>/, written by the same verified copy as `import` (re-read from
+    the drive and checked by SHA-256), and DEST/SHA256SUMS lists every file: `darkroom models import
+    DEST` on the other machine checks them against it. Names that differ only in letter case are
+    refused before anything is copied (FAT and exFAT drives keep them as one file); nothing is
+    overwritten."""
+    from darkroom.services.model_export import export_models
+
+    t0 = time.monotonic()
+    outcomes = export_models(_manager(obj), dest, names, progress=_Bar())
+    if as_json:
+        _dump([o.to_dict() for o in outcomes])
+    else:
+        for o in outcomes:
+            if o.status == "refused":
+                click.echo(f"refused: {o.name}: {o.reason}", err=True)
+                continue
+            verb = "exported" if o.status == "exported" else "already there:"
+            click.echo(f"{verb} {o.kind} {o.name} -> {o.dest} (SHA-256 {o.sha256[:10]})")
+            for side in o.sidecars:
+                click.echo(f"  with {side.name}")
+            for note in o.notes:
+                click.echo(f"note: {note}", err=True)
+        done = [o for o in outcomes if o.status != "refused"]
+        size = sum(o.source.stat().st_size for o in done if o.status == "exported")
+        click.echo(f"exported {sum(o.status == 'exported' for o in outcomes)} ({human_size(size)}), "
+                   f"{sum(o.status == 'already there' for o in outcomes)} already there in "
+                   f"{human_time(time.monotonic() - t0)}; {dest / 'SHA256SUMS'} lists them for"
+                   f" `darkroom models import {dest}`")
+    if any(o.status == "refused" for o in outcomes):
+        sys.exit(1)
 
 
 @models_group.command("verify", short_help="Rehash files; report changed or rotted ones.")

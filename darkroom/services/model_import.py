@@ -18,15 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from darkroom.errors import DarkroomError, ModelLoadError, StorageError
-from darkroom.fsutil import discard
+from darkroom.fsutil import discard, open_regular
 from darkroom.fsutil import fsync_dir as _fsync_dir
+from darkroom.models.cards import SIDECAR_SUFFIXES as SIDECAR_SUFFIXES  # what travels with a model
 from darkroom.models.families import detect
 from darkroom.models.header import read_header
-from darkroom.services.model_inventory import KIND_SPECS, KINDS, PREVIEW_SUFFIXES, guess_pickle_kind
+from darkroom.services.model_inventory import KIND_SPECS, KINDS, guess_pickle_kind
 
 CHUNK = 4 << 20
-SIDECAR_SUFFIXES = (*PREVIEW_SUFFIXES, ".yaml", ".yml", ".civitai.info")
-"""Files beside a model that travel with it on import (the .yaml can say v-prediction)."""
+SUMS_FILE = "SHA256SUMS"
+"""Written by `darkroom models export` (and bundles) at the top of a folder: `models import` checks against it."""
+MAX_SUMS = 8 << 20
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 IMPORT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 STALE_PART_SECONDS = 600
@@ -98,6 +100,7 @@ class ImportRefused(DarkroomError):
     """One file that import will not take (the others go on)."""
 
     status = 422
+    code = "DR-IMPORT-REFUSED"
 
 
 IN_PLACE = "use the models where they are with --models-dir"
@@ -110,7 +113,8 @@ class ImportStopped(StorageError):
 
     def __init__(self, error: StorageError, outcomes: list[ImportOutcome]):
         done = sum(o.status == "imported" for o in outcomes)
-        super().__init__(str(error) + (f" ({done} file(s) imported before it are complete)" if done else ""))
+        super().__init__(str(error) + (f" ({done} file(s) imported before it are complete)" if done else ""),
+                         code=error.code)  # the folder's trouble: full, read-only, gone
         self.outcomes = outcomes
 
 
@@ -180,6 +184,50 @@ def _walk(folder: Path) -> tuple[list[Path], list[ImportOutcome]]:
             if not fn.startswith(".") and Path(fn).suffix.lower() in IMPORT_SUFFIXES:
                 files.append(here / fn)
     return files, refused
+
+
+def read_sums(folder: Path) -> dict[str, str]:
+    """{path relative to `folder`: SHA-256} from its SHA256SUMS (`sha256sum` lines); {} when there is
+    none. Lines that are not a hash and a name are skipped; so is a file that is not a small regular file."""
+    path = folder / SUMS_FILE
+    try:
+        with open_regular(path, what="a SHA256SUMS file", within=folder) as fh:
+            data = fh.read(MAX_SUMS + 1)
+    except (OSError, DarkroomError):
+        return {}
+    if len(data) > MAX_SUMS:
+        return {}
+    sums = {}
+    for line in data.decode("utf-8", errors="replace").splitlines():
+        digest, _, name = line.partition(" ")
+        name = name[1:] if name[:1] in (" ", "*") else name
+        if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest.lower()) and name:
+            sums[name] = digest.lower()
+    return sums
+
+
+@dataclass
+class Listed:
+    """The SHA256SUMS of a folder being imported (an export): the hash each file in it must have."""
+
+    base: Path
+    sums: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def around(cls, folder: Path) -> Listed:
+        """The SHA256SUMS of `folder`, else of the folder above it (an export's kind folder, or a
+        file in one, imported alone)."""
+        for base in (folder, folder.parent):
+            sums = read_sums(base)
+            if sums:
+                return cls(base, sums)
+        return cls(folder)
+
+    def of(self, path: Path) -> str | None:
+        try:
+            return self.sums.get(path.relative_to(self.base).as_posix())
+        except ValueError:
+            return None
 
 
 def _split_name(name: str) -> tuple[str, str]:

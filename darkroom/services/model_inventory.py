@@ -21,6 +21,7 @@ from darkroom.errors import DarkroomError, ModelLoadError, ModelNotFound
 from darkroom.fsutil import unique_dirs as _unique
 from darkroom.home import Home, is_folder
 from darkroom.humanize import human_size
+from darkroom.models.cards import PREVIEW_SUFFIXES, ModelCard
 from darkroom.models.families import Detection, detect
 from darkroom.models.hashing import HashCache
 from darkroom.models.header import SafetensorsHeader, read_header
@@ -34,8 +35,6 @@ from darkroom.models.library import (
 )
 
 KINDS = ("checkpoint", "lora", "vae", "embedding")
-PREVIEW_SUFFIXES = (".preview.png", ".png", ".jpg", ".jpeg", ".webp", ".preview.jpg", ".preview.jpeg",
-                    ".preview.webp")
 SMALL_PICKLE = 1 << 20
 """A pickle this small cannot be a checkpoint or a LoRA: it is an embedding."""
 MAX_META_VALUE = 160
@@ -347,6 +346,7 @@ class ModelInfo:
     metadata: dict[str, str] = field(default_factory=dict)
     lora: dict[str, Any] | None = None
     preview: Path | None = None
+    card: ModelCard = field(default_factory=ModelCard)  # what the sidecars beside it say
 
     @property
     def short_hash(self) -> str | None:
@@ -362,6 +362,7 @@ class ModelInfo:
             "size": e.size, "size_human": human_size(e.size), "tensors": self.tensors, "parameters": self.parameters,
             "native_size": self.native_size, "sha256": self.sha256, "short_hash": self.short_hash,
             "metadata": self.metadata, "lora": self.lora, "preview": str(self.preview) if self.preview else None,
+            "card": self.card.to_dict(),
         }
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 from darkroom.errors import DarkroomError, Interrupted, ModelNotFound, StorageError
 from darkroom.fsutil import NotARegularFile, copy_stream, discard, is_inside, kind_of, open_regular, writes_to
 from darkroom.humanize import human_size, human_time
+from darkroom.models.cards import model_stem, read_card, sidecars_of
 from darkroom.models.header import read_header
 from darkroom.models.library import ModelEntry
 from darkroom.services.model_import import (
@@ -51,9 +52,11 @@ from darkroom.services.model_import import (
     PICKLE_SUFFIXES,
     SIDECAR_SUFFIXES,
     STALE_PART_SECONDS,
+    SUMS_FILE,
     ImportOutcome,
     ImportRefused,
     ImportStopped,
+    Listed,
     Progress,
     RescanSummary,
     VerifyOutcome,
@@ -168,6 +171,7 @@ class ModelManager(ModelInventory):
                     progress.finish()
             entry.sha256 = info.sha256
         info.preview = find_preview(entry.path)
+        info.card = read_card(entry.path)
         return info
 
     # ---- rescan
@@ -286,31 +290,37 @@ class ModelManager(ModelInventory):
         """Copy model files (or every model file under folders) into the home's folders by kind."""
         if kind != "auto" and kind not in KINDS:
             raise DarkroomError(f"unknown kind {kind!r}", hint="auto, " + ", ".join(KINDS))
-        files: list[tuple[Path, Path | None]] = []  # (file, the folder it was found in: it must stay inside)
+        # (file, the folder it was found in: it must stay inside, the SHA256SUMS of an export it came in)
+        files: list[tuple[Path, Path | None, Listed]] = []
         outcomes: list[ImportOutcome] = []
         for src in sources:
             src = Path(src).expanduser()
             if not src.exists():
                 raise ModelNotFound(f"no such file or folder: {src}")
             if not src.is_dir():
-                files.append((src, None))
+                files.append((src, None, Listed.around(src.parent)))
                 continue
             found, refused = _walk(src)
             outcomes += refused
-            files += [(f, src) for f in found]
+            listed = Listed.around(src)
+            files += [(f, src, listed) for f in found]
             if not found and not refused:
                 outcomes.append(ImportOutcome(src, "refused", reason="no model files in this folder"
                                               f" ({', '.join(IMPORT_SUFFIXES)})"))
-        for f, root in files:
+        for f, root, listed in files:
             try:
-                outcomes.append(self._import_one(f, kind, allow_pickle, rename, progress, root))
+                outcomes.append(self._import_one(f, kind, allow_pickle, rename, progress, root, listed))
             except StorageError as e:  # the folder is full, read-only or gone: so it is for every file after
                 raise ImportStopped(e, outcomes) from e
         return outcomes
 
     def _import_one(self, src: Path, kind: str, allow_pickle: bool, rename: bool,
-                    progress: Progress | None, root: Path | None = None) -> ImportOutcome:
+                    progress: Progress | None, root: Path | None = None, listed: Listed | None = None
+                    ) -> ImportOutcome:
         out = ImportOutcome(src, "refused")
+        listed = listed or Listed(src.parent)
+        if listed.sums and listed.of(src) is None:
+            out.note = f"not in {SUMS_FILE}: checked against itself only"
         try:
             _check_source(src, root)
             out.kind, dest_name, out.note = classify(src, kind, allow_pickle)
@@ -318,7 +328,7 @@ class ModelManager(ModelInventory):
             with writes_to(folder, f"import {src.name}", instead=IN_PLACE):
                 folder.mkdir(parents=True, exist_ok=True)
             out.removed_parts = _remove_stale_parts(folder)
-            self._place(src, folder / dest_name, rename, progress, out, root)
+            self._place(src, folder / dest_name, rename, progress, out, root, listed)
         except (ImportRefused, NotARegularFile) as e:
             out.status, out.reason = "refused", str(e)
         except StorageError:
@@ -330,7 +340,8 @@ class ModelManager(ModelInventory):
         return out
 
     def _place(self, src: Path, dest: Path, rename: bool, progress: Progress | None, out: ImportOutcome,
-               root: Path | None = None) -> None:
+               root: Path | None = None, listed: Listed | None = None) -> None:
+        listed = listed or Listed(src.parent)
         size = src.stat().st_size
         stem, suffix = _split_name(dest.name)
         src_hash: str | None = None
@@ -361,7 +372,7 @@ class ModelManager(ModelInventory):
         if progress is not None:
             progress.start(2 * size, f"copying {src.name}")
         try:
-            digest = copy_verified(src, candidate, progress, expect=src_hash, within=root)
+            digest = copy_verified(src, candidate, progress, expect=src_hash, within=root, listed=listed.of(src))
         finally:
             if progress is not None:
                 progress.finish()
@@ -369,7 +380,9 @@ class ModelManager(ModelInventory):
         out.status, out.dest, out.sha256 = "imported", candidate, digest
         if n > 1:
             out.note = _join(out.note, f"renamed: {candidate.name}")
-        out.sidecars = _copy_sidecars(src, candidate)
+        out.sidecars, skipped = _copy_sidecars(src, candidate, listed)
+        for note in skipped:
+            out.note = _join(out.note, note)
 
     def _remember(self, path: Path, digest: str) -> None:
         """Record the hash taken while copying; the file is in place already, so a hash cache that cannot
@@ -402,20 +415,23 @@ def _check_source(src: Path, root: Path | None) -> None:
 
 
 def copy_verified(src: Path, dest: Path, progress: Progress | None = None, *, expect: str | None = None,
-                  within: Path | None = None) -> str:
+                  within: Path | None = None, listed: str | None = None, doing: str | None = None,
+                  instead: str = IN_PLACE) -> str:
     """Copy `src` to `dest` safely; returns the SHA-256.
 
     Writes `.dest.part`, hashing the source as it is read; fsyncs; re-reads the copy from disk
     and compares; keeps the source's modified time; then links the copy under `dest` (which
     must not exist). Only a regular file is read, and with `within` only one really inside that
-    folder (see fsutil.open_regular). On any error (or Ctrl-C) the `.part` file is removed; a killed process
-    leaves only the `.part` file, never a partial `dest`. A destination folder that is full, read-only or
-    gone is a StorageError naming it; a source whose drive is pulled out one naming the source.
+    folder (see fsutil.open_regular). `listed`: the hash a SHA256SUMS gives it (a copy that differs is
+    not kept); `doing`/`instead` word a failed write ("import x", IN_PLACE). On any error (or Ctrl-C) the
+    `.part` file is removed; a killed process leaves only the `.part` file, never a partial `dest`. A
+    destination folder that is full, read-only or gone is a StorageError naming it; a source whose drive
+    is pulled out one naming the source.
     """
     part = part_path(dest)
     before = src.stat()
     h = hashlib.sha256()
-    writing = functools.partial(writes_to, dest.parent, f"import {src.name}", instead=IN_PLACE)
+    writing = functools.partial(writes_to, dest.parent, doing or f"import {src.name}", instead=instead)
     try:
         with open_regular(src, what="a model file", within=within) as fin, writing(), open(part, "wb") as fout:
             copy_stream(fin, fout, src, functools.partial(_hash_block, h, progress), chunk=CHUNK)
@@ -425,6 +441,9 @@ def copy_verified(src: Path, dest: Path, progress: Progress | None = None, *, ex
         after = src.stat()
         if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or (expect and digest != expect):
             raise ImportRefused("the source changed while it was being copied; try again")
+        if listed and digest != listed:
+            raise ImportRefused(f"its SHA-256 {digest[:10]} differs from the one in {SUMS_FILE} ({listed[:10]}):"
+                                " damaged on the way; nothing was kept")
         if progress is not None:
             progress.label(f"verifying {dest.name}")
         with writing():
@@ -446,23 +465,24 @@ def _hash_block(h, progress: Progress | None, block: bytes) -> None:
         progress.advance(len(block))
 
 
-def _copy_sidecars(src: Path, dest: Path) -> list[Path]:
-    """Copy `name.yaml`, previews and `name.civitai.info` beside `src` to beside `dest`.
+def _copy_sidecars(src: Path, dest: Path, listed: Listed) -> tuple[list[Path], list[str]]:
+    """Copy the sidecars beside `src` (previews, `.yaml`, model cards: darkroom.models.cards) to beside
+    `dest`; returns (copies, notes on those left out).
 
     Only regular files that really are in the model's folder are taken: a sidecar that is a link
     to a file elsewhere (a private key, say) is skipped, so it is never copied in, listed, served
-    as a preview, backed up or bundled."""
-    src_stem, _ = _split_name(src.name)
-    dest_stem, _ = _split_name(dest.name)
-    copied = []
-    for suffix in SIDECAR_SUFFIXES:
-        side = src.with_name(src_stem + suffix)
-        target = dest.with_name(dest_stem + suffix)
-        if not side.is_file() or target.exists():
+    as a preview, backed up or bundled. One that differs from its SHA256SUMS line is not kept."""
+    src_stem, dest_stem = model_stem(src), _split_name(dest.name)[0]
+    copied, notes = [], []
+    for side in sidecars_of(src):
+        target = dest.with_name(dest_stem + side.name[len(src_stem):])
+        if target.exists():
             continue
         try:
-            copy_verified(side, target, within=src.parent)
+            copy_verified(side, target, within=src.parent, listed=listed.of(side))
             copied.append(target)
-        except (DarkroomError, OSError):  # refused, not a regular file, no room left for it
+        except ImportRefused as e:
+            notes.append(f"{side.name} left out: {e}")
+        except (DarkroomError, OSError):  # not a regular file, no room left for it
             continue  # a preview is not worth failing the import for
-    return copied
+    return copied, notes
