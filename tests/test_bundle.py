@@ -114,7 +114,8 @@ def test_cli_verify_ok_bad_and_not_a_bundle(tmp_path):
     _flip_byte(root / "install.sh", 0)
     bad = _invoke(["verify", str(root)])
     assert bad.exit_code == 1
-    assert bad.output.strip().splitlines()[-1] == f"error: 1 bad file(s) in {root}: install.sh"
+    assert bad.output.strip().splitlines()[-1] == (f"error: 1 bad file(s) in {root}: install.sh [DR-BUNDLE]"
+                                                   " (darkroom help DR-BUNDLE)")
 
     (tmp_path / "empty").mkdir()
     none = _invoke(["verify", str(tmp_path / "empty")])
@@ -491,7 +492,8 @@ def _bundle_end_to_end(tmp_path: Path, scratch: Path) -> None:
     timings["verify"] = time.monotonic()
     r = _invoke(["verify", str(out)])
     timings["verify"] = time.monotonic() - timings["verify"]
-    assert r.exit_code == 1 and r.output.strip().endswith(f"wheels/{torch_wheel.name}")
+    assert r.exit_code == 1 and r.output.strip().endswith(f"wheels/{torch_wheel.name} [DR-BUNDLE]"
+                                                          " (darkroom help DR-BUNDLE)")
     print("bundle timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()), file=sys.stderr)
 
 
@@ -499,7 +501,8 @@ def test_powershell_installer_does_what_install_sh_does():
     """No PowerShell here to run it: at least the same steps, flags and switches."""
     ps1 = (bundle.ASSETS / "install.ps1").read_text()
     for needle in ("bundle_check.py\") verify", "DARKROOM_BUNDLE_VERIFY_ONLY", "-m venv", "--isolated", "--no-index",
-                   "PIP_CONFIG_FILE", "requirements-torch.txt", "install-models", "already exists"):
+                   "PIP_CONFIG_FILE", "requirements-torch.txt", "install-models", "bundle_update.py",
+                   "prepare $Here $Venv @ForceArg", "self-check", "commit", "-Rollback"):
         assert needle in ps1, needle
     assert ps1.index("requirements-torch.txt") < ps1.index('"requirements.txt"')
 

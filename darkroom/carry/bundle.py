@@ -35,13 +35,14 @@ from darkroom.carry.bundle_target import Target, make_target, marker_environment
 from darkroom.errors import BundleError, StorageError
 from darkroom.fsutil import copy_stream, discard, write_atomic, writes_to
 from darkroom.home import Home, is_folder
+from darkroom.models.cards import sidecars_of
 from darkroom.models.library import walk_models
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "bundle"
 NODEPS_FILE = "requirements-nodeps.txt"
 """Pinned packages installed with `pip --no-deps`, in the checkout and in a bundle (see the file: spandrel
 declares torchvision, which must never be installed beside the pinned CPU torch)."""
-SCRIPTS = ("install.sh", "install.ps1", "bundle_check.py")
+SCRIPTS = ("install.sh", "install.ps1", "bundle_check.py", "bundle_update.py")
 MANIFEST = "manifest.json"
 # Detection.kind -> folder under models/ (in a bundle and in the Darkroom home alike)
 KIND_FOLDERS = {"checkpoint": "checkpoints", "lora": "loras", "vae": "vae", "embedding": "embeddings"}
@@ -394,21 +395,29 @@ def _find_other_kind(home: Home, name: str, library) -> Path:
     raise BundleError(f"no model named {name!r} ({'; '.join(available)})")
 
 
+def _model_files(model: BundleModel) -> list[tuple[Path, str]]:
+    """(file, bundle path) of a model: a diffusers folder's files, or the file and the sidecars beside it
+    (previews, .yaml, model cards: darkroom.models.cards.sidecars_of, links out of its folder skipped)."""
+    if model.path.is_dir():
+        return [(f, f"{model.dest}/{f.relative_to(model.path).as_posix()}")
+                for f in sorted(p for p in model.path.rglob("*") if p.is_file())]
+    folder = model.dest.rsplit("/", 1)[0]
+    return [(model.path, model.dest), *((s, f"{folder}/{s.name}") for s in sidecars_of(model.path))]
+
+
 def copy_models(models: list[BundleModel], root: Path, progress: Callable[[int], None] | None = None
                 ) -> dict[str, str]:
-    """Copy the models under root/models/<kind>/; returns {bundle path: SHA-256 of the source bytes}."""
+    """Copy the models (with their sidecars) under root/models/<kind>/; returns {bundle path: SHA-256 of
+    the source bytes}."""
     hashes = {}
     for model in models:
-        files = sorted(p for p in model.path.rglob("*") if p.is_file()) if model.path.is_dir() else [model.path]
-        for f in files:
-            rel = model.dest if f == model.path else f"{model.dest}/{f.relative_to(model.path).as_posix()}"
+        for f, rel in _model_files(model):
             hashes[rel] = _copy_in(f, root / rel, progress)
     return hashes
 
 
 def model_bytes(models: list[BundleModel]) -> int:
-    return sum(sum(p.stat().st_size for p in m.path.rglob("*") if p.is_file()) if m.path.is_dir()
-               else m.path.stat().st_size for m in models)
+    return sum(f.stat().st_size for m in models for f, _ in _model_files(m))
 
 
 # ---------------------------------------------------------------------------------------------- manifest
@@ -479,12 +488,14 @@ def manifest_bytes(manifest: dict) -> int:
 def create_bundle(dest: Path, *, home: Home, models: Sequence[str] = (), platforms: Sequence[str] = (),
                   python_version: str | None = None, torch: str = "cpu", torch_index_url: str | None = None,
                   source: Path | None = None, pip: Pip | None = None, echo: Echo = print,
-                  progress: Callable[[str, int], Callable[[int], None] | None] | None = None) -> dict:
+                  progress: Callable[[str, int], Callable[[int], None] | None] | None = None,
+                  since: Path | None = None) -> dict:
     """Write an offline bundle into dest (new or empty); returns the manifest.
 
     Everything cheap is checked before the first download: the target, the source, the models, dest.
     `torch_index_url`: None for download.pytorch.org's index of the variant, "none" for pip's own sources.
     `progress(label, total_bytes)` returns a per-chunk callback (the CLI draws bars with it).
+    `since`: an older bundle or its manifest.json; write an update carrying only what changed (carry.update).
     """
     target = make_target(platforms, python_version, torch)
     src = find_source(source)
@@ -498,6 +509,12 @@ def create_bundle(dest: Path, *, home: Home, models: Sequence[str] = (), platfor
     torch_req, torch_index = torch_requirement(m[1], target, None if torch_index_url == "none" else torch_index_url)
     if torch_index_url == "none":
         torch_index = None  # pip's configured sources only (a local mirror or wheel folder)
+    base = None
+    if since is not None:
+        from darkroom.carry.update import load_base
+
+        base = load_base(since)
+        base.check_target(target)
     chosen, notes = resolve_models(home, models)
     dest = Path(dest).expanduser().resolve()
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
@@ -510,7 +527,7 @@ def create_bundle(dest: Path, *, home: Home, models: Sequence[str] = (), platfor
         with writes_to(dest, "write the bundle", instead=OTHER_BUNDLE_FOLDER):
             wheels.mkdir(parents=True, exist_ok=True)
             return _fill(dest, wheels, src, requirements, torch_req, torch_index, target, chosen, pip, echo,
-                         progress, nodeps)
+                         progress, nodeps, base)
     except (BundleError, StorageError) as e:  # the manifest, written last, is missing: no installer takes it
         raise type(e)(f"{e} ({dest} is incomplete: delete it before trying again)" if _has_files(dest)
                       else str(e)) from None
@@ -524,7 +541,7 @@ def _has_files(folder: Path) -> bool:
 
 
 def _fill(dest, wheels, src, requirements, torch_req, torch_index, target, chosen, pip, echo, progress,
-          nodeps=()) -> dict:
+          nodeps=(), base=None) -> dict:
     where = "this machine" if target.native else f"{target.os} {target.machine or ''} Python {target.python}"
     echo(f"darkroom: building Darkroom's wheel from {src}")
     own = build_darkroom_wheel(src, wheels, pip)
@@ -562,6 +579,10 @@ def _fill(dest, wheels, src, requirements, torch_req, torch_index, target, chose
                     **({"then_no_deps": NODEPS_FILE} if apart else {})},
         "models": [{"path": mdl.dest, "kind": mdl.kind} for mdl in chosen],
     }
+    if base is not None:  # --since: leave out what the old bundle holds byte for byte
+        from darkroom.carry.update import prune_to_update
+
+        info = prune_to_update(dest, base, info, echo)
     total = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
     echo("darkroom: writing the manifest")
     return write_manifest(dest, info, expected, progress("hashing", total) if progress else None)

@@ -60,9 +60,17 @@ def bundle_group() -> None:
                    " pip's configured sources only.")
 @click.option("--source", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
               help="Darkroom checkout to build the wheel from (default: the one this Darkroom runs from).")
+@click.option("--portable", is_flag=True,
+              help="Freeze Darkroom with its own Python (PyInstaller) for a Linux x86-64 machine with no Python:"
+                   " run DEST/darkroom straight from the folder, or DEST/install.sh (see docs/bundle.md).")
+@click.option("--since", type=click.Path(exists=True, path_type=Path), default=None, metavar="OLD",
+              help="Write an update instead: only what changed against OLD (the installed bundle's folder or its"
+                   " manifest.json); DEST/install.sh applies it to that install, keeping the old version for"
+                   " --rollback.")
 @click.pass_obj
 @user_errors
-def create(obj, dest: Path, models, platforms, python_version, torch_variant, torch_index_url, source) -> None:
+def create(obj, dest: Path, models, platforms, python_version, torch_variant, torch_index_url, source,
+           portable, since) -> None:
     """Write an offline bundle into DEST (new or empty): wheels, models, manifest, install.sh/install.ps1.
 
     Needs the network (pip downloads the wheels, ~300 MB with the CPU torch, a few GB with a CUDA one).
@@ -70,19 +78,57 @@ def create(obj, dest: Path, models, platforms, python_version, torch_variant, to
     """
     from darkroom.carry.bundle import create_bundle, manifest_bytes
 
+    if portable:
+        if since is not None:
+            from darkroom.carry.bundle import BundleError
+
+            raise BundleError("--since writes an update for a wheel bundle; a portable bundle is made whole")
+        _create_portable(obj, dest, models, platforms, python_version, torch_variant, torch_index_url, source)
+        return
     bars = _Bars()
     try:
         manifest = create_bundle(dest, home=_home(obj), models=models, platforms=platforms,
                                  python_version=python_version, torch=torch_variant, torch_index_url=torch_index_url,
-                                 source=source, echo=lambda line: click.echo(line, err=True), progress=bars)
+                                 source=source, echo=lambda line: click.echo(line, err=True), progress=bars,
+                                 since=since)
     finally:
         bars.close()
     t = manifest["target"]
+    if since is not None:
+        u = manifest["update"]
+        click.echo(f"Update written to {dest}: {len(manifest['files'])} files, {_size(manifest_bytes(manifest))}"
+                   f" (darkroom {u['base']['darkroom_version']} -> {manifest['darkroom_version']}:"
+                   f" {len(u['adds'])} added, {len(u['replaces'])} replaced, {len(u['removes'])} removed).")
+        click.echo(f"Apply it on the offline machine: bash {dest}/install.sh   (back: install.sh --rollback)")
+        return
     click.echo(f"Bundle written to {dest}: {len(manifest['files'])} files, {_size(manifest_bytes(manifest))}"
                f" (darkroom {manifest['darkroom_version']}, {t['torch_requirement']},"
                f" {t['os']} {t['machine'] or ''} Python {t['python']}, {len(manifest['models'])} model(s)).")
     click.echo(f"Check it after copying: darkroom bundle verify {dest}")
     click.echo(f"Install on the offline machine: bash {dest}/install.sh   (Windows: install.ps1)")
+
+
+def _create_portable(obj, dest, models, platforms, python_version, torch_variant, torch_index_url, source) -> None:
+    from darkroom.carry.bundle import BundleError, manifest_bytes
+    from darkroom.carry.portable import create_portable
+
+    if platforms or python_version:
+        raise BundleError("--portable freezes this machine's Python for Linux x86-64: --platform and"
+                          " --python-version do not apply")
+    bars = _Bars()
+    try:
+        manifest = create_portable(dest, home=_home(obj), models=models, torch=torch_variant,
+                                   torch_index_url=torch_index_url, source=source,
+                                   echo=lambda line: click.echo(line, err=True), progress=bars)
+    finally:
+        bars.close()
+    t = manifest["target"]
+    click.echo(f"Portable bundle written to {dest}: {len(manifest['files'])} files,"
+               f" {_size(manifest_bytes(manifest))} (darkroom {manifest['darkroom_version']}, {t['torch_requirement']},"
+               f" Python {t['python']} frozen in, Linux x86-64 with glibc >= {t['glibc']},"
+               f" {len(manifest['models'])} model(s)).")
+    click.echo(f"Run it from the folder: {dest}/darkroom generate \"a red circle\"   (or {dest}/darkroom serve)")
+    click.echo(f"Install on the offline machine (no Python needed): sh {dest}/install.sh")
 
 
 @bundle_group.command("verify")
@@ -110,3 +156,15 @@ def verify(bundle: Path) -> None:
     click.echo(f"OK: {len(manifest['files'])} files, {_size(manifest_bytes(manifest))}, match {bundle}/manifest.json"
                f" (darkroom {manifest.get('darkroom_version')}, for {manifest['target'].get('os')}"
                f" Python {manifest['target'].get('python')})")
+
+
+@bundle_group.command("rollback")
+@click.option("--venv", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The install to roll back (default: the one this Darkroom runs from).")
+@user_errors
+def rollback(venv: Path | None) -> None:
+    """Return an install made by install.sh to the version it ran before its last install or update."""
+    from darkroom.carry.update import rollback_install
+
+    now = rollback_install(venv)
+    click.echo(f"Now running Darkroom {now['darkroom_version']} (run rollback again to return).")

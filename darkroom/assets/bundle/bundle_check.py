@@ -5,6 +5,8 @@ and `darkroom bundle verify` loads this same file, so both check a bundle the sa
 
     python3 bundle_check.py verify BUNDLE_DIR       # every file against manifest.json (+ this Python fits)
     python3 bundle_check.py install-models BUNDLE_DIR  # copy models/ into the Darkroom home (run by the venv's Python)
+
+An update (`darkroom bundle create --since`) is checked the same way; bundle_update.py applies it.
 """
 
 from __future__ import annotations
@@ -80,6 +82,27 @@ def _malformed(manifest: dict) -> str | None:
             return f"'{key}' is not text"
     if not isinstance(manifest.get("models", []), list):
         return "'models' is not a list"
+    if manifest.get("kind") == "update":
+        return _malformed_update(manifest.get("update"))
+    return None
+
+
+def _malformed_update(update) -> str | None:
+    """What makes an update's description unusable (bundle_update.py relies on its shape), or None."""
+    if not isinstance(update, dict) or not isinstance(update.get("base"), dict):
+        return "'update' does not name the base it applies to"
+    base = update["base"]
+    sha = base.get("manifest_sha256")
+    if not isinstance(sha, str) or len(sha) != 64 or not isinstance(base.get("darkroom_version"), str):
+        return "'update.base' has no manifest_sha256 and darkroom_version"
+    for key in ("wheels", "models"):
+        if not isinstance(update.get(key), list):
+            return f"'update.{key}' is not a list"
+        problem = _malformed({"files": update[key]})
+        if problem:
+            return f"update.{key}: {problem}"
+    if any(e["path"].count("/") != 1 or not e["path"].startswith("wheels/") for e in update["wheels"]):
+        return "'update.wheels' names a file outside wheels/"
     return None
 
 

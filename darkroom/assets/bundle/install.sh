@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Install Darkroom from this offline bundle (made by `darkroom bundle create`). Never uses the network.
 #
-#   bash install.sh [--venv DIR] [--force]
+#   bash install.sh [--venv DIR] [--force]     install this bundle, or apply this update (`bundle create --since`)
+#   bash install.sh --rollback [--venv DIR]     return to the version before the last install or update
 #
 # 1. checks every file of the bundle against manifest.json (SHA-256) and that this Python fits the bundle;
-#    refuses, naming the files, if anything is missing or corrupted;
-# 2. makes a fresh venv (default ~/darkroom-venv, or $DARKROOM_VENV);
-# 3. installs the bundled wheels into it with `pip --no-index` (torch first), ignoring any pip configuration;
-# 4. copies the bundled models into the Darkroom home ($DARKROOM_HOME, else the per-user data folder).
+#    refuses, naming the files, if anything is missing or corrupted; an update must fit the installed version;
+# 2. makes a fresh venv in DIR.versions/ (DIR: default ~/darkroom-venv, or $DARKROOM_VENV);
+# 3. installs the wheels into it with `pip --no-index` (torch first), ignoring any pip configuration;
+# 4. checks the new venv (darkroom --version, a tiny generation) and copies the models into the Darkroom home
+#    ($DARKROOM_HOME, else the per-user data folder), keeping history, outputs, settings and models;
+# 5. switches DIR (a link) to the new venv; the previous one is kept for --rollback.
 #
 # PYTHON=/path/to/python3.X picks the interpreter (default python3). DARKROOM_BUNDLE_VERIFY_ONLY=1 stops after 1.
 set -euo pipefail
@@ -15,12 +18,14 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="${DARKROOM_VENV:-$HOME/darkroom-venv}"
 FORCE=0
+ROLLBACK=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --venv) [ $# -ge 2 ] || { echo "darkroom: --venv needs a folder" >&2; exit 2; }; VENV="$2"; shift 2 ;;
     --venv=*) VENV="${1#--venv=}"; shift ;;
     --force) FORCE=1; shift ;;
-    -h|--help) sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --rollback) ROLLBACK=1; shift ;;
+    -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "darkroom: unknown option $1 (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -33,32 +38,34 @@ if [ -z "$PY" ]; then
 fi
 [ -n "$PY" ] || { echo "darkroom: refusing to install: no python3 found (set PYTHON=/path/to/python3)" >&2; exit 1; }
 
+if [ "$ROLLBACK" = 1 ]; then
+  exec "$PY" "$HERE/bundle_update.py" rollback "$VENV"
+fi
+
 # 1. the bundle is complete and intact, and this Python is the one it was made for
 "$PY" "$HERE/bundle_check.py" verify "$HERE"
 if [ "${DARKROOM_BUNDLE_VERIFY_ONLY:-0}" = 1 ]; then
   exit 0
 fi
 
-# 2. a fresh venv
-if [ -e "$VENV" ] && [ -n "$(ls -A "$VENV" 2>/dev/null)" ]; then
-  if [ "$FORCE" != 1 ]; then
-    echo "darkroom: refusing to install: $VENV already exists (use --venv DIR for another folder, or --force to replace it)" >&2
-    exit 1
-  fi
-  rm -rf "$VENV"
+# 2. where the new version goes: VENV links to VENV.versions/<version>, and an update needs the version it was made for
+cleanup() { [ -z "${NEW:-}" ] || "$PY" "$HERE/bundle_update.py" discard "$VENV" "$NEW" || true; }
+trap cleanup EXIT  # a failed step removes the half-built version; VENV still runs the one it ran before
+NEW="$("$PY" "$HERE/bundle_update.py" prepare "$HERE" "$VENV" $([ "$FORCE" = 1 ] && echo --force))"
+if [ -z "$NEW" ]; then
+  exit 0  # this bundle is installed there already
 fi
-echo "darkroom: creating the venv $VENV" >&2
-if ! "$PY" -m venv "$VENV"; then
+echo "darkroom: creating the venv $NEW" >&2
+if ! "$PY" -m venv "$NEW"; then
   echo "darkroom: error: '$PY -m venv' failed (on Debian/Ubuntu the python3-venv package provides it)" >&2
   exit 1
 fi
-VENV="$(cd "$VENV" && pwd)"
-VPY="$VENV/bin/python"
+VPY="$NEW/bin/python"
 
-# 3. the wheels, from this folder only: no index, no pip.conf, no PIP_* variables
+# 3. the wheels, from this folder (and, for an update, the installed version's): no index, no pip.conf, no PIP_*
 pip_offline() {
   PIP_CONFIG_FILE=/dev/null "$VPY" -m pip --isolated --disable-pip-version-check --no-input install \
-    --no-index --find-links "$HERE/wheels" --no-cache-dir "$@"
+    --no-index --find-links "$NEW/bundle-wheels" --no-cache-dir "$@"
 }
 echo "darkroom: installing torch" >&2
 pip_offline -r "$HERE/requirements-torch.txt"
@@ -68,8 +75,13 @@ if [ -f "$HERE/requirements-nodeps.txt" ]; then  # packages whose declared depen
   pip_offline --no-deps -r "$HERE/requirements-nodeps.txt"
 fi
 
-# 4. the models
+# 4. the self-check (darkroom --version, a tiny generation in a scratch home), then the models
+"$PY" "$HERE/bundle_update.py" self-check "$HERE" "$VENV" "$NEW"
 "$VPY" "$HERE/bundle_check.py" install-models "$HERE"
+
+# 5. the switch: VENV now runs the new version; the one before stays for --rollback
+"$PY" "$HERE/bundle_update.py" commit "$HERE" "$VENV" "$NEW"
+NEW=""
 
 echo
 echo "Darkroom is installed in $VENV. Try:"
