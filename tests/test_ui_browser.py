@@ -199,7 +199,7 @@ def test_generate_with_the_starter_model_then_history(open_page, tmp_path):
 
     results = page.locator("#results img.result-image")
     expect(results).to_have_count(2)
-    expect(page.locator("#results pre.infotext")).to_have_count(2)
+    expect(page.locator("#results pre.infotext")).to_have_count(1)  # once per job, for the selected image
     for info in page.locator("#results pre.infotext").all():
         expect(info).to_contain_text(PROMPT)
         expect(info).to_contain_text("Seed:")
@@ -207,7 +207,10 @@ def test_generate_with_the_starter_model_then_history(open_page, tmp_path):
         expect(info).to_contain_text("Model: darkroom-starter")
     page.wait_for_function("() => [...document.querySelectorAll('#results img.result-image')].every(i => i.complete)")
     assert image_widths(results) == [128, 128]
-    seeds = [re.search(r"Seed: (\d+)", t).group(1) for t in page.locator("#results pre.infotext").all_inner_texts()]
+    seeds = []
+    for chip in page.locator("#results .result-seed").all():  # each image's seed; a click shows its infotext
+        chip.click()
+        seeds.append(re.search(r"Seed: (\d+)", page.locator("#results pre.infotext").inner_text()).group(1))
     assert seeds == ["7", "8"]
     shot(page, tmp_path, "generate-desktop.png")
 

@@ -7,11 +7,12 @@ import hashlib
 import hmac
 import json
 import time
+from pathlib import Path
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, File, Header, Query, Request, UploadFile
 from fastapi.responses import FileResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 import darkroom
 from darkroom.engine import samplers
@@ -61,7 +62,8 @@ class SelectModel(BaseModel):
 def job_state(job: Job, studio: Studio, viewer: str | None = None, *, owner: bool = True) -> dict:
     """A job as the UI shows it. A private job seen by anyone but its owner (`owner=False` and a
     `viewer` that is not the client that sent it) is only its progress: no prompt, images or id."""
-    if job.private and not owner and (viewer is None or not hmac.compare_digest(viewer, job.client or "")):
+    mine = viewer is not None and bool(job.client) and hmac.compare_digest(viewer, job.client or "")
+    if job.private and not owner and not mine:
         return private_job_state(job, studio)
     images = []
     for n, im in enumerate(job.images):
@@ -75,19 +77,29 @@ def job_state(job: Job, studio: Studio, viewer: str | None = None, *, owner: boo
         "preview_url": f"/api/jobs/{job.id}/preview?rev={job.preview_rev}" if job.preview_png else None,
         "grid_url": (f"/api/images/{job.grid_history_id}" if job.grid_history_id
                      else f"/api/jobs/{job.id}/grid" if job.grid_png else None),
-        "images": images, "error": job.error, "request": job.request.describe(), "model_name": job.model_name,
+        "images": images, "error": job.error, "error_code": job.error_code, "request": job.request.describe(),
+        "model_name": job.model_name,
+        **progress_fields(job), "mine": mine,
     }
+
+
+def progress_fields(job: Job) -> dict:
+    """What every viewer may know of a job's progress: its stage and how many of its images are done."""
+    return {"stage": job.stage, "images_done": len(job.images), "images_total": job.images_total}
+
+
+def private_alias(job: Job) -> str:
+    return "private-" + hashlib.sha256(job.id.encode()).hexdigest()[:16]
 
 
 def private_job_state(job: Job, studio: Studio) -> dict:
     """Someone else's private job: where the queue is, nothing about what it makes. The id is an
     alias that opens nothing (the real id is what reads a job)."""
-    alias = "private-" + hashlib.sha256(job.id.encode()).hexdigest()[:16]
-    return {"id": alias, "state": job.state, "position": studio.queue.position(job), "step": job.step,
+    return {"id": private_alias(job), "state": job.state, "position": studio.queue.position(job), "step": job.step,
             "steps": job.steps, "phase": job.phase, "batch": job.batch, "batches": job.batches,
             "progress": round(job.progress, 4), "eta": None if job.eta is None else round(job.eta, 1),
             "private": True, "source": job.source, "preview_url": None, "grid_url": None, "images": [],
-            "error": None, "request": None, "model_name": None}
+            "error": None, "request": None, "model_name": None, **progress_fields(job), "mine": False}
 
 
 def history_item(item: HistoryItem) -> dict:
@@ -100,13 +112,28 @@ def history_item(item: HistoryItem) -> dict:
     return {"id": item.id, "url": f"/api/images/{item.id}", "created": item.created, "prompt": item.prompt,
             "negative_prompt": item.negative_prompt, "seed": item.seed, "width": item.width, "height": item.height,
             "model": item.model, "sampler": item.sampler, "steps": item.steps, "cfg_scale": item.cfg_scale,
-            "infotext": item.infotext, "request": request}
+            "infotext": item.infotext, "request": request, "favourite": item.favourite,
+            "thumb_url": f"/api/history/{item.id}/thumb"}
+
+
+def card_of(path: str | Path) -> dict | None:
+    """The model card beside a model file (NAME.json, NAME.civitai.info: darkroom.models.cards); None if none."""
+    from darkroom.models.cards import read_card
+
+    card = read_card(Path(path))
+    return None if card.empty and not card.problems else card.to_dict()
 
 
 def model_rows(studio: Studio, refresh: bool = False) -> list[dict]:
+    """Checkpoints as the UI lists them; `builtin` marks Darkroom's own (the 128-px starter)."""
+
+    from darkroom.models.starter import builtin_dirs
+
+    builtin = [d.resolve() for d in builtin_dirs(studio.home)]
     return [{"name": m.name, "title": m.title, "family": m.family, "size": m.size, "hash": m.hash,
-             "native_size": m.native_size, "current": m.current, "error": m.error,
-             "preview_url": f"/api/models/{quote(m.name)}/preview" if m.preview else None}
+             "native_size": m.native_size, "current": m.current, "error": m.error, "path": m.path,
+             "builtin": Path(m.path).resolve().parent in builtin,
+             "preview_url": f"/api/models/{quote(m.name)}/preview" if m.preview else None, "card": card_of(m.path)}
             for m in studio.models(refresh=refresh)]
 
 
@@ -155,9 +182,10 @@ def sampler_list() -> list[dict]:
 
 @router.get("/loras")
 def lora_list(studio: Studio = Depends(get_studio)) -> list[dict]:
-    """LoRA files with the trigger words their training recorded (`ss_tag_frequency`)."""
+    """LoRA files with the trigger words their training recorded (`ss_tag_frequency`) and their model card
+    (activation text and preferred weight, which the UI's picker adds with the LoRA, as the webui does)."""
     return [{"name": e.name, "alias": e.alias or e.name, "trigger_words": e.trigger_words, "base": e.base_model,
-             "hash": e.short_hash, "error": e.error} for e in studio.engine.loras.list()]
+             "hash": e.short_hash, "error": e.error, "card": card_of(e.path)} for e in studio.engine.loras.list()]
 
 
 @router.get("/embeddings")
@@ -226,6 +254,35 @@ def job(job_id: str, studio: Studio = Depends(get_studio)) -> dict:
 @router.post("/jobs/{job_id}/interrupt")
 def interrupt_job(job_id: str, studio: Studio = Depends(get_studio)) -> dict:
     return job_state(studio.queue.interrupt(job_id), studio)
+
+
+@router.get("/queue")
+def queue_listing(studio: Studio = Depends(get_studio), client: str | None = Query(None, max_length=64)) -> dict:
+    """Every job in the queue (running, waiting in order, the last few that ended), from any tab or API
+    client, shown to `client` (the web UI's per-tab id) as the event stream shows them."""
+    queue = studio.queue
+    return {"pending": queue.pending(), "running": queue.current is not None,
+            "jobs": [job_state(j, studio, client, owner=False) for j in queue.listing()]}
+
+
+@router.post("/queue/{job_ref}/cancel")
+def cancel_queued(job_ref: str, studio: Studio = Depends(get_studio),
+                  client: str | None = Header(None, alias="x-darkroom-client", max_length=64)) -> dict:
+    """Drop a waiting job, or stop the running one, by its id or the alias a private job is listed under
+    (the alias stops the job but opens nothing of it)."""
+    queue = studio.queue
+    job = next((j for j in queue.listing(finished=0) if job_ref in (j.id, private_alias(j))), None)
+    if job is None:
+        raise JobNotFound(f"no job {job_ref!r} is waiting or running")
+    queue.interrupt(job.id)
+    return job_state(job, studio, client, owner=False)
+
+
+@router.post("/skip")
+def skip_current(studio: Studio = Depends(get_studio)) -> dict:
+    """Abandon the running job's current batch and go on with its next one."""
+    job = studio.queue.skip()
+    return {"skipped": job is not None}  # no id: the running job may be someone's private one
 
 
 @router.post("/interrupt")
@@ -299,9 +356,45 @@ async def events(request: Request, studio: Studio = Depends(get_studio),
 
 @router.get("/history")
 def history(q: str = "", page: int = Query(1, ge=1), per_page: int = Query(24, ge=1, le=500),
-            studio: Studio = Depends(get_studio)) -> dict:
-    total, items = studio.history.search(q, page=page, per_page=per_page)
+            favourites: bool = False, studio: Studio = Depends(get_studio)) -> dict:
+    """Newest first; `q` words match prompt, negative prompt, model, sampler or the seed."""
+    total, items = studio.history.search(q, page=page, per_page=per_page, favourites=favourites)
     return {"total": total, "page": page, "per_page": per_page, "items": [history_item(i) for i in items]}
+
+
+class Favourite(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    favourite: bool
+
+
+class DeleteMany(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ids: list[int] = Field(min_length=1, max_length=500)
+
+
+@router.post("/history/delete")
+def delete_many(body: DeleteMany, studio: Studio = Depends(get_studio)) -> dict:
+    """Delete several images in one request (links are removed, never what they point to)."""
+    deleted, missing = studio.history.delete_many(body.ids)
+    return {"deleted": deleted, "missing": missing}
+
+
+@router.put("/history/{item_id}/favourite")
+def favourite(item_id: int, body: Favourite, studio: Studio = Depends(get_studio)) -> dict:
+    return history_item(studio.history.set_favourite(item_id, body.favourite))
+
+
+@router.get("/history/{item_id}/thumb", responses={200: {"content": {"image/webp": {}}}})
+def thumb(item_id: int, studio: Studio = Depends(get_studio),
+          if_none_match: str | None = Header(None)) -> Response:
+    """A small WebP of a history image (made once, cached on disk); revalidated by its ETag."""
+    path = studio.history.thumbnail(studio.history.get(item_id))
+    st = path.stat()
+    etag = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
+    headers = {"cache-control": "private, no-cache", "etag": etag}
+    if if_none_match == etag:
+        return Response(status_code=304, headers=headers)
+    return FileResponse(path, media_type="image/webp", headers=headers)
 
 
 @router.get("/history/{item_id}")

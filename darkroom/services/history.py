@@ -7,7 +7,12 @@ rows whose file is gone. Paths are stored relative to the outputs folder and eve
 that comes back out is checked to stay inside it.
 
 The database can come from outside (a restored backup): one that SQLite cannot use is moved
-aside, never deleted, and a fresh one is rebuilt from the images on disk.
+aside, never deleted, and a fresh one is rebuilt from the images on disk. A database from an older
+version (no `favourite` column) is migrated in place by adding the column.
+
+Thumbnails for the History grid are small WebP files made once per image under `thumbs`
+(home/cache/thumbs by default), stamped with their image's modification time so that a changed
+image gets a new one; they are a cache: deleting the folder only costs remaking them.
 """
 
 from __future__ import annotations
@@ -40,25 +45,31 @@ CREATE TABLE IF NOT EXISTS images (
     steps INTEGER,
     cfg_scale REAL,
     infotext TEXT NOT NULL DEFAULT '',
-    job_id TEXT
+    job_id TEXT,
+    favourite INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS images_created ON images(created);
 """
 log = logging.getLogger("darkroom.history")
 _DELETING = ".deleting"  # the suffix of an image file renamed aside while its delete commits
 SQLITE_INT = 2**63  # SQLite integers are 64-bit: an id outside [-2**63, 2**63) names no row
-_COLUMNS = ("id", "path", "created", "prompt", "negative_prompt", "seed", "width", "height", "model", "sampler",
-            "steps", "cfg_scale", "infotext", "job_id")
+_BASE_COLUMNS = ("id", "path", "created", "prompt", "negative_prompt", "seed", "width", "height", "model", "sampler",
+                 "steps", "cfg_scale", "infotext", "job_id")  # what every version's database has
+_COLUMNS = (*_BASE_COLUMNS, "favourite")  # added later: older databases get it by migration (_open)
+THUMB_SIDE = 256  # px, the longer side of a History thumbnail
+THUMB_QUALITY = 78  # WebP quality of thumbnails
 
 
 class NotFound(DarkroomError):
     status = 404
+    code = "DR-HISTORY-NOT-FOUND"
 
 
 class HistoryUnavailable(DarkroomError):
     """The history database cannot be opened at all (a read-only or missing home folder)."""
 
     status = 503
+    code = "DR-HISTORY-UNAVAILABLE"
 
 
 class _Unusable(Exception):
@@ -81,14 +92,16 @@ class HistoryItem:
     cfg_scale: float | None
     infotext: str
     job_id: str | None
+    favourite: bool = False
 
 
 class History:
     """Thread-safe SQLite index of the images under `outputs`."""
 
-    def __init__(self, db_path: Path, outputs: Path):
+    def __init__(self, db_path: Path, outputs: Path, thumbs: Path | None = None):
         self.db_path = db_path
         self.outputs = outputs.resolve()
+        self.thumbs = thumbs or db_path.parent / "cache" / "thumbs"
         self._lock = threading.Lock()
         try:
             db_path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,7 +196,62 @@ class History:
                 raise
         if aside is not None:
             discard(aside)
+        discard(self._thumb_path(item_id))
         return item
+
+    def delete_many(self, item_ids: list[int]) -> tuple[list[int], list[int]]:
+        """Delete several images, each as `delete` does; (deleted ids, ids not in the history)."""
+        deleted, missing = [], []
+        for item_id in dict.fromkeys(item_ids):
+            try:
+                self.delete(item_id)
+            except NotFound:
+                missing.append(item_id)
+                continue
+            deleted.append(item_id)
+        return deleted, missing
+
+    def set_favourite(self, item_id: int, favourite: bool) -> HistoryItem:
+        """Star or unstar an image; returns it as it is now."""
+        self.get(item_id)
+        with self._lock, self._writing(f"mark image {item_id} as a favourite"):
+            self._db.execute("UPDATE images SET favourite = ? WHERE id = ?", (int(bool(favourite)), item_id))
+        return self.get(item_id)
+
+    # --- thumbnails --------------------------------------------------------------------------
+
+    def _thumb_path(self, item_id: int) -> Path:
+        return self.thumbs / f"{int(item_id)}.webp"
+
+    def thumbnail(self, item: HistoryItem) -> Path:
+        """A small WebP of the item's image (longer side THUMB_SIDE), made on first use and kept in
+        `thumbs`; remade when the image's modification time differs from the one stamped on it."""
+        from PIL import Image, UnidentifiedImageError
+
+        source = self.file_of(item)
+        stamp = source.stat().st_mtime_ns
+        thumb = self._thumb_path(item.id)
+        with contextlib.suppress(OSError):
+            if thumb.stat().st_mtime_ns == stamp:
+                return thumb
+        try:
+            with Image.open(source) as im:
+                im.draft("RGB", (THUMB_SIDE, THUMB_SIDE))  # JPEG: decode at a reduced scale
+                im.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.Resampling.LANCZOS, reducing_gap=2.0)
+                small = im.convert("RGBA" if im.mode in ("RGBA", "LA", "P") else "RGB")
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+            raise NotFound(f"image {item.id} cannot be read for a thumbnail: {e}") from None
+        with self._writing(f"write a thumbnail of image {item.id}", self.thumbs):
+            self.thumbs.mkdir(parents=True, exist_ok=True)
+            part = thumb.with_name(f".{thumb.name}.{os.getpid()}.{threading.get_ident()}.part")
+            try:
+                small.save(part, "WEBP", quality=THUMB_QUALITY, method=4)
+                os.utime(part, ns=(stamp, stamp))
+                os.replace(part, thumb)
+            except BaseException:
+                discard(part)
+                raise
+        return thumb
 
     def _commit_or_put_back(self, aside: Path | None, own: Path | None) -> None:
         """COMMIT; if that fails, the file renamed aside gets its name back before the error goes on."""
@@ -265,13 +333,22 @@ class History:
             raise NotFound(f"no image {item_id} in the history")
         return _item(row)
 
-    def search(self, query: str = "", *, page: int = 1, per_page: int = 24) -> tuple[int, list[HistoryItem]]:
-        """Newest first; `query` matches prompt text (all words, any order, case-insensitive)."""
+    def search(self, query: str = "", *, page: int = 1, per_page: int = 24,
+               favourites: bool = False) -> tuple[int, list[HistoryItem]]:
+        """Newest first. Every word of `query` must match (any order, case-insensitive) the prompt,
+        negative prompt, model or sampler, or be the seed; `favourites` keeps starred images only."""
         if page < 1 or not 1 <= per_page <= 500:
             raise InvalidRequest("page must be >= 1 and per_page between 1 and 500")
-        words = [w for w in query.split() if w]
-        where = " AND ".join(["(prompt LIKE ? ESCAPE '\\')"] * len(words)) or "1"
-        args = [f"%{_escape_like(w)}%" for w in words]
+        clauses, args = [], []
+        for word in query.split():
+            like = f"%{_escape_like(word)}%"
+            text = " OR ".join(f"{c} LIKE ? ESCAPE '\\'" for c in _SEARCHED)
+            seed = _seed(word) if word.isdigit() else None
+            clauses.append(f"({text}{' OR seed = ?' if seed is not None else ''})")
+            args += [like] * len(_SEARCHED) + ([seed] if seed is not None else [])
+        if favourites:
+            clauses.append("favourite != 0")
+        where = " AND ".join(clauses) or "1"
         with self._lock:
             total = self._db.execute(f"SELECT COUNT(*) FROM images WHERE {where}", args).fetchone()[0]
             rows = self._db.execute(
@@ -285,6 +362,9 @@ class History:
             return self._db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
 
 
+_SEARCHED = ("prompt", "negative_prompt", "model", "sampler")  # the text columns a search looks in
+
+
 def _open(db_path: Path) -> sqlite3.Connection:
     """A connection to a usable history database (an empty or missing file becomes one);
     _Unusable when the file is not SQLite, is damaged, or holds an images table of another shape."""
@@ -296,8 +376,10 @@ def _open(db_path: Path) -> sqlite3.Connection:
         if problems:
             raise _Unusable(f"damaged: {problems[0]}")
         columns = {row[1] for row in db.execute("PRAGMA table_info(images)")}
-        if columns and (missing := [c for c in _COLUMNS if c not in columns]):
+        if columns and (missing := [c for c in _BASE_COLUMNS if c not in columns]):
             raise _Unusable(f"its images table has no column {missing[0]!r}")
+        if columns and "favourite" not in columns:  # a database from before favourites
+            db.execute("ALTER TABLE images ADD COLUMN favourite INTEGER NOT NULL DEFAULT 0")
         db.executescript(_SCHEMA)
     except sqlite3.DatabaseError as e:
         db.close()
@@ -364,6 +446,7 @@ def _seed(value) -> int | None:
 
 def _item(row) -> HistoryItem:
     item = HistoryItem(*row)
+    item.favourite = bool(item.favourite)
     if item.seed is not None and item.seed < 0:
         item.seed += 2 * SQLITE_INT
     return item

@@ -30,10 +30,12 @@ FINISHED = (DONE, ERROR, INTERRUPTED)
 
 class QueueFull(DarkroomError):
     status = 503
+    code = "DR-QUEUE-FULL"
 
 
 class JobNotFound(DarkroomError):
     status = 404
+    code = "DR-JOB-NOT-FOUND"
 
 
 @dataclass
@@ -62,10 +64,12 @@ class Job:
     started: float | None = None
     finished: float | None = None
     sampling_started: float | None = None
+    last_step_at: float | None = None  # when the latest step ended, for the ETA
     steps_done: int = 0  # across batches, for the ETA
     phase: str = "sample"  # "hires" during the hires fix's second pass
     error: str | None = None
     error_status: int | None = None  # the HTTP status of `error` (422 bad input, 404 missing model, ...)
+    error_code: str | None = None  # its DR-... code (darkroom/help: the troubleshooting page)
     images: list[JobImage] = field(default_factory=list)
     preview_png: bytes | None = None
     preview_rev: int = 0
@@ -95,10 +99,35 @@ class Job:
 
     @property
     def eta(self) -> float | None:
-        if self.state != RUNNING or not self.steps_done or self.sampling_started is None:
+        """Seconds left: the mean step time so far (first step to latest) times the steps left, less the
+        time since the latest step, so that it counts down between steps instead of swinging with each."""
+        if self.state != RUNNING or self.steps_done < 2 or self.sampling_started is None or self.last_step_at is None:
             return None
-        per_step = (time.time() - self.sampling_started) / self.steps_done
-        return max(0.0, per_step * (self.total_steps - self.steps_done))
+        per_step = (self.last_step_at - self.sampling_started) / (self.steps_done - 1)
+        left = per_step * (self.total_steps - self.steps_done) - (time.time() - self.last_step_at)
+        return max(0.0, left)
+
+    @property
+    def stage(self) -> str:
+        """What the job is doing, in the UI's words: queued, loading (the model, the prompt), sampling,
+        decoding (after a batch's last step), stopping (interrupt asked, not yet honoured), stopped, done, failed."""
+        if self.state in FINISHED:
+            return {DONE: "done", ERROR: "failed", INTERRUPTED: "stopped"}[self.state]
+        if self.state == QUEUED:
+            return "queued"
+        if self.cancel.is_set():
+            return "stopping"
+        if not self.steps_done:
+            return "loading"
+        return "decoding" if self.steps and self.step >= self.steps else "sampling"
+
+    @property
+    def images_total(self) -> int:
+        """How many images the job makes: every batch, or every cell of an X/Y plot."""
+        cells = getattr(self.plan, "cells", None)
+        if cells:
+            return sum(c.request.batch_size * c.request.n_iter for c in cells)
+        return self.request.batch_size * self.request.n_iter
 
 
 class JobQueue:
@@ -212,6 +241,14 @@ class JobQueue:
         with self._cond:
             return list(self._jobs.values())
 
+    def listing(self, finished: int = 5) -> list[Job]:
+        """The queue as a panel shows it: the running job, the waiting ones in order, then the last
+        `finished` jobs that ended (newest first)."""
+        with self._cond:
+            ended = [j for j in self._jobs.values() if j.state in FINISHED]
+            ended.sort(key=lambda j: j.finished or 0.0, reverse=True)
+            return ([self._current] if self._current else []) + list(self._pending) + ended[:finished]
+
     def interrupt(self, job_id: str | None = None) -> Job | None:
         """Stop a job (the current one when no id): finished images are kept; a waiting job is dropped."""
         with self._cond:
@@ -290,8 +327,9 @@ class JobQueue:
 
         def on_step(event) -> None:
             nonlocal last_preview
+            job.last_step_at = time.time()
             if job.sampling_started is None:
-                job.sampling_started = time.time()
+                job.sampling_started = job.last_step_at
             job.batch, job.step, job.steps, job.phase = event.batch_index, event.step, event.steps, event.phase
             job.steps_done += 1
             now = time.monotonic()
@@ -325,11 +363,12 @@ class JobQueue:
         except Interrupted:  # stopped before sampling began (e.g. while a long prompt was encoded)
             return INTERRUPTED
         except DarkroomError as e:
-            job.error, job.error_status = str(e), e.status
+            job.error, job.error_status, job.error_code = str(e), e.status, e.code
             log.warning("job %s failed: %s", job.id, e)
             return ERROR
         except Exception as e:
             job.error, job.error_status = f"internal error: {type(e).__name__}: {e} (details in logs/darkroom.log)", 500
+            job.error_code = "DR-INTERNAL"
             log.exception("job %s crashed", job.id)
             return ERROR
         job.model_name, job.model_hash, job.timings = result.model_name, result.model_hash, result.timings

@@ -70,6 +70,7 @@ class Studio:
     started: float = 0.0
     hashing: dict | None = None  # {"done": bytes, "total": bytes} while hash_missing runs
     hash_thread: threading.Thread | None = field(default=None, repr=False)
+    importing: dict | None = None  # the last import_models: progress while it runs, then its outcomes
     _models: list[ModelInfo] | None = field(default=None, repr=False)
 
     # --- models ------------------------------------------------------------------------------
@@ -128,6 +129,65 @@ class Studio:
         thread = threading.Thread(target=run, name="darkroom-hashing", daemon=True)
         thread.start()
         return thread
+
+    def import_models(self, sources: list[str], *, kind: str = "auto") -> threading.Thread:
+        """`darkroom models import` in a background thread (the same verified copy), with progress and
+        then the per-file outcomes in `importing`. Paths that do not exist are refused before it starts."""
+        from darkroom.services.model_manager import KINDS, ImportStopped, ModelManager, Progress
+
+        if kind != "auto" and kind not in KINDS:
+            raise DarkroomError(f"unknown kind {kind!r}; auto, {', '.join(KINDS)}")
+        if self.importing and self.importing["running"]:
+            raise ImportBusy("an import is already running; wait for it to finish")
+        paths = [Path(p).expanduser() for p in sources if str(p).strip()]
+        if not paths:
+            raise DarkroomError("name a model file or a folder to import")
+        for p in paths:
+            if not p.is_absolute() or not p.exists():
+                raise ModelNotFound(f"no such file or folder: {p} (give the full path, e.g. /media/usb/models)")
+        state = self.importing = {"running": True, "label": "starting", "done": 0, "total": 0, "outcomes": [],
+                                  "error": None}
+
+        class Bar(Progress):
+            def start(self, total: int, label: str) -> None:
+                state.update(done=0, total=total, label=label)
+
+            def label(self, text: str) -> None:
+                state["label"] = text
+
+            def advance(self, n: int) -> None:
+                state["done"] += n
+
+        def run() -> None:
+            try:
+                outcomes = ModelManager(self.home, self.engine.library.hashes).import_paths(
+                    paths, kind=kind, progress=Bar())
+            except ImportStopped as e:
+                outcomes, state["error"] = e.outcomes, str(e)
+            except Exception as e:  # noqa: BLE001  (told to the page, not a dead thread)
+                log.exception("model import failed")
+                outcomes, state["error"] = [], str(e) if isinstance(e, DarkroomError) else f"import failed: {e}"
+            state["outcomes"] = [o.to_dict() for o in outcomes]
+            self._models = None  # the next listing shows the new files
+            state.update(running=False, label="done")
+
+        thread = threading.Thread(target=run, name="darkroom-import", daemon=True)
+        thread.start()
+        return thread
+
+    def set_models_dirs(self, folders: list[str]) -> list[str]:
+        """Use these A1111/Forge/ComfyUI roots or plain folders in place (the `models_dirs` setting),
+        now and at every start; folders given with --models-dir stay in use."""
+        dirs = [Path(f).expanduser() for f in dict.fromkeys(str(f).strip() for f in folders) if f]
+        for d in dirs:
+            if not d.is_absolute() or not d.is_dir():
+                raise ModelNotFound(f"no such folder: {d} (give the full path of the webui or ComfyUI folder)")
+        old = {Path(p).expanduser().resolve() for p in self.settings.get("models_dirs") or []}
+        self.settings.update(models_dirs=[str(d) for d in dirs])
+        kept = [d for d in self.home.extra_model_dirs if d not in old]
+        self.home.extra_model_dirs = list(dict.fromkeys([*kept, *(d.resolve() for d in dirs)]))
+        self._models = None
+        return list(self.settings.get("models_dirs"))
 
     def current_model(self) -> str | None:
         """The selected checkpoint's name; else what a request without a model would use."""
@@ -239,6 +299,11 @@ class Studio:
     def close(self) -> None:
         self.queue.stop()
         self.history.close()
+
+
+class ImportBusy(DarkroomError):
+    status = 409
+    code = "DR-IMPORT-BUSY"
 
 
 def build_studio(home: Home, *, device: str | None = None, precision: str | None = None, allow_pickle: bool = False,

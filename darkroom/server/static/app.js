@@ -47,7 +47,13 @@
   }
 
   class ApiError extends Error {
-    constructor(message, status) { super(message); this.status = status; }
+    constructor(message, status, code) { super(message); this.status = status; this.code = code; }
+  }
+
+  /** The DR-... code of an error body (ours: data.code; OpenAI's shape: data.error.code), for its help page. */
+  function errorCode(data) {
+    const code = data && (typeof data.code === 'string' ? data.code : data.error && data.error.code);
+    return typeof code === 'string' && /^DR(-[A-Z0-9]+)+$/.test(code) ? code : undefined;
   }
 
   /** Pull a one-line message out of any error body (ours, FastAPI's or plain text). */
@@ -85,23 +91,26 @@
     const text = await res.text();
     let data = null;
     if (text) { try { data = parseJSON(text); } catch (e) { data = null; } }
-    if (!res.ok) throw new ApiError(errorMessage(data, text, res), res.status);
+    if (!res.ok) throw new ApiError(errorMessage(data, text, res), res.status, errorCode(data));
     if (data === null && text) throw new ApiError('unexpected response from server (not JSON)', res.status);
     return data;
   }
 
   // ------------------------------------------------------------------ notices
 
-  /** Show a toast. kind: 'error' (stays until closed) | 'info' (fades). Same text = one toast. */
-  function toast(message, kind = 'info') {
+  /** Show a toast. kind: 'error' (stays until closed) | 'info' (fades). Same text = one toast.
+   * code: an error's DR-... code, linked to its local help page (/docs/errors/CODE). */
+  function toast(message, kind = 'info', code = undefined) {
     const box = $('toasts');
     const text = String(message || 'Unknown error');
     for (const t of box.children) {
       if (t.dataset.msg === text) { bumpToast(t); return; }
     }
     const close = el('button', { type: 'button', className: 'toast-close', 'aria-label': 'Dismiss', textContent: '✕' });
+    const help = code ? el('a', { className: 'toast-help', href: `/docs/errors/${encodeURIComponent(code)}`,
+      target: '_blank', rel: 'noopener', title: `${code}: what it means and how to fix it`, textContent: 'Help' }) : null;
     const t = el('div', { className: `toast toast-${kind}`, role: kind === 'error' ? 'alert' : 'status' },
-      el('span', { className: 'toast-msg', textContent: text }), close);
+      el('span', { className: 'toast-msg', textContent: text }), help, close);
     t.dataset.msg = text;
     t.dataset.kind = kind;
     close.addEventListener('click', () => t.remove());
@@ -116,7 +125,7 @@
   }
   function showError(err) {
     console.error(err);
-    toast(err && err.message ? err.message : String(err), 'error');
+    toast(err && err.message ? err.message : String(err), 'error', err && err.code);
   }
   function clearToast(message) {
     for (const t of [...$('toasts').children]) if (t.dataset.msg === message) t.remove();
@@ -277,7 +286,8 @@
 
   // ------------------------------------------------------------------ form
 
-  const SIZE_PRESETS = ['512x512', '512x768', '768x512', '768x768', '1024x1024', '832x1216', '1216x832', '128x128'];
+  /** The size presets the select offers now (models.js fits them to the selected model's family). */
+  const sizePresets = () => [...$('size-preset').options].map((o) => o.value).filter((v) => /^\d+x\d+$/.test(v));
 
   /* Empty width/height mean the model's native size, or in img2img mode the source image's:
    * img2img.js sets DR.sizeSource() -> null (txt2img) or {w, h} (0 while no image is loaded). */
@@ -288,12 +298,13 @@
     $('width').placeholder = src ? (src.w ? String(src.w) : 'image') : ph;
     $('height').placeholder = src ? (src.h ? String(src.h) : 'image') : ph;
     $('size-preset').options[0].textContent = src ? 'Source image size' : 'Model native size';
+    if (DR.fitSizePresets) { DR.fitSizePresets(); syncPreset(); }
     for (const cb of DR.onSize) cb();
   }
   function syncPreset() {
     const w = $('width').value.trim(), h = $('height').value.trim();
     const key = `${w}x${h}`;
-    $('size-preset').value = !w && !h ? 'native' : SIZE_PRESETS.includes(key) ? key : 'custom';
+    $('size-preset').value = !w && !h ? 'native' : sizePresets().includes(key) ? key : 'custom';
     for (const cb of DR.onSize) cb();
   }
 

@@ -115,17 +115,22 @@
     const q = $('networks-search').value.trim().toLowerCase();
     const match = (...texts) => !q || texts.some((t) => t && String(t).toLowerCase().includes(q));
 
-    const loras = N.loras.filter((l) => match(l.name, l.alias, l.base, ...(l.trigger_words || [])));
+    const loras = N.loras.filter((l) => match(l.name, l.alias, l.base, ...(l.trigger_words || []),
+      l.card && l.card.title, l.card && l.card.activation_text));
     const lbox = $('lora-list');
     if (!loras.length) {
       lbox.replaceChildren(el('p', { className: 'muted network-empty' },
         N.loras.length ? 'No LoRA matches the filter.' : 'No LoRAs found. Put .safetensors LoRA files in the loras folder and press Refresh.'));
     } else {
       lbox.replaceChildren(...loras.map((l) => {
-        const tag = `<lora:${l.name}:1>`;
-        const card = el('button', { type: 'button', className: 'network-card lora-card', title: `Add ${tag} to the prompt` },
+        // As the webui does: its card's preferred weight (else 1), then its activation text after the tag.
+        const mc = l.card || {};
+        const tag = `<lora:${l.name}:${mc.preferred_weight || 1}>`;
+        const insert = mc.activation_text ? `${tag} ${mc.activation_text}` : tag;
+        const card = el('button', { type: 'button', className: 'network-card lora-card', title: `Add ${insert} to the prompt` + (mc.description ? `\n\n${mc.description}` : '') },
           el('span', { className: 'network-name', textContent: l.name }),
           l.alias && l.alias !== l.name ? el('span', { className: 'network-alias muted', textContent: l.alias }) : null,
+          mc.title ? el('span', { className: 'network-alias muted', textContent: mc.title }) : null,
           el('span', { className: 'network-meta' },
             l.base ? el('span', { className: 'badge badge-base', textContent: l.base }) : null,
             l.hash ? el('span', { className: 'mono muted', textContent: String(l.hash).slice(0, 10) }) : null));
@@ -135,7 +140,7 @@
           card.title = `${l.name}: ${l.error}`;
           card.append(el('span', { className: 'network-meta error-text', textContent: l.error }));
         }
-        card.addEventListener('click', () => { insertIntoPrompt(tag, ' '); flash(card); });
+        card.addEventListener('click', () => { insertIntoPrompt(insert, ' '); flash(card); });
         const words = (l.trigger_words || []).filter(Boolean).map((w) => {
           const b = el('button', { type: 'button', className: 'trigger-word', title: `Add “${w}” to the prompt`, textContent: w });
           b.addEventListener('click', () => { insertIntoPrompt(w, ', '); flash(b); });

@@ -10,7 +10,30 @@
 
   // ================================================================== History
 
-  const H = { page: 1, perPage: 24, q: '', pages: 1, items: [], current: null, seq: 0, returnFocus: null };
+  const H = { page: 1, perPage: 24, q: '', pages: 1, items: [], current: null, seq: 0, returnFocus: null,
+    favourites: false, selecting: false, selected: new Set() };
+
+  /** Save an image under a readable name: fetched as a blob (works for private, unsaved results too),
+   *  the extension from its type; the server's message if it cannot be fetched. */
+  async function downloadImage(url, base) {
+    let res;
+    try { res = await fetch(url, { credentials: 'same-origin' }); } catch (e) { showError(new Error('server unreachable')); return; }
+    if (!res.ok) {
+      let msg = `HTTP ${res.status}`;
+      try { const d = await res.json(); msg = d.error || d.detail || msg; } catch (e) { /* not JSON */ }
+      showError(new Error(msg));
+      return;
+    }
+    const blob = await res.blob();
+    const ext = { 'image/jpeg': '.jpg', 'image/webp': '.webp' }[blob.type] || '.png';
+    const href = URL.createObjectURL(blob);
+    const a = el('a', { href, download: base + ext, className: 'offscreen' });
+    document.body.append(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(href), 60000);
+  }
+  DR.downloadImage = downloadImage;
 
   function fmtDate(unix) {
     if (!unix) return '';
@@ -23,6 +46,7 @@
     grid.setAttribute('aria-busy', 'true');
     const params = new URLSearchParams({ page: String(H.page), per_page: String(H.perPage) });
     if (H.q) params.set('q', H.q);
+    if (H.favourites) params.set('favourites', 'true');
     try {
       const data = await api('/api/history?' + params.toString());
       if (seq !== H.seq) return;
@@ -45,22 +69,84 @@
     $('history-page').textContent = `page ${H.page} of ${H.pages}`;
     $('history-prev').disabled = H.page <= 1;
     $('history-next').disabled = H.page >= H.pages;
+    grid.dataset.total = String(total);
     if (!H.items.length) {
       grid.replaceChildren(el('p', { className: 'empty muted' },
-        H.q ? `No images match “${H.q}”.` : 'No images yet. Finished generations appear here (private ones never do).'));
+        H.q ? `No images match “${H.q}”${H.favourites ? ' among the favourites' : ''}.`
+          : H.favourites ? 'No favourites yet: star an image (☆) to keep it here.'
+            : 'No images yet. Finished generations appear here (private ones never do).'));
+      renderSelection();
       return;
     }
     grid.replaceChildren(...H.items.map((item) => {
-      const img = el('img', {
-        className: 'history-item', src: item.url, loading: 'lazy', decoding: 'async',
+      const img = el('img', { // the small cached thumbnail; the full image only in the detail view
+        className: 'history-item', src: item.thumb_url || item.url, loading: 'lazy', decoding: 'async',
         alt: item.prompt || 'Generated image', title: item.prompt || '',
       });
       if (item.width && item.height) { img.width = item.width; img.height = item.height; } // reserves space
       const cell = el('button', { type: 'button', className: 'history-cell', 'aria-label': 'Open: ' + (item.prompt || 'image') }, img);
-      cell.addEventListener('click', () => openDetail(item));
-      return cell;
+      cell.dataset.id = String(item.id);
+      cell.addEventListener('click', () => {
+        if (!H.selecting) { openDetail(item); return; }
+        if (H.selected.has(item.id)) H.selected.delete(item.id); else H.selected.add(item.id);
+        renderSelection();
+      });
+      const star = el('button', { type: 'button', className: 'star' + (item.favourite ? ' on' : ''),
+        textContent: item.favourite ? '★' : '☆', 'aria-pressed': String(!!item.favourite),
+        'aria-label': (item.favourite ? 'Unstar: ' : 'Star: ') + (item.prompt || 'image') });
+      star.addEventListener('click', () => toggleFavourite(item, star));
+      return el('div', { className: 'history-tile' }, cell, star);
     }));
-    grid.dataset.total = String(total);
+    renderSelection();
+  }
+
+  async function toggleFavourite(item, star) {
+    star.disabled = true;
+    try {
+      const now = await api(`/api/history/${encodeURIComponent(item.id)}/favourite`, { method: 'PUT', json: { favourite: !item.favourite } });
+      item.favourite = !!now.favourite;
+      star.classList.toggle('on', item.favourite);
+      star.textContent = item.favourite ? '★' : '☆';
+      star.setAttribute('aria-pressed', String(item.favourite));
+      star.setAttribute('aria-label', (item.favourite ? 'Unstar: ' : 'Star: ') + (item.prompt || 'image'));
+      if (H.favourites && !item.favourite) loadHistory();
+    } catch (e) {
+      showError(e);
+    } finally {
+      star.disabled = false;
+    }
+  }
+
+  /** Select mode: cells toggle instead of opening; the bar counts and deletes the chosen images. */
+  function renderSelection() {
+    $('history-select').setAttribute('aria-pressed', String(H.selecting));
+    $('history-select').textContent = H.selecting ? 'Done selecting' : 'Select';
+    $('history-grid').classList.toggle('selecting', H.selecting);
+    for (const cell of $('history-grid').querySelectorAll('.history-cell')) {
+      const on = H.selected.has(Number(cell.dataset.id));
+      cell.classList.toggle('selected', on);
+      if (H.selecting) cell.setAttribute('aria-pressed', String(on)); else cell.removeAttribute('aria-pressed');
+    }
+    $('history-bulk').hidden = !H.selecting;
+    $('history-bulk-count').textContent = `${H.selected.size} selected`;
+    $('history-bulk-delete').disabled = !H.selected.size;
+  }
+
+  async function deleteSelected() {
+    const ids = [...H.selected];
+    if (!ids.length) return;
+    if (!window.confirm(`Delete ${ids.length} image${ids.length === 1 ? '' : 's'} from history? The files are removed from disk.`)) return;
+    const btn = $('history-bulk-delete');
+    btn.disabled = true;
+    try {
+      const r = await api('/api/history/delete', { method: 'POST', json: { ids } });
+      H.selected.clear();
+      toast(`Deleted ${r.deleted.length} image${r.deleted.length === 1 ? '' : 's'}` + (r.missing.length ? ` (${r.missing.length} already gone)` : ''));
+      await loadHistory();
+    } catch (e) {
+      showError(e);
+      renderSelection();
+    }
   }
 
   function openDetail(item) {
@@ -131,11 +217,31 @@
       loadHistory();
     }, 300);
   });
+  $('history-favourites').addEventListener('click', () => {
+    H.favourites = !H.favourites;
+    $('history-favourites').setAttribute('aria-pressed', String(H.favourites));
+    H.page = 1;
+    loadHistory();
+  });
+  $('history-select').addEventListener('click', () => {
+    H.selecting = !H.selecting;
+    if (!H.selecting) H.selected.clear();
+    renderSelection();
+  });
+  $('history-bulk-all').addEventListener('click', () => { for (const it of H.items) H.selected.add(it.id); renderSelection(); });
+  $('history-bulk-delete').addEventListener('click', deleteSelected);
   $('history-prev').addEventListener('click', () => { if (H.page > 1) { H.page--; loadHistory(); } });
   $('history-next').addEventListener('click', () => { if (H.page < H.pages) { H.page++; loadHistory(); } });
   $('history-close').addEventListener('click', closeDetail);
   $('history-detail').addEventListener('click', (e) => { if (e.target === $('history-detail')) closeDetail(); });
-  $('history-detail-img').addEventListener('click', () => { if (H.current) openLightbox([H.current.url], 0); });
+  // the lightbox (viewer.js) over this page of History: previous/next, zoom, actions; "Open full size" too
+  const viewPage = (e) => {
+    if (!H.current) return;
+    if (e) e.preventDefault();
+    openLightbox(H.items.map(DR.historyViewItem), Math.max(0, H.items.indexOf(H.current)));
+  };
+  $('history-detail-img').addEventListener('click', () => viewPage());
+  $('history-open').addEventListener('click', viewPage);
   $('history-use').addEventListener('click', () => {
     if (!H.current) return;
     const req = itemRequest(H.current);
@@ -149,7 +255,7 @@
 
   // A finished job refreshes the grid if it is on screen (the page hook covers the rest).
   DR.onJobFinished = (job) => {
-    if (job.state === 'error' || (job.request && job.request.private)) return;
+    if (job.state === 'error' || job.private || (job.request && job.request.private)) return;
     if (DR.currentPage === 'history' && $('history-detail').hidden) loadHistory();
   };
 
@@ -240,21 +346,26 @@
     }
     tbody.replaceChildren(...list.map((m) => {
       // The current model gets a plain label, not a (low-contrast) disabled button.
-      const use = m.current
-        ? el('span', { className: 'in-use', textContent: 'In use' })
-        : el('button', { type: 'button', className: 'btn btn-small', textContent: 'Use' });
+      // A broken file gets its error on the row and no Use button; the current one a plain label.
+      const use = m.error ? el('span', { className: 'model-broken', textContent: 'Cannot be used' })
+        : m.current ? el('span', { className: 'in-use', textContent: 'In use' })
+          : el('button', { type: 'button', className: 'btn btn-small', textContent: 'Use' });
       use.dataset.model = m.name;
-      if (!m.current) {
+      if (!m.current && !m.error) {
         use.addEventListener('click', async () => {
           for (const b of tbody.querySelectorAll('button')) b.disabled = true;
           use.textContent = 'Loading…';
           await DR.selectModel(m.name); // re-renders this table via DR.onModels
         });
       }
-      const row = el('tr', { className: m.current ? 'current' : '' },
+      const row = el('tr', { className: m.error ? 'broken' : m.current ? 'current' : '' },
         el('td', { className: 'model-name', 'data-label': 'Name' },
           m.preview_url ? el('img', { className: 'model-preview', src: m.preview_url, alt: '', loading: 'lazy' }) : null,
-          m.name, m.current ? el('span', { className: 'badge', textContent: 'current' }) : null),
+          m.name, m.current ? el('span', { className: 'badge', textContent: 'current' }) : null,
+          m.builtin ? el('span', { className: 'badge badge-muted', textContent: 'built-in demo · 128 px shapes' }) : null,
+          m.path ? el('span', { className: 'model-path', textContent: m.path, title: m.path }) : null,
+          DR.modelCard ? DR.modelCard(m) : null,
+          m.error ? el('span', { className: 'model-error', role: 'note', textContent: m.error }) : null),
         el('td', { 'data-label': 'Family' }, m.family || '—'),
         el('td', { 'data-label': 'Size' }, m.size || '—'),
         el('td', { className: 'mono', 'data-label': 'Hash', title: m.hash || '' }, m.hash ? m.hash.slice(0, 10) : '—'),

@@ -129,21 +129,55 @@
     updateTools();
   }
 
-  /** "Send to img2img" (results, history): fetch the image and make it the source. */
-  async function sendToImg2img(url) {
+  /** "Send to img2img" / "Send to inpaint" (results, lightbox, history, a dragged result): fetch the
+   *  image and make it the source; `inpaint` points at the mask brush. */
+  async function sendToImg2img(url, { inpaint = false } = {}) {
     try {
       const res = await fetch(url, { credentials: 'same-origin' });
       if (!res.ok) throw new Error(`could not load the image (HTTP ${res.status})`);
       const dataUrl = await readAsDataURL(await res.blob());
       if (DR.currentPage !== 'generate') DR.showPage('generate');
       await setImage(dataUrl, 'image');
-      toast('Image sent to img2img');
+      toast(inpaint ? 'Image sent to inpaint: paint over the area to repaint' : 'Image sent to img2img');
       const still = window.matchMedia('(prefers-reduced-motion: reduce)').matches;
-      $('img2img-panel').scrollIntoView({ behavior: still ? 'auto' : 'smooth', block: 'nearest' });
+      $(inpaint ? 'mask-tools' : 'img2img-panel').scrollIntoView({ behavior: still ? 'auto' : 'smooth', block: 'nearest' });
+      if (inpaint) $('mask-brush').focus({ preventScroll: true });
     } catch (e) {
       showError(e.message === 'Failed to fetch' ? new Error('server unreachable') : e);
     }
   }
+
+  /** "Use these settings" on an img2img result of this page: its source image and mask come back too. */
+  async function restoreInit({ image, mask }) {
+    try {
+      await setImage(image, 'source image');
+      if (!mask) return;
+      const m = new Image();
+      m.src = mask;
+      await m.decode();
+      I.strokes.push({ image: m });
+      renderLayer();
+      composite();
+      updateTools();
+    } catch (e) {
+      showError(e);
+    }
+  }
+
+  /** A result or History image dragged from this page (viewer.js sets its URL), or an image link of this server. */
+  function droppedUrl(e) {
+    const dt = e.dataTransfer;
+    if (!dt) return null;
+    const raw = dt.getData(DR.IMAGE_TYPE) || (dt.getData('text/uri-list') || '').split(/\r?\n/).find((l) => l && !l.startsWith('#'));
+    if (!raw) return null;
+    try {
+      const u = new URL(raw, location.href);
+      return u.origin === location.origin && u.pathname.startsWith('/api/') ? u.pathname + u.search : null;
+    } catch (err) {
+      return null;
+    }
+  }
+  const hasImageLink = (e) => e.dataTransfer && [...(e.dataTransfer.types || [])].some((t) => t === DR.IMAGE_TYPE || t === 'text/uri-list');
 
   // ------------------------------------------------------------------ display
 
@@ -199,6 +233,7 @@
     ctx.clearRect(0, 0, w, h);
     for (const s of I.strokes) {
       if (s.clear) ctx.clearRect(0, 0, w, h);
+      else if (s.image) ctx.drawImage(s.image, 0, 0, w, h); // a restored mask (white = repaint, as exported)
       else drawStroke(ctx, s, sx, sy);
     }
   }
@@ -434,15 +469,28 @@
 
   const drop = $('img2img-drop');
   const hasFiles = (e) => e.dataTransfer && [...(e.dataTransfer.types || [])].includes('Files');
-  drop.addEventListener('dragenter', (e) => { if (hasFiles(e)) { e.preventDefault(); drop.classList.add('over'); } });
-  drop.addEventListener('dragover', (e) => { if (hasFiles(e)) { e.preventDefault(); e.dataTransfer.dropEffect = 'copy'; } });
+  const takes = (e) => hasFiles(e) || hasImageLink(e);
+  drop.addEventListener('dragenter', (e) => { if (takes(e)) { e.preventDefault(); drop.classList.add('over'); } });
+  drop.addEventListener('dragover', (e) => { if (takes(e)) { e.preventDefault(); e.dataTransfer.dropEffect = 'copy'; } });
   drop.addEventListener('dragleave', (e) => { if (!drop.contains(e.relatedTarget)) drop.classList.remove('over'); });
   drop.addEventListener('drop', (e) => {
     e.preventDefault();
     e.stopPropagation();
     drop.classList.remove('over');
-    loadFile(e.dataTransfer.files[0]);
+    if (hasFiles(e) && e.dataTransfer.files.length) { loadFile(e.dataTransfer.files[0]); return; }
+    const url = droppedUrl(e);
+    if (url) sendToImg2img(url);
+    else toast('Drop an image file, or a result or History image of this page', 'error');
   });
+  // Dragging an image over the Generate tab (e.g. from History) opens the page and the img2img drop zone.
+  $('tab-generate').addEventListener('dragenter', (e) => {
+    if (!takes(e)) return;
+    e.preventDefault();
+    if (DR.currentPage !== 'generate') DR.showPage('generate');
+    setMode('img2img');
+  });
+  $('tab-generate').addEventListener('dragover', (e) => { if (takes(e)) e.preventDefault(); });
+
   // With no image yet, a click anywhere on the empty zone picks a file.
   drop.addEventListener('click', (e) => {
     if (!I.nw && (e.target === drop || e.target === $('img2img-hint'))) $('img2img-file').click();
@@ -476,7 +524,41 @@
     sendToImg2img(url);
   });
 
-  Object.assign(DR, { sendToImg2img, setImg2imgMode: setMode, exportMask });
+  // ------------------------------------------------------------------ PNG info -> img2img
+
+  /* The file the PNG info page inspects (seen in the capture phase, before gallery.js resets the input):
+   * "Send to img2img" makes it the source image and fills the form from its parameters. */
+  let pngFile = null;
+  const keepPng = (f) => {
+    if (!f) return;
+    pngFile = f;
+    $('png-send-img2img').disabled = false;
+  };
+  document.addEventListener('change', (e) => { if (e.target && e.target.id === 'png-file') keepPng(e.target.files[0]); }, true);
+  window.addEventListener('drop', (e) => {
+    if (DR.currentPage === 'pnginfo' && hasFiles(e)) keepPng(e.dataTransfer.files[0]);
+  }, true);
+  document.addEventListener('paste', (e) => {
+    if (DR.currentPage !== 'pnginfo' || !e.clipboardData) return;
+    keepPng([...e.clipboardData.files].find((x) => /^image\//.test(x.type)));
+  }, true);
+  $('png-send-img2img').addEventListener('click', async () => {
+    if (!pngFile) return;
+    const form = new FormData();
+    form.append('file', pngFile, pngFile.name || 'image.png');
+    try {
+      const info = await DR.api('/api/png-info', { method: 'POST', form });
+      const dataUrl = await readAsDataURL(pngFile);
+      if (info && info.request) DR.fillForm(info.request);
+      else DR.showPage('generate');
+      await setImage(dataUrl, pngFile.name || 'image');
+      toast(info && info.request ? 'Image and settings sent to img2img' : 'Image sent to img2img (it has no generation parameters)');
+    } catch (e) {
+      showError(e);
+    }
+  });
+
+  Object.assign(DR, { sendToImg2img, setImg2imgMode: setMode, exportMask, restoreInit });
   // for a test or a console: how many strokes, and the source size
   DR.maskState = () => ({ strokes: I.strokes.length, painted: hasPaint(), width: I.nw, height: I.nh });
 })();

@@ -7,8 +7,7 @@
 
 (() => {
   const DR = window.Darkroom;
-  const { $, el, api, ApiError, parseJSON, setOnline, showError, copyText, fillForm,
-    openLightbox, readForm, saveForm, showNotes, pixelFit, state } = DR;
+  const { $, el, api, ApiError, parseJSON, setOnline, showError, readForm, saveForm, showNotes, state } = DR;
   const LAST_JOB_KEY = 'darkroom.lastJob';
   const CLIENT_KEY = 'darkroom.client';
   /** This tab's id: sent with each job and with the event stream, so that the server shows this
@@ -24,6 +23,7 @@
     return id;
   })();
   const TERMINAL = new Set(['done', 'error', 'interrupted']);
+  DR.clientId = CLIENT_ID;
 
   // ------------------------------------------------------------------ jobs
 
@@ -63,7 +63,7 @@
       const res = await api('/api/jobs', { method: 'POST', json: req, headers: { 'X-Darkroom-Client': CLIENT_ID } });
       const job = res && res.job ? res.job : res;
       if (!job || !job.id) throw new ApiError('server returned no job', 0);
-      track(job);
+      track(job, false, req.init_image ? { image: req.init_image, mask: req.mask || null } : null);
       // On a phone the progress and results are below the long form: bring them into view.
       // (.following gives the output column a window's height, so the progress can reach the top.)
       if (window.matchMedia('(max-width: 899px)').matches) {
@@ -73,14 +73,21 @@
       }
     } catch (e) {
       showError(e);
+      // refused: the progress card says so, instead of still showing an older job
+      if (!activeJobs().length) {
+        lastShown = null;
+        $('progress-bar').value = 0;
+        $('progress').classList.remove('busy');
+        $('progress-text').textContent = `Not started: ${e.message}`;
+      }
     } finally {
       btn.disabled = false;
     }
   }
 
-  function track(job, resumed = false) {
+  function track(job, resumed = false, init = null) {
     // t0 (submit time) is unknown for a job resumed after a reload.
-    jobs.set(job.id, { job, seen: Date.now(), polling: false, t0: resumed ? null : Date.now(), finished: false });
+    jobs.set(job.id, { job, seen: Date.now(), polling: false, t0: resumed ? null : Date.now(), finished: false, init });
     lastShown = job.id;
     try { sessionStorage.setItem(LAST_JOB_KEY, job.id); } catch (e) { /* ignore */ }
     const note = $('results').querySelector('.results-note'); // about an earlier job
@@ -91,11 +98,14 @@
 
   /** Apply a JobState from SSE or polling. Jobs we did not submit only refresh history/queue. */
   function update(job) {
+    if (DR.queueJob) DR.queueJob(job);
     const t = jobs.get(job.id);
     if (!t) {
       if (job.state === 'done' && DR.onJobFinished) DR.onJobFinished(job);
+      renderProgress(); // another tab's or an API client's job: shown while this tab has none
       return;
     }
+    if (t.stopping && job.state === 'running' && job.stage !== 'stopping') job.stage = 'stopping';
     t.job = job;
     t.seen = Date.now();
     if (TERMINAL.has(job.state) && !t.finished) {
@@ -110,7 +120,8 @@
     const imgs = job.images || [];
     if (imgs.length) state.lastSeed = imgs[imgs.length - 1].seed;
     if (job.state === 'error') showError(new Error(job.error || 'generation failed'));
-    if (imgs.length || job.state !== 'error') renderResults(job);
+    if (imgs.length || job.state !== 'error') DR.viewer.show(job, { init: t.init });
+    else DR.viewer.endLive();
     lastShown = job.id;
     // Forget older finished jobs; keep the one on screen.
     for (const [id, x] of jobs) if (x.finished && id !== job.id) jobs.delete(id);
@@ -118,12 +129,25 @@
   }
 
   const fmtSecs = (s) => (s >= 90 ? `${Math.floor(s / 60)} min ${Math.round(s % 60)} s` : `${Math.max(0, Math.round(s))} s`);
+  DR.fmtSecs = fmtSecs;
+
+  /** The running job of another tab or an API client (from the queue panel), when this tab has none. */
+  const foreignJob = () => (activeJobs().length ? null : DR.runningJob || null);
 
   function renderProgress() {
-    const t = focusJob();
+    const own = focusJob();
+    const foreign = foreignJob();
     const bar = $('progress-bar'), text = $('progress-text'), preview = $('preview');
-    $('interrupt').disabled = activeJobs().length === 0;
-    if (!t) return;
+    $('interrupt').disabled = !activeJobs().length && !foreign;
+    if (!own && !foreign) return;
+    if (!own || (foreign && !isActive(own.job))) { // someone else's job: its progress, no preview
+      const j = foreign;
+      $('progress').classList.add('busy');
+      if (j.state === 'running' && j.progress) bar.value = j.progress; else bar.removeAttribute('value');
+      text.textContent = `${DR.sourceLabel(j) === 'another tab' ? 'Another tab' : DR.sourceLabel(j)}: ${DR.stageText(j)}`;
+      return;
+    }
+    const t = own;
     const j = t.job;
     const others = activeJobs().length - (isActive(j) ? 1 : 0);
     const more = others > 0 ? ` · ${others} more of yours queued` : '';
@@ -132,13 +156,19 @@
       bar.removeAttribute('value'); // indeterminate
       text.textContent = (j.position > 0 ? `Queued · position ${j.position}` : 'Starting…') + more;
     } else if (j.state === 'running') {
-      bar.value = Math.min(1, Math.max(0, j.progress || 0));
-      const perBatch = j.request && j.request.batch_size > 1 ? 'batch' : 'image';
-      const hires = j.phase === 'hires';
-      const parts = [j.steps ? `${hires ? 'Hires pass: step' : 'Step'} ${j.step} / ${j.steps}` : 'Preparing…'];
-      if (j.batches > 1 || perBatch === 'image') parts.push(`${perBatch} ${(j.batch || 0) + 1} of ${j.batches || 1}`);
-      if (j.eta !== null && j.eta !== undefined) parts.push(`ETA ${fmtSecs(j.eta)}`);
-      text.textContent = parts.join(' · ') + more;
+      const stage = j.stage || 'sampling';
+      if (stage === 'loading') bar.removeAttribute('value');
+      else bar.value = Math.min(1, Math.max(0, j.progress || 0));
+      if (stage === 'sampling') {
+        const perBatch = j.request && j.request.batch_size > 1;
+        const parts = [j.steps ? `${j.phase === 'hires' ? 'Hires pass: step' : 'Step'} ${j.step} / ${j.steps}` : 'Preparing…'];
+        if (perBatch && j.batches > 1) parts.push(`batch ${(j.batch || 0) + 1} of ${j.batches}`);
+        else if (!perBatch) parts.push(`image ${Math.min(j.images_total || 1, (j.images_done || 0) + 1)} of ${j.images_total || 1}`);
+        if (j.eta !== null && j.eta !== undefined) parts.push(`ETA ${fmtSecs(j.eta)}`);
+        text.textContent = parts.join(' · ') + more;
+      } else {
+        text.textContent = DR.stageText(j) + more; // Loading model…, Decoding…, Stopping…
+      }
     } else {
       bar.value = j.state === 'done' ? 1 : bar.value || 0;
       const n = (j.images || []).length;
@@ -148,8 +178,9 @@
         : j.state === 'interrupted' ? `Interrupted · ${n} image${n === 1 ? '' : 's'} kept` + more
         : `Error: ${j.error || 'generation failed'}` + more;
     }
-    // Live preview while sampling; only touch src when the server has a new one.
+    // Live preview while sampling, where the result will appear; only touch src when the server has a new one.
     if (isActive(j) && j.preview_url) {
+      DR.viewer.live(j);
       if (preview.dataset.src !== j.preview_url) { preview.dataset.src = j.preview_url; preview.src = j.preview_url; }
       preview.hidden = false;
     } else if (!isActive(j)) {
@@ -158,69 +189,21 @@
     }
   }
 
-  function renderResults(job) {
-    const box = $('results');
-    const imgs = job.images || [];
-    if (!imgs.length && job.state === 'interrupted' && box.querySelector('.result')) {
-      // Keep the previous results on screen; the progress line says "Interrupted".
-      const old = box.querySelector('.results-note');
-      if (old) old.remove();
-      const single = box.querySelectorAll('.result').length === 1; // see .results-note.single in app.css
-      box.prepend(el('p', { className: 'results-note muted' + (single ? ' single' : '') },
-        'Interrupted before any image finished. The images below are from an earlier job.'));
-      return;
-    }
-    if (!imgs.length) {
-      box.replaceChildren(el('p', { className: 'empty muted' }, job.state === 'interrupted' ? 'Interrupted before any image finished.' : 'No images.'));
-      return;
-    }
-    const grid = job.grid_url || null; // X/Y grid: shown first, then its cells
-    const urls = (grid ? [grid] : []).concat(imgs.map((im) => im.url));
-    const off = grid ? 1 : 0;
-    const priv = job.request && job.request.private;
-    const sendBtn = (url) => {
-      const b = el('button', { type: 'button', className: 'btn send-img2img', textContent: 'Send to img2img' });
-      b.addEventListener('click', () => DR.sendToImg2img(url));
-      return b;
-    };
-    const extrasBtn = (url, seed) => {
-      const b = el('button', { type: 'button', className: 'btn send-extras', textContent: 'Send to extras' });
-      b.addEventListener('click', () => DR.sendToExtras(url, `seed-${seed}`));
-      return b;
-    };
-    const viewable = (img, i) => {
-      img.addEventListener('click', () => openLightbox(urls, i));
-      img.addEventListener('keydown', (e) => { if (e.key === 'Enter') openLightbox(urls, i); });
-      return img;
-    };
-    const gridFig = grid && el('figure', { className: 'result result-grid' },
-      viewable(el('img', { className: 'grid-image', src: grid, alt: 'X/Y grid', tabIndex: 0 }), 0),
-      el('figcaption', {}, el('div', { className: 'actions' },
-        el('span', { className: 'muted grid-caption', textContent: `X/Y grid · ${imgs.length} cell image${imgs.length === 1 ? '' : 's'} below` }),
-        el('a', { className: 'btn', href: grid, target: '_blank', rel: 'noopener', textContent: 'Open full size' }))));
-    box.replaceChildren(...(gridFig ? [gridFig] : []), ...imgs.map((im, i) => {
-      const img = viewable(el('img', { className: 'result-image', src: im.url, alt: `Result ${i + 1} (seed ${im.seed})`, tabIndex: 0 }), i + off);
-      const copy = el('button', { type: 'button', className: 'btn', textContent: 'Copy parameters' });
-      copy.addEventListener('click', () => copyText(im.infotext || ''));
-      const use = el('button', { type: 'button', className: 'btn', textContent: 'Use these settings' });
-      use.addEventListener('click', () => fillForm({ ...(job.request || {}), seed: im.seed }, { switchPage: false }));
-      return el('figure', { className: 'result' }, img,
-        el('figcaption', {},
-          priv ? el('p', { className: 'badge', textContent: 'Private · not saved' }) : null,
-          el('pre', { className: 'infotext', textContent: im.infotext || '' }),
-          el('div', { className: 'actions' }, copy, use, sendBtn(im.url), extrasBtn(im.url, im.seed))));
-    }));
-    // small images: a whole-number scale that fits the card (and 75vh, as in app.css)
-    for (const img of box.querySelectorAll('img.result-image')) pixelFit(img, { maxScale: 4, maxVh: 0.75 });
-    for (const img of box.querySelectorAll('img.grid-image')) pixelFit(img, { maxScale: 4, maxVh: 0.85 });
-  }
-
+  /** Interrupt this tab's job, or else the job running for another tab or an API client. */
   async function interrupt() {
     const t = focusJob();
-    if (!t || !isActive(t.job)) return;
+    const foreign = foreignJob();
+    if ((!t || !isActive(t.job)) && !foreign) return;
     $('interrupt').disabled = true;
     try {
-      update(await api(`/api/jobs/${encodeURIComponent(t.job.id)}/interrupt`, { method: 'POST' }));
+      if (t && isActive(t.job)) {
+        t.stopping = true; // "Stopping…" until the server says it stopped
+        if (t.job.state === 'running') { t.job.stage = 'stopping'; renderProgress(); $('interrupt').disabled = true; }
+        update(await api(`/api/jobs/${encodeURIComponent(t.job.id)}/interrupt`, { method: 'POST' }));
+      } else {
+        const res = await api(`/api/queue/${encodeURIComponent(foreign.id)}/cancel`, { method: 'POST', headers: { 'X-Darkroom-Client': CLIENT_ID } });
+        update(res);
+      }
     } catch (e) {
       showError(e);
       renderProgress();
@@ -259,6 +242,7 @@
 
   function renderQueue(q) {
     if (!q) return;
+    if (DR.queueCounts) DR.queueCounts(q);
     const n = q.pending || 0;
     const parts = [];
     if (n) parts.push(`${n} job${n === 1 ? '' : 's'} waiting`);
@@ -272,6 +256,7 @@
     const parse = (e) => { try { return parseJSON(e.data); } catch (err) { return null; } };
     es.addEventListener('open', () => {
       setOnline(true);
+      if (DR.refreshQueue) DR.refreshQueue();
       for (const t of activeJobs()) pollJob(t); // catch up on anything missed while away
     });
     es.addEventListener('job', (e) => { const j = parse(e); if (j && j.id) update(j); });
@@ -319,6 +304,8 @@
 
   /** Called by app.js's init once models, samplers and schedules are loaded. */
   function startJobs() {
+    DR.onQueueChange = renderProgress; // the queue panel (queue.js) knows about other tabs' jobs
+    if (DR.refreshQueue) DR.refreshQueue();
     connectEvents();
     // While the event stream is down, keep the queue line and status fresh.
     setInterval(() => { if (!es || es.readyState !== 1) refreshStatus(); }, 5000);
