@@ -12,6 +12,7 @@ from darkroom.cli.bundle import bundle_group
 from darkroom.cli.doctor import doctor
 from darkroom.cli.generate import generate
 from darkroom.cli.group import cli
+from darkroom.cli.help import help_command
 from darkroom.cli.info import png_info, samplers
 from darkroom.cli.models import models_group
 from darkroom.cli.presets import presets
@@ -25,6 +26,7 @@ cli.add_command(models_group, "models")
 cli.add_command(bundle_group, "bundle")
 cli.add_command(upscale)
 cli.add_command(styles_group, "styles")
+cli.add_command(help_command, "help")
 
 __all__ = ["cli", "main"]
 
