@@ -229,6 +229,20 @@ def style_list(studio: Studio = Depends(get_studio)) -> list[dict]:
             for s in studio.engine.prompts.styles.styles().values()]
 
 
+class TokensBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field("", max_length=100_000)
+    steps: int = Field(20, ge=1, le=10_000)
+
+
+@router.post("/tokens")
+def tokens(body: TokensBody) -> dict:
+    """The prompt token counter: {tokens, chunks, limit} as the webui counts them (darkroom/text/token_count.py)."""
+    from darkroom.text.token_count import count_tokens
+
+    return count_tokens(body.text, body.steps)
+
+
 @router.get("/wildcards")
 def wildcard_list(studio: Studio = Depends(get_studio)) -> dict:
     """The `__name__` wildcards a prompt can use, and the folders they are read from."""

@@ -187,6 +187,7 @@
       tab.setAttribute('aria-selected', String(active));
     }
     DR.currentPage = page;
+    if (DR.syncTabs) DR.syncTabs(); // roving tabindex (a11y.js)
     const hook = DR.pageHooks[page];
     if (hook) Promise.resolve().then(hook).catch(showError);
   }

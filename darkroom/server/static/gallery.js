@@ -241,6 +241,7 @@
     openLightbox(H.items.map(DR.historyViewItem), Math.max(0, H.items.indexOf(H.current)));
   };
   $('history-detail-img').addEventListener('click', () => viewPage());
+  $('history-detail-img').addEventListener('keydown', (e) => { if (e.key === 'Enter' || e.key === ' ') { e.preventDefault(); viewPage(); } });
   $('history-open').addEventListener('click', viewPage);
   $('history-use').addEventListener('click', () => {
     if (!H.current) return;

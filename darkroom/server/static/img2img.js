@@ -42,7 +42,7 @@
     $('height').value = I.sizes[mode].h;
     const img2img = mode === 'img2img';
     $('img2img-panel').hidden = !img2img;
-    $('hires-section').hidden = img2img; // the webui's img2img has no hires fix either
+    $('hires-section').parentElement.hidden = img2img; // with its Enable box; the webui's img2img has no hires fix either
     $(img2img ? 'denoise-slot-img2img' : 'denoise-slot-hires').append($('denoise-field'));
     document.body.classList.toggle('img2img-mode', img2img);
     DR.updateSizePlaceholders();

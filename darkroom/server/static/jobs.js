@@ -312,5 +312,13 @@
     resumeLastJob();
   }
 
-  Object.assign(DR, { refreshStatus, startJobs });
+  /** Esc (a11y.js): interrupt this tab's own running job, if it has one; true if it did. */
+  function interruptOwn() {
+    const t = focusJob();
+    if (!t || !isActive(t.job)) return false;
+    interrupt();
+    return true;
+  }
+
+  Object.assign(DR, { refreshStatus, startJobs, interruptOwn });
 })();
