@@ -214,15 +214,7 @@ def webui_train_sigmas(scheduler_config: dict) -> torch.Tensor:
     The webui's (CompVis/sgm) models compute alphas_cumprod in float64, keep it as float32, and k-diffusion's
     CompVisDenoiser takes sqrt((1 - abar) / abar) of that float32 tensor; schedules.model_sigmas stays in
     float64 to the end (up to 1.3e-5 apart at the low end), so this is used for the webui's sources only."""
-    steps = scheduler_config.get("num_train_timesteps", 1000)
-    start, end = scheduler_config.get("beta_start", 0.00085), scheduler_config.get("beta_end", 0.012)
-    kind = scheduler_config.get("beta_schedule", "scaled_linear")
-    if kind == "scaled_linear":
-        betas = torch.linspace(start ** 0.5, end ** 0.5, steps, dtype=torch.float64) ** 2
-    elif kind == "linear":
-        betas = torch.linspace(start, end, steps, dtype=torch.float64)
-    else:
-        raise ValueError(f"beta_schedule {kind!r} has no sigma table here (expected scaled_linear or linear)")
+    betas = schedules.train_betas(scheduler_config)
     abar = torch.from_numpy(np.cumprod(1.0 - betas.numpy(), axis=0)).float()
     return ((1 - abar) / abar) ** 0.5
 

@@ -33,18 +33,21 @@ AYS_SD1 = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152
 AYS_SDXL = (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029)
 
 
-def model_sigmas(scheduler_config: dict) -> torch.Tensor:
-    """The training noise levels sqrt((1 - abar) / abar) of a diffusers scheduler config, lowest first."""
+def train_betas(scheduler_config: dict) -> torch.Tensor:
+    """The training betas (float64) of a diffusers scheduler config: scaled_linear or linear."""
     steps = scheduler_config.get("num_train_timesteps", 1000)
     start, end = scheduler_config.get("beta_start", 0.00085), scheduler_config.get("beta_end", 0.012)
     kind = scheduler_config.get("beta_schedule", "scaled_linear")
     if kind == "scaled_linear":
-        betas = torch.linspace(start ** 0.5, end ** 0.5, steps, dtype=torch.float64) ** 2
-    elif kind == "linear":
-        betas = torch.linspace(start, end, steps, dtype=torch.float64)
-    else:
-        raise ValueError(f"beta_schedule {kind!r} has no sigma table here (expected scaled_linear or linear)")
-    abar = torch.cumprod(1.0 - betas, dim=0)
+        return torch.linspace(start ** 0.5, end ** 0.5, steps, dtype=torch.float64) ** 2
+    if kind == "linear":
+        return torch.linspace(start, end, steps, dtype=torch.float64)
+    raise ValueError(f"beta_schedule {kind!r} has no sigma table here (expected scaled_linear or linear)")
+
+
+def model_sigmas(scheduler_config: dict) -> torch.Tensor:
+    """The training noise levels sqrt((1 - abar) / abar) of a diffusers scheduler config, lowest first."""
+    abar = torch.cumprod(1.0 - train_betas(scheduler_config), dim=0)
     return ((1 - abar) / abar).sqrt().float()
 
 
