@@ -299,16 +299,8 @@
   }
 
   const drop = $('png-drop');
-  const hasFiles = (e) => e.dataTransfer && [...(e.dataTransfer.types || [])].includes('Files');
-  drop.addEventListener('dragenter', (e) => { if (hasFiles(e)) { e.preventDefault(); drop.classList.add('over'); } });
-  drop.addEventListener('dragover', (e) => { if (hasFiles(e)) { e.preventDefault(); e.dataTransfer.dropEffect = 'copy'; } });
-  drop.addEventListener('dragleave', (e) => { if (!drop.contains(e.relatedTarget)) drop.classList.remove('over'); });
-  drop.addEventListener('drop', (e) => {
-    e.preventDefault();
-    e.stopPropagation();
-    drop.classList.remove('over');
-    inspectFile(e.dataTransfer.files[0]);
-  });
+  const { hasFiles } = DR;
+  DR.fileDropZone(drop, inspectFile);
   // A file dropped anywhere else must not navigate away from the app; on the
   // PNG info page it is inspected as if dropped on the zone.
   window.addEventListener('dragover', (e) => { if (hasFiles(e)) e.preventDefault(); });

@@ -55,25 +55,8 @@
 
   // ------------------------------------------------------------------ source image
 
-  const readAsDataURL = (blob) => new Promise((resolve, reject) => {
-    const r = new FileReader();
-    r.onload = () => resolve(String(r.result));
-    r.onerror = () => reject(new Error('could not read the file'));
-    r.readAsDataURL(blob);
-  });
-
-  async function loadFile(file) {
-    if (!file) return;
-    if (file.type && !/^image\/(png|jpeg|webp)$/.test(file.type)) {
-      toast(`${file.name || 'That file'} is not a PNG, JPEG or WebP image`, 'error');
-      return;
-    }
-    try {
-      await setImage(await readAsDataURL(file), file.name || 'image');
-    } catch (e) {
-      showError(e);
-    }
-  }
+  const { readAsDataURL } = DR;
+  const loadFile = (file) => DR.loadImageFile(file, setImage);
 
   /** Show `url` (a data: URL) as the source image; a new image starts with an empty mask. */
   async function setImage(url, name) {
@@ -468,7 +451,7 @@
   $('mask-invert').addEventListener('change', () => { updateTools(); composite(); });
 
   const drop = $('img2img-drop');
-  const hasFiles = (e) => e.dataTransfer && [...(e.dataTransfer.types || [])].includes('Files');
+  const { hasFiles } = DR;
   const takes = (e) => hasFiles(e) || hasImageLink(e);
   drop.addEventListener('dragenter', (e) => { if (takes(e)) { e.preventDefault(); drop.classList.add('over'); } });
   drop.addEventListener('dragover', (e) => { if (takes(e)) { e.preventDefault(); e.dataTransfer.dropEffect = 'copy'; } });

@@ -27,25 +27,8 @@
 
   // ------------------------------------------------------------------ source image
 
-  const readAsDataURL = (blob) => new Promise((resolve, reject) => {
-    const r = new FileReader();
-    r.onload = () => resolve(String(r.result));
-    r.onerror = () => reject(new Error('could not read the file'));
-    r.readAsDataURL(blob);
-  });
-
-  async function loadFile(file) {
-    if (!file) return;
-    if (file.type && !/^image\/(png|jpeg|webp)$/.test(file.type)) {
-      toast(`${file.name || 'That file'} is not a PNG, JPEG or WebP image`, 'error');
-      return;
-    }
-    try {
-      await setSource(await readAsDataURL(file), file.name || 'image');
-    } catch (e) {
-      showError(e);
-    }
-  }
+  const { readAsDataURL, hasFiles } = DR;
+  const loadFile = (file) => DR.loadImageFile(file, setSource);
 
   async function setSource(url, name) {
     const seq = ++U.seq;
@@ -228,16 +211,7 @@
   $('extras-visibility-value').addEventListener('change', () => setVisibility($('extras-visibility-value').value));
 
   const drop = $('extras-drop');
-  const hasFiles = (e) => e.dataTransfer && [...(e.dataTransfer.types || [])].includes('Files');
-  drop.addEventListener('dragenter', (e) => { if (hasFiles(e)) { e.preventDefault(); drop.classList.add('over'); } });
-  drop.addEventListener('dragover', (e) => { if (hasFiles(e)) { e.preventDefault(); e.dataTransfer.dropEffect = 'copy'; } });
-  drop.addEventListener('dragleave', (e) => { if (!drop.contains(e.relatedTarget)) drop.classList.remove('over'); });
-  drop.addEventListener('drop', (e) => {
-    e.preventDefault();
-    e.stopPropagation();
-    drop.classList.remove('over');
-    loadFile(e.dataTransfer.files[0]);
-  });
+  DR.fileDropZone(drop, loadFile);
   drop.addEventListener('click', (e) => {
     if (!U.dataUrl && (e.target === drop || e.target === $('extras-hint'))) $('extras-file').click();
   });
