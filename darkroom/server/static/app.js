@@ -192,7 +192,9 @@
     if (hook) Promise.resolve().then(hook).catch(showError);
   }
   function showPage(page) {
-    if (location.hash === '#' + page) route(); else location.hash = '#' + page;
+    // pushState, not location.hash: a fragment navigation moves the focus off the tab that asked for it
+    if (location.hash !== '#' + page) history.pushState(null, '', '#' + page);
+    route();
   }
 
   // ------------------------------------------------------------------ lists (models, samplers, schedules)
