@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from darkroom.control_unit import MAX_UNITS, ControlUnit
+
 MAX_SIDE = 4096
 MAX_SEED = 2**64 - 1
 """Seeds are 0..2**64-1 (-1: random): what torch's generators take, and ComfyUI's 64-bit seeds.
@@ -81,6 +83,10 @@ class GenerationRequest(BaseModel):
     inpaint_full_res: bool = Field(False, description="Inpaint only the masked area (at full resolution).")
     inpaint_full_res_padding: int = Field(32, ge=0, le=256)
     inpainting_mask_invert: bool = Field(False, description="Repaint the black part of the mask instead.")
+
+    # ControlNet (darkroom/control): units applied together, as the sd-webui-controlnet extension does
+    controlnet: list[ControlUnit] = Field([], max_length=MAX_UNITS, description="ControlNet units (the A1111"
+                                          " extension's fields); disabled units and model 'None' are ignored.")
 
     # hires fix
     enable_hr: bool = False
@@ -194,7 +200,8 @@ class GenerationRequest(BaseModel):
 
     def describe(self) -> dict[str, Any]:
         """The request as JSON-safe data (images reduced to their byte counts)."""
-        data = self.model_dump(exclude={"init_image", "mask"})
+        data = self.model_dump(exclude={"init_image", "mask", "controlnet"})
+        data["controlnet"] = [unit.describe() for unit in self.controlnet]
         data["init_image"] = None if self.init_image is None else f"<{len(self.init_image)} bytes>"
         data["mask"] = None if self.mask is None else f"<{len(self.mask)} bytes>"
         return data

@@ -1,0 +1,112 @@
+"""One ControlNet unit as a request carries it: the sd-webui-controlnet extension's unit fields.
+
+Names and defaults follow the extension's API (what webuiapi's `ControlNetUnit.to_dict()` sends),
+so the A1111 translation is a rename at most. Enumerations accept the extension's strings and
+its old integer codes and are kept as the strings the extension writes into infotexts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
+"""How the control image meets the generation size (the extension's names; 0/1/2 in old clients)."""
+CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
+"""Balanced: the same control for the prompt and the negative; the other two weaken the control's
+shallow layers (the extension's "soft injection"), and "ControlNet is more important" also gives
+the control to the conditional half only, so CFG amplifies it."""
+HR_OPTIONS = ("Both", "Low res only", "High res only")
+"""Which passes of a hires-fix generation the unit steers."""
+MAX_UNITS = 8
+
+
+def _pick(value: Any, names: tuple[str, ...], field: str) -> str:
+    if isinstance(value, bool):
+        raise ValueError(f"{field} must be one of {', '.join(names)}")
+    if isinstance(value, int) and 0 <= value < len(names):
+        return names[value]
+    text = str(value).strip()
+    if text.isdigit() and int(text) < len(names):
+        return names[int(text)]
+    for name in names:
+        if text.lower() == name.lower():
+            return name
+    # the extension's older spellings
+    aliases = {"envelope (outer fit)": "Resize and Fill", "scale to fit (inner fit)": "Crop and Resize",
+               "inner fit": "Crop and Resize", "outer fit": "Resize and Fill"}
+    if text.lower() in aliases and aliases[text.lower()] in names:
+        return aliases[text.lower()]
+    raise ValueError(f"{field} {value!r} is not one of: {', '.join(names)} (or 0-{len(names) - 1})")
+
+
+class ControlUnit(BaseModel):
+    """A ControlNet unit: which model, which control image and preprocessor, how strongly and when."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    enabled: bool = True
+    model: str = Field("None", description="ControlNet file name (as /controlnet/model_list lists it, with or"
+                                           " without its [hash]), or a path.")
+    module: str = Field("none", description="Preprocessor: none (the image is the control map), canny, invert,"
+                                            " scribble, tile_resample, inpaint_only, shuffle, ... (see"
+                                            " /controlnet/module_list).")
+    image: bytes | None = Field(None, repr=False, description="Control image (an encoded file). None in img2img:"
+                                                              " the init image is used, as the extension does.")
+    mask: bytes | None = Field(None, repr=False, description="Mask for this unit (white = masked), e.g. inpaint.")
+    weight: float = Field(1.0, ge=0.0, le=2.0)
+    guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of the steps where it starts.")
+    guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="Fraction of the steps where it stops.")
+    control_mode: str = Field("Balanced", description=", ".join(CONTROL_MODES))
+    resize_mode: str = Field("Crop and Resize", description=", ".join(RESIZE_MODES))
+    processor_res: int = Field(512, ge=-1, le=4096, description="Preprocessor resolution (-1: its default).")
+    threshold_a: float = Field(-1, description="The preprocessor's first slider (canny low threshold, ...);"
+                                               " -1: its default.")
+    threshold_b: float = Field(-1, description="The preprocessor's second slider; -1: its default.")
+    pixel_perfect: bool = Field(False, description="Pick the preprocessor resolution from the generation size.")
+    guess_mode: bool = Field(False, description="diffusers' guess mode: control on the conditional half only,"
+                                                " deeper layers stronger; for use with no prompt.")
+    low_vram: bool = False
+    hr_option: str = Field("Both", description=", ".join(HR_OPTIONS))
+
+    @field_validator("control_mode", mode="before")
+    @classmethod
+    def _control_mode(cls, v: Any) -> str:
+        return _pick(v, CONTROL_MODES, "control_mode")
+
+    @field_validator("resize_mode", mode="before")
+    @classmethod
+    def _resize_mode(cls, v: Any) -> str:
+        return _pick(v, RESIZE_MODES, "resize_mode")
+
+    @field_validator("hr_option", mode="before")
+    @classmethod
+    def _hr_option(cls, v: Any) -> str:
+        return _pick(v, HR_OPTIONS, "hr_option")
+
+    @field_validator("model", "module")
+    @classmethod
+    def _name(cls, v: str, info) -> str:
+        v = v.strip()
+        if len(v) > 4096:
+            raise ValueError(f"{info.field_name} is too long")
+        return v
+
+    @model_validator(mode="after")
+    def _window(self) -> ControlUnit:
+        if self.guidance_end < self.guidance_start:
+            raise ValueError(f"guidance_end {self.guidance_end} is before guidance_start {self.guidance_start};"
+                             " the unit steers the steps between the two fractions")
+        return self
+
+    @property
+    def active(self) -> bool:
+        """Enabled, with a model, and not weighted to nothing."""
+        return self.enabled and self.model.lower() not in ("", "none") and self.weight > 0
+
+    def describe(self) -> dict[str, Any]:
+        data = self.model_dump(exclude={"image", "mask"})
+        data["image"] = None if self.image is None else f"<{len(self.image)} bytes>"
+        data["mask"] = None if self.mask is None else f"<{len(self.mask)} bytes>"
+        return data
