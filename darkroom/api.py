@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 from pathlib import Path
 
 from darkroom.home import Home
@@ -28,7 +29,23 @@ def build_engine(home: Home, *, device: str | None = None, precision: str | None
     library = ModelLibrary(home)
     cache = ModelCache(choose_device(device, precision), allow_pickle=allow_pickle, v_prediction=v_prediction)
     cache.placement = Placement(vram, fp8=fp8)
+    cache.compile_mode, cache.compile_home = compile_mode(home), home
     return Engine(library, cache, default_model=lambda: starter_path(home))
+
+
+def compile_mode(home: Home) -> str:
+    """torch.compile for models this process loads: $DARKROOM_COMPILE (set by `--compile`), else the home's
+    `torch_compile` setting (darkroom/engine/speed.py says what each mode does and costs)."""
+    from darkroom.engine.speed import COMPILE_MODES
+    from darkroom.errors import InvalidRequest
+    from darkroom.settings import Settings
+
+    mode = os.environ.get("DARKROOM_COMPILE", "").strip().lower()
+    if not mode:
+        return Settings(home.root / "settings.json").get("torch_compile")
+    if mode not in COMPILE_MODES:
+        raise InvalidRequest(f"DARKROOM_COMPILE={mode!r} is not one of {', '.join(COMPILE_MODES)}")
+    return mode
 
 
 def generate(request: GenerationRequest, *, home: Home | None = None, output_dir: Path | None = None,

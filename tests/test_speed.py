@@ -145,3 +145,38 @@ def test_compiled_unet_follows_lora_merges(tiny_model, tmp_path, monkeypatch):
         torch.testing.assert_close(got2, ref2, rtol=0, atol=1e-3)
     finally:
         torch._dynamo.reset()
+
+
+def test_compile_mode_comes_from_the_setting_the_variable_and_the_flag(tmp_path, monkeypatch):
+    """`torch_compile` (settings.json) is the default; DARKROOM_COMPILE, which `--compile` sets, wins;
+    a bad value in the variable is one clear error, not a crash at the first generation."""
+    import json
+
+    from click.testing import CliRunner
+
+    from darkroom.api import build_engine, compile_mode
+    from darkroom.cli import cli
+    from darkroom.errors import InvalidRequest
+
+    monkeypatch.delenv("DARKROOM_COMPILE", raising=False)
+    home = Home(tmp_path / "home").ensure()
+    assert compile_mode(home) == "off"
+    (home.root / "settings.json").write_text(json.dumps({"torch_compile": "unet"}))
+    engine = build_engine(home)
+    assert (engine.cache.compile_mode, engine.cache.compile_home) == ("unet", home)
+    monkeypatch.setenv("DARKROOM_COMPILE", "off")
+    assert compile_mode(home) == "off"
+    monkeypatch.setenv("DARKROOM_COMPILE", "fast")
+    with pytest.raises(InvalidRequest, match="DARKROOM_COMPILE='fast' is not one of off, unet"):
+        compile_mode(home)
+    monkeypatch.delenv("DARKROOM_COMPILE")
+    # the flag sets the variable for this process (the option is read before the command runs)
+    result = CliRunner().invoke(cli, ["--home", str(home.root), "generate", "--compile", "bogus", "x"])
+    assert result.exit_code == 2 and "'bogus' is not one of 'off', 'unet'" in result.output
+    seen = []
+    import sys
+
+    generate_module = sys.modules["darkroom.cli.generate"]  # the package's `generate` is the command
+    monkeypatch.setattr(generate_module, "_engine", lambda home, *a, **k: seen.append(compile_mode(home)) or 1 / 0)
+    CliRunner().invoke(cli, ["--home", str(home.root), "generate", "--compile", "off", "x"])
+    assert seen == ["off"]  # the flag beat the setting's "unet"
