@@ -204,8 +204,8 @@ def test_create_portable_builds_in_a_cached_venv_and_writes_a_checkable_bundle(t
 
 def test_cli_portable_refuses_another_platform_in_one_line(tmp_path):
     home = Home(tmp_path / "home").ensure()
-    r = CliRunner().invoke(bundle_group, ["create", str(tmp_path / "b"), "--portable", "--platform", "win_amd64"],
-                           obj=Context(home), prog_name="darkroom bundle")
+    r = CliRunner().invoke(bundle_group, ["create", str(tmp_path / "b"), "--portable", "--platform",
+                                          "macosx_11_0_arm64"], obj=Context(home), prog_name="darkroom bundle")
     assert r.exit_code == 1 and r.output.count("\n") == 1 and "--portable" in r.output
     assert not (tmp_path / "b").exists()
 

