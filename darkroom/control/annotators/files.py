@@ -1,0 +1,74 @@
+"""Where annotator weight files are, and reading them: local files only, never a download.
+
+Each install keeps them in its own place, under the names the extension downloads them as:
+the sd-webui-controlnet extension in `annotator/downloads/<kind>/` (hed/ControlNetHED.pth,
+lineart/sk_model.pth), Forge in `models/ControlNetPreprocessor` (flat or in the same kind folders),
+and ComfyUI's controlnet_aux in `ckpts/lllyasviel/Annotators/` (the Hugging Face repository path).
+Darkroom's own `models/annotators` accepts any of these shapes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from darkroom.errors import ModelLoadError
+from darkroom.fsutil import open_regular
+
+INSTALL_DIRS = (
+    "extensions/sd-webui-controlnet/annotator/downloads",  # A1111 with the extension
+    "models/ControlNetPreprocessor",                       # Forge
+    "custom_nodes/comfyui_controlnet_aux/ckpts",           # ComfyUI with controlnet_aux
+)
+_HUB_PATH = ("lllyasviel", "Annotators")
+
+
+def candidates(folder: Path, file: str, kind: str) -> list[Path]:
+    """The places one folder may hold `file`: directly, in its kind folder, or in the hub repository path."""
+    return [folder / file, folder / kind / file, folder.joinpath(*_HUB_PATH, file)]
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def find(file: str, kind: str, dirs) -> Path | None:
+    """The first `file` in `dirs` (in their order), or None."""
+    for folder in dirs:
+        for path in candidates(Path(folder), file, kind):
+            if _is_file(path):
+                return path
+    return None
+
+
+def read_state_dict(path: Path) -> dict[str, Any]:
+    """The tensors of an annotator .pth, read with weights_only=True (a pickle with code is refused)."""
+    import torch
+
+    try:
+        with open_regular(path, what="an annotator weight file") as fh:
+            obj = torch.load(fh, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"{path.name}: not a loadable weight file, or one holding more than tensors"
+                             f" ({type(e).__name__}: {first[:200]})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ModelLoadError(f"{path.name}: holds no state dict")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_strict(net, state: dict[str, Any], path: Path, what: str):
+    """`net` with `state` loaded key for key; a file of another network is a clear ModelLoadError."""
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        detail = str(e).splitlines()[0] if str(e) else "keys differ"
+        raise ModelLoadError(f"{path.name}: not a {what} weight file ({detail[:300]})") from None
+    return net.eval().requires_grad_(False)

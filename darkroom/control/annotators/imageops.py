@@ -1,0 +1,155 @@
+"""Image helpers that stand in for the OpenCV calls of the extension's annotators, with numpy, scipy and PIL.
+
+Darkroom does not ship OpenCV (a 64 MB wheel on USB bundles), so resizing goes through PIL (BOX for
+OpenCV's INTER_AREA, BICUBIC, BILINEAR, NEAREST) and blurs through scipy.ndimage with OpenCV's
+kernel sizes and its default reflect-101 border ("mirror" in scipy).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+AREA, CUBIC, LINEAR, NEAREST = "area", "cubic", "linear", "nearest"
+_PIL = {AREA: Image.Resampling.BOX, CUBIC: Image.Resampling.BICUBIC, LINEAR: Image.Resampling.BILINEAR,
+        NEAREST: Image.Resampling.NEAREST}
+
+
+def hwc3(image: Image.Image) -> np.ndarray:
+    """A PIL image as uint8 HxWx3; transparency is composited over white (the extension's HWC3 rule, so a
+    transparent scribble reads as black lines on white)."""
+    if image.mode.startswith("I") or image.mode == "F":  # 16/32-bit greys (16-bit PNGs): scaled to 8 bits
+        scale = 257.0 if image.mode.startswith("I;16") or np.asarray(image).max() > 255 else 1.0
+        grey = np.rint(np.asarray(image, dtype=np.float64) / scale).clip(0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
+        alpha = rgba[..., 3:4] / 255.0
+        return (rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).clip(0, 255).astype(np.uint8)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+
+
+def resize(x: np.ndarray, width: int, height: int, method: str) -> np.ndarray:
+    """An HxW or HxWxC array resized to height x width; uint8 stays uint8 (rounded), floats stay float32."""
+    if x.shape[0] == height and x.shape[1] == width:
+        return x.copy()
+    squeeze = x.ndim == 2
+    planes = x[:, :, None] if squeeze else x
+    out = np.empty((height, width, planes.shape[2]), dtype=np.float32)
+    for c in range(planes.shape[2]):
+        plane = Image.fromarray(np.ascontiguousarray(planes[:, :, c], dtype=np.float32), mode="F")
+        out[:, :, c] = np.asarray(plane.resize((width, height), _PIL[method]), dtype=np.float32)
+    if x.dtype == np.uint8:
+        out = np.rint(out).clip(0, 255).astype(np.uint8)
+    return out[:, :, 0] if squeeze else out
+
+
+def gaussian(x: np.ndarray, sigma: float) -> np.ndarray:
+    """OpenCV's GaussianBlur(x, (0, 0), sigma) over H and W: its kernel reaches 3 sigma for uint8 input and
+    4 sigma for floats; uint8 in gives uint8 out."""
+    truncate = 3.0 if x.dtype == np.uint8 else 4.0
+    sigmas = (sigma, sigma) + (0,) * (x.ndim - 2)
+    y = ndimage.gaussian_filter(x.astype(np.float32), sigmas, mode="mirror", truncate=truncate)
+    return np.rint(y).clip(0, 255).astype(np.uint8) if x.dtype == np.uint8 else y
+
+
+def short_side_size(height: int, width: int, resolution: int) -> tuple[int, int]:
+    """(height, width) with the short side at `resolution`, the aspect kept (the extension's rounding)."""
+    k = float(resolution) / float(min(height, width))
+    return max(1, int(np.round(height * k))), max(1, int(np.round(width * k)))
+
+
+def to_resolution(img: np.ndarray, resolution: int) -> np.ndarray:
+    """The extension's resize_image_with_pad without the pad: short side to `resolution`, cubic when
+    enlarging and area when shrinking."""
+    h, w = short_side_size(img.shape[0], img.shape[1], resolution)
+    method = CUBIC if resolution > min(img.shape[:2]) else AREA
+    return resize(img, w, h, method)
+
+
+def pad64(img: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+    """Edge-padded to multiples of 64 (what the extension feeds its detectors) and the size to crop back to."""
+    h, w = img.shape[:2]
+    ph, pw = (-h) % 64, (-w) % 64
+    pad = [(0, ph), (0, pw)] + [(0, 0)] * (img.ndim - 2)
+    return np.pad(img, pad, mode="edge"), (h, w)
+
+
+def otsu(gray: np.ndarray) -> np.ndarray:
+    """uint8 0/255 binarization at Otsu's threshold (OpenCV's THRESH_OTSU: the level that maximises the
+    between-class variance; values above it become 255)."""
+    hist = np.bincount(gray.ravel(), minlength=256).astype(np.float64)
+    total = hist.sum()
+    levels = np.arange(256, dtype=np.float64)
+    w0 = np.cumsum(hist)
+    m0 = np.cumsum(hist * levels)
+    w1 = total - w0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mu0 = m0 / w0
+        mu1 = (m0[-1] - m0) / w1
+        between = w0 * w1 * (mu0 - mu1) ** 2
+    between[~np.isfinite(between)] = -1.0
+    t = int(np.argmax(between))
+    return np.where(gray > t, 255, 0).astype(np.uint8)
+
+
+def remap(img: np.ndarray, map_x: np.ndarray, map_y: np.ndarray) -> np.ndarray:
+    """OpenCV's remap with linear interpolation: out[y, x] = img[map_y[y, x], map_x[y, x]] (maps in pixels)."""
+    coords = [map_y, map_x]
+    out = np.empty(map_x.shape + (img.shape[2],), dtype=np.float32)
+    for c in range(img.shape[2]):
+        out[:, :, c] = ndimage.map_coordinates(img[:, :, c].astype(np.float32), coords, order=1, mode="nearest")
+    return np.rint(out).clip(0, 255).astype(np.uint8) if img.dtype == np.uint8 else out
+
+
+_LINES = [np.array(f, dtype=bool) for f in (
+    [[0, 0, 0], [1, 1, 1], [0, 0, 0]], [[0, 1, 0], [0, 1, 0], [0, 1, 0]],
+    [[1, 0, 0], [0, 1, 0], [0, 0, 1]], [[0, 0, 1], [0, 1, 0], [1, 0, 0]])]
+
+
+def line_peaks(x: np.ndarray) -> np.ndarray:
+    """`x` where a pixel is the largest of its 3-pixel line in at least one of four directions, else 0
+    (a cheap non-maximum suppression that keeps ridges one pixel wide)."""
+    y = np.zeros_like(x)
+    for footprint in _LINES:
+        peak = ndimage.grey_dilation(x, footprint=footprint, mode="nearest") == x
+        y[peak] = x[peak]
+    return y
+
+
+def _patterns(raw: list[list[list[int]]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Hit-or-miss patterns (1: set, -1: clear, 0: either) in their four rotations."""
+    out = []
+    for k in range(4):
+        for r in raw:
+            p = np.rot90(np.array(r), k)
+            out.append((p == 1, p == -1))
+    return out
+
+
+_THIN = _patterns([[[-1, -1, -1], [0, 1, 0], [1, 1, 1]], [[0, -1, -1], [1, 1, -1], [0, 1, 0]]])
+_PRUNE = _patterns([[[-1, -1, -1], [-1, 1, -1], [0, 0, -1]], [[-1, -1, -1], [-1, 1, -1], [-1, 0, 0]]])
+
+
+def thin(binary: np.ndarray, prune: bool = True, rounds: int = 32) -> np.ndarray:
+    """Morphological thinning of a boolean map to one-pixel lines: each round strips, one pattern after the
+    other, the pixels whose 3x3 neighbourhood matches an edge or corner pattern; `prune` then removes
+    one-pixel spurs (the extension thins enlarged edge maps so, because its edge models learned thin lines)."""
+    x = binary.copy()
+
+    def sweep(patterns) -> bool:
+        changed = False
+        for hit, miss in patterns:
+            found = ndimage.binary_hit_or_miss(x, structure1=hit, structure2=miss)
+            if found.any():
+                x[found] = False
+                changed = True
+        return changed
+
+    for _ in range(rounds):
+        if not sweep(_THIN):
+            break
+    if prune:
+        sweep(_PRUNE)
+    return x

@@ -1,0 +1,319 @@
+"""Preprocessors ("annotators"): a user's picture to a control map, as the sd-webui-controlnet extension makes it.
+
+Module names, display labels, slider defaults and the /controlnet/module_list shape are the extension's,
+so A1111 clients work unchanged; the maps follow its formulas (darkroom/control/annotators). Nets load
+only from local files (`annotator_dirs`); what Darkroom cannot run says so and how to go on.
+`fit` and `pixel_perfect_resolution` are the extension's rules for meeting the generation size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from darkroom.control.annotators import files, simple
+from darkroom.control.annotators.fit import fit, pixel_perfect_resolution
+from darkroom.control.annotators.imageops import hwc3, short_side_size
+from darkroom.errors import InvalidRequest, TooLarge
+from darkroom.home import Home, is_folder
+
+__all__ = ["MODULES", "annotator_dirs", "canonical_module", "detect", "fit", "module_list", "module_status",
+           "pixel_perfect_resolution"]
+
+MAX_WORK_PIXELS = 4096 * 4096
+"""The largest picture a preprocessor works on after its resolution resize (the nets need gigabytes there)."""
+MAX_INPUT_PIXELS = 8192 * 8192
+
+
+@dataclass(frozen=True)
+class Slider:
+    """One slider of the extension's UI, as /controlnet/module_list describes it."""
+
+    name: str
+    value: float
+    min: float
+    max: float
+    step: float = 0.01
+
+    def api_json(self) -> dict:
+        return {"name": self.name, "value": self.value, "min": self.min, "max": self.max, "step": self.step}
+
+
+RESOLUTION = Slider("Resolution", 512, 64, 2048, 8)
+
+
+@dataclass(frozen=True)
+class Module:
+    """A preprocessor Darkroom runs. `run(img, res, a, b, ctx)` gets the uint8 picture at its input size."""
+
+    name: str  # the extension's key (module_list)
+    label: str  # its display name (module_list?alias_names=true)
+    run: Callable
+    sliders: tuple[Slider | None, Slider | None] = (None, None)
+    uses_resolution: bool = True
+    resolution_slider: bool = True  # shown in module_detail (the extension hides shuffle's)
+    priority: int = 0  # the extension's sorting_priority: higher first
+    weights: tuple[tuple[str, str], ...] = ()  # (file, the extension's downloads sub-folder)
+    needs_mask: bool = False
+
+
+@dataclass
+class _Context:
+    mask: np.ndarray | None
+    dirs: Sequence[Path]
+    seed: int
+    device: str | None = None
+
+
+def _hed(scribble: bool, safe: bool) -> Callable:
+    def run(img, res, a, b, ctx):
+        from darkroom.control.annotators import hed
+
+        return hed.detect(img, res, ctx.dirs, safe=safe, scribble=scribble, device=ctx.device)
+    return run
+
+
+def _lineart(kind: str) -> Callable:
+    def run(img, res, a, b, ctx):
+        from darkroom.control.annotators import lineart
+
+        return lineart.detect(img, res, ctx.dirs, kind, device=ctx.device)
+    return run
+
+
+def _inpaint(img, res, a, b, ctx):
+    return simple.inpaint(img, ctx.mask)
+
+
+_HED = (("ControlNetHED.pth", "hed"),)
+MODULES: dict[str, Module] = {m.name: m for m in (
+    Module("none", "none", lambda img, res, a, b, ctx: img, uses_resolution=False, priority=10),
+    Module("invert", "invert (from white bg & black line)", lambda img, res, a, b, ctx: simple.invert(img),
+           uses_resolution=False, priority=20),
+    Module("canny", "canny", lambda img, res, a, b, ctx: simple.canny(img, res, a, b),
+           (Slider("Low Threshold", 100, 1, 255, 1), Slider("High Threshold", 200, 1, 255, 1)), priority=100),
+    Module("threshold", "threshold", lambda img, res, a, b, ctx: simple.threshold(img, res, a),
+           (Slider("Binarization Threshold", 127, 0, 255), None)),
+    Module("scribble_xdog", "scribble_xdog", lambda img, res, a, b, ctx: simple.scribble_xdog(img, res, a),
+           (Slider("XDoG Threshold", 32, 1, 64), None)),
+    Module("lineart_standard", "lineart_standard (from white bg & black line)",
+           lambda img, res, a, b, ctx: simple.lineart_standard(img, res), priority=100),
+    Module("tile_resample", "tile_resample", lambda img, res, a, b, ctx: simple.tile_resample(img, a),
+           (Slider("Down Sampling Rate", 1.0, 1.0, 8.0), None), uses_resolution=False, priority=100),
+    Module("blur_gaussian", "blur_gaussian", lambda img, res, a, b, ctx: simple.blur_gaussian(img, res, a),
+           (Slider("Sigma", 9.0, 0.01, 64.0), None)),
+    Module("color", "t2ia_color_grid", lambda img, res, a, b, ctx: simple.color_grid(img, res)),
+    Module("recolor_luminance", "recolor_luminance",
+           lambda img, res, a, b, ctx: simple.recolor_luminance(img, a),
+           (Slider("Gamma Correction", 1.0, 0.1, 2.0, 0.001), None), uses_resolution=False, priority=100),
+    Module("recolor_intensity", "recolor_intensity", lambda img, res, a, b, ctx: simple.recolor_intensity(img, a),
+           (Slider("Gamma Correction", 1.0, 0.1, 2.0, 0.001), None), uses_resolution=False),
+    Module("shuffle", "shuffle", lambda img, res, a, b, ctx: simple.shuffle(img, res, ctx.seed),
+           resolution_slider=False),
+    Module("inpaint", "inpaint_global_harmonious", _inpaint, uses_resolution=False, needs_mask=True),
+    Module("inpaint_only", "inpaint_only", _inpaint, uses_resolution=False, priority=100, needs_mask=True),
+    Module("hed", "softedge_hed", _hed(False, False), weights=_HED),
+    Module("hed_safe", "softedge_hedsafe", _hed(False, True), weights=_HED),
+    Module("scribble_hed", "scribble_hed", _hed(True, False), weights=_HED),
+    Module("lineart", "lineart_realistic", _lineart("realistic"), weights=(("sk_model.pth", "lineart"),)),
+    Module("lineart_coarse", "lineart_coarse", _lineart("coarse"), weights=(("sk_model2.pth", "lineart"),)),
+    Module("lineart_anime", "lineart_anime", _lineart("anime"), weights=(("netG.pth", "lineart_anime"),)),
+)}
+
+# The extension's v1.0 names that map onto a module it still has.
+_OLD_NAMES = {"fake_scribble": "scribble_hed"}  # v1.0: HED made into a scribble
+
+# What the extension offers and Darkroom cannot run yet: key -> display name.
+_NOT_YET = {
+    "depth": "depth_midas", "depth_leres": "depth_leres", "depth_leres++": "depth_leres++",
+    "depth_zoe": "depth_zoe", "depth_anything": "depth_anything", "depth_anything_v2": "depth_anything_v2",
+    "depth_hand_refiner": "depth_hand_refiner", "normal_map": "normal_midas", "normal_bae": "normal_bae",
+    "normal_dsine": "normal_dsine", "openpose": "openpose", "openpose_face": "openpose_face",
+    "openpose_faceonly": "openpose_faceonly", "openpose_full": "openpose_full", "openpose_hand": "openpose_hand",
+    "dw_openpose_full": "dw_openpose_full", "animal_openpose": "animal_openpose",
+    "densepose": "densepose (pruple bg & purple torso)",
+    "densepose_parula": "densepose_parula (black bg & blue torso)", "mediapipe_face": "mediapipe_face",
+    "segmentation": "seg_ufade20k", "oneformer_coco": "seg_ofcoco", "oneformer_ade20k": "seg_ofade20k",
+    "anime_face_segment": "seg_anime_face", "mlsd": "mlsd", "pidinet": "softedge_pidinet",
+    "pidinet_safe": "softedge_pidisafe", "pidinet_scribble": "scribble_pidinet", "pidinet_sketch": "t2ia_sketch_pidi",
+    "te_hed": "softedge_teed", "lineart_anime_denoise": "lineart_anime_denoise", "manga_line": "manga_line",
+    "clip_vision": "t2ia_style_clipvision", "tile_colorfix": "tile_colorfix",
+    "tile_colorfix+sharp": "tile_colorfix+sharp", "inpaint_only+lama": "inpaint_only+lama",
+    "reference_only": "reference_only", "reference_adain": "reference_adain",
+    "reference_adain+attn": "reference_adain+attn", "revision_clipvision": "revision_clipvision",
+    "revision_ignore_prompt": "revision_ignore_prompt",
+}
+
+_ADVICE = {
+    "tile_colorfix": "its colour fix acts during sampling; use tile_resample",
+    "inpaint_only+lama": "it needs the LaMa inpainting model; use inpaint_only",
+    "reference": "it steers attention with the picture instead of a control map; Darkroom has no such mode",
+    "revision": "it feeds the picture through CLIP vision instead of a control map; Darkroom has no such mode",
+    "clip_vision": "it feeds the picture through CLIP vision instead of a control map; Darkroom has no such mode",
+}
+
+
+def _lookup() -> dict[str, str]:
+    table = {}
+    for m in MODULES.values():
+        table[m.name.lower()] = m.name
+        table[m.label.lower()] = m.name
+    for old, new in _OLD_NAMES.items():
+        table[old] = new
+    return table
+
+
+def canonical_module(name: str) -> str:
+    """The extension's key of a preprocessor given by key, display name or old name (any case).
+
+    One Darkroom cannot run yet, or an unknown name, is an InvalidRequest that says what to do instead."""
+    text = str(name or "none").strip()
+    key = _lookup().get(text.lower())
+    if key is not None:
+        return key
+    lowered = text.lower()
+    for k, label in _NOT_YET.items():
+        if lowered in (k.lower(), label.lower()):
+            advice = next((text for prefix, text in _ADVICE.items() if k.startswith(prefix)),
+                          "make the control map with another tool (the A1111 extension, ComfyUI), then give"
+                          " that map as the control image with module none")
+            raise InvalidRequest(f"Darkroom cannot run the {label} preprocessor yet: {advice}")
+    if lowered.startswith(("ip-adapter", "instant_id", "face_id")):
+        raise InvalidRequest(f"Darkroom does not support {text} (IP-Adapter and InstantID are not ControlNets)")
+    raise InvalidRequest(f"unknown ControlNet preprocessor {text!r}; available: {', '.join(_sorted_names(False))}")
+
+
+def _sorted_names(alias_names: bool) -> list[str]:
+    """The extension's order: none first, then by priority (higher first) and name, descending."""
+    rest = sorted((m for m in MODULES.values() if m.name != "none"),
+                  key=lambda m: str(m.priority).zfill(8) + m.label, reverse=True)
+    return [m.label if alias_names else m.name for m in (MODULES["none"], *rest)]
+
+
+def module_list(alias_names: bool = False) -> dict:
+    """The extension's /controlnet/module_list answer, for the preprocessors Darkroom runs."""
+    names = _sorted_names(alias_names)
+    detail = {}
+    for name in names:
+        m = MODULES[canonical_module(name)]
+        sliders = [RESOLUTION] if m.uses_resolution and m.resolution_slider else []
+        sliders += [s for s in m.sliders if s is not None]
+        detail[name] = {"model_free": False, "sliders": [s.api_json() for s in sliders]}
+    return {"module_list": names, "module_detail": detail}
+
+
+def module_status(module: str, dirs: Sequence[Path] = ()) -> tuple[bool, str | None]:
+    """(usable, problem) for the UI: False with the message `detect` would raise when a file is missing or
+    the preprocessor is not one Darkroom runs."""
+    try:
+        m = MODULES[canonical_module(module)]
+        _weights(m, dirs)
+    except InvalidRequest as e:
+        return False, str(e)
+    return True, None
+
+
+def _weights(m: Module, dirs: Sequence[Path]) -> list[Path]:
+    found = []
+    for file, kind in m.weights:
+        path = files.find(file, kind, dirs)
+        if path is None:
+            raise InvalidRequest(
+                f"{m.label} needs {file}; put it in {Path(dirs[0]) if dirs else '<home>/models/annotators'},"
+                f" or keep it in an install Darkroom reads (<A1111>/extensions/sd-webui-controlnet/annotator/"
+                f"downloads/{kind}, <Forge>/models/ControlNetPreprocessor, <ComfyUI>/custom_nodes/"
+                f"comfyui_controlnet_aux/ckpts/lllyasviel/Annotators)",
+                hint="searched: " + ", ".join(str(d) for d in dirs) if dirs else "no annotator folders were given")
+        found.append(path)
+    return found
+
+
+def annotator_dirs(home: Home) -> list[Path]:
+    """The home's models/annotators, then each extra install's annotator folder that exists."""
+    dirs = [home.root / "models" / "annotators"]
+    for extra in home.extra_model_dirs:
+        dirs += [extra / sub for sub in files.INSTALL_DIRS if is_folder(extra / sub)]
+        try:  # the extension unpacked under another folder name (a zip download: sd-webui-controlnet-main)
+            dirs += sorted(p for p in extra.glob("extensions/*controlnet*/annotator/downloads") if is_folder(p))
+        except OSError:
+            pass
+        if is_folder(extra / "annotator" / "downloads"):  # the extension's own folder given directly
+            dirs.append(extra / "annotator" / "downloads")
+    return list(dict.fromkeys(dirs))
+
+
+def _mask_array(mask: Image.Image | None, height: int, width: int) -> np.ndarray | None:
+    if mask is None:
+        return None
+    if not isinstance(mask, Image.Image):
+        raise InvalidRequest("the ControlNet mask must be an image")
+    gray = mask.convert("L")
+    if gray.size != (width, height):
+        gray = gray.resize((width, height), Image.Resampling.NEAREST)
+    return np.asarray(gray) > 127
+
+
+def _slider(value: float, slider: Slider | None, what: str) -> float:
+    """The value, or the slider's default when it is -1 or outside the slider's range: the extension resets
+    such values so (webuiapi sends threshold_a=64 to every module, and tile_resample must not shrink 64x)."""
+    if slider is None:
+        return 0.0
+    if value is None:
+        return float(slider.value)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"{what} {value!r} must be a number") from None
+    if not np.isfinite(value):
+        raise InvalidRequest(f"{what} must be a number")
+    return value if slider.min <= value <= slider.max else float(slider.value)
+
+
+def detect(module: str, image: Image.Image, *, resolution: int = 512, threshold_a: float = -1,
+           threshold_b: float = -1, mask: Image.Image | None = None, annotator_dirs: Sequence[Path] = (),
+           seed: int = 0, device=None) -> np.ndarray:
+    """The control map of `image`: float32 HxWx3 in [0, 1] (-1 where an inpaint module's mask is set).
+
+    Modules that work at a resolution first resize the picture so its short side is `resolution`
+    (-1: 512); the rest keep the input size. -1 thresholds take the module's defaults. The nets run on
+    `device` (a torch device or its name; None: the CPU)."""
+    m = MODULES[canonical_module(module)]
+    if not isinstance(image, Image.Image):
+        raise InvalidRequest("the ControlNet input must be an image")
+    try:
+        resolution = RESOLUTION.value if resolution is None else int(resolution)
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"preprocessor resolution {resolution!r} must be a whole number") from None
+    if resolution < 1:  # -1 (and, as the extension, any value below its range): the default
+        resolution = int(RESOLUTION.value)
+    w, h = image.size
+    if w < 1 or h < 1:
+        raise InvalidRequest("the ControlNet input image is empty")
+    work_h, work_w = short_side_size(h, w, resolution) if m.uses_resolution else (h, w)
+    if work_h * work_w > MAX_WORK_PIXELS or h * w > MAX_INPUT_PIXELS:
+        raise TooLarge(f"{m.label} would work on {work_w}x{work_h} pixels from a {w}x{h} picture; at most"
+                       f" {MAX_WORK_PIXELS >> 20} megapixels (lower the preprocessor resolution)")
+    a = _slider(threshold_a, m.sliders[0], "threshold_a")
+    b = _slider(threshold_b, m.sliders[1], "threshold_b")
+    if m.needs_mask and mask is None:
+        raise InvalidRequest(f"{m.label} needs a mask (white where the picture is to be repainted)")
+    try:
+        seed = int(seed)
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"seed {seed!r} must be a whole number") from None
+    ctx = _Context(_mask_array(mask, h, w) if m.needs_mask else None, [Path(d) for d in annotator_dirs], seed,
+                   None if device is None else str(device))
+    if m.weights:
+        _weights(m, ctx.dirs)
+    out = m.run(hwc3(image), resolution, a, b, ctx)
+    if out.dtype != np.uint8:  # inpaint: already float in [0, 1] with -1
+        return np.ascontiguousarray(out, dtype=np.float32)
+    if out.ndim == 2:
+        out = out[:, :, None]
+    if out.shape[2] == 1:
+        out = np.repeat(out, 3, axis=2)
+    return out.astype(np.float32) / 255.0
