@@ -112,6 +112,8 @@ def decode(model: LoadedModel, latents: torch.Tensor, *, mode: str = "auto", til
     f = model.vae_scale_factor
     z = (latents / vae.config.scaling_factor).to(model.device, model.vae_dtype)
     n, _, h, w = z.shape
+    if model.device.type == "cpu":
+        memory.return_freed_memory()  # the sampling's freed heap, before the generation's biggest activations
     if _decide(model, mode, h * f, w * f, n, available):
         with tiled(vae, tile_pixels):
             return vae.decode(z).sample.float()
