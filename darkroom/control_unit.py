@@ -50,7 +50,7 @@ class ControlUnit(BaseModel):
     model: str = Field("None", description="ControlNet file name (as /controlnet/model_list lists it, with or"
                                            " without its [hash]), or a path.")
     module: str = Field("none", description="Preprocessor: none (the image is the control map), canny, invert,"
-                                            " scribble, tile_resample, inpaint_only, shuffle, ... (see"
+                                            " scribble_xdog, tile_resample, inpaint_only, shuffle, ... (see"
                                             " /controlnet/module_list).")
     image: bytes | None = Field(None, repr=False, description="Control image (an encoded file). None in img2img:"
                                                               " the init image is used, as the extension does.")

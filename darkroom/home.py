@@ -56,6 +56,11 @@ class Home:
         return self.root / "models" / "upscalers"
 
     @property
+    def controlnets(self) -> Path:
+        """ControlNet files and folders; see darkroom/control/files.py for installs' folders."""
+        return self.root / "models" / "controlnet"
+
+    @property
     def faces(self) -> Path:
         """Face restoration files (GFPGANv1.4.pth, codeformer-v0.1.0.pth, detection_Resnet50_Final.pth); see
         darkroom/faces/load.py for installs' folders."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -239,8 +239,11 @@ def admit_engine(engine, req: GenerationRequest) -> GenerationRequest:
     tiled = getattr(engine, "vae_tiling", "auto") != "never"
     dtype, vae_dtype = choice.dtype, choice.vae_dtype(arch.family)
 
+    control = control_weight_bytes(engine, req, dtype)
+
     def estimate(r: GenerationRequest) -> memory.Estimate:
-        return memory.estimate(arch, r, dtype=dtype, vae_dtype=vae_dtype, device=choice.device, tiled_vae=tiled)
+        est = memory.estimate(arch, r, dtype=dtype, vae_dtype=vae_dtype, device=choice.device, tiled_vae=tiled)
+        return replace(est, weights=est.weights + control) if control else est
 
     available = memory.available_memory(choice.device, _reclaimable(engine))
     where = "this machine" if choice.device.type in ("cpu", "mps") else "the GPU"
@@ -249,6 +252,33 @@ def admit_engine(engine, req: GenerationRequest) -> GenerationRequest:
     if lock is None or not lock.locked():
         engine._admission_running = est  # the estimate of what runs next (see _reclaimable)
     return settled
+
+
+def control_weight_bytes(engine, req: GenerationRequest, dtype) -> int:
+    """Rough bytes of the request's ControlNets' weights in `dtype` (each model once; from the file headers,
+    a pickle by its file size); their activations are left to the UNet's margin. 0 when a name is unknown:
+    generating says so."""
+    names = {u.model for u in req.controlnet if u.active}
+    if not names:
+        return 0
+    from darkroom.control.files import find_controlnets, resolve
+    from darkroom.control.load import parameter_count
+
+    files = find_controlnets(engine.library.home)
+    paths = set()
+    for name in names:
+        try:
+            paths.add(resolve(files, name).path)
+        except DarkroomError:
+            continue
+    total = 0
+    for path in paths:
+        try:
+            count = parameter_count(path)
+            total += count * dtype.itemsize if count is not None else path.stat().st_size
+        except (DarkroomError, OSError):
+            continue
+    return total
 
 
 def _reclaimable(engine) -> int:

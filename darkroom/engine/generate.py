@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 import darkroom
+from darkroom.control.load import ControlNetCache
 from darkroom.engine import presets, rng, samplers, vae_tiling
 from darkroom.engine.admission import Limits, admit_engine
 from darkroom.engine.cache import ModelCache
@@ -140,6 +141,7 @@ class Engine:
         self.vae_tile_pixels = vae_tiling.TILE_PIXELS
         self.limits = Limits()  # maxima every request is admitted against (the studio and CLI set them from settings)
         self.prompts = PromptPlanner(library.home)  # styles and dynamic prompts (darkroom/text/wildcards.py)
+        self.controlnets = ControlNetCache()  # the last ControlNets used, kept loaded (darkroom/control)
 
     def check_inputs(self, req: GenerationRequest) -> tuple[samplers.Sampler, str]:
         presets.check_preset_name(req.preset)
@@ -148,6 +150,13 @@ class Engine:
             self.hires_model_upscaler(req.hr_upscaler)
         if req.restore_faces:
             self.faces.check()  # the files are there: a clear 422 before sampling, not after
+        if any(u.active for u in req.controlnet):  # unknown ControlNet names: a 422 before any model loads
+            from darkroom.control.files import find_controlnets, resolve
+
+            files = find_controlnets(self.library.home)
+            for unit in req.controlnet:
+                if unit.active:
+                    resolve(files, unit.model)
         return samplers.resolve(req.sampler, req.schedule)
 
     def admit(self, req: GenerationRequest) -> GenerationRequest:
@@ -249,12 +258,15 @@ class Engine:
                     guidance = self._guidance(model, req, encoder, prompt)
                     init = (self._init(model, req, source, cancel, self.vae_tiling, self.vae_tile_pixels)
                             if source is not None else None)
+                    control = self._control(model, req, source, seed)
                 except Interrupted:  # stopped while a long prompt or the source was encoded: nothing made, nothing lost
                     result.interrupted = True
                     result.timings = {**timings, "total": time.perf_counter() - t0}
                     return result
                 timings["encode"] = time.perf_counter() - t1
                 extra = self._infotext_extra(req, source, subseed)
+                extra.update(control.infotext if control is not None else {})
+                chunks = control.chunks() if control is not None else None
                 if lora_uses:
                     extra["Lora hashes"] = lora_hashes_infotext(applied)
                 if encoder.used_embeddings:
@@ -271,7 +283,7 @@ class Engine:
                                   [subseed + first + i for i in range(req.batch_size)], req.subseed_strength,
                                   source=req.randn_source, seed_delta=req.eta_noise_seed_delta)
                     latents = self._batch(model, req, spec, schedule, noise, guidance, init, batch, on_step, cancel,
-                                          skip, suspects)
+                                          skip, suspects, control)
                     if latents is None:
                         result.interrupted = True
                         break
@@ -292,7 +304,7 @@ class Engine:
                             image = source.finish(image)
                         image_extra = {**extra, "Variation seed": noise.subseeds[i]} if req.subseed_strength else extra
                         done = self._finish(req, noise.seeds[i], image, model, model_hash, schedule, output_dir,
-                                            image_extra)
+                                            image_extra, chunks=chunks)
                         result.images.append(done)
                         if on_image is not None:
                             on_image(done)
@@ -330,16 +342,18 @@ class Engine:
         return guidance
 
     def _batch(self, model: LoadedModel, req: GenerationRequest, spec: samplers.Sampler, schedule: str, noise: Noise,
-               guidance: Guidance, init: Init | None, batch: int, on_step, cancel, skip, suspects: Suspects):
+               guidance: Guidance, init: Init | None, batch: int, on_step, cancel, skip, suspects: Suspects,
+               control=None):
         """Sample one batch (and its hires pass); each pass's latents are checked before anything decodes them."""
         f = model.vae_scale_factor
         shape = (model.unet.config.out_channels, req.height // f, req.width // f)
         latents = denoise(model, spec, schedule, steps=req.steps, noise=noise, shape=shape, guidance=guidance,
                           init=init, eta=req.eta, batch=batch, batch_count=req.n_iter, on_step=on_step,
-                          cancel=cancel, skip=skip)
+                          cancel=cancel, skip=skip, control=control.first_pass(req.enable_hr) if control else None)
         suspects.check(latents)
         if req.enable_hr and isinstance(latents, torch.Tensor):
-            latents = self._hires(model, req, spec, schedule, latents, noise, guidance, batch, on_step, cancel, skip)
+            latents = self._hires(model, req, spec, schedule, latents, noise, guidance, batch, on_step, cancel, skip,
+                                  control.hires_pass() if control else None)
             suspects.check(latents)
         return latents
 
@@ -389,7 +403,8 @@ class Engine:
         return Init(latents, req.denoising_strength, mask, masked_latents)
 
     def _hires(self, model: LoadedModel, req: GenerationRequest, spec: samplers.Sampler, schedule: str,
-               latents: torch.Tensor, noise: Noise, guidance: Guidance, batch: int, on_step, cancel, skip):
+               latents: torch.Tensor, noise: Noise, guidance: Guidance, batch: int, on_step, cancel, skip,
+               control=None):
         """The hires fix: upscale the first pass (in latent or image space), then img2img at the new size."""
         w2, h2 = req.hires_size()
         f = model.vae_scale_factor
@@ -418,7 +433,26 @@ class Engine:
         shape = (model.unet.config.out_channels, h2 // f, w2 // f)
         return denoise(model, spec, schedule, steps=steps, noise=noise, shape=shape, guidance=guidance, init=init,
                        eta=req.eta, batch=batch, batch_count=req.n_iter, phase="hires", on_step=on_step,
-                       cancel=cancel, skip=skip)
+                       cancel=cancel, skip=skip, control=control)
+
+    def _control(self, model: LoadedModel, req: GenerationRequest, source: Source | None, seed: int):
+        """The request's ControlNet units prepared once (darkroom/control/prepare.py), or None without any."""
+        if not any(u.active for u in req.controlnet):
+            return None
+        from darkroom.control import preprocess
+        from darkroom.control.files import find_controlnets
+        from darkroom.control.prepare import prepare_control
+        from darkroom.engine.img2img import decode_image
+
+        return prepare_control(
+            req.controlnet, files=find_controlnets(self.library.home), cache=self.controlnets,
+            model_family=model.family.id, model_name=model.name, width=req.width, height=req.height,
+            hires_size=req.hires_size() if req.enable_hr else None, decode=lambda data, name, mode: decode_image(
+                data, name, mode=mode), init_image=source.image if source is not None else None,
+            init_mask=source.mask if source is not None else None,
+            crop=(source.box, source.original.size) if source is not None and source.box is not None else None,
+            annotator_dirs=preprocess.annotator_dirs(self.library.home), seed=seed, dtype=model.dtype,
+            device=model.device)
 
     @staticmethod
     def _infotext_extra(req: GenerationRequest, source: Source | None, subseed: int) -> dict[str, object]:
@@ -470,12 +504,13 @@ class Engine:
         return added
 
     def _finish(self, req: GenerationRequest, seed: int, image: Image.Image, model: LoadedModel, model_hash: str,
-                schedule: str, output_dir: Path | None, extra: dict[str, object] | None = None) -> GeneratedImage:
+                schedule: str, output_dir: Path | None, extra: dict[str, object] | None = None, *,
+                chunks: dict[str, str] | None = None) -> GeneratedImage:
         infotext = build_infotext(
             req, seed=seed, model_name=model.name, model_hash=model_hash, schedule_label=schedule,
             extra={**(extra or {}), "RNG": req.randn_source}, version=darkroom.__version__,
         )
-        png = encode_png(image, infotext)
+        png = encode_png(image, infotext, chunks)
         path = None
         if output_dir is not None:
             fmt = (req.output_format or "png").lower()

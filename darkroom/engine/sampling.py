@@ -19,6 +19,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +29,9 @@ from darkroom.engine.rng import BrownianNoise, Noise, slerp  # noqa: F401  (re-e
 from darkroom.errors import Interrupted
 from darkroom.models.loader import LoadedModel
 from darkroom.text.conditioning import Conditioning
+
+if TYPE_CHECKING:
+    from darkroom.control.apply import Control
 
 
 @dataclass
@@ -150,27 +154,29 @@ def steps_to_run(steps: int, strength: float) -> int:
 def denoise(model: LoadedModel, spec: samplers.Sampler, schedule: str, *, steps: int, noise: Noise,
             shape: tuple[int, int, int], guidance: Guidance, init: Init | None = None, eta: float | None = None,
             batch: int = 0, batch_count: int = 1, phase: str = "sample", on_step: StepCallback | None = None,
-            cancel: threading.Event | None = None, skip: threading.Event | None = None):
+            cancel: threading.Event | None = None, skip: threading.Event | None = None, control: Control | None = None):
     """Sample one batch; returns latents, None when cancelled, or SKIPPED.
 
     Cancel and skip are checked between steps and, inside a step, before each block of the UNet
-    (darkroom.engine.interrupt), so a long step is abandoned part-way.
+    and of the ControlNets (darkroom.engine.interrupt), so a long step is abandoned part-way.
+    `control` (darkroom.control.apply) adds its ControlNets' residuals at every UNet call.
     """
+    units = units_of(model.unet) + [u for m in (control.modules() if control else []) for u in units_of(m)]
     return stoppable(lambda: _denoise(model, spec, schedule, steps=steps, noise=noise, shape=shape, guidance=guidance,
                                       init=init, eta=eta, batch=batch, batch_count=batch_count, phase=phase,
-                                      on_step=on_step, cancel=cancel, skip=skip),
-                     units_of(model.unet), cancel, skip)
+                                      on_step=on_step, cancel=cancel, skip=skip, control=control),
+                     units, cancel, skip)
 
 
 def _denoise(model: LoadedModel, spec: samplers.Sampler, schedule: str, *, steps: int, noise: Noise,
              shape: tuple[int, int, int], guidance: Guidance, init: Init | None, eta: float | None, batch: int,
              batch_count: int, phase: str, on_step: StepCallback | None, cancel: threading.Event | None,
-             skip: threading.Event | None):
+             skip: threading.Event | None, control: Control | None = None):
     how = samplers.runner(spec, schedule, noise.source)
     if how == "own":
         return _denoise_own(model, spec, schedule, steps=steps, noise=noise, shape=shape, guidance=guidance,
                             init=init, eta=eta, batch=batch, batch_count=batch_count, phase=phase, on_step=on_step,
-                            cancel=cancel, skip=skip)
+                            cancel=cancel, skip=skip, control=control)
     device, n = model.device, len(noise.seeds)
     _, height, width = shape
     f = model.vae_scale_factor
@@ -211,7 +217,10 @@ def _denoise(model: LoadedModel, spec: samplers.Sampler, schedule: str, *, steps
         x = scheduler.scale_model_input(x, t)
         if inpaint_extra is not None:
             x = torch.cat([x, torch.cat([inpaint_extra] * copies)], dim=1)
-        pred = model.unet(x.to(model.dtype), t, encoder_hidden_states=context, added_cond_kwargs=extra).sample.float()
+        x = x.to(model.dtype)
+        residuals = (control.residuals(x, t, context, extra, n=n, uncond=conditioning.uncond is not None, step=i,
+                                       total=len(timesteps)) if control is not None else {})
+        pred = model.unet(x, t, encoder_hidden_states=context, added_cond_kwargs=extra, **residuals).sample.float()
         pred = conditioning.combine(pred, n, weights)
         kwargs = {"generator": rng.generators} if spec.stochastic and spec.scheduler != "DPMSolverSDEScheduler" else {}
         if eta is not None and spec.scheduler in ("DDIMScheduler", "TCDScheduler"):  # TCD: eta is its gamma
@@ -285,17 +294,20 @@ class KDenoiser:
     (log-sigma interpolation); eps models give x - sigma * eps, v models x / (sigma^2 + 1) - v * sigma /
     sqrt(sigma^2 + 1). Conditioning is looked up by the call's index (prompt editing counts model calls,
     as the webui's CFGDenoiser does). For inpainting with a normal checkpoint the estimate outside the
-    mask is the source (the webui's way), so every step is pulled back to it there.
+    mask is the source (the webui's way), so every step is pulled back to it there. `control` adds
+    ControlNet residuals; its window counts sampler steps (`step` of `total`, kept by the loop), not calls.
     """
 
     def __init__(self, model: LoadedModel, conditioning: StepConditioning, n: int, height: int, width: int,
                  train_sigmas: torch.Tensor, mask: torch.Tensor | None = None, source: torch.Tensor | None = None,
-                 inpaint_extra: torch.Tensor | None = None, unet: Callable | None = None):
+                 inpaint_extra: torch.Tensor | None = None, unet: Callable | None = None,
+                 control: Control | None = None, total: int = 1):
         self.model, self.conditioning, self.n, self.height, self.width = model, conditioning, n, height, width
         self.train_sigmas, self.mask, self.source, self.inpaint_extra = train_sigmas, mask, source, inpaint_extra
         self.unet = unet or model.unet
         self.v_prediction = model.v_prediction
         self.calls = 0
+        self.control, self.step, self.total = control, 0, total
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, dtype=torch.float32)
@@ -309,7 +321,12 @@ class KDenoiser:
         if self.inpaint_extra is not None:
             inp = torch.cat([inp, torch.cat([self.inpaint_extra] * copies)], dim=1)
         t = schedules.sigma_to_t(sigma.cpu(), self.train_sigmas).to(x.device)
-        out = self.unet(inp.to(self.model.dtype), t, encoder_hidden_states=context, added_cond_kwargs=extra)
+        inp = inp.to(self.model.dtype)
+        residuals = {}
+        if self.control is not None:
+            residuals = self.control.residuals(inp, t, context, extra, n=self.n, step=self.step, total=self.total,
+                                               uncond=self.conditioning.uncond is not None)
+        out = self.unet(inp, t, encoder_hidden_states=context, added_cond_kwargs=extra, **residuals)
         pred = self.conditioning.combine(out.sample.float(), self.n, weights)
         if self.v_prediction:
             denoised = x * scale ** 2 - pred * sigma * scale
@@ -323,7 +340,7 @@ class KDenoiser:
 def _denoise_own(model: LoadedModel, spec: samplers.Sampler, schedule: str, *, steps: int, noise: Noise,
                  shape: tuple[int, int, int], guidance: Guidance, init: Init | None, eta: float | None, batch: int,
                  batch_count: int, phase: str, on_step: StepCallback | None, cancel: threading.Event | None,
-                 skip: threading.Event | None):
+                 skip: threading.Event | None, control: Control | None = None):
     """A k-diffusion sampler of ours (ksamplers.py) over the webui's sigmas, as the webui runs it.
 
     With the webui's GPU/NV sources it is the webui's KDiffusionSampler step for step: the sigma table of
@@ -359,12 +376,13 @@ def _denoise_own(model: LoadedModel, spec: samplers.Sampler, schedule: str, *, s
     conditioning = guidance.schedule(ksamplers.model_calls(spec.kfunc, sigmas))
     mask, channels9, inpaint_extra = _inpaint_inputs(model, init, n, height, width)
     keep = mask if not channels9 else None
-    denoiser = KDenoiser(model, conditioning, n, height, width, _train_sigmas(model, webui),
-                         mask=keep, source=source, inpaint_extra=inpaint_extra)
-    start = time.perf_counter()
     total = len(sigmas) - 1
+    denoiser = KDenoiser(model, conditioning, n, height, width, _train_sigmas(model, webui),
+                         mask=keep, source=source, inpaint_extra=inpaint_extra, control=control, total=total)
+    start = time.perf_counter()
 
     def step_done(i: int, latents: torch.Tensor, denoised: torch.Tensor) -> None:
+        denoiser.step = i + 1
         if on_step is not None:
             on_step(StepEvent(batch, batch_count, i + 1, total, latents, time.perf_counter() - start,
                               denoised=denoised, model=model, phase=phase))

@@ -67,15 +67,18 @@ class ImageMetadata:
     image_format: str = ""
 
 
-def encode_png(image: Image.Image, infotext: str | None) -> bytes:
+def encode_png(image: Image.Image, infotext: str | None, chunks: dict[str, str] | None = None) -> bytes:
     """Encode `image` as PNG with the infotext in a `parameters` chunk.
 
     tEXt when the text is latin-1, else iTXt (UTF-8). Nothing time-dependent is written, so
-    the same pixels and text always give the same bytes (cacheable, testable).
+    the same pixels and text always give the same bytes (cacheable, testable). `chunks` are more
+    text chunks, compressed (zTXt), after it: e.g. ControlNet maps (darkroom.metadata.control_maps).
     """
     info = PngImagePlugin.PngInfo()
     if infotext is not None:
         info.add_text("parameters", infotext)  # Pillow switches to iTXt when not latin-1
+    for key, text in (chunks or {}).items():
+        info.add_text(key, text, zip=True)
     out = io.BytesIO()
     image.save(out, format="PNG", pnginfo=info, compress_level=6)
     return out.getvalue()

@@ -1,0 +1,154 @@
+"""Running ControlNet units inside the sampling loop: the residuals the UNet adds to its skip connections.
+
+At every UNet call, each unit whose window covers the step runs its ControlNet on the same
+latent input (the 4 latent channels of a 9-channel inpainting UNet's input), timestep, text
+context and SDXL micro-conditioning as the UNet, with its control map as the hint; the units'
+outputs, scaled, are summed and passed as `down_block_additional_residuals` /
+`mid_block_additional_residual`. The rules follow the sd-webui-controlnet extension:
+
+- Window: a unit acts at step i of a pass of T steps unless i / T is below `guidance_start` or
+  above `guidance_end` (both ends included), so (0, 1) covers every step.
+- Weight: every residual is multiplied by the unit's weight ("Balanced").
+- "My prompt is more important": soft injection. Residual k of n gets weight x 0.825^(top - k),
+  the middle block's (last) the largest, the shallow blocks' much smaller (0.825^12 ~ 0.1), so
+  the prompt keeps the fine detail. top = n - 1 for SD1/SD2 (13 residuals: the middle block gets
+  the full weight); for SDXL the extension keeps the first n of SD1's 13 factors, so its middle
+  block gets 0.825^3. We reproduce that on purpose: results then match the extension's.
+- "ControlNet is more important": soft injection, and the control is given to the prompt half of
+  the CFG batch only (none to the negative), so CFG's difference amplifies it.
+- Shuffle-type models (global pooling, from their .yaml): residuals averaged over the image and
+  given to the prompt half only, as the extension and diffusers both do.
+- Hires fix: the second pass uses the unit's map made at the hires size; `hr_option` "Low res only"
+  / "High res only" switch the unit off in one of the passes; canny and mlsd units use soft
+  injection in the second pass whatever their mode (the extension's rule against artifacts).
+- guess_mode (a diffusers option, not the extension's): the ControlNet runs on the prompt half
+  only, residual k of n scaled by logspace(-1, 0, n)[k] x weight, replacing the per-mode scales.
+
+Every rule acts per CFG half: the batch is [negative x n, prompt part 1 x n, ...] (see
+darkroom.engine.sampling.StepConditioning), so the rows from n on are the prompt's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from darkroom.control.load import LoadedControlNet
+
+SOFT_BASE = 0.825
+SOFT_LAYERS = 13  # the extension's factor table length (SD1/SD2 ControlNets have 12 + 1 residuals)
+HIRES_SOFT_MODULES = ("canny", "mlsd")
+
+
+@dataclass
+class ControlUnitRun:
+    """One unit ready to run: its ControlNet, its control map(s) and how it steers."""
+
+    controlnet: LoadedControlNet
+    hint: torch.Tensor  # [1, 3, H, W] at the first pass's pixel size, in [0, 1] (-1: masked pixels)
+    weight: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    mode: str = "Balanced"
+    guess_mode: bool = False
+    module: str = "none"
+    hr_option: str = "Both"
+    hr_hint: torch.Tensor | None = None  # the map at the hires size (None: no hires pass)
+
+    def ready_hint(self, device: torch.device) -> torch.Tensor:
+        """The hint on `device` in the ControlNet's dtype, moved once per pass rather than at every step."""
+        ready = getattr(self, "_ready", None)
+        if ready is None or ready.device != device:
+            ready = self.hint.to(device=device, dtype=self.controlnet.dtype)
+            self._ready = ready
+        return ready
+
+    def covers(self, step: int, total: int) -> bool:
+        """Whether the unit acts at 0-based `step` of a pass of `total` steps (the extension's window)."""
+        fraction = step / max(total, 1)
+        return not (fraction < self.start or fraction > self.end)
+
+    def soft_scales(self, count: int, hires: bool) -> list[float] | None:
+        """Per-residual factors of soft injection (None: every residual gets the plain weight)."""
+        soft = self.mode != "Balanced" or (hires and any(m in self.module for m in HIRES_SOFT_MODULES))
+        if not soft:
+            return None
+        top = SOFT_LAYERS - 1 if self.controlnet.family.startswith("sdxl") else count - 1
+        return [self.weight * SOFT_BASE ** float(top - k) for k in range(count)]
+
+    @property
+    def prompt_only(self) -> bool:
+        """Control on the prompt half of the CFG batch only (none for the negative)."""
+        return self.mode == "ControlNet is more important" or self.controlnet.global_pooling or self.guess_mode
+
+
+class Control:
+    """The ControlNet units of one sampling pass; `denoise` asks it for residuals at each UNet call."""
+
+    def __init__(self, units: list[ControlUnitRun], *, hires: bool = False):
+        self.units = units
+        self.hires = hires
+        self.calls = 0  # ControlNet forward passes run in this pass
+
+    def for_hires(self) -> Control | None:
+        """The same units for the hires fix's second pass: their hires maps, hr_option applied."""
+        units = [replace(u, hint=u.hr_hint if u.hr_hint is not None else u.hint)
+                 for u in self.units if u.hr_option != "Low res only"]
+        return Control(units, hires=True) if units else None
+
+    def for_first_pass(self, hires_enabled: bool) -> Control | None:
+        """The units of the first pass: with the hires fix on, "High res only" units wait for the second."""
+        units = [u for u in self.units if not (hires_enabled and u.hr_option == "High res only")]
+        return Control(units) if units else None
+
+    def modules(self) -> list[torch.nn.Module]:
+        """The ControlNets (for the interrupt checkpoints)."""
+        return [u.controlnet.model for u in self.units]
+
+    def residuals(self, x: torch.Tensor, t, context: torch.Tensor, added: dict | None, *, n: int, uncond: bool,
+                  step: int, total: int) -> dict:
+        """kwargs for the UNet call: the summed residuals of the units acting at `step`, or {} when none does.
+
+        `x` is the UNet's input (its first 4 channels are the latents), `n` the images per CFG part,
+        `uncond` whether the first n rows are the negative prompt's.
+        """
+        down: list[torch.Tensor] | None = None
+        mid: torch.Tensor | None = None
+        for unit in self.units:
+            if not unit.covers(step, total):
+                continue
+            unit_down, unit_mid = self._run(unit, x, t, context, added, n=n, uncond=uncond)
+            if down is None:
+                down, mid = unit_down, unit_mid
+            else:
+                down = [a + b for a, b in zip(down, unit_down, strict=True)]
+                mid = mid + unit_mid
+        if down is None:
+            return {}
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+    def _run(self, unit: ControlUnitRun, x, t, context, added, *, n: int, uncond: bool):
+        cn = unit.controlnet
+        # prompt-only units skip the negative rows (their output there would be multiplied by 0)
+        first = n if (unit.prompt_only and uncond) else 0
+        sample = x[first:, :4].to(cn.dtype)
+        hint = unit.ready_hint(sample.device).expand(sample.shape[0], -1, -1, -1)
+        extra = None if added is None else {k: v[first:].to(cn.dtype) for k, v in added.items()}
+        if isinstance(t, torch.Tensor) and t.ndim == 1 and t.shape[0] == x.shape[0]:
+            t = t[first:]
+        self.calls += 1
+        down, mid = cn.model(sample, t, encoder_hidden_states=context[first:].to(cn.dtype), controlnet_cond=hint,
+                             conditioning_scale=1.0, guess_mode=unit.guess_mode, added_cond_kwargs=extra,
+                             return_dict=False)
+        outputs = [*down, mid]
+        if unit.guess_mode:  # diffusers' forward already applied logspace(-1, 0) scales
+            scales = [unit.weight] * len(outputs)
+        else:
+            scales = unit.soft_scales(len(outputs), self.hires) or [unit.weight] * len(outputs)
+        outputs = [o * s for o, s in zip(outputs, scales, strict=True)]
+        if first:
+            outputs = [torch.cat([torch.zeros((first, *o.shape[1:]), dtype=o.dtype, device=o.device), o])
+                       for o in outputs]
+        outputs = [o.to(x.dtype) for o in outputs]
+        return outputs[:-1], outputs[-1]

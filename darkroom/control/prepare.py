@@ -1,0 +1,148 @@
+"""Preparing a request's ControlNet units once: model, control map at each pass's size, infotext.
+
+For each active unit: resolve and load its ControlNet (checked against the checkpoint's family),
+take its image (or, as the extension does, the img2img source when it has none), run its
+preprocessor (darkroom.control.preprocess), fit the map to the generation size with its resize
+mode, and to the hires size when the hires fix is on. Maps are rounded to 8 bits first, so the
+copy stored in the PNG (darkroom.metadata.control_maps) reruns the generation exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from darkroom.control.apply import Control, ControlUnitRun
+from darkroom.control.files import ControlNetFile, resolve
+from darkroom.control.load import ControlNetCache, check_family
+from darkroom.control_unit import ControlUnit
+from darkroom.errors import InvalidRequest
+from darkroom.metadata.control_maps import format_unit, map_chunks, quantize_map
+
+Decode = Callable[[bytes, str, str], Image.Image]
+"""(file bytes, name for errors, PIL mode) -> image: the engine's checked decoder."""
+
+
+@dataclass
+class PreparedControl:
+    """What generation needs from the units: the Control for sampling, infotext entries and the maps."""
+
+    control: Control | None
+    infotext: dict[str, str] = field(default_factory=dict)  # "ControlNet N" -> the extension's line
+    maps: dict[int, np.ndarray] = field(default_factory=dict)  # unit number -> first-pass map (HxWx3)
+    hr_maps: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def first_pass(self, hires_enabled: bool) -> Control | None:
+        return self.control.for_first_pass(hires_enabled) if self.control else None
+
+    def hires_pass(self) -> Control | None:
+        return self.control.for_hires() if self.control else None
+
+    def chunks(self) -> dict[str, str]:
+        """PNG text chunks holding the first-pass maps (darkroom.metadata.control_maps)."""
+        return map_chunks(self.maps)
+
+
+def _preprocess():
+    from darkroom.control import preprocess
+
+    return preprocess
+
+
+def fit_map(control: np.ndarray, width: int, height: int, resize_mode: str) -> np.ndarray:
+    """The map at exactly height x width with the unit's resize mode (the extension's rules, in preprocess)."""
+    return _preprocess().fit(control, width, height, resize_mode)
+
+
+def _resolution(unit: ControlUnit, image: Image.Image, width: int, height: int) -> int:
+    if unit.pixel_perfect:
+        return int(_preprocess().pixel_perfect_resolution(image.width, image.height, width, height,
+                                                          unit.resize_mode))
+    return unit.processor_res if unit.processor_res > 0 else 512
+
+
+def to_hint(control: np.ndarray) -> torch.Tensor:
+    """HxWx3 map -> [1, 3, H, W] float32 (values as they are: [0, 1], -1 masked)."""
+    return torch.from_numpy(np.ascontiguousarray(control, dtype=np.float32)).permute(2, 0, 1)[None]
+
+
+def crop_to_region(image: Image.Image, crop: tuple[tuple[int, int, int, int], tuple[int, int]] | None) -> Image.Image:
+    """The part of `image` under an "only masked" inpainting crop (box in the init image's pixels, the init
+    image's size), scaled to `image`'s own size: a unit's picture then lines up with what is sampled."""
+    if crop is None:
+        return image
+    (x1, y1, x2, y2), (w, h) = crop
+    sx, sy = image.width / w, image.height / h
+    return image.crop((round(x1 * sx), round(y1 * sy), round(x2 * sx), round(y2 * sy)))
+
+
+def unit_image(unit: ControlUnit, index: int, decode: Decode, init_image: Image.Image | None,
+               init_mask: Image.Image | None, crop=None) -> tuple[Image.Image, Image.Image | None]:
+    """The unit's picture and mask: its own (cropped like the init image for "only masked" inpainting, as the
+    extension does), else the img2img source and mask (the extension's fallback)."""
+    if unit.image is not None:
+        # RGBA: a transparent drawing is put on white by the preprocessor (the extension's HWC3 rule)
+        image = decode(unit.image, f"ControlNet unit {index} image", "RGBA")
+        mask = decode(unit.mask, f"ControlNet unit {index} mask", "L") if unit.mask is not None else None
+        if mask is not None and mask.size != image.size:
+            mask = mask.resize(image.size, Image.NEAREST)
+        image = crop_to_region(image, crop)
+        return image, (crop_to_region(mask, crop) if mask is not None else None)
+    if init_image is None:
+        raise InvalidRequest(f"ControlNet unit {index} has no image; give it one (txt2img has no init image"
+                             " to fall back on)")
+    mask = init_mask
+    if unit.mask is not None:
+        mask = decode(unit.mask, f"ControlNet unit {index} mask", "L").resize(init_image.size, Image.NEAREST)
+    return init_image, mask
+
+
+def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile], cache: ControlNetCache,
+                    model_family: str, model_name: str, width: int, height: int,
+                    hires_size: tuple[int, int] | None, decode: Decode, init_image: Image.Image | None = None,
+                    init_mask: Image.Image | None = None, crop=None, annotator_dirs: Sequence[Path] = (),
+                    seed: int = 0, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu") -> PreparedControl:
+    """Prepare the active units of a request (see the module doc); InvalidRequest for any unit that
+    cannot run (unknown model, wrong family, missing image), before anything is sampled. `crop` is
+    ((x1, y1, x2, y2), (width, height)) of an "only masked" inpainting crop of the init image."""
+    prepared = PreparedControl(None)
+    runs: list[ControlUnitRun] = []
+    for index, unit in enumerate(units):
+        if not unit.active:
+            continue
+        file = resolve(files, unit.model)
+        check_family(file.family, file.name, model_family, model_name)
+        loaded = cache.get(file.path, dtype=dtype, device=device)
+        check_family(loaded.family, file.name, model_family, model_name)
+        pre = _preprocess()
+        module = pre.canonical_module(unit.module)
+        image, mask = unit_image(unit, index, decode, init_image, init_mask, crop)
+        resolution = _resolution(unit, image, width, height)
+        detected = pre.detect(module, image, resolution=resolution, threshold_a=unit.threshold_a,
+                              threshold_b=unit.threshold_b, mask=mask, annotator_dirs=annotator_dirs, seed=seed)
+        control = quantize_map(fit_map(detected, width, height, unit.resize_mode))
+        hr_control = None
+        if hires_size is not None:
+            hr_control = quantize_map(fit_map(detected, hires_size[0], hires_size[1], unit.resize_mode))
+            prepared.hr_maps[index] = hr_control
+        prepared.maps[index] = control
+        runs.append(ControlUnitRun(
+            loaded, to_hint(control), weight=unit.weight, start=unit.guidance_start, end=unit.guidance_end,
+            mode=unit.control_mode, guess_mode=unit.guess_mode, module=module, hr_option=unit.hr_option,
+            hr_hint=None if hr_control is None else to_hint(hr_control)))
+        line = format_unit({
+            "module": module, "model": file.title, "weight": unit.weight, "resize_mode": unit.resize_mode,
+            "processor_res": resolution, "threshold_a": unit.threshold_a, "threshold_b": unit.threshold_b,
+            "guidance_start": unit.guidance_start, "guidance_end": unit.guidance_end,
+            "pixel_perfect": unit.pixel_perfect, "control_mode": unit.control_mode,
+            "hr_option": unit.hr_option, "guess_mode": unit.guess_mode})
+        if line is not None:
+            prepared.infotext[f"ControlNet {index}"] = line
+    prepared.control = Control(runs) if runs else None
+    return prepared
