@@ -119,7 +119,7 @@ def test_eta_kept_only_where_it_matters(api):
     ({"styles": ["No Such Style"]}, "unknown style 'No Such Style'"),
     ({"subseed_strength": 1.3}, "subseed_strength"),
     ({"script_name": "prompt matrix"}, "script_name"),  # the X/Y/Z plot runs: tests/test_api_scripts.py
-    ({"alwayson_scripts": {"ControlNet": {"args": []}}}, "ControlNet"),
+    ({"alwayson_scripts": {"ADetailer": {"args": []}}}, "ADetailer"),  # ControlNet: tests/test_controlnet_api.py
     ({"refiner_checkpoint": "sdxl-refiner"}, "refiner_checkpoint"),
     ({"override_settings": {"CLIP_stop_at_last_layers": 40}}, "CLIP_stop_at_last_layers"),
 ])

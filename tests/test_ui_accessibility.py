@@ -206,7 +206,7 @@ def test_dialogs_trap_focus_and_return_it(open_page, base_url):
 
 def test_tab_bar_arrow_keys_and_roles(open_page):
     page, rec = open_page()
-    tabs = page.locator("[role=tab]")
+    tabs = page.locator(".tabs [role=tab]")  # the page tabs (the ControlNet section has its own unit tabs)
     assert tabs.count() == 5
     for i in range(5):
         tab = tabs.nth(i)

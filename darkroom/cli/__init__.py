@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from darkroom.cli.backup import backup, restore, verify
 from darkroom.cli.bundle import bundle_group
+from darkroom.cli.controlnet import controlnet_group
 from darkroom.cli.doctor import doctor
 from darkroom.cli.generate import generate
 from darkroom.cli.group import cli
@@ -26,6 +27,7 @@ cli.add_command(models_group, "models")
 cli.add_command(bundle_group, "bundle")
 cli.add_command(upscale)
 cli.add_command(styles_group, "styles")
+cli.add_command(controlnet_group, "controlnet")
 cli.add_command(help_command, "help")
 
 __all__ = ["cli", "main"]

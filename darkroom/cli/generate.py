@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from darkroom.cli.control_spec import HELP as CONTROLNET_HELP
+from darkroom.cli.control_spec import parse_units, units_from_png
 from darkroom.cli.group import Context, log, user_errors, vram_options
 from darkroom.fsutil import read_regular
 from darkroom.home import Home
@@ -88,6 +90,7 @@ def _engine(home: Home, device: str | None, precision: str | None, allow_pickle:
               help="Pixels of context around the mask for --only-masked (default 32).")
 @click.option("--invert-mask", "inpainting_mask_invert", is_flag=True, default=None,
               help="Repaint the black part of the mask.")
+@click.option("--controlnet", "controlnet", multiple=True, metavar="SPEC", help=CONTROLNET_HELP)
 @click.option("--hires", "enable_hr", is_flag=True, default=None,
               help="Hires fix: generate at the size given, upscale, then refine at the larger size.")
 @click.option("--hr-scale", type=float, default=None, help="Hires upscale factor (default 2).")
@@ -134,7 +137,7 @@ def generate(obj: Context, prompt, negative_prompt, model, n_iter, batch_size, s
              device, precision, allow_pickle, v_prediction, preset, vram, fp8, randn_source=None,
              eta_noise_seed_delta=None, styles=(), dynamic_prompts=None, combinatorial=None, tiling=None,
              restore_faces=None, output_format=None, sd_upscale=None, sd_upscale_overlap=None,
-             sd_upscale_upscaler=None) -> None:
+             sd_upscale_upscaler=None, controlnet=()) -> None:
     """Generate images from PROMPT (txt2img, img2img, inpainting, hires fix) and write PNGs with their parameters."""
     from darkroom.api import output_folder, request_from_png
     from darkroom.models import starter
@@ -163,8 +166,12 @@ def generate(obj: Context, prompt, negative_prompt, model, n_iter, batch_size, s
     fields.update(styles=list(styles) or None, dynamic_prompts=dynamic_prompts, combinatorial=combinatorial,
                   tiling=tiling, restore_faces=restore_faces, output_format=output_format and output_format.lower())
     given = {k: v for k, v in fields.items() if v is not None}
+    if controlnet:  # replaces the units of --from-png's image
+        given["controlnet"] = parse_units(controlnet)
     if from_png is not None:
         base = request_from_png(from_png)
+        if not controlnet:  # its ControlNet units, with the maps stored in the PNG
+            base = base.model_copy(update={"controlnet": units_from_png(from_png)})
         req = base.model_copy(update=given)
         # the image's settings count as given, except those an explicit --preset replaces
         unset = {"sampler", "schedule", "steps", "cfg_scale"} - set(given) if preset else set()

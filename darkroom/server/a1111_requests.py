@@ -21,6 +21,8 @@ from darkroom.errors import DarkroomError, InvalidRequest
 from darkroom.request import MAX_ENSD, RANDN_SOURCES, GenerationRequest, unicode_problem
 from darkroom.server.a1111_scripts import check_script_name
 from darkroom.server.common import current_model_info, find_model, require_model, validation_message
+from darkroom.server.control_units import SCRIPT as CONTROLNET_SCRIPT
+from darkroom.server.control_units import a1111_units
 from darkroom.server.uploads import decode_base64_image, open_image
 from darkroom.services.jobs import Job
 from darkroom.services.studio import Studio
@@ -291,7 +293,8 @@ def _unset(value: Any) -> bool:
 UNSUPPORTED: tuple[tuple[str, Any, str], ...] = (
     ("seed_resize_from_w", lambda v: v is not None and v > 0, "seed_resize_from_w (seed resize) is not supported yet"),
     ("seed_resize_from_h", lambda v: v is not None and v > 0, "seed_resize_from_h (seed resize) is not supported yet"),
-    ("alwayson_scripts", bool, "alwayson_scripts (webui extensions) are not supported"),
+    ("alwayson_scripts", lambda v: bool(_other_scripts(v)),
+     "alwayson_scripts other than ControlNet (webui extensions) are not supported"),
     ("refiner_checkpoint", lambda v: not _unset(v), "refiner_checkpoint (SDXL refiner pass) is not supported yet"),
     ("s_churn", lambda v: v not in (None, 0), "s_churn (sampler noise settings) is not supported yet"),
     ("s_noise", lambda v: v not in (None, 1), "s_noise (sampler noise settings) is not supported yet"),
@@ -308,13 +311,18 @@ LATENT_UPSCALERS = ("Latent", "Latent (nearest)")
 IMAGE_UPSCALERS = ("Lanczos", "Nearest")
 
 
+def _other_scripts(scripts: dict[str, Any]) -> list[str]:
+    """The alwayson scripts a body asks for besides ControlNet (matched in any case, as the webui matches titles)."""
+    return [name for name in scripts if name.lower() != CONTROLNET_SCRIPT]
+
+
 def _refuse_unsupported(body: ProcessingRequest) -> None:
     for name, asks, message in UNSUPPORTED:
         if name not in type(body).model_fields:
             continue
         value = getattr(body, name)
         if asks(value):
-            detail = f" ({', '.join(value)})" if name == "alwayson_scripts" else f" (got {value!r})"
+            detail = f" ({', '.join(_other_scripts(value))})" if name == "alwayson_scripts" else f" (got {value!r})"
             raise InvalidRequest(message + detail)
 
 
@@ -504,6 +512,8 @@ def to_generation_request(body: ProcessingRequest, studio: Studio) -> Generation
         fields.update(_hires_fields(body, fields, spec, concrete_schedule, studio))
     if isinstance(body, Img2ImgRequest):
         fields.update(_img2img_fields(body))
+    # ControlNet units (alwayson_scripts.controlnet.args): darkroom/server/control_units.py
+    fields["controlnet"] = a1111_units(body.alwayson_scripts, studio, img2img=isinstance(body, Img2ImgRequest))
     try:
         return GenerationRequest(**fields)
     except pydantic.ValidationError as e:
@@ -540,6 +550,16 @@ def _face_model(job: Job) -> str | None:
     return parse_infotext(job.images[0].infotext).get("Face restoration") if job.images else None
 
 
+def _controlnet_params(job: Job) -> dict[str, str]:
+    """The `ControlNet N` entries the extension adds to extra_generation_params, read from the infotext."""
+    from darkroom.metadata.infotext import parse_infotext
+
+    if not job.images or not job.request.controlnet:
+        return {}
+    params = parse_infotext(job.images[0].infotext)
+    return {k: v for k, v in params.items() if k.startswith("ControlNet ") and k[11:].isdigit()}
+
+
 def job_info(job: Job, body: ProcessingRequest) -> dict[str, Any]:
     """The webui's `Processed.js()` fields for a finished job (sent as a JSON *string*)."""
     req = job.request
@@ -557,7 +577,8 @@ def job_info(job: Job, body: ProcessingRequest) -> dict[str, Any]:
         "restore_faces": req.restore_faces, "face_restoration_model": _face_model(job),
         "sd_model_name": job.model_name or None, "sd_model_hash": job.model_hash or None,
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": _denoising_of(req, body), "extra_generation_params": {}, "index_of_first_image": 0,
+        "denoising_strength": _denoising_of(req, body), "extra_generation_params": _controlnet_params(job),
+        "index_of_first_image": 0,
         "infotexts": [im.infotext for im in job.images], "styles": list(body.styles or []),
         "job_timestamp": _timestamp(job.started), "clip_skip": req.clip_skip,
         "is_using_inpainting_conditioning": False, "version": VERSION,

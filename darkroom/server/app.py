@@ -36,7 +36,17 @@ def http_code(status: int) -> str:
 
 
 def create_app(studio: Studio, security: Security | None = None) -> FastAPI:
-    from darkroom.server import a1111, a1111_extras, a1111_info, docs, native, native_library, openai_api
+    from darkroom.server import (
+        a1111,
+        a1111_controlnet,
+        a1111_extras,
+        a1111_info,
+        docs,
+        native,
+        native_controlnet,
+        native_library,
+        openai_api,
+    )
 
     app = FastAPI(title="Darkroom", version=darkroom.__version__, docs_url=None, redoc_url=None,
                   openapi_url="/api/openapi.json")
@@ -64,9 +74,11 @@ def create_app(studio: Studio, security: Security | None = None) -> FastAPI:
 
     app.include_router(native.router)
     app.include_router(native_library.router)  # models folders, import, files in the wrong folder
+    app.include_router(native_controlnet.router)  # ControlNet models, preprocessors, detected maps
     app.include_router(a1111.router)
     app.include_router(a1111_info.router)  # hypernetworks, face restorers, scripts, extensions, ...
     app.include_router(a1111_extras.router)
+    app.include_router(a1111_controlnet.router)  # the sd-webui-controlnet extension's /controlnet routes
     app.include_router(openai_api.router)
     app.include_router(docs.router)  # /docs: the help pages, README and references, rendered locally
 

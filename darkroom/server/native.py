@@ -15,11 +15,13 @@ from fastapi.responses import FileResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 import darkroom
+from darkroom.control_unit import MAX_UNITS
 from darkroom.engine import samplers
 from darkroom.engine.admission import Limits
-from darkroom.errors import DarkroomError
+from darkroom.errors import DarkroomError, InvalidRequest
 from darkroom.request import GenerationRequest
 from darkroom.server.common import get_studio, png_info_of
+from darkroom.server.control_units import NativeUnit, native_units
 from darkroom.server.uploads import decode_base64_image, read_upload
 from darkroom.services.history import HistoryItem
 from darkroom.services.jobs import Job, JobNotFound
@@ -44,10 +46,15 @@ class JobRequest(GenerationRequest):
     init_image: str | None = None  # type: ignore[assignment]
     mask: str | None = None  # type: ignore[assignment]
     xy: XYAxes | None = None  # an X/Y grid over this request
+    controlnet: list[NativeUnit] = Field([], max_length=MAX_UNITS)  # type: ignore[assignment]
 
-    def to_request(self) -> GenerationRequest:
+    def to_request(self, studio: Studio | None = None) -> GenerationRequest:
         # only the fields the client sent: a preset fills the ones it left out (model_fields_set)
-        data = self.model_dump(exclude={"private", "init_image", "mask", "xy"}, exclude_unset=True)
+        data = self.model_dump(exclude={"private", "init_image", "mask", "xy", "controlnet"}, exclude_unset=True)
+        if self.controlnet:  # images decoded, models resolved to library files (darkroom/server/control_units.py)
+            if studio is None:
+                raise InvalidRequest("controlnet: units need the server's model library")
+            data["controlnet"] = native_units(self.controlnet, studio, img2img=bool(self.init_image))
         if self.init_image:
             data["init_image"] = decode_base64_image(self.init_image, field="init_image")
         if self.mask:
@@ -113,7 +120,10 @@ def history_item(item: HistoryItem) -> dict:
             "negative_prompt": item.negative_prompt, "seed": item.seed, "width": item.width, "height": item.height,
             "model": item.model, "sampler": item.sampler, "steps": item.steps, "cfg_scale": item.cfg_scale,
             "infotext": item.infotext, "request": request, "favourite": item.favourite,
-            "thumb_url": f"/api/history/{item.id}/thumb"}
+            "thumb_url": f"/api/history/{item.id}/thumb",
+            # an img2img image's source and inpainting mask, kept with it ("Use these settings" restores them)
+            "source_url": f"/api/history/{item.id}/source" if item.source else None,
+            "mask_url": f"/api/history/{item.id}/mask" if item.mask else None}
 
 
 def card_of(path: str | Path) -> dict | None:
@@ -256,7 +266,7 @@ def submit(body: JobRequest, studio: Studio = Depends(get_studio),
     """Queue a job. The web UI sends its per-tab id in X-Darkroom-Client, and the event stream it
     opens with the same id shows it its private jobs in full (everyone else sees their progress)."""
     xy = (body.xy.x or None, body.xy.y or None) if body.xy else None
-    job = studio.queue.submit(body.to_request(), private=body.private, source="ui", xy=xy, client=client)
+    job = studio.queue.submit(body.to_request(studio), private=body.private, source="ui", xy=xy, client=client)
     return {"job": job_state(job, studio)}
 
 
@@ -409,6 +419,25 @@ def thumb(item_id: int, studio: Studio = Depends(get_studio),
     if if_none_match == etag:
         return Response(status_code=304, headers=headers)
     return FileResponse(path, media_type="image/webp", headers=headers)
+
+
+_SOURCE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp"}
+
+
+@router.get("/history/{item_id}/source", responses={200: {"content": {"image/*": {}}}})
+def history_source(item_id: int, studio: Studio = Depends(get_studio)) -> FileResponse:
+    """The source image an img2img history image was made from (404 when it has none)."""
+    path = studio.history.source_file(studio.history.get(item_id), "source")
+    return FileResponse(path, media_type=_SOURCE_TYPES.get(path.suffix, "application/octet-stream"),
+                        headers={"cache-control": "private, max-age=86400"})  # named by its hash: never changes
+
+
+@router.get("/history/{item_id}/mask", responses={200: {"content": {"image/*": {}}}})
+def history_mask(item_id: int, studio: Studio = Depends(get_studio)) -> FileResponse:
+    """The inpainting mask an inpainted history image was made with (404 when it has none)."""
+    path = studio.history.source_file(studio.history.get(item_id), "mask")
+    return FileResponse(path, media_type=_SOURCE_TYPES.get(path.suffix, "application/octet-stream"),
+                        headers={"cache-control": "private, max-age=86400"})
 
 
 @router.get("/history/{item_id}")

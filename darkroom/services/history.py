@@ -13,13 +13,21 @@ version (no `favourite` column) is migrated in place by adding the column.
 Thumbnails for the History grid are small WebP files made once per image under `thumbs`
 (home/cache/thumbs by default), stamped with their image's modification time so that a changed
 image gets a new one; they are a cache: deleting the folder only costs remaking them.
+
+An img2img or inpainting image keeps its source image and mask, so that reusing it from History
+brings them back: files under `sources` (home/history-sources by default) named by the SHA-256 of
+their bytes, so a source behind 20 images is stored once, and removed when the last image that
+refers to it goes. A source that cannot be written (a full disk) only costs that: the image is
+indexed without it, with a warning in the log.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -49,6 +57,16 @@ CREATE TABLE IF NOT EXISTS images (
     favourite INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS images_created ON images(created);
+CREATE TABLE IF NOT EXISTS image_sources (
+    image_id INTEGER PRIMARY KEY,
+    source TEXT,
+    mask TEXT
+);
+CREATE INDEX IF NOT EXISTS image_sources_source ON image_sources(source);
+CREATE INDEX IF NOT EXISTS image_sources_mask ON image_sources(mask);
+CREATE TRIGGER IF NOT EXISTS images_forget_sources AFTER DELETE ON images BEGIN
+    DELETE FROM image_sources WHERE image_id = OLD.id;
+END;
 """
 log = logging.getLogger("darkroom.history")
 _DELETING = ".deleting"  # the suffix of an image file renamed aside while its delete commits
@@ -58,6 +76,9 @@ _BASE_COLUMNS = ("id", "path", "created", "prompt", "negative_prompt", "seed", "
 _COLUMNS = (*_BASE_COLUMNS, "favourite")  # added later: older databases get it by migration (_open)
 THUMB_SIDE = 256  # px, the longer side of a History thumbnail
 THUMB_QUALITY = 78  # WebP quality of thumbnails
+_SELECT = (f"SELECT {', '.join(f'images.{c}' for c in _COLUMNS)}, s.source, s.mask FROM images"
+           " LEFT JOIN image_sources s ON s.image_id = images.id")
+_SOURCE_NAME = re.compile(r"[0-9a-f]{64}\.(png|jpg|webp|bin)")  # what a stored source's file is called
 
 
 class NotFound(DarkroomError):
@@ -93,15 +114,18 @@ class HistoryItem:
     infotext: str
     job_id: str | None
     favourite: bool = False
+    source: str | None = None  # the file names under History.sources of an img2img job's source image
+    mask: str | None = None  # and of its inpainting mask
 
 
 class History:
     """Thread-safe SQLite index of the images under `outputs`."""
 
-    def __init__(self, db_path: Path, outputs: Path, thumbs: Path | None = None):
+    def __init__(self, db_path: Path, outputs: Path, thumbs: Path | None = None, sources: Path | None = None):
         self.db_path = db_path
         self.outputs = outputs.resolve()
         self.thumbs = thumbs or db_path.parent / "cache" / "thumbs"
+        self.sources = sources or db_path.parent / "history-sources"
         self._lock = threading.Lock()
         try:
             db_path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,8 +173,10 @@ class History:
 
     # --- writes ------------------------------------------------------------------------------
 
-    def add(self, path: Path | str, infotext: str, *, job_id: str | None = None, created: float | None = None) -> int:
-        """Index one written image (idempotent on its path); returns its id."""
+    def add(self, path: Path | str, infotext: str, *, job_id: str | None = None, created: float | None = None,
+            source: bytes | None = None, mask: bytes | None = None) -> int:
+        """Index one written image (idempotent on its path); returns its id. `source` and `mask`: the
+        bytes of an img2img job's source image and inpainting mask, kept with the image."""
         from darkroom.metadata.infotext import parse_infotext
 
         rel = self.relative(path)
@@ -161,14 +187,28 @@ class History:
             row = self._db.execute("SELECT id FROM images WHERE path = ?", (rel,)).fetchone()
             if row:
                 return row[0]
-            cur = self._db.execute(
-                "INSERT INTO images (path, created, prompt, negative_prompt, seed, width, height, model, sampler,"
-                " steps, cfg_scale, infotext, job_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (rel, created, fields["prompt"], fields["negative_prompt"], fields["seed"], fields["width"],
-                 fields["height"], fields["model"], fields["sampler"], fields["steps"], fields["cfg_scale"],
-                 infotext or "", job_id),
-            )
-            return int(cur.lastrowid)
+            kept = [self._keep_source(data, rel) for data in (source, mask)]  # under the lock: see _sweep_sources
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                cur = self._db.execute(
+                    "INSERT INTO images (path, created, prompt, negative_prompt, seed, width, height, model, sampler,"
+                    " steps, cfg_scale, infotext, job_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (rel, created, fields["prompt"], fields["negative_prompt"], fields["seed"], fields["width"],
+                     fields["height"], fields["model"], fields["sampler"], fields["steps"], fields["cfg_scale"],
+                     infotext or "", job_id),
+                )
+                item_id = int(cur.lastrowid)
+                if any(kept):
+                    self._db.execute("INSERT INTO image_sources (image_id, source, mask) VALUES (?,?,?)",
+                                     (item_id, *kept))
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                self._sweep_sources(kept)  # written for a row that never came
+                raise
+            return item_id
 
     def delete(self, item_id: int) -> HistoryItem:
         """Forget an image and delete its file: the entry's own file only (a link is removed, not
@@ -197,6 +237,8 @@ class History:
         if aside is not None:
             discard(aside)
         discard(self._thumb_path(item_id))
+        with self._lock:
+            self._sweep_sources([item.source, item.mask])
         return item
 
     def delete_many(self, item_ids: list[int]) -> tuple[list[int], list[int]]:
@@ -217,6 +259,65 @@ class History:
         with self._lock, self._writing(f"mark image {item_id} as a favourite"):
             self._db.execute("UPDATE images SET favourite = ? WHERE id = ?", (int(bool(favourite)), item_id))
         return self.get(item_id)
+
+    # --- an img2img image's source and mask ---------------------------------------------------
+
+    def source_file(self, item: HistoryItem, which: str = "source") -> Path:
+        """The stored source image (`which="source"`) or mask (`"mask"`) of an item; NotFound when it has none."""
+        name = item.source if which == "source" else item.mask if which == "mask" else None
+        path = self.sources / name if name and _SOURCE_NAME.fullmatch(name) else None
+        if path is None or not path.is_file():
+            raise NotFound(f"image {item.id} has no stored {'mask' if which == 'mask' else 'source image'}")
+        return path
+
+    def _keep_source(self, data: bytes | None, rel: str) -> str | None:
+        """Store `data` under `sources` by its hash (once, however many images use it); its file name,
+        or None when there is nothing to keep or it cannot be written (the image is indexed without it)."""
+        if not data:
+            return None
+        name = f"{hashlib.sha256(data).hexdigest()}.{_image_kind(data)}"
+        dest = self.sources / name
+        if dest.is_file():
+            return name
+        part = dest.with_name(f".{name}.{os.getpid()}.{threading.get_ident()}.part")
+        try:
+            self.sources.mkdir(parents=True, exist_ok=True)
+            with open(part, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(part, dest)
+        except OSError as e:
+            discard(part)
+            log.warning("history: could not keep the source image of %s in %s (%s); it is indexed without it",
+                        rel, self.sources, e)
+            return None
+        return name
+
+    def _sweep_sources(self, names) -> None:
+        """Remove the stored sources among `names` that no image refers to any more (the caller holds the
+        lock, so that an add cannot take one up in between). A failure leaves them for `reconcile`."""
+        for name in dict.fromkeys(n for n in names if n):
+            try:
+                used = self._db.execute("SELECT 1 FROM image_sources WHERE source = ? OR mask = ? LIMIT 1",
+                                        (name, name)).fetchone()
+            except sqlite3.Error:
+                return
+            if not used and _SOURCE_NAME.fullmatch(name):
+                discard(self.sources / name)
+
+    def _remove_unused_sources(self) -> None:
+        """Remove stored sources no row refers to (left by a crash or a forgotten image) and temp files."""
+        if not self.sources.is_dir():
+            return
+        with self._lock:
+            try:
+                used = {n for row in self._db.execute("SELECT source, mask FROM image_sources") for n in row if n}
+            except sqlite3.Error:
+                return
+            for f in self.sources.iterdir():
+                if f.is_file() and f.name not in used and (_SOURCE_NAME.fullmatch(f.name) or f.name.endswith(".part")):
+                    discard(f)
 
     # --- thumbnails --------------------------------------------------------------------------
 
@@ -313,6 +414,7 @@ class History:
         except StorageError as e:
             log.warning("history: %s; they are forgotten at the next start", e)
         self._remove_deleted_leftovers()
+        self._remove_unused_sources()
         return added, dropped
 
     def _remove_deleted_leftovers(self) -> None:
@@ -328,10 +430,18 @@ class History:
         if not -SQLITE_INT <= item_id < SQLITE_INT:
             raise NotFound(f"no image {item_id} in the history")
         with self._lock:
-            row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM images WHERE id = ?", (item_id,)).fetchone()
+            row = self._db.execute(f"{_SELECT} WHERE images.id = ?", (item_id,)).fetchone()
         if row is None:
             raise NotFound(f"no image {item_id} in the history")
-        return _item(row)
+        return self._checked(_item(row))
+
+    def _checked(self, item: HistoryItem) -> HistoryItem:
+        """The item, without the sources whose file is gone (a home restored from a backup has none)."""
+        for which in ("source", "mask"):
+            name = getattr(item, which)
+            if name and not (_SOURCE_NAME.fullmatch(name) and (self.sources / name).is_file()):
+                setattr(item, which, None)
+        return item
 
     def search(self, query: str = "", *, page: int = 1, per_page: int = 24,
                favourites: bool = False) -> tuple[int, list[HistoryItem]]:
@@ -352,10 +462,10 @@ class History:
         with self._lock:
             total = self._db.execute(f"SELECT COUNT(*) FROM images WHERE {where}", args).fetchone()[0]
             rows = self._db.execute(
-                f"SELECT {', '.join(_COLUMNS)} FROM images WHERE {where} ORDER BY created DESC, id DESC"
+                f"{_SELECT} WHERE {where} ORDER BY images.created DESC, images.id DESC"
                 " LIMIT ? OFFSET ?", [*args, per_page, min((page - 1) * per_page, SQLITE_INT - 1)],
             ).fetchall()
-        return total, [_item(r) for r in rows]
+        return total, [self._checked(_item(r)) for r in rows]
 
     def count(self) -> int:
         with self._lock:
@@ -409,6 +519,17 @@ def _move_aside(db_path: Path) -> Path:
 
 def _inside(path: Path, folder: Path) -> bool:
     return os.path.commonpath([path, folder]) == str(folder)
+
+
+def _image_kind(data: bytes) -> str:
+    """The file extension a source's bytes call for (PNG, JPEG, WebP; anything else is kept as .bin)."""
+    if data.startswith(b"\x89PNG"):
+        return "png"
+    if data.startswith(b"\xff\xd8"):
+        return "jpg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return "bin"
 
 
 def _escape_like(text: str) -> str:

@@ -348,7 +348,8 @@ class JobQueue:
             done = JobImage(seed=image.seed, infotext=image.infotext, png=image.png, path=image.path)
             if image.path and self.history is not None:
                 try:
-                    done.history_id = self.history.add(image.path, image.infotext, job_id=job.id)
+                    done.history_id = self.history.add(image.path, image.infotext, job_id=job.id,
+                                                       source=job.request.init_image, mask=job.request.mask)
                 except Exception:  # the file is safe on disk; reconcile() indexes it at next start
                     log.exception("could not index %s", image.path)
             job.images.append(done)

@@ -246,8 +246,10 @@
   $('history-use').addEventListener('click', () => {
     if (!H.current) return;
     const req = itemRequest(H.current);
+    const { source_url: source, mask_url: mask, infotext, url } = H.current;
     closeDetail();
-    fillForm(req);
+    fillForm({ ...req, infotext, result_url: url }); // the infotext's ControlNet lines, the maps in the PNG (controlnet.js)
+    if (source && DR.restoreInitFrom) DR.restoreInitFrom(source, mask); // an img2img item: its source and mask too
   });
   $('history-copy').addEventListener('click', () => { if (H.current) copyText(H.current.infotext || ''); });
   $('history-delete').addEventListener('click', deleteCurrent);
@@ -267,6 +269,7 @@
   function renderPngResult(data) {
     const box = $('png-result');
     P.request = data && data.request && typeof data.request === 'object' ? data.request : null;
+    if (P.request && data.parameters) P.request = { ...P.request, infotext: data.parameters }; // ControlNet lines
     $('png-send').disabled = !P.request;
     const format = data && data.format && data.format !== 'none' ? data.format : null;
     const params = data && data.parameters;

@@ -133,7 +133,13 @@
   /** "Use these settings" on an img2img result of this page: its source image and mask come back too. */
   async function restoreInit({ image, mask }) {
     try {
+      const size = [$('width').value, $('height').value]; // the restored settings' size, which setImage clears
       await setImage(image, 'source image');
+      if (size.join('x') !== `${I.nw}x${I.nh}` && size.every((v) => v !== '')) { // a resize the job asked for
+        [$('width').value, $('height').value] = size;
+        DR.updateSizePlaceholders();
+        DR.syncPreset();
+      }
       if (!mask) return;
       const m = new Image();
       m.src = mask;
@@ -144,6 +150,23 @@
       updateTools();
     } catch (e) {
       showError(e);
+    }
+  }
+
+  /** "Use these settings" on an img2img History item: its stored source (and mask), fetched as data: URLs
+   *  (the request sends the image itself, not a link to it). */
+  async function restoreInitFrom(sourceUrl, maskUrl) {
+    const load = async (url, what) => {
+      const res = await fetch(url, { credentials: 'same-origin' });
+      if (!res.ok) throw new Error(`could not load the ${what} of this image (HTTP ${res.status})`);
+      return readAsDataURL(await res.blob());
+    };
+    try {
+      const image = await load(sourceUrl, 'source image');
+      const mask = maskUrl ? await load(maskUrl, 'mask') : null;
+      await restoreInit({ image, mask });
+    } catch (e) {
+      showError(e.message === 'Failed to fetch' ? new Error('server unreachable') : e);
     }
   }
 
@@ -541,7 +564,7 @@
     }
   });
 
-  Object.assign(DR, { sendToImg2img, setImg2imgMode: setMode, exportMask, restoreInit });
+  Object.assign(DR, { sendToImg2img, setImg2imgMode: setMode, exportMask, restoreInit, restoreInitFrom });
   // for a test or a console: how many strokes, and the source size
   DR.maskState = () => ({ strokes: I.strokes.length, painted: hasPaint(), width: I.nw, height: I.nh });
 })();

@@ -64,6 +64,7 @@
       const job = res && res.job ? res.job : res;
       if (!job || !job.id) throw new ApiError('server returned no job', 0);
       track(job, false, req.init_image ? { image: req.init_image, mask: req.mask || null } : null);
+      if (DR.rememberPrompt) DR.rememberPrompt(req); // prompt history (prompt-history.js); never a private job's
       // On a phone the progress and results are below the long form: bring them into view.
       // (.following gives the output column a window's height, so the progress can reach the top.)
       if (window.matchMedia('(max-width: 899px)').matches) {

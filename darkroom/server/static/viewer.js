@@ -214,18 +214,20 @@
         button('Send to img2img', 'send-img2img', (it) => DR.sendToImg2img(it.url)),
         button('Send to inpaint', 'send-inpaint', (it) => DR.sendToImg2img(it.url, { inpaint: true })),
         button('Send to extras', 'send-extras', (it) => DR.sendToExtras(it.url, `seed-${it.seed}`)),
+        button('Use as control image', 'use-control', (it) => DR.useAsControl(it.url)), // controlnet.js
         button('Download', 'download-image', (it) => DR.downloadImage(it.url, `darkroom-${it.seed}`))))));
     select(0);
     box.replaceChildren(...figs);
     renderStrip();
   }
 
-  /** "Use these settings": everything the request holds, and an img2img job's source (and mask) when
-   *  this page still has them (history keeps neither). */
+  /** "Use these settings": everything the request holds, and an img2img job's source (and mask): this
+   *  page's copy, else the one History stored with the image. */
   function useSettings(it, opts = { switchPage: false }) {
     if (!it || !it.request) { toast('No generation settings to use', 'error'); return; }
-    DR.fillForm(it.request, opts);
+    DR.fillForm({ ...it.request, infotext: it.infotext, result_url: it.url }, opts); // ControlNet lines and maps
     if (it.init && it.init.image && DR.restoreInit) DR.restoreInit(it.init);
+    else if (it.sourceUrl && DR.restoreInitFrom) DR.restoreInitFrom(it.sourceUrl, it.maskUrl);
   }
 
   function renderStrip() {
@@ -276,6 +278,7 @@
     download,
     ctl('Send to img2img', 'lightbox-img2img', null, () => { const it = cur(); close(); DR.sendToImg2img(it.url); }),
     ctl('Send to inpaint', 'lightbox-inpaint', null, () => { const it = cur(); close(); DR.sendToImg2img(it.url, { inpaint: true }); }),
+    ctl('Use as control image', 'lightbox-control', null, () => { const it = cur(); close(); if (DR.closeDetail) DR.closeDetail(); DR.useAsControl(it.url); }),
     ctl('Use settings', 'lightbox-use', 'Use these settings', () => { const it = cur(); close(); if (DR.closeDetail) DR.closeDetail(); useSettings(it, { switchPage: true }); }),
     del);
   const stage = el('div', { className: 'lightbox-stage' });
@@ -391,7 +394,8 @@
 
   /** A History item as a lightbox item (gallery.js opens its page of items). */
   const historyViewItem = (item) => ({ url: item.url, prompt: item.prompt, seed: item.seed, infotext: item.infotext,
-    historyId: item.id, request: item.request && typeof item.request === 'object' ? item.request : null });
+    historyId: item.id, request: item.request && typeof item.request === 'object' ? item.request : null,
+    sourceUrl: item.source_url || null, maskUrl: item.mask_url || null }); // an img2img item's stored source and mask
 
   // ================================================================== settings the form has no other place for
 
