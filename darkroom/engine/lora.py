@@ -463,11 +463,18 @@ class AppliedLoras:
                 total = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
                 for module, factor in deltas:
                     total.add_(module.delta(param.shape, param.device), alpha=factor)
-                merged = (param.float() + total).to(param.dtype)
-                if not bool(torch.isfinite(merged).all()):
+                total.add_(param.float())
+                # fp8-stored weights (placement's --fp8) take the merge in the compute dtype: e4m3's 3 mantissa
+                # bits would round a LoRA's deltas (a few % of a weight) away; restore() puts the fp8 back
+                store = self.model.dtype if param.dtype in _FP8 else param.dtype
+                merged = total.to(store)
+                if not (bool(torch.isfinite(total).all()) and bool(torch.isfinite(merged).all())):
                     raise self._overflow(deltas)
                 self._backups.append((param, param.detach().to("cpu", copy=True)))
-                param.copy_(merged)
+                if merged.dtype == param.dtype:
+                    param.copy_(merged)
+                else:
+                    param.data = merged
         except BaseException:
             self.restore()
             raise
@@ -486,7 +493,10 @@ class AppliedLoras:
         """Put every saved weight back, bit for bit (safe to call twice)."""
         while self._backups:
             param, saved = self._backups.pop()
-            param.copy_(saved)
+            if param.dtype == saved.dtype:
+                param.copy_(saved)
+            else:  # an fp8 weight merged in the compute dtype
+                param.data = saved.to(param.device)
 
     def __enter__(self) -> AppliedLoras:
         self.merge()
@@ -494,6 +504,9 @@ class AppliedLoras:
 
     def __exit__(self, *exc: object) -> None:
         self.restore()
+
+
+_FP8 = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name))
 
 
 def _family_label(family_id: str) -> str:
