@@ -17,9 +17,8 @@ from pathlib import Path
 
 from darkroom.control.load import WEIGHT_NAMES, folder_class, header_kind
 from darkroom.errors import DarkroomError, InvalidRequest
-from darkroom.fsutil import unique_dirs
 from darkroom.home import Home, is_folder
-from darkroom.models.library import has_suffix, walk_models
+from darkroom.models.library import has_suffix, install_folders, walk_models
 
 CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
 """What the extension lists (its CN_MODEL_EXTS); pickles are read weights-only."""
@@ -78,13 +77,7 @@ class ControlNetFile:
 
 def controlnet_dirs(home: Home) -> list[tuple[Path, str]]:
     """(folder, label) pairs: the home's controlnet folder, then each extra models folder's webui folders."""
-    out = [(home.controlnets, "controlnet")]
-    for extra in home.extra_model_dirs:
-        for sub in INSTALL_DIRS:
-            if is_folder(extra / sub):
-                out.append((extra / sub, sub.rsplit("/", 1)[1]))
-    kept = {str(p) for p in unique_dirs(p for p, _ in out)}
-    return [(p, label) for p, label in out if str(p) in kept]
+    return install_folders(home.controlnets, "controlnet", home, INSTALL_DIRS)
 
 
 def is_controlnet_folder(path: Path) -> bool:

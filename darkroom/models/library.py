@@ -126,6 +126,20 @@ def walk_models(folder: Path, wanted: Callable[[str], bool], bundle: Callable[[P
     return sorted(found)
 
 
+def install_folders(own: Path, label: str, home: Home, subdirs: tuple[str, ...]) -> list[tuple[Path, str]]:
+    """(folder, label) pairs for one kind of file: the home's own folder, then each extra models folder's
+    webui folders among `subdirs` ("models/ESRGAN", ...; labelled by their last part), each folder once."""
+    from darkroom.fsutil import unique_dirs
+
+    out = [(own, label)]
+    for extra in home.extra_model_dirs:
+        for sub in subdirs:
+            if is_folder(extra / sub):
+                out.append((extra / sub, sub.rsplit("/", 1)[1]))
+    kept = {str(p) for p in unique_dirs(p for p, _ in out)}
+    return [(p, name) for p, name in out if str(p) in kept]
+
+
 def has_suffix(suffixes: tuple[str, ...]) -> Callable[[str], bool]:
     return lambda name: os.path.splitext(name)[1].lower() in suffixes
 

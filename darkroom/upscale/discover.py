@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from darkroom.errors import InvalidRequest
-from darkroom.fsutil import unique_dirs
 from darkroom.home import Home, is_folder
-from darkroom.models.library import has_suffix, walk_models
+from darkroom.models.library import has_suffix, install_folders, walk_models
 
 UPSCALER_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
 """What the webuis' upscaler folders accept (.ckpt as ComfyUI's does); pickles load only on opt-in."""
@@ -73,13 +72,7 @@ def scale_hint(stem: str) -> int:
 
 def upscaler_dirs(home: Home) -> list[tuple[Path, str]]:
     """(folder, label) pairs: the home's upscalers folder, then each extra models folder's webui folders."""
-    out = [(home.upscalers, "upscalers")]
-    for extra in home.extra_model_dirs:
-        for sub in INSTALL_DIRS:
-            if is_folder(extra / sub):
-                out.append((extra / sub, sub.rsplit("/", 1)[1]))
-    kept = {str(p) for p in unique_dirs(p for p, _ in out)}
-    return [(p, label) for p, label in out if str(p) in kept]
+    return install_folders(home.upscalers, "upscalers", home, INSTALL_DIRS)
 
 
 def find_upscalers(home: Home, problems: list[str] | None = None) -> list[UpscalerFile]:
