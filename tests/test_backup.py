@@ -425,3 +425,86 @@ def test_case_helpers(tmp_path):
     assert folds_case(tmp_path) is False  # ext4/tmpfs tell names apart by case
     assert not list(tmp_path.iterdir())  # the probe is removed
     assert folds_case(tmp_path / "missing") is False
+
+
+def png_of(colour: tuple[int, int, int]) -> bytes:
+    return encode_png(Image.new("RGB", (8, 8), colour), "")
+
+
+def add_img2img(home: Home, history: History, name: str, seed: int, source: bytes, mask: bytes | None) -> int:
+    """An img2img output indexed with the source image (and mask) History keeps under history-sources/."""
+    path = home.outputs / "img2img" / "2024-05-02" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = INFOTEXT.format(seed=seed)
+    path.write_bytes(encode_png(Image.new("RGB", (8, 8), (seed % 256, 9, 9)), text))
+    return history.add(path, text, source=source, mask=mask)
+
+
+def test_img2img_sources_are_backed_up_verified_and_restored(full_home, tmp_path):
+    """An img2img item's source and mask travel with the history: backed up (only those the database snapshot
+    refers to, incrementally), checked by verify, and restored byte for byte so the item serves them again."""
+    source, mask = png_of((200, 10, 10)), png_of((255, 255, 255))
+    h = History(full_home.root / "history.sqlite3", full_home.outputs)
+    item_id = add_img2img(full_home, h, "00003-7.png", 7, source, mask)
+    names = {h.get(item_id).source, h.get(item_id).mask}
+    h.close()
+    (h.sources / ("0" * 64 + ".png")).write_bytes(b"no row refers to me")  # left by a crash: History drops it
+    (h.sources / ".tmp.part").write_bytes(b"half")
+    dest = tmp_path / "bk"
+    r = run(full_home, "backup", str(dest))
+    assert r.exit_code == 0, r.output
+    [m] = manifests(dest)
+    assert {rel for rel in m["files"] if rel.startswith("history-sources/")} == {f"history-sources/{n}" for n in names}
+    assert "history-sources" in m["scope"]
+
+    r = run(full_home, "backup", str(dest))  # incremental: nothing changed, nothing copied
+    assert r.exit_code == 0 and "copied 0" in r.output, r.output
+
+    fresh = Home(tmp_path / "fresh").ensure()
+    r = run(fresh, "restore", str(dest))
+    assert r.exit_code == 0, r.output
+    restored = History(fresh.root / "history.sqlite3", fresh.outputs)
+    restored.reconcile()  # what a server start does: sources no row refers to would go here
+    item = restored.get(item_id)
+    assert restored.source_file(item).read_bytes() == source
+    assert restored.source_file(item, "mask").read_bytes() == mask
+    assert {p.name for p in restored.sources.iterdir()} == names
+    restored.close()
+
+    bad = object_of(dest, f"history-sources/{item.mask}")
+    bad.write_bytes(bad.read_bytes()[:-1] + b"\x00")
+    r = run(fresh, "verify", str(dest))
+    one_line_error(r, "1 corrupt")
+    assert f"corrupt: history-sources/{item.mask}" in r.stdout
+
+
+def test_restoring_over_another_history_keeps_its_sources_with_it(full_home, tmp_path):
+    """A restore that replaces a history whose items have sources moves those sources into the safety folder
+    beside the old database (the restored rows do not refer to them), and writes the snapshot's own."""
+    h = History(full_home.root / "history.sqlite3", full_home.outputs)
+    kept = h.get(add_img2img(full_home, h, "00003-7.png", 7, png_of((1, 2, 3)), None)).source
+    h.close()
+    dest = tmp_path / "bk"
+    assert run(full_home, "backup", str(dest)).exit_code == 0
+    other = Home(tmp_path / "other").ensure()
+    h = History(other.root / "history.sqlite3", other.outputs)
+    theirs = h.get(add_img2img(other, h, "x.png", 8, png_of((4, 5, 6)), png_of((7, 8, 9))))
+    h.close()
+    r = run(other, "restore", str(dest))
+    one_line_error(r, "history.sqlite3")
+    assert (other.root / "history-sources" / theirs.source).is_file()  # a refused restore moves nothing
+    r = run(other, "restore", str(dest), "--force")
+    assert r.exit_code == 0, r.output
+    assert {p.name for p in (other.root / "history-sources").iterdir()} == {kept}
+    [saved] = (other.root / "restore-saved").iterdir()
+    assert {p.name for p in (saved / "history-sources").iterdir()} == {theirs.source, theirs.mask}
+    assert (saved / "history.sqlite3").is_file()
+
+
+def test_a_manifest_may_name_history_sources_but_not_the_folder_itself():
+    from darkroom.carry.backup_store import _safe_rel
+
+    assert str(_safe_rel("history-sources/" + "a" * 64 + ".png")) == "history-sources/" + "a" * 64 + ".png"
+    for bad in ("history-sources", "history-sources/../settings.json", "cache/x"):
+        with pytest.raises(bk.BackupError):
+            _safe_rel(bad)

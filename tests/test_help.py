@@ -23,7 +23,9 @@ from darkroom.errors import DarkroomError, StorageError
 from darkroom.home import Home
 
 ROOT = Path(__file__).resolve().parent.parent
-INHERITS_ON_PURPOSE = {"ImportStopped"}  # takes the code of the StorageError that stopped it
+# ImportStopped takes the code of the StorageError that stopped it; TensorReadError is a ModelLoadError that keeps
+# its reason apart from the file's name (for callers that name the file their own way)
+INHERITS_ON_PURPOSE = {"ImportStopped", "TensorReadError"}
 
 
 def _all_error_classes() -> list[type]:

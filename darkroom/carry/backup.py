@@ -4,9 +4,11 @@ This module is what a backup and a restore do with a Home; the backup folder its
 objects, snapshots, locking and verify) is darkroom.carry.backup_store, whose public names are re-exported here.
 
 What is backed up: settings.json, the history database (a consistent snapshot taken with
-SQLite's backup API, never a raw copy of the live WAL files), every file under outputs/
-and, on request, every file under models/. Not backed up: the hash cache (cache.sqlite3
-is keyed by absolute path and rebuilt on demand), logs/ and builtin/ (made again).
+SQLite's backup API, never a raw copy of the live WAL files), the img2img sources and masks under
+history-sources/ that this snapshot of the database refers to (so a restored history brings them
+back), every file under outputs/ and, on request, every file under models/. Not backed up: the
+hash cache (cache.sqlite3 is keyed by absolute path and rebuilt on demand), logs/ and builtin/
+(made again).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from darkroom.carry.backup_store import (
     MARKER,
     OTHER_BACKUP_FOLDER,
     SETTINGS,
+    SOURCES,
     BackupError,
     Progress,
     Repository,
@@ -110,6 +113,29 @@ def _row_count(db: Path) -> int:
         return -1  # no table or unreadable: count it as something that would be lost
 
 
+def _used_sources(db: Path) -> set[str] | None:
+    """The stored source and mask names a (snapshot of the) history database refers to; an empty set for
+    a database from before sources were kept, None for one whose table cannot be read."""
+    try:
+        con = sqlite3.connect(db, timeout=30)  # the backup's own temp copy
+        try:
+            if not con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='image_sources'").fetchone():
+                return set()
+            return {n for row in con.execute("SELECT source, mask FROM image_sources") for n in row
+                    if isinstance(n, str) and n and "/" not in n and "\\" not in n and not n.startswith(".")}
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return None
+
+
+def _source_files(root: Path) -> list[tuple[str, Path]]:
+    """(manifest path, file) of the stored img2img sources of the home at `root`: plain files directly in
+    history-sources/, its hidden temp files left out."""
+    return [(f"{SOURCES}/{p.name}", p) for p in _walk_files(root / SOURCES)
+            if p.parent == root / SOURCES and not p.name.startswith(".")]
+
+
 def _walk_files(root: Path) -> Iterator[Path]:
     """Regular files under `root`, sorted, symlinks skipped (they could point anywhere)."""
     if not root.is_dir() or root.is_symlink():
@@ -149,7 +175,7 @@ def backup_home(home: Home, dest: Path, *, models: bool = False, outputs: bool =
     t0 = time.monotonic()
     home_root = home.root.resolve()
     repo = Repository(dest)
-    for inside in [home.outputs, home.root / "models"]:
+    for inside in [home.outputs, home.root / "models", home.root / SOURCES]:
         with contextlib.suppress(ValueError):
             repo.root.relative_to(inside.resolve())
             raise InvalidRequest(f"the backup folder {repo.root} is inside {inside}, which it would back up")
@@ -163,7 +189,7 @@ def backup_home(home: Home, dest: Path, *, models: bool = False, outputs: bool =
         sid = repo.new_snapshot_id(created)
         result = BackupResult(sid, repo.root, leftovers_removed=leftovers)
         files: dict[str, dict] = {}
-        scope = [SETTINGS, HISTORY] + (["outputs"] if outputs else []) + (["models"] if models else [])
+        scope = [SETTINGS, HISTORY, SOURCES] + (["outputs"] if outputs else []) + (["models"] if models else [])
 
         # 1. the history database: a consistent snapshot, into tmp/ (never a raw copy of the live files)
         db_tmp = None
@@ -173,8 +199,19 @@ def backup_home(home: Home, dest: Path, *, models: bool = False, outputs: bool =
             _sqlite_snapshot(history, db_tmp, folder=repo.root, doing="back up", instead=OTHER_BACKUP_FOLDER)
             result.history_rows = max(_row_count(db_tmp), 0)
 
-        # 2. the file list
+        # 2. the file list: the img2img sources first, those this database snapshot refers to (an image added
+        # since has its row after the snapshot, and History removes sources no row refers to)
         sources: list[tuple[str, Path]] = []
+        used = _used_sources(db_tmp) if db_tmp is not None else set()
+        held = dict(_source_files(home_root))
+        if used is None:  # a database whose table cannot be read: keep every source rather than guess
+            sources += sorted(held.items())
+        else:
+            sources += [(f"{SOURCES}/{n}", held[f"{SOURCES}/{n}"]) for n in sorted(used) if f"{SOURCES}/{n}" in held]
+        lost = [n for n in used or () if f"{SOURCES}/{n}" not in held]
+        if lost:
+            result.notes.append(f"{len(lost)} img2img source image(s) or mask(s) the history refers to are missing"
+                                f" from {home_root / SOURCES}; those images are backed up without them")
         if (home_root / SETTINGS).is_file():
             sources.append((SETTINGS, home_root / SETTINGS))
         for top, on in (("outputs", outputs), ("models", models)):
@@ -335,6 +372,8 @@ def restore_home(home: Home, src: Path, *, snapshot_id: str | None = None, force
         if top in scope:
             result.extra += [f"{top}/{p.relative_to(root / top).as_posix()}" for p in _walk_files(root / top)
                              if f"{top}/{p.relative_to(root / top).as_posix()}" not in entries]
+    other_sources = [rel for rel, _ in _source_files(root) if rel not in entries] if SOURCES in scope else []
+    result.extra += other_sources
     if SETTINGS in scope and SETTINGS not in entries and (root / SETTINGS).is_file():
         result.extra.append(SETTINGS)
 
@@ -357,6 +396,9 @@ def restore_home(home: Home, src: Path, *, snapshot_id: str | None = None, force
                     result.replaced.append(HISTORY)
 
         at_risk = result.replaced + (result.extra if exact else [])
+        # the sources of a history being replaced go with it into the safety folder (History would remove
+        # them, as no restored row refers to them), so that the old database there keeps its sources
+        aside = result.extra if exact else other_sources if HISTORY in result.replaced else []
         if at_risk and not force:
             what = "replace" + (" or remove" if exact and result.extra else "")
             raise BackupError(f"restoring {snap.id} would {what} {len(at_risk)} file(s) in {root}: "
@@ -375,7 +417,7 @@ def restore_home(home: Home, src: Path, *, snapshot_id: str | None = None, force
         undo = _Undo()
         try:
             with _writing_home(root):
-                _write_home(repo, root, plan, result, undo, exact, progress)
+                _write_home(repo, root, plan, result, undo, aside, progress)
                 if restore_db:
                     _restore_history(repo, db, db_entry, db_check, db_tmp, db_differs, result, undo, progress)
         except BaseException as e:
@@ -448,9 +490,10 @@ def _put_back(undo: _Undo, error: BaseException, safety_dir: Path | None) -> Non
 
 
 def _write_home(repo: Repository, root: Path, plan: list[tuple[str, dict, bool]], result: RestoreResult,
-                undo: _Undo, exact: bool, progress: Progress) -> None:
+                undo: _Undo, aside: list[str], progress: Progress) -> None:
     """Each file streamed from its object into a temp beside its target, checked against its hash, then
-    renamed over the target (whose old version is first linked or copied into the safety folder)."""
+    renamed over the target (whose old version is first linked or copied into the safety folder); then
+    the files of `aside` moved into the safety folder."""
     for rel, e, replaces in plan:
         target = root / rel
         undo.mkdirs(target.parent)
@@ -470,13 +513,12 @@ def _write_home(repo: Repository, root: Path, plan: list[tuple[str, dict, bool]]
         os.utime(target, ns=(e["mtime_ns"], e["mtime_ns"]))
         result.restored += 1
         result.restored_bytes += e["size"]
-    if exact:
-        for rel in result.extra:
-            dest = result.safety_dir / rel
-            undo.mkdirs(dest.parent)
-            os.replace(root / rel, dest)
-            undo.made(root / rel, dest)
-            result.removed.append(rel)
+    for rel in aside:
+        dest = result.safety_dir / rel
+        undo.mkdirs(dest.parent)
+        os.replace(root / rel, dest)
+        undo.made(root / rel, dest)
+        result.removed.append(rel)
 
 
 def _restore_history(repo: Repository, db: Path, entry: dict, db_check: Path, db_tmp: Path, differs: bool,

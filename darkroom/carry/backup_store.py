@@ -50,6 +50,8 @@ FORMAT = 1
 MARKER = "darkroom-backup.json"
 HISTORY = "history.sqlite3"
 SETTINGS = "settings.json"
+SOURCES = "history-sources"  # img2img sources and masks that history rows refer to (darkroom.services.history)
+FOLDERS = ("outputs", "models", SOURCES)  # the home's folders a snapshot can hold files of
 _SHA = re.compile(r"[0-9a-f]{64}")
 _ID = re.compile(r"[0-9A-Za-z._-]+")
 MAX_MANIFEST_BYTES = 256 << 20  # a manifest of a million files fits
@@ -119,8 +121,8 @@ def _safe_rel(rel: str) -> PurePosixPath:
     """A manifest path, refused unless it is a plain relative path inside the backed-up scope."""
     p = PurePosixPath(rel)
     if (not rel or p.is_absolute() or "\\" in rel or any(part in ("", ".", "..") for part in p.parts)
-            or (p.parts[0] not in ("outputs", "models") and rel not in (SETTINGS, HISTORY))
-            or (p.parts[0] in ("outputs", "models") and len(p.parts) < 2)):
+            or (p.parts[0] not in FOLDERS and rel not in (SETTINGS, HISTORY))
+            or (p.parts[0] in FOLDERS and len(p.parts) < 2)):
         raise BackupError(f"backup manifest names a path outside the home's backed-up folders: {rel!r}")
     return p
 

@@ -42,7 +42,7 @@ class _Bar:
 @click.pass_obj
 @user_errors
 def backup(obj: Context, dest: Path, models: bool, outputs: bool) -> None:
-    """Snapshot settings, history (a consistent SQLite copy), outputs and optionally models into DEST.
+    """Snapshot settings, history (a consistent SQLite copy, img2img sources), outputs, optionally models into DEST.
 
     Incremental: files are stored once by content under DEST/objects, each backup adds a
     snapshot under DEST/snapshots/<time>/. Interrupting a backup never harms earlier ones.
@@ -66,8 +66,8 @@ def backup(obj: Context, dest: Path, models: bool, outputs: bool) -> None:
               help="Replace files in the home that differ from the snapshot (old versions are kept in "
                    "<home>/restore-saved/<time>/).")
 @click.option("--exact", is_flag=True,
-              help="Also move files that the snapshot does not have out of outputs/ (and models/ when it has them) "
-                   "into the safety folder; with --force.")
+              help="Also move files that the snapshot does not have out of outputs/, history-sources/ (and models/ "
+                   "when it has them) into the safety folder; with --force.")
 @click.pass_obj
 @user_errors
 def restore(obj: Context, src: Path, snapshot_id: str | None, force: bool, exact: bool) -> None:
@@ -84,9 +84,9 @@ def restore(obj: Context, src: Path, snapshot_id: str | None, force: bool, exact
     rows = f" ({r.history_rows} images)" if r.history_rows is not None and r.history != "absent" else ""
     click.echo(f"History database: {history}{rows}.")
     if r.removed:
-        click.echo(f"Moved {len(r.removed)} file(s) not in the snapshot into the safety folder (--exact).")
-    elif r.extra:
-        click.echo(f"Left alone {len(r.extra)} file(s) not in the snapshot (use --exact --force to move them away); "
+        click.echo(f"Moved {len(r.removed)} file(s) not in the snapshot into the safety folder.")
+    if left := len(r.extra) - len(r.removed):
+        click.echo(f"Left alone {left} file(s) not in the snapshot (use --exact --force to move them away); "
                    "Darkroom indexes any extra outputs at start-up.")
 
 

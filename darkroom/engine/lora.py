@@ -249,13 +249,13 @@ class LoraFile:
                 f"LoRA '{self.name}' uses {kind} layers ({len(names)}, e.g. {names[0]}), which Darkroom cannot apply"
                 " yet; LoRA and LoCon files are supported"
             )
-        from safetensors import safe_open
+        from darkroom.models.tensor_file import TensorReadError, read_tensors
 
-        try:
-            with safe_open(str(self.path), framework="pt") as fh:
-                tensors = {k: fh.get_tensor(k) for g in self.groups.values() for k in g.keys.values()}
-        except Exception as e:  # safetensors raises its own error types for corrupt data
-            raise ModelLoadError(f"LoRA '{self.name}' ({self.path.name}): cannot read tensors ({e})") from None
+        try:  # plain reads, not a memory map: a drive pulled out mid-read is this error, not SIGBUS
+            tensors = read_tensors(self.path, [k for g in self.groups.values() for k in g.keys.values()])
+        except ModelLoadError as e:  # the header read again: the file may have changed since it was listed
+            why = e.reason if isinstance(e, TensorReadError) else str(e).removeprefix(f"{self.path.name}: ")
+            raise ModelLoadError(f"LoRA '{self.name}' ({self.path.name}): cannot read tensors ({why})") from None
         self._check_finite(tensors)
         modules = parse_lora_tensors(tensors, self.metadata, groups=self.groups)
         bad = next((m for m in modules if not math.isfinite(m.scale)), None)

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from darkroom.errors import ModelLoadError, UnsupportedModel
@@ -25,6 +24,8 @@ from darkroom.models import configs, convert
 from darkroom.models.families import FAMILIES, Detection, Family, detect
 from darkroom.models.header import SafetensorsHeader, TensorInfo, read_header
 from darkroom.models.library import has_component, read_model_index
+from darkroom.models.tensor_file import DTYPES as _DTYPES
+from darkroom.models.tensor_file import check_layout
 
 
 @dataclass
@@ -157,14 +158,6 @@ def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
         module._buffers[leaf] = tensor
 
 
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
-    "F8_E5M2": getattr(torch, "float8_e5m2", None),
-}
-
-
 class _FileTensors:
     """A .safetensors file's tensors as meta stand-ins (shape and dtype only) that the converters
     rename and slice like real ones; `read` then loads one tensor at a time with a plain file read.
@@ -242,9 +235,8 @@ class _FileTensors:
         dtype = _DTYPES.get(info.dtype)
         begin, end = info.offsets
         try:
-            if dtype is None:  # a dtype this reader does not know: let safetensors read (or refuse) it
-                with safe_open(str(self.path), framework="pt") as fh:
-                    return fh.get_tensor(key)
+            if dtype is None:  # check_layout refuses these when the file is opened
+                raise ValueError(f"tensor {key!r} has dtype {info.dtype}, which Darkroom cannot read")
             buf = torch.empty(end - begin, dtype=torch.uint8)
             with open(self.path, "rb") as fh:
                 fh.seek(self._data_start + begin)
@@ -259,14 +251,10 @@ class _FileTensors:
 def _read_tensors(path: Path, header: SafetensorsHeader) -> _FileTensors:
     """Meta stand-ins for the file's tensors (EMA weights left out); nothing is read yet.
 
-    safetensors checks the file's layout (offsets that tile the data, known dtypes) when it
-    opens it; only the header is parsed, no tensor page is touched."""
+    The layout (offsets that tile the data, known dtypes) is checked from the header alone, as
+    safetensors would, without mapping the file (a drive pulled out mid-read would be SIGBUS)."""
     keep = [k for k in header.tensors if not k.startswith("model_ema.")]
-    try:
-        with safe_open(str(path), framework="pt"):
-            pass
-    except Exception as e:  # safetensors raises its own error types for corrupt data
-        raise ModelLoadError(f"{path.name}: cannot read tensors ({e})") from None
+    check_layout(header)
     return _FileTensors(path, header, keep)
 
 

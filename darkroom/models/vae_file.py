@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
-from safetensors import safe_open
 
 from darkroom.errors import InvalidRequest, ModelLoadError, ModelNotFound
 from darkroom.fsutil import unique_dirs
@@ -31,6 +30,7 @@ from darkroom.models.hashing import HashCache
 from darkroom.models.header import SafetensorsHeader, read_header
 from darkroom.models.library import folder_size, walk_models
 from darkroom.models.loader import LoadedModel, _build, _header_from_tensors, _read_pickle
+from darkroom.models.tensor_file import read_tensors
 
 VAE_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 AUTOMATIC, NONE = "Automatic", "None"
@@ -105,12 +105,9 @@ def check_fits(config: dict[str, Any], like: LoadedModel, name: str) -> None:
         )
 
 
-def _read_selected(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            return {k: fh.get_tensor(k) for k in keys}
-    except Exception as e:  # safetensors raises its own error types for corrupt data
-        raise ModelLoadError(f"{path.name}: cannot read tensors ({e})") from None
+def _read_selected(path: Path, keys: list[str], header: SafetensorsHeader) -> dict[str, torch.Tensor]:
+    """Plain reads, not a memory map: a drive pulled out mid-read is a ModelLoadError naming the file, not SIGBUS."""
+    return read_tensors(path, keys, header=header)
 
 
 def _not_a_vae(path: Path, header: SafetensorsHeader) -> ModelLoadError:
@@ -148,7 +145,7 @@ def load_vae_file(path: str | Path, *, like: LoadedModel | None = None, device: 
             raise _not_a_vae(path, header)
         layout, prefix = found
         sd = _read_selected(path, [k for k in header.tensors if k.startswith(prefix) and not k.startswith("model_ema.")
-                                   and k[len(prefix):].startswith(_VAE_PARTS)])
+                                   and k[len(prefix):].startswith(_VAE_PARTS)], header)
     elif suffix in (".pt", ".ckpt", ".pth", ".bin"):
         sd = _read_pickle(path, allow_pickle)
         header = _header_from_tensors(path, sd)

@@ -243,12 +243,12 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
         d = detect(header)
         what = f"a {d.label} file" if d.kind != "unknown" else f"a file with {len(keys)} tensors"
         raise EmbeddingError(f"{path.name}: this is {what}, not a textual-inversion embedding")
-    from safetensors.torch import load_file
+    from darkroom.models.tensor_file import TensorReadError, read_tensors
 
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as e:  # safetensors raises its own error types
-        raise EmbeddingError(f"{path.name}: cannot read tensors ({e})") from None
+    try:  # plain reads, not a memory map: a drive pulled out mid-read is this error, not SIGBUS
+        return read_tensors(path, header=header)
+    except TensorReadError as e:
+        raise EmbeddingError(str(e)) from None
 
 
 def _read_pickle(path: Path) -> Any:

@@ -55,12 +55,13 @@ def read_state_dict(path: Path) -> dict[str, Any]:
     except OSError as e:
         raise ModelLoadError(f"{path.name}: cannot be read ({e.strerror or e})") from None
     if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
+        from darkroom.models.tensor_file import TensorReadError, read_tensors
 
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as e:  # safetensors raises its own error types
-            raise ModelLoadError(f"{path.name}: not a readable safetensors file ({e})") from None
+        try:  # plain reads, not a memory map: a drive pulled out mid-read is this error, not SIGBUS
+            return read_tensors(path)
+        except ModelLoadError as e:
+            why = e.reason if isinstance(e, TensorReadError) else str(e).removeprefix(f"{path.name}: ")
+            raise ModelLoadError(f"{path.name}: not a readable safetensors file ({why})") from None
     if path.suffix.lower() not in PICKLE_SUFFIXES:
         raise ModelLoadError(f"{path.name}: not an upscaler model file (expected .safetensors, .pth, .pt or .ckpt)")
     try:
