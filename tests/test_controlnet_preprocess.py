@@ -305,8 +305,8 @@ def test_module_names_and_aliases():
     assert pp.canonical_module("fake_scribble") == "scribble_hed"
     with pytest.raises(InvalidRequest, match="available: none, .*canny"):
         pp.canonical_module("sharpen_everything")
-    with pytest.raises(InvalidRequest, match="cannot run the depth_midas preprocessor yet.*module none"):
-        pp.canonical_module("depth_midas")
+    with pytest.raises(InvalidRequest, match="cannot run the depth_leres preprocessor yet.*module none"):
+        pp.canonical_module("depth_leres")
     for name in ("openpose_full", "normal_bae", "seg_ofade20k", "mlsd", "depth_zoe", "depth_leres"):
         with pytest.raises(InvalidRequest, match="cannot run"):
             pp.detect(name, Image.new("RGB", (8, 8)))
@@ -316,7 +316,7 @@ def test_module_list_shape():
     listing = pp.module_list()
     assert listing["module_list"][0] == "none"
     assert {"canny", "invert", "threshold", "hed", "lineart", "inpaint_only", "shuffle"} <= set(listing["module_list"])
-    assert "depth" not in listing["module_list"]
+    assert "depth_leres" not in listing["module_list"]
     canny_detail = listing["module_detail"]["canny"]
     assert canny_detail == {"model_free": False, "sliders": [
         {"name": "Resolution", "value": 512, "min": 64, "max": 2048, "step": 8},
@@ -432,6 +432,7 @@ def test_lineart_nets_load_strictly_and_invert(tmp_path):
 
 def test_no_preprocessor_touches_the_network(tmp_path):
     """Every module, with and without its weight file: the process guard records no attempt."""
+    from darkroom.testing import tiny_annotators as tiny
     from darkroom.testing.tiny_annotators import hed_state, save, sketch_state
 
     guard = offline.process_guard()
@@ -440,6 +441,9 @@ def test_no_preprocessor_touches_the_network(tmp_path):
     save(hed_state(), full / "ControlNetHED.pth")
     save(sketch_state(), full / "sk_model.pth")
     save(sketch_state(), full / "sk_model2.pth")
+    save(tiny.body_pose_state(), full / "body_pose_model.pth")
+    save(tiny.depth_anything_state(), full / "depth_anything_vitl14.pth")
+    save(tiny.midas_hybrid_state(), full / "dpt_hybrid-midas-501f0c75.pt")
     im = _square(64)
     mask = Image.new("L", (64, 64), 255)
     for name in pp.module_list()["module_list"]:

@@ -22,7 +22,7 @@ from darkroom.errors import InvalidRequest, TooLarge
 from darkroom.home import Home, is_folder
 
 __all__ = ["MODULES", "annotator_dirs", "canonical_module", "detect", "fit", "module_list", "module_status",
-           "pixel_perfect_resolution"]
+           "pixel_perfect_resolution", "thresholds"]
 
 MAX_WORK_PIXELS = 4096 * 4096
 """The largest picture a preprocessor works on after its resolution resize (the nets need gigabytes there)."""
@@ -85,6 +85,24 @@ def _lineart(kind: str) -> Callable:
     return run
 
 
+def _openpose(img, res, a, b, ctx):
+    from darkroom.control.annotators import openpose
+
+    return openpose.detect(img, res, ctx.dirs, device=ctx.device)
+
+
+def _depth_anything(img, res, a, b, ctx):
+    from darkroom.control.annotators import depth
+
+    return depth.detect(img, res, ctx.dirs, device=ctx.device)
+
+
+def _depth_midas(img, res, a, b, ctx):
+    from darkroom.control.annotators import depth
+
+    return depth.detect_midas(img, res, ctx.dirs, device=ctx.device)
+
+
 def _inpaint(img, res, a, b, ctx):
     return simple.inpaint(img, ctx.mask)
 
@@ -122,6 +140,12 @@ MODULES: dict[str, Module] = {m.name: m for m in (
     Module("lineart", "lineart_realistic", _lineart("realistic"), weights=(("sk_model.pth", "lineart"),)),
     Module("lineart_coarse", "lineart_coarse", _lineart("coarse"), weights=(("sk_model2.pth", "lineart"),)),
     Module("lineart_anime", "lineart_anime", _lineart("anime"), weights=(("netG.pth", "lineart_anime"),)),
+    Module("openpose", "openpose", _openpose, weights=(("body_pose_model.pth", "openpose"),)),
+    Module("depth", "depth_midas", _depth_midas, priority=100,
+           weights=(("dpt_hybrid-midas-501f0c75.pt", "midas"),)),
+    # the extension hides depth_anything's resolution slider; the map still comes at the unit's resolution
+    Module("depth_anything", "depth_anything", _depth_anything, resolution_slider=False,
+           weights=(("depth_anything_vitl14.pth", "depth_anything"),)),
 )}
 
 # The extension's v1.0 names that map onto a module it still has.
@@ -129,10 +153,10 @@ _OLD_NAMES = {"fake_scribble": "scribble_hed"}  # v1.0: HED made into a scribble
 
 # What the extension offers and Darkroom cannot run yet: key -> display name.
 _NOT_YET = {
-    "depth": "depth_midas", "depth_leres": "depth_leres", "depth_leres++": "depth_leres++",
-    "depth_zoe": "depth_zoe", "depth_anything": "depth_anything", "depth_anything_v2": "depth_anything_v2",
+    "depth_leres": "depth_leres", "depth_leres++": "depth_leres++",
+    "depth_zoe": "depth_zoe", "depth_anything_v2": "depth_anything_v2",
     "depth_hand_refiner": "depth_hand_refiner", "normal_map": "normal_midas", "normal_bae": "normal_bae",
-    "normal_dsine": "normal_dsine", "openpose": "openpose", "openpose_face": "openpose_face",
+    "normal_dsine": "normal_dsine", "openpose_face": "openpose_face",
     "openpose_faceonly": "openpose_faceonly", "openpose_full": "openpose_full", "openpose_hand": "openpose_hand",
     "dw_openpose_full": "dw_openpose_full", "animal_openpose": "animal_openpose",
     "densepose": "densepose (pruple bg & purple torso)",
@@ -271,6 +295,16 @@ def _slider(value: float, slider: Slider | None, what: str) -> float:
     if not np.isfinite(value):
         raise InvalidRequest(f"{what} must be a number")
     return value if slider.min <= value <= slider.max else float(slider.value)
+
+
+def thresholds(module: str, threshold_a: float = -1, threshold_b: float = -1) -> tuple[float, float]:
+    """The threshold values `detect` uses (-1 or out of range: the slider's default), for the infotext, which
+    the extension writes resolved; a value the module has no slider for is given back unchanged."""
+    m = MODULES[canonical_module(module)]
+    a, b = (threshold if slider is None else _slider(threshold, slider, name)
+            for threshold, slider, name in ((threshold_a, m.sliders[0], "threshold_a"),
+                                            (threshold_b, m.sliders[1], "threshold_b")))
+    return a, b
 
 
 def detect(module: str, image: Image.Image, *, resolution: int = 512, threshold_a: float = -1,

@@ -5,7 +5,15 @@
   values near 1, black near 0) and the other four to nothing, so a test can tell where the map lands.
 - sk_model.pth / sk_model2.pth: the line art ResNet generator at 4 channels; netG.pth: the U-Net at 2.
   `constant` sets the last layer to a fixed output (1: all line, 0: none) to check the inversion.
-The real files are fp16 (HED) or fp32 (line art); `dtype` chooses.
+- body_pose_model.pth: the OpenPose body model at 4-8 channels (the 38 PAF and 19 heatmap outputs kept).
+  `blank=True` zeroes its last heatmap layer, so no keypoint is found and the map is black.
+- depth_anything_vitl14.pth: the original Depth Anything checkpoint's key layout (a DINOv2 ViT under
+  `pretrained.`, the DPT head under `depth_head.`), written out here from the original network's layers
+  and not from Darkroom's renaming, at width 64 with 4 blocks.
+- dpt_hybrid-midas-501f0c75.pt: the original MiDaS v3 DPT-Hybrid layout (timm's ViT under
+  `pretrained.model.` with its ResNet stem in `patch_embed.backbone`, the readouts in
+  `pretrained.act_postprocess3/4`, the neck and head in `scratch.`), half-width ResNet, a 64-wide ViT.
+The real files are fp16 (HED) or fp32 (line art, OpenPose, depth); `dtype` chooses.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import torch
 
 from darkroom.control.annotators.hed import HED
 from darkroom.control.annotators.lineart import AnimeUnet, SketchGenerator
+from darkroom.control.annotators.openpose import BodyPoseNet, Widths
 
 
 def hed_state(*, widths=(4, 4, 8, 8, 8), seed: int = 0, brightness: bool = False) -> dict:
@@ -59,6 +68,123 @@ def anime_state(*, width: int = 2, levels: int = 8, seed: int = 0, constant: flo
             up.weight.zero_()
             up.bias.fill_(20.0 if constant > 0.5 else -20.0)
     return net.state_dict()
+
+
+def body_pose_state(*, seed: int = 0, blank: bool = False) -> dict:
+    torch.manual_seed(seed)
+    net = BodyPoseNet(Widths(c1=4, c2=4, c3=8, c4=8, cpm=8, features=8, branch=8, wide=8, stage=8))
+    if blank:
+        with torch.no_grad():
+            net.Mconv7_stage6_L2.weight.zero_()
+            net.Mconv7_stage6_L2.bias.zero_()
+    return net.state_dict()
+
+
+def depth_anything_state(*, hidden: int = 64, blocks: int = 4, side: int = 4, patch: int = 14,
+                         outs=(8, 16, 32, 32), features: int = 16, head: int = 32, seed: int = 0,
+                         meta: bool = False) -> dict:
+    """Random tensors under the original names: DINOv2 (cls/mask tokens, position embedding for a `side`
+    x `side` grid, fused qkv, layer scales) and DPTHead (projects, resize_layers 0, 1 and 3, scratch).
+    `meta`: shapes only (no memory), to check the released sizes."""
+    g = torch.Generator().manual_seed(seed)
+
+    def t(*shape):
+        return torch.empty(*shape, device="meta") if meta else torch.randn(*shape, generator=g) * 0.05
+
+    state = {"pretrained.cls_token": t(1, 1, hidden), "pretrained.mask_token": t(1, hidden),
+             "pretrained.pos_embed": t(1, side * side + 1, hidden),
+             "pretrained.patch_embed.proj.weight": t(hidden, 3, patch, patch),
+             "pretrained.patch_embed.proj.bias": t(hidden),
+             "pretrained.norm.weight": 1 + t(hidden), "pretrained.norm.bias": t(hidden)}
+    for i in range(blocks):
+        b = f"pretrained.blocks.{i}."
+        state.update({b + "norm1.weight": 1 + t(hidden), b + "norm1.bias": t(hidden),
+                      b + "attn.qkv.weight": t(3 * hidden, hidden), b + "attn.qkv.bias": t(3 * hidden),
+                      b + "attn.proj.weight": t(hidden, hidden), b + "attn.proj.bias": t(hidden),
+                      b + "ls1.gamma": 1 + t(hidden), b + "norm2.weight": 1 + t(hidden), b + "norm2.bias": t(hidden),
+                      b + "mlp.fc1.weight": t(4 * hidden, hidden), b + "mlp.fc1.bias": t(4 * hidden),
+                      b + "mlp.fc2.weight": t(hidden, 4 * hidden), b + "mlp.fc2.bias": t(hidden),
+                      b + "ls2.gamma": 1 + t(hidden)})
+    h = "depth_head."
+    for i, out in enumerate(outs):
+        state[f"{h}projects.{i}.weight"], state[f"{h}projects.{i}.bias"] = t(out, hidden, 1, 1), t(out)
+        kernel = {0: 4, 1: 2, 3: 3}.get(i)
+        if kernel:  # 0, 1: transposed convolutions up 4x and 2x; 2: identity; 3: a stride-2 convolution
+            state[f"{h}resize_layers.{i}.weight"] = t(out, out, kernel, kernel)
+            state[f"{h}resize_layers.{i}.bias"] = t(out)
+        state[f"{h}scratch.layer{i + 1}_rn.weight"] = t(features, out, 3, 3)
+        r = f"{h}scratch.refinenet{i + 1}."
+        state[r + "out_conv.weight"], state[r + "out_conv.bias"] = t(features, features, 1, 1), t(features)
+        for unit in ("resConfUnit1", "resConfUnit2"):
+            for conv in ("conv1", "conv2"):
+                state[f"{r}{unit}.{conv}.weight"] = t(features, features, 3, 3)
+                state[f"{r}{unit}.{conv}.bias"] = t(features)
+    state.update({f"{h}scratch.output_conv1.weight": t(features // 2, features, 3, 3),
+                  f"{h}scratch.output_conv1.bias": t(features // 2),
+                  f"{h}scratch.output_conv2.0.weight": t(head, features // 2, 3, 3),
+                  f"{h}scratch.output_conv2.0.bias": t(head),
+                  f"{h}scratch.output_conv2.2.weight": t(1, head, 1, 1), f"{h}scratch.output_conv2.2.bias": t(1) + 1})
+    return state
+
+
+def midas_hybrid_state(*, hidden: int = 64, blocks: int = 6, side: int = 4, stem: int = 32,
+                       stages=((1, 128), (1, 256), (2, 512)), outs=(128, 256, 64, 64), features: int = 16,
+                       seed: int = 0, meta: bool = False) -> dict:
+    """Random tensors under the original names. `stages`: (bottlenecks, output width) of the three ResNet
+    stages (bottleneck width a quarter of the output; group norm needs multiples of 32); `outs`: the
+    neck's four input widths (the first two are the ResNet stages' outputs)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def t(*shape):
+        return torch.empty(*shape, device="meta") if meta else torch.randn(*shape, generator=g) * 0.05
+
+    def norm(prefix, n):
+        return {prefix + ".weight": 1 + t(n), prefix + ".bias": t(n)}
+
+    vit, resnet = "pretrained.model.", "pretrained.model.patch_embed.backbone."
+    state = {vit + "cls_token": t(1, 1, hidden), vit + "pos_embed": t(1, side * side + 1, hidden),
+             resnet + "stem.conv.weight": t(stem, 3, 7, 7), **norm(resnet + "stem.norm", stem),
+             vit + "head.weight": t(1000, hidden), vit + "head.bias": t(1000), **norm(vit + "norm", hidden)}
+    cin = stem
+    for s, (count, width) in enumerate(stages):
+        mid = width // 4
+        for b in range(count):
+            p = f"{resnet}stages.{s}.blocks.{b}."
+            if b == 0:
+                state[p + "downsample.conv.weight"] = t(width, cin, 1, 1)
+                state.update(norm(p + "downsample.norm", width))
+            for i, (ci, co, k) in enumerate(((cin if b == 0 else width, mid, 1), (mid, mid, 3), (mid, width, 1)), 1):
+                state[f"{p}conv{i}.weight"] = t(co, ci, k, k)
+                state.update(norm(f"{p}norm{i}", co))
+        cin = width
+    state[vit + "patch_embed.proj.weight"], state[vit + "patch_embed.proj.bias"] = t(hidden, cin, 1, 1), t(hidden)
+    for i in range(blocks):
+        p = f"{vit}blocks.{i}."
+        state.update({**norm(p + "norm1", hidden), p + "attn.qkv.weight": t(3 * hidden, hidden),
+                      p + "attn.qkv.bias": t(3 * hidden), p + "attn.proj.weight": t(hidden, hidden),
+                      p + "attn.proj.bias": t(hidden), **norm(p + "norm2", hidden),
+                      p + "mlp.fc1.weight": t(4 * hidden, hidden), p + "mlp.fc1.bias": t(4 * hidden),
+                      p + "mlp.fc2.weight": t(hidden, 4 * hidden), p + "mlp.fc2.bias": t(hidden)})
+    for n in (3, 4):  # ViT outputs: readout projection, 1x1 convolution, (4:) a stride-2 3x3 convolution
+        p = f"pretrained.act_postprocess{n}."
+        out = outs[n - 1]
+        state.update({p + "0.project.0.weight": t(hidden, 2 * hidden), p + "0.project.0.bias": t(hidden),
+                      p + "3.weight": t(out, hidden, 1, 1), p + "3.bias": t(out)})
+        if n == 4:
+            state[p + "4.weight"], state[p + "4.bias"] = t(out, out, 3, 3), t(out)
+    for i, out in enumerate(outs, 1):
+        state[f"scratch.layer{i}_rn.weight"] = t(features, out, 3, 3)
+        r = f"scratch.refinenet{i}."
+        state[r + "out_conv.weight"], state[r + "out_conv.bias"] = t(features, features, 1, 1), t(features)
+        for unit in ("resConfUnit1", "resConfUnit2"):
+            for conv in ("conv1", "conv2"):
+                state[f"{r}{unit}.{conv}.weight"] = t(features, features, 3, 3)
+                state[f"{r}{unit}.{conv}.bias"] = t(features)
+    state.update({"scratch.output_conv.0.weight": t(features // 2, features, 3, 3),
+                  "scratch.output_conv.0.bias": t(features // 2),
+                  "scratch.output_conv.2.weight": t(32, features // 2, 3, 3), "scratch.output_conv.2.bias": t(32),
+                  "scratch.output_conv.4.weight": t(1, 32, 1, 1), "scratch.output_conv.4.bias": t(1) + 1})
+    return state
 
 
 def save(state: dict, path: Path, *, dtype: torch.dtype = torch.float32, prefix: str = "") -> Path:
