@@ -20,6 +20,8 @@ the control to the conditional half only, so CFG amplifies it."""
 HR_OPTIONS = ("Both", "Low res only", "High res only")
 """Which passes of a hires-fix generation the unit steers."""
 MAX_UNITS = 8
+CORE_ONLY = ("prepared",)
+"""Darkroom's own unit fields, not the extension's: refused in A1111 unit dicts (a1111_unit)."""
 
 
 def _pick(value: Any, names: tuple[str, ...], field: str) -> str:
@@ -67,8 +69,12 @@ class ControlUnit(BaseModel):
     pixel_perfect: bool = Field(False, description="Pick the preprocessor resolution from the generation size.")
     guess_mode: bool = Field(False, description="diffusers' guess mode: control on the conditional half only,"
                                                 " deeper layers stronger; for use with no prompt.")
-    low_vram: bool = False
+    low_vram: bool = Field(False, description="Accepted and ignored: every ControlNet follows the model's VRAM"
+                                              " mode (docs/gpu.md), which is what this asks for.")
     hr_option: str = Field("Both", description=", ".join(HR_OPTIONS))
+    prepared: bool = Field(False, description="The image is the control map already (a map stored in a"
+                                              " Darkroom PNG): the preprocessor is not run again, but `module`"
+                                              " is kept for the infotext (and an inpaint module's mask).")
 
     @field_validator("control_mode", mode="before")
     @classmethod

@@ -234,7 +234,8 @@ def test_other_lists_are_truthful(api, studio):
     assert api.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
     assert [u["name"] for u in api.get("/sdapi/v1/upscalers").json()] == ["None", "Lanczos", "Nearest"]
     assert [m["name"] for m in api.get("/sdapi/v1/latent-upscale-modes").json()] == ["Latent", "Latent (nearest)"]
-    assert api.get("/sdapi/v1/scripts").json() == {"txt2img": ["x/y/z plot"], "img2img": ["sd upscale", "x/y/z plot"]}
+    assert api.get("/sdapi/v1/scripts").json() == {"txt2img": ["x/y/z plot", "controlnet"],
+                                                   "img2img": ["sd upscale", "x/y/z plot", "controlnet"]}
     flags = api.get("/sdapi/v1/cmd-flags").json()
     assert flags["ckpt_dir"] == str(studio.home.checkpoints) and flags["api"] is True
     mem = api.get("/sdapi/v1/memory").json()

@@ -47,11 +47,17 @@ def test_every_list_route_answers_the_webuis_shape(studio):
     with live_server(studio) as url:
         api = _client(url)
         assert api.get_hypernetworks() == [] and api.get_face_restorers() == []
-        assert api.get_scripts() == {"txt2img": ["x/y/z plot"], "img2img": ["sd upscale", "x/y/z plot"]}
+        # ControlNet listed as the webui lists an always-on extension script
+        assert api.get_scripts() == {"txt2img": ["x/y/z plot", "controlnet"],
+                                     "img2img": ["sd upscale", "x/y/z plot", "controlnet"]}
         assert api.custom_get("extensions", baseurl=True) == []
         info = api.custom_get("script-info", baseurl=True)
         assert [(s["name"], s["is_img2img"], s["is_alwayson"]) for s in info] == [
-            ("x/y/z plot", False, False), ("x/y/z plot", True, False), ("sd upscale", True, False)]
+            ("x/y/z plot", False, False), ("x/y/z plot", True, False), ("sd upscale", True, False),
+            ("controlnet", False, True), ("controlnet", True, True)]
+        unit = info[3]["args"][0]["value"]  # a unit slot's defaults, in the extension's field names
+        assert unit["module"] == "none" and unit["model"] == "None" and unit["weight"] == 1.0
+        assert "prepared" not in unit and len(info[3]["args"]) == 3
         assert len(info[0]["args"]) == 16 and info[0]["args"][0]["choices"] == list(TXT2IMG_AXES)
         assert info[1]["args"][0]["choices"] == list(IMG2IMG_AXES) and info[0]["args"][9]["label"] == "Draw legend"
         assert httpx.post(f"{url}/sdapi/v1/refresh-embeddings", timeout=60).status_code == 200

@@ -39,7 +39,8 @@ HINT = _noise_image()
 
 def _unit(model="cn-sd1", **kw) -> ControlUnit:
     kw.setdefault("image", _png(HINT))
-    return ControlUnit(model=model, module="none", resize_mode="Just Resize", **kw)
+    kw.setdefault("module", "none")
+    return ControlUnit(model=model, resize_mode="Just Resize", **kw)
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +66,12 @@ def _pixels(result, i=0) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(result.images[i].png)).convert("RGB")).astype(np.int16)
 
 
-def _controlnet(setup, name):
-    """The engine's cached ControlNet (what it runs), to watch its calls."""
+def _controlnet(setup, name, family="sd1"):
+    """The engine's cached ControlNet (what it runs), to watch its calls. The checkpoint of `family` is loaded
+    first: loading another model empties the ControlNet cache (ModelCache.unload)."""
     from darkroom.control.files import find_controlnets, resolve
 
+    setup["engine"].cache.get(setup[family])
     path = resolve(find_controlnets(setup["home"]), name).path
     return setup["engine"].controlnets.get(path, dtype=torch.float32, device="cpu").model
 
@@ -406,7 +409,7 @@ def test_inpainting_checkpoint_with_a_unit(setup, tiny_model):
     mask.paste(255, (16, 16, 48, 48))
     kw = dict(init_image=_png(_noise_image(64, seed=9)), mask=_png(mask), denoising_strength=1.0)
     setup = {**setup, "inpaint": tiny_model("sd1-inpainting")["path"]}
-    with Calls(_controlnet(setup, "cn-sd1")) as calls:
+    with Calls(_controlnet(setup, "cn-sd1", "inpaint")) as calls:
         steered = _run(setup, "inpaint", [_unit()], **kw)
     assert calls.count == KW["steps"]
     plain = _run(setup, "inpaint", [], **kw)
@@ -486,3 +489,51 @@ def test_pixel_perfect_writes_the_resolution_it_used(setup):
     [unit] = control_units_from_infotext(parse_infotext(result.images[0].infotext))
     assert unit["pixel_perfect"] is True
     assert unit["processor_res"] == pixel_perfect_resolution(40, 40, 64, 64, "Just Resize") != 256
+
+
+def test_thresholds_and_resolution_are_written_resolved(setup):
+    """As the extension writes them: -1 (or out of range) thresholds as the preprocessor's defaults, a -1
+    resolution as the one used; a threshold the preprocessor has no slider for stays as given."""
+    canny = _unit(module="canny", processor_res=-1, threshold_a=-1, threshold_b=999)
+    threshold = _unit(model="cn-sd1-b", module="threshold", threshold_b=-1)
+    [first, second] = control_units_from_infotext(parse_infotext(_run(setup, units=[canny, threshold])
+                                                                 .images[0].infotext))
+    assert (first["threshold_a"], first["threshold_b"], first["processor_res"]) == (100.0, 200.0, 512)
+    assert (second["threshold_a"], second["threshold_b"]) == (127.0, -1)
+
+
+def test_prepared_unit_uses_its_image_as_the_map_and_keeps_its_module(setup):
+    """A prepared unit (a stored map rerun) is not preprocessed: the same picture as with module none, but
+    the infotext names the unit's preprocessor and its settings as given."""
+    edges = _png(Image.fromarray((np.asarray(HINT) > 128).astype(np.uint8) * 255))
+    plain = _run(setup, units=[_unit(image=edges)])
+    prepared = _run(setup, units=[_unit(image=edges, module="canny", prepared=True, pixel_perfect=True,
+                                        processor_res=384, threshold_a=50, threshold_b=150)])
+    detected = _run(setup, units=[_unit(image=edges, module="canny")])
+    assert np.array_equal(_pixels(plain), _pixels(prepared))
+    assert not np.array_equal(_pixels(detected), _pixels(prepared))  # canny would have changed the map
+    line = parse_infotext(prepared.images[0].infotext)["ControlNet 0"]
+    assert "Module: canny" in line and "Processor Res: 384, Threshold A: 50.0, Threshold B: 150.0" in line
+    assert np.array_equal(read_control_maps(prepared.images[0].png)[0], read_control_maps(plain.images[0].png)[0])
+
+
+def test_prepared_inpaint_map_keeps_its_masked_pixels():
+    from darkroom.control.prepare import prepared_map
+
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., :3], rgba[..., 3] = 200, 255
+    rgba[:4, :, 3] = 0  # transparent: masked, as a stored inpaint map keeps them
+    control = prepared_map("inpaint_only", Image.fromarray(rgba, "RGBA"), None)
+    assert (control[:4] == -1).all() and np.allclose(control[4:], 200 / 255)
+    mask = Image.fromarray(np.where(np.arange(8)[None, :] < 2, 255, 0).repeat(8, 0).astype(np.uint8), "L")
+    control = prepared_map("inpaint_only", Image.fromarray(rgba[..., :3]), mask)  # a mask file instead
+    assert (control[:, :2] == -1).all() and (control[:, 2:] >= 0).all()
+    assert (prepared_map("none", Image.fromarray(rgba, "RGBA"), mask) >= 0).all()  # only inpaint masks
+
+
+def test_unloading_the_checkpoint_frees_the_controlnets(setup):
+    engine = setup["engine"]
+    _run(setup, units=[_unit()])
+    assert engine.controlnets._items  # kept loaded between generations
+    engine.cache.unload()  # what /sdapi/v1/unload-checkpoint and a switch to another model call
+    assert not engine.controlnets._items and engine.cache.current is None

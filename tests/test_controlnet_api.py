@@ -81,6 +81,7 @@ def test_older_clients_keys_and_image_dict():
     ({"input_image": base64.b64encode(b"not an image").decode()}, "alwayson_scripts.controlnet.args[0].input_image"),
     ({"wobble": 1}, "alwayson_scripts.controlnet.args[0].wobble: not a ControlNet unit field"),
     ({"effective_region_mask": "abc"}, "alwayson_scripts.controlnet.args[0].effective_region_mask"),
+    ({"prepared": True}, "args[0].prepared: not a ControlNet unit field"),  # Darkroom's own field, not the extension's
 ])
 def test_bad_unit_fields_name_the_field(unit, needle):
     with pytest.raises(InvalidRequest) as e:
@@ -170,8 +171,8 @@ def test_detect_canny_gives_the_outline(api):
     ({"controlnet_module": "no-such-module", "controlnet_input_images": ["x"]}, 422,
      "controlnet_module: unknown ControlNet preprocessor 'no-such-module'"),
     ({"controlnet_module": "lineart", "controlnet_input_images": [png_b64(drawn_shape())]}, 422, "sk_model.pth"),
-    ({"controlnet_module": "depth", "controlnet_input_images": [png_b64(drawn_shape())]}, 422,
-     "cannot run the depth_midas preprocessor yet"),
+    ({"controlnet_module": "depth_leres", "controlnet_input_images": [png_b64(drawn_shape())]}, 422,
+     "cannot run the depth_leres preprocessor yet"),
     ({"controlnet_module": "canny", "controlnet_input_images": ["@@@"]}, 422, "controlnet_input_images[0]"),
     ({"controlnet_module": "canny", "controlnet_input_images": ["eA==", "eA=="], "controlnet_masks": ["eA=="]},
      422, "one mask per image"),
@@ -251,7 +252,7 @@ def test_unknown_model_names_the_available_ones(api, studio, cn_model):
         "args": [unit]}}})
     assert r.status_code == 422 and "/etc/passwd" in error_of(r)
     r = api.post("/sdapi/v1/txt2img", json={"prompt": "p", **FAST, "alwayson_scripts": {"ControlNet": {
-        "args": [{"model": "cn-tiny", "module": "depth"}]}}})
+        "args": [{"model": "cn-tiny", "module": "depth_leres"}]}}})
     assert r.status_code == 422 and "args[0].module" in error_of(r)
     r = api.post("/sdapi/v1/txt2img", json={"prompt": "p", **FAST, "alwayson_scripts": {"ControlNet": {
         "args": [{"model": "cn-tiny", "module": "canny"}]}}})  # txt2img with no control image
@@ -269,6 +270,12 @@ def test_native_job_with_a_unit(api, studio, cn_model):
     state = wait_job(api, r.json()["job"]["id"])
     assert state["state"] == "done", state
     assert "ControlNet 0:" in state["images"][0]["infotext"] and "cn-tiny" in state["images"][0]["infotext"]
+    # a prepared unit: the image is the canny map already, not detected again; its module is recorded
+    r = api.post("/api/jobs", json={**base, "controlnet": [{"model": "cn-tiny", "image": shape, "module": "canny",
+                                                            "prepared": True}]})
+    assert r.status_code == 202, r.text
+    state = wait_job(api, r.json()["job"]["id"])
+    assert state["state"] == "done" and "Module: canny" in state["images"][0]["infotext"], state
     r = api.post("/api/jobs", json={**base, "controlnet": [{"model": "cn-tiny", "image": "@@", "weight": 1.5}]})
     assert r.status_code == 422 and "controlnet[0].image" in error_of(r)
     r = api.post("/api/jobs", json={**base, "controlnet": [{"model": "nope", "image": shape}]})
@@ -296,7 +303,9 @@ def test_webuiapi_drives_controlnet_over_a_socket(studio, cn_model):
         unit = webuiapi.ControlNetUnit(image=shape, module="none", model=cn_model, weight=1.5)
         common = {"prompt": "a square", "seed": 21, "width": 64, "height": 64, "cfg_scale": 7}
         plain = api.txt2img(**common)
-        steered = api.txt2img(**common, controlnet_units=[unit])
+        # a fresh alwayson_scripts each time: webuiapi writes the units into its shared default dict, which
+        # would send them with every later webuiapi call in this process (other test files' too)
+        steered = api.txt2img(**common, controlnet_units=[unit], alwayson_scripts={})
         assert "ControlNet" not in plain.info["infotexts"][0]
         infotext = steered.info["infotexts"][0]
         assert "ControlNet 0:" in infotext and "cn-tiny" in infotext and "Module: none" in infotext
@@ -308,7 +317,7 @@ def test_webuiapi_drives_controlnet_over_a_socket(studio, cn_model):
         img_common = {"images": [init], "prompt": "a square", "seed": 21, "denoising_strength": 0.8,
                       "width": 64, "height": 64}
         plain2 = api.img2img(**img_common)
-        steered2 = api.img2img(**img_common, controlnet_units=[
+        steered2 = api.img2img(**img_common, alwayson_scripts={}, controlnet_units=[
             webuiapi.ControlNetUnit(image=shape, module="canny", model=cn_model, weight=1.5, threshold_a=100,
                                     threshold_b=200, processor_res=64, control_mode=1)])
         infotext = steered2.info["infotexts"][0]

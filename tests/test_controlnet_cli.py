@@ -139,6 +139,8 @@ def test_generate_with_a_controlnet_and_rerun_from_png(sd1_and_cn, shape, tmp_pa
     assert r.exit_code == 0, r.output
     [again] = (tmp_path / "again").glob("*.png")
     assert Image.open(again).tobytes() == Image.open(steered).tobytes()
+    # the stored map is not detected again, yet the rerun's line names the original preprocessor
+    assert parse_infotext(read_image_metadata(again).parameters)["ControlNet 0"] == line
     # --controlnet with --from-png replaces the image's units
     r = run(home, "generate", "--from-png", str(steered), "-o", str(tmp_path / "other"), "--precision", "fp32",
             "--controlnet", f"model=cn-tiny,image={shape},weight=0.5")

@@ -265,3 +265,46 @@ def test_fp8_weights_take_a_lora_in_the_compute_dtype(engine_factory, tiny_model
     assert all(after[n].dtype == t.dtype and torch.equal(after[n].float(), t.float()) for n, t in stored.items())
     assert np.array_equal(pixels(engine.generate(small(info["path"]))), base8)
     inst.remove()
+
+
+def test_a_controlnet_follows_the_unets_placement(engine_factory, tiny_model, tmp_path):
+    """The ControlNet is placed with the model (what the extension's low_vram does, for every unit): medvram
+    moves it in and out with the UNet, lowvram brings it in alone for its forward and sends it off before
+    the UNet's streamed blocks run. Images are unchanged and remove() takes it all off."""
+    from darkroom.control_unit import ControlUnit
+    from darkroom.home import Home
+    from darkroom.testing.tiny_controlnet import write_tiny_controlnet
+
+    home = Home(tmp_path / "home").ensure()
+    write_tiny_controlnet(home.controlnets, "cn-sd1")
+    engine = engine_factory(home)
+    path = tiny_model("sd1")["path"]
+    buffer = io.BytesIO()
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(buffer, "PNG")
+    req = small(path, controlnet=[ControlUnit(model="cn-sd1", image=buffer.getvalue())])
+    want = pixels(engine.generate(req))
+    model = engine.cache.current
+    [cn] = [c.model for c in engine.controlnets._items.values()]
+    for mode in ("model-offload", "block-offload"):
+        inst = P.apply(model, P.Plan(mode, block_bytes=4096), CPU)
+        moves: list[str] = []  # the ControlNet's moves; the UNet's state when the ControlNet runs
+        to = cn.to
+        cn.to = lambda device, to=to, inst=inst, moves=moves: (
+            moves.append("in" if device is inst.device else "off"), to(device))[-1]
+        during: list[bool] = []
+        probe = model.unet.register_forward_pre_hook(
+            lambda *_, during=during, moves=moves: during.append(moves[-1] == "in"))
+        try:
+            assert np.array_equal(pixels(engine.generate(req)), want), mode
+        finally:
+            probe.remove()
+            del cn.to
+        assert cn in inst.adopted
+        if mode == "model-offload":  # in once with the UNet (at its first forward), off with it for the VAE
+            assert moves[-2:] == ["in", "off"] and all(during), moves
+        else:  # in for each step's forward, off before the UNet's blocks stream
+            assert moves.count("in") == 3 and not any(during), moves
+        inst.remove()
+        assert model.placement is None and not inst.adopted
+        assert not cn._forward_pre_hooks
+    assert np.array_equal(pixels(engine.generate(req)), want)

@@ -210,7 +210,9 @@ def test_a_drawing_is_sent_with_the_job_and_comes_back_with_its_settings(open_pa
     assert max(stored.crop((w // 2, h // 2, w, h)).tobytes()) < 32  # nothing bottom-right
     page.click("#generate")
     expect(page.locator("#progress-text")).to_have_text(re.compile(r"^Done · 1 image"))
-    assert bodies[-1]["controlnet"][0]["module"] == "none" and bodies[-1]["controlnet"][0]["image"].startswith("data:")
+    sent_unit = bodies[-1]["controlnet"][0]
+    assert sent_unit["module"] == "none" and sent_unit["image"].startswith("data:")
+    assert sent_unit["prepared"] is True  # the stored map is used as it is, its module kept for the infotext
     rec.check(allowed_errors=("choose or draw a control image",))  # the refused Generate is logged
 
 

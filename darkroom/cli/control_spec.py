@@ -31,11 +31,12 @@ WORDS = {
                     "fill": RESIZE_MODES[2]},
     "hr_option": {"both": HR_OPTIONS[0], "low": HR_OPTIONS[1], "high": HR_OPTIONS[2]},
 }
-FLAGS = ("pixel_perfect", "guess_mode", "low_vram", "enabled")
+FLAGS = ("pixel_perfect", "guess_mode", "low_vram", "enabled", "prepared")
 HELP = ("A ControlNet unit (repeat for several): comma-separated key=value, e.g. model=control_v11p_sd15_canny,"
         "image=edges.png,module=canny,weight=0.8,start=0,end=0.8,mode=balanced,resize=crop. Keys: model, image,"
         " mask, module, weight, start, end, mode (balanced, prompt, control), resize (just-resize, crop, fill), res,"
-        " a, b (the preprocessor's thresholds), pixel_perfect, guess_mode, hr (both, low, high). With --from-png it"
+        " a, b (the preprocessor's thresholds), pixel_perfect, guess_mode, hr (both, low, high), prepared (the image"
+        " is the module's map already: recorded, not run). With --from-png it"
         " replaces the image's units. `darkroom controlnet list` shows the models and preprocessors.")
 
 
@@ -97,10 +98,10 @@ def units_from_png(path: Path) -> list[ControlUnit]:
     """The ControlNet units an image was made with, to rerun it: the settings from its `ControlNet N`
     infotext lines, the control maps from the chunks Darkroom stores (darkroom.metadata.control_maps).
 
-    A stored map is the preprocessed map at the generation size, so it is given back with module none
-    (preprocessing it again would change it); an inpaint map keeps its module, with its masked pixels
-    as the mask. A line without a stored map (an image from the webui) cannot be rerun: that is an
-    error saying to give the unit again with --controlnet."""
+    A stored map is the preprocessed map at the generation size, so it is given back `prepared`: not
+    preprocessed again (that would change it), its module kept for the rerun's infotext; an inpaint
+    map's masked pixels come back as its mask. A line without a stored map (an image from the webui)
+    cannot be rerun: that is an error saying to give the unit again with --controlnet."""
     from darkroom.errors import InvalidRequest
     from darkroom.metadata.control_maps import control_maps_from_chunks, control_units_from_infotext
     from darkroom.metadata.images import read_image_metadata
@@ -119,8 +120,9 @@ def units_from_png(path: Path) -> list[ControlUnit]:
                                  f" Darkroom), so it cannot be rerun; give the unit again with {OPTION} SPEC")
         fields = {k: v for k, v in line.items() if k in ControlUnit.model_fields and k not in ("image", "mask")}
         image, mask = _map_files(maps[n])
-        if mask is None or not str(fields.get("module", "")).lower().startswith("inpaint"):
-            fields["module"], mask = "none", None
+        if not str(fields.get("module", "")).lower().startswith("inpaint"):
+            mask = None
+        fields["prepared"] = True
         try:
             units.append(ControlUnit(**fields, image=image, mask=mask))
         except pydantic.ValidationError as e:

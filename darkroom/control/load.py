@@ -91,14 +91,14 @@ def folder_class(folder: Path) -> str | None:
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The ControlNet's tensors of a file (a 1.0 release file's bundled SD model skipped) and its metadata."""
     if path.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
+        from darkroom.models.tensor_file import read_tensors
 
         header = read_header(path)  # validates the file first: a clear error for a truncated one
         keys = list(header.tensors)
         if any(k.startswith(ORIGINAL_PREFIX) for k in keys):
             keys = [k for k in keys if k.startswith(ORIGINAL_PREFIX)]
-        with safe_open(str(path), "pt") as f:
-            return {k: f.get_tensor(k) for k in keys}, dict(header.metadata)
+        # plain reads, not a memory map: a drive pulled out mid-read is a ModelLoadError, not SIGBUS
+        return read_tensors(path, keys, header=header), dict(header.metadata)
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # a pickle that is damaged or holds more than tensors

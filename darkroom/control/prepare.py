@@ -102,6 +102,24 @@ def unit_image(unit: ControlUnit, index: int, decode: Decode, init_image: Image.
     return init_image, mask
 
 
+def prepared_map(module: str, image: Image.Image, mask: Image.Image | None) -> np.ndarray:
+    """A ready control map as `detect` would have returned it: the picture itself (transparency on white, as
+    module none), and for an inpaint module -1 where the mask is set or, without one, where the map is
+    transparent (how a stored inpaint map keeps its masked pixels)."""
+    pre = _preprocess()
+    control = pre.detect("none", image)
+    if not pre.MODULES[module].needs_mask:
+        return control
+    if mask is not None:
+        masked = np.asarray(mask.convert("L").resize(image.size, Image.NEAREST)) > 127
+    elif "A" in image.getbands():
+        masked = np.asarray(image.getchannel("A")) < 128
+    else:
+        return control
+    control[masked] = -1.0
+    return control
+
+
 def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile], cache: ControlNetCache,
                     model_family: str, model_name: str, width: int, height: int,
                     hires_size: tuple[int, int] | None, decode: Decode, init_image: Image.Image | None = None,
@@ -123,9 +141,15 @@ def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile]
         pre = _preprocess()
         module = pre.canonical_module(unit.module)
         image, mask = unit_image(unit, index, decode, init_image, init_mask, crop)
-        resolution = _resolution(unit, image, width, height)
-        detected = pre.detect(module, image, resolution=resolution, threshold_a=unit.threshold_a,
-                              threshold_b=unit.threshold_b, mask=mask, annotator_dirs=annotator_dirs, seed=seed)
+        if unit.prepared:  # the map already: not preprocessed again, its settings written as they came
+            resolution = unit.processor_res if unit.processor_res > 0 else 512
+            detected = prepared_map(module, image, mask)
+        else:
+            resolution = _resolution(unit, image, width, height)
+            detected = pre.detect(module, image, resolution=resolution, threshold_a=unit.threshold_a,
+                                  threshold_b=unit.threshold_b, mask=mask, annotator_dirs=annotator_dirs,
+                                  seed=seed)
+        threshold_a, threshold_b = pre.thresholds(module, unit.threshold_a, unit.threshold_b)
         control = quantize_map(fit_map(detected, width, height, unit.resize_mode))
         hr_control = None
         if hires_size is not None:
@@ -138,7 +162,7 @@ def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile]
             hr_hint=None if hr_control is None else to_hint(hr_control)))
         line = format_unit({
             "module": module, "model": file.title, "weight": unit.weight, "resize_mode": unit.resize_mode,
-            "processor_res": resolution, "threshold_a": unit.threshold_a, "threshold_b": unit.threshold_b,
+            "processor_res": resolution, "threshold_a": threshold_a, "threshold_b": threshold_b,
             "guidance_start": unit.guidance_start, "guidance_end": unit.guidance_end,
             "pixel_perfect": unit.pixel_perfect, "control_mode": unit.control_mode,
             "hr_option": unit.hr_option, "guess_mode": unit.guess_mode})

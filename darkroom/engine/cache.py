@@ -24,6 +24,9 @@ class ModelCache:
         self._model: LoadedModel | None = None
         self._key: tuple | None = None
         self._lock = threading.Lock()
+        # caches of models that go with the checkpoint (the engine's ControlNets): emptied with it, so
+        # unloading really frees the memory and a switch to another model keeps one model's worth
+        self.companions: list = []
 
     @property
     def current(self) -> LoadedModel | None:
@@ -78,6 +81,8 @@ class ModelCache:
     def unload(self) -> None:
         self._model = None
         self._key = None
+        for companion in self.companions:
+            companion.clear()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

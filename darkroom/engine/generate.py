@@ -142,6 +142,7 @@ class Engine:
         self.limits = Limits()  # maxima every request is admitted against (the studio and CLI set them from settings)
         self.prompts = PromptPlanner(library.home)  # styles and dynamic prompts (darkroom/text/wildcards.py)
         self.controlnets = ControlNetCache()  # the last ControlNets used, kept loaded (darkroom/control)
+        cache.companions.append(self.controlnets)  # freed with the checkpoint (ModelCache.unload)
 
     def check_inputs(self, req: GenerationRequest) -> tuple[samplers.Sampler, str]:
         presets.check_preset_name(req.preset)
@@ -444,7 +445,8 @@ class Engine:
         from darkroom.control.prepare import prepare_control
         from darkroom.engine.img2img import decode_image
 
-        return prepare_control(
+        placement = getattr(model, "placement", None)  # a low-VRAM plan: the ControlNets follow the UNet's
+        prepared = prepare_control(
             req.controlnet, files=find_controlnets(self.library.home), cache=self.controlnets,
             model_family=model.family.id, model_name=model.name, width=req.width, height=req.height,
             hires_size=req.hires_size() if req.enable_hr else None, decode=lambda data, name, mode: decode_image(
@@ -452,7 +454,11 @@ class Engine:
             init_mask=source.mask if source is not None else None,
             crop=(source.box, source.original.size) if source is not None and source.box is not None else None,
             annotator_dirs=preprocess.annotator_dirs(self.library.home), seed=seed, dtype=model.dtype,
-            device=model.device)
+            device=model.device if placement is None else placement.controlnet_device())
+        if placement is not None and prepared.control is not None:
+            for module in prepared.control.modules():
+                placement.adopt(module)
+        return prepared
 
     @staticmethod
     def _infotext_extra(req: GenerationRequest, source: Source | None, subseed: int) -> dict[str, object]:

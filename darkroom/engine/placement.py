@@ -31,6 +31,7 @@ measurements once it has run on a CUDA machine).
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -235,6 +236,7 @@ class _Component:
     name: str
     module: torch.nn.Module
     kind: str  # "resident" | "swap" | "stream"
+    followers: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # ControlNets moved with it (adopt)
 
 
 class Installed:
@@ -250,6 +252,8 @@ class Installed:
         self.moves = 0  # component moves to the device (for tests and logs)
         self.streamed = 0  # streamed block entries
         self._tiling_before: tuple | None = None
+        self.adopted: weakref.WeakSet = weakref.WeakSet()  # ControlNets placed with the model (weak: the
+        self._visitor: weakref.ref | None = None  # ControlNet cache may drop them); block-offload's one in
 
     # -- building
     def install(self) -> Installed:
@@ -309,12 +313,64 @@ class Installed:
             self.handles.append(m.register_forward_pre_hook(hook, with_kwargs=True, prepend=True))
 
     def activate(self, comp: _Component) -> None:
+        self._send_visitor_off()
         if self.current is not None and self.current.kind == "swap":
             self.current.module.to(self.offload)
+            for follower in list(self.current.followers):
+                follower.to(self.offload)
         if comp.kind == "swap":
             comp.module.to(self.device)
+            for follower in list(comp.followers):
+                follower.to(self.device)
             self.moves += 1
         self.current = comp
+
+    def _send_visitor_off(self) -> None:
+        visitor = self._visitor() if self._visitor is not None else None
+        if visitor is not None:
+            visitor.to(self.offload)
+        self._visitor = None
+
+    def controlnet_device(self) -> torch.device:
+        """Where to load a ControlNet for this model: the device when everything stays there, else the
+        offload device (`adopt` brings it in when it runs)."""
+        return self.device if self.plan.mode == "full" else self.offload
+
+    def adopt(self, module: torch.nn.Module) -> None:
+        """Place a ControlNet as the UNet it feeds is placed (once per module; the A1111 extension's
+        `low_vram` unit flag is this, for every unit). full: on the device. model-offload (medvram): it
+        moves with the UNet, so its forward brings the UNet in too and the VAE's sends both off.
+        block-offload (lowvram): it comes in alone for its forward and goes off when the UNet's starts,
+        so it never shares the device with the UNet's streamed blocks."""
+        if module in self.adopted:
+            return
+        self.adopted.add(module)
+        unet = next(c for c in self.components if c.name == "unet")
+        if unet.kind == "resident":
+            module.to(self.device)
+            return
+        on = self.current is unet and unet.kind == "swap"
+        module.to(self.device if on else self.offload)
+        if unet.kind == "swap":
+            unet.followers.add(module)
+        ref = weakref.ref(module)
+
+        def hook(_module, args, kwargs):
+            if unet.kind == "swap":
+                if self.current is not unet:
+                    self.activate(unet)
+            else:
+                if self.current is not None and self.current.kind == "swap":
+                    self.current.module.to(self.offload)  # the text encoder, before the first step
+                self.current = None  # so the UNet's next forward activates it, sending this one off
+                if self._visitor is None or self._visitor() is not ref():
+                    self._send_visitor_off()
+                    ref().to(self.device)
+                    self._visitor = ref
+                    self.moves += 1
+            return _to_device(args, self.device), _to_device(kwargs, self.device)
+
+        self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True, prepend=True))
 
     def _install_stream(self, module: torch.nn.Module) -> None:
         units, resident = _streamed_units(module, self.plan.block_bytes)
@@ -365,6 +421,10 @@ class Installed:
                     layer.weight.data = layer.weight.data.to(self.model.dtype)
         for comp in self.components:
             comp.module.to(device)
+        for module in list(self.adopted):
+            module.to(device)
+        self.adopted = weakref.WeakSet()
+        self._visitor = None
         self.current = None
         if self._tiling_before is not None:
             vae = self.model.vae

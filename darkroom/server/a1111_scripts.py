@@ -76,6 +76,9 @@ def check_script_name(name: str | None) -> None:
     """Refuse a script Darkroom does not run, naming those it does (no script, the X/Y/Z plot and SD upscale pass)."""
     if name is None or _key(name) in ("", "none") or _key(name) in _XYZ_NAMES | _SD_UPSCALE_NAMES:
         return
+    if _key(name) == CONTROLNET_NAME:  # as in the webui, an always-on script is not a script_name
+        raise InvalidRequest(f"script_name {name!r}: ControlNet is an always-on script; send its units in"
+                             " alwayson_scripts.controlnet.args")
     raise InvalidRequest(f"script_name {name!r}: Darkroom does not have it; the scripts Darkroom runs are"
                          f" {XYZ_TITLE!r} and {SD_UPSCALE_TITLE!r} (img2img), or leave script_name out")
 
@@ -292,9 +295,16 @@ def sd_upscale_info(plan: Any) -> dict[str, Any]:
 # --- what /scripts and /script-info report ------------------------------------------------------------
 
 
+CONTROLNET_NAME = "controlnet"  # the extension's always-on script (its title, lower-case), run from alwayson_scripts
+CONTROLNET_SLOTS = 3  # the extension's default unit count ("Multi-ControlNet: ControlNet unit number")
+
+
 def script_names() -> dict[str, list[str]]:
-    """The webui's /scripts: each tab's script names, lower-case titles as the webui lists them (in its order)."""
-    return {"txt2img": [XYZ_TITLE.lower()], "img2img": [SD_UPSCALE_TITLE.lower(), XYZ_TITLE.lower()]}
+    """The webui's /scripts: each tab's script names, lower-case titles as the webui lists them (in its order:
+    the webui's own scripts, then the extensions'). The webui lists always-on scripts too, so ControlNet is
+    there as with the sd-webui-controlnet extension installed (clients look for it before sending units)."""
+    return {"txt2img": [XYZ_TITLE.lower(), CONTROLNET_NAME],
+            "img2img": [SD_UPSCALE_TITLE.lower(), XYZ_TITLE.lower(), CONTROLNET_NAME]}
 
 
 def _arg(label: str | None, value: Any, choices: list[str] | None = None, minimum=None, maximum=None,
@@ -321,4 +331,16 @@ def script_info(upscalers: list[str]) -> list[dict]:
     args = [_arg(None, note), _arg("Tile overlap", 64, None, 0, 256, 16), _arg("Upscaler", upscalers[0], upscalers),
             _arg("Scale Factor", 2, None, 0, 4, 1)]
     entries.append({"name": SD_UPSCALE_TITLE.lower(), "is_alwayson": False, "is_img2img": True, "args": args})
+    for img2img in (False, True):
+        entries.append({"name": CONTROLNET_NAME, "is_alwayson": True, "is_img2img": img2img,
+                        "args": _controlnet_args()})
     return entries
+
+
+def _controlnet_args() -> list[dict]:
+    """ControlNet's arguments: one per unit slot (the extension's `ui()` gives a unit state each), its value
+    the unit's defaults in the extension's field names, as `alwayson_scripts.controlnet.args` takes them."""
+    from darkroom.control_unit import CORE_ONLY, ControlUnit
+
+    default = ControlUnit(enabled=False).model_dump(exclude=set(CORE_ONLY))
+    return [_arg(f"ControlNet Unit {i}", dict(default)) for i in range(CONTROLNET_SLOTS)]

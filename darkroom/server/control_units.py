@@ -19,7 +19,7 @@ from typing import Any
 import pydantic
 from pydantic import BaseModel, ConfigDict
 
-from darkroom.control_unit import MAX_UNITS, ControlUnit
+from darkroom.control_unit import CORE_ONLY, MAX_UNITS, ControlUnit
 from darkroom.errors import DarkroomError, InvalidRequest
 from darkroom.server.common import location
 from darkroom.server.uploads import decode_base64_image, open_image
@@ -170,8 +170,8 @@ def a1111_unit(raw: Any, where: str) -> ControlUnit:
                 shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
                 raise InvalidRequest(f"{where}.{location([key])} {shown} is not supported yet")
             continue
-        if name not in ControlUnit.model_fields:
-            known = ", ".join(sorted(ControlUnit.model_fields))
+        if name not in ControlUnit.model_fields or name in CORE_ONLY:  # the extension's fields only
+            known = ", ".join(sorted(set(ControlUnit.model_fields) - set(CORE_ONLY)))
             raise InvalidRequest(f"{where}.{location([key])}: not a ControlNet unit field (known: {known})")
         if name == "guess_mode" and isinstance(value, (int, float)) and not isinstance(value, bool):
             value = bool(value)
@@ -215,6 +215,7 @@ class NativeUnit(BaseModel):
     guess_mode: bool = False
     low_vram: bool = False
     hr_option: str | int = "Both"
+    prepared: bool = False  # the image is the module's map already (the web UI's map restored from a PNG)
 
     def to_unit(self, where: str) -> ControlUnit:
         fields = self.model_dump(exclude={"image", "mask"})

@@ -95,7 +95,7 @@
 
   function makeUnit(i) {
     const id = (name) => `cn${i}-${name}`;
-    const u = { i, image: null, mode: 'image', drawn: false, sliders: [], map: null };
+    const u = { i, image: null, mode: 'image', drawn: false, sliders: [], map: null, prepared: false };
     u.enabled = el('input', { type: 'checkbox', id: id('enabled') });
     u.file = el('input', { type: 'file', id: id('file'), className: 'sr-only', tabIndex: -1, accept: 'image/png,image/jpeg,image/webp',
       'aria-label': `Choose a control image for unit ${i + 1}` });
@@ -160,9 +160,9 @@
     });
     draw.addEventListener('click', () => startDrawing(u));
     u.clear.addEventListener('click', () => { blank(u); u.drawn = false; changed(); });
-    u.remove.addEventListener('click', () => { u.image = null; u.mode = 'image'; u.drawn = false; showImage(u); changed(); });
+    u.remove.addEventListener('click', () => { u.image = null; u.prepared = false; u.mode = 'image'; u.drawn = false; showImage(u); changed(); });
     bindCanvas(u);
-    u.module.addEventListener('change', () => { buildSliders(u); changed(); });
+    u.module.addEventListener('change', () => { u.prepared = false; buildSliders(u); changed(); });
     u.pixelPerfect.addEventListener('change', () => { syncPixelPerfect(u); changed(); });
     u.enabled.addEventListener('change', changed);
     u.previewBtn.addEventListener('click', () => preview(u));
@@ -183,6 +183,7 @@
     probe.src = url;
     try { await probe.decode(); } catch (e) { throw new Error('control image: not a readable image; use a PNG, JPEG or WebP'); }
     u.image = url;
+    u.prepared = false; // a new picture is preprocessed (restoreMaps marks a stored map afterwards)
     u.mode = 'image';
     showImage(u);
   }
@@ -212,6 +213,7 @@
     u.canvas.height = Math.max(8, Math.round(h * k));
     blank(u);
     u.mode = 'draw';
+    u.prepared = false;
     u.drawn = false;
     u.enabled.checked = true; // drawing is meant to be used
     showImage(u);
@@ -416,7 +418,7 @@
   }
 
   /** After "Use these settings": the units restored without an image get the map stored in the picture,
-   *  used as it is (preprocessor "none": it was detected already). */
+   *  sent `prepared` (used as it is, not detected again) with the picture's preprocessor kept for its infotext. */
   async function restoreMaps(url, numbers) {
     const want = C.units.filter((u) => u.enabled.checked && !imageOf(u));
     if (!want.length) return;
@@ -427,15 +429,14 @@
       const map = maps[numbers[u.i]];
       if (!map) continue;
       try { await setImage(u, map); } catch (e) { continue; }
-      u.module.value = 'none';
-      buildSliders(u);
+      u.prepared = true;
       done += 1;
     }
     if (!done) return;
     const left = C.units.some((u) => u.enabled.checked && !imageOf(u));
     const note = $('form-note');
     if (!left && note) DR.showNotes(note.textContent.split(' · ').filter((t) => t && !t.startsWith(NO_IMAGES)));
-    toast(`ControlNet map${done === 1 ? '' : 's'} restored from the picture (preprocessor none: the map is used as it is)`);
+    toast(`ControlNet map${done === 1 ? '' : 's'} restored from the picture (used as it is: not preprocessed again)`);
     render();
     DR.saveSoon();
   }
@@ -569,7 +570,7 @@
         if (!image && !(DR.isImg2img && DR.isImg2img())) {
           throw new Error(`ControlNet unit ${u.i + 1}: choose or draw a control image (or turn the unit off)`);
         }
-        return { ...settingsOf(u), enabled: true, image };
+        return { ...settingsOf(u), enabled: true, image, prepared: Boolean(u.prepared && image) };
       });
     },
     apply(req, notes, { restoring } = {}) {
