@@ -210,6 +210,111 @@ def test_cli_portable_refuses_another_platform_in_one_line(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+# ---------------------------------------------------------------------------------------------- build root (fake)
+
+
+def fake_build_root(root: Path, glibc: str = "2.31") -> Path:
+    """What scripts/make_build_root.sh leaves: the root's Python (a link, as in a real root) and the stamp."""
+    python = root / portable.ROOT_PYTHON.lstrip("/")
+    python.parent.mkdir(parents=True)
+    python.symlink_to("python3")
+    (root / portable.ROOT_STAMP.lstrip("/")).write_text(f"debian bullseye, glibc {glibc}, python 3.11.2\n")
+    (root / "tmp").mkdir()
+    return root
+
+
+class FakeRootBuild(FakeBuild):
+    """Checks that each command enters the root (unshare -m, chroot, a clean env), then does its work with
+    the paths the root sees mapped back to the host."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root, self.wrapped = root, []
+
+    def __call__(self, cmd: list[str]) -> None:
+        self.wrapped.append(cmd)
+        assert cmd[:4] == ["unshare", "-m", "sh", "-ec"] and cmd[4] == portable.ENTER_ROOT
+        assert cmd[6] == str(self.root)
+        binds = cmd[7:cmd.index("--")]
+        env_cmd = cmd[cmd.index("--") + 1:]
+        assert env_cmd[:2] == ["/usr/bin/env", "-i"] and f"PATH={portable.ROOT_PATH}" in env_cmd
+        inner = env_cmd[next(i for i, a in enumerate(env_cmd) if i > 1 and "=" not in a):]
+        assert portable._what(cmd) == (inner[2] if inner[1] == "-m" else Path(inner[0]).name)
+        assert not any(str(self.root) in a for a in inner), inner  # only paths the root sees
+        super().__call__([str(self.root) + a if a.startswith("/") and not any(a.startswith(b) for b in binds)
+                          else a for a in inner])
+
+
+def test_create_portable_in_a_build_root_runs_every_step_inside_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(portable, "_host_pip_config", lambda: f"global.find-links='{tmp_path / 'wheels'}'\n")
+    (tmp_path / "wheels").mkdir()
+    root = fake_build_root(tmp_path / "root")
+    home = Home(tmp_path / "home").ensure()
+    fake, lines = FakeRootBuild(root), []
+    out = tmp_path / "portable"
+    manifest = portable.create_portable(out, home=home, build_root=root, run=fake, echo=lines.append,
+                                        torch_index_url="none")
+    assert manifest["target"]["built_on_glibc"] == "2.31" and manifest["target"]["glibc"] == "2.28"
+    assert "bullseye" in manifest["target"]["build_root"]
+    assert bundle.verify_bundle(out).problems == [] and (out / "app" / "darkroom").is_file()
+    venv = fake.commands[0]
+    assert venv[1:] == ["-m", "venv", str(root) + portable.ROOT_CACHE + venv[3].split(portable.ROOT_CACHE)[1]]
+    assert fake.wrapped[0][-4] == portable.ROOT_PYTHON  # the root's CPython makes the build venv
+    assert str(tmp_path / "wheels") in fake.wrapped[0]  # pip's find-links folder is bound into the root
+    freeze = next(c for c in fake.commands if c[1:3] == ["-m", "PyInstaller"])
+    assert freeze[-1].startswith(str(root / "tmp")) and freeze[-1].endswith("darkroom/assets/portable/entry.py")
+    assert not any(root.joinpath("tmp").iterdir())  # the scratch copy of the source is gone
+    assert tempfile.gettempdir() != str(root / "tmp")
+
+
+def test_build_root_is_checked_before_anything_is_written(tmp_path, monkeypatch):
+    home = Home(tmp_path / "home").ensure()
+    out = tmp_path / "b"
+    with pytest.raises(bundle.BundleError, match="is not a build root .*make_build_root.sh"):
+        portable.create_portable(out, home=home, build_root=tmp_path, run=FakeBuild())
+    root = fake_build_root(tmp_path / "root")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(bundle.BundleError, match="run bundle create as root"):
+        portable.create_portable(out, home=home, build_root=root, run=FakeBuild())
+    assert not out.exists()
+
+
+def test_pip_binds_name_the_local_paths_pip_needs(tmp_path):
+    (tmp_path / "wheels").mkdir()
+    (tmp_path / "simple").mkdir()
+    (tmp_path / "constraints.txt").write_text("")
+    config = (f"global.find-links='{tmp_path / 'wheels'}'\nglobal.extra-index-url='file://{tmp_path / 'simple'}"
+              f" https://example.org/simple'\nglobal.timeout='60'\n")
+    binds = portable.pip_binds(config, {"PIP_CONSTRAINT": str(tmp_path / "constraints.txt"),
+                                        "PIP_FIND_LINKS": str(tmp_path / "missing"), "HOME": str(tmp_path)})
+    assert [b for b in binds if b.startswith(str(tmp_path))] == [
+        str(tmp_path / "wheels"), str(tmp_path / "simple"), str(tmp_path / "constraints.txt")]
+
+
+def test_cli_build_root_needs_portable_in_one_line(tmp_path):
+    home = Home(tmp_path / "home").ensure()
+    for extra in ([], ["--portable", "--platform", "win_amd64"]):
+        r = CliRunner().invoke(bundle_group, ["create", str(tmp_path / "b"), "--build-root", str(tmp_path), *extra],
+                               obj=Context(home), prog_name="darkroom bundle")
+        assert r.exit_code == 1 and r.output.count("\n") == 1 and "--build-root" in r.output, r.output
+    r = CliRunner().invoke(bundle_group, ["create", str(tmp_path / "b"), "--portable", "--build-root",
+                                          str(tmp_path / "none")], obj=Context(home), prog_name="darkroom bundle")
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "make_build_root.sh" in r.output, r.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_make_build_root_script_matches_the_option():
+    script = (CHECKOUT / "scripts" / "make_build_root.sh").read_text()
+    assert subprocess.run(["sh", "-n", str(CHECKOUT / "scripts" / "make_build_root.sh")]).returncode == 0
+    prefix = portable.ROOT_PYTHON.rsplit("/bin/", 1)[0]
+    assert f"PY_PREFIX={prefix}\n" in script and portable.ROOT_STAMP == prefix + "/.darkroom-build-root"
+    assert 'STAMP=$ROOT$PY_PREFIX/.darkroom-build-root' in script and "glibc $glibc" in script  # BuildRoot.glibc
+    assert "sha256sum -c" in script and "--enable-shared" in script  # pinned source; PyInstaller needs libpython
+    p = _sh("sh", CHECKOUT / "scripts" / "make_build_root.sh")
+    assert p.returncode == 1 and p.stderr.startswith("make_build_root: usage:")
+
+
 def test_the_frozen_entry_sets_offline_first_and_the_hook_keeps_dev_code_out():
     entry = (portable.ASSETS / "entry.py").read_text()
     first_import = next(line for line in entry.splitlines() if line.startswith(("import ", "from ")) and

@@ -65,6 +65,9 @@ def bundle_group() -> None:
                    " run DEST/darkroom straight from the folder, or DEST/install.sh. With --platform win_amd64:"
                    " a Windows x64 folder with the embeddable CPython 3.11 and CPU torch, built from PyPI and"
                    " not tested on Windows (see docs/bundle.md).")
+@click.option("--build-root", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="ROOT",
+              help="With --portable: freeze inside ROOT, an older Debian made by scripts/make_build_root.sh"
+                   " (bullseye: the bundle then needs glibc 2.30, not this machine's). Needs root.")
 @click.option("--since", type=click.Path(exists=True, path_type=Path), default=None, metavar="OLD",
               help="Write an update instead: only what changed against OLD (the installed bundle's folder or its"
                    " manifest.json); DEST/install.sh applies it to that install, keeping the old version for"
@@ -72,7 +75,7 @@ def bundle_group() -> None:
 @click.pass_obj
 @user_errors
 def create(obj, dest: Path, models, platforms, python_version, torch_variant, torch_index_url, source,
-           portable, since) -> None:
+           portable, build_root, since) -> None:
     """Write an offline bundle into DEST (new or empty): wheels, models, manifest, install.sh/install.ps1.
 
     Needs the network (pip downloads the wheels, ~300 MB with the CPU torch, a few GB with a CUDA one).
@@ -80,12 +83,17 @@ def create(obj, dest: Path, models, platforms, python_version, torch_variant, to
     """
     from darkroom.carry.bundle import create_bundle, manifest_bytes
 
+    if build_root is not None and (not portable or platforms):
+        from darkroom.carry.bundle import BundleError
+
+        raise BundleError("--build-root applies to a Linux portable bundle only: add --portable (and no --platform)")
     if portable:
         if since is not None:
             from darkroom.carry.bundle import BundleError
 
             raise BundleError("--since writes an update for a wheel bundle; a portable bundle is made whole")
-        _create_portable(obj, dest, models, platforms, python_version, torch_variant, torch_index_url, source)
+        _create_portable(obj, dest, models, platforms, python_version, torch_variant, torch_index_url, source,
+                         build_root)
         return
     bars = _Bars()
     try:
@@ -110,7 +118,8 @@ def create(obj, dest: Path, models, platforms, python_version, torch_variant, to
     click.echo(f"Install on the offline machine: bash {dest}/install.sh   (Windows: install.ps1)")
 
 
-def _create_portable(obj, dest, models, platforms, python_version, torch_variant, torch_index_url, source) -> None:
+def _create_portable(obj, dest, models, platforms, python_version, torch_variant, torch_index_url, source,
+                     build_root=None) -> None:
     from darkroom.carry.bundle import BundleError, manifest_bytes
     from darkroom.carry.portable import create_portable
 
@@ -124,7 +133,8 @@ def _create_portable(obj, dest, models, platforms, python_version, torch_variant
     try:
         manifest = create_portable(dest, home=_home(obj), models=models, torch=torch_variant,
                                    torch_index_url=torch_index_url, source=source,
-                                   echo=lambda line: click.echo(line, err=True), progress=bars)
+                                   echo=lambda line: click.echo(line, err=True), progress=bars,
+                                   build_root=build_root)
     finally:
         bars.close()
     t = manifest["target"]
