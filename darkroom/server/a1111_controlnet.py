@@ -22,17 +22,18 @@ router = APIRouter(prefix="/controlnet", tags=["a1111-controlnet"])
 API_VERSION = 2  # the extension's external_code.get_api_version(): clients check it before sending units
 MAX_DETECT_IMAGES = 16
 
-# the extension's control types: (type, words that pick its preprocessors and models, default preprocessor)
+# the extension's control types: (type, words that pick its preprocessors and models, default preprocessor); the
+# default is the extension's except where Darkroom runs another of the type's preprocessors and not that one
 CONTROL_TYPES: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("All", (), "none"),
     ("Canny", ("canny",), "canny"),
     ("Depth", ("depth",), "depth_midas"),
     ("NormalMap", ("normal",), "normal_bae"),
-    ("OpenPose", ("openpose",), "openpose_full"),
+    ("OpenPose", ("openpose",), "openpose"),
     ("MLSD", ("mlsd",), "mlsd"),
     ("Lineart", ("lineart",), "lineart_standard (from white bg & black line)"),
-    ("SoftEdge", ("softedge", "hed", "pidi"), "softedge_pidinet"),
-    ("Scribble/Sketch", ("scribble", "sketch"), "scribble_pidinet"),
+    ("SoftEdge", ("softedge", "hed", "pidi"), "softedge_hed"),
+    ("Scribble/Sketch", ("scribble", "sketch"), "scribble_xdog"),
     ("Segmentation", ("seg",), "seg_ofade20k"),
     ("Shuffle", ("shuffle",), "shuffle"),
     ("Tile/Blur", ("tile", "blur"), "tile_resample"),
