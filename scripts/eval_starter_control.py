@@ -42,7 +42,7 @@ from darkroom.starter_training.scenes import Claims, ObjectClaim
 from darkroom.text.tokenizer import load_clip_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
-CONTROL_FILE = ROOT / "darkroom" / "assets" / "starter" / "darkroom-starter-control.safetensors"
+CONTROL_FILE = ROOT / "darkroom" / "assets" / "controlnet" / "darkroom-starter-control.safetensors"
 EVAL_SEED = 7772026  # scene seeds for evaluation; training draws from random.Random(20261205 + k), k < 10
 TWO_OBJECT_SHARE = 0.3
 

@@ -16,7 +16,7 @@ resumable from its own file in --work:
            probe (8 held-out maps, 20 steps of DPM++ 2M) every --probe-every steps logs how often the object
            lands where the map puts it, so the ControlNets' "sudden convergence" shows in the log
   report   (alone) print the log as the markdown tables of docs/starter-control.md
-  export   the EMA weights as darkroom/assets/starter/darkroom-starter-control.safetensors (fp16, diffusers
+  export   the EMA weights as darkroom/assets/controlnet/darkroom-starter-control.safetensors (fp16, diffusers
            ControlNetModel keys, its config JSON in the metadata under "config")
 
 Every phase appends to --work/log.jsonl; `--until-minutes` stops training cleanly (checkpoint written).

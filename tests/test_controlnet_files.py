@@ -180,7 +180,9 @@ def test_listing_reads_every_install_folder(tmp_path):
     (home.controlnets / "notes.safetensors").write_bytes(b"garbage")  # damaged: reported, not listed
     problems: list[str] = []
     found = {f.name: f for f in find_controlnets(home, problems)}
-    assert set(found) == {"mine", "folder-cn", "control_xl", "ext_cn", "comfy_cn"}
+    # the built-in starter ControlNet is always listed, after the user's own
+    assert set(found) == {"mine", "folder-cn", "control_xl", "ext_cn", "comfy_cn", "darkroom-starter-control"}
+    assert found["darkroom-starter-control"].family == "sd1"
     assert found["mine"].family == "sd1" and found["mine"].folder == "controlnet"
     assert found["folder-cn"].family == "sdxl" and found["folder-cn"].path.is_dir()
     assert found["control_xl"].folder == "ControlNet" and found["ext_cn"].folder == "models"
@@ -198,7 +200,7 @@ def test_unsupported_kinds_are_listed_but_not_usable(tmp_path):
     home = Home(tmp_path / "home").ensure()
     home.controlnets.mkdir(parents=True)
     save_file({"body.0.block1.weight": torch.zeros(2)}, str(home.controlnets / "t2iadapter_canny.safetensors"))
-    files = find_controlnets(home)
+    files = [f for f in find_controlnets(home) if f.name != "darkroom-starter-control"]  # the built-in
     assert [(f.name, f.supported) for f in files] == [("t2iadapter_canny", False)]
     with pytest.raises(InvalidRequest, match="T2I-Adapter"):
         resolve(files, "t2iadapter_canny")

@@ -21,7 +21,7 @@ from darkroom.starter_training.judge import judge
 from darkroom.starter_training.scenes import Claims, ObjectClaim, Scene, SceneObject, render
 
 ROOT = Path(__file__).resolve().parent.parent
-CONTROL = ROOT / "darkroom" / "assets" / "starter" / "darkroom-starter-control.safetensors"
+CONTROL = ROOT / "darkroom" / "assets" / "controlnet" / "darkroom-starter-control.safetensors"
 
 
 def _metadata() -> dict[str, str]:
