@@ -24,8 +24,10 @@ CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
 """What the extension lists (its CN_MODEL_EXTS); pickles are read weights-only."""
 INSTALL_DIRS = ("models/ControlNet", "extensions/sd-webui-controlnet/models", "models/controlnet")
 FOLDER_CLASSES = ("ControlNetModel", "ControlNetUnionModel")
-STARTER_CONTROL = Path(__file__).resolve().parent.parent / "assets" / "controlnet" / "darkroom-starter-control.safetensors"
-"""The built-in ControlNet trained for the built-in starter checkpoint (SD1 architecture)."""
+STARTER_CONTROL = Path(__file__).resolve().parent.parent / "assets" / "controlnet" \
+    / "darkroom-starter-control.safetensors"
+"""The built-in ControlNet trained for the built-in starter checkpoint (SD1 architecture), in its own folder:
+the starter checkpoint's folder is listed as checkpoints."""
 NONE = "None"
 _TITLE = re.compile(r"^(?P<name>.*?)\s*\[(?P<hash>[0-9a-fA-F]{8,10})\]$")
 
