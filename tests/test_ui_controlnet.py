@@ -39,6 +39,12 @@ def _decode(url: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(b64)))
 
 
+def _pick_model(page, unit: int = 0) -> None:
+    value = page.eval_on_selector(f"#cn{unit}-model", "(s, n) => [...s.options].find(o => o.value.startsWith(n + ' [')).value",
+                                  CN)
+    page.select_option(f"#cn{unit}-model", value)
+
+
 def _open_section(page):
     section = page.locator("#controlnet-section")
     section.locator("summary").click()
@@ -79,7 +85,10 @@ def test_section_lists_models_and_modules_with_help_and_passes_axe(open_page):
     assert not dict((v, d) for v, d, _ in modules)["canny"]
     unavailable = [(v, t) for v, d, t in modules if d]
     assert unavailable and all("needs" in t for _, t in unavailable), unavailable  # greyed out, the problem as hint
-    expect(page.locator("#cn0-model")).to_have_value(re.compile(rf"^{CN} \[[0-9a-f]+\]$"))  # the only model, picked
+    # two models here (this one and the built-in starter ControlNet): none is picked for the user
+    expect(page.locator("#cn0-model")).to_have_value("")
+    _pick_model(page)
+    expect(page.locator("#cn0-model")).to_have_value(re.compile(rf"^{CN} \[[0-9a-f]+\]$"))
 
     # canny's sliders: resolution and two thresholds, with canny's defaults
     page.select_option("#cn0-module", "canny")
@@ -139,6 +148,7 @@ def test_a_drawing_is_sent_with_the_job_and_comes_back_with_its_settings(open_pa
     _draw(page, canvas, 0.1, 0.1, 0.4, 0.1)   # a line across the top-left
     _draw(page, canvas, 0.1, 0.1, 0.1, 0.4)
     page.select_option("#cn0-module", "none")
+    _pick_model(page)
     page.fill("#cn0-weight-value", "0.8")
     page.locator("#cn0-weight-value").dispatch_event("input")
     page.fill("#cn0-end-value", "0.7")
