@@ -40,8 +40,8 @@ def _decode(url: str) -> Image.Image:
 
 
 def _pick_model(page, unit: int = 0) -> None:
-    value = page.eval_on_selector(f"#cn{unit}-model", "(s, n) => [...s.options].find(o => o.value.startsWith(n + ' [')).value",
-                                  CN)
+    pick = "(s, n) => [...s.options].find(o => o.value.startsWith(n + ' [')).value"
+    value = page.eval_on_selector(f"#cn{unit}-model", pick, CN)
     page.select_option(f"#cn{unit}-model", value)
 
 
