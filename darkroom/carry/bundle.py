@@ -485,6 +485,18 @@ def manifest_bytes(manifest: dict) -> int:
 # ---------------------------------------------------------------------------------------------- create
 
 
+def prepare_destination(dest: Path, home: Home, models: Sequence[str], echo: Echo) -> tuple[Path, list[BundleModel]]:
+    """Every bundle kind's first step: the chosen models resolved (their notes echoed) and DEST new or empty,
+    before anything is downloaded or written."""
+    chosen, notes = resolve_models(home, models)
+    dest = Path(dest).expanduser().resolve()
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise BundleError(f"{dest} is not an empty folder: choose a new or empty one")
+    for note in notes:
+        echo(f"darkroom: {note}")
+    return dest, chosen
+
+
 def create_bundle(dest: Path, *, home: Home, models: Sequence[str] = (), platforms: Sequence[str] = (),
                   python_version: str | None = None, torch: str = "cpu", torch_index_url: str | None = None,
                   source: Path | None = None, pip: Pip | None = None, echo: Echo = print,
@@ -515,12 +527,7 @@ def create_bundle(dest: Path, *, home: Home, models: Sequence[str] = (), platfor
 
         base = load_base(since)
         base.check_target(target)
-    chosen, notes = resolve_models(home, models)
-    dest = Path(dest).expanduser().resolve()
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise BundleError(f"{dest} is not an empty folder: choose a new or empty one")
-    for note in notes:
-        echo(f"darkroom: {note}")
+    dest, chosen = prepare_destination(dest, home, models, echo)
     pip = pip or functools.partial(run_pip, echo=echo)
     wheels = dest / "wheels"
     try:

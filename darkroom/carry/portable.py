@@ -43,8 +43,8 @@ from darkroom.carry.bundle import (
     copy_models,
     find_source,
     model_bytes,
+    prepare_destination,
     read_requirements,
-    resolve_models,
     write_manifest,
 )
 from darkroom.carry.bundle_target import make_target, torch_requirement
@@ -346,12 +346,7 @@ def create_portable(dest: Path, *, home: Home, models: Sequence[str] = (), torch
     if torch_index_url == "none":
         torch_index = None
     root = BuildRoot(check_build_root(build_root), pip_binds(_host_pip_config())) if build_root else None
-    chosen, notes = resolve_models(home, models)
-    dest = Path(dest).expanduser().resolve()
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise BundleError(f"{dest} is not an empty folder: choose a new or empty one")
-    for note in notes:
-        echo(f"darkroom: {note}")
+    dest, chosen = prepare_destination(dest, home, models, echo)
     run = run or (lambda cmd: run_command(cmd, echo, _what(cmd)))
     cache = Path(build_cache).expanduser().resolve() if build_cache else default_build_cache()
     base_python = python_id = None

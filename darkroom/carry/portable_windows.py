@@ -44,9 +44,9 @@ from darkroom.carry.bundle import (
     find_source,
     missing_requirements,
     model_bytes,
+    prepare_destination,
     read_requirements,
     read_wheels,
-    resolve_models,
     write_manifest,
 )
 from darkroom.carry.bundle_target import Target, make_target, marker_environment
@@ -395,12 +395,7 @@ def create_windows_portable(dest: Path, *, home: Home, models: Sequence[str] = (
     if not m:
         raise BundleError(f"{src / 'requirements.txt'} must pin torch exactly once (torch==X.Y.Z)")
     torch_req = f"torch=={m[1]}"  # PyPI's Windows wheel is the CPU build
-    chosen, notes = resolve_models(home, models)
-    dest = Path(dest).expanduser().resolve()
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise BundleError(f"{dest} is not an empty folder: choose a new or empty one")
-    for note in notes:
-        echo(f"darkroom: {note}")
+    dest, chosen = prepare_destination(dest, home, models, echo)
     pip = pip or (lambda args: _bundle.run_pip(args, echo))
     cache = Path(build_cache).expanduser().resolve() if build_cache else default_build_cache()
     try:
