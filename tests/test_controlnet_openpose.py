@@ -119,7 +119,8 @@ def test_tiny_body_model_loads_strictly_and_runs(tmp_path):
     state = body_pose_state()
     del state["Mconv7_stage6_L1.bias"]
     torch.save(state, folder / "openpose" / "body_pose_model.pth")
-    with pytest.raises(ModelLoadError, match="body_pose_model.pth: not a CMU OpenPose body weight file"):
+    with pytest.raises(ModelLoadError, match="body_pose_model.pth: not a CMU OpenPose body weight file "
+                       r"\(1 tensor\(s\) missing, e.g. Mconv7_stage6_L1.bias\)"):
         pp.detect("openpose", im, annotator_dirs=[folder])
     torch.save({"conv1_1.weight": torch.zeros(2)}, folder / "openpose" / "body_pose_model.pth")
     with pytest.raises(ModelLoadError, match="not an OpenPose body weight file"):
@@ -152,5 +153,5 @@ def test_openpose_is_listed_and_a_missing_file_is_named(tmp_path):
     assert "openpose needs body_pose_model.pth" in str(err.value)
     assert "annotator/downloads/openpose" in str(err.value) and str(tmp_path / "b") in str(err.value)
     assert pp.module_status("openpose", [tmp_path])[0] is False
-    with pytest.raises(InvalidRequest, match="cannot run the openpose_full preprocessor yet"):
-        pp.canonical_module("openpose_full")
+    with pytest.raises(InvalidRequest, match="cannot run the dw_openpose_full preprocessor yet"):
+        pp.canonical_module("dw_openpose_full")

@@ -59,6 +59,7 @@ class Module:
     priority: int = 0  # the extension's sorting_priority: higher first
     weights: tuple[tuple[str, str], ...] = ()  # (file, the extension's downloads sub-folder)
     needs_mask: bool = False
+    colour_fix: bool = False  # the extension also fixes the result's colours while sampling (annotators.tile)
 
 
 @dataclass
@@ -85,10 +86,12 @@ def _lineart(kind: str) -> Callable:
     return run
 
 
-def _openpose(img, res, a, b, ctx):
-    from darkroom.control.annotators import openpose
+def _openpose(hand: bool = False, face: bool = False, body: bool = True) -> Callable:
+    def run(img, res, a, b, ctx):
+        from darkroom.control.annotators import openpose
 
-    return openpose.detect(img, res, ctx.dirs, device=ctx.device)
+        return openpose.detect(img, res, ctx.dirs, device=ctx.device, hand=hand, face=face, body=body)
+    return run
 
 
 def _depth_anything(img, res, a, b, ctx):
@@ -103,11 +106,34 @@ def _depth_midas(img, res, a, b, ctx):
     return depth.detect_midas(img, res, ctx.dirs, device=ctx.device)
 
 
+def _normal_bae(img, res, a, b, ctx):
+    from darkroom.control.annotators import normalbae
+
+    return normalbae.detect(img, res, ctx.dirs, device=ctx.device)
+
+
+def _mlsd(img, res, a, b, ctx):
+    from darkroom.control.annotators import mlsd
+
+    return mlsd.detect(img, res, ctx.dirs, a, b, device=ctx.device)
+
+
+def _pidinet(scribble: bool, safe: bool) -> Callable:
+    def run(img, res, a, b, ctx):
+        from darkroom.control.annotators import pidinet
+
+        return pidinet.detect(img, res, ctx.dirs, safe=safe, scribble=scribble, device=ctx.device)
+    return run
+
+
 def _inpaint(img, res, a, b, ctx):
     return simple.inpaint(img, ctx.mask)
 
 
 _HED = (("ControlNetHED.pth", "hed"),)
+_PIDI = (("table5_pidinet.pth", "pidinet"),)
+_BODY = ("body_pose_model.pth", "openpose")
+_VARIATION = Slider("Variation", 8.0, 3.0, 32.0, 1.0)
 MODULES: dict[str, Module] = {m.name: m for m in (
     Module("none", "none", lambda img, res, a, b, ctx: img, uses_resolution=False, priority=10),
     Module("invert", "invert (from white bg & black line)", lambda img, res, a, b, ctx: simple.invert(img),
@@ -122,6 +148,11 @@ MODULES: dict[str, Module] = {m.name: m for m in (
            lambda img, res, a, b, ctx: simple.lineart_standard(img, res), priority=100),
     Module("tile_resample", "tile_resample", lambda img, res, a, b, ctx: simple.tile_resample(img, a),
            (Slider("Down Sampling Rate", 1.0, 1.0, 8.0), None), uses_resolution=False, priority=100),
+    # the map is the picture; the colour fix acts on the latents while sampling (annotators.tile)
+    Module("tile_colorfix", "tile_colorfix", lambda img, res, a, b, ctx: img, (_VARIATION, None),
+           uses_resolution=False, colour_fix=True),
+    Module("tile_colorfix+sharp", "tile_colorfix+sharp", lambda img, res, a, b, ctx: img,
+           (_VARIATION, Slider("Sharpness", 1.0, 0.0, 2.0)), uses_resolution=False, colour_fix=True),
     Module("blur_gaussian", "blur_gaussian", lambda img, res, a, b, ctx: simple.blur_gaussian(img, res, a),
            (Slider("Sigma", 9.0, 0.01, 64.0), None)),
     Module("color", "t2ia_color_grid", lambda img, res, a, b, ctx: simple.color_grid(img, res)),
@@ -137,15 +168,36 @@ MODULES: dict[str, Module] = {m.name: m for m in (
     Module("hed", "softedge_hed", _hed(False, False), weights=_HED),
     Module("hed_safe", "softedge_hedsafe", _hed(False, True), weights=_HED),
     Module("scribble_hed", "scribble_hed", _hed(True, False), weights=_HED),
+    # the extension hides PiDiNet's resolution slider; the map still comes at the unit's resolution
+    Module("pidinet", "softedge_pidinet", _pidinet(False, False), resolution_slider=False, priority=100,
+           weights=_PIDI),
+    Module("pidinet_safe", "softedge_pidisafe", _pidinet(False, True), resolution_slider=False, weights=_PIDI),
+    Module("pidinet_scribble", "scribble_pidinet", _pidinet(True, False), resolution_slider=False, priority=100,
+           weights=_PIDI),
+    Module("mlsd", "mlsd", _mlsd, (Slider("MLSD Value Threshold", 0.1, 0.01, 2.0),
+                                   Slider("MLSD Distance Threshold", 0.1, 0.01, 20.0)),
+           priority=100, weights=(("mlsd_large_512_fp32.pth", "mlsd"),)),
     Module("lineart", "lineart_realistic", _lineart("realistic"), weights=(("sk_model.pth", "lineart"),)),
     Module("lineart_coarse", "lineart_coarse", _lineart("coarse"), weights=(("sk_model2.pth", "lineart"),)),
     Module("lineart_anime", "lineart_anime", _lineart("anime"), weights=(("netG.pth", "lineart_anime"),)),
-    Module("openpose", "openpose", _openpose, weights=(("body_pose_model.pth", "openpose"),)),
+    Module("openpose", "openpose", _openpose(), weights=(_BODY,)),
+    # the extension hides the resolution slider of all but openpose and openpose_full
+    Module("openpose_hand", "openpose_hand", _openpose(hand=True), resolution_slider=False,
+           weights=(_BODY, ("hand_pose_model.pth", "openpose"))),
+    Module("openpose_face", "openpose_face", _openpose(face=True), resolution_slider=False,
+           weights=(_BODY, ("facenet.pth", "openpose"))),
+    Module("openpose_faceonly", "openpose_faceonly", _openpose(face=True, body=False), resolution_slider=False,
+           weights=(_BODY, ("facenet.pth", "openpose"))),
+    Module("openpose_full", "openpose_full", _openpose(hand=True, face=True), priority=100,
+           weights=(_BODY, ("hand_pose_model.pth", "openpose"), ("facenet.pth", "openpose"))),
     Module("depth", "depth_midas", _depth_midas, priority=100,
            weights=(("dpt_hybrid-midas-501f0c75.pt", "midas"),)),
-    # the extension hides depth_anything's resolution slider; the map still comes at the unit's resolution
+    # the extension hides depth_anything's and normal_bae's resolution slider; the map still comes at the unit's
+    # resolution
     Module("depth_anything", "depth_anything", _depth_anything, resolution_slider=False,
            weights=(("depth_anything_vitl14.pth", "depth_anything"),)),
+    Module("normal_bae", "normal_bae", _normal_bae, resolution_slider=False, priority=100,
+           weights=(("scannet.pt", "normal_bae"),)),
 )}
 
 # The extension's v1.0 names that map onto a module it still has.
@@ -155,25 +207,20 @@ _OLD_NAMES = {"fake_scribble": "scribble_hed"}  # v1.0: HED made into a scribble
 _NOT_YET = {
     "depth_leres": "depth_leres", "depth_leres++": "depth_leres++",
     "depth_zoe": "depth_zoe", "depth_anything_v2": "depth_anything_v2",
-    "depth_hand_refiner": "depth_hand_refiner", "normal_map": "normal_midas", "normal_bae": "normal_bae",
-    "normal_dsine": "normal_dsine", "openpose_face": "openpose_face",
-    "openpose_faceonly": "openpose_faceonly", "openpose_full": "openpose_full", "openpose_hand": "openpose_hand",
-    "dw_openpose_full": "dw_openpose_full", "animal_openpose": "animal_openpose",
+    "depth_hand_refiner": "depth_hand_refiner", "normal_map": "normal_midas",
+    "normal_dsine": "normal_dsine", "dw_openpose_full": "dw_openpose_full", "animal_openpose": "animal_openpose",
     "densepose": "densepose (pruple bg & purple torso)",
     "densepose_parula": "densepose_parula (black bg & blue torso)", "mediapipe_face": "mediapipe_face",
     "segmentation": "seg_ufade20k", "oneformer_coco": "seg_ofcoco", "oneformer_ade20k": "seg_ofade20k",
-    "anime_face_segment": "seg_anime_face", "mlsd": "mlsd", "pidinet": "softedge_pidinet",
-    "pidinet_safe": "softedge_pidisafe", "pidinet_scribble": "scribble_pidinet", "pidinet_sketch": "t2ia_sketch_pidi",
+    "anime_face_segment": "seg_anime_face", "pidinet_sketch": "t2ia_sketch_pidi",
     "te_hed": "softedge_teed", "lineart_anime_denoise": "lineart_anime_denoise", "manga_line": "manga_line",
-    "clip_vision": "t2ia_style_clipvision", "tile_colorfix": "tile_colorfix",
-    "tile_colorfix+sharp": "tile_colorfix+sharp", "inpaint_only+lama": "inpaint_only+lama",
+    "clip_vision": "t2ia_style_clipvision", "inpaint_only+lama": "inpaint_only+lama",
     "reference_only": "reference_only", "reference_adain": "reference_adain",
     "reference_adain+attn": "reference_adain+attn", "revision_clipvision": "revision_clipvision",
     "revision_ignore_prompt": "revision_ignore_prompt",
 }
 
 _ADVICE = {
-    "tile_colorfix": "its colour fix acts during sampling; use tile_resample",
     "inpaint_only+lama": "it needs the LaMa inpainting model; use inpaint_only",
     "reference": "it steers attention with the picture instead of a control map; Darkroom has no such mode",
     "revision": "it feeds the picture through CLIP vision instead of a control map; Darkroom has no such mode",

@@ -13,7 +13,11 @@
 - dpt_hybrid-midas-501f0c75.pt: the original MiDaS v3 DPT-Hybrid layout (timm's ViT under
   `pretrained.model.` with its ResNet stem in `patch_embed.backbone`, the readouts in
   `pretrained.act_postprocess3/4`, the neck and head in `scratch.`), half-width ResNet, a 64-wide ViT.
-The real files are fp16 (HED) or fp32 (line art, OpenPose, depth); `dtype` chooses.
+- mlsd_large_512_fp32.pth and table5_pidinet.pth at their released sizes (1.5 M and 0.7 M weights), random;
+  PiDiNet's pixel-difference weights stored untransformed (3x3), as in the file.
+- hand_pose_model.pth / facenet.pth: the OpenPose hand (22 maps) and face (71 maps) nets at 4-8 channels.
+- scannet.pt (normal_bae): EfficientNet-B5 and the NNET decoder narrowed and shortened, in the file's wrapping.
+The real files are fp16 (HED) or fp32 (line art, OpenPose, depth, M-LSD, PiDiNet); `dtype` chooses.
 """
 
 from __future__ import annotations
@@ -191,4 +195,75 @@ def save(state: dict, path: Path, *, dtype: torch.dtype = torch.float32, prefix:
     """Write `state` as a .pth (optionally cast, optionally with the DataParallel `module.` prefix)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({prefix + k: v.to(dtype) for k, v in state.items()}, path)
+    return path
+
+
+def mlsd_state(*, seed: int = 0) -> dict:
+    """mlsd_large_512_fp32.pth at its released size (1.5 M weights), random, batch-norm variances positive."""
+    from darkroom.control.annotators.mlsd import MLSD
+
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, value in MLSD().state_dict().items():
+        if not value.is_floating_point():
+            state[key] = value.clone()
+        elif key.endswith("running_var"):
+            state[key] = torch.rand(value.shape, generator=gen) + 0.5
+        else:
+            state[key] = torch.randn(value.shape, generator=gen) * 0.2
+    return state
+
+
+def pidinet_state(*, width: int = 60, dil: int = 24, seed: int = 0) -> dict:
+    """table5_pidinet.pth's layout (60 and 24 are the released widths): the pixel-difference weights as
+    trained, so the radial blocks' depthwise weights are 3x3 as in the file, not the 5x5 they convert to."""
+    from darkroom.control.annotators.pidinet import PiDiNet, block_kinds
+
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, value in PiDiNet(width, dil).state_dict().items():
+        shape = (value.shape[0], value.shape[1], 3, 3) if block_kinds().get(key) == "rd" else value.shape
+        state[key] = torch.randn(shape, generator=gen) * 0.3
+    return state
+
+
+def part_pose_state(outputs: int, *, seed: int = 0) -> dict:
+    """hand_pose_model.pth (outputs=22) or facenet.pth (71) at 4-8 channels, the map count kept."""
+    from darkroom.control.annotators.openpose_parts import PartNet, PartWidths
+
+    torch.manual_seed(seed)
+    return PartNet(outputs, PartWidths(c1=4, c2=4, c3=8, c4=8, cpm=8, wide=8, stage=8)).state_dict()
+
+
+def normal_bae_state(*, seed: int = 0) -> dict:
+    """scannet.pt's layout (encoder.original_model.* as geffnet names EfficientNet-B5, decoder.*) with the seven
+    stages one or two blocks deep and 4-16 channels wide; the real kernel sizes and strides. Saved as the
+    real file is: {"model": state} with DataParallel's "module." prefixes (see normal_bae_file)."""
+    from darkroom.control.annotators.normalbae import STRIDES, Block, NormalBae, Spec
+
+    stages, cin = [], 8
+    for i, (stride, kernel) in enumerate(zip(STRIDES, (3, 3, 5, 3, 5, 5, 3), strict=True)):
+        cout = 4 + 2 * i
+        blocks = []
+        for b in range(1 if i in (0, 6) else 2):
+            expand = i > 0
+            blocks.append(Block(cin, cout, 8 if expand else cin, kernel, stride if b == 0 else 1, 2, expand))
+            cin = cout
+        stages.append(tuple(blocks))
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, value in NormalBae(Spec(8, tuple(stages), 16, (16, 8, 8, 8), 8)).state_dict().items():
+        if not value.is_floating_point():
+            state[key] = value.clone()
+        elif key.endswith("running_var"):
+            state[key] = torch.rand(value.shape, generator=gen) + 0.5
+        else:
+            state[key] = torch.randn(value.shape, generator=gen) * 0.3
+    return state
+
+
+def normal_bae_file(state: dict, path: Path) -> Path:
+    """`state` written as scannet.pt is: {"model": {"module." + key: tensor}}."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": {"module." + k: v for k, v in state.items()}}, path)
     return path

@@ -68,7 +68,25 @@ def load_strict(net, state: dict[str, Any], path: Path, what: str):
     """`net` with `state` loaded key for key; a file of another network is a clear ModelLoadError."""
     try:
         net.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        detail = str(e).splitlines()[0] if str(e) else "keys differ"
-        raise ModelLoadError(f"{path.name}: not a {what} weight file ({detail[:300]})") from None
+    except RuntimeError:
+        raise ModelLoadError(f"{path.name}: not a {what} weight file ({state_mismatch(net, state)})") from None
     return net.eval().requires_grad_(False)
+
+
+def state_mismatch(net, state: dict[str, Any]) -> str:
+    """How a state dict differs from a network's, in one line with an example of each kind (torch's own
+    message starts with a line that says nothing and lists every key)."""
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    shapes = [k for k in expected if k in state and tuple(getattr(state[k], "shape", ())) != tuple(expected[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) missing, e.g. {missing[0]}")
+    if extra:
+        parts.append(f"{len(extra)} unexpected, e.g. {extra[0]}")
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} of another shape, e.g. {k} is {tuple(state[k].shape)}, not"
+                     f" {tuple(expected[k].shape)}")
+    return "; ".join(parts) or "its tensors do not fit"

@@ -80,18 +80,6 @@ def edges(net: HED, img: np.ndarray) -> np.ndarray:
     return torch.sigmoid(mean).cpu().numpy()
 
 
-def _safe_step(x: np.ndarray, step: int = 2) -> np.ndarray:
-    """Quantise soft edges to `step` levels (the "safe" variant: less room for hidden detail)."""
-    return np.floor(x.astype(np.float32) * float(step + 1)) / float(step)
-
-
-def _nms(x: np.ndarray, level: int, sigma: float) -> np.ndarray:
-    """The extension's thin-line pass: blur, keep pixels that are the maximum of their 3-pixel line in one
-    of four directions, threshold."""
-    y = imageops.line_peaks(imageops.gaussian(x.astype(np.float32), sigma))
-    return np.where(y > level, 255, 0).astype(np.uint8)
-
-
 def detect(img: np.ndarray, res: int, dirs: Sequence[Path], *, safe: bool = False,
            scribble: bool = False, device: str | None = None) -> np.ndarray:
     """softedge_hed (safe: softedge_hedsafe; scribble: scribble_hed's thick binary strokes)."""
@@ -100,9 +88,6 @@ def detect(img: np.ndarray, res: int, dirs: Sequence[Path], *, safe: bool = Fals
     padded, (h, w) = imageops.pad64(imageops.to_resolution(img, res))
     edge = edges(net, padded)
     if safe:
-        edge = _safe_step(edge)
+        edge = imageops.safe_step(edge)
     out = (edge * 255.0).clip(0, 255).astype(np.uint8)[:h, :w]
-    if scribble:
-        out = imageops.gaussian(_nms(out, 127, 3.0), 3.0)
-        out = np.where(out > 4, 255, 0).astype(np.uint8)
-    return out
+    return imageops.scribble_strokes(out) if scribble else out

@@ -1,8 +1,8 @@
 """Image helpers that stand in for the OpenCV calls of the extension's annotators, with numpy, scipy and PIL.
 
 Darkroom does not ship OpenCV (a 64 MB wheel on USB bundles), so resizing goes through PIL (BOX for
-OpenCV's INTER_AREA, BICUBIC, BILINEAR, NEAREST) and blurs through scipy.ndimage with OpenCV's
-kernel sizes and its default reflect-101 border ("mirror" in scipy).
+OpenCV's INTER_AREA, BICUBIC, BILINEAR, NEAREST; LANCZOS has 3 lobes where OpenCV's LANCZOS4 has 4) and
+blurs through scipy.ndimage with OpenCV's kernel sizes and its default reflect-101 border ("mirror" in scipy).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-AREA, CUBIC, LINEAR, NEAREST = "area", "cubic", "linear", "nearest"
+AREA, CUBIC, LINEAR, NEAREST, LANCZOS = "area", "cubic", "linear", "nearest", "lanczos"
 _PIL = {AREA: Image.Resampling.BOX, CUBIC: Image.Resampling.BICUBIC, LINEAR: Image.Resampling.BILINEAR,
-        NEAREST: Image.Resampling.NEAREST}
+        NEAREST: Image.Resampling.NEAREST, LANCZOS: Image.Resampling.LANCZOS}
 
 
 def hwc3(image: Image.Image) -> np.ndarray:
@@ -116,6 +116,19 @@ def line_peaks(x: np.ndarray) -> np.ndarray:
         peak = ndimage.grey_dilation(x, footprint=footprint, mode="nearest") == x
         y[peak] = x[peak]
     return y
+
+
+def safe_step(x: np.ndarray, step: int = 2) -> np.ndarray:
+    """Soft edges in [0, 1] quantised to `step` levels (the "safe" variants: less room for hidden detail)."""
+    return np.floor(x.astype(np.float32) * float(step + 1)) / float(step)
+
+
+def scribble_strokes(edge: np.ndarray) -> np.ndarray:
+    """uint8 soft edges as thick binary strokes (the scribble variants): ridges above 127 kept one pixel
+    wide (blurred with sigma 3 first), blurred again with sigma 3, everything above 4 made white."""
+    ridges = line_peaks(gaussian(edge.astype(np.float32), 3.0))
+    thin = np.where(ridges > 127, 255, 0).astype(np.uint8)
+    return np.where(gaussian(thin, 3.0) > 4, 255, 0).astype(np.uint8)
 
 
 def _patterns(raw: list[list[list[int]]]) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -1,4 +1,5 @@
-"""OpenPose body keypoints (the extension's `openpose` preprocessor) from CMU's body_pose_model.pth.
+"""OpenPose body keypoints (the extension's `openpose` preprocessor) from CMU's body_pose_model.pth; the
+hand and face variants add openpose_parts' nets on boxes the body keypoints give.
 
 The network is the 2017 COCO body model (Cao et al., "Realtime multi-person 2D pose estimation using part
 affinity fields"): a VGG-19 front (conv1_1 to conv4_2, three 2x2 max-pools, so 1/8 resolution) narrowed by
@@ -31,6 +32,7 @@ from scipy import ndimage
 from torch import nn
 
 from darkroom.control.annotators import files, imageops
+from darkroom.control.annotators import openpose_parts as parts
 from darkroom.errors import ModelLoadError
 
 FILE, KIND = "body_pose_model.pth", "openpose"
@@ -275,32 +277,56 @@ def _ellipse(cx: int, cy: int, half_length: int, half_width: int, angle: int) ->
     return points
 
 
-def draw(people: Sequence[Sequence[tuple[float, float] | None]], height: int, width: int) -> np.ndarray:
-    """The extension's body skeleton on black: each limb an ellipse 8 pixels thick in 60 % of its colour,
-    then each keypoint a full-colour dot of radius 4. uint8 HxWx3."""
+def _draw_body(pen: ImageDraw.ImageDraw, person: Sequence[tuple[float, float] | None]) -> None:
+    for (a, b), color in zip(LIMBS[:DRAWN_LIMBS], COLORS, strict=False):
+        if person[a] is None or person[b] is None:
+            continue
+        (xa, ya), (xb, yb) = person[a], person[b]
+        length = math.hypot(xa - xb, ya - yb)
+        angle = math.degrees(math.atan2(ya - yb, xa - xb))
+        outline = _ellipse(int((xa + xb) / 2), int((ya + yb) / 2), int(length / 2), STICK_WIDTH, int(angle))
+        pen.polygon(outline, fill=tuple(int(c * 0.6) for c in color))
+    for point, color in zip(person, COLORS, strict=True):
+        if point is None:
+            continue
+        x, y = int(point[0]), int(point[1])
+        pen.ellipse((x - JOINT_RADIUS, y - JOINT_RADIUS, x + JOINT_RADIUS, y + JOINT_RADIUS), fill=color)
+
+
+def draw(people: Sequence[Sequence[tuple[float, float] | None]], height: int, width: int, *,
+         hands: Sequence[tuple] | None = None, faces: Sequence | None = None, body: bool = True) -> np.ndarray:
+    """The extension's skeletons on black, person by person: each limb an ellipse 8 pixels thick in 60 % of
+    its colour, then each keypoint a full-colour dot of radius 4 (unless `body` is False); then the
+    person's (left, right) `hands` and `faces` if given (openpose_parts). uint8 HxWx3."""
     canvas = Image.new("RGB", (width, height))
     pen = ImageDraw.Draw(canvas)
-    for person in people:
-        for (a, b), color in zip(LIMBS[:DRAWN_LIMBS], COLORS, strict=False):
-            if person[a] is None or person[b] is None:
-                continue
-            (xa, ya), (xb, yb) = person[a], person[b]
-            length = math.hypot(xa - xb, ya - yb)
-            angle = math.degrees(math.atan2(ya - yb, xa - xb))
-            outline = _ellipse(int((xa + xb) / 2), int((ya + yb) / 2), int(length / 2), STICK_WIDTH, int(angle))
-            pen.polygon(outline, fill=tuple(int(c * 0.6) for c in color))
-        for point, color in zip(person, COLORS, strict=True):
-            if point is None:
-                continue
-            x, y = int(point[0]), int(point[1])
-            pen.ellipse((x - JOINT_RADIUS, y - JOINT_RADIUS, x + JOINT_RADIUS, y + JOINT_RADIUS), fill=color)
+    for k, person in enumerate(people):
+        if body:
+            _draw_body(pen, person)
+        for hand in hands[k] if hands is not None else ():
+            parts.draw_hand(pen, hand)
+        if faces is not None:
+            parts.draw_face(pen, faces[k])
     return np.asarray(canvas, dtype=np.uint8).copy()
 
 
-def detect(img: np.ndarray, res: int, dirs: Sequence[Path], device: str | None = None) -> np.ndarray:
+def detect(img: np.ndarray, res: int, dirs: Sequence[Path], device: str | None = None, *, hand: bool = False,
+           face: bool = False, body: bool = True) -> np.ndarray:
     """The `openpose` map: body skeletons of the picture (short side at `res`, padded to 64 as the
-    extension detects, cropped back)."""
-    net = load(files.find(FILE, KIND, dirs)).to(device or "cpu")
+    extension detects, cropped back); `hand`/`face` add each person's hands and face found from the body
+    keypoints (openpose_hand, openpose_face, openpose_full), `body=False` leaves the body out of the drawing
+    (openpose_faceonly: the body is still what finds the face)."""
+    device = device or "cpu"
+    net = load(files.find(FILE, KIND, dirs)).to(device)
     padded, (h, w) = imageops.pad64(imageops.to_resolution(img, res))
     heat, paf = maps(net, padded)
-    return draw(decode(heat, paf), padded.shape[0], padded.shape[1])[:h, :w]
+    people = decode(heat, paf)
+    bgr = np.ascontiguousarray(padded[:, :, ::-1])
+    hands = faces = None
+    if hand:
+        hand_net = parts.load(files.find(parts.HAND_FILE, KIND, dirs), parts.HAND_MAPS, "hand").to(device)
+        hands = [parts.find_hands(hand_net, bgr, person) for person in people]
+    if face:
+        face_net = parts.load(files.find(parts.FACE_FILE, KIND, dirs), parts.FACE_MAPS, "face").to(device)
+        faces = [parts.find_face(face_net, bgr, person) for person in people]
+    return draw(people, padded.shape[0], padded.shape[1], hands=hands, faces=faces, body=body)[:h, :w]
