@@ -19,6 +19,16 @@ shallow layers (the extension's "soft injection"), and "ControlNet is more impor
 the control to the conditional half only, so CFG amplifies it."""
 HR_OPTIONS = ("Both", "Low res only", "High res only")
 """Which passes of a hires-fix generation the unit steers."""
+UNION_CONTROL_TYPES = ("OpenPose", "Depth", "Soft Edge", "Hard Edge", "Normal Map", "Segmentation", "Tile",
+                       "Inpaint")
+"""A ControlNet Union model's control types, the extension's names in the model's index order (xinsir's)."""
+UNION_UNKNOWN = "Unknown"
+"""The extension's default: Darkroom then picks the type from the preprocessor (darkroom.control.union)."""
+_UNION_WORDS = {"pose": 0, "openpose": 0, "depth": 1, "softedge": 2, "hed": 2, "pidi": 2, "scribble": 2, "ted": 2,
+                "sketch": 2, "hardedge": 3, "canny": 3, "lineart": 3, "animelineart": 3, "mlsd": 3, "normal": 4,
+                "normalmap": 4, "seg": 5, "segment": 5, "segmentation": 5, "tile": 6, "blur": 6, "inpaint": 7,
+                "repaint": 7}
+"""Other spellings clients use: the extension's from_str words, xinsir's and ComfyUI's names."""
 MAX_UNITS = 8
 CORE_ONLY = ("prepared",)
 """Darkroom's own unit fields, not the extension's: refused in A1111 unit dicts (a1111_unit)."""
@@ -72,6 +82,9 @@ class ControlUnit(BaseModel):
     low_vram: bool = Field(False, description="Accepted and ignored: every ControlNet follows the model's VRAM"
                                               " mode (docs/gpu.md), which is what this asks for.")
     hr_option: str = Field("Both", description=", ".join(HR_OPTIONS))
+    union_control_type: str = Field(UNION_UNKNOWN, description="For a ControlNet Union model, the kind of control"
+                                    " image: " + ", ".join(UNION_CONTROL_TYPES) + "; Unknown: picked from the"
+                                    " preprocessor. Other models ignore it.")
     prepared: bool = Field(False, description="The image is the control map already (a map stored in a"
                                               " Darkroom PNG): the preprocessor is not run again, but `module`"
                                               " is kept for the infotext (and an inpaint module's mask).")
@@ -90,6 +103,16 @@ class ControlUnit(BaseModel):
     @classmethod
     def _hr_option(cls, v: Any) -> str:
         return _pick(v, HR_OPTIONS, "hr_option")
+
+    @field_validator("union_control_type", mode="before")
+    @classmethod
+    def _union_control_type(cls, v: Any) -> str:
+        if v is None or (isinstance(v, str) and v.strip().lower() in ("", UNION_UNKNOWN.lower())):
+            return UNION_UNKNOWN
+        word = "".join(str(v).lower().split()).replace("_", "").replace("-", "")
+        if word in _UNION_WORDS:
+            return UNION_CONTROL_TYPES[_UNION_WORDS[word]]
+        return _pick(v, UNION_CONTROL_TYPES, "union_control_type")
 
     @field_validator("model", "module")
     @classmethod

@@ -132,12 +132,13 @@ def test_other_control_models_are_refused_clearly(tmp_path, keys, what):
     assert "other.safetensors" in str(err.value) and what in str(err.value)
 
 
-def test_union_diffusers_folder_is_refused(tmp_path):
+def test_damaged_union_diffusers_folder_is_a_load_error(tmp_path):
+    """Union folders load (tests/test_controlnet_union.py); one that cannot is an error naming it."""
     folder = tmp_path / "union"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"_class_name": "ControlNetUnionModel"}))
     (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"")
-    with pytest.raises(InvalidRequest, match="Union"):
+    with pytest.raises(ModelLoadError, match="union: the diffusers ControlNet Union model could not be loaded"):
         load_controlnet(folder, dtype=torch.float32)
 
 

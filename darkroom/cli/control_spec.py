@@ -22,7 +22,7 @@ OPTION = "--controlnet"
 ALIASES = {"start": "guidance_start", "end": "guidance_end", "mode": "control_mode", "resize": "resize_mode",
            "res": "processor_res", "resolution": "processor_res", "a": "threshold_a", "b": "threshold_b",
            "guess": "guess_mode", "pp": "pixel_perfect", "hr": "hr_option",
-           "preprocessor": "module", "input_image": "image"}
+           "preprocessor": "module", "input_image": "image", "union": "union_control_type"}
 # short words for the enumerations (the full names and 0/1/2 work too)
 WORDS = {
     "control_mode": {"balanced": CONTROL_MODES[0], "prompt": CONTROL_MODES[1], "control": CONTROL_MODES[2],
@@ -36,7 +36,8 @@ HELP = ("A ControlNet unit (repeat for several): comma-separated key=value, e.g.
         "image=edges.png,module=canny,weight=0.8,start=0,end=0.8,mode=balanced,resize=crop. Keys: model, image,"
         " mask, module, weight, start, end, mode (balanced, prompt, control), resize (just-resize, crop, fill), res,"
         " a, b (the preprocessor's thresholds), pixel_perfect, guess_mode, hr (both, low, high), prepared (the image"
-        " is the module's map already: recorded, not run). With --from-png it"
+        " is the module's map already: recorded, not run), union (a ControlNet Union model's control type: openpose,"
+        " depth, softedge, canny, normal, seg, tile, inpaint; default: from the module). With --from-png it"
         " replaces the image's units. `darkroom controlnet list` shows the models and preprocessors.")
 
 

@@ -23,6 +23,10 @@ outputs, scaled, are summed and passed as `down_block_additional_residuals` /
   injection in the second pass whatever their mode (the extension's rule against artifacts).
 - guess_mode (a diffusers option, not the extension's): the ControlNet runs on the prompt half
   only, residual k of n scaled by logspace(-1, 0, n)[k] x weight, replacing the per-mode scales.
+- T2I-Adapter units (darkroom.control.adapter): features made from the map once per pass, passed as
+  `down_intrablock_additional_residuals` (summed over adapter units); the same window, weight,
+  prompt-only and hires rules, soft injection with the extension's adapter factors (0.25 ... 1.0);
+  guess_mode only makes them prompt-only.
 
 Every rule acts per CFG half: the batch is [negative x n, prompt part 1 x n, ...] (see
 darkroom.engine.sampling.StepConditioning), so the rows from n on are the prompt's.
@@ -34,6 +38,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from darkroom.control.adapter import LoadedAdapter
+from darkroom.control.adapter import residuals as adapter_residuals
 from darkroom.control.load import LoadedControlNet
 
 SOFT_BASE = 0.825
@@ -55,6 +61,7 @@ class ControlUnitRun:
     module: str = "none"
     hr_option: str = "Both"
     hr_hint: torch.Tensor | None = None  # the map at the hires size (None: no hires pass)
+    union_type: int | None = None  # a ControlNet Union model's control type index (darkroom.control.union)
 
     def ready_hint(self, device: torch.device) -> torch.Tensor:
         """The hint on `device` in the ControlNet's dtype, moved once per pass rather than at every step."""
@@ -69,10 +76,13 @@ class ControlUnitRun:
         fraction = step / max(total, 1)
         return not (fraction < self.start or fraction > self.end)
 
+    def soft(self, hires: bool) -> bool:
+        """Soft injection: a mode other than Balanced, or canny/mlsd in the hires pass (ControlNets and adapters)."""
+        return self.mode != "Balanced" or (hires and any(m in self.module for m in HIRES_SOFT_MODULES))
+
     def soft_scales(self, count: int, hires: bool) -> list[float] | None:
         """Per-residual factors of soft injection (None: every residual gets the plain weight)."""
-        soft = self.mode != "Balanced" or (hires and any(m in self.module for m in HIRES_SOFT_MODULES))
-        if not soft:
+        if not self.soft(hires):
             return None
         top = SOFT_LAYERS - 1 if self.controlnet.family.startswith("sdxl") else count - 1
         return [self.weight * SOFT_BASE ** float(top - k) for k in range(count)]
@@ -115,8 +125,13 @@ class Control:
         """
         down: list[torch.Tensor] | None = None
         mid: torch.Tensor | None = None
+        intra: list[torch.Tensor] | None = None  # T2I-Adapters' features (darkroom.control.adapter)
         for unit in self.units:
             if not unit.covers(step, total):
+                continue
+            if isinstance(unit.controlnet, LoadedAdapter):
+                feats = adapter_residuals(unit, x, n=n, uncond=uncond, soft=unit.soft(self.hires))
+                intra = feats if intra is None else [a + b for a, b in zip(intra, feats, strict=True)]
                 continue
             unit_down, unit_mid = self._run(unit, x, t, context, added, n=n, uncond=uncond)
             if down is None:
@@ -124,9 +139,12 @@ class Control:
             else:
                 down = [a + b for a, b in zip(down, unit_down, strict=True)]
                 mid = mid + unit_mid
-        if down is None:
-            return {}
-        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        kwargs: dict = {}
+        if down is not None:
+            kwargs.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        if intra is not None:  # a new list each call: the UNet pops from it
+            kwargs["down_intrablock_additional_residuals"] = intra
+        return kwargs
 
     def _run(self, unit: ControlUnitRun, x, t, context, added, *, n: int, uncond: bool):
         cn = unit.controlnet
@@ -138,9 +156,15 @@ class Control:
         if isinstance(t, torch.Tensor) and t.ndim == 1 and t.shape[0] == x.shape[0]:
             t = t[first:]
         self.calls += 1
-        down, mid = cn.model(sample, t, encoder_hidden_states=context[first:].to(cn.dtype), controlnet_cond=hint,
-                             conditioning_scale=1.0, guess_mode=unit.guess_mode, added_cond_kwargs=extra,
-                             return_dict=False)
+        if unit.union_type is not None:
+            from darkroom.control.union import run_union
+
+            down, mid = run_union(cn.model, unit.union_type, sample, t, context=context[first:].to(cn.dtype),
+                                  hint=hint, guess_mode=unit.guess_mode, added=extra)
+        else:
+            down, mid = cn.model(sample, t, encoder_hidden_states=context[first:].to(cn.dtype),
+                                 controlnet_cond=hint, conditioning_scale=1.0, guess_mode=unit.guess_mode,
+                                 added_cond_kwargs=extra, return_dict=False)
         outputs = [*down, mid]
         if unit.guess_mode:  # diffusers' forward already applied logspace(-1, 0) scales
             scales = [unit.weight] * len(outputs)

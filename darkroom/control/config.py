@@ -28,31 +28,31 @@ METADATA_FIELDS = {"attention_head_dim", "num_attention_heads", "norm_num_groups
 
 # (detail, probe on the key names) for control models this version does not run; first match wins.
 UNSUPPORTED: list[tuple[str, Any]] = [
-    ("a ControlNet Union (ControlNet++) model",
-     lambda keys: any(k.startswith(("task_embedding", "control_type_proj", "control_add_embedding",
-                                    "spatial_ch_projs", "transformer_layes")) for k in keys)),
-    ("a Control-LoRA", lambda keys: "lora_controlnet" in keys or any(k.endswith((".up", ".down")) for k in keys)),
+    # marked Control-LoRAs are built (control_lora.py); up/down pairs without the marker are a LoRA or a damaged one
+    ("a Control-LoRA without its 'lora_controlnet' marker",
+     lambda keys: any(k.endswith((".up", ".down")) for k in keys)),
     ("a ControlNet-LLLite model", lambda keys: any(k.startswith("lllite_") for k in keys)),
-    ("a T2I-Adapter", lambda keys: any(k.startswith(("body.", "adapter.", "style_embedding", "fuser."))
-                                        or ".body." in k for k in keys)),
     ("a 'difference' ControlNet (it must be merged into its base model first)", lambda keys: "difference" in keys),
 ]
 
 
 @dataclass(frozen=True)
 class Kind:
-    """What a file holds: `supported` ControlNets have a `layout` ("original"/"diffusers") and a family."""
+    """What a file holds: `supported` ControlNets have a `layout` ("original"/"diffusers"; T2I-Adapters
+    "t2i-original"/"t2i-diffusers", darkroom.control.adapter) and a family."""
 
     supported: bool
     layout: str | None = None
     family: str | None = None
     detail: str = ""
+    union: bool = False  # a ControlNet Union model (darkroom.control.union)
 
     @property
     def label(self) -> str:
         if not self.supported:
             return self.detail
-        return f"{FAMILY_LABELS.get(self.family or '', '?')} ControlNet"
+        noun = "T2I-Adapter" if (self.layout or "").startswith("t2i-") else "ControlNet"
+        return f"{FAMILY_LABELS.get(self.family or '', '?')} {noun}"
 
 
 def own_keys(keys) -> list[str]:
@@ -63,10 +63,24 @@ def own_keys(keys) -> list[str]:
     return keys
 
 
-def classify(shapes: Shapes) -> Kind:
-    """The kind of control model `shapes` (every tensor name -> shape of a file) describe."""
+def classify(shapes: Shapes, metadata: Mapping[str, str] | None = None) -> Kind:
+    """The kind of control model `shapes` (every tensor name -> shape of a file) describe; `metadata` (the
+    file's) only tells our tiny T2I-Adapters' unshuffle factor, which no real adapter needs."""
+    from darkroom.control.adapter import adapter_kind  # adapter.py builds on this module
+
+    adapter = adapter_kind(shapes, metadata)  # first: the style adapter and CoAdapter fuser share union names
+    if adapter is not None:
+        return adapter
     keys = own_keys(shapes)
     names = set(keys)
+    from darkroom.control.union import is_union_keys, union_kind  # union.py builds on this module
+
+    if is_union_keys(names):
+        return union_kind(shapes)
+    if "lora_controlnet" in names:  # a Control-LoRA: low-rank differences from the checkpoint's UNet
+        from darkroom.control.control_lora import classify_control_lora  # control_lora.py builds on this module
+
+        return classify_control_lora(shapes)
     for detail, probe in UNSUPPORTED:
         if probe(names):
             return Kind(False, detail=detail)

@@ -23,7 +23,7 @@ from darkroom.models.library import has_suffix, install_folders, walk_models
 CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
 """What the extension lists (its CN_MODEL_EXTS); pickles are read weights-only."""
 INSTALL_DIRS = ("models/ControlNet", "extensions/sd-webui-controlnet/models", "models/controlnet")
-FOLDER_CLASSES = ("ControlNetModel", "ControlNetUnionModel")
+FOLDER_CLASSES = ("ControlNetModel", "ControlNetUnionModel", "T2IAdapter")
 STARTER_CONTROL = Path(__file__).resolve().parent.parent / "assets" / "controlnet" \
     / "darkroom-starter-control.safetensors"
 """The built-in ControlNet trained for the built-in starter checkpoint (SD1 architecture), in its own folder:
@@ -112,7 +112,9 @@ def _describe(path: Path, label: str, problems: list[str] | None) -> ControlNetF
 def find_controlnets(home: Home, problems: list[str] | None = None) -> list[ControlNetFile]:
     """Every ControlNet, by name (sorted, ignoring case); the first folder wins a name, and a .safetensors
     file wins over a pickle of the same name. Files that are not ControlNets at all are left out; kinds
-    we cannot run yet (T2I-Adapters, Control-LoRAs, union models) are listed with `supported` False."""
+    we cannot run yet (LLLite models, the T2I style adapter) are listed with `supported` False (T2I-Adapters
+    run: darkroom.control.adapter); Control-LoRAs are
+    listed as the family they are built on (darkroom.control.control_lora)."""
     found: dict[str, ControlNetFile] = {}
     for folder, label in controlnet_dirs(home):
         if not is_folder(folder):
@@ -165,5 +167,6 @@ def resolve(files: list[ControlNetFile], wanted: str) -> ControlNetFile:
 
 def _usable(f: ControlNetFile) -> ControlNetFile:
     if not f.supported:
-        raise InvalidRequest(f"{f.name} is {f.detail}; only ControlNets are supported for now")
+        raise InvalidRequest(f"{f.name} is {f.detail}; only ControlNets and T2I-Adapters that take a control map"
+                             " are supported for now")
     return f

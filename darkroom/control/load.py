@@ -31,7 +31,7 @@ from darkroom.control.keys import ORIGINAL_PREFIX, original_to_diffusers
 from darkroom.errors import InvalidRequest, ModelLoadError
 from darkroom.models.header import read_header
 
-SUPPORTED_CLASSES = ("ControlNetModel",)
+SUPPORTED_CLASSES = ("ControlNetModel", "ControlNetUnionModel")
 KNOWN_CLASSES = {"ControlNetUnionModel": "a ControlNet Union (ControlNet++) model",
                  "ControlNetXSAdapter": "a ControlNet-XS model", "SparseControlNetModel": "a SparseCtrl model",
                  "T2IAdapter": "a T2I-Adapter", "MultiAdapter": "a T2I-Adapter"}
@@ -47,6 +47,7 @@ class LoadedControlNet:
     path: Path
     dtype: torch.dtype
     device: torch.device
+    base_key: tuple | None = None  # a Control-LoRA's: the checkpoint weights it was built on (control_lora.py)
 
     @property
     def name(self) -> str:
@@ -66,8 +67,8 @@ class LoadedControlNet:
 
 
 def unsupported(kind: Kind, name: str) -> InvalidRequest:
-    return InvalidRequest(f"{name} is {kind.detail}; only ControlNets (the original layout, or diffusers') are"
-                          " supported for now")
+    return InvalidRequest(f"{name} is {kind.detail}; only ControlNets and T2I-Adapters that take a control map"
+                          " are supported for now")
 
 
 def check_family(controlnet_family: str | None, controlnet_name: str, model_family: str, model_name: str) -> None:
@@ -126,18 +127,38 @@ def _build(config: dict, state: dict[str, torch.Tensor], name: str):
     return model
 
 
-def load_controlnet(path: str | Path, *, dtype: torch.dtype, device: str | torch.device = "cpu") -> LoadedControlNet:
-    """Load the ControlNet at `path` (file or diffusers folder) as a `ControlNetModel` in `dtype` on `device`."""
+def load_controlnet(path: str | Path, *, dtype: torch.dtype, device: str | torch.device = "cpu",
+                    base=None) -> LoadedControlNet:
+    """Load the ControlNet at `path` (file or diffusers folder) as a `ControlNetModel` in `dtype` on `device`;
+    a Control-LoRA is built on `base` (darkroom.control.control_lora.BaseUNet: the checkpoint's UNet)."""
     path = Path(path)
+    if path.is_dir() and folder_class(path) == "T2IAdapter":  # darkroom.control.adapter
+        from darkroom.control.adapter import load_folder
+
+        return load_folder(path, dtype=dtype, device=device, weight_names=WEIGHT_NAMES)
     if path.is_dir():
         model, family = _load_folder(path, dtype)
     else:
         if not path.is_file():
             raise ModelLoadError(f"ControlNet file {path} not found")
         tensors, metadata = _read_tensors(path)
-        kind = classify({k: tuple(v.shape) for k, v in tensors.items()})
+        kind = classify({k: tuple(v.shape) for k, v in tensors.items()}, metadata)
         if not kind.supported:
             raise unsupported(kind, path.name)
+        if (kind.layout or "").startswith("t2i-"):  # a T2I-Adapter (darkroom.control.adapter)
+            from darkroom.control.adapter import load_tensors
+
+            return load_tensors(tensors, metadata, path, dtype=dtype, device=device)
+        if kind.layout == "control-lora":  # low-rank differences from the checkpoint's UNet
+            from darkroom.control.control_lora import build_control_lora
+
+            return build_control_lora(path, tensors, kind.family, base, dtype=dtype, device=device)
+        if kind.union:  # a ControlNet Union model (darkroom.control.union)
+            from darkroom.control.union import build_union
+
+            model = build_union(tensors, metadata, path.name).to(device=device, dtype=dtype).eval()
+            model.requires_grad_(False)
+            return LoadedControlNet(model, kind.family, path, dtype, torch.device(device))
         if kind.layout == "original":
             own = {k[len(ORIGINAL_PREFIX):] if k.startswith(ORIGINAL_PREFIX) else k: v for k, v in tensors.items()}
             try:
@@ -172,6 +193,11 @@ def _load_folder(folder: Path, dtype: torch.dtype):
     variant = None
     if not (folder / WEIGHT_NAMES[0]).is_file() and (folder / WEIGHT_NAMES[1]).is_file():
         variant = "fp16"
+    from darkroom.control.union import is_union_folder, load_union_folder
+
+    if is_union_folder(folder):
+        model = load_union_folder(folder, dtype, variant)
+        return model, classify({k: tuple(v.shape) for k, v in model.state_dict().items()}).family
     try:
         model = ControlNetModel.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype,
                                                 variant=variant, use_safetensors=True)
@@ -185,6 +211,10 @@ def header_kind(path: Path) -> Kind | None:
     """A file's kind from its safetensors header (no weights read); None for pickles (unknown until loaded)."""
     if path.is_dir():
         cls = folder_class(path)
+        if cls == "T2IAdapter":
+            from darkroom.control.adapter import folder_kind
+
+            return folder_kind(path)
         if cls not in SUPPORTED_CLASSES:
             return Kind(False, detail=KNOWN_CLASSES.get(cls or "", f"a {cls or 'model'} folder"))
         try:
@@ -195,11 +225,13 @@ def header_kind(path: Path) -> Kind | None:
             768: "sd1", 1024: "sd2"}.get(cfg.get("cross_attention_dim"))
         if family is None:
             family = "sd2" if cfg.get("use_linear_projection") else "sd1"
-        return Kind(True, "diffusers", family)
+        from darkroom.control.union import is_union_folder
+
+        return Kind(True, "diffusers", family, union=is_union_folder(path))
     if path.suffix.lower() != ".safetensors":
         return None
     header = read_header(path)
-    return classify({k: v.shape for k, v in header.tensors.items()})
+    return classify({k: v.shape for k, v in header.tensors.items()}, header.metadata)
 
 
 def parameter_count(path: Path) -> int | None:
@@ -211,6 +243,10 @@ def parameter_count(path: Path) -> int | None:
     if path.suffix.lower() != ".safetensors":
         return None
     tensors = read_header(path).tensors
+    if "lora_controlnet" in tensors:  # a Control-LoRA: the ControlNet it builds, not its low-rank factors
+        from darkroom.control.control_lora import parameter_count as control_lora_parameters
+
+        return control_lora_parameters({k: v.shape for k, v in tensors.items()})
     keys = [k for k in tensors if k.startswith(ORIGINAL_PREFIX)] or list(tensors)
     total = 0
     for key in keys:
@@ -249,15 +285,22 @@ class ControlNetCache:
             raise ModelLoadError(f"ControlNet {path} not found") from None
         return (str(path.resolve()), st.st_mtime_ns, st.st_size, str(dtype), str(torch.device(device)))
 
-    def get(self, path: str | Path, *, dtype: torch.dtype, device: str | torch.device = "cpu") -> LoadedControlNet:
+    def get(self, path: str | Path, *, dtype: torch.dtype, device: str | torch.device = "cpu",
+            base=None) -> LoadedControlNet:
+        """`base`: the checkpoint a Control-LoRA is built on (control_lora.BaseUNet); a Control-LoRA is kept
+        under its base's key too, so one built on another checkpoint (or other merged LoRAs) is never reused."""
         path = Path(path)
         key = self._key(path, dtype, device)
+        based = key + (base.key,) if base is not None else None
         with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-            loaded = load_controlnet(path, dtype=dtype, device=device)
+            for k in (key, based):
+                if k is not None and k in self._items:
+                    self._items.move_to_end(k)
+                    return self._items[k]
+            loaded = load_controlnet(path, dtype=dtype, device=device, base=base)
             self.loads += 1
+            if loaded.base_key is not None:
+                key = key + (loaded.base_key,)
             self._items[key] = loaded
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)

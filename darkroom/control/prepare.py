@@ -20,6 +20,7 @@ from PIL import Image
 from darkroom.control.apply import Control, ControlUnitRun
 from darkroom.control.files import ControlNetFile, resolve
 from darkroom.control.load import ControlNetCache, check_family
+from darkroom.control.union import union_index
 from darkroom.control_unit import ControlUnit
 from darkroom.errors import InvalidRequest
 from darkroom.metadata.control_maps import format_unit, map_chunks, quantize_map
@@ -125,10 +126,11 @@ def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile]
                     hires_size: tuple[int, int] | None, decode: Decode, init_image: Image.Image | None = None,
                     init_mask: Image.Image | None = None, crop=None, annotator_dirs: Sequence[Path] = (),
                     seed: int = 0, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu") -> PreparedControl:
+                    device: str | torch.device = "cpu", base=None) -> PreparedControl:
     """Prepare the active units of a request (see the module doc); InvalidRequest for any unit that
     cannot run (unknown model, wrong family, missing image), before anything is sampled. `crop` is
-    ((x1, y1, x2, y2), (width, height)) of an "only masked" inpainting crop of the init image."""
+    ((x1, y1, x2, y2), (width, height)) of an "only masked" inpainting crop of the init image. `base`
+    (control_lora.BaseUNet): the checkpoint's UNet, which Control-LoRA units are built on."""
     prepared = PreparedControl(None)
     runs: list[ControlUnitRun] = []
     for index, unit in enumerate(units):
@@ -136,10 +138,11 @@ def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile]
             continue
         file = resolve(files, unit.model)
         check_family(file.family, file.name, model_family, model_name)
-        loaded = cache.get(file.path, dtype=dtype, device=device)
+        loaded = cache.get(file.path, dtype=dtype, device=device, base=base)
         check_family(loaded.family, file.name, model_family, model_name)
         pre = _preprocess()
         module = pre.canonical_module(unit.module)
+        union_type = union_index(loaded, unit.union_control_type, module, f"ControlNet unit {index}", file.name)
         image, mask = unit_image(unit, index, decode, init_image, init_mask, crop)
         if unit.prepared:  # the map already: not preprocessed again, its settings written as they came
             resolution = unit.processor_res if unit.processor_res > 0 else 512
@@ -159,7 +162,7 @@ def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile]
         runs.append(ControlUnitRun(
             loaded, to_hint(control), weight=unit.weight, start=unit.guidance_start, end=unit.guidance_end,
             mode=unit.control_mode, guess_mode=unit.guess_mode, module=module, hr_option=unit.hr_option,
-            hr_hint=None if hr_control is None else to_hint(hr_control)))
+            hr_hint=None if hr_control is None else to_hint(hr_control), union_type=union_type))
         line = format_unit({
             "module": module, "model": file.title, "weight": unit.weight, "resize_mode": unit.resize_mode,
             "processor_res": resolution, "threshold_a": threshold_a, "threshold_b": threshold_b,

@@ -259,7 +259,7 @@ class Engine:
                     guidance = self._guidance(model, req, encoder, prompt)
                     init = (self._init(model, req, source, cancel, self.vae_tiling, self.vae_tile_pixels)
                             if source is not None else None)
-                    control = self._control(model, req, source, seed)
+                    control = self._control(model, req, source, seed, applied.uses)
                 except Interrupted:  # stopped while a long prompt or the source was encoded: nothing made, nothing lost
                     result.interrupted = True
                     result.timings = {**timings, "total": time.perf_counter() - t0}
@@ -436,11 +436,13 @@ class Engine:
                        eta=req.eta, batch=batch, batch_count=req.n_iter, phase="hires", on_step=on_step,
                        cancel=cancel, skip=skip, control=control)
 
-    def _control(self, model: LoadedModel, req: GenerationRequest, source: Source | None, seed: int):
-        """The request's ControlNet units prepared once (darkroom/control/prepare.py), or None without any."""
+    def _control(self, model: LoadedModel, req: GenerationRequest, source: Source | None, seed: int, loras=()):
+        """The request's ControlNet units prepared once (darkroom/control/prepare.py), or None without any.
+        `loras`: the LoRA uses merged into the model now (a Control-LoRA is built on the merged UNet)."""
         if not any(u.active for u in req.controlnet):
             return None
         from darkroom.control import preprocess
+        from darkroom.control.control_lora import base_of
         from darkroom.control.files import find_controlnets
         from darkroom.control.prepare import prepare_control
         from darkroom.engine.img2img import decode_image
@@ -454,7 +456,8 @@ class Engine:
             init_mask=source.mask if source is not None else None,
             crop=(source.box, source.original.size) if source is not None and source.box is not None else None,
             annotator_dirs=preprocess.annotator_dirs(self.library.home), seed=seed, dtype=model.dtype,
-            device=model.device if placement is None else placement.controlnet_device())
+            device=model.device if placement is None else placement.controlnet_device(),
+            base=base_of(model, loras))
         if placement is not None and prepared.control is not None:
             for module in prepared.control.modules():
                 placement.adopt(module)

@@ -38,7 +38,7 @@ HARMLESS: dict[str, Any] = {
     "batch_input_gallery": lambda v: not v, "batch_mask_gallery": lambda v: not v,
     "animatediff_batch": lambda v: not v, "batch_modifiers": lambda v: not v, "batch_keyframe_idx": lambda v: not v,
     "advanced_weighting": lambda v: v is None, "effective_region_mask": lambda v: not v,
-    "ipadapter_input": lambda v: v is None, "union_control_type": lambda v: v in (None, "", "Unknown"),
+    "ipadapter_input": lambda v: v is None,
     "inpaint_crop_input_image": lambda v: True, "pulid_mode": lambda v: True, "hr_option_enabled": lambda v: True,
 }
 
@@ -127,6 +127,9 @@ def finish_units(units: list[tuple[str, ControlUnit]], studio: Studio, *, img2im
     for where, unit in active:
         found = require_controlnet(studio, unit.model, f"{where}.model", files)
         module = check_module(unit.module, f"{where}.module")
+        from darkroom.control.union import check_union_unit
+
+        check_union_unit(found.path, unit.union_control_type, module, f"{where}.union_control_type", found.name)
         if unit.image is None and not img2img:
             raise InvalidRequest(f"{where}.image: txt2img needs a control image for each enabled unit (a base64"
                                  " PNG, JPEG or WebP)")
@@ -215,6 +218,7 @@ class NativeUnit(BaseModel):
     guess_mode: bool = False
     low_vram: bool = False
     hr_option: str | int = "Both"
+    union_control_type: str | int = "Unknown"  # for ControlNet Union models (darkroom.control.union)
     prepared: bool = False  # the image is the module's map already (the web UI's map restored from a PNG)
 
     def to_unit(self, where: str) -> ControlUnit:
