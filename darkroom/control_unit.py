@@ -30,6 +30,8 @@ _UNION_WORDS = {"pose": 0, "openpose": 0, "depth": 1, "softedge": 2, "hed": 2, "
                 "repaint": 7}
 """Other spellings clients use: the extension's from_str words, xinsir's and ComfyUI's names."""
 MAX_UNITS = 8
+MODEL_FREE_MODULES = ("reference_only", "reference_adain", "reference_adain+attn")
+"""The extension's model-free preprocessors Darkroom runs (darkroom.control.reference): no ControlNet file."""
 CORE_ONLY = ("prepared",)
 """Darkroom's own unit fields, not the extension's: refused in A1111 unit dicts (a1111_unit)."""
 
@@ -131,8 +133,14 @@ class ControlUnit(BaseModel):
 
     @property
     def active(self) -> bool:
-        """Enabled, with a model, and not weighted to nothing."""
-        return self.enabled and self.model.lower() not in ("", "none") and self.weight > 0
+        """Enabled, with a model (or a model-free module), and not weighted to nothing."""
+        return (self.enabled and (self.model_free or self.model.lower() not in ("", "none"))
+                and self.weight > 0)
+
+    @property
+    def model_free(self) -> bool:
+        """A reference module: it runs on the checkpoint's UNet alone, its model ignored (the extension's rule)."""
+        return self.module.lower() in MODEL_FREE_MODULES
 
     def describe(self) -> dict[str, Any]:
         data = self.model_dump(exclude={"image", "mask"})

@@ -37,7 +37,8 @@ HELP = ("A ControlNet unit (repeat for several): comma-separated key=value, e.g.
         " mask, module, weight, start, end, mode (balanced, prompt, control), resize (just-resize, crop, fill), res,"
         " a, b (the preprocessor's thresholds), pixel_perfect, guess_mode, hr (both, low, high), prepared (the image"
         " is the module's map already: recorded, not run), union (a ControlNet Union model's control type: openpose,"
-        " depth, softedge, canny, normal, seg, tile, inpaint; default: from the module). With --from-png it"
+        " depth, softedge, canny, normal, seg, tile, inpaint; default: from the module). The reference modules"
+        " (reference_only, reference_adain, reference_adain+attn; a: style fidelity) need no model. With --from-png it"
         " replaces the image's units. `darkroom controlnet list` shows the models and preprocessors.")
 
 

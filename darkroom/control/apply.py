@@ -27,6 +27,10 @@ outputs, scaled, are summed and passed as `down_block_additional_residuals` /
   `down_intrablock_additional_residuals` (summed over adapter units); the same window, weight,
   prompt-only and hires rules, soft injection with the extension's adapter factors (0.25 ... 1.0);
   guess_mode only makes them prompt-only.
+- tile_colorfix(+sharp) units also fix the colours of the UNet's prediction after every call, in and out of
+  their window (`Control.fix_prediction`, darkroom.control.annotators.tile).
+- reference_only / reference_adain(+attn) units have no ControlNet (`controlnet` None): while the sampler
+  has them hooked (darkroom.control.reference), `residuals` also runs their UNet pass on the picture.
 
 Every rule acts per CFG half: the batch is [negative x n, prompt part 1 x n, ...] (see
 darkroom.engine.sampling.StepConditioning), so the rows from n on are the prompt's.
@@ -51,7 +55,7 @@ HIRES_SOFT_MODULES = ("canny", "mlsd")
 class ControlUnitRun:
     """One unit ready to run: its ControlNet, its control map(s) and how it steers."""
 
-    controlnet: LoadedControlNet
+    controlnet: LoadedControlNet | None  # None: a model-free reference unit (darkroom.control.reference)
     hint: torch.Tensor  # [1, 3, H, W] at the first pass's pixel size, in [0, 1] (-1: masked pixels)
     weight: float = 1.0
     start: float = 0.0
@@ -62,6 +66,12 @@ class ControlUnitRun:
     hr_option: str = "Both"
     hr_hint: torch.Tensor | None = None  # the map at the hires size (None: no hires pass)
     union_type: int | None = None  # a ControlNet Union model's control type index (darkroom.control.union)
+    # tile_colorfix(+sharp) (annotators.tile): the map's scaled VAE latent per pass and the resolved sliders
+    colour_latent: torch.Tensor | None = None  # [1, 4, h, w] at the first pass's latent size (None: no fix)
+    hr_colour_latent: torch.Tensor | None = None
+    variation: float = 0.0  # threshold_a, the blur radius in latent pixels
+    sharpness: float | None = None  # threshold_b of tile_colorfix+sharp (None: plain tile_colorfix)
+    fidelity: float = 0.5  # a reference unit's Style Fidelity (threshold_a)
 
     def ready_hint(self, device: torch.device) -> torch.Tensor:
         """The hint on `device` in the ControlNet's dtype, moved once per pass rather than at every step."""
@@ -100,10 +110,12 @@ class Control:
         self.units = units
         self.hires = hires
         self.calls = 0  # ControlNet forward passes run in this pass
+        self.reference = None  # reference.ReferenceSession while its hooks are on the UNet (reference.hooked)
 
     def for_hires(self) -> Control | None:
         """The same units for the hires fix's second pass: their hires maps, hr_option applied."""
-        units = [replace(u, hint=u.hr_hint if u.hr_hint is not None else u.hint)
+        units = [replace(u, hint=u.hr_hint if u.hr_hint is not None else u.hint,
+                         colour_latent=u.hr_colour_latent if u.hr_colour_latent is not None else u.colour_latent)
                  for u in self.units if u.hr_option != "Low res only"]
         return Control(units, hires=True) if units else None
 
@@ -114,7 +126,38 @@ class Control:
 
     def modules(self) -> list[torch.nn.Module]:
         """The ControlNets (for the interrupt checkpoints)."""
-        return [u.controlnet.model for u in self.units]
+        return [u.controlnet.model for u in self.units if u.controlnet is not None]
+
+    @property
+    def fixes_colours(self) -> bool:
+        """Whether a tile_colorfix unit runs in this pass: the sampler then calls `fix_prediction` every step."""
+        return any(u.colour_latent is not None for u in self.units)
+
+    def fix_prediction(self, pred: torch.Tensor, x: torch.Tensor, sigma, *, v_prediction: bool, n: int,
+                       uncond: bool) -> torch.Tensor:
+        """The UNet's output `pred` (eps or v, whole CFG batch) after the colour-fix units' step on its x0
+        (annotators.tile.fix_colours), at every step whatever the units' windows, as the extension does.
+
+        Before CFG combines the rows, because +sharp treats the negative's rows apart; for plain colorfix that
+        equals fixing the combined x0 (CFG is an affine combination, weights summing to 1). `x` is the UNet's
+        input (its first 4 channels: the latents, variance-preserving), `sigma` the step's k-diffusion noise
+        level, x = (x0 + sigma eps) / sqrt(sigma^2 + 1). The change goes back through the same sigma, so the
+        sampler's own x0 is exactly the fixed one (the extension's rounded-timestep table is not)."""
+        from darkroom.control.annotators.tile import fix_colours
+
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=pred.device)
+        a = 1 / torch.sqrt(sigma ** 2 + 1)
+        s = sigma * a
+        x = x[:, :4].to(pred.dtype)
+        x0 = a * x - s * pred if v_prediction else (x - s * pred) / a
+        rows = torch.arange(pred.shape[0], device=pred.device) >= n if uncond else None
+        fixed = x0
+        for unit in self.units:
+            if unit.colour_latent is not None:
+                fixed = fix_colours(fixed, unit.colour_latent, unit.variation, sharpness=unit.sharpness,
+                                    prompt_rows=rows, weight=unit.weight, hires=self.hires)
+        # x0 = a x - s v, or x0 = (x - s eps) / a: x0 moves by -s dv, or by -sigma d eps
+        return pred - (fixed - x0) / (s if v_prediction else sigma)
 
     def residuals(self, x: torch.Tensor, t, context: torch.Tensor, added: dict | None, *, n: int, uncond: bool,
                   step: int, total: int) -> dict:
@@ -127,7 +170,7 @@ class Control:
         mid: torch.Tensor | None = None
         intra: list[torch.Tensor] | None = None  # T2I-Adapters' features (darkroom.control.adapter)
         for unit in self.units:
-            if not unit.covers(step, total):
+            if unit.controlnet is None or not unit.covers(step, total):  # reference units: below
                 continue
             if isinstance(unit.controlnet, LoadedAdapter):
                 feats = adapter_residuals(unit, x, n=n, uncond=uncond, soft=unit.soft(self.hires))
@@ -139,6 +182,8 @@ class Control:
             else:
                 down = [a + b for a, b in zip(down, unit_down, strict=True)]
                 mid = mid + unit_mid
+        if self.reference is not None:  # after the ControlNets: their forward passes must not read its records
+            self.reference.write(x, t, context, added, n=n, uncond=uncond, step=step, total=total)
         kwargs: dict = {}
         if down is not None:
             kwargs.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)

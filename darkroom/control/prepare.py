@@ -1,10 +1,10 @@
 """Preparing a request's ControlNet units once: model, control map at each pass's size, infotext.
 
-For each active unit: resolve and load its ControlNet (checked against the checkpoint's family),
-take its image (or, as the extension does, the img2img source when it has none), run its
-preprocessor (darkroom.control.preprocess), fit the map to the generation size with its resize
-mode, and to the hires size when the hires fix is on. Maps are rounded to 8 bits first, so the
-copy stored in the PNG (darkroom.metadata.control_maps) reruns the generation exactly.
+For each active unit: resolve and load its ControlNet (checked against the checkpoint's family; a
+reference unit has none, darkroom.control.reference), take its image (or, as the extension does,
+the img2img source when it has none), run its preprocessor (darkroom.control.preprocess), fit the map
+to the generation size with its resize mode, and to the hires size when the hires fix is on. Maps are
+rounded to 8 bits first, so the copy stored in the PNG (darkroom.metadata.control_maps) reruns the generation exactly.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from darkroom.metadata.control_maps import format_unit, map_chunks, quantize_map
 
 Decode = Callable[[bytes, str, str], Image.Image]
 """(file bytes, name for errors, PIL mode) -> image: the engine's checked decoder."""
+Encode = Callable[[torch.Tensor], torch.Tensor]
+"""pixels [1, 3, H, W] in -1..1 -> scaled latents: the engine's VAE encoding, as for an init image."""
 
 
 @dataclass
@@ -121,28 +123,44 @@ def prepared_map(module: str, image: Image.Image, mask: Image.Image | None) -> n
     return control
 
 
+def colour_fix_fields(module, encode: Encode | None, control: np.ndarray, hr_control: np.ndarray | None,
+                      threshold_a: float, threshold_b: float) -> dict:
+    """ControlUnitRun's colour-fix fields for a unit of preprocess.Module `module`: its fitted maps VAE-encoded
+    once per pass ([0, 1] -> [-1, 1]), the pass's target colours, and its resolved Variation (and Sharpness,
+    +sharp's second slider); {} for a module without the fix or without an encoder."""
+    if not module.colour_fix or encode is None:
+        return {}
+    return {"colour_latent": encode(to_hint(control) * 2 - 1),
+            "hr_colour_latent": None if hr_control is None else encode(to_hint(hr_control) * 2 - 1),
+            "variation": float(threshold_a), "sharpness": float(threshold_b) if module.sliders[1] else None}
+
+
 def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile], cache: ControlNetCache,
                     model_family: str, model_name: str, width: int, height: int,
                     hires_size: tuple[int, int] | None, decode: Decode, init_image: Image.Image | None = None,
                     init_mask: Image.Image | None = None, crop=None, annotator_dirs: Sequence[Path] = (),
                     seed: int = 0, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu", base=None) -> PreparedControl:
+                    device: str | torch.device = "cpu", base=None, encode: Encode | None = None) -> PreparedControl:
     """Prepare the active units of a request (see the module doc); InvalidRequest for any unit that
     cannot run (unknown model, wrong family, missing image), before anything is sampled. `crop` is
     ((x1, y1, x2, y2), (width, height)) of an "only masked" inpainting crop of the init image. `base`
-    (control_lora.BaseUNet): the checkpoint's UNet, which Control-LoRA units are built on."""
+    (control_lora.BaseUNet): the checkpoint's UNet, which Control-LoRA units are built on. `encode` (Encode):
+    tile_colorfix units need it for their colour fix; without it they give their map only."""
     prepared = PreparedControl(None)
     runs: list[ControlUnitRun] = []
     for index, unit in enumerate(units):
         if not unit.active:
             continue
-        file = resolve(files, unit.model)
-        check_family(file.family, file.name, model_family, model_name)
-        loaded = cache.get(file.path, dtype=dtype, device=device, base=base)
-        check_family(loaded.family, file.name, model_family, model_name)
+        file = loaded = union_type = None  # a reference unit (unit.model_free) has no ControlNet
+        if not unit.model_free:
+            file = resolve(files, unit.model)
+            check_family(file.family, file.name, model_family, model_name)
+            loaded = cache.get(file.path, dtype=dtype, device=device, base=base)
+            check_family(loaded.family, file.name, model_family, model_name)
         pre = _preprocess()
         module = pre.canonical_module(unit.module)
-        union_type = union_index(loaded, unit.union_control_type, module, f"ControlNet unit {index}", file.name)
+        if loaded is not None:
+            union_type = union_index(loaded, unit.union_control_type, module, f"ControlNet unit {index}", file.name)
         image, mask = unit_image(unit, index, decode, init_image, init_mask, crop)
         if unit.prepared:  # the map already: not preprocessed again, its settings written as they came
             resolution = unit.processor_res if unit.processor_res > 0 else 512
@@ -159,12 +177,15 @@ def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile]
             hr_control = quantize_map(fit_map(detected, hires_size[0], hires_size[1], unit.resize_mode))
             prepared.hr_maps[index] = hr_control
         prepared.maps[index] = control
+        colour = colour_fix_fields(pre.MODULES[module], encode, control, hr_control, threshold_a, threshold_b)
         runs.append(ControlUnitRun(
             loaded, to_hint(control), weight=unit.weight, start=unit.guidance_start, end=unit.guidance_end,
             mode=unit.control_mode, guess_mode=unit.guess_mode, module=module, hr_option=unit.hr_option,
-            hr_hint=None if hr_control is None else to_hint(hr_control), union_type=union_type))
+            hr_hint=None if hr_control is None else to_hint(hr_control), union_type=union_type, **colour,
+            fidelity=threshold_a if unit.model_free else 0.5))
         line = format_unit({
-            "module": module, "model": file.title, "weight": unit.weight, "resize_mode": unit.resize_mode,
+            "module": module, "model": "None" if file is None else file.title, "weight": unit.weight,
+            "resize_mode": unit.resize_mode,
             "processor_res": resolution, "threshold_a": threshold_a, "threshold_b": threshold_b,
             "guidance_start": unit.guidance_start, "guidance_end": unit.guidance_end,
             "pixel_perfect": unit.pixel_perfect, "control_mode": unit.control_mode,

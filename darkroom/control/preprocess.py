@@ -60,6 +60,7 @@ class Module:
     weights: tuple[tuple[str, str], ...] = ()  # (file, the extension's downloads sub-folder)
     needs_mask: bool = False
     colour_fix: bool = False  # the extension also fixes the result's colours while sampling (annotators.tile)
+    model_free: bool = False  # runs with no ControlNet model (the reference modules, darkroom.control.reference)
 
 
 @dataclass
@@ -134,6 +135,7 @@ _HED = (("ControlNetHED.pth", "hed"),)
 _PIDI = (("table5_pidinet.pth", "pidinet"),)
 _BODY = ("body_pose_model.pth", "openpose")
 _VARIATION = Slider("Variation", 8.0, 3.0, 32.0, 1.0)
+_FIDELITY = Slider("Style Fidelity (only for Balanced mode)", 0.5, 0.0, 1.0)
 MODULES: dict[str, Module] = {m.name: m for m in (
     Module("none", "none", lambda img, res, a, b, ctx: img, uses_resolution=False, priority=10),
     Module("invert", "invert (from white bg & black line)", lambda img, res, a, b, ctx: simple.invert(img),
@@ -198,6 +200,10 @@ MODULES: dict[str, Module] = {m.name: m for m in (
            weights=(("depth_anything_vitl14.pth", "depth_anything"),)),
     Module("normal_bae", "normal_bae", _normal_bae, resolution_slider=False, priority=100,
            weights=(("scannet.pt", "normal_bae"),)),
+    # model-free: the picture itself, VAE-encoded while sampling (darkroom.control.reference)
+    *(Module(name, name, lambda img, res, a, b, ctx: img, (_FIDELITY, None), uses_resolution=False,
+             priority=100 if name == "reference_only" else 0, model_free=True)
+      for name in ("reference_only", "reference_adain", "reference_adain+attn")),
 )}
 
 # The extension's v1.0 names that map onto a module it still has.
@@ -215,14 +221,12 @@ _NOT_YET = {
     "anime_face_segment": "seg_anime_face", "pidinet_sketch": "t2ia_sketch_pidi",
     "te_hed": "softedge_teed", "lineart_anime_denoise": "lineart_anime_denoise", "manga_line": "manga_line",
     "clip_vision": "t2ia_style_clipvision", "inpaint_only+lama": "inpaint_only+lama",
-    "reference_only": "reference_only", "reference_adain": "reference_adain",
-    "reference_adain+attn": "reference_adain+attn", "revision_clipvision": "revision_clipvision",
+    "revision_clipvision": "revision_clipvision",
     "revision_ignore_prompt": "revision_ignore_prompt",
 }
 
 _ADVICE = {
     "inpaint_only+lama": "it needs the LaMa inpainting model; use inpaint_only",
-    "reference": "it steers attention with the picture instead of a control map; Darkroom has no such mode",
     "revision": "it feeds the picture through CLIP vision instead of a control map; Darkroom has no such mode",
     "clip_vision": "it feeds the picture through CLIP vision instead of a control map; Darkroom has no such mode",
 }
@@ -273,7 +277,7 @@ def module_list(alias_names: bool = False) -> dict:
         m = MODULES[canonical_module(name)]
         sliders = [RESOLUTION] if m.uses_resolution and m.resolution_slider else []
         sliders += [s for s in m.sliders if s is not None]
-        detail[name] = {"model_free": False, "sliders": [s.api_json() for s in sliders]}
+        detail[name] = {"model_free": m.model_free, "sliders": [s.api_json() for s in sliders]}
     return {"module_list": names, "module_detail": detail}
 
 

@@ -258,7 +258,7 @@ def control_weight_bytes(engine, req: GenerationRequest, dtype) -> int:
     """Rough bytes of the request's ControlNets' weights in `dtype` (each model once; from the file headers,
     a pickle by its file size); their activations are left to the UNet's margin. 0 when a name is unknown:
     generating says so."""
-    names = {u.model for u in req.controlnet if u.active}
+    names = {u.model for u in req.controlnet if u.active and not u.model_free}
     if not names:
         return 0
     from darkroom.control.files import find_controlnets, resolve

@@ -156,7 +156,7 @@ class Engine:
 
             files = find_controlnets(self.library.home)
             for unit in req.controlnet:
-                if unit.active:
+                if unit.active and not unit.model_free:
                     resolve(files, unit.model)
         return samplers.resolve(req.sampler, req.schedule)
 
@@ -259,7 +259,7 @@ class Engine:
                     guidance = self._guidance(model, req, encoder, prompt)
                     init = (self._init(model, req, source, cancel, self.vae_tiling, self.vae_tile_pixels)
                             if source is not None else None)
-                    control = self._control(model, req, source, seed, applied.uses)
+                    control = self._control(model, req, source, seed, applied.uses, cancel)
                 except Interrupted:  # stopped while a long prompt or the source was encoded: nothing made, nothing lost
                     result.interrupted = True
                     result.timings = {**timings, "total": time.perf_counter() - t0}
@@ -436,11 +436,18 @@ class Engine:
                        eta=req.eta, batch=batch, batch_count=req.n_iter, phase="hires", on_step=on_step,
                        cancel=cancel, skip=skip, control=control)
 
-    def _control(self, model: LoadedModel, req: GenerationRequest, source: Source | None, seed: int, loras=()):
+    def _control(self, model: LoadedModel, req: GenerationRequest, source: Source | None, seed: int, loras=(),
+                 cancel=None):
         """The request's ControlNet units prepared once (darkroom/control/prepare.py), or None without any.
-        `loras`: the LoRA uses merged into the model now (a Control-LoRA is built on the merged UNet)."""
+        `loras`: the LoRA uses merged into the model now (a Control-LoRA is built on the merged UNet). tile_colorfix
+        maps are encoded as the init image is (this VAE, its tiling); Interrupted when `cancel` stops that."""
         if not any(u.active for u in req.controlnet):
             return None
+
+        def encode(pixels: torch.Tensor) -> torch.Tensor:
+            with answering(units_of(model.vae.encoder), cancel):
+                return self._encode(model, pixels)
+
         from darkroom.control import preprocess
         from darkroom.control.control_lora import base_of
         from darkroom.control.files import find_controlnets
@@ -457,7 +464,7 @@ class Engine:
             crop=(source.box, source.original.size) if source is not None and source.box is not None else None,
             annotator_dirs=preprocess.annotator_dirs(self.library.home), seed=seed, dtype=model.dtype,
             device=model.device if placement is None else placement.controlnet_device(),
-            base=base_of(model, loras))
+            base=base_of(model, loras), encode=encode)
         if placement is not None and prepared.control is not None:
             for module in prepared.control.modules():
                 placement.adopt(module)

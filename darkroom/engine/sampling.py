@@ -162,10 +162,22 @@ def denoise(model: LoadedModel, spec: samplers.Sampler, schedule: str, *, steps:
     `control` (darkroom.control.apply) adds its ControlNets' residuals at every UNet call.
     """
     units = units_of(model.unet) + [u for m in (control.modules() if control else []) for u in units_of(m)]
-    return stoppable(lambda: _denoise(model, spec, schedule, steps=steps, noise=noise, shape=shape, guidance=guidance,
-                                      init=init, eta=eta, batch=batch, batch_count=batch_count, phase=phase,
-                                      on_step=on_step, cancel=cancel, skip=skip, control=control),
-                     units, cancel, skip)
+    with _reference_hooks(model, control, noise.seeds):
+        return stoppable(lambda: _denoise(model, spec, schedule, steps=steps, noise=noise, shape=shape,
+                                          guidance=guidance, init=init, eta=eta, batch=batch, batch_count=batch_count,
+                                          phase=phase, on_step=on_step, cancel=cancel, skip=skip, control=control),
+                         units, cancel, skip)
+
+
+def _reference_hooks(model: LoadedModel, control: Control | None, seeds):
+    """The pass's reference units hooked into the UNet (darkroom.control.reference), or nothing to do."""
+    if control is None or all(u.controlnet is not None for u in control.units):
+        return contextlib.nullcontext()
+    from darkroom.control.reference import hooked
+
+    abar = 1 / (1 + schedules.model_sigmas(model.scheduler_config) ** 2)
+    return hooked(control, model.unet, seeds, encode=lambda pixels: vae_tiling.encode(model, pixels), abar=abar,
+                  sdxl=model.family.id.startswith("sdxl"))
 
 
 def _denoise(model: LoadedModel, spec: samplers.Sampler, schedule: str, *, steps: int, noise: Noise,
@@ -221,6 +233,10 @@ def _denoise(model: LoadedModel, spec: samplers.Sampler, schedule: str, *, steps
         residuals = (control.residuals(x, t, context, extra, n=n, uncond=conditioning.uncond is not None, step=i,
                                        total=len(timesteps)) if control is not None else {})
         pred = model.unet(x, t, encoder_hidden_states=context, added_cond_kwargs=extra, **residuals).sample.float()
+        if control is not None and control.fixes_colours:  # tile_colorfix, per row (float32 input: x0 is exact)
+            pred = control.fix_prediction(pred, scheduler.scale_model_input(torch.cat([latents] * copies), t),
+                                          _model_sigma(scheduler, t), v_prediction=model.v_prediction, n=n,
+                                          uncond=conditioning.uncond is not None)
         pred = conditioning.combine(pred, n, weights)
         kwargs = {"generator": rng.generators} if spec.stochastic and spec.scheduler != "DPMSolverSDEScheduler" else {}
         if eta is not None and spec.scheduler in ("DDIMScheduler", "TCDScheduler"):  # TCD: eta is its gamma
@@ -239,6 +255,22 @@ def _denoise(model: LoadedModel, spec: samplers.Sampler, schedule: str, *, steps
             on_step(StepEvent(batch, batch_count, i + 1, len(timesteps), latents, time.perf_counter() - start,
                               denoised=getattr(out, "pred_original_sample", None), model=model, phase=phase))
     return latents
+
+
+def _model_sigma(scheduler, t) -> torch.Tensor:
+    """The noise level (k-diffusion sigma) a diffusers scheduler reads the UNet's output at for timestep `t`:
+    its own sigma at the step (the one it turns the output into x0 with; DPM++ SDE's midpoint in its second
+    stage), else, for the timestep schedulers (DDIM, PLMS, LCM, TCD), the one of alphas_cumprod[t]."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is None or not hasattr(scheduler, "index_for_timestep"):
+        alpha = scheduler.alphas_cumprod[int(round(float(t)))]
+        return ((1 - alpha) / alpha).sqrt()
+    index = scheduler.step_index
+    if index is None:  # before its first step: where step() will start
+        index = scheduler.begin_index if scheduler.begin_index is not None else scheduler.index_for_timestep(t)
+    if getattr(scheduler, "state_in_first_order", True) is False and hasattr(scheduler, "mid_point_sigma"):
+        return torch.as_tensor(scheduler.mid_point_sigma)
+    return sigmas[index]
 
 
 def _train_sigmas(model: LoadedModel, webui: bool = False) -> torch.Tensor:
@@ -327,7 +359,12 @@ class KDenoiser:
             residuals = self.control.residuals(inp, t, context, extra, n=self.n, step=self.step, total=self.total,
                                                uncond=self.conditioning.uncond is not None)
         out = self.unet(inp, t, encoder_hidden_states=context, added_cond_kwargs=extra, **residuals)
-        pred = self.conditioning.combine(out.sample.float(), self.n, weights)
+        pred = out.sample.float()
+        if self.control is not None and self.control.fixes_colours:  # tile_colorfix, per row, at every call
+            pred = self.control.fix_prediction(pred, torch.cat([x * scale] * copies), sigma, n=self.n,
+                                               v_prediction=self.v_prediction,
+                                               uncond=self.conditioning.uncond is not None)
+        pred = self.conditioning.combine(pred, self.n, weights)
         if self.v_prediction:
             denoised = x * scale ** 2 - pred * sigma * scale
         else:

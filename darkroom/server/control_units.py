@@ -115,8 +115,9 @@ def build_unit(fields: dict[str, Any], where: str, spelled: dict[str, str] | Non
 def finish_units(units: list[tuple[str, ControlUnit]], studio: Studio, *, img2img: bool) -> list[ControlUnit]:
     """The active units, each with its model resolved to a listed file and its preprocessor checked.
 
-    Units that would change nothing (disabled, model "None", weight 0) are dropped, as the extension
-    skips them. A txt2img unit needs its own image; img2img falls back to the init image."""
+    Units that would change nothing (disabled, model "None" with a module that needs one, weight 0) are
+    dropped, as the extension skips them; reference modules need no model (written back as "None").
+    A txt2img unit needs its own image; img2img falls back to the init image."""
     active = [(where, u) for where, u in units if u.active]
     if len(active) > MAX_UNITS:
         raise InvalidRequest(f"at most {MAX_UNITS} ControlNet units at once (got {len(active)} enabled)")
@@ -125,6 +126,12 @@ def finish_units(units: list[tuple[str, ControlUnit]], studio: Studio, *, img2im
     files = find_controlnets(studio.home) if active else []
     out = []
     for where, unit in active:
+        if unit.model_free:  # reference units run on the checkpoint's UNet: no model to find
+            if unit.image is None and not img2img:
+                raise InvalidRequest(f"{where}.image: txt2img needs a reference image for each enabled unit")
+            module = check_module(unit.module, f"{where}.module")
+            out.append(unit.model_copy(update={"model": "None", "module": module}))
+            continue
         found = require_controlnet(studio, unit.model, f"{where}.model", files)
         module = check_module(unit.module, f"{where}.module")
         from darkroom.control.union import check_union_unit

@@ -11,8 +11,8 @@ slider (doubled in the hires pass). For +sharp, the negative prompt's rows are p
 blur by Sharpness % (0.01 x the slider), so CFG pushes the prompt's rows away from blur. The new x0 goes back to a noise
 prediction, mixed with the UNet's own by the unit's weight clamped to [0, 1]; the noise prediction is
 linear in x0 at a fixed x_t, so mixing the two x0 by the same weight is the same step.
-`fix_colours` is that step on x0. Not wired yet: the sampler has to call it on its denoised estimate for
-units whose module has `colour_fix` (preprocess.MODULES), with the unit's resolved thresholds.
+`fix_colours` is that step on x0. prepare.py encodes the maps (units whose module has `colour_fix`) and
+apply.Control.fix_prediction runs it on every UNet output of both sampling paths, before CFG combines the rows.
 """
 
 from __future__ import annotations

@@ -566,7 +566,8 @@
       if (!on.length) return;
       req.controlnet = on.map((u) => {
         const image = imageOf(u);
-        if (!u.model.value) throw new Error(`ControlNet unit ${u.i + 1}: pick a model (or turn the unit off)`);
+        const free = C.modules.some((m) => m.name === u.module.value && m.model_free); // reference_*: no model
+        if (!u.model.value && !free) throw new Error(`ControlNet unit ${u.i + 1}: pick a model (or turn the unit off)`);
         if (!image && !(DR.isImg2img && DR.isImg2img())) {
           throw new Error(`ControlNet unit ${u.i + 1}: choose or draw a control image (or turn the unit off)`);
         }
