@@ -161,13 +161,16 @@ def rates(results: list[list[bool]], items, swapped: list[bool | None] | None = 
                                               if len(sc.objects) == 2]) if swapped is not None else None}
 
 
-def run(starter, controlnet, items, batch: int = 8, steps: int = 20, cfg: float = 7.0, scale: float = 1.0):
-    """(images, per-object results) for `items`; controlnet None gives the baseline without a map."""
+def run(starter, controlnet, items, batch: int = 8, steps: int = 20, cfg: float = 7.0, scale: float = 1.0,
+        coloured: bool = False):
+    """(images, per-object results) for `items`; controlnet None gives the baseline without a map.
+    `coloured`: colour maps (each outline in its object's colour) instead of white outlines."""
     pipe = build_pipeline(starter, controlnet)
     images = []
     for start in range(0, len(items), batch):
         chunk = items[start: start + batch]
-        maps = [control_maps.eval_map(sc, js) for sc, js in chunk] if controlnet is not None else None
+        maps = [control_maps.eval_map(sc, js, coloured=coloured) for sc, js in chunk] if controlnet is not None \
+            else None
         images += generate(pipe, [plain_prompt(sc) for sc, _ in chunk], maps,
                            list(range(start, start + len(chunk))), steps, cfg, scale)
     return images, judge_positions(images, items), swapped_ok(images, items)

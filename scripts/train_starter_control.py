@@ -121,10 +121,10 @@ def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
     return tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
 
 
-def probe(starter, controlnet, items) -> float:
+def probe(starter, controlnet, items, coloured: bool = False) -> float:
     """Share of objects placed where the map puts them, on a few held-out maps (20 steps, CFG 7)."""
     controlnet.eval()
-    _, results, _ = ev.run(starter, controlnet, items, batch=len(items))
+    _, results, _ = ev.run(starter, controlnet, items, batch=len(items), coloured=coloured)
     controlnet.train()
     flat = [ok for r in results for ok in r]
     return sum(flat) / len(flat)
@@ -152,6 +152,8 @@ def train(args, starter, pool: dict, log: Log, t0: float):
     alphas = DDPMScheduler.from_config(scheduler_config(False)).alphas_cumprod
     n, scale = len(pool["scenes"]), pool["scale"]
     probe_items = ev.eval_scenes(8, seed=ev.EVAL_SEED + 1)  # held out, but not the reported eval set
+    if args.colour_maps:  # probe with pairs too: they are what colour maps are for
+        probe_items = ev.eval_scenes(12, seed=ev.EVAL_SEED + 1)
 
     def checkpoint():
         save(ckpt, controlnet=controlnet.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
@@ -174,7 +176,8 @@ def train(args, starter, pool: dict, log: Log, t0: float):
             placed = pool["placements"][i]
             # the canny-like variant needs the picture: re-render it from the stored placements (a few ms)
             picture = control_maps.render_placements(sc, placed) if rng.random() < args.edge_maps else None
-            maps.append(control_maps.training_map(placed, rng, picture, edge_share=1.0))
+            colours = control_maps.scene_colours(sc) if rng.random() < args.colour_maps else None
+            maps.append(control_maps.training_map(placed, rng, picture, edge_share=1.0, colours=colours))
         cond = torch.from_numpy(np.stack([control_maps.to_array(m) for m in maps]))
         captions = [training_caption(sc, rng, args.empty_captions if len(sc.objects) == 1 else args.pair_empty_captions)
                     for sc in batch_scenes]
@@ -195,7 +198,12 @@ def train(args, starter, pool: dict, log: Log, t0: float):
         down, mid = controlnet(zt, t, encoder_hidden_states=context, controlnet_cond=cond, return_dict=False)
         pred = unet(zt, t, encoder_hidden_states=context, down_block_additional_residuals=down,
                     mid_block_additional_residual=mid).sample
-        loss = F.mse_loss(pred, noise)
+        if args.x0_weight > 1:  # more weight where colour and layout are decided (eps loss nearly ignores high t)
+            per = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+            w = ((1 - a.view(-1)) / a.view(-1)).clamp(1.0, args.x0_weight)
+            loss = (w * per).sum() / w.sum()
+        else:
+            loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
@@ -214,8 +222,11 @@ def train(args, starter, pool: dict, log: Log, t0: float):
             last = now
         if step % args.probe_every == 0:
             live, smooth = probe(starter, controlnet, probe_items), probe(starter, ema, probe_items)
-            log.write(phase="probe", step=step, placed_live=round(live, 3), placed_ema=round(smooth, 3))
-            print(f"probe {step}: placed live {live:.2f} ema {smooth:.2f}", flush=True)
+            row = dict(placed_live=round(live, 3), placed_ema=round(smooth, 3))
+            if args.colour_maps:
+                row["placed_ema_colour"] = round(probe(starter, ema, probe_items, coloured=True), 3)
+            log.write(phase="probe", step=step, **row)
+            print(f"probe {step}: {row}", flush=True)
             last = time.time()
         if step % 250 == 0:
             checkpoint()
@@ -280,6 +291,10 @@ def main() -> None:
                     help="share of each batch drawn from two-object scenes (default: the pool's own 30%%)")
     ap.add_argument("--high-t", type=float, default=0.3, help="share of each batch drawn from t >= 500")
     ap.add_argument("--edge-maps", type=float, default=0.2, help="share of maps that are the picture's own edges")
+    ap.add_argument("--colour-maps", type=float, default=0.0,
+                    help="share of outline maps drawn in the objects' own colours (colour maps)")
+    ap.add_argument("--x0-weight", type=float, default=1.0,
+                    help="weight each sample by (1-a)/a clamped to [1, X] (normalised): >1 favours high noise levels")
     ap.add_argument("--probe-every", type=int, default=250)
     ap.add_argument("--until-minutes", type=float, default=None, help="stop training cleanly after this long")
     ap.add_argument("--threads", type=int, default=2)

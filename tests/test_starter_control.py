@@ -118,3 +118,14 @@ def test_the_map_places_the_object(controlnet) -> None:
         (obj,) = scene.objects
         verdict = judge(image, Claims((ObjectClaim(obj.shape, obj.colour, None, obj.position),)))
         assert verdict.objects[0].position, (prompt, obj.position, verdict)
+
+
+def test_colour_maps_draw_each_outline_in_its_objects_colour() -> None:
+    scene = Scene("gray", (SceneObject("circle", "red", "medium", "left"),
+                           SceneObject("square", "black", "medium", "right")))
+    pixels = np.asarray(control_maps.eval_map(scene, 0, coloured=True)).reshape(-1, 3)
+    drawn = {tuple(p) for p in pixels if p.any()}
+    assert (230, 25, 35) in drawn  # the red circle's outline is red
+    assert (255, 255, 255) in drawn  # a black object keeps a white outline: black would vanish on the ground
+    plain = np.asarray(control_maps.eval_map(scene, 0)).reshape(-1, 3)
+    assert {tuple(p) for p in plain if p.any()} == {(255, 255, 255)}

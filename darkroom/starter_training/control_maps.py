@@ -78,15 +78,30 @@ def _wobbly(poly, side: int, rng: random.Random | None, wobble: float) -> list[t
     return [*out, out[0]]
 
 
+WHITE = (255, 255, 255)
+UNCOLOURED = ("white", "black")  # drawn as white lines: black would vanish on the black ground
+
+
+def line_colour(colour: str | None) -> tuple[int, int, int]:
+    """The pen colour of an outline in a colour map: the object's colour, or white ("colour from the prompt")."""
+    return WHITE if colour is None or colour in UNCOLOURED else PALETTE[colour]
+
+
 def outline_map(placed: tuple[Placement, ...], size: int = SIZE, rng: random.Random | None = None,
-                width: int | None = None, wobble: float = 1.0) -> Image.Image:
-    """White outlines of the objects (and of any hole) on black, RGB. Without rng: clean 2 px lines."""
+                width: int | None = None, wobble: float = 1.0,
+                colours: tuple[str | None, ...] | None = None) -> Image.Image:
+    """Outlines of the objects (and of any hole) on black, RGB. Without rng: clean 2 px lines.
+
+    White lines, or with `colours` each object's outline in its own colour (a colour map: the map then says
+    which object goes where, not only where something goes; white and black objects keep white lines).
+    """
     image = Image.new("RGB", (size, size), (0, 0, 0))
     draw = ImageDraw.Draw(image)
     w = width if width is not None else (rng.randint(1, 3) if rng is not None else 2)
-    for placement in placed:
+    for k, placement in enumerate(placed):
+        pen = line_colour(colours[k]) if colours is not None else WHITE
         for poly in (*placement.outer, *placement.holes):
-            draw.line(_wobbly(poly, size, rng, wobble), fill=(255, 255, 255), width=w, joint="curve")
+            draw.line(_wobbly(poly, size, rng, wobble), fill=pen, width=w, joint="curve")
     return image
 
 
@@ -117,16 +132,24 @@ def training_pair(scene: Scene, rng: random.Random, size: int = SIZE) -> tuple[I
 
 
 def training_map(placed: tuple[Placement, ...], rng: random.Random, picture: Image.Image | None = None,
-                 size: int = SIZE, edge_share: float = 0.2) -> Image.Image:
-    """An augmented map: usually wobbly outlines of width 1-3; with `picture`, sometimes its canny-like edges."""
+                 size: int = SIZE, edge_share: float = 0.2,
+                 colours: tuple[str | None, ...] | None = None) -> Image.Image:
+    """An augmented map: usually wobbly outlines of width 1-3 (coloured with `colours`); with `picture`,
+    sometimes its canny-like edges."""
     if picture is not None and rng.random() < edge_share:
         return edge_map(picture, thick=rng.random() < 0.5)
-    return outline_map(placed, size, rng)
+    return outline_map(placed, size, rng, colours=colours)
 
 
-def eval_map(scene: Scene, jitter_seed: int, size: int = SIZE) -> Image.Image:
-    """The clean map of a scene as scenes.render(scene, size, jitter_seed) draws it (2 px outlines)."""
-    return outline_map(layout(scene, jitter_seed), size)
+def scene_colours(scene: Scene) -> tuple[str, ...]:
+    """The objects' colour names, for a colour map of the scene."""
+    return tuple(obj.colour for obj in scene.objects)
+
+
+def eval_map(scene: Scene, jitter_seed: int, size: int = SIZE, coloured: bool = False) -> Image.Image:
+    """The clean map of a scene as scenes.render(scene, size, jitter_seed) draws it (2 px outlines; with
+    `coloured`, each outline in its object's colour)."""
+    return outline_map(layout(scene, jitter_seed), size, colours=scene_colours(scene) if coloured else None)
 
 
 def to_array(image: Image.Image) -> np.ndarray:
