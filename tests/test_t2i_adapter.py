@@ -385,7 +385,7 @@ def test_hires_features_at_each_pass_size(setup):
 def test_wrong_family_is_a_clear_error(setup):
     with pytest.raises(InvalidRequest) as err:
         _run(setup, "sd1", [_unit("ad-sdxl")])
-    assert "ad-sdxl is an SDXL" in str(err.value) and "is SD1" in str(err.value)
+    assert "ad-sdxl is an SDXL T2I-Adapter" in str(err.value) and "pick an SD1 T2I-Adapter" in str(err.value)
 
 
 def test_sides_not_a_multiple_of_the_unshuffle_factor_are_padded(tmp_path):

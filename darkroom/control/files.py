@@ -56,6 +56,7 @@ class ControlNetFile:
     folder: str  # the install folder it was found in ("controlnet", "ControlNet", "models", "builtin")
     supported: bool = True
     detail: str = ""  # why it cannot be used, for unsupported kinds
+    noun: str = "ControlNet"  # or "T2I-Adapter", for messages
     _hash: str | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -106,7 +107,8 @@ def _describe(path: Path, label: str, problems: list[str] | None) -> ControlNetF
         return ControlNetFile(name, path, None, size, label)
     if not kind.supported:
         return ControlNetFile(name, path, None, size, label, supported=False, detail=kind.detail)
-    return ControlNetFile(name, path, kind.family, size, label)
+    return ControlNetFile(name, path, kind.family, size, label,
+                          noun="T2I-Adapter" if (kind.layout or "").startswith("t2i-") else "ControlNet")
 
 
 def find_controlnets(home: Home, problems: list[str] | None = None) -> list[ControlNetFile]:

@@ -71,13 +71,15 @@ def unsupported(kind: Kind, name: str) -> InvalidRequest:
                           " are supported for now")
 
 
-def check_family(controlnet_family: str | None, controlnet_name: str, model_family: str, model_name: str) -> None:
-    """InvalidRequest naming both when a ControlNet does not match the checkpoint's family."""
+def check_family(controlnet_family: str | None, controlnet_name: str, model_family: str, model_name: str,
+                 noun: str = "ControlNet") -> None:
+    """InvalidRequest naming both when a ControlNet (or a T2I-Adapter: `noun`) does not match the checkpoint's
+    family."""
     if controlnet_family is None or controlnet_family == model_family:
         return
     want = FAMILY_LABELS.get(model_family, model_family)
     raise InvalidRequest(f"{controlnet_name} is an {FAMILY_LABELS.get(controlnet_family, controlnet_family)}"
-                         f" ControlNet; the checkpoint {model_name} is {want}; pick an {want} ControlNet")
+                         f" {noun}; the checkpoint {model_name} is {want}; pick an {want} {noun}")
 
 
 def folder_class(folder: Path) -> str | None:

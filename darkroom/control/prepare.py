@@ -154,9 +154,10 @@ def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile]
         file = loaded = union_type = None  # a reference unit (unit.model_free) has no ControlNet
         if not unit.model_free:
             file = resolve(files, unit.model)
-            check_family(file.family, file.name, model_family, model_name)
+            check_family(file.family, file.name, model_family, model_name, file.noun)
             loaded = cache.get(file.path, dtype=dtype, device=device, base=base)
-            check_family(loaded.family, file.name, model_family, model_name)
+            noun = "T2I-Adapter" if getattr(loaded, "is_adapter", False) else "ControlNet"
+            check_family(loaded.family, file.name, model_family, model_name, noun)
         pre = _preprocess()
         module = pre.canonical_module(unit.module)
         if loaded is not None:
