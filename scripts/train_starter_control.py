@@ -186,7 +186,7 @@ def train(args, starter, pool: dict, log: Log, t0: float):
         noise = torch.randn_like(z0)
         t = torch.randint(0, 1000, (len(idx),))
         high = torch.rand(len(idx)) < args.high_t
-        t[high] = torch.randint(500, 1000, (int(high.sum()),))
+        t[high] = torch.randint(args.high_t_from, 1000, (int(high.sum()),))
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         with torch.no_grad():
@@ -289,7 +289,8 @@ def main() -> None:
                          "can only come from the caption)")
     ap.add_argument("--two-objects", type=float, default=0.0,
                     help="share of each batch drawn from two-object scenes (default: the pool's own 30%%)")
-    ap.add_argument("--high-t", type=float, default=0.3, help="share of each batch drawn from t >= 500")
+    ap.add_argument("--high-t", type=float, default=0.3, help="share of each batch drawn from t >= --high-t-from")
+    ap.add_argument("--high-t-from", type=int, default=500)
     ap.add_argument("--edge-maps", type=float, default=0.2, help="share of maps that are the picture's own edges")
     ap.add_argument("--colour-maps", type=float, default=0.0,
                     help="share of outline maps drawn in the objects' own colours (colour maps)")
