@@ -83,11 +83,5 @@ def edges(net: HED, img: np.ndarray) -> np.ndarray:
 def detect(img: np.ndarray, res: int, dirs: Sequence[Path], *, safe: bool = False,
            scribble: bool = False, device: str | None = None) -> np.ndarray:
     """softedge_hed (safe: softedge_hedsafe; scribble: scribble_hed's thick binary strokes)."""
-    path = files.find(FILE, KIND, dirs)
-    net = load(path).to(device or "cpu")
-    padded, (h, w) = imageops.pad64(imageops.to_resolution(img, res))
-    edge = edges(net, padded)
-    if safe:
-        edge = imageops.safe_step(edge)
-    out = (edge * 255.0).clip(0, 255).astype(np.uint8)[:h, :w]
-    return imageops.scribble_strokes(out) if scribble else out
+    net = load(files.find(FILE, KIND, dirs)).to(device or "cpu")
+    return imageops.soft_edge_map(lambda padded: edges(net, padded), img, res, safe=safe, scribble=scribble)

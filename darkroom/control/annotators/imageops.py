@@ -131,6 +131,18 @@ def scribble_strokes(edge: np.ndarray) -> np.ndarray:
     return np.where(gaussian(thin, 3.0) > 4, 255, 0).astype(np.uint8)
 
 
+def soft_edge_map(edges, img: np.ndarray, res: int, *, safe: bool, scribble: bool) -> np.ndarray:
+    """A soft-edge net's map as the extension makes it (HED, PiDiNet): `edges(padded image) -> 0..1` at the unit's
+    resolution, padded to a multiple of 64 and cropped back; `safe` quantises it, `scribble` thickens it into
+    binary strokes."""
+    padded, (h, w) = pad64(to_resolution(img, res))
+    edge = edges(padded)
+    if safe:
+        edge = safe_step(edge)
+    out = (edge * 255.0).clip(0, 255).astype(np.uint8)[:h, :w]
+    return scribble_strokes(out) if scribble else out
+
+
 def _patterns(raw: list[list[list[int]]]) -> list[tuple[np.ndarray, np.ndarray]]:
     """Hit-or-miss patterns (1: set, -1: clear, 0: either) in their four rotations."""
     out = []

@@ -177,9 +177,4 @@ def detect(img: np.ndarray, res: int, dirs: Sequence[Path], *, safe: bool = Fals
            device: str | None = None) -> np.ndarray:
     """softedge_pidinet (safe: softedge_pidisafe; scribble: scribble_pidinet's thick binary strokes)."""
     net = load(files.find(FILE, KIND, dirs)).to(device or "cpu")
-    padded, (h, w) = imageops.pad64(imageops.to_resolution(img, res))
-    edge = edges(net, padded)
-    if safe:
-        edge = imageops.safe_step(edge)
-    out = (edge * 255.0).clip(0, 255).astype(np.uint8)[:h, :w]
-    return imageops.scribble_strokes(out) if scribble else out
+    return imageops.soft_edge_map(lambda padded: edges(net, padded), img, res, safe=safe, scribble=scribble)
