@@ -233,7 +233,8 @@ def test_model_lists_name_the_library_files(api, studio, cn_model):
     assert cn_model.startswith("cn-tiny [") and len(cn_model) == len("cn-tiny [12345678]")
     rows = {m["name"]: m for m in api.get("/api/controlnet").json()["models"]}
     assert rows["cn-tiny"] == {"name": "cn-tiny", "title": cn_model, "family": "sd1",
-                               "path": str(studio.home.controlnets / "cn-tiny.safetensors")}
+                               "path": str(studio.home.controlnets / "cn-tiny.safetensors"), "kind": "ControlNet",
+                               "union_types": None}
     types = api.get("/controlnet/control_types").json()["control_types"]
     assert types["All"]["model_list"][0] == "None" and cn_model in types["All"]["model_list"]
     assert types["Canny"]["default_option"] == "canny" and types["Canny"]["model_list"] == ["None"]

@@ -267,3 +267,41 @@ def test_preview_map_and_a_result_as_control_image(open_page, tmp_path):
     expect(page.locator("#cn2-image")).to_be_visible()
     assert _decode(page.locator("#cn2-image").get_attribute("src")).size == (64, 64)
     rec.check()
+
+
+def test_a_union_model_shows_its_control_type_picker_and_sends_the_type(open_page):
+    """A ControlNet Union model needs a control type per unit: the picker appears for it alone, offers the
+    model's own types, and its choice goes out as the extension's `union_control_type`."""
+    from darkroom.testing.tiny_union import write_tiny_union
+
+    write_tiny_union(ui.UI_HOME.controlnets, "union-tiny", num_control_type=6)
+    page, rec = open_page()
+    bodies: list[dict] = []
+    page.on("request", lambda r: r.method == "POST" and r.url.endswith("/api/jobs")
+            and bodies.append(json.loads(r.post_data)))
+    _small_job(page)
+    _open_section(page)
+    expect(page.locator("#cn0-model option:has-text('union-tiny')")).to_have_count(1)
+    _pick_model(page)
+    expect(page.locator("#cn0-union-type")).to_be_hidden()  # a plain ControlNet has no types
+    union = page.eval_on_selector("#cn0-model",
+                                  "s => [...s.options].find(o => o.value.startsWith('union-tiny [')).value")
+    page.select_option("#cn0-model", union)
+    expect(page.locator("#cn0-union-type")).to_be_visible()
+    options = page.eval_on_selector_all("#cn0-union-type option", "os => os.map(o => o.value)")
+    assert options == ["Unknown", "OpenPose", "Depth", "Soft Edge", "Hard Edge", "Normal Map", "Segmentation"]
+    page.locator("#help-cn0-union-type").wait_for(state="hidden")
+    page.click("button[aria-controls='help-cn0-union-type']")
+    expect(page.locator("#help-cn0-union-type")).to_contain_text("Union")
+    page.select_option("#cn0-union-type", "Hard Edge")
+    page.click("#cn0-draw")
+    _draw(page, page.locator("#cn0-canvas"), 0.2, 0.2, 0.6, 0.6)
+    page.select_option("#cn0-module", "none")
+    page.click("#generate")
+    # an SDXL union model with the SD1 test checkpoint: refused, but the request carried the type
+    expect(page.locator(".toast-error", has_text="SDXL")).to_be_visible()
+    unit = bodies[-1]["controlnet"][0]
+    assert unit["model"] == union and unit["union_control_type"] == "Hard Edge"
+    _pick_model(page)
+    expect(page.locator("#cn0-union-type")).to_be_hidden()
+    rec.check(allowed_errors=("SDXL", "422"), allowed_status=(422,))

@@ -279,9 +279,18 @@ def run_detect(module: str, image: bytes, *, mask: bytes | None, resolution: int
 
 
 def model_rows(studio: Studio) -> list[dict[str, Any]]:
-    """The ControlNet files as the native API lists them."""
-    return [{"name": f.name, "title": f.title, "family": f.family, "path": str(f.path)}
-            for f in controlnet_files(studio)]
+    """The ControlNet files as the native API lists them (a union model with its number of control types)."""
+    from darkroom.control.union import union_type_count
+
+    rows = []
+    for f in controlnet_files(studio):
+        try:
+            types = union_type_count(f.path)
+        except (OSError, DarkroomError):  # a file that vanished or broke since it was listed: no picker
+            types = None
+        rows.append({"name": f.name, "title": f.title, "family": f.family, "path": str(f.path), "kind": f.noun,
+                     "union_types": types})
+    return rows
 
 
 def module_rows(studio: Studio) -> list[dict[str, Any]]:

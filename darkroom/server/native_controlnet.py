@@ -21,6 +21,9 @@ class ControlModel(BaseModel):
     title: str = Field(description='The A1111 title, "name [hash8]".')
     family: str | None
     path: str
+    kind: str = Field("ControlNet", description='"ControlNet" or "T2I-Adapter".')
+    union_types: int | None = Field(None, description="A ControlNet Union model's number of control types (6, or 8"
+                                                      " for promax): pick one per unit; null for other models.")
 
 
 class ControlModule(BaseModel):

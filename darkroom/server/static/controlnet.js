@@ -17,6 +17,8 @@
   const CONTROL_MODES = ['Balanced', 'My prompt is more important', 'ControlNet is more important'];
   const RESIZE_MODES = ['Just Resize', 'Crop and Resize', 'Resize and Fill'];
   const HR_OPTIONS = ['Both', 'Low res only', 'High res only'];
+  // a ControlNet Union model's control types in its index order (darkroom.control_unit.UNION_CONTROL_TYPES)
+  const UNION_TYPES = ['OpenPose', 'Depth', 'Soft Edge', 'Hard Edge', 'Normal Map', 'Segmentation', 'Tile', 'Inpaint'];
   const NO_IMAGES = 'ControlNet units restored without their control images';
   const DRAW_SIDE = 512; // px, the longer side of a drawing canvas (the server fits the map to the picture)
 
@@ -41,6 +43,8 @@
       + '(Crop and Resize) or fitted inside and padded (Resize and Fill).',
     pixel_perfect: 'Run the preprocessor at the picture\'s own resolution instead of the resolution slider, so the '
       + 'map lines up with the picture pixel for pixel.',
+    union_type: 'A ControlNet Union model draws every kind of map and must be told which kind this one is. '
+      + '"Unknown" picks it from the preprocessor (canny: Hard Edge, depth: Depth); with "none" choose it here.',
     hr_option: 'With the hires fix on: steer both passes, only the first (low resolution) or only the second.',
     processor_res: 'The resolution the preprocessor works at: higher finds finer detail and takes longer.',
     slider: 'A setting of this preprocessor (for canny, the edge thresholds: lower values find more edges).',
@@ -124,6 +128,9 @@
     u.resizeMode = select(id('resize-mode'), RESIZE_MODES);
     u.resizeMode.value = 'Crop and Resize';
     u.hrOption = select(id('hr-option'), HR_OPTIONS);
+    u.unionType = select(id('union-type'), ['Unknown', ...UNION_TYPES]);
+    u.unionField = field('Control type', u.unionType, 'union_type');
+    u.unionField.hidden = true; // only for a union model
     u.pixelPerfect = el('input', { type: 'checkbox', id: id('pixel-perfect') });
     u.sliderBox = el('div', { className: 'cn-sliders section-body grid' });
     u.previewBtn = el('button', { type: 'button', className: 'btn btn-small', id: id('preview'), textContent: 'Preview map' });
@@ -139,6 +146,7 @@
       el('div', { className: 'section-body grid cn-grid' },
         field('Preprocessor', u.module, 'module'),
         field('Model', u.model, 'model'),
+        u.unionField,
         field('Control weight', u.weight.range, 'weight', u.weight.row),
         field('Control mode', u.controlMode, 'control_mode'),
         field('Starting step', u.start.range, 'start', u.start.row),
@@ -163,6 +171,7 @@
     u.remove.addEventListener('click', () => { u.image = null; u.prepared = false; u.mode = 'image'; u.drawn = false; showImage(u); changed(); });
     bindCanvas(u);
     u.module.addEventListener('change', () => { u.prepared = false; buildSliders(u); changed(); });
+    u.model.addEventListener('change', () => { syncUnion(u); changed(); });
     u.pixelPerfect.addEventListener('change', () => { syncPixelPerfect(u); changed(); });
     u.enabled.addEventListener('change', changed);
     u.previewBtn.addEventListener('click', () => preview(u));
@@ -281,9 +290,20 @@
       ...C.models.map((m) => el('option', { value: m.title, textContent: m.family ? `${m.name} (${m.family})` : m.name })));
     if (C.models.some((m) => m.title === model)) u.model.value = model;
     else if (!model && C.models.length === 1) u.model.value = C.models[0].title; // the one there is
+    syncUnion(u);
     // the same module keeps the values set (a refresh of the lists must not undo "Use these settings")
     const kept = u.module.value === module ? Object.fromEntries(u.sliders.map((s) => [s.key, Number(s.sl.range.value)])) : {};
     buildSliders(u, kept);
+  }
+
+  /** The control-type picker, shown for a union model with as many types as it knows (6, or 8 for promax). */
+  function syncUnion(u) {
+    const info = C.models.find((m) => m.title === u.model.value);
+    const count = info && info.union_types ? info.union_types : 0;
+    const keep = u.unionType.value;
+    u.unionType.replaceChildren(...['Unknown', ...UNION_TYPES.slice(0, count)].map((v) => el('option', { value: v, textContent: v })));
+    u.unionType.value = [...u.unionType.options].some((o) => o.value === keep) ? keep : 'Unknown';
+    u.unionField.hidden = count === 0;
   }
 
   /** The module's sliders: a "Resolution" one is the preprocessor resolution, the others threshold A and B. */
@@ -505,7 +525,8 @@
       weight: Number(u.weight.range.value), guidance_start: Number(u.start.range.value),
       guidance_end: Number(u.end.range.value), control_mode: u.controlMode.value, resize_mode: u.resizeMode.value,
       processor_res: sliderValue(u, 'processor_res', 512), threshold_a: sliderValue(u, 'threshold_a'),
-      threshold_b: sliderValue(u, 'threshold_b'), pixel_perfect: u.pixelPerfect.checked, hr_option: u.hrOption.value };
+      threshold_b: sliderValue(u, 'threshold_b'), pixel_perfect: u.pixelPerfect.checked, hr_option: u.hrOption.value,
+      ...(u.unionField.hidden ? {} : { union_control_type: u.unionType.value }) };
   }
 
   /** The units of an infotext's `ControlNet N: "Field: value, ..."` entries, in unit order. */
@@ -547,6 +568,11 @@
       if (title) u.model.value = title;
       else if (!/^none$/i.test(String(s.model)) && C.models.length) notes.push(`ControlNet model ${s.model} not found`);
       else if (/^none$/i.test(String(s.model))) u.model.value = '';
+      syncUnion(u);
+    }
+    if (has('union_control_type') && !u.unionField.hidden) {
+      const t = String(s.union_control_type);
+      if ([...u.unionType.options].some((o) => o.value === t)) u.unionType.value = t;
     }
     const num = (slot, k) => { if (has(k)) { slot.range.value = String(s[k]); slot.num.value = String(s[k]); } };
     num(u.weight, 'weight');
