@@ -78,7 +78,7 @@ def test_section_lists_models_and_modules_with_help_and_passes_axe(open_page):
     _open_section(page)
     expect(page.locator("#cn-tab-0")).to_have_attribute("aria-selected", "true")
     models = page.locator("#cn0-model option").all_text_contents()
-    assert models[0] == "None" and any(m.startswith(CN) and "sd1" in m for m in models), models
+    assert models[0] == "None" and f"{CN} (SD1)" in models, models
     modules = page.eval_on_selector_all("#cn0-module option", "os => os.map(o => [o.value, o.disabled, o.title])")
     names = {v for v, _, _ in modules}
     assert {"none", "canny", "invert"} <= names, names
@@ -305,3 +305,25 @@ def test_a_union_model_shows_its_control_type_picker_and_sends_the_type(open_pag
     _pick_model(page)
     expect(page.locator("#cn0-union-type")).to_be_hidden()
     rec.check(allowed_errors=("SDXL", "422"), allowed_status=(422,))
+
+
+def test_a_reference_unit_runs_without_a_model(open_page):
+    """reference_only needs no ControlNet file: with the model left at None the job goes out (model "None")
+    and finishes, and the infotext records the unit."""
+    page, rec = open_page()
+    bodies: list[dict] = []
+    page.on("request", lambda r: r.method == "POST" and r.url.endswith("/api/jobs")
+            and bodies.append(json.loads(r.post_data)))
+    _small_job(page)
+    _open_section(page)
+    page.click("#cn0-draw")
+    _draw(page, page.locator("#cn0-canvas"), 0.2, 0.2, 0.7, 0.7)
+    page.select_option("#cn0-module", "reference_only")
+    page.select_option("#cn0-model", "")
+    expect(page.locator("#cn0-threshold-a")).to_be_attached()  # its Style Fidelity slider
+    page.click("#generate")
+    expect(page.locator("#progress-text")).to_have_text(re.compile(r"^Done · 1 image"))
+    unit = bodies[-1]["controlnet"][0]
+    assert unit["module"] == "reference_only" and unit["model"] == "None"
+    expect(page.locator("#results pre.infotext")).to_contain_text('ControlNet 0: "Module: reference_only, Model: None')
+    rec.check()

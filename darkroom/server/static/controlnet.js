@@ -287,13 +287,21 @@
     u.module.value = C.modules.some((m) => m.name === module && m.available) ? module : 'none';
     const model = u.model.value;
     u.model.replaceChildren(el('option', { value: '', textContent: 'None' }),
-      ...C.models.map((m) => el('option', { value: m.title, textContent: m.family ? `${m.name} (${m.family})` : m.name })));
+      ...C.models.map((m) => el('option', { value: m.title, textContent: modelLabel(m) })));
     if (C.models.some((m) => m.title === model)) u.model.value = model;
     else if (!model && C.models.length === 1) u.model.value = C.models[0].title; // the one there is
     syncUnion(u);
     // the same module keeps the values set (a refresh of the lists must not undo "Use these settings")
     const kept = u.module.value === module ? Object.fromEntries(u.sliders.map((s) => [s.key, Number(s.sl.range.value)])) : {};
     buildSliders(u, kept);
+  }
+
+  /** "name (SD1)", "name (SDXL, union)", "name (SD1, T2I-Adapter)": the family and what kind of model it is. */
+  function modelLabel(m) {
+    const family = { sd1: 'SD1', sd2: 'SD2', sdxl: 'SDXL', 'sdxl-refiner': 'SDXL refiner' }[m.family] || m.family;
+    const notes = [family || null, m.union_types ? 'union' : null,
+      m.kind && m.kind !== 'ControlNet' ? m.kind : null].filter(Boolean);
+    return notes.length ? `${m.name} (${notes.join(', ')})` : m.name;
   }
 
   /** The control-type picker, shown for a union model with as many types as it knows (6, or 8 for promax). */
