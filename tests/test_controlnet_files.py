@@ -266,3 +266,12 @@ def test_original_key_names_agree_with_diffusers_converter():
     ours = original_to_diffusers(strip_original_prefix(original))
     assert set(ours) == set(theirs) == set(state)
     assert all(ours[k] is theirs[k] for k in ours)
+
+
+def test_a_diffusers_folder_of_another_control_class_is_refused_by_name(tmp_path):
+    folder = tmp_path / "controlnet-xs"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_class_name": "ControlNetXSAdapter"}))
+    with pytest.raises(InvalidRequest, match="controlnet-xs is a ControlNet-XS model; only ControlNets, ControlNet"
+                                             " Union models and T2I-Adapters are supported"):
+        load_controlnet(folder, dtype=torch.float32)

@@ -32,9 +32,9 @@ from darkroom.errors import InvalidRequest, ModelLoadError
 from darkroom.models.header import read_header
 
 SUPPORTED_CLASSES = ("ControlNetModel", "ControlNetUnionModel")
-KNOWN_CLASSES = {"ControlNetUnionModel": "a ControlNet Union (ControlNet++) model",
-                 "ControlNetXSAdapter": "a ControlNet-XS model", "SparseControlNetModel": "a SparseCtrl model",
-                 "T2IAdapter": "a T2I-Adapter", "MultiAdapter": "a T2I-Adapter"}
+KNOWN_CLASSES = {"ControlNetXSAdapter": "a ControlNet-XS model", "SparseControlNetModel": "a SparseCtrl model",
+                 "MultiAdapter": "a saved group of T2I-Adapters (MultiAdapter; use each adapter's own folder)"}
+"""Diffusers folder classes that are recognised but not run (ControlNets, union models and T2I-Adapters are)."""
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
 
 
@@ -190,8 +190,8 @@ def _load_folder(folder: Path, dtype: torch.dtype):
     if cls is None:
         raise ModelLoadError(f"{folder.name}: no readable config.json; not a diffusers ControlNet folder")
     if cls not in SUPPORTED_CLASSES:
-        raise InvalidRequest(f"{folder.name} is {KNOWN_CLASSES.get(cls, cls)}; only ControlNets are supported"
-                             " for now")
+        raise InvalidRequest(f"{folder.name} is {KNOWN_CLASSES.get(cls, cls)}; only ControlNets, ControlNet Union"
+                             " models and T2I-Adapters are supported for now")
     variant = None
     if not (folder / WEIGHT_NAMES[0]).is_file() and (folder / WEIGHT_NAMES[1]).is_file():
         variant = "fp16"
