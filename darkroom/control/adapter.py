@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from darkroom.control.config import Kind
+from darkroom.control.config import Kind, darkroom_fields, metadata_config
 from darkroom.control.load import LoadedControlNet
 from darkroom.errors import InvalidRequest, ModelLoadError
 
@@ -68,28 +68,10 @@ def looks_like_adapter(keys) -> bool:
 
 
 def _darkroom_fields(metadata: Mapping[str, str] | None) -> dict[str, Any]:
-    raw = (metadata or {}).get("darkroom_config")
-    if not raw:
-        return {}
     try:
-        extra = (json.loads(raw) or {}).get("t2i_adapter") or {}
-    except (ValueError, AttributeError):
+        return darkroom_fields(metadata, "t2i_adapter", METADATA_FIELDS)
+    except ValueError:  # only tiny test files carry it: a broken one is read by its shapes alone
         return {}
-    return {k: v for k, v in extra.items() if k in METADATA_FIELDS}
-
-
-def _full_config(metadata: Mapping[str, str] | None) -> dict | None:
-    """A diffusers config stored whole in the file's "config" metadata (our diffusers-keyed single files)."""
-    raw = (metadata or {}).get("config")
-    if not raw:
-        return None
-    try:
-        cfg = json.loads(raw)
-    except ValueError:
-        raise ValueError("its 'config' metadata is not valid JSON") from None
-    if not isinstance(cfg, dict):
-        raise ValueError("its 'config' metadata is not a JSON object")
-    return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
 # --- key layouts ----------------------------------------------------------------------------------------------
@@ -188,7 +170,7 @@ def _factor(width: int, fields: Mapping[str, Any]) -> tuple[int, int]:
 def adapter_config(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | None = None
                    ) -> tuple[dict[str, Any], str]:
     """(`T2IAdapter` kwargs, family) from diffusers-named `shapes`; a whole config in the metadata wins."""
-    full = _full_config(metadata)
+    full = metadata_config(metadata)
     if full is not None:
         family = _TYPES.get(full.get("adapter_type", "full_adapter"))
         if family is None:

@@ -122,17 +122,40 @@ def _indices(keys, pattern: str) -> list[int]:
     return sorted({int(m.group(1)) for k in keys if (m := rx.match(k))})
 
 
+def metadata_config(metadata: Mapping[str, str] | None) -> dict[str, Any] | None:
+    """A diffusers config stored whole in a file's "config" metadata (our diffusers-keyed single files, the
+    starter ControlNet), without its private `_` fields; None when there is none."""
+    raw = (metadata or {}).get("config")
+    if not raw:
+        return None
+    try:
+        full = json.loads(raw)
+    except ValueError:
+        raise ValueError("its 'config' metadata is not valid JSON") from None
+    if not isinstance(full, dict):
+        raise ValueError("its 'config' metadata is not a JSON object")
+    return {k: v for k, v in full.items() if not k.startswith("_")}
+
+
+def darkroom_fields(metadata: Mapping[str, str] | None, section: str, allowed) -> dict[str, Any]:
+    """The `allowed` fields of a tiny test file's `darkroom_config` {section: {...}} metadata: what its
+    shapes cannot tell (real files have none)."""
+    raw = (metadata or {}).get("darkroom_config")
+    if not raw:
+        return {}
+    try:
+        extra = (json.loads(raw) or {}).get(section) or {}
+    except (ValueError, AttributeError):
+        raise ValueError("its darkroom_config metadata is not valid JSON") from None
+    return {k: v for k, v in extra.items() if k in allowed}
+
+
 def controlnet_config(shapes: Shapes, family: str, metadata: Mapping[str, str] | None = None) -> dict[str, Any]:
     """A `ControlNetModel` config from diffusers-named `shapes`; a full config in the metadata wins."""
     metadata = metadata or {}
-    if metadata.get("config"):
-        try:
-            full = json.loads(metadata["config"])
-        except ValueError:
-            raise ValueError("its 'config' metadata is not valid JSON") from None
-        if not isinstance(full, dict):
-            raise ValueError("its 'config' metadata is not a JSON object")
-        return {k: v for k, v in full.items() if not k.startswith("_")}
+    full = metadata_config(metadata)
+    if full is not None:
+        return full
     keys = list(shapes)
     levels = _indices(keys, r"down_blocks\.(\d+)\.")
     if not levels:
@@ -167,13 +190,7 @@ def controlnet_config(shapes: Shapes, family: str, metadata: Mapping[str, str] |
     if "add_embedding.linear_1.weight" in shapes:
         cfg.update(addition_embed_type="text_time", addition_time_embed_dim=256,
                    projection_class_embeddings_input_dim=shapes["add_embedding.linear_1.weight"][1])
-    raw = metadata.get("darkroom_config")
-    if raw:
-        try:
-            extra = (json.loads(raw) or {}).get("controlnet") or {}
-        except (ValueError, AttributeError):
-            raise ValueError("its darkroom_config metadata is not valid JSON") from None
-        cfg.update({k: v for k, v in extra.items() if k in METADATA_FIELDS})
+    cfg.update(darkroom_fields(metadata, "controlnet", METADATA_FIELDS))
     return cfg
 
 

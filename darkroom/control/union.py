@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from darkroom.control.config import Kind, controlnet_config, family_of
+from darkroom.control.config import Kind, controlnet_config, darkroom_fields, family_of
 from darkroom.control.keys import ORIGINAL_MARKERS, ORIGINAL_PREFIX, original_to_diffusers
 from darkroom.control_unit import UNION_CONTROL_TYPES, UNION_UNKNOWN
 from darkroom.errors import InvalidRequest, ModelLoadError
@@ -100,14 +100,9 @@ def union_config(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, s
                num_proj_channel=shapes["spatial_ch_projs.weight"][0], num_trans_head=TRANS_HEADS,
                # the type vector's sinusoidal width: control_add_embedding takes it once per type
                addition_time_embed_dim=shapes["control_add_embedding.linear_1.weight"][1] // types)
-    raw = metadata.get("darkroom_config")
-    if raw:
-        try:
-            extra = (json.loads(raw) or {}).get("controlnet") or {}
-        except (ValueError, AttributeError):
-            raise ValueError("its darkroom_config metadata is not valid JSON") from None
-        if "num_trans_head" in extra:
-            cfg["num_trans_head"] = int(extra["num_trans_head"])
+    extra = darkroom_fields(metadata, "controlnet", ("num_trans_head",))
+    if "num_trans_head" in extra:
+        cfg["num_trans_head"] = int(extra["num_trans_head"])
     cfg.pop("global_pool_conditions", None)  # no union model pools (and a plain metadata flag must not leak)
     return cfg
 
