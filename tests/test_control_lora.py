@@ -4,14 +4,11 @@ diffusers' SDXL ControlNet pipeline, cached per base checkpoint, and refused cle
 
 from __future__ import annotations
 
-import io
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 
 from darkroom.control.control_lora import BaseUNet, base_of
 from darkroom.control.files import find_controlnets, resolve
@@ -19,18 +16,13 @@ from darkroom.control.load import ControlNetCache, header_kind, load_controlnet,
 from darkroom.control_unit import ControlUnit
 from darkroom.errors import InvalidRequest
 from darkroom.home import Home
-from darkroom.request import GenerationRequest
 from darkroom.testing.tiny_control_lora import write_full_controlnet, write_tiny_control_lora
+from tests.control_util import generate_with_units, noise_image
+from tests.control_util import png_bytes as _png
 
 KW = dict(prompt="a red circle", negative_prompt="", steps=3, cfg_scale=6.0, seed=1234, width=64, height=64,
           sampler="Euler a")
-HINT = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
-
-
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
+HINT = noise_image()
 
 
 def _unit(model: str, **kw) -> ControlUnit:
@@ -55,10 +47,7 @@ def _base(setup, family="sdxl") -> BaseUNet:
 
 
 def _run(setup, units, family="sdxl", **kw):
-    seen = []
-    req = GenerationRequest(model=str(setup[family]), controlnet=list(units), **{**KW, **kw})
-    result = setup["engine"].generate(req, on_step=lambda e: seen.append(e.latents))
-    return seen[-1], result
+    return generate_with_units(setup["engine"], setup[family], units, **{**KW, **kw})
 
 
 # --- what the file is ---------------------------------------------------------------------------------------

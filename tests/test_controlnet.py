@@ -19,19 +19,12 @@ from darkroom.metadata.control_maps import control_units_from_infotext, read_con
 from darkroom.metadata.infotext import parse_infotext
 from darkroom.request import GenerationRequest
 from darkroom.testing.tiny_controlnet import write_tiny_controlnet
+from tests.control_util import generate_with_units
+from tests.control_util import noise_image as _noise_image
+from tests.control_util import png_bytes as _png
 
 KW = dict(prompt="a red circle", negative_prompt="ugly", steps=3, cfg_scale=6.0, seed=1234, width=64, height=64,
           sampler="Euler a")
-
-
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _noise_image(size=64, seed=0) -> Image.Image:
-    return Image.fromarray((np.random.default_rng(seed).random((size, size, 3)) * 255).astype(np.uint8))
 
 
 HINT = _noise_image()
@@ -56,10 +49,8 @@ def setup(tmp_path_factory, tiny_model, engine_factory):
 
 
 def _run(setup, family="sd1", units=(), *, latents=False, **kw):
-    seen = []
-    req = GenerationRequest(model=str(setup[family]), controlnet=list(units), **{**KW, **kw})
-    result = setup["engine"].generate(req, on_step=lambda e: seen.append(e.latents))
-    return (seen[-1], result) if latents else result
+    last, result = generate_with_units(setup["engine"], setup[family], units, **{**KW, **kw})
+    return (last, result) if latents else result
 
 
 def _pixels(result, i=0) -> np.ndarray:

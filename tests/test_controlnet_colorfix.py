@@ -13,18 +13,13 @@ from PIL import Image
 from darkroom.control.annotators import tile
 from darkroom.control_unit import ControlUnit
 from darkroom.home import Home
-from darkroom.request import GenerationRequest
 from darkroom.testing.tiny_controlnet import write_tiny_controlnet
+from tests.control_util import generate_with_units
+from tests.control_util import png_bytes as _png
 
 KW = dict(prompt="a red circle", negative_prompt="ugly", steps=4, cfg_scale=6.0, seed=77, width=64, height=64)
 PATHS = {"diffusers": dict(sampler="DPM++ 2M"), "k-diffusion": dict(sampler="Euler a", randn_source="GPU")}
 K = 3  # Variation: the blur radius in latent pixels (the slider's minimum)
-
-
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _picture(size=64) -> Image.Image:
@@ -53,10 +48,7 @@ def setup(tmp_path_factory, tiny_model, engine_factory):
 
 def _run(setup, units, **kw):
     """(the last step's latents, the result)."""
-    seen = []
-    req = GenerationRequest(model=str(setup["sd1"]), controlnet=list(units), **{**KW, **kw})
-    result = setup["engine"].generate(req, on_step=lambda e: seen.append(e.latents))
-    return seen[-1], result
+    return generate_with_units(setup["engine"], setup["sd1"], units, **{**KW, **kw})
 
 
 def _target(setup, size=64) -> torch.Tensor:

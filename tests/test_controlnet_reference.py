@@ -20,6 +20,8 @@ from darkroom.control_unit import ControlUnit
 from darkroom.home import Home
 from darkroom.metadata.infotext import parse_infotext
 from darkroom.request import GenerationRequest
+from tests.control_util import generate_with_units
+from tests.control_util import png_bytes as _png
 
 KW = dict(prompt="a red circle", negative_prompt="ugly", steps=3, cfg_scale=6.0, seed=1234, width=64, height=64,
           sampler="Euler a")
@@ -30,12 +32,6 @@ def red_circle(size: int = 64) -> Image.Image:
     ImageDraw.Draw(image).ellipse((size * 3 // 16, size * 3 // 16, size * 13 // 16, size * 13 // 16),
                                   fill=(220, 20, 20))
     return image
-
-
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 REF = _png(red_circle())
@@ -54,10 +50,8 @@ def setup(tmp_path_factory, tiny_model, engine_factory):
 
 
 def _run(setup, units=(), *, cancel=None, **kw):
-    seen = []
-    req = GenerationRequest(controlnet=list(units), **{"model": str(setup["sd1"]), **KW, **kw})
-    result = setup["engine"].generate(req, on_step=lambda e: seen.append(e.latents), cancel=cancel)
-    return (seen[-1] if seen else None), result
+    request = {"model": setup["sd1"], **KW, **kw}
+    return generate_with_units(setup["engine"], request.pop("model"), units, cancel=cancel, **request)
 
 
 def _unet(setup):

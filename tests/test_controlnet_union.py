@@ -5,21 +5,19 @@ driven through the A1111 extension's `union_control_type`, the native API and th
 from __future__ import annotations
 
 import base64
-import io
 import shutil
 
-import numpy as np
 import pydantic
 import pytest
 import torch
 import webuiapi
-from PIL import Image
 
 from darkroom.control_unit import UNION_CONTROL_TYPES, ControlUnit
 from darkroom.errors import InvalidRequest
 from darkroom.home import Home
-from darkroom.request import GenerationRequest
 from darkroom.testing.tiny_union import tiny_union_state, write_tiny_union
+from tests.control_util import generate_with_units, noise_image
+from tests.control_util import png_bytes as _png
 
 KW = dict(prompt="a red circle", negative_prompt="", steps=3, cfg_scale=6.0, seed=1234, width=64, height=64,
           sampler="Euler a")
@@ -27,13 +25,7 @@ HARD_EDGE = UNION_CONTROL_TYPES.index("Hard Edge")
 DEPTH = UNION_CONTROL_TYPES.index("Depth")
 
 
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-HINT = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
+HINT = noise_image()
 
 
 def _unit(model="union", **kw) -> ControlUnit:
@@ -53,10 +45,7 @@ def setup(tmp_path_factory, tiny_model, engine_factory):
 
 
 def _run(setup, units, **kw):
-    seen = []
-    req = GenerationRequest(model=str(setup["sdxl"]), controlnet=list(units), **{**KW, **kw})
-    result = setup["engine"].generate(req, on_step=lambda e: seen.append(e.latents))
-    return seen[-1], result
+    return generate_with_units(setup["engine"], setup["sdxl"], units, **{**KW, **kw})
 
 
 # --- files -------------------------------------------------------------------------------------------------

@@ -26,22 +26,14 @@ from darkroom.control.load import header_kind, load_controlnet
 from darkroom.control_unit import ControlUnit
 from darkroom.errors import InvalidRequest
 from darkroom.home import Home
-from darkroom.request import GenerationRequest
 from darkroom.testing.tiny_adapter import tiny_adapter_state, write_style_adapter, write_tiny_adapter
 from darkroom.testing.tiny_controlnet import write_tiny_controlnet
+from tests.control_util import generate_with_units
+from tests.control_util import noise_image as _noise_image
+from tests.control_util import png_bytes as _png
 
 KW = dict(prompt="a red circle", negative_prompt="ugly", steps=3, cfg_scale=6.0, seed=1234, width=64, height=64,
           sampler="Euler a")
-
-
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _noise_image(size=64, seed=0) -> Image.Image:
-    return Image.fromarray((np.random.default_rng(seed).random((size, size, 3)) * 255).astype(np.uint8))
 
 
 HINT = _noise_image()
@@ -70,10 +62,8 @@ def setup(tmp_path_factory, tiny_model, engine_factory):
 
 
 def _run(setup, family="sd1", units=(), *, latents=False, **kw):
-    seen = []
-    req = GenerationRequest(model=str(setup[family]), controlnet=list(units), **{**KW, **kw})
-    result = setup["engine"].generate(req, on_step=lambda e: seen.append(e.latents))
-    return (seen[-1], result) if latents else result
+    last, result = generate_with_units(setup["engine"], setup[family], units, **{**KW, **kw})
+    return (last, result) if latents else result
 
 
 def _adapter(setup, name, family="sd1"):
