@@ -45,6 +45,14 @@ def _pick_model(page, unit: int = 0) -> None:
     page.select_option(f"#cn{unit}-model", value)
 
 
+def _job_bodies(page) -> list[dict]:
+    """The JSON bodies of the jobs the page posts from now on, in order."""
+    bodies: list[dict] = []
+    page.on("request", lambda r: r.method == "POST" and r.url.endswith("/api/jobs")
+            and bodies.append(json.loads(r.post_data)))
+    return bodies
+
+
 def _open_section(page):
     section = page.locator("#controlnet-section")
     section.locator("summary").click()
@@ -135,9 +143,7 @@ def test_section_lists_models_and_modules_with_help_and_passes_axe(open_page):
 
 def test_a_drawing_is_sent_with_the_job_and_comes_back_with_its_settings(open_page):
     page, rec = open_page(viewport={"width": 1280, "height": 1000})
-    bodies: list[dict] = []
-    page.on("request", lambda r: r.method == "POST" and r.url.endswith("/api/jobs")
-            and bodies.append(json.loads(r.post_data)))
+    bodies = _job_bodies(page)
     _small_job(page)
     page.fill("#prompt", "a red circle")
     _open_section(page)
@@ -276,9 +282,7 @@ def test_a_union_model_shows_its_control_type_picker_and_sends_the_type(open_pag
 
     write_tiny_union(ui.UI_HOME.controlnets, "union-tiny", num_control_type=6)
     page, rec = open_page()
-    bodies: list[dict] = []
-    page.on("request", lambda r: r.method == "POST" and r.url.endswith("/api/jobs")
-            and bodies.append(json.loads(r.post_data)))
+    bodies = _job_bodies(page)
     _small_job(page)
     _open_section(page)
     expect(page.locator("#cn0-model option:has-text('union-tiny')")).to_have_count(1)
@@ -311,9 +315,7 @@ def test_a_reference_unit_runs_without_a_model(open_page):
     """reference_only needs no ControlNet file: with the model left at None the job goes out (model "None")
     and finishes, and the infotext records the unit."""
     page, rec = open_page()
-    bodies: list[dict] = []
-    page.on("request", lambda r: r.method == "POST" and r.url.endswith("/api/jobs")
-            and bodies.append(json.loads(r.post_data)))
+    bodies = _job_bodies(page)
     _small_job(page)
     _open_section(page)
     page.click("#cn0-draw")
