@@ -22,6 +22,7 @@ one built on checkpoint A is never used for checkpoint B.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +38,6 @@ from darkroom.errors import InvalidRequest, ModelLoadError
 MARKER = "lora_controlnet"
 LAYOUT = "control-lora"
 _OWN = ("controlnet_cond_embedding.", "controlnet_down_blocks.", "controlnet_mid_block.")
-
-
-def is_control_lora(keys: Iterable[str]) -> bool:
-    return MARKER in keys
 
 
 def full_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
@@ -71,13 +68,7 @@ def classify_control_lora(shapes: Mapping[str, tuple[int, ...]]) -> Kind:
 
 def parameter_count(shapes: Mapping[str, tuple[int, ...]]) -> int:
     """Parameters of the ControlNet a Control-LoRA builds (what it holds in memory, not the file's)."""
-    total = 0
-    for shape in full_shapes(shapes).values():
-        count = 1
-        for side in shape:
-            count *= side
-        total += count
-    return total
+    return sum(math.prod(shape) for shape in full_shapes(shapes).values())
 
 
 @dataclass(frozen=True)

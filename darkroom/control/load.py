@@ -11,6 +11,7 @@ naming the file, never a silently random layer.
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -250,13 +251,7 @@ def parameter_count(path: Path) -> int | None:
 
         return control_lora_parameters({k: v.shape for k, v in tensors.items()})
     keys = [k for k in tensors if k.startswith(ORIGINAL_PREFIX)] or list(tensors)
-    total = 0
-    for key in keys:
-        count = 1
-        for side in tensors[key].shape:
-            count *= side
-        total += count
-    return total
+    return sum(math.prod(tensors[key].shape) for key in keys)
 
 
 def shapes_of(path: Path) -> dict[str, tuple[int, ...]]:
