@@ -14,6 +14,17 @@ from darkroom.home import Home
 # many times slower when the machine is busy (server tests run several threads at once).
 torch.set_num_threads(1)
 
+
+def pytest_configure(config):
+    """Playwright's expect() waits 5 s by default: a loaded CI machine can miss that. Browser tests wait for a
+    state; the deadline only guards against a hang, so it is minutes (as tests/test_ui_browser.TIMEOUT)."""
+    try:
+        from playwright.sync_api import expect
+    except ImportError:  # a run without the dev dependencies
+        return
+    expect.set_options(timeout=120_000)
+
+
 # id -> (family, build options)
 VARIANTS = {
     "sd1": ("sd1", {}),

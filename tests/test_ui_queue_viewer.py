@@ -105,18 +105,6 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="headless browser t
 import tests.test_ui_browser as ui  # noqa: E402
 from tests.test_ui_browser import TIMEOUT, base_url, browser, expect, open_page, shot  # noqa: E402,F401
 
-
-@pytest.fixture(autouse=True)
-def _patient_expect(request):
-    """expect() waits as long as the rest of the browser tests do (a state, however slow the machine)."""
-    if "open_page" in request.fixturenames:
-        expect.set_options(timeout=TIMEOUT)
-        yield
-        expect.set_options(timeout=5_000)  # Playwright's default, for the modules that run next
-    else:
-        yield
-
-
 TEXTS_JS = """() => {
     window.__texts = [];
     const t = document.getElementById('progress-text');
