@@ -153,6 +153,9 @@ def test_a_drawing_is_sent_with_the_job_and_comes_back_with_its_settings(open_pa
     expect(canvas).to_be_visible()
     _draw(page, canvas, 0.1, 0.1, 0.4, 0.1)   # a line across the top-left
     _draw(page, canvas, 0.1, 0.1, 0.1, 0.4)
+    expect(page.locator("#cn0-pen")).to_have_value("#ffffff")  # white outlines by default
+    page.fill("#cn0-pen", "#e6192e")  # then in a colour (segmentation and colour maps are drawn in colours)
+    _draw(page, canvas, 0.6, 0.2, 0.8, 0.2)  # top right
     page.select_option("#cn0-module", "none")
     _pick_model(page)
     page.fill("#cn0-weight-value", "0.8")
@@ -181,6 +184,7 @@ def test_a_drawing_is_sent_with_the_job_and_comes_back_with_its_settings(open_pa
     assert drawn.size == (512, 512)
     assert drawn.getpixel((128, 51)) == 255 and drawn.getpixel((51, 128)) == 255  # on the strokes: white
     assert drawn.getpixel((400, 400)) == 0 and drawn.getpixel((256, 256)) == 0  # elsewhere: black
+    assert _decode(unit["image"]).convert("RGB").getpixel((358, 102)) == (230, 25, 46)  # the coloured stroke
     info = page.locator("#results pre.infotext")
     expect(info).to_contain_text('ControlNet 0: "Module: none, Model: ' + CN)
     expect(info).to_contain_text("Weight: 0.8")

@@ -29,6 +29,8 @@
       + 'edges or a scribble. Drop one here (a result too), choose a file, or draw one.',
     brush: 'Width of the drawing brush. Draw white outlines on black: the built-in starter ControlNet is trained on '
       + 'drawn outlines like these, with "none" as the preprocessor.',
+    pen: 'Colour of the brush. Edge, scribble and line models, and the built-in starter ControlNet, read white lines '
+      + 'on black; segmentation and colour models read colours (a segmentation map\'s colours name what goes there).',
     module: 'The preprocessor turns the control image into the map the model reads: canny finds edges, invert turns '
       + 'black lines on white into white on black. "none" uses the image as it is (a drawing or a ready map). '
       + 'Greyed-out ones need a file this install does not have.',
@@ -105,14 +107,16 @@
       'aria-label': `Choose a control image for unit ${i + 1}` });
     u.img = el('img', { className: 'cn-image', id: id('image'), alt: `Control image of unit ${i + 1}`, hidden: true });
     u.canvas = el('canvas', { className: 'cn-canvas', id: id('canvas'), role: 'img', hidden: true,
-      'aria-label': `Drawing of unit ${i + 1}: white strokes on black` });
+      'aria-label': `Drawing of unit ${i + 1}: strokes on black` });
     u.hint = el('p', { className: 'cn-hint', textContent: 'Drop an image here, choose a file, or draw one.' });
     const pick = el('button', { type: 'button', className: 'btn btn-small', id: id('pick'), textContent: 'Choose image…' });
     const draw = el('button', { type: 'button', className: 'btn btn-small', id: id('draw'), textContent: 'Draw' });
     u.clear = el('button', { type: 'button', className: 'btn btn-small', id: id('clear'), textContent: 'Clear drawing', hidden: true });
     u.remove = el('button', { type: 'button', className: 'btn btn-small', id: id('remove'), textContent: 'Remove', hidden: true });
     u.brush = slider(id('brush'), 'Brush size', { min: 2, max: 64, step: 1, value: 12 });
-    u.brushField = field('Brush size', u.brush.range, 'brush', u.brush.row);
+    u.pen = el('input', { type: 'color', id: id('pen'), value: '#ffffff' });
+    u.brushField = el('div', { className: 'cn-brush-row' }, field('Brush size', u.brush.range, 'brush', u.brush.row),
+      field('Brush colour', u.pen, 'pen'));
     u.brushField.hidden = true;
     u.drop = el('div', { className: 'drop-zone cn-drop', id: id('drop') }, u.hint, u.img, u.canvas,
       el('div', { className: 'inline cn-filebar' }, u.file, pick, draw, u.clear, u.remove));
@@ -244,7 +248,7 @@
     };
     const stroke = (a, b) => {
       const ctx = c.getContext('2d');
-      ctx.strokeStyle = '#fff';
+      ctx.strokeStyle = u.pen.value;
       ctx.lineCap = 'round';
       ctx.lineJoin = 'round';
       ctx.lineWidth = Number(u.brush.range.value) * c.width / DRAW_SIDE * (DRAW_SIDE / Math.max(c.width, c.height));
