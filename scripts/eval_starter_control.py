@@ -161,22 +161,30 @@ def rates(results: list[list[bool]], items, swapped: list[bool | None] | None = 
                                               if len(sc.objects) == 2]) if swapped is not None else None}
 
 
+MAP_STYLES = ("white", "coloured", "filled")
+
+
+def eval_map(scene: scenes.Scene, jitter_seed: int, style: str = "white") -> Image.Image:
+    """white: white outlines; coloured: each outline in its object's colour; filled: white outlines filled
+    with the objects' colours."""
+    return control_maps.eval_map(scene, jitter_seed, coloured=style == "coloured", filled=style == "filled")
+
+
 def run(starter, controlnet, items, batch: int = 8, steps: int = 20, cfg: float = 7.0, scale: float = 1.0,
-        coloured: bool = False):
+        style: str = "white"):
     """(images, per-object results) for `items`; controlnet None gives the baseline without a map.
-    `coloured`: colour maps (each outline in its object's colour) instead of white outlines."""
+    `style`: the maps' style (MAP_STYLES)."""
     pipe = build_pipeline(starter, controlnet)
     images = []
     for start in range(0, len(items), batch):
         chunk = items[start: start + batch]
-        maps = [control_maps.eval_map(sc, js, coloured=coloured) for sc, js in chunk] if controlnet is not None \
-            else None
+        maps = [eval_map(sc, js, style) for sc, js in chunk] if controlnet is not None else None
         images += generate(pipe, [plain_prompt(sc) for sc, _ in chunk], maps,
                            list(range(start, start + len(chunk))), steps, cfg, scale)
     return images, judge_positions(images, items), swapped_ok(images, items)
 
 
-def sheet(items, with_cn, without_cn, results, count: int = 24) -> Image.Image:
+def sheet(items, with_cn, without_cn, results, count: int = 24, style: str = "white") -> Image.Image:
     """Rows of (map | with ControlNet | without) triples, four per row, with the prompt and the verdict."""
     cell, per_row = 128, 4
     rows = (min(count, len(items)) + per_row - 1) // per_row
@@ -185,7 +193,7 @@ def sheet(items, with_cn, without_cn, results, count: int = 24) -> Image.Image:
     for k in range(min(count, len(items))):
         scene, js = items[k]
         x, y = (k % per_row) * (3 * cell + 8), (k // per_row) * (cell + 14)
-        out.paste(control_maps.eval_map(scene, js), (x, y))
+        out.paste(eval_map(scene, js, style), (x, y))
         out.paste(with_cn[k].resize((cell, cell)), (x + cell, y))
         out.paste(without_cn[k].resize((cell, cell)), (x + 2 * cell, y))
         ok = all(results[k])
@@ -200,6 +208,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=7.0)
     ap.add_argument("--scale", type=float, default=1.0, help="controlnet_conditioning_scale")
+    ap.add_argument("--maps", choices=MAP_STYLES, default="white", help="the control maps' style")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--baseline-cache", type=Path, default=None, help="folder to keep/reuse the baseline's images")
     ap.add_argument("--threads", type=int, default=2)
@@ -210,13 +219,13 @@ def main() -> None:
     items = eval_scenes(args.n)
     t0 = time.perf_counter()
     with_cn, res_cn, sw_cn = run(starter, load_control(args.control), items, steps=args.steps, cfg=args.cfg,
-                          scale=args.scale)
+                          scale=args.scale, style=args.maps)
     seconds = time.perf_counter() - t0
     result = {
         "control": str(args.control.relative_to(ROOT) if args.control.is_relative_to(ROOT) else args.control),
         "n_maps": len(items), "eval_seed": EVAL_SEED, "steps": args.steps, "cfg": args.cfg,
         "sampler": "DPM++ 2M (Automatic = Karras), diffusers DPMSolverMultistepScheduler",
-        "conditioning_scale": args.scale, "prompt": "colour + shape only, no position words",
+        "conditioning_scale": args.scale, "prompt": "colour + shape only, no position words", "maps": args.maps,
         "with_controlnet": rates(res_cn, items, sw_cn), "seconds_with_controlnet": round(seconds, 1),
     }
     without = [Image.new("RGB", (128, 128), "white")] * len(items)
@@ -235,7 +244,8 @@ def main() -> None:
         result["without_controlnet"] = rates(res_base, items, sw_base)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    sheet(items, with_cn, without, res_cn).quantize(256).save(args.out.with_suffix(".png"), optimize=True)
+    sheet(items, with_cn, without, res_cn, style=args.maps).quantize(256).save(args.out.with_suffix(".png"),
+                                                                               optimize=True)
     print(json.dumps(result, indent=2))
 
 

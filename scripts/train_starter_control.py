@@ -121,10 +121,10 @@ def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
     return tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
 
 
-def probe(starter, controlnet, items, coloured: bool = False) -> float:
+def probe(starter, controlnet, items, style: str = "white") -> float:
     """Share of objects placed where the map puts them, on a few held-out maps (20 steps, CFG 7)."""
     controlnet.eval()
-    _, results, _ = ev.run(starter, controlnet, items, batch=len(items), coloured=coloured)
+    _, results, _ = ev.run(starter, controlnet, items, batch=len(items), style=style)
     controlnet.train()
     flat = [ok for r in results for ok in r]
     return sum(flat) / len(flat)
@@ -152,7 +152,7 @@ def train(args, starter, pool: dict, log: Log, t0: float):
     alphas = DDPMScheduler.from_config(scheduler_config(False)).alphas_cumprod
     n, scale = len(pool["scenes"]), pool["scale"]
     probe_items = ev.eval_scenes(8, seed=ev.EVAL_SEED + 1)  # held out, but not the reported eval set
-    if args.colour_maps:  # probe with pairs too: they are what colour maps are for
+    if args.colour_maps or args.filled_maps:  # probe with pairs too: they are what colour maps are for
         probe_items = ev.eval_scenes(12, seed=ev.EVAL_SEED + 1)
 
     def checkpoint():
@@ -177,7 +177,10 @@ def train(args, starter, pool: dict, log: Log, t0: float):
             # the canny-like variant needs the picture: re-render it from the stored placements (a few ms)
             picture = control_maps.render_placements(sc, placed) if rng.random() < args.edge_maps else None
             colours = control_maps.scene_colours(sc) if rng.random() < args.colour_maps else None
-            maps.append(control_maps.training_map(placed, rng, picture, edge_share=1.0, colours=colours))
+            fills = control_maps.scene_colours(sc) if args.filled_maps and rng.random() < args.filled_maps \
+                else None
+            maps.append(control_maps.training_map(placed, rng, picture, edge_share=1.0, colours=colours,
+                                                  fills=fills))
         cond = torch.from_numpy(np.stack([control_maps.to_array(m) for m in maps]))
         captions = [training_caption(sc, rng, args.empty_captions if len(sc.objects) == 1 else args.pair_empty_captions)
                     for sc in batch_scenes]
@@ -224,7 +227,9 @@ def train(args, starter, pool: dict, log: Log, t0: float):
             live, smooth = probe(starter, controlnet, probe_items), probe(starter, ema, probe_items)
             row = dict(placed_live=round(live, 3), placed_ema=round(smooth, 3))
             if args.colour_maps:
-                row["placed_ema_colour"] = round(probe(starter, ema, probe_items, coloured=True), 3)
+                row["placed_ema_colour"] = round(probe(starter, ema, probe_items, style="coloured"), 3)
+            if args.filled_maps:
+                row["placed_ema_filled"] = round(probe(starter, ema, probe_items, style="filled"), 3)
             log.write(phase="probe", step=step, **row)
             print(f"probe {step}: {row}", flush=True)
             last = time.time()
@@ -294,6 +299,8 @@ def main() -> None:
     ap.add_argument("--edge-maps", type=float, default=0.2, help="share of maps that are the picture's own edges")
     ap.add_argument("--colour-maps", type=float, default=0.0,
                     help="share of outline maps drawn in the objects' own colours (colour maps)")
+    ap.add_argument("--filled-maps", type=float, default=0.0,
+                    help="share of outline maps whose shapes are filled with their objects' colours")
     ap.add_argument("--x0-weight", type=float, default=1.0,
                     help="weight each sample by (1-a)/a clamped to [1, X] (normalised): >1 favours high noise levels")
     ap.add_argument("--probe-every", type=int, default=250)

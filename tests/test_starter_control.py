@@ -94,7 +94,9 @@ STEERED = [
 ]
 
 
-def test_the_map_places_the_object(controlnet) -> None:
+@pytest.fixture(scope="module")
+def pipe(controlnet):
+    """diffusers' ControlNet pipeline over the starter's own modules, Darkroom's default sampler."""
     from diffusers import StableDiffusionControlNetPipeline
 
     from darkroom.engine.samplers import make_scheduler, resolve
@@ -110,10 +112,18 @@ def test_the_map_places_the_object(controlnet) -> None:
                                                                                  scheduler_config(False)),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    maps = [control_maps.eval_map(scene, 0) for scene, _ in STEERED]
+    return pipe
+
+
+def _generate(pipe, prompts: list[str], maps: list[Image.Image]) -> list[Image.Image]:
     with torch.no_grad():
-        images = pipe(prompt=[p for _, p in STEERED], image=maps, num_inference_steps=20, guidance_scale=7.0,
-                      height=128, width=128, generator=[torch.Generator().manual_seed(i) for i in range(3)]).images
+        return pipe(prompt=prompts, image=maps, num_inference_steps=20, guidance_scale=7.0, height=128, width=128,
+                    generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))]).images
+
+
+def test_the_map_places_the_object(pipe) -> None:
+    maps = [control_maps.eval_map(scene, 0) for scene, _ in STEERED]
+    images = _generate(pipe, [p for _, p in STEERED], maps)
     for image, (scene, prompt) in zip(images, STEERED, strict=True):
         (obj,) = scene.objects
         verdict = judge(image, Claims((ObjectClaim(obj.shape, obj.colour, None, obj.position),)))
@@ -129,3 +139,21 @@ def test_colour_maps_draw_each_outline_in_its_objects_colour() -> None:
     assert (255, 255, 255) in drawn  # a black object keeps a white outline: black would vanish on the ground
     plain = np.asarray(control_maps.eval_map(scene, 0)).reshape(-1, 3)
     assert {tuple(p) for p in plain if p.any()} == {(255, 255, 255)}
+
+
+def test_filled_maps_paint_each_shape_inside_a_white_outline() -> None:
+    scene = Scene("gray", (SceneObject("ring", "red", "large", "left"),
+                           SceneObject("square", "black", "medium", "right")))
+    filled = np.asarray(control_maps.eval_map(scene, 0, filled=True))
+    plain = np.asarray(control_maps.eval_map(scene, 0))
+    ring, square = control_maps.layout(scene, 0)
+    # the ring's body is red, its hole and the ground stay black, the outlines are white as in a plain map
+    cx, cy = (int(round(c * control_maps.SIZE)) for c in ring.centre)
+    assert tuple(filled[cy, cx]) == (0, 0, 0)  # the hole
+    red = (filled == (230, 25, 35)).all(-1)
+    assert red.sum() > 100 and not red[plain.any(-1)].any()  # painted inside, never over the outline
+    assert ((filled == 255).all(-1) == (plain == 255).all(-1)).all()
+    assert tuple(filled[0, 0]) == (0, 0, 0)
+    # a black object's fill is the black ground: its outline alone says "the colour the prompt names"
+    sx, sy = (int(round(c * control_maps.SIZE)) for c in square.centre)
+    assert tuple(filled[sy, sx]) == (0, 0, 0)

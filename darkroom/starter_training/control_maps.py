@@ -89,19 +89,29 @@ def line_colour(colour: str | None) -> tuple[int, int, int]:
 
 def outline_map(placed: tuple[Placement, ...], size: int = SIZE, rng: random.Random | None = None,
                 width: int | None = None, wobble: float = 1.0,
-                colours: tuple[str | None, ...] | None = None) -> Image.Image:
+                colours: tuple[str | None, ...] | None = None,
+                fills: tuple[str | None, ...] | None = None) -> Image.Image:
     """Outlines of the objects (and of any hole) on black, RGB. Without rng: clean 2 px lines.
 
     White lines, or with `colours` each object's outline in its own colour (a colour map: the map then says
     which object goes where, not only where something goes; white and black objects keep white lines).
+    With `fills`, each object is also painted inside its white outline in its colour (a ring's hole stays
+    black): black inside an outline means "the colour the prompt names", a colour means that colour.
     """
     image = Image.new("RGB", (size, size), (0, 0, 0))
     draw = ImageDraw.Draw(image)
     w = width if width is not None else (rng.randint(1, 3) if rng is not None else 2)
     for k, placement in enumerate(placed):
         pen = line_colour(colours[k]) if colours is not None else WHITE
-        for poly in (*placement.outer, *placement.holes):
-            draw.line(_wobbly(poly, size, rng, wobble), fill=pen, width=w, joint="curve")
+        outer = [_wobbly(poly, size, rng, wobble) for poly in placement.outer]
+        holes = [_wobbly(poly, size, rng, wobble) for poly in placement.holes]
+        if fills is not None and fills[k] not in (None, "black"):  # black would be the ground itself
+            for pts in outer:
+                draw.polygon(pts, fill=PALETTE[fills[k]])
+            for pts in holes:
+                draw.polygon(pts, fill=(0, 0, 0))
+        for pts in (*outer, *holes):
+            draw.line(pts, fill=pen, width=w, joint="curve")
     return image
 
 
@@ -133,12 +143,13 @@ def training_pair(scene: Scene, rng: random.Random, size: int = SIZE) -> tuple[I
 
 def training_map(placed: tuple[Placement, ...], rng: random.Random, picture: Image.Image | None = None,
                  size: int = SIZE, edge_share: float = 0.2,
-                 colours: tuple[str | None, ...] | None = None) -> Image.Image:
-    """An augmented map: usually wobbly outlines of width 1-3 (coloured with `colours`); with `picture`,
-    sometimes its canny-like edges."""
+                 colours: tuple[str | None, ...] | None = None,
+                 fills: tuple[str | None, ...] | None = None) -> Image.Image:
+    """An augmented map: usually wobbly outlines of width 1-3 (coloured with `colours`, filled with `fills`);
+    with `picture`, sometimes its canny-like edges."""
     if picture is not None and rng.random() < edge_share:
         return edge_map(picture, thick=rng.random() < 0.5)
-    return outline_map(placed, size, rng, colours=colours)
+    return outline_map(placed, size, rng, colours=colours, fills=fills)
 
 
 def scene_colours(scene: Scene) -> tuple[str, ...]:
@@ -146,10 +157,12 @@ def scene_colours(scene: Scene) -> tuple[str, ...]:
     return tuple(obj.colour for obj in scene.objects)
 
 
-def eval_map(scene: Scene, jitter_seed: int, size: int = SIZE, coloured: bool = False) -> Image.Image:
+def eval_map(scene: Scene, jitter_seed: int, size: int = SIZE, coloured: bool = False,
+             filled: bool = False) -> Image.Image:
     """The clean map of a scene as scenes.render(scene, size, jitter_seed) draws it (2 px outlines; with
-    `coloured`, each outline in its object's colour)."""
-    return outline_map(layout(scene, jitter_seed), size, colours=scene_colours(scene) if coloured else None)
+    `coloured`, each outline in its object's colour; with `filled`, white outlines filled with the colours)."""
+    return outline_map(layout(scene, jitter_seed), size, colours=scene_colours(scene) if coloured else None,
+                       fills=scene_colours(scene) if filled else None)
 
 
 def to_array(image: Image.Image) -> np.ndarray:
