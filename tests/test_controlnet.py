@@ -528,3 +528,26 @@ def test_unloading_the_checkpoint_frees_the_controlnets(setup):
     assert engine.controlnets._items  # kept loaded between generations
     engine.cache.unload()  # what /sdapi/v1/unload-checkpoint and a switch to another model call
     assert not engine.controlnets._items and engine.cache.current is None
+
+
+def test_a_greyscale_controlnet_gets_the_maps_luminance(setup):
+    """A ControlNet whose hint takes one channel (as some Control-LoRAs' do) is fed the map's luminance instead
+    of failing inside the convolution."""
+    write_tiny_controlnet(setup["home"].controlnets, "cn-grey", "sd1", "single", hint_channels=1)
+    cn = _controlnet(setup, "cn-grey")
+    assert cn.config.conditioning_channels == 1
+    with Calls(cn) as calls:
+        result = _run(setup, units=[_unit("cn-grey")])
+    assert calls.count and all(shape[1] == 1 for shape in calls.shapes)
+    assert not np.array_equal(_pixels(result), _pixels(_run(setup)))
+    # the same pixels as a white map drawn into a 1-channel hint by hand
+    from darkroom.control.apply import ControlUnitRun
+    from darkroom.control.load import LoadedControlNet
+
+    rgb = torch.tensor([1.0, 0.5, 0.0]).view(1, 3, 1, 1).expand(1, 3, 4, 4).clone()
+    rgb[..., 0, 0] = -1.0  # a masked pixel stays masked
+    loaded = LoadedControlNet(cn, "sd1", setup["home"].controlnets / "cn-grey.safetensors", torch.float32,
+                              torch.device("cpu"))
+    grey = ControlUnitRun(loaded, rgb).ready_hint(torch.device("cpu"))
+    assert grey.shape == (1, 1, 4, 4)
+    assert grey[0, 0, 1, 1].item() == pytest.approx(0.299 + 0.5 * 0.587) and grey[0, 0, 0, 0].item() == -1.0

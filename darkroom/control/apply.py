@@ -49,6 +49,7 @@ from darkroom.control.load import LoadedControlNet
 SOFT_BASE = 0.825
 SOFT_LAYERS = 13  # the extension's factor table length (SD1/SD2 ControlNets have 12 + 1 residuals)
 HIRES_SOFT_MODULES = ("canny", "mlsd")
+LUMA = torch.tensor([0.299, 0.587, 0.114])  # ITU-R BT.601: RGB maps for greyscale ControlNets
 
 
 @dataclass
@@ -78,6 +79,9 @@ class ControlUnitRun:
         ready = getattr(self, "_ready", None)
         if ready is None or ready.device != device:
             ready = self.hint.to(device=device, dtype=self.controlnet.dtype)
+            if getattr(self.controlnet, "hint_channels", 3) == 1 and ready.shape[1] == 3:
+                # a greyscale model gets the luminance; the weights sum to 1, so masked pixels (-1) stay -1
+                ready = (ready * LUMA.to(ready).view(1, 3, 1, 1)).sum(1, keepdim=True)
             self._ready = ready
         return ready
 

@@ -63,6 +63,11 @@ class LoadedControlNet:
         """Shuffle-type models: the control is averaged over the image and given to the prompt half only."""
         return bool(getattr(self.model.config, "global_pool_conditions", False))
 
+    @property
+    def hint_channels(self) -> int:
+        """Channels of the control map the model takes: 3 (RGB) for nearly all, 1 for greyscale ones."""
+        return int(getattr(self.model.config, "conditioning_channels", 3) or 3)
+
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 

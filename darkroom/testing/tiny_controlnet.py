@@ -28,23 +28,24 @@ _UNET_FIELDS = ("down_block_types", "block_out_channels", "layers_per_block", "c
                 "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim")
 
 
-def tiny_controlnet_config(family: str = "sd1") -> dict:
-    """ControlNetModel kwargs copying the tiny `family` UNet's encoder (4 latent channels, RGB hint)."""
+def tiny_controlnet_config(family: str = "sd1", hint_channels: int = 3) -> dict:
+    """ControlNetModel kwargs copying the tiny `family` UNet's encoder (4 latent channels, an RGB hint unless
+    `hint_channels` says otherwise)."""
     unet = tiny_configs(family)["unet"]
     cfg = {k: unet[k] for k in _UNET_FIELDS if k in unet}
     # The hint embedding halves the size once per step between its widths: the tiny VAE's factor is 2
     # (real: 8, with (16, 32, 96, 256)), so one step here.
-    cfg.update(in_channels=4, conditioning_channels=3, conditioning_embedding_out_channels=(16, 32))
+    cfg.update(in_channels=4, conditioning_channels=hint_channels, conditioning_embedding_out_channels=(16, 32))
     return cfg
 
 
-def build_tiny_controlnet(family: str = "sd1", *, seed: int = 0):
+def build_tiny_controlnet(family: str = "sd1", *, seed: int = 0, hint_channels: int = 3):
     """A `ControlNetModel` in eval mode, deterministic in `seed`, without touching the global RNG."""
     from diffusers import ControlNetModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(7000 + seed)
-        model = ControlNetModel(**tiny_controlnet_config(family)).eval()
+        model = ControlNetModel(**tiny_controlnet_config(family, hint_channels)).eval()
     generator = torch.Generator().manual_seed(7100 + seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -64,7 +65,7 @@ def _head_metadata(model) -> dict[str, str]:
 
 def write_tiny_controlnet(folder: str | Path, name: str, family: str = "sd1", layout: str = "single", *,
                           dtype: torch.dtype = torch.float32, suffix: str = ".safetensors", seed: int = 0,
-                          variant: str | None = None) -> Path:
+                          variant: str | None = None, hint_channels: int = 3) -> Path:
     """Write a tiny `family` ControlNet called `name` into `folder`; returns the file (or the diffusers folder).
 
     `layout` is one of LAYOUTS; `suffix` ".safetensors" or ".pth" for the single-file layouts;
@@ -72,7 +73,7 @@ def write_tiny_controlnet(folder: str | Path, name: str, family: str = "sd1", la
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
-    model = build_tiny_controlnet(family, seed=seed).to(dtype)
+    model = build_tiny_controlnet(family, seed=seed, hint_channels=hint_channels).to(dtype)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if layout == "diffusers":
