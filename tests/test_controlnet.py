@@ -540,7 +540,7 @@ def test_a_greyscale_controlnet_gets_the_maps_luminance(setup):
         result = _run(setup, units=[_unit("cn-grey")])
     assert calls.count and all(shape[1] == 1 for shape in calls.shapes)
     assert not np.array_equal(_pixels(result), _pixels(_run(setup)))
-    # the same pixels as a white map drawn into a 1-channel hint by hand
+    # the hint it gets: each pixel's BT.601 luminance
     from darkroom.control.apply import ControlUnitRun
     from darkroom.control.load import LoadedControlNet
 

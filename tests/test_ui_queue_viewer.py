@@ -103,7 +103,7 @@ def test_stage_and_a_steady_eta():
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="headless browser tests need the playwright package")
 import tests.test_ui_browser as ui  # noqa: E402
-from tests.test_ui_browser import TIMEOUT, base_url, browser, expect, open_page, shot  # noqa: E402,F401
+from tests.test_ui_browser import base_url, browser, expect, open_page, shot  # noqa: E402,F401
 
 TEXTS_JS = """() => {
     window.__texts = [];

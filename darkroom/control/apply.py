@@ -79,7 +79,7 @@ class ControlUnitRun:
         ready = getattr(self, "_ready", None)
         if ready is None or ready.device != device:
             ready = self.hint.to(device=device, dtype=self.controlnet.dtype)
-            if getattr(self.controlnet, "hint_channels", 3) == 1 and ready.shape[1] == 3:
+            if self.controlnet.hint_channels == 1 and ready.shape[1] == 3:
                 # a greyscale model gets the luminance; the weights sum to 1, so masked pixels (-1) stay -1
                 ready = (ready * LUMA.to(ready).view(1, 3, 1, 1)).sum(1, keepdim=True)
             self._ready = ready

@@ -66,7 +66,7 @@ class LoadedControlNet:
     @property
     def hint_channels(self) -> int:
         """Channels of the control map the model takes: 3 (RGB) for nearly all, 1 for greyscale ones."""
-        return int(getattr(self.model.config, "conditioning_channels", 3) or 3)
+        return int(getattr(self.model.config, "conditioning_channels", 3))
 
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
