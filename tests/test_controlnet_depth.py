@@ -96,7 +96,7 @@ def test_input_is_518_multiples_of_14_in_bgr_and_output_is_stretched(tmp_path, m
     means = probe.seen[0].mean(dim=(1, 2))
     assert means[2] > 2 and means[0] < -1  # the extension's swap: red arrives as the third channel
     assert d.shape == (64, 96)
-    monkeypatch.setattr(depth, "load", lambda path: probe)
+    monkeypatch.setattr(depth, "load", lambda path, v2=False: probe)
     save(depth_anything_state(), tmp_path / "depth_anything_vitl14.pth")
     out = pp.detect("depth_anything", Image.fromarray(red), resolution=64, annotator_dirs=[tmp_path])
     assert out.shape == (64, 96, 3)
@@ -183,3 +183,55 @@ def test_midas_bad_files_and_the_stretch(tmp_path, monkeypatch):
     assert out.shape == (64, 85, 3) and out[:, 0].max() == 0 and out[:, -1].min() > 0.6
     assert pp.module_list()["module_detail"]["depth"]["sliders"] == [
         {"name": "Resolution", "value": 512, "min": 64, "max": 2048, "step": 8}]
+
+
+# --- depth_anything_v2: the same network, other blocks feed the head -----------------------------------------
+
+def test_v2_safetensors_loads_strictly_and_takes_the_authors_blocks(tmp_path):
+    path = save(depth_anything_state(blocks=8, seed=3),
+                tmp_path / "depth_anything_v2" / "depth_anything_v2_vitl.safetensors")
+    out = pp.detect("depth_anything_v2", _picture(), resolution=64, annotator_dirs=[tmp_path])
+    assert out.shape == (64, 85, 3) and 0 <= out.min() and out.max() <= 1 and out.std() > 0
+    assert (out[:, :, 0] == out[:, :, 2]).all()
+    v1, v2 = depth.load(path), depth.load(path, v2=True)
+    assert v1.config.backbone_config.out_indices == [5, 6, 7, 8]  # the last four blocks
+    assert v2.config.backbone_config.out_indices == [2, 4, 6, 8]  # spread: blocks 1, 3, 5, 7
+    img = np.asarray(_picture(56, 56))
+    assert not np.allclose(depth.depth(v1, img), depth.depth(v2, img))  # the choice reaches the map
+    assert pp.module_list()["module_detail"]["depth_anything_v2"]["sliders"] == []
+    assert pp.module_status("depth_anything_v2", [tmp_path]) == (True, None)
+
+
+@pytest.mark.parametrize(("hidden", "blocks", "outs", "features", "blocks_used", "params"), [
+    (1024, 24, (256, 512, 1024, 1024), 256, [4, 11, 17, 23], 335_315_649),  # V2-Large, "335.3M"
+    (768, 12, (96, 192, 384, 768), 128, [2, 5, 8, 11], 97_470_785),  # V2-Base, "97.5M"
+    (384, 12, (48, 96, 192, 384), 64, [2, 5, 8, 11], 24_785_089),  # V2-Small, "24.8M"
+])
+def test_v2_released_sizes_take_the_authors_blocks(hidden, blocks, outs, features, blocks_used, params):
+    from transformers import DepthAnythingForDepthEstimation
+
+    state = depth_anything_state(hidden=hidden, blocks=blocks, side=37, outs=outs, features=features, meta=True)
+    config = depth._config(state, v2=True)
+    assert config.backbone_config.out_indices == [i + 1 for i in blocks_used]
+    assert depth.v2_blocks(40) == [9, 19, 29, 39]  # ViT-G's, from the same table
+    with torch.device("meta"):
+        model = DepthAnythingForDepthEstimation(config)
+    model.load_state_dict(depth._rename(state, hidden, set(model.state_dict())), strict=True, assign=True)
+    assert sum(p.numel() for p in model.parameters()) == params
+
+
+def test_v2_other_installs_names_and_a_clear_error(tmp_path):
+    state = depth_anything_state(blocks=8)
+    comfy = tmp_path / "comfy"  # controlnet_aux's download path, the authors' .pth
+    save(state, comfy / "depth-anything" / "Depth-Anything-V2-Small" / "depth_anything_v2_vits.pth")
+    assert pp.detect("depth_anything_v2", _picture(), resolution=64, annotator_dirs=[comfy]).std() > 0
+    save(state, tmp_path / "mine" / "depth_anything_v2_vitb.pth")
+    found = depth.files.find(depth.V2_FILE, depth.V2_KIND, [tmp_path / "mine", comfy])
+    assert found.name == "depth_anything_v2_vitb.pth"  # ViT-B before ViT-S, whichever folder comes first
+    with pytest.raises(InvalidRequest, match=r"needs depth_anything_v2_vitl.safetensors \(or depth_anything_v2_vitl"
+                                             r".pth\).*downloads/depth_anything_v2"):
+        pp.detect("depth_anything_v2", _picture(), annotator_dirs=[tmp_path / "elsewhere"])
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "depth_anything_v2_vitl.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ModelLoadError, match="depth_anything_v2_vitl.safetensors"):
+        pp.detect("depth_anything_v2", _picture(), annotator_dirs=[tmp_path / "bad"])

@@ -443,6 +443,7 @@ def test_no_preprocessor_touches_the_network(tmp_path):
     save(sketch_state(), full / "sk_model2.pth")
     save(tiny.body_pose_state(), full / "body_pose_model.pth")
     save(tiny.depth_anything_state(), full / "depth_anything_vitl14.pth")
+    save(tiny.depth_anything_state(), full / "depth_anything_v2_vitl.safetensors")
     save(tiny.midas_hybrid_state(), full / "dpt_hybrid-midas-501f0c75.pt")
     save(tiny.mlsd_state(), full / "mlsd_large_512_fp32.pth")
     save(tiny.pidinet_state(), full / "table5_pidinet.pth")

@@ -95,10 +95,12 @@ def _openpose(hand: bool = False, face: bool = False, body: bool = True) -> Call
     return run
 
 
-def _depth_anything(img, res, a, b, ctx):
-    from darkroom.control.annotators import depth
+def _depth_anything(v2: bool) -> Callable:
+    def run(img, res, a, b, ctx):
+        from darkroom.control.annotators import depth
 
-    return depth.detect(img, res, ctx.dirs, device=ctx.device)
+        return depth.detect(img, res, ctx.dirs, device=ctx.device, v2=v2)
+    return run
 
 
 def _depth_midas(img, res, a, b, ctx):
@@ -196,8 +198,11 @@ MODULES: dict[str, Module] = {m.name: m for m in (
            weights=(("dpt_hybrid-midas-501f0c75.pt", "midas"),)),
     # the extension hides depth_anything's and normal_bae's resolution slider; the map still comes at the unit's
     # resolution
-    Module("depth_anything", "depth_anything", _depth_anything, resolution_slider=False,
+    Module("depth_anything", "depth_anything", _depth_anything(False), resolution_slider=False,
            weights=(("depth_anything_vitl14.pth", "depth_anything"),)),
+    # found under its other names too (files.ALSO_AS: the .pth ComfyUI keeps, the ViT-B and ViT-S files)
+    Module("depth_anything_v2", "depth_anything_v2", _depth_anything(True), resolution_slider=False,
+           weights=(("depth_anything_v2_vitl.safetensors", "depth_anything_v2"),)),
     Module("normal_bae", "normal_bae", _normal_bae, resolution_slider=False, priority=100,
            weights=(("scannet.pt", "normal_bae"),)),
     # model-free: the picture itself, VAE-encoded while sampling (darkroom.control.reference)
@@ -212,7 +217,7 @@ _OLD_NAMES = {"fake_scribble": "scribble_hed"}  # v1.0: HED made into a scribble
 # What the extension offers and Darkroom cannot run yet: key -> display name.
 _NOT_YET = {
     "depth_leres": "depth_leres", "depth_leres++": "depth_leres++",
-    "depth_zoe": "depth_zoe", "depth_anything_v2": "depth_anything_v2",
+    "depth_zoe": "depth_zoe",
     "depth_hand_refiner": "depth_hand_refiner", "normal_map": "normal_midas",
     "normal_dsine": "normal_dsine", "dw_openpose_full": "dw_openpose_full", "animal_openpose": "animal_openpose",
     "densepose": "densepose (pruple bg & purple torso)",
@@ -297,8 +302,10 @@ def _weights(m: Module, dirs: Sequence[Path]) -> list[Path]:
     for file, kind in m.weights:
         path = files.find(file, kind, dirs)
         if path is None:
+            also = files.ALSO_AS.get(file, ())
+            name = f"{file} (or {also[0]})" if also else file
             raise InvalidRequest(
-                f"{m.label} needs {file}; put it in {Path(dirs[0]) if dirs else '<home>/models/annotators'},"
+                f"{m.label} needs {name}; put it in {Path(dirs[0]) if dirs else '<home>/models/annotators'},"
                 f" or keep it in an install Darkroom reads (<A1111>/extensions/sd-webui-controlnet/annotator/"
                 f"downloads/{kind}, <Forge>/models/ControlNetPreprocessor, <ComfyUI>/custom_nodes/"
                 f"comfyui_controlnet_aux/ckpts/lllyasviel/Annotators)",

@@ -192,9 +192,16 @@ def midas_hybrid_state(*, hidden: int = 64, blocks: int = 6, side: int = 4, stem
 
 
 def save(state: dict, path: Path, *, dtype: torch.dtype = torch.float32, prefix: str = "") -> Path:
-    """Write `state` as a .pth (optionally cast, optionally with the DataParallel `module.` prefix)."""
+    """Write `state` as a .pth, or a .safetensors by the name (optionally cast, optionally with the
+    DataParallel `module.` prefix)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({prefix + k: v.to(dtype) for k, v in state.items()}, path)
+    tensors = {prefix + k: v.to(dtype) for k, v in state.items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    else:
+        torch.save(tensors, path)
     return path
 
 

@@ -1,4 +1,5 @@
-"""Depth maps: depth_anything (depth_anything_vitl14.pth) and depth_midas (dpt_hybrid-midas-501f0c75.pt).
+"""Depth maps: depth_anything (depth_anything_vitl14.pth), depth_anything_v2 (depth_anything_v2_vitl.safetensors)
+and depth_midas (dpt_hybrid-midas-501f0c75.pt).
 
 Both nets are run through transformers' implementations with configs built here from the files' shapes
 (never fetched) and the original checkpoints' keys renamed onto them.
@@ -16,6 +17,10 @@ As the extension: the picture is scaled so both sides reach 518 pixels (multiple
 normalised with ImageNet's mean and deviation, and the relative depth is resized back and stretched to
 0-255. The extension hands this model its RGB picture through an RGB-to-BGR conversion, so the network
 sees BGR; Darkroom does the same, so its maps match the extension's.
+
+Depth Anything V2 has the same network and key layout, and the extension treats it the same way; only the
+ViT blocks that feed the head differ: V1 takes the last four, V2 four spread through the encoder (blocks 4,
+11, 17 and 23 of ViT-L's 24, 2, 5, 8 and 11 of ViT-B's and ViT-S's 12), which the file cannot tell.
 
 MiDaS v3 DPT-Hybrid (transformers' DPTForDepthEstimation with a BiT backbone): timm's ViT-B/16 over a
 ResNet-50 stem (stages of 3, 4 and 9 bottlenecks with weight-standardised convolutions and group norm)
@@ -39,6 +44,7 @@ from darkroom.control.annotators import files, imageops
 from darkroom.errors import ModelLoadError
 
 FILE, KIND = "depth_anything_vitl14.pth", "depth_anything"
+V2_FILE, V2_KIND = "depth_anything_v2_vitl.safetensors", "depth_anything_v2"
 SIZE, MULTIPLE = 518, 14
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -48,7 +54,16 @@ def _shape(state: dict, key: str) -> tuple[int, ...]:
     return tuple(int(n) for n in state[key].shape)
 
 
-def _config(state: dict):
+def v2_blocks(layers: int) -> list[int]:
+    """The ViT blocks (0-based) whose outputs feed Depth Anything V2's head: the authors' table for ViT-L
+    (24 blocks), else evenly spaced and ending at the last block, which is the table for 12 (ViT-S, ViT-B)
+    and 40 (ViT-G) blocks."""
+    if layers == 24:
+        return [4, 11, 17, 23]
+    return [round(layers * (i + 1) / 4) - 1 for i in range(4)]
+
+
+def _config(state: dict, v2: bool = False):
     """A DepthAnythingConfig matching the file: widths, depth and patch size from the tensors' shapes."""
     from transformers import DepthAnythingConfig, Dinov2Config
 
@@ -59,10 +74,12 @@ def _config(state: dict):
     side = math.isqrt(tokens)
     if side * side != tokens or layers < 4:
         raise ValueError("unexpected position embedding or depth")
+    # transformers counts the embeddings as hidden state 0, so block i's output is index i + 1
+    outs = [i + 1 for i in v2_blocks(layers)] if v2 else list(range(layers - 3, layers + 1))
     backbone = Dinov2Config(
         hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
         mlp_ratio=_shape(state, "pretrained.blocks.0.mlp.fc1.weight")[0] // hidden, patch_size=patch,
-        image_size=side * patch, out_indices=list(range(layers - 3, layers + 1)), apply_layernorm=True,
+        image_size=side * patch, out_indices=outs, apply_layernorm=True,
         reshape_hidden_states=False)
     return DepthAnythingConfig(
         backbone_config=backbone, reassemble_hidden_size=hidden, patch_size=patch,
@@ -129,12 +146,13 @@ def _rename(state: dict, hidden: int, model_keys: set[str]) -> dict:
     return out
 
 
-def load(path: Path):
+def load(path: Path, v2: bool = False):
+    """Depth Anything (V2: its layer choice) from an original checkpoint, .pth or .safetensors."""
     from transformers import DepthAnythingForDepthEstimation
 
     state = files.read_state_dict(path)
     try:
-        config = _config(state)
+        config = _config(state, v2)
     except (KeyError, AttributeError, IndexError, TypeError, ValueError):
         raise ModelLoadError(f"{path.name}: not a Depth Anything weight file (no DINOv2 `pretrained.` and"
                              " `depth_head.` tensors)") from None
@@ -168,9 +186,11 @@ def depth(model, img: np.ndarray) -> np.ndarray:
     return pred[0, 0].cpu().numpy()
 
 
-def detect(img: np.ndarray, res: int, dirs: Sequence[Path], device: str | None = None) -> np.ndarray:
-    """The `depth_anything` map: grey depth, near white, the short side at `res`."""
-    model = load(files.find(FILE, KIND, dirs)).to(device or "cpu")
+def detect(img: np.ndarray, res: int, dirs: Sequence[Path], device: str | None = None,
+           v2: bool = False) -> np.ndarray:
+    """The `depth_anything` (`v2`: `depth_anything_v2`) map: grey depth, near white, the short side at `res`."""
+    path = files.find(V2_FILE, V2_KIND, dirs) if v2 else files.find(FILE, KIND, dirs)
+    model = load(path, v2).to(device or "cpu")
     padded, (h, w) = imageops.pad64(imageops.to_resolution(img, res))
     d = depth(model, padded)
     lo, hi = float(d.min()), float(d.max())

@@ -22,10 +22,24 @@ INSTALL_DIRS = (
 )
 _HUB_PATH = ("lllyasviel", "Annotators")
 
+# Files that other installs keep under other names, tried in this order after the extension's own:
+# Depth Anything V2 is a .safetensors in the extension and Forge, the authors' .pth in ComfyUI; the
+# smaller encoders (ViT-B, ViT-S) serve where the large one is not there.
+ALSO_AS: dict[str, tuple[str, ...]] = {
+    "depth_anything_v2_vitl.safetensors": (
+        "depth_anything_v2_vitl.pth", "depth_anything_v2_vitb.safetensors", "depth_anything_v2_vitb.pth",
+        "depth_anything_v2_vits.safetensors", "depth_anything_v2_vits.pth"),
+}
+# Hub repositories ComfyUI's controlnet_aux downloads a file from, when not lllyasviel/Annotators.
+_HUB_PATHS: dict[str, tuple[str, str]] = {
+    f"depth_anything_v2_{size}.pth": ("depth-anything", f"Depth-Anything-V2-{name}")
+    for size, name in (("vitl", "Large"), ("vitb", "Base"), ("vits", "Small"))
+}
+
 
 def candidates(folder: Path, file: str, kind: str) -> list[Path]:
     """The places one folder may hold `file`: directly, in its kind folder, or in the hub repository path."""
-    return [folder / file, folder / kind / file, folder.joinpath(*_HUB_PATH, file)]
+    return [folder / file, folder / kind / file, folder.joinpath(*_HUB_PATHS.get(file, _HUB_PATH), file)]
 
 
 def _is_file(path: Path) -> bool:
@@ -36,18 +50,24 @@ def _is_file(path: Path) -> bool:
 
 
 def find(file: str, kind: str, dirs) -> Path | None:
-    """The first `file` in `dirs` (in their order), or None."""
-    for folder in dirs:
-        for path in candidates(Path(folder), file, kind):
-            if _is_file(path):
-                return path
+    """The first `file` in `dirs` (in their order), then the first of its other names (ALSO_AS), or None."""
+    for name in (file, *ALSO_AS.get(file, ())):
+        for folder in dirs:
+            for path in candidates(Path(folder), name, kind):
+                if _is_file(path):
+                    return path
     return None
 
 
 def read_state_dict(path: Path) -> dict[str, Any]:
-    """The tensors of an annotator .pth, read with weights_only=True (a pickle with code is refused)."""
+    """The tensors of an annotator .pth, read with weights_only=True (a pickle with code is refused), or of
+    a .safetensors file."""
     import torch
 
+    if path.suffix.lower() == ".safetensors":
+        from darkroom.models.tensor_file import read_tensors
+
+        return {k.removeprefix("module."): v for k, v in read_tensors(path).items()}
     try:
         with open_regular(path, what="an annotator weight file") as fh:
             obj = torch.load(fh, map_location="cpu", weights_only=True)
