@@ -446,6 +446,7 @@ def test_no_preprocessor_touches_the_network(tmp_path):
     save(tiny.depth_anything_state(), full / "depth_anything_v2_vitl.safetensors")
     save(tiny.midas_hybrid_state(), full / "dpt_hybrid-midas-501f0c75.pt")
     save(tiny.mlsd_state(), full / "mlsd_large_512_fp32.pth")
+    save(tiny.teed_state(), full / "7_model.pth")
     save(tiny.pidinet_state(), full / "table5_pidinet.pth")
     save(tiny.part_pose_state(22), full / "hand_pose_model.pth")
     save(tiny.part_pose_state(71), full / "facenet.pth")

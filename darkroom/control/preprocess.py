@@ -129,6 +129,12 @@ def _pidinet(scribble: bool, safe: bool) -> Callable:
     return run
 
 
+def _teed(img, res, a, b, ctx):
+    from darkroom.control.annotators import teed
+
+    return teed.detect(img, res, ctx.dirs, safe_steps=int(a), device=ctx.device)
+
+
 def _inpaint(img, res, a, b, ctx):
     return simple.inpaint(img, ctx.mask)
 
@@ -178,6 +184,9 @@ MODULES: dict[str, Module] = {m.name: m for m in (
     Module("pidinet_safe", "softedge_pidisafe", _pidinet(False, True), resolution_slider=False, weights=_PIDI),
     Module("pidinet_scribble", "scribble_pidinet", _pidinet(True, False), resolution_slider=False, priority=100,
            weights=_PIDI),
+    # the extension's newer preprocessor registry: key and label are both softedge_teed (old key: te_hed)
+    Module("softedge_teed", "softedge_teed", _teed, (Slider("Safe Steps", 2, 0, 10, 1), None),
+           weights=(("7_model.pth", "TEED"),)),
     Module("mlsd", "mlsd", _mlsd, (Slider("MLSD Value Threshold", 0.1, 0.01, 2.0),
                                    Slider("MLSD Distance Threshold", 0.1, 0.01, 20.0)),
            priority=100, weights=(("mlsd_large_512_fp32.pth", "mlsd"),)),
@@ -212,7 +221,8 @@ MODULES: dict[str, Module] = {m.name: m for m in (
 )}
 
 # The extension's v1.0 names that map onto a module it still has.
-_OLD_NAMES = {"fake_scribble": "scribble_hed"}  # v1.0: HED made into a scribble
+_OLD_NAMES = {"fake_scribble": "scribble_hed",  # v1.0: HED made into a scribble
+              "te_hed": "softedge_teed"}  # the key of its first, since retired, registry entry
 
 # What the extension offers and Darkroom cannot run yet: key -> display name.
 _NOT_YET = {
@@ -224,7 +234,8 @@ _NOT_YET = {
     "densepose_parula": "densepose_parula (black bg & blue torso)", "mediapipe_face": "mediapipe_face",
     "segmentation": "seg_ufade20k", "oneformer_coco": "seg_ofcoco", "oneformer_ade20k": "seg_ofade20k",
     "anime_face_segment": "seg_anime_face", "pidinet_sketch": "t2ia_sketch_pidi",
-    "te_hed": "softedge_teed", "lineart_anime_denoise": "lineart_anime_denoise", "manga_line": "manga_line",
+    "softedge_anyline": "softedge_anyline",
+    "lineart_anime_denoise": "lineart_anime_denoise", "manga_line": "manga_line",
     "clip_vision": "t2ia_style_clipvision", "inpaint_only+lama": "inpaint_only+lama",
     "revision_clipvision": "revision_clipvision",
     "revision_ignore_prompt": "revision_ignore_prompt",

@@ -16,6 +16,8 @@
 - mlsd_large_512_fp32.pth and table5_pidinet.pth at their released sizes (1.5 M and 0.7 M weights), random;
   PiDiNet's pixel-difference weights stored untransformed (3x3), as in the file.
 - hand_pose_model.pth / facenet.pth: the OpenPose hand (22 maps) and face (71 maps) nets at 4-8 channels.
+- 7_model.pth (TEED) at its released size (58,910 weights), random, every key and shape written out here
+  from the authors' network rather than taken from Darkroom's module.
 - scannet.pt (normal_bae): EfficientNet-B5 and the NNET decoder narrowed and shortened, in the file's wrapping.
 The real files are fp16 (HED) or fp32 (line art, OpenPose, depth, M-LSD, PiDiNet); `dtype` chooses.
 """
@@ -274,3 +276,26 @@ def normal_bae_file(state: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": {"module." + k: v for k, v in state.items()}}, path)
     return path
+
+
+_TEED_SHAPES = {  # key prefix: weight shape (a, b, kernel); the bias has a (the transposed ones have a == b)
+    "block_1.conv1": (16, 3, 3), "block_1.conv2": (16, 16, 3), "block_2.conv1": (32, 16, 3),
+    "block_2.conv2": (32, 32, 3), "dblock_3.denselayer1.conv1": (48, 32, 3), "dblock_3.denselayer1.conv2": (48, 48, 3),
+    "side_1.conv": (32, 16, 1), "pre_dense_3.conv": (48, 32, 1),
+    "up_block_1.features.0": (1, 16, 1), "up_block_1.features.2": (1, 1, 2),
+    "up_block_2.features.0": (1, 32, 1), "up_block_2.features.2": (1, 1, 2),
+    "up_block_3.features.0": (16, 48, 1), "up_block_3.features.2": (16, 16, 4),
+    "up_block_3.features.3": (1, 16, 1), "up_block_3.features.5": (1, 1, 4),
+    "block_cat.DWconv1": (24, 1, 3), "block_cat.DWconv2": (24, 1, 3),
+}
+
+
+def teed_state(*, seed: int = 0) -> dict:
+    """7_model.pth's tensors, random (Xavier-scaled, as the authors initialise, with small biases)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, (a, b, k) in _TEED_SHAPES.items():
+        fan = (a + b) * k * k
+        state[key + ".weight"] = torch.randn(a, b, k, k, generator=g) * (2.0 / fan) ** 0.5
+        state[key + ".bias"] = torch.randn(a, generator=g) * 0.05
+    return state

@@ -31,9 +31,10 @@ ALSO_AS: dict[str, tuple[str, ...]] = {
         "depth_anything_v2_vits.safetensors", "depth_anything_v2_vits.pth"),
 }
 # Hub repositories ComfyUI's controlnet_aux downloads a file from, when not lllyasviel/Annotators.
-_HUB_PATHS: dict[str, tuple[str, str]] = {
-    f"depth_anything_v2_{size}.pth": ("depth-anything", f"Depth-Anything-V2-{name}")
-    for size, name in (("vitl", "Large"), ("vitb", "Base"), ("vits", "Small"))
+_HUB_PATHS: dict[str, tuple[str, ...]] = {
+    **{f"depth_anything_v2_{size}.pth": ("depth-anything", f"Depth-Anything-V2-{name}")
+       for size, name in (("vitl", "Large"), ("vitb", "Base"), ("vits", "Small"))},
+    "7_model.pth": ("bdsqlsz", "qinglong_controlnet-lllite", "Annotators"),  # TEED
 }
 
 
