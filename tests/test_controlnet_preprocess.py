@@ -307,7 +307,7 @@ def test_module_names_and_aliases():
         pp.canonical_module("sharpen_everything")
     with pytest.raises(InvalidRequest, match="cannot run the depth_leres preprocessor yet.*module none"):
         pp.canonical_module("depth_leres")
-    for name in ("dw_openpose_full", "normal_midas", "seg_ofade20k", "t2ia_sketch_pidi", "depth_zoe", "depth_leres"):
+    for name in ("dw_openpose_full", "normal_midas", "seg_ofade20k", "softedge_anyline", "depth_zoe", "depth_leres"):
         with pytest.raises(InvalidRequest, match="cannot run"):
             pp.detect(name, Image.new("RGB", (8, 8)))
 
@@ -447,6 +447,7 @@ def test_no_preprocessor_touches_the_network(tmp_path):
     save(tiny.midas_hybrid_state(), full / "dpt_hybrid-midas-501f0c75.pt")
     save(tiny.mlsd_state(), full / "mlsd_large_512_fp32.pth")
     save(tiny.teed_state(), full / "7_model.pth")
+    save(tiny.manga_line_state(), full / "erika.pth")
     save(tiny.pidinet_state(), full / "table5_pidinet.pth")
     save(tiny.part_pose_state(22), full / "hand_pose_model.pth")
     save(tiny.part_pose_state(71), full / "facenet.pth")

@@ -259,6 +259,11 @@ def test_pidinet_variants(tmp_path, monkeypatch):
     scribble = pp.detect("scribble_pidinet", _noise(64, 128), resolution=64, annotator_dirs=[tmp_path])
     assert set(np.unique(scribble).tolist()) == {0.0, 1.0}
     assert scribble[:, 50:71].min() == 1.0 and scribble[:, :40].max() == 0.0 and scribble[:, 81:].max() == 0.0
+    monkeypatch.setattr(pidinet, "edges", lambda net, img: ramp[:img.shape[0], :img.shape[1]])
+    sketch = pp.detect("t2ia_sketch_pidi", _noise(64, 128), resolution=64, annotator_dirs=[tmp_path])
+    assert sketch.shape == (64, 128, 3) and set(np.unique(sketch).tolist()) == {0.0, 1.0}
+    assert sketch[:, :64].max() == 0.0 and sketch[:, 64:].min() == 1.0  # edges above 0.5 white, the rest black
+    assert pp.canonical_module("t2ia_sketch_pidi") == "pidinet_sketch" and _sliders("pidinet_sketch") == []
 
 
 # --- OpenPose hands and faces -------------------------------------------------------------------------------

@@ -121,11 +121,11 @@ def _mlsd(img, res, a, b, ctx):
     return mlsd.detect(img, res, ctx.dirs, a, b, device=ctx.device)
 
 
-def _pidinet(scribble: bool, safe: bool) -> Callable:
+def _pidinet(scribble: bool, safe: bool, sketch: bool = False) -> Callable:
     def run(img, res, a, b, ctx):
         from darkroom.control.annotators import pidinet
 
-        return pidinet.detect(img, res, ctx.dirs, safe=safe, scribble=scribble, device=ctx.device)
+        return pidinet.detect(img, res, ctx.dirs, safe=safe, scribble=scribble, sketch=sketch, device=ctx.device)
     return run
 
 
@@ -133,6 +133,12 @@ def _teed(img, res, a, b, ctx):
     from darkroom.control.annotators import teed
 
     return teed.detect(img, res, ctx.dirs, safe_steps=int(a), device=ctx.device)
+
+
+def _manga_line(img, res, a, b, ctx):
+    from darkroom.control.annotators import manga_line
+
+    return manga_line.detect(img, res, ctx.dirs, device=ctx.device)
 
 
 def _inpaint(img, res, a, b, ctx):
@@ -184,6 +190,8 @@ MODULES: dict[str, Module] = {m.name: m for m in (
     Module("pidinet_safe", "softedge_pidisafe", _pidinet(False, True), resolution_slider=False, weights=_PIDI),
     Module("pidinet_scribble", "scribble_pidinet", _pidinet(True, False), resolution_slider=False, priority=100,
            weights=_PIDI),
+    Module("pidinet_sketch", "t2ia_sketch_pidi", _pidinet(False, False, sketch=True), resolution_slider=False,
+           weights=_PIDI),
     # the extension's newer preprocessor registry: key and label are both softedge_teed (old key: te_hed)
     Module("softedge_teed", "softedge_teed", _teed, (Slider("Safe Steps", 2, 0, 10, 1), None),
            weights=(("7_model.pth", "TEED"),)),
@@ -193,6 +201,9 @@ MODULES: dict[str, Module] = {m.name: m for m in (
     Module("lineart", "lineart_realistic", _lineart("realistic"), weights=(("sk_model.pth", "lineart"),)),
     Module("lineart_coarse", "lineart_coarse", _lineart("coarse"), weights=(("sk_model2.pth", "lineart"),)),
     Module("lineart_anime", "lineart_anime", _lineart("anime"), weights=(("netG.pth", "lineart_anime"),)),
+    # the extension hides its resolution slider; the map still comes at the unit's resolution
+    Module("lineart_anime_denoise", "lineart_anime_denoise", _manga_line, resolution_slider=False,
+           weights=(("erika.pth", "manga_line"),)),
     Module("openpose", "openpose", _openpose(), weights=(_BODY,)),
     # the extension hides the resolution slider of all but openpose and openpose_full
     Module("openpose_hand", "openpose_hand", _openpose(hand=True), resolution_slider=False,
@@ -222,7 +233,8 @@ MODULES: dict[str, Module] = {m.name: m for m in (
 
 # The extension's v1.0 names that map onto a module it still has.
 _OLD_NAMES = {"fake_scribble": "scribble_hed",  # v1.0: HED made into a scribble
-              "te_hed": "softedge_teed"}  # the key of its first, since retired, registry entry
+              "te_hed": "softedge_teed",  # the key of its first, since retired, registry entry
+              "manga_line": "lineart_anime_denoise"}  # v1.0's name of the same net
 
 # What the extension offers and Darkroom cannot run yet: key -> display name.
 _NOT_YET = {
@@ -233,9 +245,8 @@ _NOT_YET = {
     "densepose": "densepose (pruple bg & purple torso)",
     "densepose_parula": "densepose_parula (black bg & blue torso)", "mediapipe_face": "mediapipe_face",
     "segmentation": "seg_ufade20k", "oneformer_coco": "seg_ofcoco", "oneformer_ade20k": "seg_ofade20k",
-    "anime_face_segment": "seg_anime_face", "pidinet_sketch": "t2ia_sketch_pidi",
+    "anime_face_segment": "seg_anime_face",
     "softedge_anyline": "softedge_anyline",
-    "lineart_anime_denoise": "lineart_anime_denoise", "manga_line": "manga_line",
     "clip_vision": "t2ia_style_clipvision", "inpaint_only+lama": "inpaint_only+lama",
     "revision_clipvision": "revision_clipvision",
     "revision_ignore_prompt": "revision_ignore_prompt",

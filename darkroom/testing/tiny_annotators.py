@@ -18,6 +18,8 @@
 - hand_pose_model.pth / facenet.pth: the OpenPose hand (22 maps) and face (71 maps) nets at 4-8 channels.
 - 7_model.pth (TEED) at its released size (58,910 weights), random, every key and shape written out here
   from the authors' network rather than taken from Darkroom's module.
+- erika.pth (manga line, lineart_anime_denoise): the res_skip network, narrow by default, at its released
+  widths (43.1 M weights) with `widths=None`.
 - scannet.pt (normal_bae): EfficientNet-B5 and the NNET decoder narrowed and shortened, in the file's wrapping.
 The real files are fp16 (HED) or fp32 (line art, OpenPose, depth, M-LSD, PiDiNet); `dtype` chooses.
 """
@@ -298,4 +300,28 @@ def teed_state(*, seed: int = 0) -> dict:
         fan = (a + b) * k * k
         state[key + ".weight"] = torch.randn(a, b, k, k, generator=g) * (2.0 / fan) ** 0.5
         state[key + ".bias"] = torch.randn(a, generator=g) * 0.05
+    return state
+
+
+def manga_line_state(*, widths=(2, 4, 8, 16, 32), head: int = 4, seed: int = 0, gain: float = 0.6) -> dict:
+    """erika.pth's tensors, random; `widths=None`: the released widths. Convolutions are scaled so the 44
+    residual blocks keep the output in the hundreds, and the last bias centres it on 128 (a grey map)."""
+    from darkroom.control.annotators.manga_line import HEAD_WIDTH, WIDTHS, MangaLineNet
+
+    net = MangaLineNet(WIDTHS if widths is None else widths, HEAD_WIDTH if widths is None else head)
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, value in net.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            state[key] = value
+        elif key.endswith("running_var"):
+            state[key] = 1 + torch.rand(value.shape, generator=g)
+        elif value.ndim == 4:
+            fan = value.shape[1] * value.shape[2] * value.shape[3]
+            state[key] = torch.randn(value.shape, generator=g) * (gain / fan ** 0.5)
+        elif key.endswith(".weight"):  # batch-norm scales
+            state[key] = 1 + 0.1 * torch.randn(value.shape, generator=g)
+        else:
+            state[key] = 0.05 * torch.randn(value.shape, generator=g)
+    state["conv15.model.2.bias"] = torch.full((1,), 128.0)
     return state

@@ -174,7 +174,12 @@ def edges(net: PiDiNet, img: np.ndarray) -> np.ndarray:
 
 
 def detect(img: np.ndarray, res: int, dirs: Sequence[Path], *, safe: bool = False, scribble: bool = False,
-           device: str | None = None) -> np.ndarray:
-    """softedge_pidinet (safe: softedge_pidisafe; scribble: scribble_pidinet's thick binary strokes)."""
+           sketch: bool = False, device: str | None = None) -> np.ndarray:
+    """softedge_pidinet (safe: softedge_pidisafe; scribble: scribble_pidinet's thick binary strokes; sketch:
+    t2ia_sketch_pidi's edges above 0.5 made white, the rest black, for the T2I sketch adapter)."""
     net = load(files.find(FILE, KIND, dirs)).to(device or "cpu")
-    return imageops.soft_edge_map(lambda padded: edges(net, padded), img, res, safe=safe, scribble=scribble)
+
+    def run(padded: np.ndarray) -> np.ndarray:
+        edge = edges(net, padded)
+        return (edge > 0.5).astype(np.float32) if sketch else edge
+    return imageops.soft_edge_map(run, img, res, safe=safe, scribble=scribble)
