@@ -307,7 +307,7 @@ def test_module_names_and_aliases():
         pp.canonical_module("sharpen_everything")
     with pytest.raises(InvalidRequest, match="cannot run the depth_leres preprocessor yet.*module none"):
         pp.canonical_module("depth_leres")
-    for name in ("dw_openpose_full", "normal_midas", "seg_ofade20k", "softedge_anyline", "depth_zoe", "depth_leres"):
+    for name in ("animal_openpose", "normal_midas", "seg_ofade20k", "softedge_anyline", "depth_zoe", "depth_leres"):
         with pytest.raises(InvalidRequest, match="cannot run"):
             pp.detect(name, Image.new("RGB", (8, 8)))
 
@@ -433,6 +433,7 @@ def test_lineart_nets_load_strictly_and_invert(tmp_path):
 def test_no_preprocessor_touches_the_network(tmp_path):
     """Every module, with and without its weight file: the process guard records no attempt."""
     from darkroom.testing import tiny_annotators as tiny
+    from darkroom.testing import tiny_onnx
     from darkroom.testing.tiny_annotators import hed_state, save, sketch_state
 
     guard = offline.process_guard()
@@ -448,6 +449,8 @@ def test_no_preprocessor_touches_the_network(tmp_path):
     save(tiny.mlsd_state(), full / "mlsd_large_512_fp32.pth")
     save(tiny.teed_state(), full / "7_model.pth")
     save(tiny.manga_line_state(), full / "erika.pth")
+    tiny_onnx.yolox_file(full / "yolox_l.onnx")
+    tiny_onnx.dwpose_file(full / "dw-ll_ucoco_384.onnx")
     save(tiny.pidinet_state(), full / "table5_pidinet.pth")
     save(tiny.part_pose_state(22), full / "hand_pose_model.pth")
     save(tiny.part_pose_state(71), full / "facenet.pth")
