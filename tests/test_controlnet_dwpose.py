@@ -105,3 +105,23 @@ def test_missing_and_bad_files(tmp_path):
     with pytest.raises(ModelLoadError, match="dw-ll_ucoco_384.onnx: not the DWPose whole-body model"):
         pp.detect("dw_openpose_full", PICTURE, annotator_dirs=[folder])
     assert pp.module_list()["module_detail"]["dw_openpose_full"]["sliders"][0]["name"] == "Resolution"
+
+
+ANIMAL_FILE = "rtmpose-m_simcc-ap10k_pt-aic-coco_210e-256x256-7a041aa1_20230206.onnx"
+
+
+def test_animals_draw_every_limb_in_the_extensions_colours(tmp_path):
+    # a dog (class 16) box centred at (320, 320) of the detector input, 160 x 160: the picture's (256, 256),
+    # 128 x 128, widened to 160 x 160 on the 256 x 256 input: input (u, v) is picture (u * 0.625 + 176, ...)
+    dog = (320, 320, 160, 160, 0.9, 16)
+    person = (100, 100, 50, 100, 0.9, 0)  # not an animal: left out
+    points = {k: (32 + 12 * k, 128, 0.9) for k in range(17)}  # a row of keypoints at picture y 256
+    points[1] = (32, 224, 0.9)  # the right eye below the left one: limb 0 (white) is vertical at x 196
+    yolox_file(tmp_path / "openpose" / "yolox_l.onnx", (dog, person))
+    dwpose_file(tmp_path / "openpose" / ANIMAL_FILE, points, count=17, size=(256, 256))
+    out = pp.detect("animal_openpose", PICTURE, resolution=512, annotator_dirs=[tmp_path])
+    assert _rgb(out, 196, 280) == (255, 255, 255)  # between the eyes, (196, 256) and (196, 316)
+    assert _rgb(out, 196, 250) == (0, 0, 0) and out[: 200].max() == 0  # nothing above the row, no person
+    assert pp.module_list()["module_detail"]["animal_openpose"]["sliders"][0]["name"] == "Resolution"
+    yolox_file(tmp_path / "openpose" / "yolox_l.onnx", (person,))
+    assert pp.detect("animal_openpose", PICTURE, resolution=512, annotator_dirs=[tmp_path]).max() == 0

@@ -153,5 +153,5 @@ def test_openpose_is_listed_and_a_missing_file_is_named(tmp_path):
     assert "openpose needs body_pose_model.pth" in str(err.value)
     assert "annotator/downloads/openpose" in str(err.value) and str(tmp_path / "b") in str(err.value)
     assert pp.module_status("openpose", [tmp_path])[0] is False
-    with pytest.raises(InvalidRequest, match="cannot run the animal_openpose preprocessor yet"):
-        pp.canonical_module("animal_openpose")
+    with pytest.raises(InvalidRequest, match="cannot run the densepose .* preprocessor yet"):
+        pp.canonical_module("densepose")

@@ -307,7 +307,7 @@ def test_module_names_and_aliases():
         pp.canonical_module("sharpen_everything")
     with pytest.raises(InvalidRequest, match="cannot run the depth_leres preprocessor yet.*module none"):
         pp.canonical_module("depth_leres")
-    for name in ("animal_openpose", "normal_midas", "seg_ofade20k", "softedge_anyline", "depth_zoe", "depth_leres"):
+    for name in ("densepose", "normal_midas", "seg_ofade20k", "softedge_anyline", "depth_zoe", "depth_leres"):
         with pytest.raises(InvalidRequest, match="cannot run"):
             pp.detect(name, Image.new("RGB", (8, 8)))
 
@@ -451,6 +451,8 @@ def test_no_preprocessor_touches_the_network(tmp_path):
     save(tiny.manga_line_state(), full / "erika.pth")
     tiny_onnx.yolox_file(full / "yolox_l.onnx")
     tiny_onnx.dwpose_file(full / "dw-ll_ucoco_384.onnx")
+    tiny_onnx.dwpose_file(full / "rtmpose-m_simcc-ap10k_pt-aic-coco_210e-256x256-7a041aa1_20230206.onnx", count=17,
+                          size=(256, 256))
     save(tiny.pidinet_state(), full / "table5_pidinet.pth")
     save(tiny.part_pose_state(22), full / "hand_pose_model.pth")
     save(tiny.part_pose_state(71), full / "facenet.pth")

@@ -101,6 +101,12 @@ def _dw_openpose(img, res, a, b, ctx):
     return dwpose.detect(img, res, ctx.dirs)
 
 
+def _animal_openpose(img, res, a, b, ctx):
+    from darkroom.control.annotators import dwpose
+
+    return dwpose.detect_animals(img, res, ctx.dirs)
+
+
 def _depth_anything(v2: bool) -> Callable:
     def run(img, res, a, b, ctx):
         from darkroom.control.annotators import depth
@@ -223,6 +229,9 @@ MODULES: dict[str, Module] = {m.name: m for m in (
     # ONNX graphs run by onnxruntime on the CPU, as the extension runs them on the CPU through OpenCV
     Module("dw_openpose_full", "dw_openpose_full", _dw_openpose,
            weights=(("yolox_l.onnx", "openpose"), ("dw-ll_ucoco_384.onnx", "openpose"))),
+    Module("animal_openpose", "animal_openpose", _animal_openpose,
+           weights=(("yolox_l.onnx", "openpose"),
+                    ("rtmpose-m_simcc-ap10k_pt-aic-coco_210e-256x256-7a041aa1_20230206.onnx", "openpose"))),
     Module("depth", "depth_midas", _depth_midas, priority=100,
            weights=(("dpt_hybrid-midas-501f0c75.pt", "midas"),)),
     # the extension hides depth_anything's and normal_bae's resolution slider; the map still comes at the unit's
@@ -250,7 +259,7 @@ _NOT_YET = {
     "depth_leres": "depth_leres", "depth_leres++": "depth_leres++",
     "depth_zoe": "depth_zoe",
     "depth_hand_refiner": "depth_hand_refiner", "normal_map": "normal_midas",
-    "normal_dsine": "normal_dsine", "animal_openpose": "animal_openpose",
+    "normal_dsine": "normal_dsine",
     "densepose": "densepose (pruple bg & purple torso)",
     "densepose_parula": "densepose_parula (black bg & blue torso)", "mediapipe_face": "mediapipe_face",
     "segmentation": "seg_ufade20k", "oneformer_coco": "seg_ofcoco", "oneformer_ade20k": "seg_ofade20k",

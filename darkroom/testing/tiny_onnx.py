@@ -1,5 +1,5 @@
-"""Tiny ONNX stand-ins for DW Pose's yolox_l.onnx and dw-ll_ucoco_384.onnx (tests only; needs the `onnx`
-package of requirements-dev.txt).
+"""Tiny ONNX stand-ins for DW Pose's yolox_l.onnx and dw-ll_ucoco_384.onnx and the AP-10K animal pose model
+(tests only; needs the `onnx` package of requirements-dev.txt).
 
 Each graph has the real file's input and output shapes and answers with fixed outputs chosen by the test
 (plus zero times the input's mean, so the input is used): the detector with the boxes asked for, the pose
@@ -54,14 +54,17 @@ def yolox_file(path: Path, boxes: Sequence[tuple[float, float, float, float, flo
     return _constant_graph(path, "images", (1, 3, 640, 640), {"output": raw})
 
 
-def dwpose_file(path: Path, points: Mapping[int, tuple[float, float, float]] | None = None) -> Path:
-    """dw-ll_ucoco_384.onnx answering with keypoint k at (x, y) pixels of its 288 x 384 input with score s,
-    for each k: (x, y, s) of `points`; every other keypoint scores 0.05 at the input's corner."""
-    simcc_x = np.zeros((1, 133, 576), np.float32)
-    simcc_y = np.zeros((1, 133, 768), np.float32)
+def dwpose_file(path: Path, points: Mapping[int, tuple[float, float, float]] | None = None, *,
+                count: int = 133, size: tuple[int, int] = (288, 384)) -> Path:
+    """dw-ll_ucoco_384.onnx (`count` keypoints on a `size` = (width, height) input; 17 and (256, 256): the
+    AP-10K animal model) answering with keypoint k at (x, y) input pixels with score s, for each k: (x, y, s)
+    of `points`; every other keypoint scores 0.05 at the input's corner."""
+    width, height = size
+    simcc_x = np.zeros((1, count, width * 2), np.float32)
+    simcc_y = np.zeros((1, count, height * 2), np.float32)
     simcc_x[0, :, 0] = simcc_y[0, :, 0] = 0.05
     for k, (x, y, s) in (points or {}).items():
         simcc_x[0, k, :] = simcc_y[0, k, :] = 0.0
         simcc_x[0, k, int(round(x * 2))] = s
         simcc_y[0, k, int(round(y * 2))] = s
-    return _constant_graph(path, "input", (1, 3, 384, 288), {"simcc_x": simcc_x, "simcc_y": simcc_y})
+    return _constant_graph(path, "input", (1, 3, height, width), {"simcc_x": simcc_x, "simcc_y": simcc_y})

@@ -1,5 +1,6 @@
 """DW Pose (dw_openpose_full): whole-body keypoints from yolox_l.onnx and dw-ll_ucoco_384.onnx, drawn as
-OpenPose skeletons with hands and faces.
+OpenPose skeletons with hands and faces; animal_openpose: AP-10K animal keypoints from the same detector and
+rtmpose-m_simcc-ap10k_pt-aic-coco_210e-256x256-7a041aa1_20230206.onnx.
 
 Both files are ONNX graphs run with onnxruntime on the CPU (the extension runs the same graphs through
 OpenCV's dnn module, also on the CPU). The steps are the extension's (after IDEA-Research's DWPose):
@@ -19,6 +20,10 @@ OpenCV's dnn module, also on the CPU). The steps are the extension's (after IDEA
    shoulders score above 0.3); keypoints scoring under 0.3 are left out. The body, both hands (21 points)
    and the 68 face points (with the eyes added: OpenPose faces have 70) are drawn as openpose_full draws
    them. Feet are found but, as in the extension, not drawn.
+
+animal_openpose takes the boxes of COCO's animal classes (bird to giraffe, 14-23; none: an empty map),
+places AP-10K's 17 keypoints with the 256 x 256 RTMPose model the same way, and draws all 17 limbs of
+each animal (whatever their scores, as the extension) as 5-pixel lines in the extension's colours.
 """
 
 from __future__ import annotations
@@ -34,14 +39,17 @@ from darkroom.errors import ModelLoadError
 from darkroom.fsutil import open_regular
 
 DET_FILE, POSE_FILE, KIND = "yolox_l.onnx", "dw-ll_ucoco_384.onnx", "openpose"
+ANIMAL_FILE = "rtmpose-m_simcc-ap10k_pt-aic-coco_210e-256x256-7a041aa1_20230206.onnx"
 DET_SIZE = 640
 STRIDES = (8, 16, 32)
 POSE_SIZE = (288, 384)  # (width, height)
+ANIMAL_SIZE = (256, 256)
+ANIMAL_CLASSES = tuple(range(14, 24))  # COCO's bird, cat, dog, horse, sheep, cow, elephant, bear, zebra, giraffe
 SIMCC_SPLIT = 2.0
 NMS_IOU, CANDIDATE_SCORE, PERSON_SCORE, KEYPOINT_SCORE = 0.45, 0.1, 0.3, 0.3
 POSE_MEAN = np.array([123.675, 116.28, 103.53], np.float32)
 POSE_STD = np.array([58.395, 57.12, 57.375], np.float32)
-WHOLE_BODY = 133
+WHOLE_BODY, ANIMAL_POINTS = 133, 17
 # OpenPose body point <- COCO point (after the neck is inserted at 17): nose 0, neck 1, right arm 2-4, left arm
 # 5-7, right leg 8-10, left leg 11-13, right/left eye 14/15, right/left ear 16/17
 OPENPOSE_FROM_COCO = (0, 17, 6, 8, 10, 5, 7, 9, 12, 14, 16, 11, 13, 15, 2, 1, 4, 3)
@@ -132,9 +140,9 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float = NMS_IOU) -> list[int
     return keep
 
 
-def people(detector: Graph, img: np.ndarray) -> np.ndarray | None:
-    """Person boxes (n x 4, picture pixels); an empty array when only other things were found, None when
-    nothing was."""
+def people(detector: Graph, img: np.ndarray, classes: Sequence[int] = (0,)) -> np.ndarray | None:
+    """Boxes of `classes` (default: people; n x 4, picture pixels); an empty array when only other things were
+    found, None when nothing was."""
     x, ratio = letterbox(img)
     raw = np.asarray(detector(x)[0], dtype=np.float32)
     boxes, scores = decode_boxes(raw.reshape(raw.shape[-2], raw.shape[-1]))
@@ -147,24 +155,25 @@ def people(detector: Graph, img: np.ndarray) -> np.ndarray | None:
             found += [(boxes[k], scores[k, cls], cls) for k in kept]
     if not found:
         return None
-    return np.array([box for box, score, cls in found if cls == 0 and score > PERSON_SCORE]).reshape(-1, 4)
+    return np.array([box for box, score, cls in found if cls in classes and score > PERSON_SCORE]).reshape(-1, 4)
 
 
 # --- 2. keypoints: RTMPose with SimCC ---------------------------------------------------------------------
 
-def box_frame(box: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(centre, size) of a box widened 1.25x and then to the pose model's aspect (width:height 3:4)."""
+def box_frame(box: np.ndarray, model_size: tuple[int, int] = POSE_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """(centre, size) of a box widened 1.25x and then to the pose model's aspect (DWPose's 3:4)."""
     x0, y0, x1, y1 = (float(v) for v in box)
     centre = np.array([(x0 + x1) / 2, (y0 + y1) / 2])
     w, h = (x1 - x0) * 1.25, (y1 - y0) * 1.25
-    aspect = POSE_SIZE[0] / POSE_SIZE[1]
+    aspect = model_size[0] / model_size[1]
     size = np.array([w, w / aspect]) if w > h * aspect else np.array([h * aspect, h])
     return centre, size
 
 
-def crop(img: np.ndarray, centre: np.ndarray, size: np.ndarray) -> np.ndarray:
+def crop(img: np.ndarray, centre: np.ndarray, size: np.ndarray,
+         model_size: tuple[int, int] = POSE_SIZE) -> np.ndarray:
     """The frame warped onto the pose model's input (bilinear, black outside the picture), float32 HxWx3."""
-    out_w, out_h = POSE_SIZE
+    out_w, out_h = model_size
     step = size[0] / out_w  # picture pixels per input pixel, the same both ways
     xs = (np.arange(out_w) - out_w / 2) * step + centre[0]
     ys = (np.arange(out_h) - out_h / 2) * step + centre[1]
@@ -185,19 +194,20 @@ def simcc_peaks(simcc_x: np.ndarray, simcc_y: np.ndarray) -> tuple[np.ndarray, n
     return locs / SIMCC_SPLIT, scores
 
 
-def keypoints(pose: Graph, img: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(people x 133 x 2 picture pixels, people x 133 scores), one box at a time."""
+def keypoints(pose: Graph, img: np.ndarray, boxes: np.ndarray, model_size: tuple[int, int] = POSE_SIZE,
+              count: int = WHOLE_BODY) -> tuple[np.ndarray, np.ndarray]:
+    """(boxes x count x 2 picture pixels, boxes x count scores), one box at a time."""
     all_points, all_scores = [], []
     for box in boxes:
-        centre, size = box_frame(box)
-        x = (crop(img, centre, size) - POSE_MEAN) / POSE_STD
+        centre, size = box_frame(box, model_size)
+        x = (crop(img, centre, size, model_size) - POSE_MEAN) / POSE_STD
         simcc_x, simcc_y = (np.asarray(o, dtype=np.float32) for o in pose(x.transpose(2, 0, 1)[None])[:2])
-        if simcc_x.ndim != 3 or simcc_x.shape[1] != WHOLE_BODY or simcc_y.shape[1] != WHOLE_BODY:
-            raise ValueError(f"outputs of shapes {simcc_x.shape} and {simcc_y.shape}, not SimCC of 133 keypoints")
+        if simcc_x.ndim != 3 or simcc_x.shape[1] != count or simcc_y.shape[1] != count:
+            raise ValueError(f"outputs of shapes {simcc_x.shape} and {simcc_y.shape}, not SimCC of {count} keypoints")
         locs, scores = simcc_peaks(simcc_x[0], simcc_y[0])
-        all_points.append(locs / np.array(POSE_SIZE, np.float32) * size + centre - size / 2)
+        all_points.append(locs / np.array(model_size, np.float32) * size + centre - size / 2)
         all_scores.append(scores)
-    return np.array(all_points).reshape(-1, WHOLE_BODY, 2), np.array(all_scores).reshape(-1, WHOLE_BODY)
+    return np.array(all_points).reshape(-1, count, 2), np.array(all_scores).reshape(-1, count)
 
 
 # --- 3. OpenPose people -----------------------------------------------------------------------------------
@@ -249,3 +259,50 @@ def detect(img: np.ndarray, res: int, dirs: Sequence[Path]) -> np.ndarray:
             raise ModelLoadError(f"{pose_path.name}: not the DWPose whole-body model ({e})") from None
         bodies, hands, faces = openpose_people(points, scores)
     return openpose.draw(bodies, padded.shape[0], padded.shape[1], hands=hands, faces=faces)[:h, :w]
+
+
+# --- animal_openpose --------------------------------------------------------------------------------------
+
+# AP-10K limbs (keypoint pairs, 0-based: eyes 0-1, nose 2, neck 3, tail root 4, then the legs) and the
+# extension's colour for each
+ANIMAL_LIMBS = ((0, 1), (1, 2), (0, 2), (2, 3), (3, 8), (8, 9), (9, 10), (3, 5), (5, 6), (6, 7), (3, 4), (4, 14),
+                (14, 15), (15, 16), (4, 11), (11, 12), (12, 13))
+ANIMAL_COLORS = ((255, 255, 255), (100, 255, 100), (150, 255, 255), (100, 50, 255), (50, 150, 200), (0, 255, 255),
+                 (0, 150, 0), (0, 0, 255), (0, 0, 150), (255, 50, 255), (255, 0, 255), (255, 0, 0), (150, 0, 0),
+                 (255, 255, 100), (0, 150, 0), (255, 255, 0), (150, 150, 150))
+ANIMAL_LINE = 5
+
+
+def draw_animals(animals: Sequence[np.ndarray], height: int, width: int) -> np.ndarray:
+    """Each animal's 17 limbs as 5-pixel lines with round ends (OpenCV's thick lines), uint8 HxWx3."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.new("RGB", (width, height))
+    pen = ImageDraw.Draw(canvas)
+    r = ANIMAL_LINE // 2
+    for points in animals:
+        for (a, b), color in zip(ANIMAL_LIMBS, ANIMAL_COLORS, strict=True):
+            ends = [(int(points[a][0]), int(points[a][1])), (int(points[b][0]), int(points[b][1]))]
+            pen.line(ends, fill=color, width=ANIMAL_LINE)
+            for x, y in ends:
+                pen.ellipse((x - r, y - r, x + r, y + r), fill=color)
+    return np.asarray(canvas, dtype=np.uint8).copy()
+
+
+def detect_animals(img: np.ndarray, res: int, dirs: Sequence[Path]) -> np.ndarray:
+    """The animal_openpose map at the unit's resolution (padded to 64, cropped back)."""
+    det_path, pose_path = files.find(DET_FILE, KIND, dirs), files.find(ANIMAL_FILE, KIND, dirs)
+    detector, pose = session(det_path, "YOLOX detector"), session(pose_path, "AP-10K RTMPose keypoint model")
+    padded, (h, w) = imageops.pad64(imageops.to_resolution(img, res))
+    try:
+        boxes = people(detector, padded, ANIMAL_CLASSES)
+    except (ValueError, IndexError) as e:
+        raise ModelLoadError(f"{det_path.name}: not the YOLOX detector ({e})") from None
+    animals: list = []
+    if boxes is not None and len(boxes):
+        try:
+            points, _ = keypoints(pose, padded, boxes, ANIMAL_SIZE, ANIMAL_POINTS)
+        except (ValueError, IndexError) as e:
+            raise ModelLoadError(f"{pose_path.name}: not the AP-10K RTMPose model ({e})") from None
+        animals = list(points)
+    return draw_animals(animals, padded.shape[0], padded.shape[1])[:h, :w]

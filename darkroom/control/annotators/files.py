@@ -36,6 +36,8 @@ _HUB_PATHS: dict[str, tuple[str, ...]] = {
        for size, name in (("vitl", "Large"), ("vitb", "Base"), ("vits", "Small"))},
     "7_model.pth": ("bdsqlsz", "qinglong_controlnet-lllite", "Annotators"),  # TEED
     "yolox_l.onnx": ("yzd-v", "DWPose"), "dw-ll_ucoco_384.onnx": ("yzd-v", "DWPose"),
+    "rtmpose-m_simcc-ap10k_pt-aic-coco_210e-256x256-7a041aa1_20230206.onnx": (
+        "bdsqlsz", "qinglong_controlnet-lllite", "Annotators"),
 }
 
 
