@@ -235,3 +235,25 @@ def test_v2_other_installs_names_and_a_clear_error(tmp_path):
     (tmp_path / "bad" / "depth_anything_v2_vitl.safetensors").write_bytes(b"not a safetensors file at all")
     with pytest.raises(ModelLoadError, match="depth_anything_v2_vitl.safetensors"):
         pp.detect("depth_anything_v2", _picture(), annotator_dirs=[tmp_path / "bad"])
+
+
+# --- normal_midas: normals from the MiDaS depth -----------------------------------------------------------
+
+def test_midas_normals_follow_the_extensions_formula(tmp_path, monkeypatch):
+    save(midas_hybrid_state(), tmp_path / "midas" / "dpt_hybrid-midas-501f0c75.pt")
+    out = pp.detect("normal_midas", _picture(), resolution=64, annotator_dirs=[tmp_path])
+    assert out.shape == (64, 85, 3) and out.std() > 0
+    assert pp.module_list()["module_detail"]["normal_map"]["sliders"][1] == {
+        "name": "Normal Background Threshold", "value": 0.4, "min": 0.0, "max": 1.0, "step": 0.01}
+    ramp = np.tile(np.arange(128, dtype=np.float32), (64, 1))  # depth rising to the right, 1 per pixel
+    monkeypatch.setattr(depth, "midas_depth", lambda model, img: ramp[: img.shape[0], : img.shape[1]])
+    out = pp.detect("normal_midas", Image.new("RGB", (128, 64)), resolution=64, annotator_dirs=[tmp_path])
+    px = np.rint(out * 255).astype(int)
+    # Sobel x of a unit ramp is 8; n = (8, 0, 2 pi) / |.|, written as (z, y, x) colours
+    n = np.array([8.0, 0.0, 2 * np.pi]) / np.hypot(8.0, 2 * np.pi)
+    want = tuple(int(v) for v in (n * 127.5 + 127.5)[::-1])
+    assert tuple(px[30, 100]) == want
+    assert tuple(px[30, 20]) == (255, 127, 127)  # under 0.4 of the stretched depth: flat background
+    flat = pp.detect("normal_midas", Image.new("RGB", (128, 64)), resolution=64, threshold_a=0.0,
+                     annotator_dirs=[tmp_path])
+    assert tuple(np.rint(flat[30, 20] * 255).astype(int)) == want  # threshold 0: no background

@@ -307,7 +307,7 @@ def test_module_names_and_aliases():
         pp.canonical_module("sharpen_everything")
     with pytest.raises(InvalidRequest, match="cannot run the depth_leres preprocessor yet.*module none"):
         pp.canonical_module("depth_leres")
-    for name in ("densepose", "normal_midas", "seg_ofade20k", "softedge_anyline", "depth_zoe", "depth_leres"):
+    for name in ("densepose", "normal_dsine", "seg_ofade20k", "softedge_anyline", "depth_zoe", "depth_leres"):
         with pytest.raises(InvalidRequest, match="cannot run"):
             pp.detect(name, Image.new("RGB", (8, 8)))
 

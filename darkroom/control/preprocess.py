@@ -121,6 +121,12 @@ def _depth_midas(img, res, a, b, ctx):
     return depth.detect_midas(img, res, ctx.dirs, device=ctx.device)
 
 
+def _normal_midas(img, res, a, b, ctx):
+    from darkroom.control.annotators import depth
+
+    return depth.detect_midas_normal(img, res, ctx.dirs, a, device=ctx.device)
+
+
 def _normal_bae(img, res, a, b, ctx):
     from darkroom.control.annotators import normalbae
 
@@ -241,6 +247,8 @@ MODULES: dict[str, Module] = {m.name: m for m in (
     # found under its other names too (files.ALSO_AS: the .pth ComfyUI keeps, the ViT-B and ViT-S files)
     Module("depth_anything_v2", "depth_anything_v2", _depth_anything(True), resolution_slider=False,
            weights=(("depth_anything_v2_vitl.safetensors", "depth_anything_v2"),)),
+    Module("normal_map", "normal_midas", _normal_midas, (Slider("Normal Background Threshold", 0.4, 0.0, 1.0), None),
+           weights=(("dpt_hybrid-midas-501f0c75.pt", "midas"),)),
     Module("normal_bae", "normal_bae", _normal_bae, resolution_slider=False, priority=100,
            weights=(("scannet.pt", "normal_bae"),)),
     # model-free: the picture itself, VAE-encoded while sampling (darkroom.control.reference)
@@ -258,7 +266,7 @@ _OLD_NAMES = {"fake_scribble": "scribble_hed",  # v1.0: HED made into a scribble
 _NOT_YET = {
     "depth_leres": "depth_leres", "depth_leres++": "depth_leres++",
     "depth_zoe": "depth_zoe",
-    "depth_hand_refiner": "depth_hand_refiner", "normal_map": "normal_midas",
+    "depth_hand_refiner": "depth_hand_refiner",
     "normal_dsine": "normal_dsine",
     "densepose": "densepose (pruple bg & purple torso)",
     "densepose_parula": "densepose_parula (black bg & blue torso)", "mediapipe_face": "mediapipe_face",

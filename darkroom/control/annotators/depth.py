@@ -1,5 +1,5 @@
 """Depth maps: depth_anything (depth_anything_vitl14.pth), depth_anything_v2 (depth_anything_v2_vitl.safetensors)
-and depth_midas (dpt_hybrid-midas-501f0c75.pt).
+and depth_midas (dpt_hybrid-midas-501f0c75.pt); normal_midas's normals from the MiDaS depth.
 
 Both nets are run through transformers' implementations with configs built here from the files' shapes
 (never fetched) and the original checkpoints' keys renamed onto them.
@@ -323,3 +323,26 @@ def detect_midas(img: np.ndarray, res: int, dirs: Sequence[Path], device: str | 
     top = float(d.max())
     scaled = d / top * 255.0 if top > 0 else np.zeros_like(d)
     return scaled.clip(0, 255).astype(np.uint8)[:h, :w]
+
+
+def detect_midas_normal(img: np.ndarray, res: int, dirs: Sequence[Path], bg_threshold: float = 0.4,
+                        device: str | None = None) -> np.ndarray:
+    """The normal_midas map: normals from the MiDaS depth's 3x3 Sobel gradients (x right, y down) with a
+    constant 2 pi for z, flat where the stretched depth is under `bg_threshold` (the background), as
+    (z, y, x) colours 127.5 + 127.5 n (the extension's channel order), the short side at `res`."""
+    from scipy import ndimage
+
+    model = load_midas(files.find(MIDAS_FILE, MIDAS_KIND, dirs)).to(device or "cpu")
+    padded, (h, w) = imageops.pad64(imageops.to_resolution(img, res))
+    d = midas_depth(model, padded).astype(np.float32)
+    stretched = d - d.min()
+    top = float(stretched.max())
+    stretched = stretched / top if top > 0 else stretched
+    gx = ndimage.sobel(d, axis=1, mode="mirror")  # OpenCV's Sobel with its reflect-101 border
+    gy = ndimage.sobel(d, axis=0, mode="mirror")
+    background = stretched < bg_threshold
+    gx[background] = 0
+    gy[background] = 0
+    normal = np.stack([gx, gy, np.full_like(gx, 2 * np.pi)], axis=2)
+    normal /= np.sqrt((normal ** 2).sum(axis=2, keepdims=True))
+    return (normal * 127.5 + 127.5).clip(0, 255).astype(np.uint8)[:h, :w, ::-1]
