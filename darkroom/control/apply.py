@@ -73,6 +73,11 @@ class ControlUnitRun:
     variation: float = 0.0  # threshold_a, the blur radius in latent pixels
     sharpness: float | None = None  # threshold_b of tile_colorfix+sharp (None: plain tile_colorfix)
     fidelity: float = 0.5  # a reference unit's Style Fidelity (threshold_a)
+    # inpaint_only(+lama) (darkroom.control.inpaint_only): the picture's latent and the latent mask per pass
+    inpaint_latent: torch.Tensor | None = None  # [1, 4, h, w] (None: not an inpaint_only unit)
+    hr_inpaint_latent: torch.Tensor | None = None
+    inpaint_mask: torch.Tensor | None = None  # [1, 1, h, w], 1: repaint
+    hr_inpaint_mask: torch.Tensor | None = None
 
     def ready_hint(self, device: torch.device) -> torch.Tensor:
         """The hint on `device` in the ControlNet's dtype, moved once per pass rather than at every step."""
@@ -110,23 +115,26 @@ class ControlUnitRun:
 class Control:
     """The ControlNet units of one sampling pass; `denoise` asks it for residuals at each UNet call."""
 
-    def __init__(self, units: list[ControlUnitRun], *, hires: bool = False):
+    def __init__(self, units: list[ControlUnitRun], *, hires: bool = False, noise_latent: torch.Tensor | None = None):
         self.units = units
         self.hires = hires
+        self.noise_latent = noise_latent  # inpaint_only+lama's fill, VAE-encoded: the first pass's noise leans to it
         self.calls = 0  # ControlNet forward passes run in this pass
         self.reference = None  # reference.ReferenceSession while its hooks are on the UNet (reference.hooked)
 
     def for_hires(self) -> Control | None:
         """The same units for the hires fix's second pass: their hires maps, hr_option applied."""
         units = [replace(u, hint=u.hr_hint if u.hr_hint is not None else u.hint,
-                         colour_latent=u.hr_colour_latent if u.hr_colour_latent is not None else u.colour_latent)
+                         colour_latent=u.hr_colour_latent if u.hr_colour_latent is not None else u.colour_latent,
+                         inpaint_latent=u.hr_inpaint_latent if u.hr_inpaint_latent is not None else u.inpaint_latent,
+                         inpaint_mask=u.hr_inpaint_mask if u.hr_inpaint_mask is not None else u.inpaint_mask)
                  for u in self.units if u.hr_option != "Low res only"]
         return Control(units, hires=True) if units else None
 
     def for_first_pass(self, hires_enabled: bool) -> Control | None:
         """The units of the first pass: with the hires fix on, "High res only" units wait for the second."""
         units = [u for u in self.units if not (hires_enabled and u.hr_option == "High res only")]
-        return Control(units) if units else None
+        return Control(units, noise_latent=self.noise_latent) if units else None
 
     def modules(self) -> list[torch.nn.Module]:
         """The ControlNets (for the interrupt checkpoints)."""
@@ -134,8 +142,18 @@ class Control:
 
     @property
     def fixes_colours(self) -> bool:
-        """Whether a tile_colorfix unit runs in this pass: the sampler then calls `fix_prediction` every step."""
-        return any(u.colour_latent is not None for u in self.units)
+        """Whether a tile_colorfix or inpaint_only unit runs in this pass: the sampler then calls
+        `fix_prediction` every step."""
+        return any(u.colour_latent is not None or u.inpaint_latent is not None for u in self.units)
+
+    def start_noise(self, noise: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+        """The pass's starting noise, moved towards inpaint_only+lama's fill when a unit has one (inpaint_only);
+        `alphas_cumprod`: the model's training schedule."""
+        if self.noise_latent is None:
+            return noise
+        from darkroom.control.inpaint_only import lama_noise
+
+        return lama_noise(noise, self.noise_latent, alphas_cumprod)
 
     def fix_prediction(self, pred: torch.Tensor, x: torch.Tensor, sigma, *, v_prediction: bool, n: int,
                        uncond: bool) -> torch.Tensor:
@@ -160,6 +178,11 @@ class Control:
             if unit.colour_latent is not None:
                 fixed = fix_colours(fixed, unit.colour_latent, unit.variation, sharpness=unit.sharpness,
                                     prompt_rows=rows, weight=unit.weight, hires=self.hires)
+        for unit in self.units:  # after every colour fix, as the extension's hook orders them
+            if unit.inpaint_latent is not None:
+                from darkroom.control.inpaint_only import restore_x0
+
+                fixed = restore_x0(fixed, unit.inpaint_latent, unit.inpaint_mask, unit.weight)
         # x0 = a x - s v, or x0 = (x - s eps) / a: x0 moves by -s dv, or by -sigma d eps
         return pred - (fixed - x0) / (s if v_prediction else sigma)
 

@@ -39,6 +39,15 @@ class PreparedControl:
     infotext: dict[str, str] = field(default_factory=dict)  # "ControlNet N" -> the extension's line
     maps: dict[int, np.ndarray] = field(default_factory=dict)  # unit number -> first-pass map (HxWx3)
     hr_maps: dict[int, np.ndarray] = field(default_factory=dict)
+    restores: list = field(default_factory=list)  # inpaint_only units' paste-backs (inpaint_only.RestoreImage)
+
+    def restore(self, image: Image.Image) -> Image.Image:
+        """A decoded image with each inpaint_only unit's picture put back outside its mask (inpaint_only)."""
+        if not self.restores:
+            return image
+        from darkroom.control.inpaint_only import restore
+
+        return restore(image, self.restores)
 
     def first_pass(self, hires_enabled: bool) -> Control | None:
         return self.control.for_first_pass(hires_enabled) if self.control else None
@@ -135,6 +144,46 @@ def colour_fix_fields(module, encode: Encode | None, control: np.ndarray, hr_con
             "variation": float(threshold_a), "sharpness": float(threshold_b) if module.sliders[1] else None}
 
 
+def inpaint_only_fields(module: str, encode: Encode, picture: np.ndarray, detected: np.ndarray, control: np.ndarray,
+                        hr_control: np.ndarray | None, resize_mode: str, annotator_dirs: Sequence[Path],
+                        lama_device=None) -> tuple[dict, object, torch.Tensor | None]:
+    """(ControlUnitRun fields, the last pass's RestoreImage, +lama's noise latent or None) of an inpaint_only(+lama)
+    unit (darkroom.control.inpaint_only). `picture`: its picture in [0, 1] at the size of `detected`, its map
+    (-1: masked); `control`/`hr_control`: the fitted maps of the passes."""
+    from darkroom.control import inpaint_only
+
+    hole = (detected < 0).any(axis=2)
+    if module == "inpaint_only+lama":
+        from darkroom.control.annotators import lama
+
+        if resize_mode_is_fill(resize_mode):
+            # the extension's outpaint fix: the picture first takes the generation's shape, the border masked
+            height, width = control.shape[:2]
+            picture, hole = fit_map(picture, width, height, resize_mode), (control < 0).any(axis=2)
+        filled = lama.fill_picture((picture * 255.0).round().clip(0, 255).astype(np.uint8), hole.astype(np.float32),
+                                   annotator_dirs, device=lama_device)
+        picture = filled.astype(np.float32) / 255.0
+    fields: dict = {}
+    restore = None
+    for prefix, fitted in (("", control), ("hr_", hr_control)):
+        if fitted is None:
+            continue
+        raw = quantize_map(fit_map(picture, fitted.shape[1], fitted.shape[0], resize_mode))
+        latent = fields[prefix + "inpaint_latent"] = encode(to_hint(raw) * 2 - 1)
+        masked = (fitted < 0).any(axis=2)
+        fields[prefix + "inpaint_mask"] = inpaint_only.latent_mask(masked, fitted.shape[0] // latent.shape[-2])
+        restore = inpaint_only.RestoreImage(raw, inpaint_only.blend_mask(masked))
+    noise = fields["inpaint_latent"] if module == "inpaint_only+lama" else None
+    return fields, restore, noise
+
+
+def resize_mode_is_fill(resize_mode: str | int) -> bool:
+    """Whether a unit's resize mode is "Resize and Fill" (the extension's OUTER_FIT), in any of its spellings."""
+    from darkroom.control.annotators.fit import RESIZE_AND_FILL, resize_mode_name
+
+    return resize_mode_name(resize_mode) == RESIZE_AND_FILL
+
+
 def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile], cache: ControlNetCache,
                     model_family: str, model_name: str, width: int, height: int,
                     hires_size: tuple[int, int] | None, decode: Decode, init_image: Image.Image | None = None,
@@ -148,6 +197,7 @@ def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile]
     tile_colorfix units need it for their colour fix; without it they give their map only."""
     prepared = PreparedControl(None)
     runs: list[ControlUnitRun] = []
+    noise_latent = None  # an inpaint_only+lama unit's fill, encoded (the last such unit's, as the extension)
     for index, unit in enumerate(units):
         if not unit.active:
             continue
@@ -160,6 +210,8 @@ def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile]
             check_family(loaded.family, file.name, model_family, model_name, noun)
         pre = _preprocess()
         module = pre.canonical_module(unit.module)
+        if module == "inpaint_only" and init_mask is not None:
+            module = "inpaint"  # with img2img's own inpainting, as the extension: inpaint_global_harmonious
         if loaded is not None:
             union_type = union_index(loaded, unit.union_control_type, module, f"ControlNet unit {index}", file.name)
         image, mask = unit_image(unit, index, decode, init_image, init_mask, crop)
@@ -179,6 +231,13 @@ def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile]
             prepared.hr_maps[index] = hr_control
         prepared.maps[index] = control
         colour = colour_fix_fields(pre.MODULES[module], encode, control, hr_control, threshold_a, threshold_b)
+        if module in ("inpaint_only", "inpaint_only+lama") and encode is not None:
+            picture = _picture_of(pre, image, detected, unit.prepared)
+            inpaint, restore, noise = inpaint_only_fields(module, encode, picture, detected, control, hr_control,
+                                                          unit.resize_mode, annotator_dirs, lama_device=device)
+            colour.update(inpaint)
+            prepared.restores.append(restore)
+            noise_latent = noise if noise is not None else noise_latent
         runs.append(ControlUnitRun(
             loaded, to_hint(control), weight=unit.weight, start=unit.guidance_start, end=unit.guidance_end,
             mode=unit.control_mode, guess_mode=unit.guess_mode, module=module, hr_option=unit.hr_option,
@@ -193,5 +252,15 @@ def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile]
             "hr_option": unit.hr_option, "guess_mode": unit.guess_mode})
         if line is not None:
             prepared.infotext[f"ControlNet {index}"] = line
-    prepared.control = Control(runs) if runs else None
+    prepared.control = Control(runs, noise_latent=noise_latent) if runs else None
     return prepared
+
+
+def _picture_of(pre, image: Image.Image, detected: np.ndarray, prepared: bool) -> np.ndarray:
+    """An inpaint unit's picture in [0, 1] at its map's size: the image itself, or for a ready map (which keeps
+    no picture under its mask) the map's colours with the median colour there (inpaint_only.picture_fill)."""
+    if prepared:
+        from darkroom.control.inpaint_only import picture_fill
+
+        return picture_fill(detected)
+    return pre.detect("none", image)

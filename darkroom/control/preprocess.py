@@ -199,6 +199,9 @@ MODULES: dict[str, Module] = {m.name: m for m in (
            resolution_slider=False),
     Module("inpaint", "inpaint_global_harmonious", _inpaint, uses_resolution=False, needs_mask=True),
     Module("inpaint_only", "inpaint_only", _inpaint, uses_resolution=False, priority=100, needs_mask=True),
+    # the same map; LaMa's fill is made while preparing the unit (darkroom.control.inpaint_only)
+    Module("inpaint_only+lama", "inpaint_only+lama", _inpaint, uses_resolution=False, needs_mask=True,
+           weights=(("ControlNetLama.pth", "lama"),)),
     Module("hed", "softedge_hed", _hed(False, False), weights=_HED),
     Module("hed_safe", "softedge_hedsafe", _hed(False, True), weights=_HED),
     Module("scribble_hed", "scribble_hed", _hed(True, False), weights=_HED),
@@ -273,13 +276,12 @@ _NOT_YET = {
     "segmentation": "seg_ufade20k", "oneformer_coco": "seg_ofcoco", "oneformer_ade20k": "seg_ofade20k",
     "anime_face_segment": "seg_anime_face",
     "softedge_anyline": "softedge_anyline",
-    "clip_vision": "t2ia_style_clipvision", "inpaint_only+lama": "inpaint_only+lama",
+    "clip_vision": "t2ia_style_clipvision",
     "revision_clipvision": "revision_clipvision",
     "revision_ignore_prompt": "revision_ignore_prompt",
 }
 
 _ADVICE = {
-    "inpaint_only+lama": "it needs the LaMa inpainting model; use inpaint_only",
     "revision": "it feeds the picture through CLIP vision instead of a control map; Darkroom has no such mode",
     "clip_vision": "it feeds the picture through CLIP vision instead of a control map; Darkroom has no such mode",
 }

@@ -295,6 +295,8 @@ class Engine:
                     if images is SKIPPED:
                         skip.clear()
                         continue
+                    if control is not None and control.restores:  # inpaint_only's paste-back, before faces as there
+                        images = [control.restore(image) for image in images]
                     if req.restore_faces:  # after decoding, before writing, as the webui (darkroom/faces)
                         images = self._restore_faces(images, cancel)
                         if images is None:

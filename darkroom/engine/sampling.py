@@ -180,6 +180,14 @@ def _reference_hooks(model: LoadedModel, control: Control | None, seeds):
                   sdxl=model.family.id.startswith("sdxl"))
 
 
+def _lean(start_noise: torch.Tensor, model: LoadedModel, control: Control | None) -> torch.Tensor:
+    """The starting noise, leaning towards an inpaint_only+lama unit's fill (Control.start_noise)."""
+    if control is None or control.noise_latent is None:
+        return start_noise
+    abar = 1.0 / (1.0 + samplers.webui_train_sigmas(model.scheduler_config).double() ** 2)
+    return control.start_noise(start_noise, abar)
+
+
 def _denoise(model: LoadedModel, spec: samplers.Sampler, schedule: str, *, steps: int, noise: Noise,
              shape: tuple[int, int, int], guidance: Guidance, init: Init | None, eta: float | None, batch: int,
              batch_count: int, phase: str, on_step: StepCallback | None, cancel: threading.Event | None,
@@ -201,7 +209,7 @@ def _denoise(model: LoadedModel, spec: samplers.Sampler, schedule: str, *, steps
         scheduler.set_timesteps(steps, device=device)
     timesteps = scheduler.timesteps
     start_noise, rng = noise.start(shape)
-    start_noise = start_noise.to(device)
+    start_noise = _lean(start_noise.to(device), model, control)
     if init is None:
         latents = start_noise * scheduler.init_noise_sigma
         init_latents = None
@@ -390,7 +398,7 @@ def _denoise_own(model: LoadedModel, spec: samplers.Sampler, schedule: str, *, s
     webui = samplers.is_webui_source(noise.source)
     sigmas = _sigmas(model, spec, schedule, steps, webui).to(device)
     start_noise, rng = noise.start(shape)
-    start_noise = start_noise.to(device)
+    start_noise = _lean(start_noise.to(device), model, control)
     source = None
     full = sigmas
     if init is None:

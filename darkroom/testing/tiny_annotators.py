@@ -20,6 +20,8 @@
   from the authors' network rather than taken from Darkroom's module.
 - erika.pth (manga line, lineart_anime_denoise): the res_skip network, narrow by default, at its released
   widths (43.1 M weights) with `widths=None`.
+- ControlNetLama.pth (inpaint_only+lama): the LaMa generator at width 8 with 2 residual blocks (the released
+  file: 64 and 18, 51 M weights).
 - scannet.pt (normal_bae): EfficientNet-B5 and the NNET decoder narrowed and shortened, in the file's wrapping.
 The real files are fp16 (HED) or fp32 (line art, OpenPose, depth, M-LSD, PiDiNet); `dtype` chooses.
 """
@@ -324,4 +326,23 @@ def manga_line_state(*, widths=(2, 4, 8, 16, 32), head: int = 4, seed: int = 0, 
         else:
             state[key] = 0.05 * torch.randn(value.shape, generator=g)
     state["conv15.model.2.bias"] = torch.full((1,), 128.0)
+    return state
+
+
+def lama_state(*, width: int = 8, blocks: int = 2, seed: int = 0) -> dict:
+    """ControlNetLama.pth's tensors (the generator's `model.<i>` keys), random: convolutions scaled by their
+    fan-in, batch-norm variances in [1, 2)."""
+    from darkroom.control.annotators.lama import LamaGenerator
+
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, value in LamaGenerator(width, blocks).state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            state[key] = value
+        elif key.endswith("running_var"):
+            state[key] = 1 + torch.rand(value.shape, generator=g)
+        elif value.ndim == 4:
+            state[key] = torch.randn(value.shape, generator=g) * (1.0 / value[0].numel()) ** 0.5
+        else:
+            state[key] = 0.1 * torch.randn(value.shape, generator=g)
     return state
