@@ -450,6 +450,7 @@ def test_no_preprocessor_touches_the_network(tmp_path):
     save(tiny.teed_state(), full / "7_model.pth")
     save(tiny.manga_line_state(), full / "erika.pth")
     save(tiny.lama_state(), full / "ControlNetLama.pth")
+    save(tiny.anime_face_state(), full / "UNet.pth")
     tiny_onnx.yolox_file(full / "yolox_l.onnx")
     tiny_onnx.dwpose_file(full / "dw-ll_ucoco_384.onnx")
     tiny_onnx.dwpose_file(full / "rtmpose-m_simcc-ap10k_pt-aic-coco_210e-256x256-7a041aa1_20230206.onnx", count=17,

@@ -159,6 +159,12 @@ def _manga_line(img, res, a, b, ctx):
     return manga_line.detect(img, res, ctx.dirs, device=ctx.device)
 
 
+def _anime_face(img, res, a, b, ctx):
+    from darkroom.control.annotators import anime_face
+
+    return anime_face.detect(img, res, ctx.dirs, device=ctx.device)
+
+
 def _inpaint(img, res, a, b, ctx):
     return simple.inpaint(img, ctx.mask)
 
@@ -250,6 +256,7 @@ MODULES: dict[str, Module] = {m.name: m for m in (
     # found under its other names too (files.ALSO_AS: the .pth ComfyUI keeps, the ViT-B and ViT-S files)
     Module("depth_anything_v2", "depth_anything_v2", _depth_anything(True), resolution_slider=False,
            weights=(("depth_anything_v2_vitl.safetensors", "depth_anything_v2"),)),
+    Module("anime_face_segment", "seg_anime_face", _anime_face, weights=(("UNet.pth", "anime_face_segment"),)),
     Module("normal_map", "normal_midas", _normal_midas, (Slider("Normal Background Threshold", 0.4, 0.0, 1.0), None),
            weights=(("dpt_hybrid-midas-501f0c75.pt", "midas"),)),
     Module("normal_bae", "normal_bae", _normal_bae, resolution_slider=False, priority=100,
@@ -274,7 +281,6 @@ _NOT_YET = {
     "densepose": "densepose (pruple bg & purple torso)",
     "densepose_parula": "densepose_parula (black bg & blue torso)", "mediapipe_face": "mediapipe_face",
     "segmentation": "seg_ufade20k", "oneformer_coco": "seg_ofcoco", "oneformer_ade20k": "seg_ofade20k",
-    "anime_face_segment": "seg_anime_face",
     "softedge_anyline": "softedge_anyline",
     "clip_vision": "t2ia_style_clipvision",
     "revision_clipvision": "revision_clipvision",

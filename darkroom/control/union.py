@@ -43,7 +43,7 @@ _MODULE_TYPES: tuple[tuple[tuple[str, ...], str], ...] = (
     (("softedge", "hed", "pidi", "scribble", "ted", "sketch"), "Soft Edge"),
     (("canny", "lineart", "mlsd"), "Hard Edge"),
     (("normal",), "Normal Map"),
-    (("seg",), "Segmentation"),
+    (("seg", "anime_face_segment"), "Segmentation"),
     (("tile", "blur"), "Tile"),
     (("inpaint",), "Inpaint"),
 )

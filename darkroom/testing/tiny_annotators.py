@@ -22,6 +22,7 @@
   widths (43.1 M weights) with `widths=None`.
 - ControlNetLama.pth (inpaint_only+lama): the LaMa generator at width 8 with 2 residual blocks (the released
   file: 64 and 18, 51 M weights).
+- UNet.pth (seg_anime_face): the MobileNetV2 U-Net at its released size, random.
 - scannet.pt (normal_bae): EfficientNet-B5 and the NNET decoder narrowed and shortened, in the file's wrapping.
 The real files are fp16 (HED) or fp32 (line art, OpenPose, depth, M-LSD, PiDiNet); `dtype` chooses.
 """
@@ -343,6 +344,25 @@ def lama_state(*, width: int = 8, blocks: int = 2, seed: int = 0) -> dict:
             state[key] = 1 + torch.rand(value.shape, generator=g)
         elif value.ndim == 4:
             state[key] = torch.randn(value.shape, generator=g) * (1.0 / value[0].numel()) ** 0.5
+        else:
+            state[key] = 0.1 * torch.randn(value.shape, generator=g)
+    return state
+
+
+def anime_face_state(*, seed: int = 0) -> dict:
+    """UNet.pth's tensors at the released size (1.55 M weights: MobileNetV2's features 0-16 and the decoder),
+    random, batch-norm variances positive."""
+    from darkroom.control.annotators.anime_face import AnimeFaceUNet
+
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, value in AnimeFaceUNet().state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            state[key] = value
+        elif key.endswith("running_var"):
+            state[key] = 1 + torch.rand(value.shape, generator=g)
+        elif value.ndim == 4:
+            state[key] = torch.randn(value.shape, generator=g) * (2.0 / value[0].numel()) ** 0.5
         else:
             state[key] = 0.1 * torch.randn(value.shape, generator=g)
     return state
