@@ -307,7 +307,7 @@ def test_module_names_and_aliases():
         pp.canonical_module("sharpen_everything")
     with pytest.raises(InvalidRequest, match="cannot run the depth_leres preprocessor yet.*module none"):
         pp.canonical_module("depth_leres")
-    for name in ("densepose", "normal_dsine", "seg_ofade20k", "softedge_anyline", "depth_zoe", "depth_leres"):
+    for name in ("densepose", "normal_dsine", "seg_ofade20k", "mediapipe_face", "depth_zoe", "depth_leres"):
         with pytest.raises(InvalidRequest, match="cannot run"):
             pp.detect(name, Image.new("RGB", (8, 8)))
 
@@ -448,6 +448,7 @@ def test_no_preprocessor_touches_the_network(tmp_path):
     save(tiny.midas_hybrid_state(), full / "dpt_hybrid-midas-501f0c75.pt")
     save(tiny.mlsd_state(), full / "mlsd_large_512_fp32.pth")
     save(tiny.teed_state(), full / "7_model.pth")
+    save(tiny.teed_state(), full / "MTEED.pth")
     save(tiny.manga_line_state(), full / "erika.pth")
     save(tiny.lama_state(), full / "ControlNetLama.pth")
     save(tiny.anime_face_state(), full / "UNet.pth")

@@ -80,3 +80,24 @@ def test_other_installs_and_bad_files(tmp_path):
     torch.save({"conv1_1.weight": torch.zeros(1)}, tmp_path / "7_model.pth")
     with pytest.raises(ModelLoadError, match="not a TEED weight file"):
         pp.detect("softedge_teed", Image.fromarray(_noise()), annotator_dirs=[tmp_path])
+
+
+# --- softedge_anyline: MTEED.pth through the same network --------------------------------------------------
+
+def test_anyline_is_mteed_with_the_extensions_faint_lines(tmp_path, monkeypatch):
+    from darkroom.control.annotators import simple
+
+    save(teed_state(seed=2), tmp_path / "TEED" / "MTEED.pth")
+    picture = Image.fromarray(_noise(90, 120))
+    detail = pp.module_list()["module_detail"]["softedge_anyline"]["sliders"]
+    assert detail[0] == {"name": "Resolution", "value": 1280, "min": 64, "max": 2048, "step": 8}
+    assert detail[1]["name"] == "Safe Steps"
+    assert pp.detect("softedge_anyline", picture, resolution=-1, annotator_dirs=[tmp_path]).shape == (1280, 1707, 3)
+    lines = np.full((64, 128), 2, np.uint8)
+    lines[10, 10:22] = 1  # 12 pixels of exactly 1: kept
+    lines[30, 10:15] = 1  # 5: removed, as remove_small_objects does
+    monkeypatch.setattr(simple, "lineart_standard", lambda img, res: lines[: img.shape[0], : img.shape[1]])
+    monkeypatch.setattr(teed, "edges", lambda net, img: np.full(img.shape[:2], 0.5))
+    out = np.rint(pp.detect("softedge_anyline", picture, resolution=64, threshold_a=0, annotator_dirs=[tmp_path])
+                  * 255)[..., 0]
+    assert (out[10, 10:22] == 1).all() and (out[30, 10:15] == 127).all() and out[0, 0] == 127

@@ -71,11 +71,11 @@ def fit_map(control: np.ndarray, width: int, height: int, resize_mode: str) -> n
     return _preprocess().fit(control, width, height, resize_mode)
 
 
-def _resolution(unit: ControlUnit, image: Image.Image, width: int, height: int) -> int:
+def _resolution(unit: ControlUnit, module: str, image: Image.Image, width: int, height: int) -> int:
     if unit.pixel_perfect:
         return int(_preprocess().pixel_perfect_resolution(image.width, image.height, width, height,
                                                           unit.resize_mode))
-    return unit.processor_res if unit.processor_res > 0 else 512
+    return unit.processor_res if unit.processor_res > 0 else int(_preprocess().MODULES[module].resolution.value)
 
 
 def to_hint(control: np.ndarray) -> torch.Tensor:
@@ -219,7 +219,7 @@ def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile]
             resolution = unit.processor_res if unit.processor_res > 0 else 512
             detected = prepared_map(module, image, mask)
         else:
-            resolution = _resolution(unit, image, width, height)
+            resolution = _resolution(unit, module, image, width, height)
             detected = pre.detect(module, image, resolution=resolution, threshold_a=unit.threshold_a,
                                   threshold_b=unit.threshold_b, mask=mask, annotator_dirs=annotator_dirs,
                                   seed=seed)

@@ -61,6 +61,7 @@ class Module:
     needs_mask: bool = False
     colour_fix: bool = False  # the extension also fixes the result's colours while sampling (annotators.tile)
     model_free: bool = False  # runs with no ControlNet model (the reference modules, darkroom.control.reference)
+    resolution: Slider = RESOLUTION  # its resolution slider (softedge_anyline's defaults to 1280)
 
 
 @dataclass
@@ -153,6 +154,12 @@ def _teed(img, res, a, b, ctx):
     return teed.detect(img, res, ctx.dirs, safe_steps=int(a), device=ctx.device)
 
 
+def _anyline(img, res, a, b, ctx):
+    from darkroom.control.annotators import teed
+
+    return teed.detect_anyline(img, res, ctx.dirs, safe_steps=int(a), device=ctx.device)
+
+
 def _manga_line(img, res, a, b, ctx):
     from darkroom.control.annotators import manga_line
 
@@ -173,6 +180,7 @@ _HED = (("ControlNetHED.pth", "hed"),)
 _PIDI = (("table5_pidinet.pth", "pidinet"),)
 _BODY = ("body_pose_model.pth", "openpose")
 _VARIATION = Slider("Variation", 8.0, 3.0, 32.0, 1.0)
+_SAFE_STEPS = Slider("Safe Steps", 2, 0, 10, 1)
 _FIDELITY = Slider("Style Fidelity (only for Balanced mode)", 0.5, 0.0, 1.0)
 MODULES: dict[str, Module] = {m.name: m for m in (
     Module("none", "none", lambda img, res, a, b, ctx: img, uses_resolution=False, priority=10),
@@ -220,8 +228,9 @@ MODULES: dict[str, Module] = {m.name: m for m in (
     Module("pidinet_sketch", "t2ia_sketch_pidi", _pidinet(False, False, sketch=True), resolution_slider=False,
            weights=_PIDI),
     # the extension's newer preprocessor registry: key and label are both softedge_teed (old key: te_hed)
-    Module("softedge_teed", "softedge_teed", _teed, (Slider("Safe Steps", 2, 0, 10, 1), None),
-           weights=(("7_model.pth", "TEED"),)),
+    Module("softedge_teed", "softedge_teed", _teed, (_SAFE_STEPS, None), weights=(("7_model.pth", "TEED"),)),
+    Module("softedge_anyline", "softedge_anyline", _anyline, (_SAFE_STEPS, None), weights=(("MTEED.pth", "TEED"),),
+           resolution=Slider("Resolution", 1280, 64, 2048, 8)),
     Module("mlsd", "mlsd", _mlsd, (Slider("MLSD Value Threshold", 0.1, 0.01, 2.0),
                                    Slider("MLSD Distance Threshold", 0.1, 0.01, 20.0)),
            priority=100, weights=(("mlsd_large_512_fp32.pth", "mlsd"),)),
@@ -281,7 +290,6 @@ _NOT_YET = {
     "densepose": "densepose (pruple bg & purple torso)",
     "densepose_parula": "densepose_parula (black bg & blue torso)", "mediapipe_face": "mediapipe_face",
     "segmentation": "seg_ufade20k", "oneformer_coco": "seg_ofcoco", "oneformer_ade20k": "seg_ofade20k",
-    "softedge_anyline": "softedge_anyline",
     "clip_vision": "t2ia_style_clipvision",
     "revision_clipvision": "revision_clipvision",
     "revision_ignore_prompt": "revision_ignore_prompt",
@@ -336,7 +344,7 @@ def module_list(alias_names: bool = False) -> dict:
     detail = {}
     for name in names:
         m = MODULES[canonical_module(name)]
-        sliders = [RESOLUTION] if m.uses_resolution and m.resolution_slider else []
+        sliders = [m.resolution] if m.uses_resolution and m.resolution_slider else []
         sliders += [s for s in m.sliders if s is not None]
         detail[name] = {"model_free": m.model_free, "sliders": [s.api_json() for s in sliders]}
     return {"module_list": names, "module_detail": detail}
@@ -433,11 +441,11 @@ def detect(module: str, image: Image.Image, *, resolution: int = 512, threshold_
     if not isinstance(image, Image.Image):
         raise InvalidRequest("the ControlNet input must be an image")
     try:
-        resolution = RESOLUTION.value if resolution is None else int(resolution)
+        resolution = m.resolution.value if resolution is None else int(resolution)
     except (TypeError, ValueError):
         raise InvalidRequest(f"preprocessor resolution {resolution!r} must be a whole number") from None
     if resolution < 1:  # -1 (and, as the extension, any value below its range): the default
-        resolution = int(RESOLUTION.value)
+        resolution = int(m.resolution.value)
     w, h = image.size
     if w < 1 or h < 1:
         raise InvalidRequest("the ControlNet input image is empty")

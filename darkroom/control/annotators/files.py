@@ -35,6 +35,7 @@ _HUB_PATHS: dict[str, tuple[str, ...]] = {
     **{f"depth_anything_v2_{size}.pth": ("depth-anything", f"Depth-Anything-V2-{name}")
        for size, name in (("vitl", "Large"), ("vitb", "Base"), ("vits", "Small"))},
     "7_model.pth": ("bdsqlsz", "qinglong_controlnet-lllite", "Annotators"),  # TEED
+    "MTEED.pth": ("TheMistoAI", "MistoLine", "Anyline"),  # Anyline
     "UNet.pth": ("bdsqlsz", "qinglong_controlnet-lllite", "Annotators"),  # anime face segmentation
     "yolox_l.onnx": ("yzd-v", "DWPose"), "dw-ll_ucoco_384.onnx": ("yzd-v", "DWPose"),
     "rtmpose-m_simcc-ap10k_pt-aic-coco_210e-256x256-7a041aa1_20230206.onnx": (
