@@ -305,9 +305,9 @@ def test_module_names_and_aliases():
     assert pp.canonical_module("fake_scribble") == "scribble_hed"
     with pytest.raises(InvalidRequest, match="available: none, .*canny"):
         pp.canonical_module("sharpen_everything")
-    with pytest.raises(InvalidRequest, match="cannot run the depth_leres preprocessor yet.*module none"):
-        pp.canonical_module("depth_leres")
-    for name in ("densepose", "normal_dsine", "seg_ofade20k", "mediapipe_face", "depth_zoe", "depth_leres"):
+    with pytest.raises(InvalidRequest, match="cannot run the depth_zoe preprocessor yet.*module none"):
+        pp.canonical_module("depth_zoe")
+    for name in ("densepose", "normal_dsine", "seg_ofade20k", "mediapipe_face", "depth_zoe", "depth_leres++"):
         with pytest.raises(InvalidRequest, match="cannot run"):
             pp.detect(name, Image.new("RGB", (8, 8)))
 
@@ -316,7 +316,7 @@ def test_module_list_shape():
     listing = pp.module_list()
     assert listing["module_list"][0] == "none"
     assert {"canny", "invert", "threshold", "hed", "lineart", "inpaint_only", "shuffle"} <= set(listing["module_list"])
-    assert "depth_leres" not in listing["module_list"]
+    assert "depth_leres++" not in listing["module_list"]
     canny_detail = listing["module_detail"]["canny"]
     assert canny_detail == {"model_free": False, "sliders": [
         {"name": "Resolution", "value": 512, "min": 64, "max": 2048, "step": 8},
@@ -452,6 +452,7 @@ def test_no_preprocessor_touches_the_network(tmp_path):
     save(tiny.manga_line_state(), full / "erika.pth")
     save(tiny.lama_state(), full / "ControlNetLama.pth")
     save(tiny.anime_face_state(), full / "UNet.pth")
+    torch.save(tiny.leres_file_state(), full / "res101.pth")
     tiny_onnx.yolox_file(full / "yolox_l.onnx")
     tiny_onnx.dwpose_file(full / "dw-ll_ucoco_384.onnx")
     tiny_onnx.dwpose_file(full / "rtmpose-m_simcc-ap10k_pt-aic-coco_210e-256x256-7a041aa1_20230206.onnx", count=17,

@@ -116,6 +116,12 @@ def _depth_anything(v2: bool) -> Callable:
     return run
 
 
+def _depth_leres(img, res, a, b, ctx):
+    from darkroom.control.annotators import leres
+
+    return leres.detect(img, res, ctx.dirs, a, b, device=ctx.device)
+
+
 def _depth_midas(img, res, a, b, ctx):
     from darkroom.control.annotators import depth
 
@@ -266,6 +272,9 @@ MODULES: dict[str, Module] = {m.name: m for m in (
     Module("depth_anything_v2", "depth_anything_v2", _depth_anything(True), resolution_slider=False,
            weights=(("depth_anything_v2_vitl.safetensors", "depth_anything_v2"),)),
     Module("anime_face_segment", "seg_anime_face", _anime_face, weights=(("UNet.pth", "anime_face_segment"),)),
+    Module("depth_leres", "depth_leres", _depth_leres,
+           (Slider("Remove Near %", 0, 0, 100, 0.1), Slider("Remove Background %", 0, 0, 100, 0.1)),
+           weights=(("res101.pth", "leres"),)),
     Module("normal_map", "normal_midas", _normal_midas, (Slider("Normal Background Threshold", 0.4, 0.0, 1.0), None),
            weights=(("dpt_hybrid-midas-501f0c75.pt", "midas"),)),
     Module("normal_bae", "normal_bae", _normal_bae, resolution_slider=False, priority=100,
@@ -283,7 +292,7 @@ _OLD_NAMES = {"fake_scribble": "scribble_hed",  # v1.0: HED made into a scribble
 
 # What the extension offers and Darkroom cannot run yet: key -> display name.
 _NOT_YET = {
-    "depth_leres": "depth_leres", "depth_leres++": "depth_leres++",
+    "depth_leres++": "depth_leres++",
     "depth_zoe": "depth_zoe",
     "depth_hand_refiner": "depth_hand_refiner",
     "normal_dsine": "normal_dsine",
@@ -296,6 +305,7 @@ _NOT_YET = {
 }
 
 _ADVICE = {
+    "depth_leres++": "its multi-resolution merge is not built; use depth_leres (the same network, one pass)",
     "revision": "it feeds the picture through CLIP vision instead of a control map; Darkroom has no such mode",
     "clip_vision": "it feeds the picture through CLIP vision instead of a control map; Darkroom has no such mode",
 }

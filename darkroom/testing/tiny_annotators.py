@@ -23,6 +23,7 @@
 - ControlNetLama.pth (inpaint_only+lama): the LaMa generator at width 8 with 2 residual blocks (the released
   file: 64 and 18, 51 M weights).
 - UNet.pth (seg_anime_face): the MobileNetV2 U-Net at its released size, random.
+- res101.pth (depth_leres): LeReS's ResNeXt and decoder, narrow, under `depth_model` as the file keeps it.
 - scannet.pt (normal_bae): EfficientNet-B5 and the NNET decoder narrowed and shortened, in the file's wrapping.
 The real files are fp16 (HED) or fp32 (line art, OpenPose, depth, M-LSD, PiDiNet); `dtype` chooses.
 """
@@ -366,3 +367,24 @@ def anime_face_state(*, seed: int = 0) -> dict:
         else:
             state[key] = 0.1 * torch.randn(value.shape, generator=g)
     return state
+
+
+def leres_file_state(*, blocks=(1, 1, 1, 1), groups: int = 2, group_width: int = 8, stem: int = 8, mid: int = 16,
+                     seed: int = 0) -> dict:
+    """res101.pth's layout, narrow (the released file: ResNeXt-101 32x8d, blocks (3, 4, 23, 3), stem 64, decoder
+    256): {"depth_model": {"depth_model.<key>": tensor}}, random, batch-norm variances positive."""
+    from darkroom.control.annotators.leres import LeReS
+
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, value in LeReS(blocks, groups, group_width, stem, mid).state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            tensor = value
+        elif key.endswith("running_var"):
+            tensor = 1 + torch.rand(value.shape, generator=g)
+        elif value.ndim == 4:
+            tensor = torch.randn(value.shape, generator=g) * (1.0 / value[0].numel()) ** 0.5
+        else:
+            tensor = 0.1 * torch.randn(value.shape, generator=g)
+        state["depth_model." + key] = tensor
+    return {"depth_model": state}
