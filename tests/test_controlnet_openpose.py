@@ -155,3 +155,18 @@ def test_openpose_is_listed_and_a_missing_file_is_named(tmp_path):
     assert pp.module_status("openpose", [tmp_path])[0] is False
     with pytest.raises(InvalidRequest, match="cannot run the densepose .* preprocessor yet"):
         pp.canonical_module("densepose")
+
+
+def test_released_widths_run_end_to_end():
+    """Every layer once, in order, at the released files' widths (on the meta device: shapes only). A layer run
+    twice went unnoticed with narrow test widths that happened to fit; the released ones do not."""
+    from darkroom.control.annotators import openpose_parts
+
+    with torch.device("meta"):
+        body = op.BodyPoseNet()
+        paf, heat = body(torch.empty(1, 3, 64, 96))
+        hand = openpose_parts.PartNet(22)(torch.empty(1, 3, 64, 64))
+        face = openpose_parts.PartNet(71)(torch.empty(1, 3, 64, 64))
+    assert tuple(paf.shape) == (1, 38, 8, 12) and tuple(heat.shape) == (1, 19, 8, 12)
+    assert tuple(hand.shape) == (1, 22, 8, 8) and tuple(face.shape) == (1, 71, 8, 8)
+    assert len(body._front) == len(set(body._front) - {None}) + body._front.count(None)

@@ -84,7 +84,7 @@ def anime_state(*, width: int = 2, levels: int = 8, seed: int = 0, constant: flo
 
 def body_pose_state(*, seed: int = 0, blank: bool = False) -> dict:
     torch.manual_seed(seed)
-    net = BodyPoseNet(Widths(c1=4, c2=4, c3=8, c4=8, cpm=8, features=8, branch=8, wide=8, stage=8))
+    net = BodyPoseNet(Widths(c1=4, c2=4, c3=8, c4=8, cpm=6, features=4, branch=8, wide=8, stage=8))
     if blank:
         with torch.no_grad():
             net.Mconv7_stage6_L2.weight.zero_()

@@ -90,7 +90,6 @@ class BodyPoseNet(nn.Module):
                 cin = self._conv(f"conv{prefix}_{i}", cin, width, 3)
         cin = self._conv("conv4_3_CPM", cin, w.cpm, 3)
         self._conv("conv4_4_CPM", cin, w.features, 3)
-        self._front += ["conv4_3_CPM", "conv4_4_CPM"]
         self._branches: dict[tuple[int, int], list[str]] = {}
         for branch, out in ((1, PAFS), (2, HEATMAPS)):
             names = [f"conv5_{i}_CPM_L{branch}" for i in range(1, 6)]
