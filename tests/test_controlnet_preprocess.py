@@ -305,9 +305,9 @@ def test_module_names_and_aliases():
     assert pp.canonical_module("fake_scribble") == "scribble_hed"
     with pytest.raises(InvalidRequest, match="available: none, .*canny"):
         pp.canonical_module("sharpen_everything")
-    with pytest.raises(InvalidRequest, match="cannot run the depth_zoe preprocessor yet.*module none"):
-        pp.canonical_module("depth_zoe")
-    for name in ("densepose", "normal_dsine", "seg_ofade20k", "mediapipe_face", "depth_zoe", "depth_leres++"):
+    with pytest.raises(InvalidRequest, match="cannot run the normal_dsine preprocessor yet.*module none"):
+        pp.canonical_module("normal_dsine")
+    for name in ("densepose", "normal_dsine", "seg_ofade20k", "mediapipe_face", "revision_clipvision", "depth_leres++"):
         with pytest.raises(InvalidRequest, match="cannot run"):
             pp.detect(name, Image.new("RGB", (8, 8)))
 
@@ -453,6 +453,9 @@ def test_no_preprocessor_touches_the_network(tmp_path):
     save(tiny.lama_state(), full / "ControlNetLama.pth")
     save(tiny.anime_face_state(), full / "UNet.pth")
     torch.save(tiny.leres_file_state(), full / "res101.pth")
+    from transformers import ZoeDepthForDepthEstimation
+
+    torch.save(tiny.zoe_file_state(ZoeDepthForDepthEstimation(tiny.zoe_config())), full / "ZoeD_M12_N.pt")
     tiny_onnx.yolox_file(full / "yolox_l.onnx")
     tiny_onnx.dwpose_file(full / "dw-ll_ucoco_384.onnx")
     tiny_onnx.dwpose_file(full / "rtmpose-m_simcc-ap10k_pt-aic-coco_210e-256x256-7a041aa1_20230206.onnx", count=17,

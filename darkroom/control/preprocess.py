@@ -122,6 +122,12 @@ def _depth_leres(img, res, a, b, ctx):
     return leres.detect(img, res, ctx.dirs, a, b, device=ctx.device)
 
 
+def _depth_zoe(img, res, a, b, ctx):
+    from darkroom.control.annotators import zoe
+
+    return zoe.detect(img, res, ctx.dirs, device=ctx.device)
+
+
 def _depth_midas(img, res, a, b, ctx):
     from darkroom.control.annotators import depth
 
@@ -275,6 +281,7 @@ MODULES: dict[str, Module] = {m.name: m for m in (
     Module("depth_leres", "depth_leres", _depth_leres,
            (Slider("Remove Near %", 0, 0, 100, 0.1), Slider("Remove Background %", 0, 0, 100, 0.1)),
            weights=(("res101.pth", "leres"),)),
+    Module("depth_zoe", "depth_zoe", _depth_zoe, weights=(("ZoeD_M12_N.pt", "zoedepth"),)),
     Module("normal_map", "normal_midas", _normal_midas, (Slider("Normal Background Threshold", 0.4, 0.0, 1.0), None),
            weights=(("dpt_hybrid-midas-501f0c75.pt", "midas"),)),
     Module("normal_bae", "normal_bae", _normal_bae, resolution_slider=False, priority=100,
@@ -293,7 +300,6 @@ _OLD_NAMES = {"fake_scribble": "scribble_hed",  # v1.0: HED made into a scribble
 # What the extension offers and Darkroom cannot run yet: key -> display name.
 _NOT_YET = {
     "depth_leres++": "depth_leres++",
-    "depth_zoe": "depth_zoe",
     "depth_hand_refiner": "depth_hand_refiner",
     "normal_dsine": "normal_dsine",
     "densepose": "densepose (pruple bg & purple torso)",

@@ -388,3 +388,86 @@ def leres_file_state(*, blocks=(1, 1, 1, 1), groups: int = 2, group_width: int =
             tensor = 0.1 * torch.randn(value.shape, generator=g)
         state["depth_model." + key] = tensor
     return {"depth_model": state}
+
+
+def _zoe_original_name(key: str) -> str | None:
+    """A transformers ZoeDepth key under the original ZoeD_M12_N.pt name (None: the q/k/v parts, fused apart)."""
+    import re
+
+    beit, scratch = "core.core.pretrained.model.", "core.core.scratch."
+    if key == "backbone.beit.embeddings.cls_token":
+        return beit + "cls_token"
+    if key.startswith("backbone.beit.embeddings.patch_embeddings.projection."):
+        return beit + "patch_embed.proj." + key.rsplit(".", 1)[1]
+    m = re.match(r"backbone\.beit\.layers\.(\d+)\.(.+)$", key)
+    if m:
+        i, rest = m.groups()
+        if rest.startswith("attention.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
+            return None
+        rest = (rest.replace("attention.o_proj", "attn.proj").replace("layernorm_before", "norm1")
+                .replace("layernorm_after", "norm2").replace("lambda_1", "gamma_1").replace("lambda_2", "gamma_2")
+                .replace("relative_position_bias.relative_position_bias_table", "attn.relative_position_bias_table"))
+        return f"{beit}blocks.{i}.{rest}"
+    m = re.match(r"neck\.reassemble_stage\.readout_projects\.(\d+)\.0\.(\w+)$", key)
+    if m:
+        return f"core.core.pretrained.act_postprocess{int(m[1]) + 1}.0.project.0.{m[2]}"
+    m = re.match(r"neck\.reassemble_stage\.layers\.(\d+)\.(projection|resize)\.(\w+)$", key)
+    if m:
+        return f"core.core.pretrained.act_postprocess{int(m[1]) + 1}.{3 if m[2] == 'projection' else 4}.{m[3]}"
+    m = re.match(r"neck\.convs\.(\d+)\.weight$", key)
+    if m:
+        return f"{scratch}layer{int(m[1]) + 1}_rn.weight"
+    m = re.match(r"neck\.fusion_stage\.layers\.(\d+)\.(.+)$", key)
+    if m:
+        rest = (m[2].replace("projection", "out_conv").replace("residual_layer", "resConfUnit")
+                .replace("convolution", "conv"))
+        return f"{scratch}refinenet{4 - int(m[1])}.{rest}"
+    m = re.match(r"relative_head\.conv(\d)\.(\w+)$", key)
+    if m:
+        return f"{scratch}output_conv.{2 * (int(m[1]) - 1)}.{m[2]}"
+    if key.startswith("metric_head."):
+        rest = key[len("metric_head."):]
+        if not rest.startswith(("conv2.", "conditional_log_binomial.")):
+            rest = rest.replace("conv1.", "_net.0.").replace("conv2.", "_net.2.")
+        return rest
+    raise KeyError(key)
+
+
+def zoe_config(*, tiny: bool = True):
+    """A ZoeDepthConfig: tiny (a 4-block BEiT of width 32 on a 4 x 4 window, narrow neck and head) or ZoeD_N's."""
+    from transformers import BeitConfig, ZoeDepthConfig
+
+    if not tiny:
+        backbone = BeitConfig(image_size=384, patch_size=16, hidden_size=1024, num_hidden_layers=24,
+                              num_attention_heads=16, intermediate_size=4096, use_relative_position_bias=True,
+                              reshape_hidden_states=False, layer_norm_eps=1e-6,
+                              out_features=["stage6", "stage12", "stage18", "stage24"])
+        return ZoeDepthConfig(backbone_config=backbone, neck_hidden_sizes=[256, 512, 1024, 1024])
+    backbone = BeitConfig(image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                          intermediate_size=64, use_relative_position_bias=True, reshape_hidden_states=False,
+                          layer_norm_eps=1e-6, out_features=["stage1", "stage2", "stage3", "stage4"])
+    return ZoeDepthConfig(backbone_config=backbone, neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16,
+                          bottleneck_features=16, bin_embedding_dim=8, num_attractors=[4, 4, 2, 1],
+                          bin_configurations=[{"n_bins": 8, "min_depth": 1e-3, "max_depth": 10.0}])
+
+
+def zoe_file_state(model) -> dict:
+    """A transformers ZoeDepth's weights in ZoeD_M12_N.pt's layout ({"model": {original name: tensor}}), with
+    the original's position indices and classifier, which Darkroom drops."""
+    hidden = model.config.backbone_config.hidden_size
+    state = model.state_dict()
+    out = {}
+    for key, value in state.items():
+        name = _zoe_original_name(key)
+        if name is not None:
+            out[name] = value
+    beit = "core.core.pretrained.model."
+    for i in range(model.config.backbone_config.num_hidden_layers):
+        att = f"backbone.beit.layers.{i}.attention."
+        out[f"{beit}blocks.{i}.attn.qkv.weight"] = torch.cat([state[att + p + ".weight"] for p in
+                                                              ("q_proj", "k_proj", "v_proj")])
+        out[f"{beit}blocks.{i}.attn.q_bias"] = state[att + "q_proj.bias"]
+        out[f"{beit}blocks.{i}.attn.v_bias"] = state[att + "v_proj.bias"]
+        out[f"{beit}blocks.{i}.attn.relative_position_index"] = torch.zeros(2, 2, dtype=torch.long)
+    out[beit + "head.weight"] = torch.zeros(3, hidden)
+    return {"model": out}
