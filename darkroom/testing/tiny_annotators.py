@@ -331,63 +331,46 @@ def manga_line_state(*, widths=(2, 4, 8, 16, 32), head: int = 4, seed: int = 0, 
     return state
 
 
-def lama_state(*, width: int = 8, blocks: int = 2, seed: int = 0) -> dict:
-    """ControlNetLama.pth's tensors (the generator's `model.<i>` keys), random: convolutions scaled by their
-    fan-in, batch-norm variances in [1, 2)."""
-    from darkroom.control.annotators.lama import LamaGenerator
-
+def random_state(template: dict, *, seed: int = 0, variance: float = 1.0) -> dict:
+    """Random tensors shaped as `template` (a module's state dict), for nets with batch norm: convolutions
+    with variance / fan-in, batch-norm variances in [1, 2), other vectors small, batch counters kept."""
     g = torch.Generator().manual_seed(seed)
     state = {}
-    for key, value in LamaGenerator(width, blocks).state_dict().items():
+    for key, value in template.items():
         if key.endswith("num_batches_tracked"):
             state[key] = value
         elif key.endswith("running_var"):
             state[key] = 1 + torch.rand(value.shape, generator=g)
         elif value.ndim == 4:
-            state[key] = torch.randn(value.shape, generator=g) * (1.0 / value[0].numel()) ** 0.5
+            state[key] = torch.randn(value.shape, generator=g) * (variance / value[0].numel()) ** 0.5
         else:
             state[key] = 0.1 * torch.randn(value.shape, generator=g)
     return state
+
+
+def lama_state(*, width: int = 8, blocks: int = 2, seed: int = 0) -> dict:
+    """ControlNetLama.pth's tensors (the generator's `model.<i>` keys), random."""
+    from darkroom.control.annotators.lama import LamaGenerator
+
+    return random_state(LamaGenerator(width, blocks).state_dict(), seed=seed)
 
 
 def anime_face_state(*, seed: int = 0) -> dict:
     """UNet.pth's tensors at the released size (1.55 M weights: MobileNetV2's features 0-16 and the decoder),
-    random, batch-norm variances positive."""
+    random."""
     from darkroom.control.annotators.anime_face import AnimeFaceUNet
 
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, value in AnimeFaceUNet().state_dict().items():
-        if key.endswith("num_batches_tracked"):
-            state[key] = value
-        elif key.endswith("running_var"):
-            state[key] = 1 + torch.rand(value.shape, generator=g)
-        elif value.ndim == 4:
-            state[key] = torch.randn(value.shape, generator=g) * (2.0 / value[0].numel()) ** 0.5
-        else:
-            state[key] = 0.1 * torch.randn(value.shape, generator=g)
-    return state
+    return random_state(AnimeFaceUNet().state_dict(), seed=seed, variance=2.0)
 
 
 def leres_file_state(*, blocks=(1, 1, 1, 1), groups: int = 2, group_width: int = 8, stem: int = 8, mid: int = 16,
                      seed: int = 0) -> dict:
     """res101.pth's layout, narrow (the released file: ResNeXt-101 32x8d, blocks (3, 4, 23, 3), stem 64, decoder
-    256): {"depth_model": {"depth_model.<key>": tensor}}, random, batch-norm variances positive."""
+    256): {"depth_model": {"depth_model.<key>": tensor}}, random."""
     from darkroom.control.annotators.leres import LeReS
 
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, value in LeReS(blocks, groups, group_width, stem, mid).state_dict().items():
-        if key.endswith("num_batches_tracked"):
-            tensor = value
-        elif key.endswith("running_var"):
-            tensor = 1 + torch.rand(value.shape, generator=g)
-        elif value.ndim == 4:
-            tensor = torch.randn(value.shape, generator=g) * (1.0 / value[0].numel()) ** 0.5
-        else:
-            tensor = 0.1 * torch.randn(value.shape, generator=g)
-        state["depth_model." + key] = tensor
-    return {"depth_model": state}
+    state = random_state(LeReS(blocks, groups, group_width, stem, mid).state_dict(), seed=seed)
+    return {"depth_model": {"depth_model." + k: v for k, v in state.items()}}
 
 
 def _zoe_original_name(key: str) -> str | None:
