@@ -305,9 +305,10 @@ def test_module_names_and_aliases():
     assert pp.canonical_module("fake_scribble") == "scribble_hed"
     with pytest.raises(InvalidRequest, match="available: none, .*canny"):
         pp.canonical_module("sharpen_everything")
-    with pytest.raises(InvalidRequest, match="cannot run the normal_dsine preprocessor yet.*module none"):
-        pp.canonical_module("normal_dsine")
-    for name in ("densepose", "normal_dsine", "seg_ofade20k", "mediapipe_face", "revision_clipvision", "depth_leres++"):
+    with pytest.raises(InvalidRequest, match="cannot run the densepose .* preprocessor yet.*module none"):
+        pp.canonical_module("densepose")
+    for name in ("densepose", "depth_hand_refiner", "seg_ofade20k", "mediapipe_face", "revision_clipvision",
+                 "depth_leres++"):
         with pytest.raises(InvalidRequest, match="cannot run"):
             pp.detect(name, Image.new("RGB", (8, 8)))
 
@@ -453,6 +454,7 @@ def test_no_preprocessor_touches_the_network(tmp_path):
     save(tiny.lama_state(), full / "ControlNetLama.pth")
     save(tiny.anime_face_state(), full / "UNet.pth")
     torch.save(tiny.leres_file_state(), full / "res101.pth")
+    torch.save({"model": tiny.dsine_state()}, full / "dsine.pt")
     from transformers import ZoeDepthForDepthEstimation
 
     torch.save(tiny.zoe_file_state(ZoeDepthForDepthEstimation(tiny.zoe_config())), full / "ZoeD_M12_N.pt")

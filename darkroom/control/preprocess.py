@@ -140,6 +140,12 @@ def _normal_midas(img, res, a, b, ctx):
     return depth.detect_midas_normal(img, res, ctx.dirs, a, device=ctx.device)
 
 
+def _normal_dsine(img, res, a, b, ctx):
+    from darkroom.control.annotators import dsine
+
+    return dsine.detect(img, res, ctx.dirs, fov=a, iterations=int(b), device=ctx.device)
+
+
 def _normal_bae(img, res, a, b, ctx):
     from darkroom.control.annotators import normalbae
 
@@ -284,6 +290,9 @@ MODULES: dict[str, Module] = {m.name: m for m in (
     Module("depth_zoe", "depth_zoe", _depth_zoe, weights=(("ZoeD_M12_N.pt", "zoedepth"),)),
     Module("normal_map", "normal_midas", _normal_midas, (Slider("Normal Background Threshold", 0.4, 0.0, 1.0), None),
            weights=(("dpt_hybrid-midas-501f0c75.pt", "midas"),)),
+    Module("normal_dsine", "normal_dsine", _normal_dsine,
+           (Slider("Fov", 60, 0, 360, 0.1), Slider("Iterations", 5, 1, 20, 1)),
+           weights=(("dsine.pt", "normal_dsine"),)),
     Module("normal_bae", "normal_bae", _normal_bae, resolution_slider=False, priority=100,
            weights=(("scannet.pt", "normal_bae"),)),
     # model-free: the picture itself, VAE-encoded while sampling (darkroom.control.reference)
@@ -301,7 +310,6 @@ _OLD_NAMES = {"fake_scribble": "scribble_hed",  # v1.0: HED made into a scribble
 _NOT_YET = {
     "depth_leres++": "depth_leres++",
     "depth_hand_refiner": "depth_hand_refiner",
-    "normal_dsine": "normal_dsine",
     "densepose": "densepose (pruple bg & purple torso)",
     "densepose_parula": "densepose_parula (black bg & blue torso)", "mediapipe_face": "mediapipe_face",
     "segmentation": "seg_ufade20k", "oneformer_coco": "seg_ofcoco", "oneformer_ade20k": "seg_ofade20k",

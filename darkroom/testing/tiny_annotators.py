@@ -24,6 +24,7 @@
   file: 64 and 18, 51 M weights).
 - UNet.pth (seg_anime_face): the MobileNetV2 U-Net at its released size, random.
 - res101.pth (depth_leres): LeReS's ResNeXt and decoder, narrow, under `depth_model` as the file keeps it.
+- dsine.pt (normal_dsine): DSINE on the same narrow EfficientNet, head 32 wide.
 - scannet.pt (normal_bae): EfficientNet-B5 and the NNET decoder narrowed and shortened, in the file's wrapping.
 The real files are fp16 (HED) or fp32 (line art, OpenPose, depth, M-LSD, PiDiNet); `dtype` chooses.
 """
@@ -250,11 +251,9 @@ def part_pose_state(outputs: int, *, seed: int = 0) -> dict:
     return PartNet(outputs, PartWidths(c1=4, c2=4, c3=8, c4=8, cpm=8, wide=8, stage=8)).state_dict()
 
 
-def normal_bae_state(*, seed: int = 0) -> dict:
-    """scannet.pt's layout (encoder.original_model.* as geffnet names EfficientNet-B5, decoder.*) with the seven
-    stages one or two blocks deep and 4-16 channels wide; the real kernel sizes and strides. Saved as the
-    real file is: {"model": state} with DataParallel's "module." prefixes (see normal_bae_file)."""
-    from darkroom.control.annotators.normalbae import STRIDES, Block, NormalBae, Spec
+def _tiny_effnet_stages() -> tuple:
+    """EfficientNet-B5's seven stages one or two blocks deep and 4-16 channels wide, its kernels and strides."""
+    from darkroom.control.annotators.normalbae import STRIDES, Block
 
     stages, cin = [], 8
     for i, (stride, kernel) in enumerate(zip(STRIDES, (3, 3, 5, 3, 5, 5, 3), strict=True)):
@@ -265,9 +264,18 @@ def normal_bae_state(*, seed: int = 0) -> dict:
             blocks.append(Block(cin, cout, 8 if expand else cin, kernel, stride if b == 0 else 1, 2, expand))
             cin = cout
         stages.append(tuple(blocks))
+    return tuple(stages)
+
+
+def normal_bae_state(*, seed: int = 0) -> dict:
+    """scannet.pt's layout (encoder.original_model.* as geffnet names EfficientNet-B5, decoder.*) with the seven
+    stages one or two blocks deep and 4-16 channels wide; the real kernel sizes and strides. Saved as the
+    real file is: {"model": state} with DataParallel's "module." prefixes (see normal_bae_file)."""
+    from darkroom.control.annotators.normalbae import NormalBae, Spec
+
     gen = torch.Generator().manual_seed(seed)
     state = {}
-    for key, value in NormalBae(Spec(8, tuple(stages), 16, (16, 8, 8, 8), 8)).state_dict().items():
+    for key, value in NormalBae(Spec(8, _tiny_effnet_stages(), 16, (16, 8, 8, 8), 8)).state_dict().items():
         if not value.is_floating_point():
             state[key] = value.clone()
         elif key.endswith("running_var"):
@@ -454,3 +462,11 @@ def zoe_file_state(model) -> dict:
         out[f"{beit}blocks.{i}.attn.relative_position_index"] = torch.zeros(2, 2, dtype=torch.long)
     out[beit + "head.weight"] = torch.zeros(3, hidden)
     return {"model": out}
+
+
+def dsine_state(*, seed: int = 0) -> dict:
+    """dsine.pt's tensors ({"model": ...} is how the file keeps them) on a narrow EfficientNet, random."""
+    from darkroom.control.annotators.dsine import DSINE
+    from darkroom.control.annotators.normalbae import Spec
+
+    return random_state(DSINE(Spec(8, _tiny_effnet_stages(), 32, (0, 0, 0, 0), 0)).state_dict(), seed=seed)

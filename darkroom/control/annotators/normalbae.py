@@ -84,6 +84,14 @@ def b5() -> Spec:
 
 def spec_of(state: dict) -> Spec:
     """The shapes of a scannet.pt-layout state dict."""
+    encoder = encoder_spec_of(state)
+    ups = tuple(int(state[f"{DEC}up{i}._net.0.weight"].shape[0]) for i in range(1, 5))
+    return Spec(encoder.stem, encoder.stages, encoder.head, ups, int(state[f"{DEC}out_conv_res4.0.weight"].shape[0]))
+
+
+def encoder_spec_of(state: dict) -> Spec:
+    """The EfficientNet's shapes of a state dict with it under `encoder.original_model.` (the decoder's left
+    at 0: normal_dsine has another decoder)."""
     stages = []
     for s in range(len(STRIDES)):
         blocks, b = [], 0
@@ -99,9 +107,8 @@ def spec_of(state: dict) -> Spec:
         if not blocks:
             raise KeyError(f"stage {s}")
         stages.append(tuple(blocks))
-    ups = tuple(int(state[f"{DEC}up{i}._net.0.weight"].shape[0]) for i in range(1, 5))
     return Spec(int(state[f"{ENC}conv_stem.weight"].shape[0]), tuple(stages),
-                int(state[f"{ENC}conv_head.weight"].shape[0]), ups, int(state[f"{DEC}out_conv_res4.0.weight"].shape[0]))
+                int(state[f"{ENC}conv_head.weight"].shape[0]), (0, 0, 0, 0), 0)
 
 
 class _SameConv(nn.Conv2d):
