@@ -424,6 +424,49 @@ def test_interrupt_inside_a_controlnet(setup):
     assert result.interrupted and result.images == [] and unet_calls == []
 
 
+def test_interrupt_inside_a_preprocessor(setup, monkeypatch):
+    """Cancel set while a preprocessor's net runs (built for the one picture, so it has no hooks of its own)
+    stops the generation at that net's next layer, and nothing is sampled."""
+    from torch import nn
+
+    from darkroom.control.annotators import teed
+    from darkroom.testing.tiny_annotators import save, teed_state
+
+    annotators = setup["home"].root / "models" / "annotators"
+    save(teed_state(), annotators / "7_model.pth")
+    cancel = threading.Event()
+    layers = []
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Identity(), nn.Identity()
+
+        def forward(self, x):
+            cancel.set()  # Interrupt pressed while the net is half way through
+            layers.append("a")
+            self.a(x)
+            layers.append("b")
+            return self.b(x)
+
+    def slow_edges(net, img):
+        Net()(torch.zeros(1))
+        raise AssertionError("the net should have been stopped")
+
+    monkeypatch.setattr(teed, "edges", slow_edges)
+    unet_calls = []
+    unet = setup["engine"].cache.get(setup["sd1"]).unet
+    handle = unet.register_forward_pre_hook(lambda m, a: unet_calls.append(1))
+    try:
+        req = GenerationRequest(model=str(setup["sd1"]), controlnet=[_unit(module="softedge_teed")], **KW)
+        result = setup["engine"].generate(req, cancel=cancel)
+    finally:
+        handle.remove()
+    assert result.interrupted and result.images == [] and unet_calls == [] and layers == ["a"]
+    Net()(torch.zeros(1))  # the hook is gone once the phase ends
+    assert layers == ["a", "a", "b"]
+
+
 def test_admission_counts_the_controlnet_weights(setup):
     from darkroom.engine.admission import control_weight_bytes
 

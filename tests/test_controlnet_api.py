@@ -171,8 +171,8 @@ def test_detect_canny_gives_the_outline(api):
     ({"controlnet_module": "no-such-module", "controlnet_input_images": ["x"]}, 422,
      "controlnet_module: unknown ControlNet preprocessor 'no-such-module'"),
     ({"controlnet_module": "lineart", "controlnet_input_images": [png_b64(drawn_shape())]}, 422, "sk_model.pth"),
-    ({"controlnet_module": "depth_leres", "controlnet_input_images": [png_b64(drawn_shape())]}, 422,
-     "cannot run the depth_leres preprocessor yet"),
+    ({"controlnet_module": "depth_leres++", "controlnet_input_images": [png_b64(drawn_shape())]}, 422,
+     "cannot run the depth_leres++ preprocessor yet"),
     ({"controlnet_module": "canny", "controlnet_input_images": ["@@@"]}, 422, "controlnet_input_images[0]"),
     ({"controlnet_module": "canny", "controlnet_input_images": ["eA==", "eA=="], "controlnet_masks": ["eA=="]},
      422, "one mask per image"),
@@ -253,7 +253,7 @@ def test_unknown_model_names_the_available_ones(api, studio, cn_model):
         "args": [unit]}}})
     assert r.status_code == 422 and "/etc/passwd" in error_of(r)
     r = api.post("/sdapi/v1/txt2img", json={"prompt": "p", **FAST, "alwayson_scripts": {"ControlNet": {
-        "args": [{"model": "cn-tiny", "module": "depth_leres"}]}}})
+        "args": [{"model": "cn-tiny", "module": "depth_leres++"}]}}})
     assert r.status_code == 422 and "args[0].module" in error_of(r)
     r = api.post("/sdapi/v1/txt2img", json={"prompt": "p", **FAST, "alwayson_scripts": {"ControlNet": {
         "args": [{"model": "cn-tiny", "module": "canny"}]}}})  # txt2img with no control image

@@ -26,7 +26,7 @@ from darkroom.engine import presets, rng, samplers, vae_tiling
 from darkroom.engine.admission import Limits, admit_engine
 from darkroom.engine.cache import ModelCache
 from darkroom.engine.img2img import FILL_NAMES, RESIZE_NAMES, Source, prepare_source
-from darkroom.engine.interrupt import answering, stoppable, units_of
+from darkroom.engine.interrupt import answering, answering_any, stoppable, units_of
 from darkroom.engine.lora import LoraLibrary, apply_loras, extract_lora_tags, lora_hashes_infotext
 from darkroom.engine.sampling import SKIPPED, Guidance, Init, Noise, StepCallback, StepEvent, denoise
 from darkroom.engine.tiling import seamless
@@ -442,7 +442,8 @@ class Engine:
                  cancel=None):
         """The request's ControlNet units prepared once (darkroom/control/prepare.py), or None without any.
         `loras`: the LoRA uses merged into the model now (a Control-LoRA is built on the merged UNet). tile_colorfix
-        maps are encoded as the init image is (this VAE, its tiling); Interrupted when `cancel` stops that."""
+        maps are encoded as the init image is (this VAE, its tiling); Interrupted when `cancel` stops that or a
+        preprocessor's net."""
         if not any(u.active for u in req.controlnet):
             return None
 
@@ -457,16 +458,17 @@ class Engine:
         from darkroom.engine.img2img import decode_image
 
         placement = getattr(model, "placement", None)  # a low-VRAM plan: the ControlNets follow the UNet's
-        prepared = prepare_control(
-            req.controlnet, files=find_controlnets(self.library.home), cache=self.controlnets,
-            model_family=model.family.id, model_name=model.name, width=req.width, height=req.height,
-            hires_size=req.hires_size() if req.enable_hr else None, decode=lambda data, name, mode: decode_image(
-                data, name, mode=mode), init_image=source.image if source is not None else None,
-            init_mask=source.mask if source is not None else None,
-            crop=(source.box, source.original.size) if source is not None and source.box is not None else None,
-            annotator_dirs=preprocess.annotator_dirs(self.library.home), seed=seed, dtype=model.dtype,
-            device=model.device if placement is None else placement.controlnet_device(),
-            base=base_of(model, loras), encode=encode)
+        with answering_any(cancel):  # the preprocessors' nets, built inside (a depth net takes seconds on a CPU)
+            prepared = prepare_control(
+                req.controlnet, files=find_controlnets(self.library.home), cache=self.controlnets,
+                model_family=model.family.id, model_name=model.name, width=req.width, height=req.height,
+                hires_size=req.hires_size() if req.enable_hr else None, decode=lambda data, name, mode: decode_image(
+                    data, name, mode=mode), init_image=source.image if source is not None else None,
+                init_mask=source.mask if source is not None else None,
+                crop=(source.box, source.original.size) if source is not None and source.box is not None else None,
+                annotator_dirs=preprocess.annotator_dirs(self.library.home), seed=seed, dtype=model.dtype,
+                device=model.device if placement is None else placement.controlnet_device(),
+                base=base_of(model, loras), encode=encode)
         if placement is not None and prepared.control is not None:
             for module in prepared.control.modules():
                 placement.adopt(module)

@@ -25,7 +25,7 @@ import torch
 
 from darkroom.errors import Interrupted
 
-__all__ = ["SKIPPED", "Skipped", "answering", "stoppable", "units_of"]
+__all__ = ["SKIPPED", "Skipped", "answering", "answering_any", "stoppable", "units_of"]
 
 SKIPPED = object()  # what a phase gives when Skip abandoned the current batch
 
@@ -76,6 +76,29 @@ def answering(modules: Iterable[torch.nn.Module], cancel: threading.Event | None
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def answering_any(cancel: threading.Event | None) -> Iterator[None]:
+    """Inside the block, entering any module at all on this thread raises Interrupted once `cancel` is set.
+
+    For phases whose networks are built inside them (the ControlNet preprocessors: a depth or pose net loaded
+    from its file for one picture), where there is no model to put hooks on beforehand. A global forward
+    pre-hook, removed when the block ends; other threads pass through it untouched."""
+    if cancel is None:
+        yield
+        return
+    owner = threading.get_ident()
+
+    def check(module: torch.nn.Module, args) -> None:
+        if threading.get_ident() == owner and cancel.is_set():
+            raise Interrupted("interrupted")
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def stoppable(fn: Callable[[], T], modules: Iterable[torch.nn.Module], cancel: threading.Event | None,
