@@ -337,3 +337,34 @@ def test_img2img_unit_without_image_uses_the_init_image(api, studio, cn_model):
     too_many = [{"model": "cn-tiny", "image": init}] * 9
     r = api.post("/sdapi/v1/img2img", json={**body, "alwayson_scripts": {"controlnet": {"args": too_many}}})
     assert r.status_code == 422 and "at most 8 ControlNet units" in error_of(r)
+
+
+def test_webuiapi_runs_the_newer_preprocessors_over_a_socket(studio, cn_model):
+    """DW Pose through /controlnet/detect and inpaint_only+lama in txt2img, from webuiapi, with annotator files
+    (tiny, in the real layouts) in the home's models/annotators."""
+    import numpy as np
+
+    from darkroom.testing.tiny_annotators import lama_state, save
+    from darkroom.testing.tiny_onnx import dwpose_file, yolox_file
+
+    annotators = studio.home.root / "models" / "annotators"
+    yolox_file(annotators / "yolox_l.onnx", [(320, 320, 200, 400, 0.9, 0)])
+    dwpose_file(annotators / "dw-ll_ucoco_384.onnx", {0: (144, 96, 0.9), 5: (192, 192, 0.8), 6: (96, 192, 0.8)})
+    save(lama_state(), annotators / "ControlNetLama.pth")
+    picture = drawn_shape()
+    mask = Image.new("L", picture.size, 0)
+    mask.paste(255, (16, 16, 48, 48))
+    with live_server(studio) as url:
+        api = _client(url)
+        assert {"dw_openpose_full", "inpaint_only+lama", "depth_zoe"} <= set(api.controlnet_module_list())
+        pose = api.controlnet_detect([picture.resize((512, 512))], module="dw_openpose_full", processor_res=512)
+        drawn = np.asarray(pose.images[0].convert("RGB"))
+        assert drawn.shape == (512, 512, 3) and tuple(drawn[156, 256]) == (255, 0, 0)  # the nose, where put
+        unit = webuiapi.ControlNetUnit(image=picture, mask=mask, module="inpaint_only+lama", model=cn_model)
+        out = api.txt2img(prompt="a square", seed=5, width=64, height=64, cfg_scale=7, controlnet_units=[unit],
+                          alwayson_scripts={})
+        assert "Module: inpaint_only+lama" in out.info["infotexts"][0]
+        kept = np.asarray(out.image.convert("RGB")).astype(int) - np.asarray(picture.convert("RGB")).astype(int)
+        far = np.ones((64, 64), bool)
+        far[6:58, 6:58] = False  # outside the mask grown and blurred: the picture, pasted back
+        assert np.abs(kept[far]).max() <= 1
