@@ -324,6 +324,24 @@ def test_the_frozen_entry_sets_offline_first_and_the_hook_keeps_dev_code_out():
     assert "darkroom.testing" in hook and "starter_training/**" in hook
 
 
+def test_the_hook_names_every_transformers_model_the_annotators_import():
+    """transformers resolves its classes lazily, out of PyInstaller's sight: each model package the
+    preprocessors import by name (and the backbones those load by config) must be named in the hook."""
+    import re
+
+    import transformers
+
+    hook = (portable.ASSETS / "hooks" / "hook-darkroom.py").read_text()
+    annotators = Path(portable.__file__).parents[1] / "control" / "annotators"
+    names = set()
+    for source in annotators.glob("*.py"):
+        for group in re.findall(r"from transformers import ([\w, ]+)", source.read_text()):
+            names.update(n.strip() for n in group.split(","))
+    packages = {".".join(getattr(transformers, n).__module__.split(".")[:3]) for n in names}
+    packages |= {"transformers.models.dinov2", "transformers.models.bit", "transformers.models.beit"}
+    assert packages and all(f'"{p}"' in hook for p in packages), sorted(p for p in packages if p not in hook)
+
+
 # ---------------------------------------------------------------------------------------------- end to end (slow)
 
 

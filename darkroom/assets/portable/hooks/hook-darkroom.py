@@ -12,7 +12,10 @@ _DEV = ("darkroom.testing", "darkroom.starter_training")
 hiddenimports = collect_submodules("darkroom", filter=lambda name: not name.startswith(_DEV))
 # diffusers and transformers resolve their classes lazily (importlib), out of PyInstaller's sight; samplers are
 # looked up by name (getattr(diffusers, "EulerDiscreteScheduler"))
-for _package in ("diffusers.models", "diffusers.schedulers", "diffusers.loaders", "transformers.models.clip"):
+for _package in ("diffusers.models", "diffusers.schedulers", "diffusers.loaders", "transformers.models.clip",
+                 # the ControlNet preprocessors' depth nets and their backbones (darkroom/control/annotators)
+                 "transformers.models.depth_anything", "transformers.models.dinov2", "transformers.models.dpt",
+                 "transformers.models.bit", "transformers.models.zoedepth", "transformers.models.beit"):
     hiddenimports += collect_submodules(_package)
 for _optional in ("spandrel", "spandrel_extra_arches"):  # upscalers and face restoration, when installed
     if can_import_module(_optional):
