@@ -195,7 +195,9 @@ def test_generate_with_the_starter_model_then_history(open_page, tmp_path):
     previews = page.evaluate("window.__previews")
     assert any(re.search(r"^Step \d+ / 20\b", t) for t in texts), texts
     assert previews and all(re.search(r"/api/jobs/[^/]+/preview\?rev=\d+$", u) for u in previews), previews
-    assert page.evaluate("window.__interrupt")[:1] == [False], "Interrupt was never enabled while the job ran"
+    # each time the page sets the button's state is recorded (a status poll may set "disabled" again before the
+    # job starts, so the first record can be True): what matters is that it was enabled at some point
+    assert False in page.evaluate("window.__interrupt"), "Interrupt was never enabled while the job ran"
     expect(page.locator("#preview")).to_be_hidden()  # the preview goes away when the job ends
     expect(page.locator("#interrupt")).to_be_disabled()
 
