@@ -304,3 +304,23 @@ def test_web_ui_inputs_follow_the_limits(studio):
         finally:
             browser.close()
     assert maxima == ["1536", "1536", "1536", "4", "9", "60", "60"]
+
+
+def test_a_reference_unit_counts_its_attention_bank(studio, monkeypatch):
+    """A reference unit keeps every self-attention input of its extra UNet pass while the real pass runs: that
+    bank is counted (per unit), so a request that fits without one can be refused with one."""
+    from darkroom.control_unit import ControlUnit
+
+    r = GenerationRequest(width=512, height=512, cfg_scale=7)
+    # SD1.5 at 512: 5 blocks (2 down, 3 up) at 64 x 64 x 320, 32 x 32 x 640, 16 x 16 x 1280, the middle's one at
+    # 8 x 8 x 1280; two CFG rows of bf16, with the estimator's 25 % margin
+    values = 5 * 4096 * 320 + 5 * 1024 * 640 + 5 * 256 * 1280 + 64 * 1280
+    assert memory.attention_bank_bytes(memory.SD15, r, dtype=BF16) == int(values * 2 * 2 * memory.MARGIN)
+    assert memory.attention_bank_bytes(memory.SD15, r.model_copy(update={"enable_hr": True, "hr_scale": 2.0}),
+                                       dtype=BF16) == 4 * memory.attention_bank_bytes(memory.SD15, r, dtype=BF16)
+    monkeypatch.setattr(memory, "available_memory", lambda device, reclaimable=0: 8 * GB)
+    monkeypatch.setattr(memory, "attention_bank_bytes", lambda arch, req, dtype: 6 * GB)
+    reference = ControlUnit(module="reference_only", model="None", image=base64.b64decode(png_b64()))
+    studio.engine.admit(GenerationRequest(prompt="x", width=64, height=64))  # fits
+    with pytest.raises(InvalidRequest, match="memory|GB"):
+        studio.engine.admit(GenerationRequest(prompt="x", width=64, height=64, controlnet=[reference, reference]))

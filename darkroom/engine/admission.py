@@ -240,10 +240,16 @@ def admit_engine(engine, req: GenerationRequest) -> GenerationRequest:
     dtype, vae_dtype = choice.dtype, choice.vae_dtype(arch.family)
 
     control = control_weight_bytes(engine, req, dtype)
+    references = sum(1 for u in req.controlnet if u.active and u.model_free)  # each keeps an attention bank
 
     def estimate(r: GenerationRequest) -> memory.Estimate:
         est = memory.estimate(arch, r, dtype=dtype, vae_dtype=vae_dtype, device=choice.device, tiled_vae=tiled)
-        return replace(est, weights=est.weights + control) if control else est
+        if control:
+            est = replace(est, weights=est.weights + control)
+        if references:
+            bank = memory.attention_bank_bytes(arch, r, dtype=dtype)
+            est = replace(est, unet=est.unet + references * bank)
+        return est
 
     available = memory.available_memory(choice.device, _reclaimable(engine))
     where = "this machine" if choice.device.type in ("cpu", "mps") else "the GPU"

@@ -45,7 +45,8 @@ from darkroom.request import GenerationRequest
 from darkroom.upscale.tiled import working_bytes as upscale_working_bytes
 
 __all__ = ["Arch", "Estimate", "SD15", "SDXL", "read_arch", "arch_of_loaded", "estimate", "estimate_for_model",
-           "available_memory", "human_gb", "resident_bytes", "unet_activations", "vae_activations"]
+           "available_memory", "human_gb", "resident_bytes", "unet_activations", "vae_activations",
+           "attention_bank_bytes"]
 
 GiB = 2**30
 MARGIN = 1.25
@@ -210,6 +211,25 @@ def unet_activations(arch: Arch, width: int, height: int, batch: int, act_bytes:
         per = UNET_ATTN_WORK if arch.unet_attention[level] else UNET_RES_WORK
         work = max(work, per * c * n)
     return int(batch * (UNET_SKIP_FACTOR * skips + work) * act_bytes * MARGIN)
+
+
+def attention_bank_bytes(arch: Arch, req: GenerationRequest, *, dtype: torch.dtype) -> int:
+    """What one reference unit (darkroom/control/reference.py) keeps while the UNet runs: the input of every
+    self-attention of its extra pass on the reference (tokens x channels per transformer block: down blocks,
+    up blocks with one more, and the middle), for the CFG batch, at the larger pass's size, in the UNet's dtype
+    (the bank holds copies of those inputs). An upper bound: a weight under 1 banks fewer layers."""
+    act = _dtype_size(dtype)
+    batch = req.batch_size * (2 if req.cfg_scale > 1 else 1)
+    width, height = req.width or arch.native_size, req.height or arch.native_size
+    if req.enable_hr:
+        width, height = req.model_copy(update={"width": width, "height": height}).hires_size()
+    n0 = (width // arch.factor) * (height // arch.factor)
+    values = 0.0
+    for level, (c, depth) in enumerate(zip(arch.unet_channels, arch.unet_attention, strict=True)):
+        values += depth * (2 * arch.unet_layers + 1) * c * n0 / 4**level
+    deepest = len(arch.unet_channels) - 1
+    values += max(arch.unet_attention) * arch.unet_channels[-1] * n0 / 4**deepest  # the middle block
+    return int(batch * values * act * MARGIN)
 
 
 def vae_activations(arch: Arch, width: int, height: int, batch: int, act_bytes: int, *, decode: bool,
