@@ -166,6 +166,7 @@ class Control:
         level, x = (x0 + sigma eps) / sqrt(sigma^2 + 1). The change goes back through the same sigma, so the
         sampler's own x0 is exactly the fixed one (the extension's rounded-timestep table is not)."""
         from darkroom.control.annotators.tile import fix_colours
+        from darkroom.control.inpaint_only import restore_x0
 
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=pred.device)
         a = 1 / torch.sqrt(sigma ** 2 + 1)
@@ -180,8 +181,6 @@ class Control:
                                     prompt_rows=rows, weight=unit.weight, hires=self.hires)
         for unit in self.units:  # after every colour fix, as the extension's hook orders them
             if unit.inpaint_latent is not None:
-                from darkroom.control.inpaint_only import restore_x0
-
                 fixed = restore_x0(fixed, unit.inpaint_latent, unit.inpaint_mask, unit.weight)
         # x0 = a x - s v, or x0 = (x - s eps) / a: x0 moves by -s dv, or by -sigma d eps
         return pred - (fixed - x0) / (s if v_prediction else sigma)

@@ -87,11 +87,3 @@ def lama_noise(noise: torch.Tensor, latent: torch.Tensor, alphas_cumprod: torch.
     latent = latent.to(device=noise.device, dtype=noise.dtype)
     return (float(abar.sqrt()) * latent + float((1 - abar).sqrt()) * noise).to(noise.dtype)
 
-
-def picture_fill(control: np.ndarray) -> np.ndarray:
-    """A stored inpaint map's colours with its masked pixels (-1) set to the median colour of the rest (what a
-    map given ready-made has instead of the picture under the mask)."""
-    rgb = control.astype(np.float32).copy()
-    masked = (rgb < 0).any(axis=2)
-    rgb[masked] = np.median(rgb[~masked], axis=0) if (~masked).any() else 0.5
-    return rgb

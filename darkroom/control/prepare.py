@@ -258,9 +258,9 @@ def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile]
 
 def _picture_of(pre, image: Image.Image, detected: np.ndarray, prepared: bool) -> np.ndarray:
     """An inpaint unit's picture in [0, 1] at its map's size: the image itself, or for a ready map (which keeps
-    no picture under its mask) the map's colours with the median colour there (inpaint_only.picture_fill)."""
+    no picture under its mask) the map's colours with the median colour there."""
     if prepared:
-        from darkroom.control.inpaint_only import picture_fill
+        from darkroom.control.annotators.fit import fill_masked
 
-        return picture_fill(detected)
+        return fill_masked(detected, empty=0.5)
     return pre.detect("none", image)

@@ -217,10 +217,7 @@ class DSINE(nn.Module):
 
 
 def load(path: Path) -> DSINE:
-    state = files.read_state_dict(path)
-    if isinstance(state.get("model"), dict):
-        state = state["model"]
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = files.read_state_dict(path, nested="model")
     try:
         spec = encoder_spec_of(state)
         if "gru.convz.weight" not in state or not any(k.startswith(ENC) for k in state):

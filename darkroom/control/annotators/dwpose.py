@@ -32,7 +32,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from darkroom.control.annotators import files, imageops
 from darkroom.errors import ModelLoadError
@@ -178,11 +177,7 @@ def crop(img: np.ndarray, centre: np.ndarray, size: np.ndarray,
     xs = (np.arange(out_w) - out_w / 2) * step + centre[0]
     ys = (np.arange(out_h) - out_h / 2) * step + centre[1]
     map_y, map_x = np.meshgrid(ys, xs, indexing="ij")
-    out = np.empty((out_h, out_w, 3), np.float32)
-    for c in range(3):
-        out[:, :, c] = ndimage.map_coordinates(img[:, :, c].astype(np.float32), [map_y, map_x], order=1,
-                                               mode="grid-constant", cval=0.0)
-    return out
+    return imageops.remap(img.astype(np.float32), map_x, map_y, border="constant")
 
 
 def simcc_peaks(simcc_x: np.ndarray, simcc_y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -66,9 +66,10 @@ def find(file: str, kind: str, dirs) -> Path | None:
     return None
 
 
-def read_state_dict(path: Path) -> dict[str, Any]:
+def read_state_dict(path: Path, nested: str | None = None) -> dict[str, Any]:
     """The tensors of an annotator .pth, read with weights_only=True (a pickle with code is refused), or of
-    a .safetensors file."""
+    a .safetensors file; `nested`: the key a training checkpoint keeps them under ({"model": ...}), when
+    present. DataParallel's `module.` prefixes are dropped."""
     import torch
 
     if path.suffix.lower() == ".safetensors":
@@ -84,8 +85,9 @@ def read_state_dict(path: Path) -> dict[str, Any]:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelLoadError(f"{path.name}: not a loadable weight file, or one holding more than tensors"
                              f" ({type(e).__name__}: {first[:200]})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
+    for key in ("state_dict", nested):
+        if key and isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
     if not isinstance(obj, dict):
         raise ModelLoadError(f"{path.name}: holds no state dict")
     return {k.removeprefix("module."): v for k, v in obj.items()}

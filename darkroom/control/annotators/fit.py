@@ -91,6 +91,15 @@ def _resize_map(rgb: np.ndarray, mask: np.ndarray | None, width: int, height: in
     return out, mask
 
 
+def fill_masked(control: np.ndarray, empty: float = 0.0) -> np.ndarray:
+    """A float map's colours with its masked pixels (-1) set to the median colour of the rest (`empty` when
+    everything is masked): what resizes without the -1s bleeding in."""
+    rgb = control.astype(np.float32, copy=True)
+    masked = (rgb < 0).any(axis=2)
+    rgb[masked] = np.median(rgb[~masked], axis=0) if (~masked).any() else empty
+    return rgb
+
+
 def fit(control: np.ndarray, width: int, height: int, resize_mode: str | int) -> np.ndarray:
     """`control` (float32 HxWx3 in [0, 1], -1 where inpaint-masked) at exactly height x width."""
     width, height = int(width), int(height)
@@ -108,8 +117,7 @@ def fit(control: np.ndarray, width: int, height: int, resize_mode: str | int) ->
     mask = masked if masked.any() else None
     rgb = control
     if mask is not None:  # resize the colours without the -1s bleeding in, then mask again
-        rgb = control.copy()
-        rgb[masked] = np.median(control[~masked], axis=0) if (~masked).any() else 0.0
+        rgb = fill_masked(control)
     old_h, old_w = rgb.shape[:2]
     if mode == JUST_RESIZE:
         out, mask = _resize_map(rgb, mask, width, height)

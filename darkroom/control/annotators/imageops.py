@@ -94,12 +94,14 @@ def otsu(gray: np.ndarray) -> np.ndarray:
     return np.where(gray > t, 255, 0).astype(np.uint8)
 
 
-def remap(img: np.ndarray, map_x: np.ndarray, map_y: np.ndarray) -> np.ndarray:
-    """OpenCV's remap with linear interpolation: out[y, x] = img[map_y[y, x], map_x[y, x]] (maps in pixels)."""
+def remap(img: np.ndarray, map_x: np.ndarray, map_y: np.ndarray, border: str = "nearest") -> np.ndarray:
+    """OpenCV's remap with linear interpolation: out[y, x] = img[map_y[y, x], map_x[y, x]] (maps in pixels);
+    outside the picture the edge repeats (`border` "nearest") or it is black ("constant", warpAffine's)."""
     coords = [map_y, map_x]
+    mode = {"nearest": "nearest", "constant": "grid-constant"}[border]
     out = np.empty(map_x.shape + (img.shape[2],), dtype=np.float32)
     for c in range(img.shape[2]):
-        out[:, :, c] = ndimage.map_coordinates(img[:, :, c].astype(np.float32), coords, order=1, mode="nearest")
+        out[:, :, c] = ndimage.map_coordinates(img[:, :, c].astype(np.float32), coords, order=1, mode=mode, cval=0.0)
     return np.rint(out).clip(0, 255).astype(np.uint8) if img.dtype == np.uint8 else out
 
 

@@ -145,9 +145,7 @@ class LeReS(nn.Module):
 
 
 def load(path: Path) -> LeReS:
-    raw = files.read_state_dict(path)
-    state = raw.get("depth_model") if isinstance(raw.get("depth_model"), dict) else raw
-    state = {k.removeprefix("module.").removeprefix(PREFIX): v for k, v in state.items()}
+    state = {k.removeprefix(PREFIX): v for k, v in files.read_state_dict(path, nested="depth_model").items()}
     enc = "encoder_modules.encoder."
     try:
         stem = int(state[enc + "conv1.weight"].shape[0])

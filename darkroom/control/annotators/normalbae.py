@@ -255,9 +255,7 @@ class NormalBae(nn.Module):
 
 
 def load(path: Path) -> NormalBae:
-    state = files.read_state_dict(path)
-    if isinstance(state.get("model"), dict):
-        state = {k.removeprefix("module."): v for k, v in state["model"].items()}
+    state = files.read_state_dict(path, nested="model")
     try:
         spec = spec_of(state)
     except (KeyError, AttributeError, IndexError, TypeError):

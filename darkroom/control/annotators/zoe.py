@@ -135,9 +135,7 @@ _BUFFERS = ("conditional_log_binomial.log_binomial_transform.",)
 def load(path: Path):
     from transformers import ZoeDepthForDepthEstimation
 
-    raw = files.read_state_dict(path)
-    state = raw.get("model") if isinstance(raw.get("model"), dict) else raw
-    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(_BUFFERS)}
+    state = {k: v for k, v in files.read_state_dict(path, nested="model").items() if not k.startswith(_BUFFERS)}
     try:
         config = _config(state)
     except (KeyError, AttributeError, IndexError, TypeError, ValueError):
