@@ -360,6 +360,10 @@ def test_webuiapi_runs_the_newer_preprocessors_over_a_socket(studio, cn_model):
         pose = api.controlnet_detect([picture.resize((512, 512))], module="dw_openpose_full", processor_res=512)
         drawn = np.asarray(pose.images[0].convert("RGB"))
         assert drawn.shape == (512, 512, 3) and tuple(drawn[156, 256]) == (255, 0, 0)  # the nose, where put
+        nose = pose.json["poses"][0]["people"][0]["pose_keypoints_2d"][:3]  # the pose JSON, as the extension's
+        assert nose == [pytest.approx(0.5, abs=1e-3), pytest.approx(156 / 512, abs=1e-3), 1.0]
+        drawn_back = api.custom_post("controlnet/render_openpose_json", payload=pose.json["poses"]).images[0]
+        assert np.array_equal(np.asarray(drawn_back.convert("RGB")), drawn)
         unit = webuiapi.ControlNetUnit(image=picture, mask=mask, module="inpaint_only+lama", model=cn_model)
         out = api.txt2img(prompt="a square", seed=5, width=64, height=64, cfg_scale=7, controlnet_units=[unit],
                           alwayson_scripts={})

@@ -70,6 +70,7 @@ class _Context:
     dirs: Sequence[Path]
     seed: int
     device: str | None = None
+    poses: list | None = None  # where the pose modules put their PoseSet (annotators.poses)
 
 
 def _hed(scribble: bool, safe: bool) -> Callable:
@@ -92,20 +93,21 @@ def _openpose(hand: bool = False, face: bool = False, body: bool = True) -> Call
     def run(img, res, a, b, ctx):
         from darkroom.control.annotators import openpose
 
-        return openpose.detect(img, res, ctx.dirs, device=ctx.device, hand=hand, face=face, body=body)
+        return openpose.detect(img, res, ctx.dirs, device=ctx.device, hand=hand, face=face, body=body,
+                               found=ctx.poses)
     return run
 
 
 def _dw_openpose(img, res, a, b, ctx):
     from darkroom.control.annotators import dwpose
 
-    return dwpose.detect(img, res, ctx.dirs)
+    return dwpose.detect(img, res, ctx.dirs, found=ctx.poses)
 
 
 def _animal_openpose(img, res, a, b, ctx):
     from darkroom.control.annotators import dwpose
 
-    return dwpose.detect_animals(img, res, ctx.dirs)
+    return dwpose.detect_animals(img, res, ctx.dirs, found=ctx.poses)
 
 
 def _depth_anything(v2: bool) -> Callable:
@@ -455,8 +457,9 @@ def thresholds(module: str, threshold_a: float = -1, threshold_b: float = -1) ->
 
 def detect(module: str, image: Image.Image, *, resolution: int = 512, threshold_a: float = -1,
            threshold_b: float = -1, mask: Image.Image | None = None, annotator_dirs: Sequence[Path] = (),
-           seed: int = 0, device=None) -> np.ndarray:
+           seed: int = 0, device=None, poses: list | None = None) -> np.ndarray:
     """The control map of `image`: float32 HxWx3 in [0, 1] (-1 where an inpaint module's mask is set).
+    A pose module appends what it found to `poses` (an annotators.poses.PoseSet, the extension's pose JSON).
 
     Modules that work at a resolution first resize the picture so its short side is `resolution`
     (-1: 512); the rest keep the input size. -1 thresholds take the module's defaults. The nets run on
@@ -486,7 +489,7 @@ def detect(module: str, image: Image.Image, *, resolution: int = 512, threshold_
     except (TypeError, ValueError):
         raise InvalidRequest(f"seed {seed!r} must be a whole number") from None
     ctx = _Context(_mask_array(mask, h, w) if m.needs_mask else None, [Path(d) for d in annotator_dirs], seed,
-                   None if device is None else str(device))
+                   None if device is None else str(device), poses)
     if m.weights:
         _weights(m, ctx.dirs)
     out = m.run(hwc3(image), resolution, a, b, ctx)

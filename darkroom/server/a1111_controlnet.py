@@ -6,8 +6,10 @@ are translated in darkroom/server/control_units.py."""
 from __future__ import annotations
 
 import base64
+import io
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Body, Depends
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from darkroom.control_unit import MAX_UNITS
@@ -21,6 +23,7 @@ router = APIRouter(prefix="/controlnet", tags=["a1111-controlnet"])
 
 API_VERSION = 2  # the extension's external_code.get_api_version(): clients check it before sending units
 MAX_DETECT_IMAGES = 16
+MAX_RENDER_PIXELS = 4096 * 4096
 
 # the extension's control types: (type, words that pick its preprocessors and models, default preprocessor); the
 # default is the extension's except where Darkroom runs another of the type's preprocessors and not that one
@@ -106,7 +109,8 @@ def control_types(studio: Studio = Depends(get_studio)) -> dict:
 
 @router.post("/detect")
 def detect(body: DetectBody, studio: Studio = Depends(get_studio)) -> dict:
-    """Control maps of the images: {"images": [base64 PNG], "info": "Success"}, as the extension answers."""
+    """Control maps of the images: {"images": [base64 PNG], "info": "Success"}, as the extension answers; the
+    pose modules add "poses", one OpenPose JSON per image (darkroom.control.annotators.poses)."""
     check_module(body.controlnet_module, "controlnet_module")  # first, as the extension answers
     images = body.controlnet_input_images or body.controlnet_images
     if not images:
@@ -116,7 +120,8 @@ def detect(body: DetectBody, studio: Studio = Depends(get_studio)) -> dict:
                              f" {len(body.controlnet_masks)} masks)")
     field = "controlnet_input_images" if body.controlnet_input_images else "controlnet_images"
     resolution = 512 if body.controlnet_processor_res == -1 else body.controlnet_processor_res
-    out = []
+    out: list[str] = []
+    poses: list[dict] = []
     for i, value in enumerate(images):
         image = decode_base64_image(value, field=f"{field}[{i}]")
         mask = (decode_base64_image(body.controlnet_masks[i], field=f"controlnet_masks[{i}]")
@@ -124,6 +129,30 @@ def detect(body: DetectBody, studio: Studio = Depends(get_studio)) -> dict:
         png = run_detect(body.controlnet_module, image, mask=mask, resolution=resolution,
                          threshold_a=body.controlnet_threshold_a, threshold_b=body.controlnet_threshold_b,
                          studio=studio, field="controlnet_module", image_field=f"{field}[{i}]",
-                         mask_field=f"controlnet_masks[{i}]")
+                         mask_field=f"controlnet_masks[{i}]", poses=poses)
         out.append(base64.b64encode(png).decode("ascii"))
-    return {"images": out, "info": "Success"}
+    answer: dict = {"info": "Success"}
+    if poses:
+        answer["poses"] = poses
+    answer["images"] = out
+    return answer
+
+
+@router.post("/render_openpose_json")
+def render_openpose_json(body: list[dict] = Body([], max_length=MAX_DETECT_IMAGES)) -> dict:
+    """Pose JSON (what /controlnet/detect returned, or an editor changed) drawn as openpose maps:
+    {"images": [base64 PNG], "info": "Success"}, as the extension answers."""
+    from darkroom.control.annotators.poses import PoseSet
+
+    if not body:
+        return {"info": "No pose data detected."}
+    images = []
+    for i, pose in enumerate(body):
+        canvas = PoseSet.from_json(pose, f"pose[{i}]")
+        if canvas.height * canvas.width > MAX_RENDER_PIXELS:
+            raise InvalidRequest(f"pose[{i}]: a {canvas.width}x{canvas.height} canvas is larger than"
+                                 f" {MAX_RENDER_PIXELS >> 20} megapixels")
+        buffer = io.BytesIO()
+        Image.fromarray(canvas.render()).save(buffer, format="PNG")
+        images.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
+    return {"images": images, "info": "Success"}

@@ -245,8 +245,9 @@ def native_units(units: list[NativeUnit], studio: Studio, *, img2img: bool) -> l
 
 def run_detect(module: str, image: bytes, *, mask: bytes | None, resolution: int, threshold_a: float,
                threshold_b: float, studio: Studio, field: str = "module", image_field: str = "image",
-               mask_field: str = "mask") -> bytes:
-    """The control map a preprocessor makes of `image`, as PNG bytes.
+               mask_field: str = "mask", poses: list | None = None) -> bytes:
+    """The control map a preprocessor makes of `image`, as PNG bytes; a pose module appends its pose JSON
+    (the extension's OpenPose layout) to `poses`.
 
     A preprocessor whose weights are missing raises a DarkroomError naming the file; it is answered
     as a 422 (the request asks for something this install cannot do), never a 500."""
@@ -262,13 +263,16 @@ def run_detect(module: str, image: bytes, *, mask: bytes | None, resolution: int
     if mask is not None:
         with open_image(mask, name=mask_field) as opened:
             mask_image = opened.convert("L")
+    found: list = []
     try:
         result = detect(name, picture, resolution=resolution, threshold_a=threshold_a, threshold_b=threshold_b,
-                        mask=mask_image, annotator_dirs=tuple(annotator_dirs(studio.home)))
+                        mask=mask_image, annotator_dirs=tuple(annotator_dirs(studio.home)), poses=found)
     except DarkroomError as e:
         if e.status >= 500 or e.status < 400:
             raise InvalidRequest(str(e), code=e.code) from None
         raise
+    if poses is not None:
+        poses += [p.to_json() for p in found]
     pixels = np.clip(np.asarray(result, dtype=np.float32) * 255.0 + 0.5, 0, 255).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")

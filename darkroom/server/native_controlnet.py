@@ -54,6 +54,8 @@ class DetectBody(BaseModel):
 
 class DetectAnswer(BaseModel):
     image: str = Field(description="The control map as a data:image/png;base64 URL.")
+    pose: dict | None = Field(None, description="What a pose module found, as the A1111 extension's OpenPose JSON"
+                                                " (x and y as fractions of the map); null for other modules.")
 
 
 @router.get("")
@@ -67,6 +69,8 @@ def detect(body: DetectBody, studio: Studio = Depends(get_studio)) -> DetectAnsw
     check_module(body.module, "module")
     image = decode_base64_image(body.image, field="image")
     mask = decode_base64_image(body.mask, field="mask") if body.mask else None
+    poses: list[dict] = []
     png = run_detect(body.module, image, mask=mask, resolution=body.resolution, threshold_a=body.threshold_a,
-                     threshold_b=body.threshold_b, studio=studio)
-    return DetectAnswer(image="data:image/png;base64," + base64.b64encode(png).decode("ascii"))
+                     threshold_b=body.threshold_b, studio=studio, poses=poses)
+    return DetectAnswer(image="data:image/png;base64," + base64.b64encode(png).decode("ascii"),
+                        pose=poses[0] if poses else None)

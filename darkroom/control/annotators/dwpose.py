@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from darkroom.control.annotators import files, imageops
+from darkroom.control.annotators.poses import Person, PoseSet
 from darkroom.errors import ModelLoadError
 from darkroom.fsutil import open_regular
 
@@ -226,15 +227,13 @@ def openpose_people(points: np.ndarray, scores: np.ndarray) -> tuple[list, list,
             face += [body[14], body[15]]  # OpenPose's 69th and 70th face points are the eyes
         bodies.append(body)
         hands.append((_part(pts[LEFT_HAND], sc[LEFT_HAND]), _part(pts[RIGHT_HAND], sc[RIGHT_HAND])))
-        faces.append([p for p in face if p is not None] if face is not None else None)
+        faces.append(face)
     return bodies, hands, faces
 
 
-def detect(img: np.ndarray, res: int, dirs: Sequence[Path]) -> np.ndarray:
+def detect(img: np.ndarray, res: int, dirs: Sequence[Path], found: list | None = None) -> np.ndarray:
     """The dw_openpose_full map: bodies, hands and faces at the unit's resolution (padded to 64 as the
-    extension detects, cropped back)."""
-    from darkroom.control.annotators import openpose
-
+    extension detects, cropped back); the PoseSet is appended to `found`."""
     det_path, pose_path = files.find(DET_FILE, KIND, dirs), files.find(POSE_FILE, KIND, dirs)
     detector, pose = session(det_path, "YOLOX person detector"), session(pose_path, "DWPose keypoint model")
     padded, (h, w) = imageops.pad64(imageops.to_resolution(img, res))
@@ -253,7 +252,10 @@ def detect(img: np.ndarray, res: int, dirs: Sequence[Path]) -> np.ndarray:
         except (ValueError, IndexError) as e:
             raise ModelLoadError(f"{pose_path.name}: not the DWPose whole-body model ({e})") from None
         bodies, hands, faces = openpose_people(points, scores)
-    return openpose.draw(bodies, padded.shape[0], padded.shape[1], hands=hands, faces=faces)[:h, :w]
+    poses = PoseSet(h, w, [Person(body, *both, face) for body, both, face in zip(bodies, hands, faces, strict=True)])
+    if found is not None:
+        found.append(poses)
+    return poses.render()
 
 
 # --- animal_openpose --------------------------------------------------------------------------------------
@@ -268,8 +270,9 @@ ANIMAL_COLORS = ((255, 255, 255), (100, 255, 100), (150, 255, 255), (100, 50, 25
 ANIMAL_LINE = 5
 
 
-def draw_animals(animals: Sequence[np.ndarray], height: int, width: int) -> np.ndarray:
-    """Each animal's 17 limbs as 5-pixel lines with round ends (OpenCV's thick lines), uint8 HxWx3."""
+def draw_animals(animals: Sequence, height: int, width: int) -> np.ndarray:
+    """Each animal's 17 limbs as 5-pixel lines with round ends (OpenCV's thick lines), uint8 HxWx3; a limb with
+    an end not found (None, from pose JSON) is left out."""
     from PIL import Image, ImageDraw
 
     canvas = Image.new("RGB", (width, height))
@@ -277,6 +280,8 @@ def draw_animals(animals: Sequence[np.ndarray], height: int, width: int) -> np.n
     r = ANIMAL_LINE // 2
     for points in animals:
         for (a, b), color in zip(ANIMAL_LIMBS, ANIMAL_COLORS, strict=True):
+            if points[a] is None or points[b] is None:
+                continue
             ends = [(int(points[a][0]), int(points[a][1])), (int(points[b][0]), int(points[b][1]))]
             pen.line(ends, fill=color, width=ANIMAL_LINE)
             for x, y in ends:
@@ -284,8 +289,9 @@ def draw_animals(animals: Sequence[np.ndarray], height: int, width: int) -> np.n
     return np.asarray(canvas, dtype=np.uint8).copy()
 
 
-def detect_animals(img: np.ndarray, res: int, dirs: Sequence[Path]) -> np.ndarray:
-    """The animal_openpose map at the unit's resolution (padded to 64, cropped back)."""
+def detect_animals(img: np.ndarray, res: int, dirs: Sequence[Path], found: list | None = None) -> np.ndarray:
+    """The animal_openpose map at the unit's resolution (padded to 64, cropped back); the PoseSet is appended
+    to `found`."""
     det_path, pose_path = files.find(DET_FILE, KIND, dirs), files.find(ANIMAL_FILE, KIND, dirs)
     detector, pose = session(det_path, "YOLOX detector"), session(pose_path, "AP-10K RTMPose keypoint model")
     padded, (h, w) = imageops.pad64(imageops.to_resolution(img, res))
@@ -299,5 +305,8 @@ def detect_animals(img: np.ndarray, res: int, dirs: Sequence[Path]) -> np.ndarra
             points, _ = keypoints(pose, padded, boxes, ANIMAL_SIZE, ANIMAL_POINTS)
         except (ValueError, IndexError) as e:
             raise ModelLoadError(f"{pose_path.name}: not the AP-10K RTMPose model ({e})") from None
-        animals = list(points)
-    return draw_animals(animals, padded.shape[0], padded.shape[1])[:h, :w]
+        animals = [[(float(x), float(y)) for x, y in animal] for animal in points]
+    poses = PoseSet(h, w, animals=animals)
+    if found is not None:
+        found.append(poses)
+    return poses.render()

@@ -33,6 +33,7 @@ from torch import nn
 
 from darkroom.control.annotators import files, imageops
 from darkroom.control.annotators import openpose_parts as parts
+from darkroom.control.annotators.poses import Person, PoseSet
 from darkroom.errors import ModelLoadError
 
 FILE, KIND = "body_pose_model.pth", "openpose"
@@ -309,23 +310,34 @@ def draw(people: Sequence[Sequence[tuple[float, float] | None]], height: int, wi
     return np.asarray(canvas, dtype=np.uint8).copy()
 
 
-def detect(img: np.ndarray, res: int, dirs: Sequence[Path], device: str | None = None, *, hand: bool = False,
-           face: bool = False, body: bool = True) -> np.ndarray:
-    """The `openpose` map: body skeletons of the picture (short side at `res`, padded to 64 as the
-    extension detects, cropped back); `hand`/`face` add each person's hands and face found from the body
-    keypoints (openpose_hand, openpose_face, openpose_full), `body=False` leaves the body out of the drawing
-    (openpose_faceonly: the body is still what finds the face)."""
+def find(img: np.ndarray, res: int, dirs: Sequence[Path], device: str | None = None, *, hand: bool = False,
+         face: bool = False) -> PoseSet:
+    """The people of the picture (short side at `res`, padded to 64 as the extension detects) on the unpadded
+    canvas; `hand`/`face` add each person's hands and face found from the body keypoints."""
     device = device or "cpu"
     net = load(files.find(FILE, KIND, dirs)).to(device)
     padded, (h, w) = imageops.pad64(imageops.to_resolution(img, res))
     heat, paf = maps(net, padded)
     people = decode(heat, paf)
     bgr = np.ascontiguousarray(padded[:, :, ::-1])
-    hands = faces = None
+    hands: list = [(None, None)] * len(people)
+    faces: list = [None] * len(people)
     if hand:
         hand_net = parts.load(files.find(parts.HAND_FILE, KIND, dirs), parts.HAND_MAPS, "hand").to(device)
         hands = [parts.find_hands(hand_net, bgr, person) for person in people]
     if face:
         face_net = parts.load(files.find(parts.FACE_FILE, KIND, dirs), parts.FACE_MAPS, "face").to(device)
         faces = [parts.find_face(face_net, bgr, person) for person in people]
-    return draw(people, padded.shape[0], padded.shape[1], hands=hands, faces=faces, body=body)[:h, :w]
+    return PoseSet(h, w, [Person(list(body), *both, found) for body, both, found in
+                          zip(people, hands, faces, strict=True)])
+
+
+def detect(img: np.ndarray, res: int, dirs: Sequence[Path], device: str | None = None, *, hand: bool = False,
+           face: bool = False, body: bool = True, found: list | None = None) -> np.ndarray:
+    """The `openpose` map: body skeletons of the picture at the unit's resolution (`find`); `hand`/`face` add
+    hands and faces (openpose_hand, openpose_face, openpose_full), `body=False` leaves the body out of the
+    drawing (openpose_faceonly: the body is still what finds the face). The PoseSet is appended to `found`."""
+    poses = find(img, res, dirs, device, hand=hand, face=face)
+    if found is not None:
+        found.append(poses)
+    return poses.render(body=body, hands=hand, face=face)

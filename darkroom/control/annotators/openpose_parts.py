@@ -167,18 +167,20 @@ def hand_peaks(maps: np.ndarray, height: int, width: int) -> list[Point | None]:
     return peaks
 
 
-def face_peaks(net: PartNet, crop: np.ndarray) -> list[Point]:
-    """The landmarks of a BGR face crop, in its pixels: each map's maximum where it passes 0.05."""
+def face_peaks(net: PartNet, crop: np.ndarray) -> list[Point | None]:
+    """The landmarks of a BGR face crop, in its pixels: each map's maximum where it passes 0.05 (else None)."""
     h, w = crop.shape[:2]
     maps = _run(net, _resize(crop, FACE_INPUT, FACE_INPUT))
     with torch.no_grad():
         maps = F.interpolate(torch.from_numpy(maps)[None], (h, w), mode="bilinear", align_corners=True)[0].numpy()
-    out = []
+    out: list[Point | None] = []
     for m in maps:
+        point = None
         if (m > FACE_THRESHOLD).any():
             y, x = np.unravel_index(int(np.argmax(m)), m.shape)
             if x > 0 and y > 0:
-                out.append((float(x), float(y)))
+                point = (float(x), float(y))
+        out.append(point)
     return out
 
 
@@ -223,12 +225,12 @@ def find_hands(net: PartNet, img_bgr: np.ndarray, person) -> tuple[list | None, 
     return hands.get(True), hands.get(False)
 
 
-def find_face(net: PartNet, img_bgr: np.ndarray, person) -> list[Point] | None:
+def find_face(net: PartNet, img_bgr: np.ndarray, person) -> list[Point | None] | None:
     box = face_box(person, *img_bgr.shape[:2])
     if box is None:
         return None
     x, y, size = box
-    return [(px + x, py + y) for px, py in face_peaks(net, img_bgr[y:y + size, x:x + size])]
+    return [None if p is None else (p[0] + x, p[1] + y) for p in face_peaks(net, img_bgr[y:y + size, x:x + size])]
 
 
 def draw_hand(pen: ImageDraw.ImageDraw, hand: Sequence[Point | None] | None) -> None:
@@ -245,9 +247,11 @@ def draw_hand(pen: ImageDraw.ImageDraw, hand: Sequence[Point | None] | None) -> 
             pen.ellipse((p[0] - 4, p[1] - 4, p[0] + 4, p[1] + 4), fill=(0, 0, 255))
 
 
-def draw_face(pen: ImageDraw.ImageDraw, face: Sequence[Point] | None) -> None:
-    """The extension's face: white dots of radius 3 on the landmarks."""
-    for x, y in face or ():
-        x, y = int(x), int(y)
+def draw_face(pen: ImageDraw.ImageDraw, face: Sequence[Point | None] | None) -> None:
+    """The extension's face: white dots of radius 3 on the landmarks found."""
+    for point in face or ():
+        if point is None:
+            continue
+        x, y = int(point[0]), int(point[1])
         if x > MARGIN and y > MARGIN:
             pen.ellipse((x - 3, y - 3, x + 3, y + 3), fill=(255, 255, 255))
