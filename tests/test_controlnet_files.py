@@ -117,7 +117,8 @@ def test_real_context_widths_name_the_family():
     ({"adapter.body.0.resnets.0.block1.weight": (4,)}, "T2I-Adapter"),
     ({"lora_controlnet": (0,), "input_blocks.1.0.in_layers.2.up": (4,)}, "Control-LoRA"),
     ({"task_embedding": (8, 320), "controlnet_cond_embedding.conv_in.weight": (16, 3, 3, 3)}, "Union"),
-    ({"lllite_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.down.0.weight": (4,)}, "LLLite"),
+    ({"lllite_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.down.0.weight": (4,)}, "SD1/SD2 ControlNet-LLLite"),
+    ({"lllite_unet_conv_in.down.0.weight": (4,)}, "LLLite model whose layout is not recognised"),
     ({"decoder.conv_in.weight": (4,)}, "not a ControlNet"),
 ])
 def test_other_control_models_are_refused_clearly(tmp_path, keys, what):

@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from darkroom.control.config import Kind, darkroom_fields, metadata_config
+from darkroom.control.config import RUNS, Kind, darkroom_fields, metadata_config
 from darkroom.control.load import LoadedControlNet
 from darkroom.errors import InvalidRequest, ModelLoadError
 
@@ -285,8 +285,7 @@ def _build(config: dict, state: Mapping[str, torch.Tensor], name: str):
 
 
 def refusal(name: str, detail: str) -> InvalidRequest:
-    return InvalidRequest(f"{name} is {detail}; only ControlNets and T2I-Adapters that take a control map are"
-                          " supported")
+    return InvalidRequest(f"{name} is {detail}; {RUNS}")
 
 
 def load_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: Path, *,

@@ -29,6 +29,8 @@ outputs, scaled, are summed and passed as `down_block_additional_residuals` /
   guess_mode only makes them prompt-only.
 - tile_colorfix(+sharp) units also fix the colours of the UNet's prediction after every call, in and out of
   their window (`Control.fix_prediction`, darkroom.control.annotators.tile).
+- ControlNet-LLLite units (darkroom.control.lllite) add nothing here: their hooks on the UNet's attention
+  projections read the step `residuals` records (`at`) and act in the unit's window, first pass only.
 - reference_only / reference_adain(+attn) units have no ControlNet (`controlnet` None): while the sampler
   has them hooked (darkroom.control.reference), `residuals` also runs their UNet pass on the picture.
 
@@ -121,6 +123,7 @@ class Control:
         self.noise_latent = noise_latent  # inpaint_only+lama's fill, VAE-encoded: the first pass's noise leans to it
         self.calls = 0  # ControlNet forward passes run in this pass
         self.reference = None  # reference.ReferenceSession while its hooks are on the UNet (reference.hooked)
+        self.at = (0, 1)  # (step, total) of the UNet call `residuals` was last asked for: LLLite's hooks read it
 
     def for_hires(self) -> Control | None:
         """The same units for the hires fix's second pass: their hires maps, hr_option applied."""
@@ -195,8 +198,11 @@ class Control:
         down: list[torch.Tensor] | None = None
         mid: torch.Tensor | None = None
         intra: list[torch.Tensor] | None = None  # T2I-Adapters' features (darkroom.control.adapter)
+        self.at = (step, total)
         for unit in self.units:
             if unit.controlnet is None or not unit.covers(step, total):  # reference units: below
+                continue
+            if getattr(unit.controlnet, "is_lllite", False):  # its hooks act inside the UNet (control.lllite)
                 continue
             if isinstance(unit.controlnet, LoadedAdapter):
                 feats = adapter_residuals(unit, x, n=n, uncond=uncond, soft=unit.soft(self.hires))

@@ -26,12 +26,14 @@ METADATA_FIELDS = {"attention_head_dim", "num_attention_heads", "norm_num_groups
                    "global_pool_conditions", "conditioning_channels"}
 """What a `darkroom_config` entry may set: what shapes cannot tell."""
 
+RUNS = "only ControlNets, T2I-Adapters and ControlNet-LLLite models that take a control map are supported"
+"""The end of every refusal of a control model."""
+
 # (detail, probe on the key names) for control models this version does not run; first match wins.
 UNSUPPORTED: list[tuple[str, Any]] = [
     # marked Control-LoRAs are built (control_lora.py); up/down pairs without the marker are a LoRA or a damaged one
     ("a Control-LoRA without its 'lora_controlnet' marker",
      lambda keys: any(k.endswith((".up", ".down")) for k in keys)),
-    ("a ControlNet-LLLite model", lambda keys: any(k.startswith("lllite_") for k in keys)),
     ("a 'difference' ControlNet (it must be merged into its base model first)", lambda keys: "difference" in keys),
 ]
 
@@ -51,8 +53,14 @@ class Kind:
     def label(self) -> str:
         if not self.supported:
             return self.detail
-        noun = "T2I-Adapter" if (self.layout or "").startswith("t2i-") else "ControlNet"
-        return f"{FAMILY_LABELS.get(self.family or '', '?')} {noun}"
+        return f"{FAMILY_LABELS.get(self.family or '', '?')} {self.noun}"
+
+    @property
+    def noun(self) -> str:
+        """What messages call it: ControlNet, T2I-Adapter or ControlNet-LLLite."""
+        if (self.layout or "").startswith("t2i-"):
+            return "T2I-Adapter"
+        return "ControlNet-LLLite" if self.layout == "lllite" else "ControlNet"
 
 
 def own_keys(keys) -> list[str]:
@@ -77,6 +85,11 @@ def classify(shapes: Shapes, metadata: Mapping[str, str] | None = None) -> Kind:
 
     if is_union_keys(names):
         return union_kind(shapes)
+    from darkroom.control.lllite import lllite_kind  # lllite.py builds on this module
+
+    lllite = lllite_kind(shapes)
+    if lllite is not None:
+        return lllite
     if "lora_controlnet" in names:  # a Control-LoRA: low-rank differences from the checkpoint's UNet
         from darkroom.control.control_lora import classify_control_lora  # control_lora.py builds on this module
 

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from darkroom.control.config import RUNS
 from darkroom.control.load import WEIGHT_NAMES, folder_class, header_kind
 from darkroom.errors import DarkroomError, InvalidRequest
 from darkroom.home import Home, is_folder
@@ -107,15 +108,14 @@ def _describe(path: Path, label: str, problems: list[str] | None) -> ControlNetF
         return ControlNetFile(name, path, None, size, label)
     if not kind.supported:
         return ControlNetFile(name, path, None, size, label, supported=False, detail=kind.detail)
-    return ControlNetFile(name, path, kind.family, size, label,
-                          noun="T2I-Adapter" if (kind.layout or "").startswith("t2i-") else "ControlNet")
+    return ControlNetFile(name, path, kind.family, size, label, noun=kind.noun)
 
 
 def find_controlnets(home: Home, problems: list[str] | None = None) -> list[ControlNetFile]:
     """Every ControlNet, by name (sorted, ignoring case); the first folder wins a name, and a .safetensors
     file wins over a pickle of the same name. Files that are not ControlNets at all are left out; kinds
-    we cannot run yet (LLLite models, the T2I style adapter) are listed with `supported` False (T2I-Adapters
-    run: darkroom.control.adapter); Control-LoRAs are
+    we cannot run yet (the T2I style adapter, ControlNet-XS) are listed with `supported` False (T2I-Adapters
+    and LLLite models run: darkroom.control.adapter, darkroom.control.lllite); Control-LoRAs are
     listed as the family they are built on (darkroom.control.control_lora)."""
     found: dict[str, ControlNetFile] = {}
     for folder, label in controlnet_dirs(home):
@@ -169,6 +169,5 @@ def resolve(files: list[ControlNetFile], wanted: str) -> ControlNetFile:
 
 def _usable(f: ControlNetFile) -> ControlNetFile:
     if not f.supported:
-        raise InvalidRequest(f"{f.name} is {f.detail}; only ControlNets and T2I-Adapters that take a control map"
-                             " are supported for now")
+        raise InvalidRequest(f"{f.name} is {f.detail}; {RUNS}")
     return f

@@ -22,6 +22,7 @@ import torch
 
 from darkroom.control.config import (
     FAMILY_LABELS,
+    RUNS,
     Kind,
     classify,
     controlnet_config,
@@ -73,8 +74,7 @@ class LoadedControlNet:
 
 
 def unsupported(kind: Kind, name: str) -> InvalidRequest:
-    return InvalidRequest(f"{name} is {kind.detail}; only ControlNets and T2I-Adapters that take a control map"
-                          " are supported for now")
+    return InvalidRequest(f"{name} is {kind.detail}; {RUNS}")
 
 
 def check_family(controlnet_family: str | None, controlnet_name: str, model_family: str, model_name: str,
@@ -157,6 +157,10 @@ def load_controlnet(path: str | Path, *, dtype: torch.dtype, device: str | torch
             from darkroom.control.adapter import load_tensors
 
             return load_tensors(tensors, metadata, path, dtype=dtype, device=device)
+        if kind.layout == "lllite":  # kohya's ControlNet-LLLite (darkroom.control.lllite)
+            from darkroom.control.lllite import load_tensors as load_lllite
+
+            return load_lllite(tensors, path, dtype=dtype, device=device)
         if kind.layout == "control-lora":  # low-rank differences from the checkpoint's UNet
             from darkroom.control.control_lora import build_control_lora
 

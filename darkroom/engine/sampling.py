@@ -162,7 +162,7 @@ def denoise(model: LoadedModel, spec: samplers.Sampler, schedule: str, *, steps:
     `control` (darkroom.control.apply) adds its ControlNets' residuals at every UNet call.
     """
     units = units_of(model.unet) + [u for m in (control.modules() if control else []) for u in units_of(m)]
-    with _reference_hooks(model, control, noise.seeds):
+    with _reference_hooks(model, control, noise.seeds), _lllite_hooks(model, control):
         return stoppable(lambda: _denoise(model, spec, schedule, steps=steps, noise=noise, shape=shape,
                                           guidance=guidance, init=init, eta=eta, batch=batch, batch_count=batch_count,
                                           phase=phase, on_step=on_step, cancel=cancel, skip=skip, control=control),
@@ -178,6 +178,15 @@ def _reference_hooks(model: LoadedModel, control: Control | None, seeds):
     abar = 1 / (1 + schedules.model_sigmas(model.scheduler_config) ** 2)
     return hooked(control, model.unet, seeds, encode=lambda pixels: vae_tiling.encode(model, pixels), abar=abar,
                   sdxl=model.family.id.startswith("sdxl"))
+
+
+def _lllite_hooks(model: LoadedModel, control: Control | None):
+    """The pass's ControlNet-LLLite units hooked into the UNet (darkroom.control.lllite), or nothing to do."""
+    if control is None or not any(getattr(u.controlnet, "is_lllite", False) for u in control.units):
+        return contextlib.nullcontext()
+    from darkroom.control.lllite import hooked
+
+    return hooked(control, model.unet)
 
 
 def _lean(start_noise: torch.Tensor, model: LoadedModel, control: Control | None) -> torch.Tensor:
