@@ -466,6 +466,9 @@ def test_no_preprocessor_touches_the_network(tmp_path):
     save(tiny.part_pose_state(22), full / "hand_pose_model.pth")
     save(tiny.part_pose_state(71), full / "facenet.pth")
     tiny.normal_bae_file(tiny.normal_bae_state(), full / "scannet.pt")
+    from darkroom.testing.tiny_uniformer import uniformer_file_state
+
+    torch.save(uniformer_file_state(), full / "upernet_global_small.pth")
     im = _square(64)
     mask = Image.new("L", (64, 64), 255)
     for name in pp.module_list()["module_list"]:

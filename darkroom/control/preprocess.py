@@ -130,6 +130,12 @@ def _depth_zoe(img, res, a, b, ctx):
     return zoe.detect(img, res, ctx.dirs, device=ctx.device)
 
 
+def _segmentation(img, res, a, b, ctx):
+    from darkroom.control.annotators import uniformer
+
+    return uniformer.detect(img, res, ctx.dirs, device=ctx.device)
+
+
 def _depth_midas(img, res, a, b, ctx):
     from darkroom.control.annotators import depth
 
@@ -286,6 +292,7 @@ MODULES: dict[str, Module] = {m.name: m for m in (
     Module("depth_anything_v2", "depth_anything_v2", _depth_anything(True), resolution_slider=False,
            weights=(("depth_anything_v2_vitl.safetensors", "depth_anything_v2"),)),
     Module("anime_face_segment", "seg_anime_face", _anime_face, weights=(("UNet.pth", "anime_face_segment"),)),
+    Module("segmentation", "seg_ufade20k", _segmentation, weights=(("upernet_global_small.pth", "uniformer"),)),
     Module("depth_leres", "depth_leres", _depth_leres,
            (Slider("Remove Near %", 0, 0, 100, 0.1), Slider("Remove Background %", 0, 0, 100, 0.1)),
            weights=(("res101.pth", "leres"),)),
@@ -314,7 +321,7 @@ _NOT_YET = {
     "depth_hand_refiner": "depth_hand_refiner",
     "densepose": "densepose (pruple bg & purple torso)",
     "densepose_parula": "densepose_parula (black bg & blue torso)", "mediapipe_face": "mediapipe_face",
-    "segmentation": "seg_ufade20k", "oneformer_coco": "seg_ofcoco", "oneformer_ade20k": "seg_ofade20k",
+    "oneformer_coco": "seg_ofcoco", "oneformer_ade20k": "seg_ofade20k",
     "clip_vision": "t2ia_style_clipvision",
     "revision_clipvision": "revision_clipvision",
     "revision_ignore_prompt": "revision_ignore_prompt",
