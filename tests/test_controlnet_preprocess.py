@@ -307,7 +307,7 @@ def test_module_names_and_aliases():
         pp.canonical_module("sharpen_everything")
     with pytest.raises(InvalidRequest, match="cannot run the densepose .* preprocessor yet.*module none"):
         pp.canonical_module("densepose")
-    for name in ("densepose", "depth_hand_refiner", "seg_ofade20k", "mediapipe_face", "revision_clipvision",
+    for name in ("densepose", "depth_hand_refiner", "mediapipe_face", "revision_clipvision",
                  "depth_leres++"):
         with pytest.raises(InvalidRequest, match="cannot run"):
             pp.detect(name, Image.new("RGB", (8, 8)))
@@ -466,9 +466,12 @@ def test_no_preprocessor_touches_the_network(tmp_path):
     save(tiny.part_pose_state(22), full / "hand_pose_model.pth")
     save(tiny.part_pose_state(71), full / "facenet.pth")
     tiny.normal_bae_file(tiny.normal_bae_state(), full / "scannet.pt")
+    from darkroom.testing.tiny_oneformer import write_oneformer
     from darkroom.testing.tiny_uniformer import uniformer_file_state
 
     torch.save(uniformer_file_state(), full / "upernet_global_small.pth")
+    write_oneformer(full / "250_16_swin_l_oneformer_ade20k_160k.pth")
+    write_oneformer(full / "150_16_swin_l_oneformer_coco_100ep.pth")
     im = _square(64)
     mask = Image.new("L", (64, 64), 255)
     for name in pp.module_list()["module_list"]:

@@ -130,6 +130,14 @@ def _depth_zoe(img, res, a, b, ctx):
     return zoe.detect(img, res, ctx.dirs, device=ctx.device)
 
 
+def _oneformer(kind: str) -> Callable:
+    def run(img, res, a, b, ctx):
+        from darkroom.control.annotators import oneformer
+
+        return oneformer.detect(img, res, ctx.dirs, kind, device=ctx.device)
+    return run
+
+
 def _segmentation(img, res, a, b, ctx):
     from darkroom.control.annotators import uniformer
 
@@ -293,6 +301,11 @@ MODULES: dict[str, Module] = {m.name: m for m in (
            weights=(("depth_anything_v2_vitl.safetensors", "depth_anything_v2"),)),
     Module("anime_face_segment", "seg_anime_face", _anime_face, weights=(("UNet.pth", "anime_face_segment"),)),
     Module("segmentation", "seg_ufade20k", _segmentation, weights=(("upernet_global_small.pth", "uniformer"),)),
+    # the extension hides OneFormer's resolution slider; the map still comes at the unit's resolution
+    Module("oneformer_ade20k", "seg_ofade20k", _oneformer("ade20k"), resolution_slider=False, priority=100,
+           weights=(("250_16_swin_l_oneformer_ade20k_160k.pth", "oneformer"),)),
+    Module("oneformer_coco", "seg_ofcoco", _oneformer("coco"), resolution_slider=False,
+           weights=(("150_16_swin_l_oneformer_coco_100ep.pth", "oneformer"),)),
     Module("depth_leres", "depth_leres", _depth_leres,
            (Slider("Remove Near %", 0, 0, 100, 0.1), Slider("Remove Background %", 0, 0, 100, 0.1)),
            weights=(("res101.pth", "leres"),)),
@@ -321,7 +334,6 @@ _NOT_YET = {
     "depth_hand_refiner": "depth_hand_refiner",
     "densepose": "densepose (pruple bg & purple torso)",
     "densepose_parula": "densepose_parula (black bg & blue torso)", "mediapipe_face": "mediapipe_face",
-    "oneformer_coco": "seg_ofcoco", "oneformer_ade20k": "seg_ofade20k",
     "clip_vision": "t2ia_style_clipvision",
     "revision_clipvision": "revision_clipvision",
     "revision_ignore_prompt": "revision_ignore_prompt",

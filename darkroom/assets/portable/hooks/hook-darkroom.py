@@ -15,7 +15,9 @@ hiddenimports = collect_submodules("darkroom", filter=lambda name: not name.star
 for _package in ("diffusers.models", "diffusers.schedulers", "diffusers.loaders", "transformers.models.clip",
                  # the ControlNet preprocessors' depth nets and their backbones (darkroom/control/annotators)
                  "transformers.models.depth_anything", "transformers.models.dinov2", "transformers.models.dpt",
-                 "transformers.models.bit", "transformers.models.zoedepth", "transformers.models.beit"):
+                 "transformers.models.bit", "transformers.models.zoedepth", "transformers.models.beit",
+                 # OneFormer (seg_ofade20k, seg_ofcoco) and its Swin backbone
+                 "transformers.models.oneformer", "transformers.models.swin"):
     hiddenimports += collect_submodules(_package)
 for _optional in ("spandrel", "spandrel_extra_arches"):  # upscalers and face restoration, when installed
     if can_import_module(_optional):
