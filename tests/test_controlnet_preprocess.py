@@ -339,14 +339,17 @@ def test_annotator_dirs_reads_installs_in_place(tmp_path):
     (a1111 / "extensions/sd-webui-controlnet/annotator/downloads").mkdir(parents=True)
     (forge / "models/ControlNetPreprocessor").mkdir(parents=True)
     (comfy / "custom_nodes/comfyui_controlnet_aux/ckpts").mkdir(parents=True)
+    (comfy / "models/clip_vision").mkdir(parents=True)  # IP-Adapters' CLIP vision towers (control.ipadapter)
     zipped = tmp_path / "zipped"  # the extension unpacked from a zip keeps the archive's folder name
     (zipped / "extensions/sd-webui-controlnet-main/annotator/downloads").mkdir(parents=True)
     home = Home(tmp_path / "home", [a1111, forge, comfy, zipped, tmp_path / "missing"])
     assert pp.annotator_dirs(home) == [
         tmp_path / "home/models/annotators",
+        tmp_path / "home/models/clip_vision",
         a1111 / "extensions/sd-webui-controlnet/annotator/downloads",
         forge / "models/ControlNetPreprocessor",
         comfy / "custom_nodes/comfyui_controlnet_aux/ckpts",
+        comfy / "models/clip_vision",
         zipped / "extensions/sd-webui-controlnet-main/annotator/downloads",
     ]
 
@@ -472,6 +475,10 @@ def test_no_preprocessor_touches_the_network(tmp_path):
     torch.save(uniformer_file_state(), full / "upernet_global_small.pth")
     write_oneformer(full / "250_16_swin_l_oneformer_ade20k_160k.pth")
     write_oneformer(full / "150_16_swin_l_oneformer_coco_100ep.pth")
+    from darkroom.testing.tiny_ipadapter import write_tiny_clip_vision
+
+    write_tiny_clip_vision(full / "clip_h.pth")
+    write_tiny_clip_vision(full / "clip_g.pth")
     im = _square(64)
     mask = Image.new("L", (64, 64), 255)
     for name in pp.module_list()["module_list"]:

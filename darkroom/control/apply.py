@@ -29,6 +29,8 @@ outputs, scaled, are summed and passed as `down_block_additional_residuals` /
   guess_mode only makes them prompt-only.
 - tile_colorfix(+sharp) units also fix the colours of the UNet's prediction after every call, in and out of
   their window (`Control.fix_prediction`, darkroom.control.annotators.tile).
+- IP-Adapter units (darkroom.control.ipadapter) add nothing here either: hooks on the cross-attentions read
+  `at` and `rows` (which CFG rows are the negative's, which get the unconditional image tokens).
 - ControlNet-LLLite units (darkroom.control.lllite) add nothing here: their hooks on the UNet's attention
   projections read the step `residuals` records (`at`) and act in the unit's window, first pass only.
 - reference_only / reference_adain(+attn) units have no ControlNet (`controlnet` None): while the sampler
@@ -80,6 +82,7 @@ class ControlUnitRun:
     hr_inpaint_latent: torch.Tensor | None = None
     inpaint_mask: torch.Tensor | None = None  # [1, 1, h, w], 1: repaint
     hr_inpaint_mask: torch.Tensor | None = None
+    ip_tokens: tuple[torch.Tensor, torch.Tensor] | None = None  # an IP-Adapter unit's (prompt, negative) tokens
 
     def ready_hint(self, device: torch.device) -> torch.Tensor:
         """The hint on `device` in the ControlNet's dtype, moved once per pass rather than at every step."""
@@ -124,6 +127,7 @@ class Control:
         self.calls = 0  # ControlNet forward passes run in this pass
         self.reference = None  # reference.ReferenceSession while its hooks are on the UNet (reference.hooked)
         self.at = (0, 1)  # (step, total) of the UNet call `residuals` was last asked for: LLLite's hooks read it
+        self.rows = (1, False)  # (n, uncond) of that call's CFG batch: IP-Adapter's hooks read it
 
     def for_hires(self) -> Control | None:
         """The same units for the hires fix's second pass: their hires maps, hr_option applied."""
@@ -198,12 +202,12 @@ class Control:
         down: list[torch.Tensor] | None = None
         mid: torch.Tensor | None = None
         intra: list[torch.Tensor] | None = None  # T2I-Adapters' features (darkroom.control.adapter)
-        self.at = (step, total)
+        self.at, self.rows = (step, total), (n, uncond)
         for unit in self.units:
             if unit.controlnet is None or not unit.covers(step, total):  # reference units: below
                 continue
-            if getattr(unit.controlnet, "is_lllite", False):  # its hooks act inside the UNet (control.lllite)
-                continue
+            if getattr(unit.controlnet, "is_lllite", False) or getattr(unit.controlnet, "is_ipadapter", False):
+                continue  # their hooks act inside the UNet (control.lllite, control.ipadapter)
             if isinstance(unit.controlnet, LoadedAdapter):
                 feats = adapter_residuals(unit, x, n=n, uncond=uncond, soft=unit.soft(self.hires))
                 intra = feats if intra is None else [a + b for a, b in zip(intra, feats, strict=True)]

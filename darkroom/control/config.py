@@ -26,7 +26,7 @@ METADATA_FIELDS = {"attention_head_dim", "num_attention_heads", "norm_num_groups
                    "global_pool_conditions", "conditioning_channels"}
 """What a `darkroom_config` entry may set: what shapes cannot tell."""
 
-RUNS = "only ControlNets, T2I-Adapters and ControlNet-LLLite models that take a control map are supported"
+RUNS = "only ControlNets, T2I-Adapters, ControlNet-LLLite models and IP-Adapters are supported"
 """The end of every refusal of a control model."""
 
 # (detail, probe on the key names) for control models this version does not run; first match wins.
@@ -57,10 +57,10 @@ class Kind:
 
     @property
     def noun(self) -> str:
-        """What messages call it: ControlNet, T2I-Adapter or ControlNet-LLLite."""
+        """What messages call it: ControlNet, T2I-Adapter, ControlNet-LLLite or IP-Adapter."""
         if (self.layout or "").startswith("t2i-"):
             return "T2I-Adapter"
-        return "ControlNet-LLLite" if self.layout == "lllite" else "ControlNet"
+        return {"lllite": "ControlNet-LLLite", "ip-adapter": "IP-Adapter"}.get(self.layout or "", "ControlNet")
 
 
 def own_keys(keys) -> list[str]:
@@ -85,11 +85,12 @@ def classify(shapes: Shapes, metadata: Mapping[str, str] | None = None) -> Kind:
 
     if is_union_keys(names):
         return union_kind(shapes)
+    from darkroom.control.ipadapter import ipadapter_kind  # ipadapter.py builds on this module
     from darkroom.control.lllite import lllite_kind  # lllite.py builds on this module
 
-    lllite = lllite_kind(shapes)
-    if lllite is not None:
-        return lllite
+    for probe in (lllite_kind(shapes), ipadapter_kind(shapes, metadata)):
+        if probe is not None:
+            return probe
     if "lora_controlnet" in names:  # a Control-LoRA: low-rank differences from the checkpoint's UNet
         from darkroom.control.control_lora import classify_control_lora  # control_lora.py builds on this module
 

@@ -23,7 +23,8 @@ from darkroom.models.library import has_suffix, install_folders, walk_models
 
 CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
 """What the extension lists (its CN_MODEL_EXTS); pickles are read weights-only."""
-INSTALL_DIRS = ("models/ControlNet", "extensions/sd-webui-controlnet/models", "models/controlnet")
+INSTALL_DIRS = ("models/ControlNet", "extensions/sd-webui-controlnet/models", "models/controlnet",
+                "models/ipadapter")  # ComfyUI keeps IP-Adapters in their own folder
 FOLDER_CLASSES = ("ControlNetModel", "ControlNetUnionModel", "T2IAdapter")
 STARTER_CONTROL = Path(__file__).resolve().parent.parent / "assets" / "controlnet" \
     / "darkroom-starter-control.safetensors"

@@ -114,6 +114,10 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise ModelLoadError(f"{path.name} could not be read as a weights-only PyTorch file: {e}") from None
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
+    if isinstance(data, dict) and isinstance(data.get("image_proj"), dict) and isinstance(data.get("ip_adapter"), dict):
+        from darkroom.control.ipadapter import flatten  # the IP-Adapter authors' nested .bin layout
+
+        data = flatten(data)
     if not isinstance(data, dict):
         raise ModelLoadError(f"{path.name} does not hold a dictionary of tensors")
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
@@ -157,6 +161,10 @@ def load_controlnet(path: str | Path, *, dtype: torch.dtype, device: str | torch
             from darkroom.control.adapter import load_tensors
 
             return load_tensors(tensors, metadata, path, dtype=dtype, device=device)
+        if kind.layout == "ip-adapter":  # darkroom.control.ipadapter
+            from darkroom.control.ipadapter import load_tensors as load_ipadapter
+
+            return load_ipadapter(tensors, metadata, path, dtype=dtype, device=device)
         if kind.layout == "lllite":  # kohya's ControlNet-LLLite (darkroom.control.lllite)
             from darkroom.control.lllite import load_tensors as load_lllite
 

@@ -207,7 +207,8 @@ def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile]
             check_family(file.family, file.name, model_family, model_name, file.noun)
             loaded = cache.get(file.path, dtype=dtype, device=device, base=base)
             noun = ("T2I-Adapter" if getattr(loaded, "is_adapter", False) else
-                    "ControlNet-LLLite" if getattr(loaded, "is_lllite", False) else "ControlNet")
+                    "ControlNet-LLLite" if getattr(loaded, "is_lllite", False) else
+                    "IP-Adapter" if getattr(loaded, "is_ipadapter", False) else "ControlNet")
             check_family(loaded.family, file.name, model_family, model_name, noun)
         pre = _preprocess()
         module = pre.canonical_module(unit.module)
@@ -216,6 +217,7 @@ def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile]
         if loaded is not None:
             union_type = union_index(loaded, unit.union_control_type, module, f"ControlNet unit {index}", file.name)
         image, mask = unit_image(unit, index, decode, init_image, init_mask, crop)
+        ip_tokens = _ip_tokens(loaded, module, image, file, index, annotator_dirs, dtype=dtype, device=device)
         if unit.prepared:  # the map already: not preprocessed again, its settings written as they came
             resolution = unit.processor_res if unit.processor_res > 0 else 512
             detected = prepared_map(module, image, mask)
@@ -243,7 +245,7 @@ def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile]
             loaded, to_hint(control), weight=unit.weight, start=unit.guidance_start, end=unit.guidance_end,
             mode=unit.control_mode, guess_mode=unit.guess_mode, module=module, hr_option=unit.hr_option,
             hr_hint=None if hr_control is None else to_hint(hr_control), union_type=union_type, **colour,
-            fidelity=threshold_a if unit.model_free else 0.5))
+            fidelity=threshold_a if unit.model_free else 0.5, ip_tokens=ip_tokens))
         line = format_unit({
             "module": module, "model": "None" if file is None else file.title, "weight": unit.weight,
             "resize_mode": unit.resize_mode,
@@ -255,6 +257,41 @@ def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile]
             prepared.infotext[f"ControlNet {index}"] = line
     prepared.control = Control(runs, noise_latent=noise_latent) if runs else None
     return prepared
+
+
+def _ip_tokens(loaded, module: str, image: Image.Image, file, index: int, annotator_dirs: Sequence[Path], *,
+               dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """An IP-Adapter unit's (prompt, negative) image tokens: its picture through the CLIP vision tower its
+    preprocessor names (darkroom.control.ipadapter), the tower freed afterwards; None for other units."""
+    from darkroom.control import ipadapter
+
+    is_adapter = getattr(loaded, "is_ipadapter", False)
+    if not is_adapter and module not in ipadapter.MODULES:
+        return None
+    where = f"ControlNet unit {index}"
+    if not is_adapter:
+        raise InvalidRequest(f"{where}: the {module} preprocessor goes with an IP-Adapter model, not"
+                             f" {file.name if file else 'no model'}")
+    if module not in ipadapter.MODULES:
+        raise InvalidRequest(f"{where}: {file.name} is an IP-Adapter; give it the {ipadapter.adapter_module(loaded)}"
+                             " preprocessor (it embeds the picture with CLIP vision), not " + module)
+    from darkroom.control.annotators import files as annotator_files
+    from darkroom.control.annotators.imageops import hwc3
+
+    encoder = ipadapter.encoder_for(module, loaded, file.name)
+    name = ipadapter.CLIP_FILES[encoder]
+    path = annotator_files.find(name, ipadapter.CLIP_KIND, annotator_dirs)
+    if path is None:
+        also = annotator_files.ALSO_AS.get(name, ())
+        raise InvalidRequest(f"{file.name} needs the {ipadapter.CLIP_NAMES[encoder]} vision model: {name} (or"
+                             f" {also[0]}) in <home>/models/clip_vision, the extension's annotator/downloads/"
+                             "clip_vision, or Forge's or ComfyUI's models/clip_vision",
+                             hint="searched: " + ", ".join(str(d) for d in annotator_dirs))
+    clip = ipadapter.load_clip(path, dtype=dtype, device=device)
+    try:
+        return ipadapter.tokens(loaded, clip, ipadapter.clip_pixels(hwc3(image)))
+    finally:
+        del clip
 
 
 def _picture_of(pre, image: Image.Image, detected: np.ndarray, prepared: bool) -> np.ndarray:

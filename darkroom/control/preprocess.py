@@ -138,6 +138,13 @@ def _oneformer(kind: str) -> Callable:
     return run
 
 
+def _picture(img, res, a, b, ctx):
+    return img
+
+
+_CLIP_H, _CLIP_G = "clip_h.pth", "clip_g.pth"
+
+
 def _segmentation(img, res, a, b, ctx):
     from darkroom.control.annotators import uniformer
 
@@ -317,6 +324,14 @@ MODULES: dict[str, Module] = {m.name: m for m in (
            weights=(("dsine.pt", "normal_dsine"),)),
     Module("normal_bae", "normal_bae", _normal_bae, resolution_slider=False, priority=100,
            weights=(("scannet.pt", "normal_bae"),)),
+    # IP-Adapter: the picture itself; the unit embeds it with the CLIP vision tower (darkroom.control.ipadapter)
+    Module("ip-adapter_clip_sd15", "ip-adapter_clip_h", _picture, uses_resolution=False, priority=100,
+           weights=((_CLIP_H, "clip_vision"),)),
+    Module("ip-adapter_clip_sdxl", "ip-adapter_clip_g", _picture, uses_resolution=False,
+           weights=((_CLIP_G, "clip_vision"),)),
+    Module("ip-adapter_clip_sdxl_plus_vith", "ip-adapter_clip_sdxl_plus_vith", _picture, uses_resolution=False,
+           weights=((_CLIP_H, "clip_vision"),)),
+    Module("ip-adapter-auto", "ip-adapter-auto", _picture, uses_resolution=False),
     # model-free: the picture itself, VAE-encoded while sampling (darkroom.control.reference)
     *(Module(name, name, lambda img, res, a, b, ctx: img, (_FIDELITY, None), uses_resolution=False,
              priority=100 if name == "reference_only" else 0, model_free=True)
@@ -372,7 +387,9 @@ def canonical_module(name: str) -> str:
                           " that map as the control image with module none")
             raise InvalidRequest(f"Darkroom cannot run the {label} preprocessor yet: {advice}")
     if lowered.startswith(("ip-adapter", "instant_id", "face_id")):
-        raise InvalidRequest(f"Darkroom does not support {text} (IP-Adapter and InstantID are not ControlNets)")
+        raise InvalidRequest(f"Darkroom cannot run the {text} preprocessor: of the IP-Adapter family it runs the"
+                             " CLIP vision ones (ip-adapter_clip_h, ip-adapter_clip_g, ip-adapter-auto); FaceID,"
+                             " InstantID and PuLID need InsightFace")
     raise InvalidRequest(f"unknown ControlNet preprocessor {text!r}; available: {', '.join(_sorted_names(False))}")
 
 
@@ -424,10 +441,11 @@ def _weights(m: Module, dirs: Sequence[Path]) -> list[Path]:
 
 
 def annotator_dirs(home: Home) -> list[Path]:
-    """The home's models/annotators, then each extra install's annotator folder that exists."""
-    dirs = [home.root / "models" / "annotators"]
+    """The home's models/annotators, then each extra install's annotator folder that exists; the CLIP vision
+    folders IP-Adapters take their tower from (models/clip_vision: Forge's, ComfyUI's and the home's) too."""
+    dirs = [home.root / "models" / "annotators", home.root / "models" / "clip_vision"]
     for extra in home.extra_model_dirs:
-        dirs += [extra / sub for sub in files.INSTALL_DIRS if is_folder(extra / sub)]
+        dirs += [extra / sub for sub in (*files.INSTALL_DIRS, "models/clip_vision") if is_folder(extra / sub)]
         try:  # the extension unpacked under another folder name (a zip download: sd-webui-controlnet-main)
             dirs += sorted(p for p in extra.glob("extensions/*controlnet*/annotator/downloads") if is_folder(p))
         except OSError:

@@ -162,7 +162,7 @@ def denoise(model: LoadedModel, spec: samplers.Sampler, schedule: str, *, steps:
     `control` (darkroom.control.apply) adds its ControlNets' residuals at every UNet call.
     """
     units = units_of(model.unet) + [u for m in (control.modules() if control else []) for u in units_of(m)]
-    with _reference_hooks(model, control, noise.seeds), _lllite_hooks(model, control):
+    with _reference_hooks(model, control, noise.seeds), _lllite_hooks(model, control), _ipadapter_hooks(model, control):
         return stoppable(lambda: _denoise(model, spec, schedule, steps=steps, noise=noise, shape=shape,
                                           guidance=guidance, init=init, eta=eta, batch=batch, batch_count=batch_count,
                                           phase=phase, on_step=on_step, cancel=cancel, skip=skip, control=control),
@@ -185,6 +185,15 @@ def _lllite_hooks(model: LoadedModel, control: Control | None):
     if control is None or not any(getattr(u.controlnet, "is_lllite", False) for u in control.units):
         return contextlib.nullcontext()
     from darkroom.control.lllite import hooked
+
+    return hooked(control, model.unet)
+
+
+def _ipadapter_hooks(model: LoadedModel, control: Control | None):
+    """The pass's IP-Adapter units hooked into the UNet's cross-attentions (darkroom.control.ipadapter)."""
+    if control is None or not any(getattr(u.controlnet, "is_ipadapter", False) for u in control.units):
+        return contextlib.nullcontext()
+    from darkroom.control.ipadapter import hooked
 
     return hooked(control, model.unet)
 

@@ -43,6 +43,7 @@ CONTROL_TYPES: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("Inpaint", ("inpaint",), "inpaint_only"),
     ("InstructP2P", ("ip2p",), "none"),
     ("Reference", ("reference",), "reference_only"),
+    ("IP-Adapter", ("ip-adapter", "ip_adapter"), "ip-adapter_clip_sd15"),  # darkroom.control.ipadapter
     ("T2I-Adapter", ("t2i",), "none"),  # t2iadapter_* models, t2ia_* preprocessors (darkroom.control.adapter)
 )
 

@@ -30,6 +30,13 @@ ALSO_AS: dict[str, tuple[str, ...]] = {
         "depth_anything_v2_vitl.pth", "depth_anything_v2_vitb.safetensors", "depth_anything_v2_vitb.pth",
         "depth_anything_v2_vits.safetensors", "depth_anything_v2_vits.pth"),
 }
+# The CLIP vision towers IP-Adapters take: the extension's names, then ComfyUI's and Forge's (models/clip_vision).
+ALSO_AS |= {
+    "clip_h.pth": ("CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", "clip_vision_h.safetensors",
+                   "CLIP-ViT-H-14.safetensors"),
+    "clip_g.pth": ("CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors", "clip_vision_g.safetensors",
+                   "CLIP-ViT-bigG-14.safetensors"),
+}
 # Hub repositories ComfyUI's controlnet_aux downloads a file from, when not lllyasviel/Annotators.
 _HUB_PATHS: dict[str, tuple[str, ...]] = {
     **{f"depth_anything_v2_{size}.pth": ("depth-anything", f"Depth-Anything-V2-{name}")
@@ -93,10 +100,11 @@ def read_state_dict(path: Path, nested: str | None = None) -> dict[str, Any]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def load_strict(net, state: dict[str, Any], path: Path, what: str):
-    """`net` with `state` loaded key for key; a file of another network is a clear ModelLoadError."""
+def load_strict(net, state: dict[str, Any], path: Path, what: str, assign: bool = False):
+    """`net` with `state` loaded key for key (`assign`: the tensors themselves, for a net built on the meta
+    device); a file of another network is a clear ModelLoadError."""
     try:
-        net.load_state_dict(state, strict=True)
+        net.load_state_dict(state, strict=True, assign=assign)
     except RuntimeError:
         raise ModelLoadError(f"{path.name}: not a {what} weight file ({state_mismatch(net, state)})") from None
     return net.eval().requires_grad_(False)
