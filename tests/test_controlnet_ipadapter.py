@@ -189,3 +189,16 @@ def test_webuiapi_unit_over_a_socket(setup, studio):
         out = api.txt2img(prompt="a red circle", seed=5, width=64, height=64, steps=2, cfg_scale=6,
                           sampler_name="Euler", controlnet_units=[unit], alwayson_scripts={})
         assert "Module: ip-adapter_clip_sd15, Model: ip-adapter-plus_tiny [" in out.info["infotexts"][0]
+
+
+def test_admission_counts_the_clip_tower(setup):
+    """The tower is loaded while the unit is prepared: memory admission counts it with the weights."""
+    from darkroom.engine.admission import clip_tower_bytes, control_weight_bytes
+    from darkroom.request import GenerationRequest
+
+    req = GenerationRequest(model=str(setup["sd1"]), controlnet=[_unit()], **KW)
+    tower = clip_tower_bytes(setup["engine"], req, torch.float32)
+    assert tower == setup["clip"].stat().st_size // 4 * 4 > 0  # a pickle: its size, as fp32
+    assert control_weight_bytes(setup["engine"], req, torch.float32) > tower
+    canny = GenerationRequest(model=str(setup["sd1"]), controlnet=[_unit(module="canny")], **KW)
+    assert clip_tower_bytes(setup["engine"], canny, torch.float32) == 0

@@ -11,6 +11,7 @@ library API, each X/Y plot cell). docs/limits.md describes the estimate and the 
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -284,6 +285,42 @@ def control_weight_bytes(engine, req: GenerationRequest, dtype) -> int:
             total += count * dtype.itemsize if count is not None else path.stat().st_size
         except (DarkroomError, OSError):
             continue
+    return total + clip_tower_bytes(engine, req, dtype)
+
+
+def clip_tower_bytes(engine, req: GenerationRequest, dtype) -> int:
+    """Rough bytes of the CLIP vision towers the request's IP-Adapter units load while they are prepared
+    (darkroom.control.ipadapter; freed before sampling, counted with the weights to be safe): each tower
+    once, from its header's parameter count, or a pickle's size as fp32."""
+    from darkroom.control import ipadapter
+    from darkroom.control.annotators import files
+    from darkroom.control.preprocess import annotator_dirs, canonical_module
+    from darkroom.models.header import read_header
+
+    towers = set()
+    for unit in req.controlnet:
+        if not unit.active:
+            continue
+        try:
+            module = canonical_module(unit.module)
+        except DarkroomError:
+            continue
+        if module in ipadapter.MODULES:
+            towers.add(ipadapter.MODULES[module] or "h")  # auto: ViT-H, the tower most adapters take
+    total = 0
+    dirs = annotator_dirs(engine.library.home) if towers else []
+    for tower in towers:
+        path = files.find(ipadapter.CLIP_FILES[tower], ipadapter.CLIP_KIND, dirs)
+        if path is None:
+            continue
+        try:
+            if path.suffix.lower() == ".safetensors":
+                count = sum(math.prod(t.shape) for t in read_header(path).tensors.values())
+            else:
+                count = path.stat().st_size // 4
+        except (DarkroomError, OSError):
+            continue
+        total += count * dtype.itemsize
     return total
 
 
