@@ -202,3 +202,22 @@ def test_admission_counts_the_clip_tower(setup):
     assert control_weight_bytes(setup["engine"], req, torch.float32) > tower
     canny = GenerationRequest(model=str(setup["sd1"]), controlnet=[_unit(module="canny")], **KW)
     assert clip_tower_bytes(setup["engine"], canny, torch.float32) == 0
+
+
+def test_the_authors_nested_pickle_loads(setup, tmp_path):
+    """ip-adapter_sd15.bin renamed .pth, as the extension's docs say: {"image_proj": {...}, "ip_adapter": {...}}."""
+    from darkroom.control.load import load_controlnet
+
+    flat = ipadapter_state(setup["unet"], variant="plain", clip_width=48, seed=1)
+    nested = {part: {k[len(part) + 1:]: v for k, v in flat.items() if k.startswith(part + ".")}
+              for part in ("image_proj", "ip_adapter")}
+    path = tmp_path / "ip-adapter_sd15.pth"
+    torch.save(nested, path)
+    with pytest.raises(InvalidRequest, match="32-wide text context"):  # a tiny UNet's width names no family
+        load_controlnet(path, dtype=torch.float32)
+    real_width = {part: {k: torch.zeros(v.shape[0], 768) if k.endswith("_ip.weight") else v
+                         for k, v in nested[part].items()} for part in nested}
+    torch.save(real_width, path)
+    loaded = load_controlnet(path, dtype=torch.float32)
+    assert loaded.is_ipadapter and loaded.family == "sd1" and loaded.variant == "plain"
+    assert len(loaded.model.to_k_ip) == len(ipadapter.cross_attentions(setup["unet"]))
