@@ -24,8 +24,7 @@ Refused by name: FaceID (they need InsightFace's face embedding), InstantID and 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -35,8 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from darkroom.control import unet_hooks
 from darkroom.control.config import Kind, darkroom_fields
 from darkroom.control.load import LoadedControlNet
+from darkroom.control.unet_hooks import HookSession
 from darkroom.errors import InvalidRequest, ModelLoadError
 
 LAYOUT = "ip-adapter"
@@ -263,12 +264,12 @@ def cross_attentions(unet: nn.Module) -> list[nn.Module]:
     return [m for name, m in unet.named_modules() if isinstance(m, Attention) and name.endswith("attn2")]
 
 
-class _Session:
+class _Session(HookSession):
+    """A pass's IP-Adapter units hooked into the UNet's cross-attentions; `control.at` and `control.rows` say
+    which step and CFG rows the UNet call is for."""
+
     def __init__(self, control, units, unet: nn.Module):
-        self.control = control
-        self.units = units
-        self.unet = unet
-        self.handles: list = []
+        super().__init__(control, units, unet)
         self.cache: dict[tuple, torch.Tensor] = {}
 
     def install(self) -> None:
@@ -319,22 +320,9 @@ class _Session:
             return output + F.linear(total_term, attn.to_out[0].weight).to(output.dtype)
         return add
 
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
 
-
-@contextlib.contextmanager
-def hooked(control, unet: nn.Module) -> Iterator[None]:
-    """For the block, `control`'s IP-Adapter units hooked into `unet`'s cross-attentions; removed on exit."""
+def hooked(control, unet: nn.Module):
+    """A context: for the block, `control`'s IP-Adapter units hooked into `unet`'s cross-attentions; removed on
+    exit, however the block ends."""
     units = [u for u in control.units if getattr(u.controlnet, "is_ipadapter", False)] if control else []
-    if not units:
-        yield
-        return
-    session = _Session(control, units, unet)
-    try:
-        session.install()
-        yield
-    finally:
-        session.remove()
+    return unet_hooks.hooked(_Session(control, units, unet) if units else None)

@@ -17,7 +17,6 @@ UNet's Linear layers) are on only while a pass samples (`hooked`), so the cached
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -27,8 +26,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from darkroom.control import unet_hooks
 from darkroom.control.config import Kind
 from darkroom.control.load import LoadedControlNet
+from darkroom.control.unet_hooks import HookSession
 from darkroom.errors import ModelLoadError
 
 LAYOUT = "lllite"
@@ -169,14 +170,11 @@ def load_tensors(tensors: Mapping[str, torch.Tensor], path: Path, *, dtype: torc
 # --- running ---------------------------------------------------------------------------------------------------
 
 
-class _Session:
+class _Session(HookSession):
     """A pass's LLLite units hooked into the UNet; `control.at` says which step the UNet call is for."""
 
     def __init__(self, control, units, unet: nn.Module):
-        self.control = control
-        self.units = units
-        self.unet = unet
-        self.handles: list = []
+        super().__init__(control, units, unet)
         self.embeddings: dict[tuple, torch.Tensor] = {}
         self.latent: tuple[int, int] = (0, 0)  # the UNet input's latent size, recorded at each call
 
@@ -235,23 +233,9 @@ class _Session:
             self.embeddings[key] = e
         return e
 
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
 
-
-@contextlib.contextmanager
-def hooked(control, unet: nn.Module) -> Iterator[None]:
-    """For the block, `control`'s LLLite units hooked into `unet` (none in a hires pass, as the extension);
-    removed on exit, however the block ends."""
+def hooked(control, unet: nn.Module):
+    """A context: for the block, `control`'s LLLite units hooked into `unet` (none in a hires pass, as the
+    extension); removed on exit, however the block ends."""
     units = [u for u in control.units if getattr(u.controlnet, "is_lllite", False)] if control else []
-    if not units or control.hires:
-        yield
-        return
-    session = _Session(control, units, unet)
-    try:
-        session.install()
-        yield
-    finally:
-        session.remove()
+    return unet_hooks.hooked(_Session(control, units, unet) if units and not control.hires else None)
