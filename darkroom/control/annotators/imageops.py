@@ -1,7 +1,8 @@
 """Image helpers that stand in for the OpenCV calls of the extension's annotators, with numpy, scipy and PIL.
 
-Darkroom does not ship OpenCV (a 64 MB wheel on USB bundles), so resizing goes through PIL (BOX for
-OpenCV's INTER_AREA, BICUBIC, BILINEAR, NEAREST; LANCZOS has 3 lobes where OpenCV's LANCZOS4 has 4) and
+Darkroom does not ship OpenCV (a 64 MB wheel on USB bundles), so resizing goes through PIL (BICUBIC, BILINEAR,
+NEAREST; LANCZOS has 3 lobes where OpenCV's LANCZOS4 has 4; BOX when area-enlarging) or, for OpenCV's INTER_AREA
+shrink, exact area weights written here, and
 blurs through scipy.ndimage with OpenCV's kernel sizes and its default reflect-101 border ("mirror" in scipy).
 """
 
@@ -30,10 +31,37 @@ def hwc3(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
 
 
+def _area_axis(x: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """x shrunk to `size` along `axis` by area: each output cell the mean of the input it covers, cells cut by
+    its edges counted by the fraction covered (OpenCV's INTER_AREA), from running sums."""
+    n = x.shape[axis]
+    if n == size:
+        return x
+    x = np.moveaxis(x, axis, 0)
+    sums = np.concatenate([np.zeros((1, *x.shape[1:])), np.cumsum(x, axis=0, dtype=np.float64)])
+    edges = np.arange(size + 1, dtype=np.float64) * (n / size)
+    k = np.minimum(np.floor(edges).astype(np.int64), n - 1)
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    at = sums[k] + (edges - k).reshape(shape) * x[k]
+    return np.moveaxis((at[1:] - at[:-1]) * (size / n), 0, axis)
+
+
+def _area(x: np.ndarray, width: int, height: int) -> np.ndarray:
+    """OpenCV's INTER_AREA when shrinking: exact fractional area weights (PIL's BOX gives a cell's edge pixels
+    all or nothing); uint8 rounds half up for whole-number factors, as OpenCV's fast integer path does."""
+    out = _area_axis(_area_axis(x.astype(np.float64), height, 0), width, 1)
+    if x.dtype != np.uint8:
+        return out.astype(np.float32)
+    whole = x.shape[0] % height == 0 and x.shape[1] % width == 0
+    return (np.floor(out + 0.5) if whole else np.rint(out)).clip(0, 255).astype(np.uint8)
+
+
 def resize(x: np.ndarray, width: int, height: int, method: str) -> np.ndarray:
     """An HxW or HxWxC array resized to height x width; uint8 stays uint8 (rounded), floats stay float32."""
     if x.shape[0] == height and x.shape[1] == width:
         return x.copy()
+    if method == AREA and height <= x.shape[0] and width <= x.shape[1]:
+        return _area(x, width, height)
     squeeze = x.ndim == 2
     planes = x[:, :, None] if squeeze else x
     out = np.empty((height, width, planes.shape[2]), dtype=np.float32)
