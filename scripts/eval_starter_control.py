@@ -212,18 +212,20 @@ def main() -> None:
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--baseline-cache", type=Path, default=None, help="folder to keep/reuse the baseline's images")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=EVAL_SEED,
+                    help="first scene seed (another range than the report's picks a checkpoint without seeing it)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "starter-control-eval")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     starter = load_starter()
-    items = eval_scenes(args.n)
+    items = eval_scenes(args.n, seed=args.seed)
     t0 = time.perf_counter()
     with_cn, res_cn, sw_cn = run(starter, load_control(args.control), items, steps=args.steps, cfg=args.cfg,
                           scale=args.scale, style=args.maps)
     seconds = time.perf_counter() - t0
     result = {
         "control": str(args.control.relative_to(ROOT) if args.control.is_relative_to(ROOT) else args.control),
-        "n_maps": len(items), "eval_seed": EVAL_SEED, "steps": args.steps, "cfg": args.cfg,
+        "n_maps": len(items), "eval_seed": args.seed, "steps": args.steps, "cfg": args.cfg,
         "sampler": "DPM++ 2M (Automatic = Karras), diffusers DPMSolverMultistepScheduler",
         "conditioning_scale": args.scale, "prompt": "colour + shape only, no position words", "maps": args.maps,
         "with_controlnet": rates(res_cn, items, sw_cn), "seconds_with_controlnet": round(seconds, 1),
@@ -231,7 +233,8 @@ def main() -> None:
     without = [Image.new("RGB", (128, 128), "white")] * len(items)
     if not args.no_baseline:
         # the baseline does not depend on the ControlNet: --baseline-cache keeps its images for the next run
-        cache = args.baseline_cache / f"n{args.n}-steps{args.steps}-cfg{args.cfg}" if args.baseline_cache else None
+        tag = f"n{args.n}-steps{args.steps}-cfg{args.cfg}" + ("" if args.seed == EVAL_SEED else f"-seed{args.seed}")
+        cache = args.baseline_cache / tag if args.baseline_cache else None
         if cache is not None and all((cache / f"{i}.png").exists() for i in range(len(items))):
             without = [Image.open(cache / f"{i}.png").convert("RGB") for i in range(len(items))]
             res_base, sw_base = judge_positions(without, items), swapped_ok(without, items)
