@@ -249,6 +249,7 @@ class LoadedAdapter(LoadedControlNet):
     """A T2I-Adapter ready to run (model: a diffusers `T2IAdapter`); its features come from `features`."""
 
     is_adapter: ClassVar[bool] = True
+    noun: ClassVar[str] = "T2I-Adapter"
 
     @property
     def in_channels(self) -> int:

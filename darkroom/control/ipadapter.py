@@ -116,14 +116,7 @@ class LoadedIPAdapter(LoadedControlNet):
     variant: str = "plain"
     clip_width: int = 0
     is_ipadapter: ClassVar[bool] = True
-
-    @property
-    def global_pooling(self) -> bool:
-        return False
-
-    @property
-    def hint_channels(self) -> int:
-        return 3
+    noun: ClassVar[str] = "IP-Adapter"
 
     @property
     def hidden_states(self) -> bool:

@@ -140,14 +140,7 @@ class LoadedLLLite(LoadedControlNet):
     """An LLLite model ready to hook (model: LLLiteNet)."""
 
     is_lllite: ClassVar[bool] = True
-
-    @property
-    def global_pooling(self) -> bool:
-        return False
-
-    @property
-    def hint_channels(self) -> int:
-        return 3
+    noun: ClassVar[str] = "ControlNet-LLLite"
 
 
 def load_tensors(tensors: Mapping[str, torch.Tensor], path: Path, *, dtype: torch.dtype, device) -> LoadedLLLite:

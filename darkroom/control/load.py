@@ -16,7 +16,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -50,6 +50,7 @@ class LoadedControlNet:
     dtype: torch.dtype
     device: torch.device
     base_key: tuple | None = None  # a Control-LoRA's: the checkpoint weights it was built on (control_lora.py)
+    noun: ClassVar[str] = "ControlNet"  # what messages call it (T2I-Adapter, ControlNet-LLLite, IP-Adapter)
 
     @property
     def name(self) -> str:
@@ -62,12 +63,12 @@ class LoadedControlNet:
     @property
     def global_pooling(self) -> bool:
         """Shuffle-type models: the control is averaged over the image and given to the prompt half only."""
-        return bool(getattr(self.model.config, "global_pool_conditions", False))
+        return bool(getattr(getattr(self.model, "config", None), "global_pool_conditions", False))
 
     @property
     def hint_channels(self) -> int:
         """Channels of the control map the model takes: 3 (RGB) for nearly all, 1 for greyscale ones."""
-        return int(getattr(self.model.config, "conditioning_channels", 3))
+        return int(getattr(getattr(self.model, "config", None), "conditioning_channels", 3))
 
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())

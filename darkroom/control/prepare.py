@@ -206,10 +206,7 @@ def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile]
             file = resolve(files, unit.model)
             check_family(file.family, file.name, model_family, model_name, file.noun)
             loaded = cache.get(file.path, dtype=dtype, device=device, base=base)
-            noun = ("T2I-Adapter" if getattr(loaded, "is_adapter", False) else
-                    "ControlNet-LLLite" if getattr(loaded, "is_lllite", False) else
-                    "IP-Adapter" if getattr(loaded, "is_ipadapter", False) else "ControlNet")
-            check_family(loaded.family, file.name, model_family, model_name, noun)
+            check_family(loaded.family, file.name, model_family, model_name, loaded.noun)
         pre = _preprocess()
         module = pre.canonical_module(unit.module)
         if module == "inpaint_only" and init_mask is not None:

@@ -333,7 +333,7 @@ MODULES: dict[str, Module] = {m.name: m for m in (
            weights=((_CLIP_H, "clip_vision"),)),
     Module("ip-adapter-auto", "ip-adapter-auto", _picture, uses_resolution=False),
     # model-free: the picture itself, VAE-encoded while sampling (darkroom.control.reference)
-    *(Module(name, name, lambda img, res, a, b, ctx: img, (_FIDELITY, None), uses_resolution=False,
+    *(Module(name, name, _picture, (_FIDELITY, None), uses_resolution=False,
              priority=100 if name == "reference_only" else 0, model_free=True)
       for name in ("reference_only", "reference_adain", "reference_adain+attn")),
 )}
