@@ -30,8 +30,10 @@ _UNION_WORDS = {"pose": 0, "openpose": 0, "depth": 1, "softedge": 2, "hed": 2, "
                 "repaint": 7}
 """Other spellings clients use: the extension's from_str words, xinsir's and ComfyUI's names."""
 MAX_UNITS = 8
-MODEL_FREE_MODULES = ("reference_only", "reference_adain", "reference_adain+attn")
-"""The extension's model-free preprocessors Darkroom runs (darkroom.control.reference): no ControlNet file."""
+MODEL_FREE_MODULES = ("reference_only", "reference_adain", "reference_adain+attn", "revision_clipvision",
+                      "revision_ignore_prompt")
+"""The extension's model-free preprocessors Darkroom runs (darkroom.control.reference, .vision_prompt): no
+ControlNet file."""
 CORE_ONLY = ("prepared",)
 """Darkroom's own unit fields, not the extension's: refused in A1111 unit dicts (a1111_unit)."""
 
@@ -139,7 +141,8 @@ class ControlUnit(BaseModel):
 
     @property
     def model_free(self) -> bool:
-        """A reference module: it runs on the checkpoint's UNet alone, its model ignored (the extension's rule)."""
+        """A reference or ReVision module: it runs on the checkpoint's UNet alone, its model ignored (the
+        extension's rule)."""
         return self.module.lower() in MODEL_FREE_MODULES
 
     def describe(self) -> dict[str, Any]:

@@ -307,8 +307,7 @@ def test_module_names_and_aliases():
         pp.canonical_module("sharpen_everything")
     with pytest.raises(InvalidRequest, match="cannot run the densepose .* preprocessor yet.*module none"):
         pp.canonical_module("densepose")
-    for name in ("densepose", "depth_hand_refiner", "mediapipe_face", "revision_clipvision",
-                 "depth_leres++"):
+    for name in ("densepose", "depth_hand_refiner", "mediapipe_face", "depth_leres++"):
         with pytest.raises(InvalidRequest, match="cannot run"):
             pp.detect(name, Image.new("RGB", (8, 8)))
 
@@ -479,6 +478,7 @@ def test_no_preprocessor_touches_the_network(tmp_path):
 
     write_tiny_clip_vision(full / "clip_h.pth")
     write_tiny_clip_vision(full / "clip_g.pth")
+    write_tiny_clip_vision(full / "clip_vitl.pth")
     im = _square(64)
     mask = Image.new("L", (64, 64), 255)
     for name in pp.module_list()["module_list"]:

@@ -11,9 +11,9 @@ Layouts, all built as a diffusers `T2IAdapter` from a config read off the tensor
   without weights) and `Adapter_light` (color: `body.i.{in_conv,body.j,out_conv}`).
 - diffusers' keys (`adapter.conv_in`, `adapter.body.i.resnets.j...`) in one file or in a folder with
   config.json (TencentARC/t2i-adapter-*-sdxl-1.0, t2iadapter_*_sd15v2).
-Refused with a reason: the style adapter (its input is CLIP-vision tokens of a picture), the CoAdapter
-fuser (it mixes several adapters' features; it takes no map), and original variants diffusers' blocks
-cannot hold (3x3 `block2`, `skep` skip convs, strided-conv downsampling).
+The style adapter (its input is the CLIP vision tokens of a picture) is darkroom.control.vision_prompt's.
+Refused with a reason: the CoAdapter fuser (it mixes several adapters' features; it takes no map), and
+original variants diffusers' blocks cannot hold (3x3 `block2`, `skep` skip convs, strided-conv downsampling).
 
 Family: the first conv's input width is channels x unshuffle factor^2: 64 or 192 (factor 8, SD1's full
 and light adapters), 256 or 768 (factor 16, SDXL's FullAdapterXL, whose keys are otherwise SD1's). Our
@@ -49,8 +49,6 @@ METADATA_FIELDS = ("downscale_factor", "adapter_type", "num_res_blocks")
 """What a `darkroom_config` {"t2i_adapter": {...}} entry may set: what shapes cannot tell (tiny files)."""
 _FACTORS = {8: "sd1", 16: "sdxl"}
 _TYPES = {"full_adapter": "sd1", "light_adapter": "sd1", "full_adapter_xl": "sdxl"}
-STYLE = ("a T2I-Adapter style model (it turns a picture into CLIP-vision tokens for the prompt, which needs a"
-         " CLIP vision model; use a map-based adapter or ControlNet instead)")
 FUSER = "a CoAdapter fuser (it mixes several CoAdapters' features and takes no control map)"
 _CONTROLNET_MARKERS = ("controlnet_cond_embedding.", "input_hint_block.", "control_model.", "down_blocks.",
                        "input_blocks.", "lora_controlnet")
@@ -213,12 +211,15 @@ def diffusers_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[i
 
 
 def adapter_kind(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | None = None) -> Kind | None:
-    """The Kind of a T2I-Adapter file (style and fuser: refused, with why); None when it is not an adapter."""
+    """The Kind of a T2I-Adapter file (the style model: darkroom.control.vision_prompt; a fuser: refused, with
+    why); None when it is not an adapter."""
     keys = set(shapes)
     if not looks_like_adapter(keys):
         return None
     if "style_embedding" in keys:
-        return Kind(False, detail=STYLE)
+        from darkroom.control.vision_prompt import style_kind  # vision_prompt.py builds on config, which imports us
+
+        return style_kind(shapes, metadata)
     if any(k.startswith(("fuser.", "spatial_feat_mapping.", "task_embedding")) for k in keys):
         return Kind(False, detail=FUSER)
     layout = DIFFUSERS if any(k.startswith("adapter.") for k in keys) else ORIGINAL

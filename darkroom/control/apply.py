@@ -33,6 +33,9 @@ outputs, scaled, are summed and passed as `down_block_additional_residuals` /
   `at` and `rows` (which CFG rows are the negative's, which get the unconditional image tokens).
 - ControlNet-LLLite units (darkroom.control.lllite) add nothing here: their hooks on the UNet's attention
   projections read the step `residuals` records (`at`) and act in the unit's window, first pass only.
+- T2I-Adapter style and ReVision units (darkroom.control.vision_prompt) add nothing here: `condition`, called
+  first, appends the style tokens to the context and puts ReVision's embedding in SDXL's pooled text embedding,
+  and the ControlNets of the call get that context too, as in the extension.
 - reference_only / reference_adain(+attn) units have no ControlNet (`controlnet` None): while the sampler
   has them hooked (darkroom.control.reference), `residuals` also runs their UNet pass on the picture.
 
@@ -83,6 +86,7 @@ class ControlUnitRun:
     inpaint_mask: torch.Tensor | None = None  # [1, 1, h, w], 1: repaint
     hr_inpaint_mask: torch.Tensor | None = None
     ip_tokens: tuple[torch.Tensor, torch.Tensor] | None = None  # an IP-Adapter unit's (prompt, negative) tokens
+    vision: torch.Tensor | None = None  # a style unit's tokens [1, T, C] or a ReVision unit's embedding (vision_prompt)
 
     def ready_hint(self, device: torch.device) -> torch.Tensor:
         """The hint on `device` in the ControlNet's dtype, moved once per pass rather than at every step."""
@@ -120,10 +124,12 @@ class ControlUnitRun:
 class Control:
     """The ControlNet units of one sampling pass; `denoise` asks it for residuals at each UNet call."""
 
-    def __init__(self, units: list[ControlUnitRun], *, hires: bool = False, noise_latent: torch.Tensor | None = None):
+    def __init__(self, units: list[ControlUnitRun], *, hires: bool = False, noise_latent: torch.Tensor | None = None,
+                 ignore_prompt: bool = False):
         self.units = units
         self.hires = hires
         self.noise_latent = noise_latent  # inpaint_only+lama's fill, VAE-encoded: the first pass's noise leans to it
+        self.ignore_prompt = ignore_prompt  # ReVision units zero the text context while they act (vision_prompt)
         self.calls = 0  # ControlNet forward passes run in this pass
         self.reference = None  # reference.ReferenceSession while its hooks are on the UNet (reference.hooked)
         self.at = (0, 1)  # (step, total) of the UNet call `residuals` was last asked for: LLLite's hooks read it
@@ -136,12 +142,12 @@ class Control:
                          inpaint_latent=u.hr_inpaint_latent if u.hr_inpaint_latent is not None else u.inpaint_latent,
                          inpaint_mask=u.hr_inpaint_mask if u.hr_inpaint_mask is not None else u.inpaint_mask)
                  for u in self.units if u.hr_option != "Low res only"]
-        return Control(units, hires=True) if units else None
+        return Control(units, hires=True, ignore_prompt=self.ignore_prompt) if units else None
 
     def for_first_pass(self, hires_enabled: bool) -> Control | None:
         """The units of the first pass: with the hires fix on, "High res only" units wait for the second."""
         units = [u for u in self.units if not (hires_enabled and u.hr_option == "High res only")]
-        return Control(units, noise_latent=self.noise_latent) if units else None
+        return Control(units, noise_latent=self.noise_latent, ignore_prompt=self.ignore_prompt) if units else None
 
     def modules(self) -> list[torch.nn.Module]:
         """The ControlNets (for the interrupt checkpoints)."""
@@ -192,6 +198,16 @@ class Control:
         # x0 = a x - s v, or x0 = (x - s eps) / a: x0 moves by -s dv, or by -sigma d eps
         return pred - (fixed - x0) / (s if v_prediction else sigma)
 
+    def condition(self, context: torch.Tensor, added: dict | None, *, n: int, uncond: bool, step: int,
+                  total: int) -> tuple[torch.Tensor, dict | None]:
+        """The UNet call's (context, added_cond_kwargs) with the style and ReVision units acting at `step` applied
+        (darkroom.control.vision_prompt); asked before `residuals`, which then gets them too."""
+        if not any(u.vision is not None for u in self.units):
+            return context, added
+        from darkroom.control.vision_prompt import condition
+
+        return condition(self, context, added, n=n, uncond=uncond, step=step, total=total)
+
     def residuals(self, x: torch.Tensor, t, context: torch.Tensor, added: dict | None, *, n: int, uncond: bool,
                   step: int, total: int) -> dict:
         """kwargs for the UNet call: the summed residuals of the units acting at `step`, or {} when none does.
@@ -206,8 +222,9 @@ class Control:
         for unit in self.units:
             if unit.controlnet is None or not unit.covers(step, total):  # reference units: below
                 continue
-            if getattr(unit.controlnet, "is_lllite", False) or getattr(unit.controlnet, "is_ipadapter", False):
-                continue  # their hooks act inside the UNet (control.lllite, control.ipadapter)
+            if unit.vision is not None or getattr(unit.controlnet, "is_lllite", False) \
+                    or getattr(unit.controlnet, "is_ipadapter", False):
+                continue  # their hooks act inside the UNet (control.lllite, control.ipadapter), or `condition` did
             if isinstance(unit.controlnet, LoadedAdapter):
                 feats = adapter_residuals(unit, x, n=n, uncond=uncond, soft=unit.soft(self.hires))
                 intra = feats if intra is None else [a + b for a, b in zip(intra, feats, strict=True)]

@@ -42,8 +42,8 @@ from darkroom.errors import InvalidRequest, ModelLoadError
 
 LAYOUT = "ip-adapter"
 CLIP_KIND = "clip_vision"  # the extension's annotator/downloads sub-folder
-CLIP_FILES = {"h": "clip_h.pth", "g": "clip_g.pth"}
-CLIP_NAMES = {"h": "CLIP ViT-H/14", "g": "CLIP ViT-bigG/14"}
+CLIP_FILES = {"h": "clip_h.pth", "g": "clip_g.pth", "l": "clip_vitl.pth"}  # "l": the style adapter's (vision_prompt)
+CLIP_NAMES = {"h": "CLIP ViT-H/14", "g": "CLIP ViT-bigG/14", "l": "CLIP ViT-L/14"}
 MODULES = {"ip-adapter_clip_sd15": "h", "ip-adapter_clip_sdxl": "g", "ip-adapter_clip_sdxl_plus_vith": "h",
            "ip-adapter-auto": None}
 """The extension's preprocessor keys (labels: ip-adapter_clip_h, ip-adapter_clip_g, ...) and the tower each uses."""

@@ -158,6 +158,10 @@ def load_controlnet(path: str | Path, *, dtype: torch.dtype, device: str | torch
         kind = classify({k: tuple(v.shape) for k, v in tensors.items()}, metadata)
         if not kind.supported:
             raise unsupported(kind, path.name)
+        if kind.layout == "t2i-style":  # the T2I-Adapter style model (darkroom.control.vision_prompt)
+            from darkroom.control.vision_prompt import load_style
+
+            return load_style(tensors, metadata, path, device=device)
         if (kind.layout or "").startswith("t2i-"):  # a T2I-Adapter (darkroom.control.adapter)
             from darkroom.control.adapter import load_tensors
 

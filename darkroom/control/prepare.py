@@ -189,12 +189,14 @@ def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile]
                     hires_size: tuple[int, int] | None, decode: Decode, init_image: Image.Image | None = None,
                     init_mask: Image.Image | None = None, crop=None, annotator_dirs: Sequence[Path] = (),
                     seed: int = 0, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu", base=None, encode: Encode | None = None) -> PreparedControl:
+                    device: str | torch.device = "cpu", base=None, encode: Encode | None = None,
+                    empty_prompts: bool = False) -> PreparedControl:
     """Prepare the active units of a request (see the module doc); InvalidRequest for any unit that
     cannot run (unknown model, wrong family, missing image), before anything is sampled. `crop` is
     ((x1, y1, x2, y2), (width, height)) of an "only masked" inpainting crop of the init image. `base`
     (control_lora.BaseUNet): the checkpoint's UNet, which Control-LoRA units are built on. `encode` (Encode):
-    tile_colorfix units need it for their colour fix; without it they give their map only."""
+    tile_colorfix units need it for their colour fix; without it they give their map only. `empty_prompts`: the
+    prompt and negative prompt are both empty (ReVision units then zero the text context, as the extension)."""
     prepared = PreparedControl(None)
     runs: list[ControlUnitRun] = []
     noise_latent = None  # an inpaint_only+lama unit's fill, encoded (the last such unit's, as the extension)
@@ -224,6 +226,8 @@ def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile]
                                   threshold_b=unit.threshold_b, mask=mask, annotator_dirs=annotator_dirs,
                                   seed=seed)
         threshold_a, threshold_b = pre.thresholds(module, unit.threshold_a, unit.threshold_b)
+        vision = _vision(loaded, module, image, file, index, annotator_dirs, model_family=model_family,
+                         noise=threshold_a, seed=seed, dtype=dtype, device=device)
         control = quantize_map(fit_map(detected, width, height, unit.resize_mode))
         hr_control = None
         if hires_size is not None:
@@ -242,7 +246,7 @@ def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile]
             loaded, to_hint(control), weight=unit.weight, start=unit.guidance_start, end=unit.guidance_end,
             mode=unit.control_mode, guess_mode=unit.guess_mode, module=module, hr_option=unit.hr_option,
             hr_hint=None if hr_control is None else to_hint(hr_control), union_type=union_type, **colour,
-            fidelity=threshold_a if unit.model_free else 0.5, ip_tokens=ip_tokens))
+            fidelity=threshold_a if unit.model_free else 0.5, ip_tokens=ip_tokens, vision=vision))
         line = format_unit({
             "module": module, "model": "None" if file is None else file.title, "weight": unit.weight,
             "resize_mode": unit.resize_mode,
@@ -252,8 +256,58 @@ def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile]
             "hr_option": unit.hr_option, "guess_mode": unit.guess_mode})
         if line is not None:
             prepared.infotext[f"ControlNet {index}"] = line
-    prepared.control = Control(runs, noise_latent=noise_latent) if runs else None
+    revision = [r for r in runs if r.module.startswith("revision")]
+    ignore = any(r.module == "revision_ignore_prompt" for r in revision) or (bool(revision) and empty_prompts)
+    prepared.control = Control(runs, noise_latent=noise_latent, ignore_prompt=ignore) if runs else None
     return prepared
+
+
+def _clip_tower(encoder: str, needed_by: str, annotator_dirs: Sequence[Path], *, dtype: torch.dtype, device):
+    """The CLIP vision tower `encoder` (ipadapter.CLIP_FILES) from the user's files; InvalidRequest naming the file
+    and where it was looked for when it is not there (nothing is fetched)."""
+    from darkroom.control import ipadapter
+    from darkroom.control.annotators import files as annotator_files
+
+    name = ipadapter.CLIP_FILES[encoder]
+    path = annotator_files.find(name, ipadapter.CLIP_KIND, annotator_dirs)
+    if path is None:
+        also = annotator_files.ALSO_AS.get(name, ())
+        raise InvalidRequest(f"{needed_by} needs the {ipadapter.CLIP_NAMES[encoder]} vision model: {name} (or"
+                             f" {also[0]}) in <home>/models/clip_vision, the extension's annotator/downloads/"
+                             "clip_vision, or Forge's or ComfyUI's models/clip_vision",
+                             hint="searched: " + ", ".join(str(d) for d in annotator_dirs))
+    return ipadapter.load_clip(path, dtype=dtype, device=device)
+
+
+def _vision(loaded, module: str, image: Image.Image, file, index: int, annotator_dirs: Sequence[Path], *,
+            model_family: str, noise: float, seed: int, dtype: torch.dtype, device) -> torch.Tensor | None:
+    """A T2I-Adapter style unit's tokens or a ReVision unit's embedding (darkroom.control.vision_prompt), the CLIP
+    tower freed afterwards; None for other units."""
+    from darkroom.control import ipadapter, vision_prompt
+    from darkroom.control.annotators.imageops import hwc3
+
+    is_style = getattr(loaded, "is_style", False)
+    if not is_style and module not in vision_prompt.TOWERS:
+        return None
+    where = f"ControlNet unit {index}"
+    if module == vision_prompt.STYLE_MODULE and not is_style:
+        raise InvalidRequest(f"{where}: the t2ia_style_clipvision preprocessor goes with a T2I-Adapter style model"
+                             f" (t2iadapter_style_sd14v1), not {file.name if file else 'no model'}")
+    if is_style and module != vision_prompt.STYLE_MODULE:
+        raise InvalidRequest(f"{where}: {file.name} is a T2I-Adapter style model; give it the t2ia_style_clipvision"
+                             f" preprocessor (it embeds the picture with CLIP vision), not {module}")
+    if module in vision_prompt.REVISION_MODULES and not model_family.startswith("sdxl"):
+        raise InvalidRequest(f"{where}: {module} (ReVision) works with SDXL checkpoints only; this one is"
+                             f" {model_family.upper()}")
+    needed_by = file.name if file is not None else module
+    clip = _clip_tower(vision_prompt.TOWERS[module], needed_by, annotator_dirs, dtype=dtype, device=device)
+    try:
+        pixels = ipadapter.clip_pixels(hwc3(image))
+        if is_style:
+            return vision_prompt.style_tokens(loaded, clip, pixels)
+        return vision_prompt.revision_embedding(clip, pixels, noise, seed)
+    finally:
+        del clip
 
 
 def _ip_tokens(loaded, module: str, image: Image.Image, file, index: int, annotator_dirs: Sequence[Path], *,
@@ -272,19 +326,10 @@ def _ip_tokens(loaded, module: str, image: Image.Image, file, index: int, annota
     if module not in ipadapter.MODULES:
         raise InvalidRequest(f"{where}: {file.name} is an IP-Adapter; give it the {ipadapter.adapter_module(loaded)}"
                              " preprocessor (it embeds the picture with CLIP vision), not " + module)
-    from darkroom.control.annotators import files as annotator_files
     from darkroom.control.annotators.imageops import hwc3
 
-    encoder = ipadapter.encoder_for(module, loaded, file.name)
-    name = ipadapter.CLIP_FILES[encoder]
-    path = annotator_files.find(name, ipadapter.CLIP_KIND, annotator_dirs)
-    if path is None:
-        also = annotator_files.ALSO_AS.get(name, ())
-        raise InvalidRequest(f"{file.name} needs the {ipadapter.CLIP_NAMES[encoder]} vision model: {name} (or"
-                             f" {also[0]}) in <home>/models/clip_vision, the extension's annotator/downloads/"
-                             "clip_vision, or Forge's or ComfyUI's models/clip_vision",
-                             hint="searched: " + ", ".join(str(d) for d in annotator_dirs))
-    clip = ipadapter.load_clip(path, dtype=dtype, device=device)
+    clip = _clip_tower(ipadapter.encoder_for(module, loaded, file.name), file.name, annotator_dirs, dtype=dtype,
+                       device=device)
     try:
         return ipadapter.tokens(loaded, clip, ipadapter.clip_pixels(hwc3(image)))
     finally:

@@ -142,7 +142,7 @@ def _picture(img, res, a, b, ctx):
     return img
 
 
-_CLIP_H, _CLIP_G = "clip_h.pth", "clip_g.pth"
+_CLIP_H, _CLIP_G, _CLIP_L = "clip_h.pth", "clip_g.pth", "clip_vitl.pth"
 
 
 def _segmentation(img, res, a, b, ctx):
@@ -332,6 +332,13 @@ MODULES: dict[str, Module] = {m.name: m for m in (
     Module("ip-adapter_clip_sdxl_plus_vith", "ip-adapter_clip_sdxl_plus_vith", _picture, uses_resolution=False,
            weights=((_CLIP_H, "clip_vision"),)),
     Module("ip-adapter-auto", "ip-adapter-auto", _picture, uses_resolution=False),
+    # CLIP vision into the prompt's conditioning (darkroom.control.vision_prompt): the T2I-Adapter style model's
+    # input, and SDXL's model-free ReVision
+    Module("clip_vision", "t2ia_style_clipvision", _picture, uses_resolution=False,
+           weights=((_CLIP_L, "clip_vision"),)),
+    *(Module(name, name, _picture, (Slider("Noise Augmentation", 0.0, 0.0, 1.0), None), uses_resolution=False,
+             priority=100 if name == "revision_clipvision" else 0, model_free=True, weights=((_CLIP_G, "clip_vision"),))
+      for name in ("revision_clipvision", "revision_ignore_prompt")),
     # model-free: the picture itself, VAE-encoded while sampling (darkroom.control.reference)
     *(Module(name, name, _picture, (_FIDELITY, None), uses_resolution=False,
              priority=100 if name == "reference_only" else 0, model_free=True)
@@ -349,15 +356,10 @@ _NOT_YET = {
     "depth_hand_refiner": "depth_hand_refiner",
     "densepose": "densepose (pruple bg & purple torso)",
     "densepose_parula": "densepose_parula (black bg & blue torso)", "mediapipe_face": "mediapipe_face",
-    "clip_vision": "t2ia_style_clipvision",
-    "revision_clipvision": "revision_clipvision",
-    "revision_ignore_prompt": "revision_ignore_prompt",
 }
 
 _ADVICE = {
     "depth_leres++": "its multi-resolution merge is not built; use depth_leres (the same network, one pass)",
-    "revision": "it feeds the picture through CLIP vision instead of a control map; Darkroom has no such mode",
-    "clip_vision": "it feeds the picture through CLIP vision instead of a control map; Darkroom has no such mode",
 }
 
 

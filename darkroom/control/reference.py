@@ -43,9 +43,9 @@ from contextlib import contextmanager
 
 import torch
 
-from darkroom.control_unit import CONTROL_MODES, MODEL_FREE_MODULES
+from darkroom.control_unit import CONTROL_MODES
 
-MODULES = MODEL_FREE_MODULES
+MODULES = ("reference_only", "reference_adain", "reference_adain+attn")
 ATTENTION = ("reference_only", "reference_adain+attn")
 ADAIN = ("reference_adain", "reference_adain+attn")
 EPS = 1e-6  # the extension's floor on variances

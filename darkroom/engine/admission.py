@@ -241,7 +241,9 @@ def admit_engine(engine, req: GenerationRequest) -> GenerationRequest:
     dtype, vae_dtype = choice.dtype, choice.vae_dtype(arch.family)
 
     control = control_weight_bytes(engine, req, dtype)
-    references = sum(1 for u in req.controlnet if u.active and u.model_free)  # each keeps an attention bank
+    # each reference unit keeps an attention bank
+    references = sum(1 for u in req.controlnet
+                     if u.active and u.model_free and u.module.lower().startswith("reference"))
 
     def estimate(r: GenerationRequest) -> memory.Estimate:
         est = memory.estimate(arch, r, dtype=dtype, vae_dtype=vae_dtype, device=choice.device, tiled_vae=tiled)
@@ -267,7 +269,7 @@ def control_weight_bytes(engine, req: GenerationRequest, dtype) -> int:
     generating says so."""
     names = {u.model for u in req.controlnet if u.active and not u.model_free}
     if not names:
-        return 0
+        return clip_tower_bytes(engine, req, dtype)  # ReVision units: a tower, no model
     from darkroom.control.files import find_controlnets, resolve
     from darkroom.control.load import parameter_count
 
@@ -289,10 +291,10 @@ def control_weight_bytes(engine, req: GenerationRequest, dtype) -> int:
 
 
 def clip_tower_bytes(engine, req: GenerationRequest, dtype) -> int:
-    """Rough bytes of the CLIP vision towers the request's IP-Adapter units load while they are prepared
-    (darkroom.control.ipadapter; freed before sampling, counted with the weights to be safe): each tower
-    once, from its header's parameter count, or a pickle's size as fp32."""
-    from darkroom.control import ipadapter
+    """Rough bytes of the CLIP vision towers the request's IP-Adapter, style and ReVision units load while they
+    are prepared (darkroom.control.ipadapter, .vision_prompt; freed before sampling, counted with the weights to
+    be safe): each tower once, from its header's parameter count, or a pickle's size as fp32."""
+    from darkroom.control import ipadapter, vision_prompt
     from darkroom.control.annotators import files
     from darkroom.control.preprocess import annotator_dirs, canonical_module
     from darkroom.models.header import read_header
@@ -307,6 +309,8 @@ def clip_tower_bytes(engine, req: GenerationRequest, dtype) -> int:
             continue
         if module in ipadapter.MODULES:
             towers.add(ipadapter.MODULES[module] or "h")  # auto: ViT-H, the tower most adapters take
+        elif module in vision_prompt.TOWERS:
+            towers.add(vision_prompt.TOWERS[module])
     total = 0
     dirs = annotator_dirs(engine.library.home) if towers else []
     for tower in towers:

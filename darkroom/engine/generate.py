@@ -468,7 +468,8 @@ class Engine:
                 crop=(source.box, source.original.size) if source is not None and source.box is not None else None,
                 annotator_dirs=preprocess.annotator_dirs(self.library.home), seed=seed, dtype=model.dtype,
                 device=model.device if placement is None else placement.controlnet_device(),
-                base=base_of(model, loras), encode=encode)
+                base=base_of(model, loras), encode=encode,
+                empty_prompts=not req.prompt.strip() and not req.negative_prompt.strip())
         if placement is not None and prepared.control is not None:
             for module in prepared.control.modules():
                 placement.adopt(module)

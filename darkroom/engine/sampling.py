@@ -256,8 +256,12 @@ def _denoise(model: LoadedModel, spec: samplers.Sampler, schedule: str, *, steps
         if inpaint_extra is not None:
             x = torch.cat([x, torch.cat([inpaint_extra] * copies)], dim=1)
         x = x.to(model.dtype)
-        residuals = (control.residuals(x, t, context, extra, n=n, uncond=conditioning.uncond is not None, step=i,
-                                       total=len(timesteps)) if control is not None else {})
+        residuals = {}
+        if control is not None:
+            context, extra = control.condition(context, extra, n=n, uncond=conditioning.uncond is not None, step=i,
+                                               total=len(timesteps))
+            residuals = control.residuals(x, t, context, extra, n=n, uncond=conditioning.uncond is not None, step=i,
+                                          total=len(timesteps))
         pred = model.unet(x, t, encoder_hidden_states=context, added_cond_kwargs=extra, **residuals).sample.float()
         if control is not None and control.fixes_colours:  # tile_colorfix, per row (float32 input: x0 is exact)
             pred = control.fix_prediction(pred, scheduler.scale_model_input(torch.cat([latents] * copies), t),
@@ -382,8 +386,11 @@ class KDenoiser:
         inp = inp.to(self.model.dtype)
         residuals = {}
         if self.control is not None:
+            uncond = self.conditioning.uncond is not None
+            context, extra = self.control.condition(context, extra, n=self.n, uncond=uncond, step=self.step,
+                                                    total=self.total)
             residuals = self.control.residuals(inp, t, context, extra, n=self.n, step=self.step, total=self.total,
-                                               uncond=self.conditioning.uncond is not None)
+                                               uncond=uncond)
         out = self.unet(inp, t, encoder_hidden_states=context, added_cond_kwargs=extra, **residuals)
         pred = out.sample.float()
         if self.control is not None and self.control.fixes_colours:  # tile_colorfix, per row, at every call

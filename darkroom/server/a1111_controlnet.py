@@ -45,6 +45,7 @@ CONTROL_TYPES: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("Reference", ("reference",), "reference_only"),
     ("IP-Adapter", ("ip-adapter", "ip_adapter"), "ip-adapter_clip_sd15"),  # darkroom.control.ipadapter
     ("T2I-Adapter", ("t2i",), "none"),  # t2iadapter_* models, t2ia_* preprocessors (darkroom.control.adapter)
+    ("Revision", ("revision",), "revision_clipvision"),  # model-free (darkroom.control.vision_prompt)
 )
 
 

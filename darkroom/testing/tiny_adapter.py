@@ -121,3 +121,39 @@ def write_style_adapter(folder: str | Path, name: str = "t2iadapter_style_sd14v1
     else:
         torch.save(state, str(path))
     return path
+
+
+def style_adapter_state(width: int, context: int, *, layers: int = 2, tokens: int = 8, seed: int = 0,
+                        scale: float = 0.2) -> dict[str, torch.Tensor]:
+    """Random weights with every name of the style adapter (t2iadapter_style_sd14v1: width 1024, context 768, 3
+    layers, 8 tokens), at the given sizes."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, s=scale):
+        return torch.randn(shape, generator=g) * s
+
+    state = {"style_embedding": rnd(1, tokens, width, s=width ** -0.5), "proj": rnd(width, context, s=width ** -0.5)}
+    for norm in ("ln_pre", "ln_post"):
+        state[f"{norm}.weight"], state[f"{norm}.bias"] = 1 + rnd(width, s=0.05), rnd(width, s=0.05)
+    for i in range(layers):
+        p = f"transformer_layes.{i}."
+        state |= {p + "attn.in_proj_weight": rnd(3 * width, width), p + "attn.in_proj_bias": rnd(3 * width),
+                  p + "attn.out_proj.weight": rnd(width, width), p + "attn.out_proj.bias": rnd(width),
+                  p + "mlp.c_fc.weight": rnd(4 * width, width), p + "mlp.c_fc.bias": rnd(4 * width),
+                  p + "mlp.c_proj.weight": rnd(width, 4 * width), p + "mlp.c_proj.bias": rnd(width)}
+        for norm in ("ln_1", "ln_2"):
+            state[p + norm + ".weight"], state[p + norm + ".bias"] = 1 + rnd(width, s=0.05), rnd(width, s=0.05)
+    return state
+
+
+def write_tiny_style_adapter(folder: str | Path, name: str, width: int, context: int, family: str = "sd1",
+                             **kw) -> Path:
+    """`style_adapter_state` as `<name>.safetensors`, its family in darkroom_config metadata (a tiny model's text
+    width names no family)."""
+    from safetensors.torch import save_file
+
+    path = Path(folder) / f"{name}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(style_adapter_state(width, context, **kw), str(path),
+              metadata={"darkroom_config": json.dumps({"t2i_style": {"family": family}})})
+    return path

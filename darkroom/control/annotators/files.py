@@ -30,12 +30,14 @@ ALSO_AS: dict[str, tuple[str, ...]] = {
         "depth_anything_v2_vitl.pth", "depth_anything_v2_vitb.safetensors", "depth_anything_v2_vitb.pth",
         "depth_anything_v2_vits.safetensors", "depth_anything_v2_vits.pth"),
 }
-# The CLIP vision towers IP-Adapters take: the extension's names, then ComfyUI's and Forge's (models/clip_vision).
+# The CLIP vision towers IP-Adapters, the T2I-Adapter style model and ReVision take: the extension's names, then
+# ComfyUI's and Forge's (models/clip_vision).
 ALSO_AS |= {
     "clip_h.pth": ("CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", "clip_vision_h.safetensors",
                    "CLIP-ViT-H-14.safetensors"),
     "clip_g.pth": ("CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors", "clip_vision_g.safetensors",
                    "CLIP-ViT-bigG-14.safetensors"),
+    "clip_vitl.pth": ("clip_vision_l.safetensors", "CLIP-ViT-L-14.safetensors", "clip-vit-large-patch14.safetensors"),
 }
 # Hub repositories ComfyUI's controlnet_aux downloads a file from, when not lllyasviel/Annotators.
 _HUB_PATHS: dict[str, tuple[str, ...]] = {
