@@ -145,6 +145,21 @@ def swapped_ok(images, items) -> list[bool | None]:
     return out
 
 
+def per_map(images, items, results, swapped) -> list[dict]:
+    """One record per map, for reading the misses: the prompt, whether a pair shares its shape (a white outline
+    map cannot say which colour goes in which), each object's verdict (colour found, centroid, placed) and
+    whether the two colours filled the two places the other way round."""
+    out = []
+    for image, (scene, _), placed, sw in zip(images, items, results, swapped, strict=True):
+        verdict = judge(image, position_claims(scene))
+        out.append({"prompt": plain_prompt(scene), "same_shape": len({o.shape for o in scene.objects}) == 1
+                    and len(scene.objects) == 2, "placed": placed, "swapped": sw,
+                    "colour_found": [o.colour for o in verdict.objects],
+                    "centroids": [None if o.centroid is None else [round(c, 1) for c in o.centroid]
+                                  for o in verdict.objects]})
+    return out
+
+
 def rates(results: list[list[bool]], items, swapped: list[bool | None] | None = None) -> dict:
     objects = [ok for r in results for ok in r]
     single = [r[0] for r, (sc, _) in zip(results, items, strict=True) if len(sc.objects) == 1]
@@ -230,6 +245,7 @@ def main() -> None:
         "conditioning_scale": args.scale, "prompt": "colour + shape only, no position words", "maps": args.maps,
         "with_controlnet": rates(res_cn, items, sw_cn), "seconds_with_controlnet": round(seconds, 1),
     }
+    records = per_map(with_cn, items, res_cn, sw_cn)
     without = [Image.new("RGB", (128, 128), "white")] * len(items)
     if not args.no_baseline:
         # the baseline does not depend on the ControlNet: --baseline-cache keeps its images for the next run
@@ -247,6 +263,7 @@ def main() -> None:
         result["without_controlnet"] = rates(res_base, items, sw_base)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    args.out.with_name(args.out.name + "-maps.json").write_text(json.dumps(records) + "\n")
     sheet(items, with_cn, without, res_cn, style=args.maps).quantize(256).save(args.out.with_suffix(".png"),
                                                                                optimize=True)
     print(json.dumps(result, indent=2))
