@@ -152,8 +152,7 @@ def per_map(images, items, results, swapped) -> list[dict]:
     out = []
     for image, (scene, _), placed, sw in zip(images, items, results, swapped, strict=True):
         verdict = judge(image, position_claims(scene))
-        out.append({"prompt": plain_prompt(scene), "same_shape": len({o.shape for o in scene.objects}) == 1
-                    and len(scene.objects) == 2, "placed": placed, "swapped": sw,
+        out.append({"prompt": plain_prompt(scene), "same_shape": _same_shape(scene), "placed": placed, "swapped": sw,
                     "colour_found": [o.colour for o in verdict.objects],
                     "centroids": [None if o.centroid is None else [round(c, 1) for c in o.centroid]
                                   for o in verdict.objects]})
@@ -166,7 +165,16 @@ def rates(results: list[list[bool]], items, swapped: list[bool | None] | None = 
     pair_objects = [ok for r, (sc, _) in zip(results, items, strict=True) if len(sc.objects) == 2 for ok in r]
     pairs = [all(r) for r, (sc, _) in zip(results, items, strict=True) if len(sc.objects) == 2]
     frac = (lambda xs: round(sum(xs) / len(xs), 4) if xs else None)
-    return {"objects": frac(objects), "n_objects": len(objects), "images_all_placed": frac([all(r) for r in results]),
+    # Two outlines of one shape cannot say which of the prompt's two colours goes where: for such a pair, both
+    # places filled by the two colours the other way round also puts each object where the map puts it.
+    as_drawn = [ok for r, sw, (sc, _) in zip(results, swapped or [None] * len(items), items, strict=True)
+                for ok in ([True] * len(r) if sw and _same_shape(sc) and not all(r) else r)]
+    same = [all(r) or bool(sw) for r, sw, (sc, _) in zip(results, swapped or [None] * len(items), items, strict=True)
+            if _same_shape(sc)]
+    return {"objects": frac(objects), "n_objects": len(objects),
+            "objects_either_order_same_shape": frac(as_drawn) if swapped is not None else None,
+            "same_shape_pairs": len(same), "same_shape_pairs_filled": frac(same) if swapped is not None else None,
+            "images_all_placed": frac([all(r) for r in results]),
             "single_object_scenes": frac(single), "n_single": len(single),
             "two_object_scenes_objects": frac(pair_objects), "two_object_scenes_both": frac(pairs),
             "n_two": len(pairs),
@@ -174,6 +182,10 @@ def rates(results: list[list[bool]], items, swapped: list[bool | None] | None = 
             "two_object_scenes_layout": frac([all(r) or bool(sw) for r, sw, (sc, _) in
                                               zip(results, swapped or [None] * len(items), items, strict=True)
                                               if len(sc.objects) == 2]) if swapped is not None else None}
+
+
+def _same_shape(scene: scenes.Scene) -> bool:
+    return len(scene.objects) == 2 and scene.objects[0].shape == scene.objects[1].shape
 
 
 MAP_STYLES = ("white", "coloured", "filled")
