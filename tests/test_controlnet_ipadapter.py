@@ -101,9 +101,9 @@ def test_files_are_recognised_and_listed(setup):
     assert kind.supported and kind.family == "sd1" and kind.noun == "IP-Adapter"
     sdxl = classify({"image_proj.proj.weight": (8192, 1280), "ip_adapter.1.to_k_ip.weight": (640, 2048)})
     assert sdxl.family == "sdxl"
-    faceid = classify({"image_proj.proj.0.weight": (1024, 512), "image_proj.norm.weight": (768,),
-                       "ip_adapter.1.to_k_ip.weight": (320, 768)})
-    assert not faceid.supported and "FaceID" in faceid.detail
+    faceid = classify({"image_proj.proj.0.weight": (1024, 512), "image_proj.proj.2.weight": (3072, 1024),
+                       "image_proj.norm.weight": (768,), "ip_adapter.1.to_k_ip.weight": (320, 768)})
+    assert faceid.supported and faceid.family == "sd1"  # test_controlnet_faceid.py runs them
     instantid = classify({"image_proj.latents": (1, 16, 1280), "image_proj.proj_in.weight": (1280, 512),
                           "ip_adapter.1.to_k_ip.weight": (640, 2048)})
     assert not instantid.supported and "InstantID" in instantid.detail
@@ -165,8 +165,10 @@ def test_errors_name_what_to_do(setup):
             _run(setup, [_unit()])
     finally:
         moved.rename(setup["clip"])
-    with pytest.raises(InvalidRequest, match="cannot run the ip-adapter_face_id preprocessor"):
+    with pytest.raises(InvalidRequest, match="ipa-plain is not a FaceID adapter: pick the ip-adapter-auto"):
         _run(setup, [_unit(module="ip-adapter_face_id")])
+    with pytest.raises(InvalidRequest, match="cannot run the instant_id_face_embedding preprocessor"):
+        _run(setup, [_unit(module="instant_id_face_embedding")])
 
 
 def test_webuiapi_unit_over_a_socket(setup, studio):

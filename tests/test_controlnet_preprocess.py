@@ -339,16 +339,19 @@ def test_annotator_dirs_reads_installs_in_place(tmp_path):
     (forge / "models/ControlNetPreprocessor").mkdir(parents=True)
     (comfy / "custom_nodes/comfyui_controlnet_aux/ckpts").mkdir(parents=True)
     (comfy / "models/clip_vision").mkdir(parents=True)  # IP-Adapters' CLIP vision towers (control.ipadapter)
+    (comfy / "models/insightface").mkdir(parents=True)  # FaceID's face models (annotators.insightface)
     zipped = tmp_path / "zipped"  # the extension unpacked from a zip keeps the archive's folder name
     (zipped / "extensions/sd-webui-controlnet-main/annotator/downloads").mkdir(parents=True)
     home = Home(tmp_path / "home", [a1111, forge, comfy, zipped, tmp_path / "missing"])
     assert pp.annotator_dirs(home) == [
         tmp_path / "home/models/annotators",
         tmp_path / "home/models/clip_vision",
+        tmp_path / "home/models/insightface",
         a1111 / "extensions/sd-webui-controlnet/annotator/downloads",
         forge / "models/ControlNetPreprocessor",
         comfy / "custom_nodes/comfyui_controlnet_aux/ckpts",
         comfy / "models/clip_vision",
+        comfy / "models/insightface",
         zipped / "extensions/sd-webui-controlnet-main/annotator/downloads",
     ]
 
@@ -479,6 +482,9 @@ def test_no_preprocessor_touches_the_network(tmp_path):
     write_tiny_clip_vision(full / "clip_h.pth")
     write_tiny_clip_vision(full / "clip_g.pth")
     write_tiny_clip_vision(full / "clip_vitl.pth")
+    from darkroom.testing.tiny_insightface import pack
+
+    pack(full)  # FaceID's buffalo_l
     im = _square(64)
     mask = Image.new("L", (64, 64), 255)
     for name in pp.module_list()["module_list"]:

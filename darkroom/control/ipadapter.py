@@ -19,7 +19,15 @@ tower that embeds the picture), and so does Darkroom:
   projection (IP-Adapter's decoupled cross-attention), through forward hooks on the UNet's attention modules
   while a pass samples: the cached UNet is never changed. Several units add their terms.
 
-Refused by name: FaceID (they need InsightFace's face embedding), InstantID and PuLID.
+FaceID adapters (`ip-adapter-faceid_sd15`, `-faceid-plus_sd15`, `-faceid-plusv2_sd15`, `-faceid_sdxl`,
+`-faceid-plusv2_sdxl`, the portrait ones) take InsightFace's face embedding of the picture's largest face
+(darkroom.control.annotators.insightface, on the user's buffalo_l files), with the preprocessors
+`ip-adapter_face_id` and `ip-adapter_face_id_plus` (which also runs CLIP ViT-H on the whole picture, as the
+extension does); the negative's rows get the projection of a zero face embedding (and, for Plus, of an all-zero
+picture's hidden states). v2 is told from the file name, as the extension does. The LoRA that FaceID files come
+with is a separate file the prompt loads (`<lora:ip-adapter-faceid_sd15_lora:0.6>`); the LoRA weights inside
+the adapter file itself are not used, as in the extension.
+Refused by name: InstantID and PuLID.
 """
 
 from __future__ import annotations
@@ -55,14 +63,18 @@ CLIP_SIZE = 224
 
 
 def _variant(image: Mapping[str, tuple[int, ...]]) -> tuple[str, int]:
-    """("plain" | "full" | "plus", width of the CLIP output it projects); ValueError naming what is refused."""
+    """("plain" | "full" | "plus" | "faceid" | "faceid-plus", width of the CLIP output it projects: 0 for plain
+    FaceID, which projects the face embedding alone); ValueError naming what is refused."""
     if "proj.weight" in image:
         return "plain", int(image["proj.weight"][-1])
     if "proj.3.weight" in image:
         return "full", int(image["proj.0.weight"][-1])
-    if any(k.startswith("perceiver_resampler.") for k in image) or "norm.weight" in image:
-        raise ValueError("an IP-Adapter FaceID model (it needs InsightFace's face embedding, which Darkroom does"
-                         " not compute)")
+    if "perceiver_resampler.proj_in.weight" in image and "proj.0.weight" in image:
+        return "faceid-plus", int(image["perceiver_resampler.proj_in.weight"][-1])
+    if "norm.weight" in image and "proj.0.weight" in image and "proj.2.weight" in image:
+        return "faceid", 0
+    if any(k.startswith("perceiver_resampler.") for k in image):
+        raise ValueError("an IP-Adapter FaceID model whose layout is not recognised")
     if "latents" in image and "proj_in.weight" in image:
         width = int(image["proj_in.weight"][-1])
         if width == 512:
@@ -115,17 +127,25 @@ class LoadedIPAdapter(LoadedControlNet):
 
     variant: str = "plain"
     clip_width: int = 0
+    shortcut: bool = False  # FaceID Plus v2: the face tokens are added back to the resampler's output
     is_ipadapter: ClassVar[bool] = True
     noun: ClassVar[str] = "IP-Adapter"
 
     @property
     def hidden_states(self) -> bool:
-        """Whether it projects the CLIP tower's penultimate hidden states (plus, full-face), not its embedding."""
-        return self.variant != "plain"
+        """Whether it projects the CLIP tower's penultimate hidden states (plus, full-face, FaceID Plus), not its
+        embedding."""
+        return self.variant not in ("plain", "faceid")
+
+    @property
+    def face(self) -> bool:
+        """A FaceID adapter: it takes InsightFace's face embedding of the picture (annotators.insightface)."""
+        return self.variant.startswith("faceid")
 
     @property
     def encoder(self) -> str | None:
-        """"h" or "g": the CLIP vision tower it was trained with (None: a width no released tower has)."""
+        """"h" or "g": the CLIP vision tower it was trained with (None: a width no released tower has, or plain
+        FaceID, which takes none)."""
         return _ENCODER_BY_WIDTH["hidden" if self.hidden_states else "embeds"].get(self.clip_width)
 
 
@@ -150,7 +170,9 @@ def load_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
         raise ModelLoadError(f"{path.name}: the IP-Adapter's weights do not fit its layout ({first})") from None
     net = IPAdapterNet(projection, layers).to(device=device, dtype=dtype).eval()
     net.requires_grad_(False)
-    return LoadedIPAdapter(net, kind.family, path, dtype, torch.device(device), variant=variant, clip_width=width)
+    # FaceID Plus v2 differs from v1 only in how it is run; the extension tells them by the file name, as we do
+    return LoadedIPAdapter(net, kind.family, path, dtype, torch.device(device), variant=variant, clip_width=width,
+                           shortcut=variant == "faceid-plus" and "v2" in path.name.lower())
 
 
 # --- the CLIP vision tower -------------------------------------------------------------------------------------
@@ -206,9 +228,14 @@ def clip_pixels(picture: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
 
 
-def tokens(adapter: LoadedIPAdapter, clip, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def tokens(adapter: LoadedIPAdapter, clip, pixels: torch.Tensor | None,
+           face: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt tokens, negative tokens), each [1, T, C]: the adapter's projection of the picture's CLIP output
-    and of the unconditional one (a zero embedding, or the hidden states of an all-zero picture)."""
+    and of the unconditional one (a zero embedding, or the hidden states of an all-zero picture). FaceID
+    adapters project `face` (InsightFace's normed embedding, [1, 512]) and zeros; FaceID Plus also takes the
+    CLIP hidden states, as plus adapters do (`clip`, `pixels`: None for plain FaceID)."""
+    if adapter.face:
+        return _face_tokens(adapter, clip, pixels, face)
     dtype = next(clip.parameters()).dtype
     pixels = pixels.to(device=next(clip.parameters()).device, dtype=dtype)
     with torch.no_grad():
@@ -227,13 +254,55 @@ def tokens(adapter: LoadedIPAdapter, clip, pixels: torch.Tensor) -> tuple[torch.
     return projected[:1], projected[1:]
 
 
+def _clip_hidden(clip, pixels: torch.Tensor) -> torch.Tensor:
+    """The penultimate hidden states of the picture and of an all-zero picture: [2, tokens, width]."""
+    tower = next(clip.parameters())
+    pixels = pixels.to(device=tower.device, dtype=tower.dtype)
+    return clip(torch.cat([pixels, torch.zeros_like(pixels)]), output_hidden_states=True).hidden_states[-2]
+
+
+def _face_tokens(adapter: LoadedIPAdapter, clip, pixels, face: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    proj = adapter.model.image_proj
+    param = next(adapter.model.parameters())
+    ids = torch.cat([face, torch.zeros_like(face)]).to(device=param.device, dtype=param.dtype)
+    with torch.no_grad():
+        if adapter.variant == "faceid":
+            projected = proj(ids)
+        else:  # FaceID Plus: diffusers' projection reads the CLIP hidden states from an attribute
+            hidden = _clip_hidden(clip, pixels)
+            if hidden.shape[-1] != adapter.clip_width:
+                raise InvalidRequest(f"{adapter.name} takes a {adapter.clip_width}-wide CLIP output; this CLIP"
+                                     f" vision model gives {hidden.shape[-1]}")
+            proj.clip_embeds = hidden.to(device=param.device, dtype=param.dtype)[:, None]
+            proj.shortcut, proj.shortcut_scale = adapter.shortcut, 1.0
+            try:
+                projected = proj(ids)
+            finally:
+                proj.clip_embeds = None
+    return projected[:1], projected[1:]
+
+
+FACE_MODULES = {"ip-adapter_face_id": None, "ip-adapter_face_id_plus": "h"}
+"""The extension's FaceID preprocessors (InsightFace's buffalo_l embedding) and the CLIP tower each also runs."""
+
+
 def adapter_module(adapter: LoadedIPAdapter) -> str:
-    """The preprocessor label an adapter needs (ip-adapter_clip_h / _g), or ip-adapter-auto when unknown."""
+    """The preprocessor label an adapter needs (ip-adapter_clip_h / _g, the FaceID ones), or ip-adapter-auto
+    when unknown."""
+    if adapter.face:
+        return "ip-adapter_face_id_plus" if adapter.variant == "faceid-plus" else "ip-adapter_face_id"
     return {"h": "ip-adapter_clip_h", "g": "ip-adapter_clip_g"}.get(adapter.encoder or "", "ip-adapter-auto")
 
 
-def encoder_for(module: str, adapter: LoadedIPAdapter, name: str) -> str:
-    """The tower ("h"/"g") a unit with preprocessor `module` runs; InvalidRequest when it cannot fit the adapter."""
+def encoder_for(module: str, adapter: LoadedIPAdapter, name: str) -> str | None:
+    """The tower ("h"/"g"; None: none, plain FaceID) a unit with preprocessor `module` runs; InvalidRequest when
+    the preprocessor cannot fit the adapter."""
+    if adapter.face or module in FACE_MODULES:
+        right = adapter_module(adapter)
+        if not adapter.face or module not in (right, "ip-adapter-auto"):
+            raise InvalidRequest(f"{name} {'is a FaceID adapter' if adapter.face else 'is not a FaceID adapter'}:"
+                                 f" pick the {right} preprocessor, not {module}")
+        return FACE_MODULES[right]
     wanted = MODULES.get(module)
     fits = adapter.encoder
     if wanted is None:

@@ -317,21 +317,30 @@ def _ip_tokens(loaded, module: str, image: Image.Image, file, index: int, annota
     from darkroom.control import ipadapter
 
     is_adapter = getattr(loaded, "is_ipadapter", False)
-    if not is_adapter and module not in ipadapter.MODULES:
+    if not is_adapter and module not in ipadapter.MODULES and module not in ipadapter.FACE_MODULES:
         return None
     where = f"ControlNet unit {index}"
     if not is_adapter:
         raise InvalidRequest(f"{where}: the {module} preprocessor goes with an IP-Adapter model, not"
                              f" {file.name if file else 'no model'}")
-    if module not in ipadapter.MODULES:
+    if module not in ipadapter.MODULES and module not in ipadapter.FACE_MODULES:
         raise InvalidRequest(f"{where}: {file.name} is an IP-Adapter; give it the {ipadapter.adapter_module(loaded)}"
                              " preprocessor (it embeds the picture with CLIP vision), not " + module)
     from darkroom.control.annotators.imageops import hwc3
 
-    clip = _clip_tower(ipadapter.encoder_for(module, loaded, file.name), file.name, annotator_dirs, dtype=dtype,
-                       device=device)
+    encoder = ipadapter.encoder_for(module, loaded, file.name)
+    picture = hwc3(image)
+    face = None
+    if loaded.face:  # InsightFace's embedding of the largest face (annotators.insightface)
+        from darkroom.control.annotators import insightface
+
+        found = insightface.largest_face(insightface.faces(picture, annotator_dirs))
+        face = torch.from_numpy(np.asarray(found.normed_embedding, np.float32))[None]
+    if encoder is None:
+        return ipadapter.tokens(loaded, None, None, face)
+    clip = _clip_tower(encoder, file.name, annotator_dirs, dtype=dtype, device=device)
     try:
-        return ipadapter.tokens(loaded, clip, ipadapter.clip_pixels(hwc3(image)))
+        return ipadapter.tokens(loaded, clip, ipadapter.clip_pixels(picture), face)
     finally:
         del clip
 

@@ -61,6 +61,7 @@ class Module:
     needs_mask: bool = False
     colour_fix: bool = False  # the extension also fixes the result's colours while sampling (annotators.tile)
     model_free: bool = False  # runs with no ControlNet model (the reference modules, darkroom.control.reference)
+    face_pack: str | None = None  # the InsightFace pack folder it needs too (annotators.insightface: FaceID)
     resolution: Slider = RESOLUTION  # its resolution slider (softedge_anyline's defaults to 1280)
 
 
@@ -332,6 +333,10 @@ MODULES: dict[str, Module] = {m.name: m for m in (
     Module("ip-adapter_clip_sdxl_plus_vith", "ip-adapter_clip_sdxl_plus_vith", _picture, uses_resolution=False,
            weights=((_CLIP_H, "clip_vision"),)),
     Module("ip-adapter-auto", "ip-adapter-auto", _picture, uses_resolution=False),
+    # FaceID: InsightFace's embedding of the largest face (annotators.insightface), + CLIP ViT-H for Plus
+    Module("ip-adapter_face_id", "ip-adapter_face_id", _picture, uses_resolution=False, face_pack="buffalo_l"),
+    Module("ip-adapter_face_id_plus", "ip-adapter_face_id_plus", _picture, uses_resolution=False,
+           weights=((_CLIP_H, "clip_vision"),), face_pack="buffalo_l"),
     # CLIP vision into the prompt's conditioning (darkroom.control.vision_prompt): the T2I-Adapter style model's
     # input, and SDXL's model-free ReVision
     Module("clip_vision", "t2ia_style_clipvision", _picture, uses_resolution=False,
@@ -390,8 +395,8 @@ def canonical_module(name: str) -> str:
             raise InvalidRequest(f"Darkroom cannot run the {label} preprocessor yet: {advice}")
     if lowered.startswith(("ip-adapter", "instant_id", "face_id")):
         raise InvalidRequest(f"Darkroom cannot run the {text} preprocessor: of the IP-Adapter family it runs the"
-                             " CLIP vision ones (ip-adapter_clip_h, ip-adapter_clip_g, ip-adapter-auto); FaceID,"
-                             " InstantID and PuLID need InsightFace")
+                             " CLIP vision ones (ip-adapter_clip_h, ip-adapter_clip_g, ip-adapter-auto) and FaceID's"
+                             " (ip-adapter_face_id, ip-adapter_face_id_plus); InstantID and PuLID are not built")
     raise InvalidRequest(f"unknown ControlNet preprocessor {text!r}; available: {', '.join(_sorted_names(False))}")
 
 
@@ -439,15 +444,22 @@ def _weights(m: Module, dirs: Sequence[Path]) -> list[Path]:
                 f"comfyui_controlnet_aux/ckpts/lllyasviel/Annotators)",
                 hint="searched: " + ", ".join(str(d) for d in dirs) if dirs else "no annotator folders were given")
         found.append(path)
+    if m.face_pack:
+        from darkroom.control.annotators import insightface
+
+        found.append(insightface.pack_dir(m.face_pack, dirs))
     return found
 
 
 def annotator_dirs(home: Home) -> list[Path]:
     """The home's models/annotators, then each extra install's annotator folder that exists; the CLIP vision
-    folders IP-Adapters take their tower from (models/clip_vision: Forge's, ComfyUI's and the home's) too."""
-    dirs = [home.root / "models" / "annotators", home.root / "models" / "clip_vision"]
+    folders IP-Adapters take their tower from (models/clip_vision: Forge's, ComfyUI's and the home's) and the
+    InsightFace folders FaceID takes its face model from (models/insightface) too."""
+    dirs = [home.root / "models" / "annotators", home.root / "models" / "clip_vision",
+            home.root / "models" / "insightface"]
     for extra in home.extra_model_dirs:
-        dirs += [extra / sub for sub in (*files.INSTALL_DIRS, "models/clip_vision") if is_folder(extra / sub)]
+        dirs += [extra / sub for sub in (*files.INSTALL_DIRS, "models/clip_vision", "models/insightface")
+                 if is_folder(extra / sub)]
         try:  # the extension unpacked under another folder name (a zip download: sd-webui-controlnet-main)
             dirs += sorted(p for p in extra.glob("extensions/*controlnet*/annotator/downloads") if is_folder(p))
         except OSError:

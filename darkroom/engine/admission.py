@@ -309,6 +309,8 @@ def clip_tower_bytes(engine, req: GenerationRequest, dtype) -> int:
             continue
         if module in ipadapter.MODULES:
             towers.add(ipadapter.MODULES[module] or "h")  # auto: ViT-H, the tower most adapters take
+        elif ipadapter.FACE_MODULES.get(module):
+            towers.add(ipadapter.FACE_MODULES[module])
         elif module in vision_prompt.TOWERS:
             towers.add(vision_prompt.TOWERS[module])
     total = 0

@@ -40,7 +40,7 @@ def _random(shape, g, scale=0.2) -> torch.Tensor:
 def ipadapter_state(unet: torch.nn.Module, *, variant: str = "plain", clip_width: int = 48, tokens: int = 4,
                     seed: int = 0, scale: float = 0.2) -> dict[str, torch.Tensor]:
     """Random weights for every cross-attention of `unet`; `clip_width`: the CLIP output it projects (the
-    embedding for plain, the hidden states for plus)."""
+    embedding for plain, the hidden states for plus and faceid-plus; faceid projects a 512-wide face embedding)."""
     from darkroom.control.ipadapter import cross_attentions
 
     g = torch.Generator().manual_seed(seed)
@@ -71,6 +71,32 @@ def ipadapter_state(unet: torch.nn.Module, *, variant: str = "plain", clip_width
             state[p + "0.to_out.weight"] = _random((hidden, inner), g, scale)
             state[p + "1.1.weight"] = _random((4 * hidden, hidden), g, scale)
             state[p + "1.3.weight"] = _random((hidden, 4 * hidden), g, scale)
+    elif variant in ("faceid", "faceid-plus"):  # InsightFace's 512-wide embedding, an MLP to `tokens` tokens
+        face = 512
+        state["image_proj.proj.0.weight"] = _random((2 * face, face), g, scale / 4)
+        state["image_proj.proj.0.bias"] = _random((2 * face,), g, scale)
+        state["image_proj.proj.2.weight"] = _random((tokens * cross, 2 * face), g, scale / 4)
+        state["image_proj.proj.2.bias"] = _random((tokens * cross,), g, scale)
+        state["image_proj.norm.weight"] = 1 + _random((cross,), g, 0.05)
+        state["image_proj.norm.bias"] = _random((cross,), g, 0.05)
+        if variant == "faceid-plus":  # + a perceiver over the CLIP hidden states (one 64-wide head)
+            p = "image_proj.perceiver_resampler."
+            state[p + "proj_in.weight"] = _random((cross, clip_width), g, scale)
+            state[p + "proj_in.bias"] = _random((cross,), g, scale)
+            state[p + "proj_out.weight"] = _random((cross, cross), g, scale)
+            state[p + "proj_out.bias"] = _random((cross,), g, scale)
+            state[p + "norm_out.weight"] = 1 + _random((cross,), g, 0.05)
+            state[p + "norm_out.bias"] = _random((cross,), g, 0.05)
+            for i in range(PLUS_DEPTH):
+                q = f"{p}layers.{i}."
+                for norm in ("0.norm1", "0.norm2", "1.0"):
+                    state[q + norm + ".weight"] = 1 + _random((cross,), g, 0.05)
+                    state[q + norm + ".bias"] = _random((cross,), g, 0.05)
+                state[q + "0.to_q.weight"] = _random((64, cross), g, scale)
+                state[q + "0.to_kv.weight"] = _random((128, cross), g, scale)
+                state[q + "0.to_out.weight"] = _random((cross, 64), g, scale)
+                state[q + "1.1.weight"] = _random((4 * cross, cross), g, scale)
+                state[q + "1.3.weight"] = _random((cross, 4 * cross), g, scale)
     else:
         raise ValueError(f"variant {variant!r}")
     for i, attn in enumerate(layers):
