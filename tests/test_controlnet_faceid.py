@@ -22,7 +22,7 @@ from darkroom.testing.tiny_ipadapter import (
     write_tiny_clip_vision,
     write_tiny_ipadapter,
 )
-from tests.control_util import generate_with_units, png_bytes
+from tests.control_util import diffusers_ip_adapter_pipeline, generate_with_units, png_bytes
 
 KW = dict(prompt="a portrait", negative_prompt="ugly", steps=3, cfg_scale=6.0, seed=1234, width=64, height=64,
           sampler="Euler a")
@@ -70,26 +70,13 @@ def _face(setup) -> torch.Tensor:
 def _diffusers_latents(setup, name: str, weight: float) -> torch.Tensor:
     """diffusers' StableDiffusionPipeline with load_ip_adapter on the same file, given the face embedding (and, for
     Plus, the CLIP hidden states of the picture and of an all-zero one) as its FaceID documentation shows."""
-    import diffusers
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     from darkroom.control.ipadapter import clip_pixels
-    from darkroom.engine import samplers
-    from darkroom.models.configs import scheduler_config
-    from darkroom.testing.tiny import save_diffusers_folder
 
     variant, seed = ADAPTERS[name]
-    config = save_diffusers_folder(setup["root"] / "cfg-sd1", "sd1", seed=1)
-    for weights in config.rglob("*.safetensors"):
-        weights.unlink()
-    pipe = diffusers.StableDiffusionPipeline.from_single_file(str(setup["sd1"]), config=str(config),
-                                                              local_files_only=True, torch_dtype=torch.float32)
-    shutil.rmtree(config)
     flat = ipadapter_state(setup["unet"], variant=variant, clip_width=64, seed=seed)
-    nested = {part: {k[len(part) + 1:]: v for k, v in flat.items() if k.startswith(part + ".")}
-              for part in ("image_proj", "ip_adapter")}
-    pipe.load_ip_adapter(nested, subfolder="", weight_name=name, image_encoder_folder=None)
-    pipe.set_ip_adapter_scale(weight)
+    pipe = diffusers_ip_adapter_pipeline(setup["root"], setup["sd1"], flat, name, weight, KW)
     face = _face(setup)
     embeds = torch.stack([torch.zeros_like(face), face])  # [negative, prompt] x 1 image x 512
     if variant == "faceid-plus":
@@ -102,8 +89,6 @@ def _diffusers_latents(setup, name: str, weight: float) -> torch.Tensor:
         projection = pipe.unet.encoder_hid_proj.image_projection_layers[0]
         projection.clip_embeds = hidden[:, None]
         projection.shortcut = True  # v2
-    spec, schedule = samplers.resolve(KW["sampler"], "Automatic")
-    pipe.scheduler = samplers.make_scheduler(spec, schedule, scheduler_config(False), seed=KW["seed"])
     return pipe(prompt=KW["prompt"], negative_prompt=KW["negative_prompt"], ip_adapter_image_embeds=[embeds],
                 height=KW["height"], width=KW["width"], num_inference_steps=KW["steps"], guidance_scale=KW["cfg_scale"],
                 generator=[torch.Generator("cpu").manual_seed(KW["seed"])], output_type="latent").images

@@ -4,7 +4,6 @@ weight, window and the errors a user meets."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from darkroom.testing.tiny_ipadapter import (
     write_tiny_clip_vision,
     write_tiny_ipadapter,
 )
-from tests.control_util import generate_with_units, png_bytes
+from tests.control_util import diffusers_ip_adapter_pipeline, generate_with_units, png_bytes
 
 KW = dict(prompt="a red circle", negative_prompt="ugly", steps=3, cfg_scale=6.0, seed=1234, width=64, height=64,
           sampler="Euler a")
@@ -58,30 +57,14 @@ def _run(setup, units=(), family="sd1", **kw):
 
 
 def _diffusers_latents(setup, name, variant, weight, **kw):
-    import diffusers
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-    from darkroom.engine import samplers
-    from darkroom.models.configs import scheduler_config
-    from darkroom.testing.tiny import save_diffusers_folder
-
-    config = save_diffusers_folder(setup["root"] / "cfg-sd1", "sd1", seed=1)
-    for weights in config.rglob("*.safetensors"):
-        weights.unlink()
-    pipe = diffusers.StableDiffusionPipeline.from_single_file(str(setup["sd1"]), config=str(config),
-                                                              local_files_only=True, torch_dtype=torch.float32)
-    shutil.rmtree(config)
     flat = ipadapter_state(setup["unet"], variant=variant, clip_width=48 if variant == "plain" else 64,
                            seed=1 if variant == "plain" else 2)
-    nested = {part: {k[len(part) + 1:]: v for k, v in flat.items() if k.startswith(part + ".")}
-              for part in ("image_proj", "ip_adapter")}
-    pipe.load_ip_adapter(nested, subfolder="", weight_name=name, image_encoder_folder=None)
+    pipe = diffusers_ip_adapter_pipeline(setup["root"], setup["sd1"], flat, name, weight, kw)
     encoder = CLIPVisionModelWithProjection(clip_vision_config())
     encoder.load_state_dict(torch.load(setup["clip"], weights_only=True), strict=False)
     pipe.register_modules(image_encoder=encoder.eval(), feature_extractor=CLIPImageProcessor())
-    pipe.set_ip_adapter_scale(weight)
-    spec, schedule = samplers.resolve(kw["sampler"], "Automatic")
-    pipe.scheduler = samplers.make_scheduler(spec, schedule, scheduler_config(False), seed=kw["seed"])
     return pipe(prompt=kw["prompt"], negative_prompt=kw["negative_prompt"], ip_adapter_image=_reference(),
                 height=kw["height"], width=kw["width"], num_inference_steps=kw["steps"], guidance_scale=kw["cfg_scale"],
                 generator=[torch.Generator("cpu").manual_seed(kw["seed"])], output_type="latent").images
