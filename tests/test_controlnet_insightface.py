@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import darkroom  # noqa: F401  (offline first: the guard is installed)
+from darkroom.control.annotators import imageops
 from darkroom.control.annotators import insightface as inf
 from darkroom.errors import InvalidRequest, ModelLoadError
 from darkroom.testing import tiny_insightface as ti
@@ -103,22 +104,22 @@ def test_the_warp_gives_opencvs_bytes():
 
 def test_the_resize_is_opencvs_two_tap_bilinear():
     img = np.array([[0, 100, 200, 40], [60, 20, 80, 0]], np.uint8)[:, :, None]
-    np.testing.assert_array_equal(inf.resize_linear(img, 2, 1)[:, :, 0], [[45, 80]])  # 2x2 means
-    up = inf.resize_linear(np.array([[0, 200]], np.uint8)[:, :, None], 4, 1)[0, :, 0]
+    np.testing.assert_array_equal(imageops.resize(img, 2, 1, imageops.LINEAR)[:, :, 0], [[45, 80]])  # 2x2 means
+    up = imageops.resize(np.array([[0, 200]], np.uint8)[:, :, None], 4, 1, imageops.LINEAR)[0, :, 0]
     np.testing.assert_array_equal(up, [0, 50, 150, 200])  # centres at -0.25 (the edge), 0.25, 0.75, 1.25
     # shrinking keeps two taps (no antialiasing): a one-pixel line between the taps vanishes
     lines = np.zeros((1, 9, 1), np.uint8)
     lines[0, 1::3] = 255
-    np.testing.assert_array_equal(inf.resize_linear(lines, 3, 1)[0, :, 0], [255, 255, 255])
+    np.testing.assert_array_equal(imageops.resize(lines, 3, 1, imageops.LINEAR)[0, :, 0], [255, 255, 255])
     lines[0] = 0
     lines[0, ::3] = 255
-    np.testing.assert_array_equal(inf.resize_linear(lines, 3, 1)[0, :, 0], [0, 0, 0])
+    np.testing.assert_array_equal(imageops.resize(lines, 3, 1, imageops.LINEAR)[0, :, 0], [0, 0, 0])
     # OpenCV 4.14's own bytes, 7 of which differ from exact bilinear rounded (its 11-bit weights, SIMD truncations)
     small = np.array([[248, 194, 190], [207, 147, 26], [237, 21, 245]], np.uint8)[:, :, None]
     opencv = [[248, 240, 217, 194, 192, 190, 190], [242, 234, 211, 187, 178, 169, 166],
               [225, 216, 192, 167, 137, 106, 96], [207, 198, 173, 147, 95, 43, 26], [220, 202, 147, 93, 104, 116, 120],
               [233, 205, 122, 39, 114, 188, 213], [237, 206, 113, 21, 117, 213, 245]]
-    np.testing.assert_array_equal(inf.resize_linear(small, 7, 7)[:, :, 0], opencv)
+    np.testing.assert_array_equal(imageops.resize(small, 7, 7, imageops.LINEAR)[:, :, 0], opencv)
 
 
 def test_the_embedding_is_arcface_on_the_aligned_crop(tmp_path):

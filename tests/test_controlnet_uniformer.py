@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import darkroom  # noqa: F401  (offline first: the guard is installed)
-from darkroom.control.annotators import uniformer
+from darkroom.control.annotators import imageops, uniformer
 from darkroom.control.annotators.palettes import ADE20K
 from darkroom.errors import ModelLoadError, ModelNotFound
 from darkroom.testing.tiny_uniformer import uniformer_file_state, uniformer_state
@@ -91,11 +91,11 @@ def test_input_is_the_picture_reversed_and_rescaled():
 def test_rescale_is_opencvs_bilinear():
     """Checked against cv2.resize(INTER_LINEAR) (OpenCV's vectorised path), up and down: equal to the level."""
     g = np.arange(60).reshape(4, 5, 3).astype(np.uint8) * 17 % 251  # uint8 arithmetic: wraps at 256
-    assert uniformer._bilinear_uint8(g, 6, 7)[..., 0].tolist() == [
+    assert imageops.resize(g, 7, 6, imageops.LINEAR)[..., 0].tolist() == [
         [0, 29, 65, 102, 138, 175, 204], [2, 30, 65, 102, 138, 174, 204], [4, 30, 64, 101, 137, 174, 203],
         [3, 29, 63, 100, 136, 173, 202], [3, 29, 63, 100, 136, 172, 202], [2, 28, 62, 99, 135, 172, 201]]
     noise = np.random.RandomState(0).randint(0, 256, (9, 11, 3)).astype(np.uint8)
-    assert uniformer._bilinear_uint8(noise, 4, 6)[..., 1].tolist() == [
+    assert imageops.resize(noise, 6, 4, imageops.LINEAR)[..., 1].tolist() == [
         [130, 97, 125, 83, 150, 177], [148, 206, 92, 215, 103, 135], [98, 126, 28, 58, 71, 182],
         [170, 71, 129, 227, 92, 97]]
 

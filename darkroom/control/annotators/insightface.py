@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from darkroom.control.annotators import imageops
 from darkroom.control.annotators.dwpose import Graph, session
 from darkroom.errors import InvalidRequest, ModelLoadError
 
@@ -123,28 +124,6 @@ def _graph(path: Path, what: str) -> Graph:
 
 # --- 1. detection: SCRFD ------------------------------------------------------------------------------------
 
-def _taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """OpenCV's INTER_LINEAR taps along one axis: pixel centres at +0.5, the two weights rounded to 11 bits, the
-    source clamped at the edges (with the weights kept: down columns OpenCV's rounding shows it)."""
-    x = ((np.arange(dst) + 0.5) * (1.0 / (dst / src)) - 0.5).astype(np.float32)
-    i0 = np.floor(x).astype(np.int64)
-    f = (x - i0).astype(np.float32)
-    weights = (np.rint((np.float32(1) - f) * np.float32(2048)), np.rint(f * np.float32(2048)))  # float32, as OpenCV
-    return i0.clip(0, src - 1), (i0 + 1).clip(0, src - 1), *(w.astype(np.int32) for w in weights)
-
-
-def resize_linear(img: np.ndarray, width: int, height: int) -> np.ndarray:
-    """OpenCV 4's INTER_LINEAR resize of an HxWxC uint8 picture, in its fixed-point arithmetic (its x86 SIMD
-    rounding): the same bytes. imageops.LINEAR (PIL) would not do: PIL widens its filter when shrinking
-    (antialiased), OpenCV keeps two taps (aliased), and SCRFD was run on OpenCV's."""
-    xi0, xi1, xa0, xa1 = _taps(img.shape[1], width)
-    yi0, yi1, ya0, ya1 = _taps(img.shape[0], height)
-    rows = img[:, xi0].astype(np.int32) * xa0[None, :, None] + img[:, xi1].astype(np.int32) * xa1[None, :, None]
-    top = ((rows[yi0] >> 4) * ya0[:, None, None]) >> 16  # rows in 1/2048, top and bottom in 1/4
-    bottom = ((rows[yi1] >> 4) * ya1[:, None, None]) >> 16
-    return ((top + bottom + 2) >> 2).clip(0, 255).astype(np.uint8)
-
-
 def _letterbox(rgb: np.ndarray, size: int = DET_SIZE) -> tuple[np.ndarray, float]:
     """SCRFD's input: the picture scaled to fit size x size (keeping its aspect) in the top-left corner of a black
     canvas, normalised, as 1x3xSxS float32; and the scale."""
@@ -154,7 +133,7 @@ def _letterbox(rgb: np.ndarray, size: int = DET_SIZE) -> tuple[np.ndarray, float
     else:
         nw, nh = size, max(1, int(size * (h / w)))
     canvas = np.zeros((size, size, 3), np.uint8)
-    canvas[:nh, :nw] = resize_linear(rgb, nw, nh)
+    canvas[:nh, :nw] = imageops.resize(rgb, nw, nh, imageops.LINEAR)  # OpenCV's INTER_LINEAR, bit for bit
     blob = (canvas.astype(np.float32) - DET_MEAN) * np.float32(1.0 / DET_STD)
     return np.ascontiguousarray(blob.transpose(2, 0, 1)[None]), nh / h
 

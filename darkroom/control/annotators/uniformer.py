@@ -230,39 +230,12 @@ def rescaled_size(height: int, width: int) -> tuple[int, int]:
     return int(height * k + 0.5), int(width * k + 0.5)
 
 
-def _linear_taps(n_in: int, n_out: int, clamp: bool) -> tuple[np.ndarray, ...]:
-    """OpenCV's INTER_LINEAR taps along one axis: two source indices and their 11-bit weights (float32
-    positions, half-pixel centres). Columns past an edge take the edge pixel at full weight (`clamp`); rows
-    keep their weights and only the indices are clipped, as OpenCV does."""
-    f = ((np.arange(n_out) + 0.5) * (1.0 / (n_out / n_in)) - 0.5).astype(np.float32)
-    i = np.floor(f).astype(np.int64)
-    f = f - i.astype(np.float32)
-    if clamp:
-        f = np.where((i < 0) | (i >= n_in - 1), np.float32(0), f)
-    w1 = np.rint(f * np.float32(2048)).astype(np.int64)
-    w0 = np.rint((np.float32(1) - f) * np.float32(2048)).astype(np.int64)
-    return np.clip(i, 0, n_in - 1), np.clip(i + 1, 0, n_in - 1), w0, w1
-
-
-def _bilinear_uint8(img: np.ndarray, height: int, width: int) -> np.ndarray:
-    """cv2.resize(INTER_LINEAR) of a uint8 picture, bit for bit as its vectorised path computes it: a
-    horizontal pass in 11-bit fixed point, then a vertical one on 16-bit values (>> 4, high half of the
-    product, rounded >> 2). mmseg's test resize goes through it; a float resize would move levels by one."""
-    if img.shape[:2] == (height, width):
-        return img
-    y0, y1, b0, b1 = _linear_taps(img.shape[0], height, clamp=False)
-    x0, x1, a0, a1 = _linear_taps(img.shape[1], width, clamp=True)
-    src = img.astype(np.int64)
-    rows = src[:, x0] * a0[None, :, None] + src[:, x1] * a1[None, :, None]
-    top = ((rows[y0] >> 4) * b0[:, None, None]) >> 16
-    bottom = ((rows[y1] >> 4) * b1[:, None, None]) >> 16
-    return ((top + bottom + 2) >> 2).clip(0, 255).astype(np.uint8)
-
-
 def network_input(img: np.ndarray) -> torch.Tensor:
     """mmseg's test pipeline on the extension's RGB array: rescaled, channels reversed (the pipeline takes
     it for BGR), normalised: a 1x3xHxW float tensor."""
-    x = _bilinear_uint8(img, *rescaled_size(*img.shape[:2]))[:, :, ::-1].astype(np.float32)
+    height, width = rescaled_size(*img.shape[:2])
+    # cv2.resize(INTER_LINEAR) bit for bit (imageops): a float resize would move levels by one
+    x = imageops.resize(img, width, height, imageops.LINEAR)[:, :, ::-1].astype(np.float32)
     x = (x - np.array(MEAN, np.float32)) / np.array(STD, np.float32)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
 
