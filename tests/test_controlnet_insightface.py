@@ -59,7 +59,7 @@ def test_the_largest_face_is_taken_and_none_is_an_error():
     same = inf.Face((0, 0, 40, 50), np.zeros((5, 2)), 0.7)
     assert inf.largest_face([small, big]) is big
     assert inf.largest_face([big, small, same]) is same  # equal areas: the last, as the extension's sort
-    with pytest.raises(InvalidRequest, match="no face was found in the picture; FaceID needs a picture"):
+    with pytest.raises(InvalidRequest, match="no face was found in the picture; FaceID and InstantID need a picture"):
         inf.largest_face([])
 
 

@@ -89,7 +89,7 @@ def test_files_are_recognised_and_listed(setup):
     assert faceid.supported and faceid.family == "sd1"  # test_controlnet_faceid.py runs them
     instantid = classify({"image_proj.latents": (1, 16, 1280), "image_proj.proj_in.weight": (1280, 512),
                           "ip_adapter.1.to_k_ip.weight": (640, 2048)})
-    assert not instantid.supported and "InstantID" in instantid.detail
+    assert instantid.supported and instantid.family == "sdxl"  # test_controlnet_instantid.py runs them
 
 
 def test_the_tower_each_adapter_takes():
@@ -148,10 +148,11 @@ def test_errors_name_what_to_do(setup):
             _run(setup, [_unit()])
     finally:
         moved.rename(setup["clip"])
-    with pytest.raises(InvalidRequest, match="ipa-plain is not a FaceID adapter: pick the ip-adapter-auto"):
+    with pytest.raises(InvalidRequest, match="ipa-plain is not a FaceID or InstantID adapter: pick the"
+                                             " ip-adapter-auto"):
         _run(setup, [_unit(module="ip-adapter_face_id")])
-    with pytest.raises(InvalidRequest, match="cannot run the instant_id_face_embedding preprocessor"):
-        _run(setup, [_unit(module="instant_id_face_embedding")])
+    with pytest.raises(InvalidRequest, match="cannot run the ip-adapter_pulid preprocessor"):
+        _run(setup, [_unit(module="ip-adapter_pulid")])
 
 
 def test_webuiapi_unit_over_a_socket(setup, studio):

@@ -485,6 +485,7 @@ def test_no_preprocessor_touches_the_network(tmp_path):
     from darkroom.testing.tiny_insightface import pack
 
     pack(full)  # FaceID's buffalo_l
+    pack(full, name="antelopev2")  # InstantID's
     im = _square(64)
     mask = Image.new("L", (64, 64), 255)
     for name in pp.module_list()["module_list"]:
@@ -492,5 +493,6 @@ def test_no_preprocessor_touches_the_network(tmp_path):
             try:
                 pp.detect(name, im, resolution=64, mask=mask, annotator_dirs=dirs)
             except InvalidRequest as e:
-                assert dirs == [empty] or "netG.pth" in str(e), e
+                # the tiny InsightFace packs find no face: instant_id_face_keypoints says so
+                assert dirs == [empty] or "netG.pth" in str(e) or "no face was found" in str(e), e
     assert guard.installed and len(guard.attempts) == before

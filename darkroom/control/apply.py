@@ -33,6 +33,8 @@ outputs, scaled, are summed and passed as `down_block_additional_residuals` /
   `at` and `rows` (which CFG rows are the negative's, which get the unconditional image tokens).
 - ControlNet-LLLite units (darkroom.control.lllite) add nothing here: their hooks on the UNet's attention
   projections read the step `residuals` records (`at`) and act in the unit's window, first pass only.
+- InstantID's ControlNet (a ControlNet whose file name says instant_id, as the extension tells it) reads its
+  IP-Adapter unit's face tokens as its context instead of the prompt's (the negative's on the negative rows).
 - T2I-Adapter style and ReVision units (darkroom.control.vision_prompt) add nothing here: `condition`, called
   first, appends the style tokens to the context and puts ReVision's embedding in SDXL's pooled text embedding,
   and the ControlNets of the call get that context too, as in the extension.
@@ -87,6 +89,8 @@ class ControlUnitRun:
     hr_inpaint_mask: torch.Tensor | None = None
     ip_tokens: tuple[torch.Tensor, torch.Tensor] | None = None  # an IP-Adapter unit's (prompt, negative) tokens
     vision: torch.Tensor | None = None  # a style unit's tokens [1, T, C] or a ReVision unit's embedding (vision_prompt)
+    # an InstantID ControlNet's context: its IP-Adapter unit's (prompt, negative) tokens, read instead of the prompt
+    context_tokens: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def ready_hint(self, device: torch.device) -> torch.Tensor:
         """The hint on `device` in the ControlNet's dtype, moved once per pass rather than at every step."""
@@ -250,6 +254,10 @@ class Control:
         first = n if (unit.prompt_only and uncond) else 0
         sample = x[first:, :4].to(cn.dtype)
         hint = unit.ready_hint(sample.device).expand(sample.shape[0], -1, -1, -1)
+        if unit.context_tokens is not None:  # InstantID: the face tokens, the negative's on its rows
+            cond, negative = (t.to(device=x.device, dtype=context.dtype) for t in unit.context_tokens)
+            context = torch.cat([negative.expand(n, -1, -1), cond.expand(x.shape[0] - n, -1, -1)]) if uncond \
+                else cond.expand(x.shape[0], -1, -1)
         extra = None if added is None else {k: v[first:].to(cn.dtype) for k, v in added.items()}
         if isinstance(t, torch.Tensor) and t.ndim == 1 and t.shape[0] == x.shape[0]:
             t = t[first:]

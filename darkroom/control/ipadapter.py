@@ -27,7 +27,11 @@ extension does); the negative's rows get the projection of a zero face embedding
 picture's hidden states). v2 is told from the file name, as the extension does. The LoRA that FaceID files come
 with is a separate file the prompt loads (`<lora:ip-adapter-faceid_sd15_lora:0.6>`); the LoRA weights inside
 the adapter file itself are not used, as in the extension.
-Refused by name: InstantID and PuLID.
+InstantID (`ip-adapter_instant_id_sdxl` with `instant_id_face_embedding`, then its ControlNet
+`control_instant_id_sdxl` with `instant_id_face_keypoints` in the next unit, as the extension wants them) takes
+the raw embedding of the largest face from InsightFace's antelopev2 files (annotators.instantid) through its
+resampler; the ControlNet reads those tokens instead of the prompt (darkroom.control.apply).
+Refused by name: PuLID.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ _FAMILY_BY_CONTEXT = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_SIZE = 224
+FACE_WIDTH = 512  # InsightFace's ArcFace embedding
 
 
 def _variant(image: Mapping[str, tuple[int, ...]]) -> tuple[str, int]:
@@ -77,9 +82,7 @@ def _variant(image: Mapping[str, tuple[int, ...]]) -> tuple[str, int]:
         raise ValueError("an IP-Adapter FaceID model whose layout is not recognised")
     if "latents" in image and "proj_in.weight" in image:
         width = int(image["proj_in.weight"][-1])
-        if width == 512:
-            raise ValueError("an InstantID adapter (it needs InsightFace's face embedding)")
-        return "plus", width
+        return ("instantid" if width == FACE_WIDTH else "plus"), width  # InstantID: a resampler over a face
     raise ValueError("an IP-Adapter of a kind Darkroom does not know (PuLID or another)")
 
 
@@ -135,12 +138,13 @@ class LoadedIPAdapter(LoadedControlNet):
     def hidden_states(self) -> bool:
         """Whether it projects the CLIP tower's penultimate hidden states (plus, full-face, FaceID Plus), not its
         embedding."""
-        return self.variant not in ("plain", "faceid")
+        return self.variant not in ("plain", "faceid", "instantid")
 
     @property
     def face(self) -> bool:
-        """A FaceID adapter: it takes InsightFace's face embedding of the picture (annotators.insightface)."""
-        return self.variant.startswith("faceid")
+        """A FaceID or InstantID adapter: it takes InsightFace's face embedding of the picture
+        (annotators.insightface, annotators.instantid)."""
+        return self.variant.startswith("faceid") or self.variant == "instantid"
 
     @property
     def encoder(self) -> str | None:
@@ -268,6 +272,8 @@ def _face_tokens(adapter: LoadedIPAdapter, clip, pixels, face: torch.Tensor) -> 
     with torch.no_grad():
         if adapter.variant == "faceid":
             projected = proj(ids)
+        elif adapter.variant == "instantid":  # the plus resampler over the one face embedding
+            projected = proj(ids[:, None])
         else:  # FaceID Plus: diffusers' projection reads the CLIP hidden states from an attribute
             hidden = _clip_hidden(clip, pixels)
             if hidden.shape[-1] != adapter.clip_width:
@@ -282,15 +288,16 @@ def _face_tokens(adapter: LoadedIPAdapter, clip, pixels, face: torch.Tensor) -> 
     return projected[:1], projected[1:]
 
 
-FACE_MODULES = {"ip-adapter_face_id": None, "ip-adapter_face_id_plus": "h"}
-"""The extension's FaceID preprocessors (InsightFace's buffalo_l embedding) and the CLIP tower each also runs."""
+FACE_MODULES = {"ip-adapter_face_id": None, "ip-adapter_face_id_plus": "h", "instant_id_face_embedding": None}
+"""The extension's FaceID and InstantID preprocessors (InsightFace's embedding) and the CLIP tower each also runs."""
 
 
 def adapter_module(adapter: LoadedIPAdapter) -> str:
     """The preprocessor label an adapter needs (ip-adapter_clip_h / _g, the FaceID ones), or ip-adapter-auto
     when unknown."""
     if adapter.face:
-        return "ip-adapter_face_id_plus" if adapter.variant == "faceid-plus" else "ip-adapter_face_id"
+        return {"faceid-plus": "ip-adapter_face_id_plus", "instantid": "instant_id_face_embedding"}.get(
+            adapter.variant, "ip-adapter_face_id")
     return {"h": "ip-adapter_clip_h", "g": "ip-adapter_clip_g"}.get(adapter.encoder or "", "ip-adapter-auto")
 
 
@@ -300,7 +307,8 @@ def encoder_for(module: str, adapter: LoadedIPAdapter, name: str) -> str | None:
     if adapter.face or module in FACE_MODULES:
         right = adapter_module(adapter)
         if not adapter.face or module not in (right, "ip-adapter-auto"):
-            raise InvalidRequest(f"{name} {'is a FaceID adapter' if adapter.face else 'is not a FaceID adapter'}:"
+            noun = "an InstantID adapter" if adapter.variant == "instantid" else "a FaceID adapter"
+            raise InvalidRequest(f"{name} {'is ' + noun if adapter.face else 'is not a FaceID or InstantID adapter'}:"
                                  f" pick the {right} preprocessor, not {module}")
         return FACE_MODULES[right]
     wanted = MODULES.get(module)

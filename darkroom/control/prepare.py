@@ -242,11 +242,13 @@ def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile]
             colour.update(inpaint)
             prepared.restores.append(restore)
             noise_latent = noise if noise is not None else noise_latent
+        context_tokens = _instantid_context(file, loaded, runs, index)
         runs.append(ControlUnitRun(
             loaded, to_hint(control), weight=unit.weight, start=unit.guidance_start, end=unit.guidance_end,
             mode=unit.control_mode, guess_mode=unit.guess_mode, module=module, hr_option=unit.hr_option,
             hr_hint=None if hr_control is None else to_hint(hr_control), union_type=union_type, **colour,
-            fidelity=threshold_a if unit.model_free else 0.5, ip_tokens=ip_tokens, vision=vision))
+            fidelity=threshold_a if unit.model_free else 0.5, ip_tokens=ip_tokens, vision=vision,
+            context_tokens=context_tokens))
         line = format_unit({
             "module": module, "model": "None" if file is None else file.title, "weight": unit.weight,
             "resize_mode": unit.resize_mode,
@@ -260,6 +262,19 @@ def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile]
     ignore = any(r.module == "revision_ignore_prompt" for r in revision) or (bool(revision) and empty_prompts)
     prepared.control = Control(runs, noise_latent=noise_latent, ignore_prompt=ignore) if runs else None
     return prepared
+
+
+def _instantid_context(file, loaded, runs: list[ControlUnitRun], index: int):
+    """An InstantID ControlNet's context (apply.ControlUnitRun.context_tokens): the face tokens of the IP-Adapter
+    unit right before it, as the extension requires; None for other units."""
+    if file is None or "instant_id" not in file.name.lower() or getattr(loaded, "is_ipadapter", False):
+        return None
+    before = runs[-1] if runs else None
+    if before is None or before.ip_tokens is None:
+        raise InvalidRequest(f"ControlNet unit {index}: {file.name} is InstantID's ControlNet; put its IP-Adapter"
+                             " unit (ip-adapter_instant_id_sdxl, module instant_id_face_embedding) in the unit right"
+                             " before it: the ControlNet reads that unit's face instead of the prompt")
+    return before.ip_tokens
 
 
 def _clip_tower(encoder: str, needed_by: str, annotator_dirs: Sequence[Path], *, dtype: torch.dtype, device):
@@ -331,7 +346,11 @@ def _ip_tokens(loaded, module: str, image: Image.Image, file, index: int, annota
     encoder = ipadapter.encoder_for(module, loaded, file.name)
     picture = hwc3(image)
     face = None
-    if loaded.face:  # InsightFace's embedding of the largest face (annotators.insightface)
+    if loaded.variant == "instantid":  # the raw embedding, from antelopev2 (annotators.instantid)
+        from darkroom.control.annotators import instantid
+
+        face = torch.from_numpy(np.asarray(instantid.face_embedding(picture, annotator_dirs), np.float32))[None]
+    elif loaded.face:  # FaceID: the normed embedding of the largest face (annotators.insightface)
         from darkroom.control.annotators import insightface
 
         found = insightface.largest_face(insightface.faces(picture, annotator_dirs))

@@ -146,6 +146,12 @@ def _picture(img, res, a, b, ctx):
 _CLIP_H, _CLIP_G, _CLIP_L = "clip_h.pth", "clip_g.pth", "clip_vitl.pth"
 
 
+def _face_keypoints(img, res, a, b, ctx):
+    from darkroom.control.annotators import instantid
+
+    return instantid.keypoints_map(img, ctx.dirs)
+
+
 def _segmentation(img, res, a, b, ctx):
     from darkroom.control.annotators import uniformer
 
@@ -337,6 +343,11 @@ MODULES: dict[str, Module] = {m.name: m for m in (
     Module("ip-adapter_face_id", "ip-adapter_face_id", _picture, uses_resolution=False, face_pack="buffalo_l"),
     Module("ip-adapter_face_id_plus", "ip-adapter_face_id_plus", _picture, uses_resolution=False,
            weights=((_CLIP_H, "clip_vision"),), face_pack="buffalo_l"),
+    # InstantID (annotators.instantid, on antelopev2): the face for its IP-Adapter, the keypoints for its ControlNet
+    Module("instant_id_face_embedding", "instant_id_face_embedding", _picture, uses_resolution=False,
+           face_pack="antelopev2"),
+    Module("instant_id_face_keypoints", "instant_id_face_keypoints", _face_keypoints, uses_resolution=False,
+           face_pack="antelopev2"),
     # CLIP vision into the prompt's conditioning (darkroom.control.vision_prompt): the T2I-Adapter style model's
     # input, and SDXL's model-free ReVision
     Module("clip_vision", "t2ia_style_clipvision", _picture, uses_resolution=False,
@@ -395,8 +406,8 @@ def canonical_module(name: str) -> str:
             raise InvalidRequest(f"Darkroom cannot run the {label} preprocessor yet: {advice}")
     if lowered.startswith(("ip-adapter", "instant_id", "face_id")):
         raise InvalidRequest(f"Darkroom cannot run the {text} preprocessor: of the IP-Adapter family it runs the"
-                             " CLIP vision ones (ip-adapter_clip_h, ip-adapter_clip_g, ip-adapter-auto) and FaceID's"
-                             " (ip-adapter_face_id, ip-adapter_face_id_plus); InstantID and PuLID are not built")
+                             " CLIP vision ones (ip-adapter_clip_h, ip-adapter_clip_g, ip-adapter-auto), FaceID's"
+                             " (ip-adapter_face_id, ip-adapter_face_id_plus) and InstantID's; PuLID is not built")
     raise InvalidRequest(f"unknown ControlNet preprocessor {text!r}; available: {', '.join(_sorted_names(False))}")
 
 

@@ -38,6 +38,7 @@ from darkroom.errors import InvalidRequest, ModelLoadError
 PACKS = ("buffalo_l", "antelopev2")
 PACK_FILES = {"buffalo_l": ("det_10g.onnx", "w600k_r50.onnx"),  # (detection, recognition)
               "antelopev2": ("scrfd_10g_bnkps.onnx", "glintr100.onnx")}
+USERS = {"buffalo_l": "FaceID", "antelopev2": "InstantID"}  # what each pack is for, in messages
 DET_SIZE = 640
 DET_MEAN, DET_STD = 127.5, 128.0
 # ArcFaceONNX takes 127.5 / 127.5 for these (PyTorch-exported) graphs; only MXNet exports, whose first nodes are
@@ -94,9 +95,9 @@ def pack_dir(pack: str, dirs: Sequence[Path]) -> Path:
         for folder in (Path(d) / "insightface" / "models" / pack, Path(d) / "models" / pack, Path(d) / pack):
             if _is_file(folder / det) and _is_file(folder / rec):
                 return folder
-    raise InvalidRequest(f"FaceID needs InsightFace's {pack} models: {det} and {rec} in <home>/models/insightface/"
-                         f"models/{pack}, the extension's annotator/downloads/insightface/models/{pack}, or ComfyUI's"
-                         f" models/insightface/models/{pack}",
+    raise InvalidRequest(f"{USERS[pack]} needs InsightFace's {pack} models: {det} and {rec} in <home>/models/"
+                         f"insightface/models/{pack}, the extension's annotator/downloads/insightface/models/{pack},"
+                         f" or ComfyUI's models/insightface/models/{pack}",
                          hint="searched: " + ", ".join(str(d) for d in dirs))
 
 
@@ -284,5 +285,6 @@ def faces(rgb: np.ndarray, dirs: Sequence[Path], pack: str = "buffalo_l") -> lis
 def largest_face(found: Sequence[Face]) -> Face:
     """The face with the largest box (the last of equals, as the extension's sort); none is an InvalidRequest."""
     if not found:
-        raise InvalidRequest("no face was found in the picture; FaceID needs a picture with a visible face")
+        raise InvalidRequest("no face was found in the picture; FaceID and InstantID need a picture with a visible"
+                             " face")
     return max(reversed(found), key=lambda f: f.area)
