@@ -7,6 +7,7 @@ its old integer codes and are kept as the strings the extension writes into info
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -89,6 +90,13 @@ class ControlUnit(BaseModel):
     union_control_type: str = Field(UNION_UNKNOWN, description="For a ControlNet Union model, the kind of control"
                                     " image: " + ", ".join(UNION_CONTROL_TYPES) + "; Unknown: picked from the"
                                     " preprocessor. Other models ignore it.")
+    advanced_weighting: list[float] | None = Field(
+        None, max_length=32, description="The extension's per-layer weights: ControlNets and T2I-Adapters take one"
+        " factor per residual (13 for SD1/SD2 ControlNets, 10 for SDXL, 4 for adapters) in place of `weight` and the"
+        " control mode's factors; other units ignore it, as in the extension.")
+    effective_region_mask: bytes | None = Field(
+        None, repr=False, description="The region the unit acts on (an encoded picture, white where it acts, its"
+        " first channel read as 0-1), as the extension's field: ControlNets, T2I-Adapters and IP-Adapters.")
     prepared: bool = Field(False, description="The image is the control map already (a map stored in a"
                                               " Darkroom PNG): the preprocessor is not run again, but `module`"
                                               " is kept for the infotext (and an inpaint module's mask).")
@@ -145,8 +153,16 @@ class ControlUnit(BaseModel):
         extension's rule)."""
         return self.module.lower() in MODEL_FREE_MODULES
 
+    @field_validator("advanced_weighting")
+    @classmethod
+    def _advanced(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and not all(math.isfinite(w) and abs(w) <= 10 for w in v):
+            raise ValueError("each advanced_weighting factor must be a number from -10 to 10")
+        return v
+
     def describe(self) -> dict[str, Any]:
-        data = self.model_dump(exclude={"image", "mask"})
-        data["image"] = None if self.image is None else f"<{len(self.image)} bytes>"
-        data["mask"] = None if self.mask is None else f"<{len(self.mask)} bytes>"
+        data = self.model_dump(exclude={"image", "mask", "effective_region_mask"})
+        for key in ("image", "mask", "effective_region_mask"):
+            value = getattr(self, key)
+            data[key] = None if value is None else f"<{len(value)} bytes>"
         return data

@@ -347,13 +347,16 @@ def residuals(unit, x: torch.Tensor, *, n: int, uncond: bool, soft: bool) -> lis
     (negative rows first when `uncond`): features x weight (x the soft factors when `soft`), every row, or
     the prompt rows only (zeros for the negative) for prompt-only units."""
     features = unit_features(unit, x.device)
-    scales = [unit.weight * s for s in SOFT_SCALES] if soft else []
-    scales += [unit.weight] * (len(features) - len(scales))
+    if unit.advanced is not None:  # advanced_weighting: the extension's factors in place of weight and mode
+        scales = list(unit.advanced[:len(features)])
+    else:
+        scales = [unit.weight * s for s in SOFT_SCALES] if soft else []
+        scales += [unit.weight] * (len(features) - len(scales))
     first = n if (unit.prompt_only and uncond) else 0
     rows = x.shape[0]
     out = []
     for feature, scale in zip(features, scales, strict=False):
-        scaled = (feature * scale).to(x.dtype)
+        scaled = unit.in_region(feature * scale).to(x.dtype)  # effective_region_mask
         steered = scaled.expand(rows - first, -1, -1, -1)
         if first:
             steered = torch.cat([torch.zeros((first, *scaled.shape[1:]), dtype=x.dtype, device=x.device), steered])

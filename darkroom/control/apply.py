@@ -50,6 +50,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 
 from darkroom.control.adapter import LoadedAdapter
 from darkroom.control.adapter import residuals as adapter_residuals
@@ -91,6 +92,17 @@ class ControlUnitRun:
     vision: torch.Tensor | None = None  # a style unit's tokens [1, T, C] or a ReVision unit's embedding (vision_prompt)
     # an InstantID ControlNet's context: its IP-Adapter unit's (prompt, negative) tokens, read instead of the prompt
     context_tokens: tuple[torch.Tensor, torch.Tensor] | None = None
+    advanced: list[float] | None = None  # advanced_weighting: per-residual factors in place of weight and mode
+    region: torch.Tensor | None = None  # effective_region_mask [1, 1, H, W] in [0, 1]: where the unit acts
+
+    def in_region(self, out: torch.Tensor) -> torch.Tensor:
+        """A residual (or feature) [B, C, h, w] times the region mask brought to h x w (bilinear), as the
+        extension restricts a unit; itself when the unit has no region."""
+        if self.region is None:
+            return out
+        mask = F.interpolate(self.region.to(device=out.device, dtype=torch.float32), size=out.shape[-2:],
+                             mode="bilinear")
+        return out * mask.to(out.dtype)
 
     def ready_hint(self, device: torch.device) -> torch.Tensor:
         """The hint on `device` in the ControlNet's dtype, moved once per pass rather than at every step."""
@@ -138,6 +150,7 @@ class Control:
         self.reference = None  # reference.ReferenceSession while its hooks are on the UNet (reference.hooked)
         self.at = (0, 1)  # (step, total) of the UNet call `residuals` was last asked for: LLLite's hooks read it
         self.rows = (1, False)  # (n, uncond) of that call's CFG batch: IP-Adapter's hooks read it
+        self.latent_size = (0, 0)  # (h, w) of that call's latents: IP-Adapter's region masks read it
 
     def for_hires(self) -> Control | None:
         """The same units for the hires fix's second pass: their hires maps, hr_option applied."""
@@ -222,7 +235,7 @@ class Control:
         down: list[torch.Tensor] | None = None
         mid: torch.Tensor | None = None
         intra: list[torch.Tensor] | None = None  # T2I-Adapters' features (darkroom.control.adapter)
-        self.at, self.rows = (step, total), (n, uncond)
+        self.at, self.rows, self.latent_size = (step, total), (n, uncond), tuple(x.shape[-2:])
         for unit in self.units:
             if unit.controlnet is None or not unit.covers(step, total):  # reference units: below
                 continue
@@ -272,11 +285,13 @@ class Control:
                                  controlnet_cond=hint, conditioning_scale=1.0, guess_mode=unit.guess_mode,
                                  added_cond_kwargs=extra, return_dict=False)
         outputs = [*down, mid]
-        if unit.guess_mode:  # diffusers' forward already applied logspace(-1, 0) scales
+        if unit.advanced is not None:  # the extension: these factors replace weight and the mode's
+            scales = unit.advanced[:len(outputs)]
+        elif unit.guess_mode:  # diffusers' forward already applied logspace(-1, 0) scales
             scales = [unit.weight] * len(outputs)
         else:
             scales = unit.soft_scales(len(outputs), self.hires) or [unit.weight] * len(outputs)
-        outputs = [o * s for o, s in zip(outputs, scales, strict=True)]
+        outputs = [unit.in_region(o * s) for o, s in zip(outputs, scales, strict=True)]
         if first:
             outputs = [torch.cat([torch.zeros((first, *o.shape[1:]), dtype=o.dtype, device=o.device), o])
                        for o in outputs]

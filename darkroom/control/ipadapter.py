@@ -365,6 +365,15 @@ class _Session(HookSession):
             self.cache[key] = rows
         return rows
 
+    def _region(self, unit, tokens: int, device, dtype) -> torch.Tensor:
+        """The unit's region mask at a layer of `tokens` tokens ([1, 1, tokens, 1]): the latent grid scaled by the
+        layer's factor, bilinear, as the extension masks the adapter's attention output."""
+        lat_h, lat_w = self.control.latent_size
+        factor = (tokens / (lat_h * lat_w)) ** 0.5
+        size = (int(lat_h * factor), int(lat_w * factor))
+        mask = F.interpolate(unit.region.to(device=device, dtype=torch.float32), size=size, mode="bilinear")
+        return mask.reshape(1, 1, -1, 1).to(dtype)
+
     def _hook(self, index: int):
         def add(attn, args, kwargs, output):
             step, total = self.control.at
@@ -384,6 +393,8 @@ class _Session(HookSession):
                 k = net.to_k_ip[index](rows).to(query.dtype).view(batch, -1, heads, head_dim).transpose(1, 2)
                 v = net.to_v_ip[index](rows).to(query.dtype).view(batch, -1, heads, head_dim).transpose(1, 2)
                 term = F.scaled_dot_product_attention(query, k, v) * unit.weight
+                if unit.region is not None:  # effective_region_mask, at this layer's token grid
+                    term = term * self._region(unit, term.shape[2], term.device, term.dtype)
                 total_term = term if total_term is None else total_term + term
             total_term = total_term.transpose(1, 2).reshape(batch, -1, heads * head_dim)
             # to_out is linear: W(a + s b) + c = (W a + c) + W s b, so the term joins after it without a 2nd bias

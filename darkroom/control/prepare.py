@@ -243,12 +243,13 @@ def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile]
             prepared.restores.append(restore)
             noise_latent = noise if noise is not None else noise_latent
         context_tokens = _instantid_context(file, loaded, runs, index)
+        region, advanced = _region(unit, loaded, index, decode), _advanced(unit, loaded, index)
         runs.append(ControlUnitRun(
             loaded, to_hint(control), weight=unit.weight, start=unit.guidance_start, end=unit.guidance_end,
             mode=unit.control_mode, guess_mode=unit.guess_mode, module=module, hr_option=unit.hr_option,
             hr_hint=None if hr_control is None else to_hint(hr_control), union_type=union_type, **colour,
             fidelity=threshold_a if unit.model_free else 0.5, ip_tokens=ip_tokens, vision=vision,
-            context_tokens=context_tokens))
+            context_tokens=context_tokens, region=region, advanced=advanced))
         line = format_unit({
             "module": module, "model": "None" if file is None else file.title, "weight": unit.weight,
             "resize_mode": unit.resize_mode,
@@ -262,6 +263,45 @@ def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile]
     ignore = any(r.module == "revision_ignore_prompt" for r in revision) or (bool(revision) and empty_prompts)
     prepared.control = Control(runs, noise_latent=noise_latent, ignore_prompt=ignore) if runs else None
     return prepared
+
+
+def _steers_residuals(loaded) -> bool:
+    """A ControlNet (any kind that adds residuals) or a T2I-Adapter: what advanced_weighting reaches."""
+    from darkroom.control.adapter import LoadedAdapter
+
+    return loaded is not None and (isinstance(loaded, LoadedAdapter) or not any(
+        getattr(loaded, flag, False) for flag in ("is_ipadapter", "is_lllite", "is_style")))
+
+
+def _region(unit: ControlUnit, loaded, index: int, decode: Decode) -> torch.Tensor | None:
+    """The unit's effective_region_mask as [1, 1, H, W] in [0, 1] (its first channel), or None; only the units the
+    extension restricts take one (ControlNets, T2I-Adapters, IP-Adapters)."""
+    if unit.effective_region_mask is None:
+        return None
+    if not (_steers_residuals(loaded) or getattr(loaded, "is_ipadapter", False)):
+        what = loaded.noun if loaded is not None else f"the model-free {unit.module}"
+        raise InvalidRequest(f"ControlNet unit {index}: effective_region_mask works with ControlNets, T2I-Adapters"
+                             f" and IP-Adapters, not {what}; leave it out")
+    picture = decode(unit.effective_region_mask, f"ControlNet unit {index} effective_region_mask", "RGB")
+    first = np.asarray(picture, dtype=np.float32)[:, :, 0] / 255.0
+    return torch.from_numpy(np.ascontiguousarray(first))[None, None]
+
+
+def _advanced(unit: ControlUnit, loaded, index: int) -> list[float] | None:
+    """The unit's advanced_weighting for a ControlNet (one factor per residual) or a T2I-Adapter (per feature);
+    other units ignore it, as the extension does. Too few factors is an InvalidRequest naming the count."""
+    if unit.advanced_weighting is None or not _steers_residuals(loaded):
+        return None
+    from darkroom.control.adapter import SOFT_SCALES, LoadedAdapter
+
+    if isinstance(loaded, LoadedAdapter):
+        wanted = len(SOFT_SCALES)
+    else:
+        wanted = len(getattr(loaded.model, "controlnet_down_blocks", ())) + 1
+    if len(unit.advanced_weighting) < wanted:
+        raise InvalidRequest(f"ControlNet unit {index}: advanced_weighting has {len(unit.advanced_weighting)}"
+                             f" factors; {loaded.name} takes {wanted} (one per layer it adds to)")
+    return [float(w) for w in unit.advanced_weighting]
 
 
 def _instantid_context(file, loaded, runs: list[ControlUnitRun], index: int):

@@ -37,7 +37,6 @@ HARMLESS: dict[str, Any] = {
     "batch_images": lambda v: not v, "batch_image_dir": lambda v: not v, "batch_mask_dir": lambda v: not v,
     "batch_input_gallery": lambda v: not v, "batch_mask_gallery": lambda v: not v,
     "animatediff_batch": lambda v: not v, "batch_modifiers": lambda v: not v, "batch_keyframe_idx": lambda v: not v,
-    "advanced_weighting": lambda v: v is None, "effective_region_mask": lambda v: not v,
     "ipadapter_input": lambda v: v is None,
     "inpaint_crop_input_image": lambda v: True, "pulid_mode": lambda v: True, "hr_option_enabled": lambda v: True,
 }
@@ -198,9 +197,11 @@ def a1111_unit(raw: Any, where: str) -> ControlUnit:
     for name, value in (("model", fields.get("model")), ("module", fields.get("module"))):
         if value is None and name in fields:
             fields[name] = "None" if name == "model" else "none"
+    region = fields.pop("effective_region_mask", None)
     unit = build_unit(fields, where, spelled)
     return unit.model_copy(update={"image": _image(image, f"{where}.{image_key}"),
-                                   "mask": _image(mask, f"{where}.{spelled.get('mask', 'mask')}")})
+                                   "mask": _image(mask, f"{where}.{spelled.get('mask', 'mask')}"),
+                                   "effective_region_mask": _image(region, f"{where}.effective_region_mask")})
 
 
 class NativeUnit(BaseModel):
@@ -226,13 +227,17 @@ class NativeUnit(BaseModel):
     low_vram: bool = False
     hr_option: str | int = "Both"
     union_control_type: str | int = "Unknown"  # for ControlNet Union models (darkroom.control.union)
+    advanced_weighting: list[float] | None = None
+    effective_region_mask: str | None = None
     prepared: bool = False  # the image is the module's map already (the web UI's map restored from a PNG)
 
     def to_unit(self, where: str) -> ControlUnit:
-        fields = self.model_dump(exclude={"image", "mask"})
+        fields = self.model_dump(exclude={"image", "mask", "effective_region_mask"})
         unit = build_unit(fields, where)
         return unit.model_copy(update={"image": _image(self.image, f"{where}.image"),
-                                       "mask": _image(self.mask, f"{where}.mask")})
+                                       "mask": _image(self.mask, f"{where}.mask"),
+                                       "effective_region_mask": _image(self.effective_region_mask,
+                                                                       f"{where}.effective_region_mask")})
 
 
 def native_units(units: list[NativeUnit], studio: Studio, *, img2img: bool) -> list[ControlUnit]:

@@ -1,0 +1,108 @@
+"""The extension's per-unit `effective_region_mask` (where a ControlNet, T2I-Adapter or IP-Adapter acts) and
+`advanced_weighting` (per-layer factors in place of weight and control mode), in the engine and through the
+A1111 route."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+import torch
+from PIL import Image
+
+from darkroom.control_unit import ControlUnit
+from darkroom.errors import InvalidRequest
+from darkroom.home import Home
+from darkroom.testing.tiny_adapter import write_tiny_adapter
+from darkroom.testing.tiny_controlnet import write_tiny_controlnet
+from darkroom.testing.tiny_ipadapter import write_tiny_clip_vision, write_tiny_ipadapter
+from tests.control_util import generate_with_units, noise_image, png_bytes
+
+KW = dict(prompt="a red circle", negative_prompt="ugly", steps=3, cfg_scale=6.0, seed=1234, width=64, height=64,
+          sampler="Euler a")
+HINT = png_bytes(noise_image())
+
+
+def _mask(fill: str = "half") -> bytes:
+    """White where the unit acts: everywhere, nowhere, or the left half."""
+    image = Image.new("RGB", (64, 64), "white" if fill == "all" else "black")
+    if fill == "half":
+        image.paste((255, 255, 255), (0, 0, 32, 64))
+    return png_bytes(image)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_model, engine_factory):
+    root = tmp_path_factory.mktemp("region")
+    home = Home(root / "home").ensure()
+    engine = engine_factory(home)
+    sd1 = tiny_model("sd1")["path"]
+    write_tiny_controlnet(home.controlnets, "cn-sd1", "sd1", "single")
+    write_tiny_adapter(home.controlnets, "ad-sd1", "full")
+    write_tiny_ipadapter(home.controlnets, "ipa-plain", engine.cache.get(sd1).unet, "sd1", variant="plain",
+                         clip_width=48, seed=1)
+    write_tiny_clip_vision(home.root / "models" / "clip_vision" / "clip_h.pth", seed=3)
+    return {"home": home, "engine": engine, "sd1": sd1}
+
+
+def _run(setup, units=()):
+    return generate_with_units(setup["engine"], setup["sd1"], units, **KW)[0]
+
+
+UNITS = {"controlnet": dict(model="cn-sd1", module="none", resize_mode="Just Resize"),
+         "adapter": dict(model="ad-sd1", module="none", resize_mode="Just Resize"),
+         "ip-adapter": dict(model="ipa-plain", module="ip-adapter_clip_h")}
+
+
+@pytest.mark.parametrize("kind", list(UNITS))
+def test_the_region_restricts_the_unit(setup, kind):
+    """A black region is no unit at all, a white one the unit unrestricted, half of one something between."""
+    plain = _run(setup)
+    free = _run(setup, [ControlUnit(image=HINT, **UNITS[kind])])
+    nowhere = _run(setup, [ControlUnit(image=HINT, effective_region_mask=_mask("none"), **UNITS[kind])])
+    everywhere = _run(setup, [ControlUnit(image=HINT, effective_region_mask=_mask("all"), **UNITS[kind])])
+    half = _run(setup, [ControlUnit(image=HINT, effective_region_mask=_mask("half"), **UNITS[kind])])
+    assert (free - plain).abs().max() > 1e-3
+    torch.testing.assert_close(nowhere, plain, atol=1e-6, rtol=0)
+    torch.testing.assert_close(everywhere, free, atol=1e-6, rtol=0)
+    assert (half - plain).abs().max() > 1e-4 and (half - free).abs().max() > 1e-4
+
+
+def test_advanced_weighting_replaces_weight_and_mode(setup):
+    same = _run(setup, [ControlUnit(image=HINT, weight=0.7, **UNITS["controlnet"])])
+    factors = _run(setup, [ControlUnit(image=HINT, advanced_weighting=[0.7] * 13,
+                                       control_mode="My prompt is more important", **UNITS["controlnet"])])
+    torch.testing.assert_close(factors, same, atol=1e-6, rtol=0)
+    zeros = _run(setup, [ControlUnit(image=HINT, advanced_weighting=[0.0] * 13, **UNITS["controlnet"])])
+    torch.testing.assert_close(zeros, _run(setup), atol=1e-6, rtol=0)
+    adapter = _run(setup, [ControlUnit(image=HINT, advanced_weighting=[0.5] * 4, **UNITS["adapter"])])
+    torch.testing.assert_close(adapter, _run(setup, [ControlUnit(image=HINT, weight=0.5, **UNITS["adapter"])]),
+                               atol=1e-6, rtol=0)
+    with pytest.raises(InvalidRequest, match=r"advanced_weighting has 2 factors; cn-sd1 takes 5 \(one per layer"):
+        _run(setup, [ControlUnit(image=HINT, advanced_weighting=[1.0] * 2, **UNITS["controlnet"])])  # a tiny one
+    with pytest.raises(ValueError, match="from -10 to 10"):
+        ControlUnit(image=HINT, advanced_weighting=[float("nan")], **UNITS["controlnet"])
+
+
+def test_units_that_take_no_region_say_so(setup):
+    with pytest.raises(InvalidRequest, match="effective_region_mask works with ControlNets, T2I-Adapters and"
+                                             " IP-Adapters, not the model-free reference_only"):
+        _run(setup, [ControlUnit(model="None", module="reference_only", image=HINT, effective_region_mask=_mask())])
+
+
+def test_a1111_unit_fields_over_http(api, studio):
+    """The extension's API fields reach the unit; a bad one is a 422 naming it."""
+    write_tiny_controlnet(studio.home.controlnets, "cn-sd1", "sd1", "single")
+    b64 = (lambda data: base64.b64encode(data).decode())
+    unit = {"model": "cn-sd1", "module": "none", "image": b64(HINT), "resize_mode": "Just Resize",
+            "effective_region_mask": b64(_mask()), "advanced_weighting": [0.8] * 13}
+    body = {"prompt": "a red circle", "steps": 2, "width": 64, "height": 64, "seed": 3,
+            "alwayson_scripts": {"controlnet": {"args": [unit]}}}
+    response = api.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 200, response.text
+    unit["advanced_weighting"] = [0.8] * 3  # the tiny ControlNet adds to 5 layers
+    response = api.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 422 and "advanced_weighting has 3 factors" in response.text
+    unit["advanced_weighting"], unit["effective_region_mask"] = None, "not base64 at all"
+    response = api.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 422 and "effective_region_mask" in response.text
