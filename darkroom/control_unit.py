@@ -90,6 +90,10 @@ class ControlUnit(BaseModel):
     union_control_type: str = Field(UNION_UNKNOWN, description="For a ControlNet Union model, the kind of control"
                                     " image: " + ", ".join(UNION_CONTROL_TYPES) + "; Unknown: picked from the"
                                     " preprocessor. Other models ignore it.")
+    merge_images: list[bytes] | None = Field(
+        None, repr=False, max_length=16, description="More pictures for the unit (the extension's input_mode"
+        " \"merge\"): an IP-Adapter unit averages the tokens of `image` and these; any other unit runs once per"
+        " picture, each at weight / their count.")
     advanced_weighting: list[float] | None = Field(
         None, max_length=32, description="The extension's per-layer weights: ControlNets and T2I-Adapters take one"
         " factor per residual (13 for SD1/SD2 ControlNets, 10 for SDXL, 4 for adapters) in place of `weight` and the"
@@ -161,8 +165,9 @@ class ControlUnit(BaseModel):
         return v
 
     def describe(self) -> dict[str, Any]:
-        data = self.model_dump(exclude={"image", "mask", "effective_region_mask"})
+        data = self.model_dump(exclude={"image", "mask", "effective_region_mask", "merge_images"})
         for key in ("image", "mask", "effective_region_mask"):
             value = getattr(self, key)
             data[key] = None if value is None else f"<{len(value)} bytes>"
+        data["merge_images"] = None if self.merge_images is None else [f"<{len(b)} bytes>" for b in self.merge_images]
         return data

@@ -198,6 +198,7 @@ def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile]
     tile_colorfix units need it for their colour fix; without it they give their map only. `empty_prompts`: the
     prompt and negative prompt are both empty (ReVision units then zero the text context, as the extension)."""
     prepared = PreparedControl(None)
+    units = unfold_merged(units)
     runs: list[ControlUnitRun] = []
     noise_latent = None  # an inpaint_only+lama unit's fill, encoded (the last such unit's, as the extension)
     for index, unit in enumerate(units):
@@ -216,7 +217,10 @@ def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile]
         if loaded is not None:
             union_type = union_index(loaded, unit.union_control_type, module, f"ControlNet unit {index}", file.name)
         image, mask = unit_image(unit, index, decode, init_image, init_mask, crop)
-        ip_tokens = _ip_tokens(loaded, module, image, file, index, annotator_dirs, dtype=dtype, device=device)
+        merged = [decode(data, f"ControlNet unit {index} merge_images[{i}]", "RGBA")
+                  for i, data in enumerate(unit.merge_images or [])]
+        ip_tokens = _ip_tokens(loaded, module, image, file, index, annotator_dirs, dtype=dtype, device=device,
+                               merged=merged)
         if unit.prepared:  # the map already: not preprocessed again, its settings written as they came
             resolution = unit.processor_res if unit.processor_res > 0 else 512
             detected = prepared_map(module, image, mask)
@@ -263,6 +267,31 @@ def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile]
     ignore = any(r.module == "revision_ignore_prompt" for r in revision) or (bool(revision) and empty_prompts)
     prepared.control = Control(runs, noise_latent=noise_latent, ignore_prompt=ignore) if runs else None
     return prepared
+
+
+def _takes_many(module: str) -> bool:
+    """An IP-Adapter preprocessor: a merged unit averages its pictures' tokens instead of being unfolded."""
+    from darkroom.control import ipadapter
+
+    try:
+        key = _preprocess().canonical_module(module)
+    except InvalidRequest:
+        return False
+    return key in ipadapter.MODULES or key in ("ip-adapter_face_id", "ip-adapter_face_id_plus")
+
+
+def unfold_merged(units: Sequence[ControlUnit]) -> list[ControlUnit]:
+    """The extension's merge input: a unit with `merge_images` becomes one unit per picture, each at weight /
+    their count, unless it is an IP-Adapter unit (which averages its pictures' tokens, _ip_tokens)."""
+    out = []
+    for unit in units:
+        if not unit.merge_images or _takes_many(unit.module):
+            out.append(unit)
+            continue
+        pictures = [unit.image, *unit.merge_images]
+        weight = unit.weight / len(pictures)
+        out += [unit.model_copy(update={"image": p, "merge_images": None, "weight": weight}) for p in pictures]
+    return out
 
 
 def _steers_residuals(loaded) -> bool:
@@ -366,9 +395,10 @@ def _vision(loaded, module: str, image: Image.Image, file, index: int, annotator
 
 
 def _ip_tokens(loaded, module: str, image: Image.Image, file, index: int, annotator_dirs: Sequence[Path], *,
-               dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+               dtype: torch.dtype, device, merged: Sequence[Image.Image] = ()):
     """An IP-Adapter unit's (prompt, negative) image tokens: its picture through the CLIP vision tower its
-    preprocessor names (darkroom.control.ipadapter), the tower freed afterwards; None for other units."""
+    preprocessor names (darkroom.control.ipadapter), the tower freed afterwards; None for other units. With
+    `merged` pictures (the extension's merge input) the tokens of all of them are averaged."""
     from darkroom.control import ipadapter
 
     is_adapter = getattr(loaded, "is_ipadapter", False)
@@ -384,24 +414,32 @@ def _ip_tokens(loaded, module: str, image: Image.Image, file, index: int, annota
     from darkroom.control.annotators.imageops import hwc3
 
     encoder = ipadapter.encoder_for(module, loaded, file.name)
-    picture = hwc3(image)
-    face = None
-    if loaded.variant == "instantid":  # the raw embedding, from antelopev2 (annotators.instantid)
+    pictures = [hwc3(picture) for picture in (image, *merged)]
+    faces = [_face_embedding(loaded, picture, annotator_dirs) for picture in pictures]
+    clip = None if encoder is None else _clip_tower(encoder, file.name, annotator_dirs, dtype=dtype, device=device)
+    try:
+        each = [ipadapter.tokens(loaded, clip, None if clip is None else ipadapter.clip_pixels(picture), face)
+                for picture, face in zip(pictures, faces, strict=True)]
+    finally:
+        del clip
+    if len(each) == 1:
+        return each[0]
+    return torch.stack([c for c, _ in each]).mean(0), torch.stack([u for _, u in each]).mean(0)
+
+
+def _face_embedding(loaded, picture: np.ndarray, annotator_dirs: Sequence[Path]) -> torch.Tensor | None:
+    """What a FaceID or InstantID adapter takes from the picture ([1, 512]), None for other adapters: InstantID
+    the raw embedding from antelopev2 (annotators.instantid), FaceID the normed one from buffalo_l."""
+    if loaded.variant == "instantid":
         from darkroom.control.annotators import instantid
 
-        face = torch.from_numpy(np.asarray(instantid.face_embedding(picture, annotator_dirs), np.float32))[None]
-    elif loaded.face:  # FaceID: the normed embedding of the largest face (annotators.insightface)
+        return torch.from_numpy(np.asarray(instantid.face_embedding(picture, annotator_dirs), np.float32))[None]
+    if loaded.face:
         from darkroom.control.annotators import insightface
 
         found = insightface.largest_face(insightface.faces(picture, annotator_dirs))
-        face = torch.from_numpy(np.asarray(found.normed_embedding, np.float32))[None]
-    if encoder is None:
-        return ipadapter.tokens(loaded, None, None, face)
-    clip = _clip_tower(encoder, file.name, annotator_dirs, dtype=dtype, device=device)
-    try:
-        return ipadapter.tokens(loaded, clip, ipadapter.clip_pixels(picture), face)
-    finally:
-        del clip
+        return torch.from_numpy(np.asarray(found.normed_embedding, np.float32))[None]
+    return None
 
 
 def _picture_of(pre, image: Image.Image, detected: np.ndarray, prepared: bool) -> np.ndarray:

@@ -33,7 +33,7 @@ OLD_KEYS = {"input_image": "image", "guessmode": "guess_mode", "lowvram": "low_v
 # that asks for nothing more (else refused, naming the key); other unknown keys are refused
 HARMLESS: dict[str, Any] = {
     "is_ui": lambda v: True, "save_detected_map": lambda v: True, "use_preview_as_input": lambda v: not v,
-    "generated_image": lambda v: not v, "input_mode": lambda v: v in (None, "", "simple", "SIMPLE"),
+    "generated_image": lambda v: not v,
     "batch_images": lambda v: not v, "batch_image_dir": lambda v: not v, "batch_mask_dir": lambda v: not v,
     "batch_input_gallery": lambda v: not v, "batch_mask_gallery": lambda v: not v,
     "animatediff_batch": lambda v: not v, "batch_modifiers": lambda v: not v, "batch_keyframe_idx": lambda v: not v,
@@ -172,8 +172,12 @@ def a1111_unit(raw: Any, where: str) -> ControlUnit:
         raise InvalidRequest(f"{where}: expected a ControlNet unit (a JSON object with image, module, model, ...)")
     fields: dict[str, Any] = {}
     spelled: dict[str, str] = {}
+    mode = "simple"
     for key, value in raw.items():
         name = OLD_KEYS.get(key, key)
+        if name == "input_mode":  # the extension's simple (one picture) or merge (several)
+            mode = str(value or "simple").lower()
+            continue
         if name in HARMLESS:
             if not HARMLESS[name](value):
                 shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
@@ -189,6 +193,13 @@ def a1111_unit(raw: Any, where: str) -> ControlUnit:
     image = fields.pop("image", None)
     mask = fields.pop("mask", None)
     image_key = spelled.get("image", "image")
+    if mode not in ("simple", "merge"):
+        raise InvalidRequest(f"{where}.input_mode {mode!r} is not supported yet (simple and merge are)")
+    merged: list = []
+    if isinstance(image, (list, tuple)) and image and all(isinstance(i, dict) for i in image):
+        if len(image) > 1 and mode != "merge":
+            raise InvalidRequest(f"{where}.{image_key}: several pictures need input_mode \"merge\"")
+        image, merged = image[0], list(image[1:])  # [{"image", "mask"}, ...]: the extension's merge input
     if isinstance(image, dict):  # older clients: {"image": b64, "mask": b64}
         mask = image.get("mask") if mask in (None, "") else mask
         image = image.get("image")
@@ -199,9 +210,15 @@ def a1111_unit(raw: Any, where: str) -> ControlUnit:
             fields[name] = "None" if name == "model" else "none"
     region = fields.pop("effective_region_mask", None)
     unit = build_unit(fields, where, spelled)
+    more = []
+    for i, entry in enumerate(merged, start=1):
+        if entry.get("mask") not in (None, ""):
+            raise InvalidRequest(f"{where}.{image_key}[{i}].mask: merged pictures take no mask yet")
+        more.append(_image(entry.get("image"), f"{where}.{image_key}[{i}].image"))
     return unit.model_copy(update={"image": _image(image, f"{where}.{image_key}"),
                                    "mask": _image(mask, f"{where}.{spelled.get('mask', 'mask')}"),
-                                   "effective_region_mask": _image(region, f"{where}.effective_region_mask")})
+                                   "effective_region_mask": _image(region, f"{where}.effective_region_mask"),
+                                   "merge_images": more or None})
 
 
 class NativeUnit(BaseModel):
@@ -229,15 +246,18 @@ class NativeUnit(BaseModel):
     union_control_type: str | int = "Unknown"  # for ControlNet Union models (darkroom.control.union)
     advanced_weighting: list[float] | None = None
     effective_region_mask: str | None = None
+    merge_images: list[str] | None = None
     prepared: bool = False  # the image is the module's map already (the web UI's map restored from a PNG)
 
     def to_unit(self, where: str) -> ControlUnit:
-        fields = self.model_dump(exclude={"image", "mask", "effective_region_mask"})
+        fields = self.model_dump(exclude={"image", "mask", "effective_region_mask", "merge_images"})
         unit = build_unit(fields, where)
+        more = [_image(b64, f"{where}.merge_images[{i}]") for i, b64 in enumerate(self.merge_images or [])]
         return unit.model_copy(update={"image": _image(self.image, f"{where}.image"),
                                        "mask": _image(self.mask, f"{where}.mask"),
                                        "effective_region_mask": _image(self.effective_region_mask,
-                                                                       f"{where}.effective_region_mask")})
+                                                                       f"{where}.effective_region_mask"),
+                                       "merge_images": more or None})
 
 
 def native_units(units: list[NativeUnit], studio: Studio, *, img2img: bool) -> list[ControlUnit]:

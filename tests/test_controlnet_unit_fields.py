@@ -1,10 +1,11 @@
-"""The extension's per-unit `effective_region_mask` (where a ControlNet, T2I-Adapter or IP-Adapter acts) and
-`advanced_weighting` (per-layer factors in place of weight and control mode), in the engine and through the
-A1111 route."""
+"""The extension's per-unit `effective_region_mask` (where a ControlNet, T2I-Adapter or IP-Adapter acts),
+`advanced_weighting` (per-layer factors in place of weight and control mode) and merge input (several pictures
+in one unit), in the engine and through the A1111 route."""
 
 from __future__ import annotations
 
 import base64
+import json
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from tests.control_util import generate_with_units, noise_image, png_bytes
 KW = dict(prompt="a red circle", negative_prompt="ugly", steps=3, cfg_scale=6.0, seed=1234, width=64, height=64,
           sampler="Euler a")
 HINT = png_bytes(noise_image())
+OTHER = png_bytes(noise_image(seed=5))
 
 
 def _mask(fill: str = "half") -> bytes:
@@ -106,3 +108,37 @@ def test_a1111_unit_fields_over_http(api, studio):
     unit["advanced_weighting"], unit["effective_region_mask"] = None, "not base64 at all"
     response = api.post("/sdapi/v1/txt2img", json=body)
     assert response.status_code == 422 and "effective_region_mask" in response.text
+
+
+def test_merged_pictures(setup):
+    """An IP-Adapter unit averages its pictures' tokens (the same picture twice is the picture once); any other
+    unit runs once per picture at weight / count, as the extension unfolds it."""
+    ip = UNITS["ip-adapter"]
+    once = _run(setup, [ControlUnit(image=HINT, **ip)])
+    twice = _run(setup, [ControlUnit(image=HINT, merge_images=[HINT], **ip)])
+    mixed = _run(setup, [ControlUnit(image=HINT, merge_images=[OTHER], **ip)])
+    torch.testing.assert_close(twice, once, atol=1e-6, rtol=0)
+    assert (mixed - once).abs().max() > 1e-4
+    cn = UNITS["controlnet"]
+    merged = _run(setup, [ControlUnit(image=HINT, merge_images=[OTHER], weight=0.8, **cn)])
+    unfolded = _run(setup, [ControlUnit(image=HINT, weight=0.4, **cn), ControlUnit(image=OTHER, weight=0.4, **cn)])
+    torch.testing.assert_close(merged, unfolded, atol=1e-6, rtol=0)
+
+
+def test_merge_input_over_http(api, studio):
+    write_tiny_controlnet(studio.home.controlnets, "cn-sd1", "sd1", "single")
+    b64 = (lambda data: base64.b64encode(data).decode())
+    unit = {"model": "cn-sd1", "module": "none", "input_mode": "merge", "resize_mode": "Just Resize",
+            "image": [{"image": b64(HINT)}, {"image": b64(OTHER), "mask": None}]}
+    body = {"prompt": "a red circle", "steps": 2, "width": 64, "height": 64, "seed": 3,
+            "alwayson_scripts": {"controlnet": {"args": [unit]}}}
+    response = api.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 200, response.text
+    infotext = json.loads(response.json()["info"])["infotexts"][0]
+    assert infotext.count("Model: cn-sd1") == 2  # unfolded: one infotext entry per picture
+    unit["input_mode"] = "simple"
+    response = api.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 422 and 'several pictures need input_mode \\"merge\\"' in response.text
+    unit["input_mode"] = "batch"
+    response = api.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 422 and "input_mode 'batch' is not supported yet" in response.text
