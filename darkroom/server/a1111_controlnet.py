@@ -44,8 +44,9 @@ CONTROL_TYPES: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("InstructP2P", ("ip2p",), "none"),
     ("Reference", ("reference",), "reference_only"),
     ("IP-Adapter", ("ip-adapter", "ip_adapter"), "ip-adapter_clip_sd15"),  # darkroom.control.ipadapter
-    ("T2I-Adapter", ("t2i",), "none"),  # t2iadapter_* models, t2ia_* preprocessors (darkroom.control.adapter)
+    ("T2I-Adapter", ("t2i", "clip_vision"), "none"),  # t2iadapter_* models, t2ia_* preprocessors (darkroom.control.adapter)
     ("Revision", ("revision",), "revision_clipvision"),  # model-free (darkroom.control.vision_prompt)
+    ("Instant-ID", ("instant_id",), "instant_id_face_embedding"),  # its IP-Adapter, then its ControlNet
 )
 
 

@@ -65,7 +65,7 @@ def session(path: Path, what: str) -> Graph:
     try:
         import onnxruntime as ort
     except ImportError:
-        raise ModelLoadError("DW Pose needs onnxruntime, which this install lacks (run scripts/setup)") from None
+        raise ModelLoadError(f"the {what} needs onnxruntime, which this install lacks (run scripts/setup)") from None
     try:
         with open_regular(path, what=f"the {what} file") as fh:
             data = fh.read()
