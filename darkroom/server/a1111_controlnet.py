@@ -44,7 +44,8 @@ CONTROL_TYPES: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("InstructP2P", ("ip2p",), "none"),
     ("Reference", ("reference",), "reference_only"),
     ("IP-Adapter", ("ip-adapter", "ip_adapter"), "ip-adapter_clip_sd15"),  # darkroom.control.ipadapter
-    ("T2I-Adapter", ("t2i", "clip_vision"), "none"),  # t2iadapter_* models, t2ia_* preprocessors (darkroom.control.adapter)
+    # t2iadapter_* models, t2ia_* preprocessors (darkroom.control.adapter; the style one: control.vision_prompt)
+    ("T2I-Adapter", ("t2i", "clip_vision"), "none"),
     ("Revision", ("revision",), "revision_clipvision"),  # model-free (darkroom.control.vision_prompt)
     ("Instant-ID", ("instant_id",), "instant_id_face_embedding"),  # its IP-Adapter, then its ControlNet
 )
