@@ -207,3 +207,19 @@ def test_the_authors_nested_pickle_loads(setup, tmp_path):
     loaded = load_controlnet(path, dtype=torch.float32)
     assert loaded.is_ipadapter and loaded.family == "sd1" and loaded.variant == "plain"
     assert len(loaded.model.to_k_ip) == len(ipadapter.cross_attentions(setup["unet"]))
+
+
+def test_the_units_mask_masks_what_clip_sees(setup):
+    """The extension's CLIP mask: white in the unit's mask zeroes those pixels of the normalised tower input;
+    an all-black mask changes nothing."""
+    picture = np.asarray(_reference())
+    half = np.zeros((224, 224), np.uint8)
+    half[:, :112] = 255
+    pixels = ipadapter.clip_pixels(picture, half)
+    assert torch.count_nonzero(pixels[..., :112]) == 0
+    torch.testing.assert_close(pixels[..., 112:], ipadapter.clip_pixels(picture)[..., 112:])
+    plain, _ = _run(setup, [_unit()])
+    black, _ = _run(setup, [_unit(mask=png_bytes(Image.new("L", (224, 224), 0)))])
+    white, _ = _run(setup, [_unit(mask=png_bytes(Image.new("L", (224, 224), 255)))])
+    assert torch.equal(black, plain)
+    assert (white - plain).abs().max() > 1e-4

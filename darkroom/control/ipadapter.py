@@ -222,13 +222,18 @@ def load_clip(path: Path, *, dtype: torch.dtype, device):
     return model.to(device=device, dtype=dtype).eval()
 
 
-def clip_pixels(picture: np.ndarray) -> torch.Tensor:
+def clip_pixels(picture: np.ndarray, mask: np.ndarray | None = None) -> torch.Tensor:
     """The tower's input: the uint8 RGB picture squashed to 224 x 224 (area resize, as the extension), in
-    [0, 1], normalised with CLIP's mean and deviation: [1, 3, 224, 224]."""
+    [0, 1], normalised with CLIP's mean and deviation: [1, 3, 224, 224]. `mask` (uint8 HxW, the unit's own mask,
+    white = masked) is the extension's CLIP mask: squashed the same way, the normalised input is multiplied by
+    (255 - mask) / 255, so the masked part of the picture does not count."""
     from darkroom.control.annotators.imageops import AREA, resize
 
     x = resize(picture, CLIP_SIZE, CLIP_SIZE, AREA).astype(np.float32) / 255.0
     x = (x - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
+    if mask is not None:
+        keep = (255 - resize(np.asarray(mask, np.uint8), CLIP_SIZE, CLIP_SIZE, AREA)).astype(np.float32) / 255.0
+        x = x * keep[:, :, None]
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
 
 

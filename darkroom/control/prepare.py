@@ -219,8 +219,10 @@ def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile]
         image, mask = unit_image(unit, index, decode, init_image, init_mask, crop)
         merged = [decode(data, f"ControlNet unit {index} merge_images[{i}]", "RGBA")
                   for i, data in enumerate(unit.merge_images or [])]
+        # the unit's own mask masks the picture CLIP sees (the extension's CLIP mask; FaceID's face is not masked)
+        clip_mask = None if unit.image is None or mask is None else np.asarray(mask.convert("L"), np.uint8)
         ip_tokens = _ip_tokens(loaded, module, image, file, index, annotator_dirs, dtype=dtype, device=device,
-                               merged=merged)
+                               merged=merged, clip_mask=clip_mask)
         if unit.prepared:  # the map already: not preprocessed again, its settings written as they came
             resolution = unit.processor_res if unit.processor_res > 0 else 512
             detected = prepared_map(module, image, mask)
@@ -231,7 +233,7 @@ def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile]
                                   seed=seed)
         threshold_a, threshold_b = pre.thresholds(module, unit.threshold_a, unit.threshold_b)
         vision = _vision(loaded, module, image, file, index, annotator_dirs, model_family=model_family,
-                         noise=threshold_a, seed=seed, dtype=dtype, device=device)
+                         noise=threshold_a, seed=seed, dtype=dtype, device=device, clip_mask=clip_mask)
         control = quantize_map(fit_map(detected, width, height, unit.resize_mode))
         hr_control = None
         if hires_size is not None:
@@ -364,7 +366,8 @@ def _clip_tower(encoder: str, needed_by: str, annotator_dirs: Sequence[Path], *,
 
 
 def _vision(loaded, module: str, image: Image.Image, file, index: int, annotator_dirs: Sequence[Path], *,
-            model_family: str, noise: float, seed: int, dtype: torch.dtype, device) -> torch.Tensor | None:
+            model_family: str, noise: float, seed: int, dtype: torch.dtype, device,
+            clip_mask: np.ndarray | None = None) -> torch.Tensor | None:
     """A T2I-Adapter style unit's tokens or a ReVision unit's embedding (darkroom.control.vision_prompt), the CLIP
     tower freed afterwards; None for other units."""
     from darkroom.control import ipadapter, vision_prompt
@@ -386,7 +389,7 @@ def _vision(loaded, module: str, image: Image.Image, file, index: int, annotator
     needed_by = file.name if file is not None else module
     clip = _clip_tower(vision_prompt.TOWERS[module], needed_by, annotator_dirs, dtype=dtype, device=device)
     try:
-        pixels = ipadapter.clip_pixels(hwc3(image))
+        pixels = ipadapter.clip_pixels(hwc3(image), clip_mask)
         if is_style:
             return vision_prompt.style_tokens(loaded, clip, pixels)
         return vision_prompt.revision_embedding(clip, pixels, noise, seed)
@@ -395,7 +398,7 @@ def _vision(loaded, module: str, image: Image.Image, file, index: int, annotator
 
 
 def _ip_tokens(loaded, module: str, image: Image.Image, file, index: int, annotator_dirs: Sequence[Path], *,
-               dtype: torch.dtype, device, merged: Sequence[Image.Image] = ()):
+               dtype: torch.dtype, device, merged: Sequence[Image.Image] = (), clip_mask: np.ndarray | None = None):
     """An IP-Adapter unit's (prompt, negative) image tokens: its picture through the CLIP vision tower its
     preprocessor names (darkroom.control.ipadapter), the tower freed afterwards; None for other units. With
     `merged` pictures (the extension's merge input) the tokens of all of them are averaged."""
@@ -418,8 +421,10 @@ def _ip_tokens(loaded, module: str, image: Image.Image, file, index: int, annota
     faces = [_face_embedding(loaded, picture, annotator_dirs) for picture in pictures]
     clip = None if encoder is None else _clip_tower(encoder, file.name, annotator_dirs, dtype=dtype, device=device)
     try:
-        each = [ipadapter.tokens(loaded, clip, None if clip is None else ipadapter.clip_pixels(picture), face)
-                for picture, face in zip(pictures, faces, strict=True)]
+        masks = [clip_mask] + [None] * (len(pictures) - 1)  # merged pictures take no mask
+        each = [ipadapter.tokens(loaded, clip, None if clip is None else ipadapter.clip_pixels(
+                    picture, None if loaded.face else m), face)
+                for picture, face, m in zip(pictures, faces, masks, strict=True)]
     finally:
         del clip
     if len(each) == 1:
