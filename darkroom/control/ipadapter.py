@@ -245,29 +245,34 @@ def tokens(adapter: LoadedIPAdapter, clip, pixels: torch.Tensor | None,
     CLIP hidden states, as plus adapters do (`clip`, `pixels`: None for plain FaceID)."""
     if adapter.face:
         return _face_tokens(adapter, clip, pixels, face)
-    dtype = next(clip.parameters()).dtype
-    pixels = pixels.to(device=next(clip.parameters()).device, dtype=dtype)
     with torch.no_grad():
         if adapter.hidden_states:
-            both = clip(torch.cat([pixels, torch.zeros_like(pixels)]), output_hidden_states=True).hidden_states[-2]
+            both = _clip_hidden(adapter, clip, pixels)
         else:
-            embeds = clip(pixels).image_embeds
+            tower = next(clip.parameters())
+            embeds = clip(pixels.to(device=tower.device, dtype=tower.dtype)).image_embeds
             both = torch.cat([embeds, torch.zeros_like(embeds)])
-        width = both.shape[-1]
-        if width != adapter.clip_width:
-            raise InvalidRequest(f"{adapter.name} takes a {adapter.clip_width}-wide CLIP output; this CLIP vision"
-                                 f" model gives {width}: pick the {adapter_module(adapter)} preprocessor")
+            _check_width(adapter, both.shape[-1])
         projected = adapter.model.image_proj(both.to(adapter.dtype).to(next(adapter.model.parameters()).device))
     if projected.ndim == 2:
         projected = projected[:, None]
     return projected[:1], projected[1:]
 
 
-def _clip_hidden(clip, pixels: torch.Tensor) -> torch.Tensor:
-    """The penultimate hidden states of the picture and of an all-zero picture: [2, tokens, width]."""
+def _check_width(adapter: LoadedIPAdapter, width: int) -> None:
+    if width != adapter.clip_width:
+        raise InvalidRequest(f"{adapter.name} takes a {adapter.clip_width}-wide CLIP output; this CLIP vision"
+                             f" model gives {width}: pick the {adapter_module(adapter)} preprocessor")
+
+
+def _clip_hidden(adapter: LoadedIPAdapter, clip, pixels: torch.Tensor) -> torch.Tensor:
+    """The penultimate hidden states of the picture and of an all-zero picture ([2, tokens, width]), checked to
+    be as wide as the adapter takes."""
     tower = next(clip.parameters())
     pixels = pixels.to(device=tower.device, dtype=tower.dtype)
-    return clip(torch.cat([pixels, torch.zeros_like(pixels)]), output_hidden_states=True).hidden_states[-2]
+    hidden = clip(torch.cat([pixels, torch.zeros_like(pixels)]), output_hidden_states=True).hidden_states[-2]
+    _check_width(adapter, hidden.shape[-1])
+    return hidden
 
 
 def _face_tokens(adapter: LoadedIPAdapter, clip, pixels, face: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,10 +285,7 @@ def _face_tokens(adapter: LoadedIPAdapter, clip, pixels, face: torch.Tensor) -> 
         elif adapter.variant == "instantid":  # the plus resampler over the one face embedding
             projected = proj(ids[:, None])
         else:  # FaceID Plus: diffusers' projection reads the CLIP hidden states from an attribute
-            hidden = _clip_hidden(clip, pixels)
-            if hidden.shape[-1] != adapter.clip_width:
-                raise InvalidRequest(f"{adapter.name} takes a {adapter.clip_width}-wide CLIP output; this CLIP"
-                                     f" vision model gives {hidden.shape[-1]}")
+            hidden = _clip_hidden(adapter, clip, pixels)
             proj.clip_embeds = hidden.to(device=param.device, dtype=param.dtype)[:, None]
             proj.shortcut, proj.shortcut_scale = adapter.shortcut, 1.0
             try:
@@ -374,10 +376,14 @@ class _Session(HookSession):
         """The unit's region mask at a layer of `tokens` tokens ([1, 1, tokens, 1]): the latent grid scaled by the
         layer's factor, bilinear, as the extension masks the adapter's attention output."""
         lat_h, lat_w = self.control.latent_size
-        factor = (tokens / (lat_h * lat_w)) ** 0.5
-        size = (int(lat_h * factor), int(lat_w * factor))
-        mask = F.interpolate(unit.region.to(device=device, dtype=torch.float32), size=size, mode="bilinear")
-        return mask.reshape(1, 1, -1, 1).to(dtype)
+        key = (id(unit), "region", tokens, lat_h, lat_w, device, dtype)
+        mask = self.cache.get(key)
+        if mask is None:  # once per layer size and pass, not at every call
+            factor = (tokens / (lat_h * lat_w)) ** 0.5
+            size = (int(lat_h * factor), int(lat_w * factor))
+            mask = F.interpolate(unit.region.to(device=device, dtype=torch.float32), size=size, mode="bilinear")
+            mask = self.cache[key] = mask.reshape(1, 1, -1, 1).to(dtype)
+        return mask
 
     def _hook(self, index: int):
         def add(attn, args, kwargs, output):

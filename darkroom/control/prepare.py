@@ -279,7 +279,8 @@ def _takes_many(module: str) -> bool:
         key = _preprocess().canonical_module(module)
     except InvalidRequest:
         return False
-    return key in ipadapter.MODULES or key in ("ip-adapter_face_id", "ip-adapter_face_id_plus")
+    # the extension's IP-Adapter preprocessors; InstantID's is not one (its units are unfolded there too)
+    return key in ipadapter.MODULES or (key in ipadapter.FACE_MODULES and not key.startswith("instant_id"))
 
 
 def unfold_merged(units: Sequence[ControlUnit]) -> list[ControlUnit]:
