@@ -36,14 +36,17 @@ from pathlib import Path
 import darkroom  # noqa: F401  (offline first)
 
 # isort: split
+import dataclasses
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import ControlNetModel, DDPMScheduler
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from darkroom.models.configs import scheduler_config
 from darkroom.starter_training import control_maps, scenes
+from darkroom.starter_training.scenes import HELD_OUT
 
 # isort: split
 import eval_starter_control as ev  # scripts/ is on the path when this file runs as a script
@@ -95,11 +98,37 @@ def encode_pool(args, vae, log: Log) -> dict:
         all_placed += [p[1] for p in pairs]
         if start % 1024 == 0:
             print(f"latents {start}/{args.pool} {time.time() - t0:.0f}s", flush=True)
+    twins = [-1] * len(all_scenes)
+    if args.twins:  # each two-object scene of two shapes, again with its colours exchanged, same placements
+        extra = [(i, sc) for i, sc in ((i, swapped(sc)) for i, sc in enumerate(all_scenes)) if sc is not None]
+        for start in range(0, len(extra), 64):
+            chunk = extra[start:start + 64]
+            pictures = [control_maps.render_placements(sc, all_placed[i]) for i, sc in chunk]
+            dist = vae.encode(to_tensor(pictures)).latent_dist
+            latents.append(torch.cat([dist.mean, dist.std], dim=1).half())
+            for i, sc in chunk:
+                twins[i] = len(all_scenes)
+                twins.append(i)
+                all_scenes.append(sc)
+                all_placed.append(all_placed[i])
     pool = {"scenes": all_scenes, "placements": all_placed, "latents": torch.cat(latents),
-            "scale": vae.config.scaling_factor}
+            "scale": vae.config.scaling_factor, "twins": twins}
     torch.save(pool, path)
-    log.write(phase="latents", count=len(all_scenes), seconds=round(time.time() - t0, 1))
+    log.write(phase="latents", count=len(all_scenes), twins=sum(t >= 0 for t in twins) // 2,
+              seconds=round(time.time() - t0, 1))
     return pool
+
+
+def swapped(scene: scenes.Scene) -> scenes.Scene | None:
+    """The scene with its two objects' colours exchanged (same shapes, sizes, places), or None where that
+    teaches nothing (one object, two of one shape) or would draw a held-out (colour, shape) pair."""
+    if len(scene.objects) != 2 or scene.objects[0].shape == scene.objects[1].shape:
+        return None
+    a, b = scene.objects
+    objs = (dataclasses.replace(a, colour=b.colour), dataclasses.replace(b, colour=a.colour))
+    if any((o.colour, o.shape) in HELD_OUT for o in objs):
+        return None
+    return dataclasses.replace(scene, objects=objs)
 
 
 # --- phase 2: ControlNet --------------------------------------------------------------------------
@@ -146,6 +175,8 @@ def train(args, starter, pool: dict, log: Log, t0: float):
         step, rng = state["step"], state["rng"]
         torch.set_rng_state(state["torch_rng"])
     else:
+        if args.init:  # go on from an exported file (its EMA weights); the optimiser starts afresh
+            controlnet.load_state_dict({k: v.float() for k, v in load_file(str(args.init)).items()})
         ema.load_state_dict(controlnet.state_dict())
     ema.requires_grad_(False)
     controlnet.train()
@@ -168,11 +199,30 @@ def train(args, starter, pool: dict, log: Log, t0: float):
             return rng.randrange(n)
         return rng.choice(pairs) if rng.random() < args.two_objects else rng.choice(singles)
 
+    twins = pool.get("twins") or [-1] * n
+
+    def draw_batch() -> tuple[list[int], list[bool]]:
+        """Indices, and whether each is the second of a twin pair (it then repeats the first's map, noise
+        and t, and only the colours, in the caption and the picture, differ)."""
+        idx, second = [], []
+        while len(idx) < args.batch:
+            i = draw_index()
+            if twins[i] >= 0 and len(idx) + 2 <= args.batch and rng.random() < args.twin_share:
+                idx += [i, twins[i]]
+                second += [False, True]
+            else:
+                idx.append(i)
+                second.append(False)
+        return idx, second
+
     while step < args.steps and time.time() - t0 < (args.until_minutes or 1e9) * 60:
-        idx = [draw_index() for _ in range(args.batch)]
+        idx, second = draw_batch()
         batch_scenes = [pool["scenes"][i] for i in idx]
         maps = []
-        for i, sc in zip(idx, batch_scenes, strict=True):
+        for k, (i, sc) in enumerate(zip(idx, batch_scenes, strict=True)):
+            if second[k]:
+                maps.append(maps[-1])
+                continue
             placed = pool["placements"][i]
             # the canny-like variant needs the picture: re-render it from the stored placements (a few ms)
             picture = control_maps.render_placements(sc, placed) if rng.random() < args.edge_maps else None
@@ -182,14 +232,29 @@ def train(args, starter, pool: dict, log: Log, t0: float):
             maps.append(control_maps.training_map(placed, rng, picture, edge_share=1.0, colours=colours,
                                                   fills=fills))
         cond = torch.from_numpy(np.stack([control_maps.to_array(m) for m in maps]))
-        captions = [training_caption(sc, rng, args.empty_captions if len(sc.objects) == 1 else args.pair_empty_captions)
-                    for sc in batch_scenes]
+        captions: list[str] = []
+        for k, sc in enumerate(batch_scenes):
+            if second[k]:
+                continue
+            if k + 1 < len(idx) and second[k + 1]:  # a twin pair: both captions in the same form (same draws)
+                state = rng.getstate()
+                captions.append(training_caption(sc, rng, 0.0))
+                rng.setstate(state)
+                captions.append(training_caption(batch_scenes[k + 1], rng, 0.0))
+                continue
+            captions.append(training_caption(sc, rng, args.empty_captions if len(sc.objects) == 1
+                                             else args.pair_empty_captions))
         stats = pool["latents"][idx].float()
         z0 = (stats[:, :4] + stats[:, 4:] * torch.randn_like(stats[:, :4])) * scale
         noise = torch.randn_like(z0)
         t = torch.randint(0, 1000, (len(idx),))
         high = torch.rand(len(idx)) < args.high_t
         t[high] = torch.randint(args.high_t_from, 1000, (int(high.sum()),))
+        twin_rows = torch.tensor(second)
+        if twin_rows.any():  # a twin shares its first's noise and t
+            first_rows = torch.nonzero(twin_rows).view(-1) - 1
+            noise[twin_rows] = noise[first_rows]
+            t[twin_rows] = t[first_rows]
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         with torch.no_grad():
@@ -303,6 +368,11 @@ def main() -> None:
                     help="share of outline maps whose shapes are filled with their objects' colours")
     ap.add_argument("--x0-weight", type=float, default=1.0,
                     help="weight each sample by (1-a)/a clamped to [1, X] (normalised): >1 favours high noise levels")
+    ap.add_argument("--twins", action="store_true",
+                    help="latents phase: also keep each two-shape pair with its colours exchanged (same places)")
+    ap.add_argument("--twin-share", type=float, default=0.0,
+                    help="chance that a drawn pair comes with its colour-swapped twin (same map, noise and t)")
+    ap.add_argument("--init", type=Path, default=None, help="start from this exported ControlNet file")
     ap.add_argument("--probe-every", type=int, default=250)
     ap.add_argument("--until-minutes", type=float, default=None, help="stop training cleanly after this long")
     ap.add_argument("--threads", type=int, default=2)
