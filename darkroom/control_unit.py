@@ -94,6 +94,13 @@ class ControlUnit(BaseModel):
         None, repr=False, max_length=16, description="More pictures for the unit (the extension's input_mode"
         " \"merge\"): an IP-Adapter unit averages the tokens of `image` and these; any other unit runs once per"
         " picture, each at weight / their count.")
+    batch_images: list[bytes] | None = Field(
+        None, repr=False, max_length=1000, description="The extension's batch input (input_mode \"batch\"): the"
+        " whole job runs once per picture, this unit taking the next one each time (with no mask), every run with"
+        " the same seed; with several batch units, as many runs as the shortest list. Runs through the job queue.")
+    merge_masks: list[bytes | None] | None = Field(
+        None, repr=False, max_length=16, description="A mask for each of `merge_images` (None: no mask), as"
+        " `mask` is for `image`: the extension's merge input gives every picture its own.")
     advanced_weighting: list[float] | None = Field(
         None, max_length=32, description="The extension's per-layer weights: ControlNets and T2I-Adapters take one"
         " factor per residual (13 for SD1/SD2 ControlNets, 10 for SDXL, 4 for adapters) in place of `weight` and the"
@@ -145,6 +152,15 @@ class ControlUnit(BaseModel):
                              " the unit steers the steps between the two fractions")
         return self
 
+    @model_validator(mode="after")
+    def _merge_masks(self) -> ControlUnit:
+        if self.batch_images is not None and self.merge_images:
+            raise ValueError("a unit takes either batch_images (one run per picture) or merge_images, not both")
+        if self.merge_masks is not None and len(self.merge_masks) != len(self.merge_images or []):
+            raise ValueError(f"merge_masks has {len(self.merge_masks)} entries for {len(self.merge_images or [])}"
+                             " merge_images: give one mask (or null) per picture")
+        return self
+
     @property
     def active(self) -> bool:
         """Enabled, with a model (or a model-free module), and not weighted to nothing."""
@@ -165,9 +181,12 @@ class ControlUnit(BaseModel):
         return v
 
     def describe(self) -> dict[str, Any]:
-        data = self.model_dump(exclude={"image", "mask", "effective_region_mask", "merge_images"})
+        data = self.model_dump(exclude={"image", "mask", "effective_region_mask", "merge_images", "merge_masks",
+                                        "batch_images"})
         for key in ("image", "mask", "effective_region_mask"):
             value = getattr(self, key)
             data[key] = None if value is None else f"<{len(value)} bytes>"
-        data["merge_images"] = None if self.merge_images is None else [f"<{len(b)} bytes>" for b in self.merge_images]
+        for key in ("merge_images", "merge_masks", "batch_images"):
+            value = getattr(self, key)
+            data[key] = None if value is None else [None if b is None else f"<{len(b)} bytes>" for b in value]
         return data

@@ -279,6 +279,14 @@ def test_native_job_with_a_unit(api, studio, cn_model):
     assert state["state"] == "done" and "Module: canny" in state["images"][0]["infotext"], state
     r = api.post("/api/jobs", json={**base, "controlnet": [{"model": "cn-tiny", "image": "@@", "weight": 1.5}]})
     assert r.status_code == 422 and "controlnet[0].image" in error_of(r)
+    # merge input: more pictures, each with its own mask (or none); the counts must agree
+    merged = {"model": "cn-tiny", "image": shape, "merge_images": [shape, shape], "merge_masks": [shape, None]}
+    r = api.post("/api/jobs", json={**base, "controlnet": [merged]})
+    assert r.status_code == 202, r.text
+    state = wait_job(api, r.json()["job"]["id"])
+    assert state["state"] == "done" and state["images"][0]["infotext"].count("Model: cn-tiny") == 3, state
+    r = api.post("/api/jobs", json={**base, "controlnet": [{**merged, "merge_masks": [None]}]})
+    assert r.status_code == 422 and "merge_masks has 1 entries for 2 merge_images" in error_of(r), r.text
     r = api.post("/api/jobs", json={**base, "controlnet": [{"model": "nope", "image": shape}]})
     assert r.status_code == 422 and "controlnet[0].model" in error_of(r) and cn_model in error_of(r)
     r = api.post("/api/jobs", json={**base, "controlnet": [{"model": "cn-tiny", "image": shape, "weight": 5}]})

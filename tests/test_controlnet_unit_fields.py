@@ -1,6 +1,6 @@
 """The extension's per-unit `effective_region_mask` (where a ControlNet, T2I-Adapter or IP-Adapter acts),
-`advanced_weighting` (per-layer factors in place of weight and control mode) and merge input (several pictures
-in one unit), in the engine and through the A1111 route."""
+`advanced_weighting` (per-layer factors in place of weight and control mode), merge input (several pictures
+in one unit) and batch input (one run per picture), in the engine and through the A1111 route."""
 
 from __future__ import annotations
 
@@ -125,6 +125,28 @@ def test_merged_pictures(setup):
     torch.testing.assert_close(merged, unfolded, atol=1e-6, rtol=0)
 
 
+def test_merged_pictures_keep_their_own_masks(setup):
+    """Each merged picture has its own mask, as in the extension: an inpaint unit unfolds with each picture's
+    mask; an IP-Adapter unit CLIP-masks each picture by its own (black masks nothing, white changes the tokens)."""
+    cn = dict(UNITS["controlnet"], module="inpaint_global_harmonious")
+    first = dict(image=HINT, mask=_mask("all"))
+    merged = _run(setup, [ControlUnit(**first, merge_images=[OTHER], merge_masks=[_mask("half")], weight=0.8, **cn)])
+    unfolded = _run(setup, [ControlUnit(**first, weight=0.4, **cn),
+                            ControlUnit(image=OTHER, mask=_mask("half"), weight=0.4, **cn)])
+    other_mask = _run(setup, [ControlUnit(**first, merge_images=[OTHER], merge_masks=[_mask("none")], weight=0.8,
+                                          **cn)])
+    torch.testing.assert_close(merged, unfolded, atol=1e-6, rtol=0)
+    assert (merged - other_mask).abs().max() > 1e-4
+    ip = UNITS["ip-adapter"]
+    once = _run(setup, [ControlUnit(image=HINT, **ip)])
+    black = _run(setup, [ControlUnit(image=HINT, merge_images=[HINT], merge_masks=[_mask("none")], **ip)])
+    white = _run(setup, [ControlUnit(image=HINT, merge_images=[HINT], merge_masks=[_mask("all")], **ip)])
+    torch.testing.assert_close(black, once, atol=1e-6, rtol=0)
+    assert (white - once).abs().max() > 1e-4
+    with pytest.raises(ValueError, match=r"merge_masks has 2 entries for 1 merge_images"):
+        ControlUnit(image=HINT, merge_images=[HINT], merge_masks=[None, None], **ip)
+
+
 def test_merge_input_over_http(api, studio):
     write_tiny_controlnet(studio.home.controlnets, "cn-sd1", "sd1", "single")
     b64 = (lambda data: base64.b64encode(data).decode())
@@ -136,9 +158,78 @@ def test_merge_input_over_http(api, studio):
     assert response.status_code == 200, response.text
     infotext = json.loads(response.json()["info"])["infotexts"][0]
     assert infotext.count("Model: cn-sd1") == 2  # unfolded: one infotext entry per picture
+    unit["image"][1]["mask"] = b64(_mask())  # each merged picture may bring its mask
+    response = api.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 200, response.text
+    unit["image"][1]["mask"] = "not an image"
+    response = api.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 422 and "image[1].mask" in response.text
+    unit["image"][1]["mask"] = None
     unit["input_mode"] = "simple"
     response = api.post("/sdapi/v1/txt2img", json=body)
     assert response.status_code == 422 and 'several pictures need input_mode \\"merge\\"' in response.text
-    unit["input_mode"] = "batch"
+    unit["input_mode"] = "loopback"
     response = api.post("/sdapi/v1/txt2img", json=body)
-    assert response.status_code == 422 and "input_mode 'batch' is not supported yet" in response.text
+    assert response.status_code == 422 and "input_mode 'loopback' is not one of simple, merge, batch" in response.text
+
+
+def test_batch_input_runs_the_job_once_per_picture(api, studio):
+    """The extension's input_mode "batch": one whole run per picture (the other units unchanged), the same seed
+    for every run, all images answered in order; bad batch input is a 422 naming the field."""
+    write_tiny_controlnet(studio.home.controlnets, "cn-sd1", "sd1", "single")
+    b64 = (lambda data: base64.b64encode(data).decode())
+    fixed = {"model": "cn-sd1", "module": "none", "resize_mode": "Just Resize", "image": b64(OTHER), "weight": 0.5}
+    batch = {"model": "cn-sd1", "module": "none", "resize_mode": "Just Resize", "input_mode": "batch",
+             "batch_images": [b64(HINT), {"image": b64(OTHER)}, b64(_mask())]}
+    body = {"prompt": "a red circle", "steps": 2, "width": 64, "height": 64, "seed": -1, "batch_size": 2,
+            "alwayson_scripts": {"controlnet": {"args": [fixed, batch]}}}
+    response = api.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 200, response.text
+    images, info = response.json()["images"], json.loads(response.json()["info"])
+    assert len(images) == 6 and len(info["infotexts"]) == 6
+    seeds = info["all_seeds"]
+    assert seeds[0::2] == [seeds[0]] * 3 and seeds[1::2] == [seeds[0] + 1] * 3  # the same seeds every run
+    for i, picture in enumerate((HINT, OTHER, _mask())):  # run i equals a plain request with picture i
+        single = {k: v for k, v in batch.items() if k not in ("input_mode", "batch_images")} | {"image": b64(picture)}
+        alone = api.post("/sdapi/v1/txt2img", json=body | {"seed": seeds[0], "alwayson_scripts": {
+            "controlnet": {"args": [fixed, single]}}})
+        assert alone.status_code == 200, alone.text
+        assert alone.json()["images"] == images[2 * i:2 * i + 2], f"run {i} differs from its picture alone"
+    assert images[0] != images[2]
+    for bad, message in ((dict(batch_images="/some/folder"), "does not read a folder"),
+                         (dict(batch_images=[]), "needs a list of base64 pictures"),
+                         (dict(batch_images=["not a picture"]), "batch_images[0]"),
+                         (dict(input_mode="simple", image=b64(HINT)), "only read with input_mode")):
+        body["alwayson_scripts"]["controlnet"]["args"] = [fixed, batch | bad]
+        response = api.post("/sdapi/v1/txt2img", json=body)
+        assert response.status_code == 422 and message in response.text, (bad, response.text)
+
+
+def test_batch_plan_counts_against_the_limits_and_stops_on_interrupt(setup):
+    import dataclasses
+    import threading
+
+    from darkroom.request import GenerationRequest
+    from darkroom.services.control_batch import plan_control_batch, run_control_batch
+
+    engine = setup["engine"]
+    unit = ControlUnit(batch_images=[HINT, OTHER, HINT], **UNITS["controlnet"])
+    req = GenerationRequest(model=str(setup["sd1"]), controlnet=[unit], n_iter=2, **KW)
+    plan = plan_control_batch(engine, req)
+    assert [r.controlnet[0].image for r in plan.requests] == [HINT, OTHER, HINT] and plan.runs == 6
+    assert plan.total_steps == 6 * KW["steps"]
+    with pytest.raises(InvalidRequest, match="runs once per picture through the job queue"):
+        engine.generate(req)  # the engine alone refuses it: a batch runs through the queue
+    limits = engine.limits
+    try:
+        engine.limits = dataclasses.replace(limits, max_batch_count=5)
+        with pytest.raises(InvalidRequest, match=r"makes 6 batches; at most 5 \(the max_batch_count setting\)"):
+            plan_control_batch(engine, req)
+    finally:
+        engine.limits = limits
+    cancel, images, batches = threading.Event(), [], []
+    result = run_control_batch(engine, plan_control_batch(engine, req.model_copy(update={"n_iter": 1})),
+                               cancel=cancel, on_image=lambda im: (images.append(im), cancel.set()),
+                               on_step=lambda e: batches.append((e.batch_index, e.batch_count)))
+    assert result.interrupted and len(result.images) == 1 == len(images)  # the next runs never started
+    assert set(batches) == {(0, 3)}

@@ -204,6 +204,9 @@ def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile]
     for index, unit in enumerate(units):
         if not unit.active:
             continue
+        if unit.batch_images:
+            raise InvalidRequest(f"ControlNet unit {index} has batch_images: such a request runs once per picture"
+                                 " through the job queue (darkroom.services.control_batch), not in one generation")
         file = loaded = union_type = None  # a reference unit (unit.model_free) has no ControlNet
         if not unit.model_free:
             file = resolve(files, unit.model)
@@ -221,8 +224,12 @@ def prepare_control(units: Sequence[ControlUnit], *, files: list[ControlNetFile]
                   for i, data in enumerate(unit.merge_images or [])]
         # the unit's own mask masks the picture CLIP sees (the extension's CLIP mask; FaceID's face is not masked)
         clip_mask = None if unit.image is None or mask is None else np.asarray(mask.convert("L"), np.uint8)
+        merged_masks = [None if data is None else np.asarray(decode(
+                            data, f"ControlNet unit {index} merge_masks[{i}]", "L").resize(pic.size, Image.NEAREST))
+                        for i, (data, pic) in enumerate(zip(unit.merge_masks or [None] * len(merged), merged,
+                                                            strict=True))]
         ip_tokens = _ip_tokens(loaded, module, image, file, index, annotator_dirs, dtype=dtype, device=device,
-                               merged=merged, clip_mask=clip_mask)
+                               merged=merged, clip_mask=clip_mask, merged_masks=merged_masks)
         if unit.prepared:  # the map already: not preprocessed again, its settings written as they came
             resolution = unit.processor_res if unit.processor_res > 0 else 512
             detected = prepared_map(module, image, mask)
@@ -292,8 +299,11 @@ def unfold_merged(units: Sequence[ControlUnit]) -> list[ControlUnit]:
             out.append(unit)
             continue
         pictures = [unit.image, *unit.merge_images]
+        masks = [unit.mask, *(unit.merge_masks or [None] * len(unit.merge_images))]
         weight = unit.weight / len(pictures)
-        out += [unit.model_copy(update={"image": p, "merge_images": None, "weight": weight}) for p in pictures]
+        out += [unit.model_copy(update={"image": p, "mask": m, "merge_images": None, "merge_masks": None,
+                                        "weight": weight})
+                for p, m in zip(pictures, masks, strict=True)]
     return out
 
 
@@ -399,10 +409,12 @@ def _vision(loaded, module: str, image: Image.Image, file, index: int, annotator
 
 
 def _ip_tokens(loaded, module: str, image: Image.Image, file, index: int, annotator_dirs: Sequence[Path], *,
-               dtype: torch.dtype, device, merged: Sequence[Image.Image] = (), clip_mask: np.ndarray | None = None):
+               dtype: torch.dtype, device, merged: Sequence[Image.Image] = (), clip_mask: np.ndarray | None = None,
+               merged_masks: Sequence[np.ndarray | None] = ()):
     """An IP-Adapter unit's (prompt, negative) image tokens: its picture through the CLIP vision tower its
     preprocessor names (darkroom.control.ipadapter), the tower freed afterwards; None for other units. With
-    `merged` pictures (the extension's merge input) the tokens of all of them are averaged."""
+    `merged` pictures (the extension's merge input) the tokens of all of them are averaged, each picture
+    CLIP-masked by its own mask (`merged_masks`)."""
     from darkroom.control import ipadapter
 
     is_adapter = getattr(loaded, "is_ipadapter", False)
@@ -422,7 +434,7 @@ def _ip_tokens(loaded, module: str, image: Image.Image, file, index: int, annota
     faces = [_face_embedding(loaded, picture, annotator_dirs) for picture in pictures]
     clip = None if encoder is None else _clip_tower(encoder, file.name, annotator_dirs, dtype=dtype, device=device)
     try:
-        masks = [clip_mask] + [None] * (len(pictures) - 1)  # merged pictures take no mask
+        masks = [clip_mask, *merged_masks] if merged_masks else [clip_mask] + [None] * (len(pictures) - 1)
         each = [ipadapter.tokens(loaded, clip, None if clip is None else ipadapter.clip_pixels(
                     picture, None if loaded.face else m), face)
                 for picture, face, m in zip(pictures, faces, masks, strict=True)]

@@ -563,10 +563,11 @@ def _controlnet_params(job: Job) -> dict[str, str]:
 def job_info(job: Job, body: ProcessingRequest) -> dict[str, Any]:
     """The webui's `Processed.js()` fields for a finished job (sent as a JSON *string*)."""
     req = job.request
+    runs = len(getattr(job.plan, "requests", None) or [None])  # a ControlNet batch: its runs repeat the seeds
     count = req.image_count
-    seeds = [req.seed + i for i in range(count)]
+    seeds = [req.seed + i for i in range(count)] * runs
     subseed = req.subseed if req.subseed_strength > 0 else body.subseed
-    subseeds = seeds if subseed == -1 else [subseed + i for i in range(count)]
+    subseeds = seeds if subseed == -1 else [subseed + i for i in range(count)] * runs
     return {
         "prompt": req.prompt, "all_prompts": _image_prompts(job, "Prompt", req.prompt, count),
         "negative_prompt": req.negative_prompt,

@@ -34,7 +34,7 @@ OLD_KEYS = {"input_image": "image", "guessmode": "guess_mode", "lowvram": "low_v
 HARMLESS: dict[str, Any] = {
     "is_ui": lambda v: True, "save_detected_map": lambda v: True, "use_preview_as_input": lambda v: not v,
     "generated_image": lambda v: not v,
-    "batch_images": lambda v: not v, "batch_image_dir": lambda v: not v, "batch_mask_dir": lambda v: not v,
+    "batch_image_dir": lambda v: not v, "batch_mask_dir": lambda v: not v,
     "batch_input_gallery": lambda v: not v, "batch_mask_gallery": lambda v: not v,
     "animatediff_batch": lambda v: not v, "batch_modifiers": lambda v: not v, "batch_keyframe_idx": lambda v: not v,
     "ipadapter_input": lambda v: v is None,
@@ -126,7 +126,7 @@ def finish_units(units: list[tuple[str, ControlUnit]], studio: Studio, *, img2im
     out = []
     for where, unit in active:
         if unit.model_free:  # reference units run on the checkpoint's UNet: no model to find
-            if unit.image is None and not img2img:
+            if unit.image is None and not unit.batch_images and not img2img:
                 raise InvalidRequest(f"{where}.image: txt2img needs a reference image for each enabled unit")
             module = check_module(unit.module, f"{where}.module")
             out.append(unit.model_copy(update={"model": "None", "module": module}))
@@ -136,7 +136,7 @@ def finish_units(units: list[tuple[str, ControlUnit]], studio: Studio, *, img2im
         from darkroom.control.union import check_union_unit
 
         check_union_unit(found.path, unit.union_control_type, module, f"{where}.union_control_type", found.name)
-        if unit.image is None and not img2img:
+        if unit.image is None and not unit.batch_images and not img2img:
             raise InvalidRequest(f"{where}.image: txt2img needs a control image for each enabled unit (a base64"
                                  " PNG, JPEG or WebP)")
         out.append(unit.model_copy(update={"model": found.name, "module": module}))  # names are unique
@@ -172,11 +172,14 @@ def a1111_unit(raw: Any, where: str) -> ControlUnit:
         raise InvalidRequest(f"{where}: expected a ControlNet unit (a JSON object with image, module, model, ...)")
     fields: dict[str, Any] = {}
     spelled: dict[str, str] = {}
-    mode = "simple"
+    mode, batch = "simple", None
     for key, value in raw.items():
         name = OLD_KEYS.get(key, key)
-        if name == "input_mode":  # the extension's simple (one picture) or merge (several)
+        if name == "input_mode":  # the extension's simple (one picture), merge (several) or batch (one run each)
             mode = str(value or "simple").lower()
+            continue
+        if name == "batch_images":
+            batch = value
             continue
         if name in HARMLESS:
             if not HARMLESS[name](value):
@@ -193,8 +196,9 @@ def a1111_unit(raw: Any, where: str) -> ControlUnit:
     image = fields.pop("image", None)
     mask = fields.pop("mask", None)
     image_key = spelled.get("image", "image")
-    if mode not in ("simple", "merge"):
-        raise InvalidRequest(f"{where}.input_mode {mode!r} is not supported yet (simple and merge are)")
+    if mode not in ("simple", "merge", "batch"):
+        raise InvalidRequest(f"{where}.input_mode {mode!r} is not one of simple, merge, batch")
+    pictures = _batch_images(batch, mode, where)
     merged: list = []
     if isinstance(image, (list, tuple)) and image and all(isinstance(i, dict) for i in image):
         if len(image) > 1 and mode != "merge":
@@ -210,15 +214,40 @@ def a1111_unit(raw: Any, where: str) -> ControlUnit:
             fields[name] = "None" if name == "model" else "none"
     region = fields.pop("effective_region_mask", None)
     unit = build_unit(fields, where, spelled)
-    more = []
-    for i, entry in enumerate(merged, start=1):
-        if entry.get("mask") not in (None, ""):
-            raise InvalidRequest(f"{where}.{image_key}[{i}].mask: merged pictures take no mask yet")
-        more.append(_image(entry.get("image"), f"{where}.{image_key}[{i}].image"))
+    more = [_image(entry.get("image"), f"{where}.{image_key}[{i}].image") for i, entry in enumerate(merged, start=1)]
+    masks = [_image(entry.get("mask"), f"{where}.{image_key}[{i}].mask") for i, entry in enumerate(merged, start=1)]
     return unit.model_copy(update={"image": _image(image, f"{where}.{image_key}"),
                                    "mask": _image(mask, f"{where}.{spelled.get('mask', 'mask')}"),
                                    "effective_region_mask": _image(region, f"{where}.effective_region_mask"),
-                                   "merge_images": more or None})
+                                   "merge_images": more or None,
+                                   "merge_masks": masks if any(m is not None for m in masks) else None,
+                                   "batch_images": pictures})
+
+
+def _batch_images(value: Any, mode: str, where: str) -> list[bytes] | None:
+    """The extension's `batch_images` for input_mode "batch": a list of base64 pictures (or {"image": ...});
+    a folder path is refused (the server reads no folder a request names)."""
+    if mode != "batch":
+        if value:
+            raise InvalidRequest(f"{where}.batch_images is only read with input_mode \"batch\" (one run per"
+                                 " picture); set it, or send one picture in image")
+        return None
+    if isinstance(value, str) and value.strip():
+        raise InvalidRequest(f"{where}.batch_images: Darkroom's server does not read a folder named in a request;"
+                             " send the pictures themselves, a list of base64 images")
+    if not isinstance(value, (list, tuple)) or not value:
+        raise InvalidRequest(f"{where}.batch_images: input_mode \"batch\" needs a list of base64 pictures (the"
+                             " job runs once per picture)")
+    if len(value) > 1000:
+        raise InvalidRequest(f"{where}.batch_images: {len(value)} pictures; at most 1000 in one request")
+    out = []
+    for i, entry in enumerate(value):
+        picture = entry.get("image") if isinstance(entry, dict) else entry
+        data = _image(picture, f"{where}.batch_images[{i}]")
+        if data is None:
+            raise InvalidRequest(f"{where}.batch_images[{i}] is empty; every entry must be a picture")
+        out.append(data)
+    return out
 
 
 class NativeUnit(BaseModel):
@@ -247,17 +276,23 @@ class NativeUnit(BaseModel):
     advanced_weighting: list[float] | None = None
     effective_region_mask: str | None = None
     merge_images: list[str] | None = None
+    merge_masks: list[str | None] | None = None
+    batch_images: list[str] | None = None
     prepared: bool = False  # the image is the module's map already (the web UI's map restored from a PNG)
 
     def to_unit(self, where: str) -> ControlUnit:
-        fields = self.model_dump(exclude={"image", "mask", "effective_region_mask", "merge_images"})
+        fields = self.model_dump(exclude={"image", "mask", "effective_region_mask", "merge_images", "merge_masks",
+                                          "batch_images"})
         unit = build_unit(fields, where)
         more = [_image(b64, f"{where}.merge_images[{i}]") for i, b64 in enumerate(self.merge_images or [])]
-        return unit.model_copy(update={"image": _image(self.image, f"{where}.image"),
-                                       "mask": _image(self.mask, f"{where}.mask"),
-                                       "effective_region_mask": _image(self.effective_region_mask,
-                                                                       f"{where}.effective_region_mask"),
-                                       "merge_images": more or None})
+        masks = None if self.merge_masks is None else [
+            _image(b64, f"{where}.merge_masks[{i}]") for i, b64 in enumerate(self.merge_masks)]
+        return build_unit(unit.model_dump() | {
+            "image": _image(self.image, f"{where}.image"), "mask": _image(self.mask, f"{where}.mask"),
+            "effective_region_mask": _image(self.effective_region_mask, f"{where}.effective_region_mask"),
+            "merge_images": more or None, "merge_masks": masks,
+            "batch_images": None if self.batch_images is None else _batch_images(self.batch_images, "batch", where)},
+            where)
 
 
 def native_units(units: list[NativeUnit], studio: Studio, *, img2img: bool) -> list[ControlUnit]:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from darkroom.errors import DarkroomError, Interrupted
+from darkroom.errors import DarkroomError, Interrupted, InvalidRequest
 from darkroom.request import GeneratedImage, GenerationRequest
 
 log = logging.getLogger("darkroom.jobs")
@@ -74,7 +74,7 @@ class Job:
     preview_png: bytes | None = None
     preview_rev: int = 0
     rev: int = 0
-    plan: object | None = None  # an xyplot.XYPlan for X/Y grid jobs, an sd_upscale.SDUpscalePlan for SD upscales
+    plan: object | None = None  # an xyplot.XYPlan (X/Y grid), sd_upscale.SDUpscalePlan, control_batch.ControlBatchPlan
     grid_png: bytes | None = None
     grid_history_id: int | None = None
     model_name: str = ""
@@ -124,9 +124,10 @@ class Job:
     @property
     def images_total(self) -> int:
         """How many images the job makes: every batch, or every cell of an X/Y plot."""
-        cells = getattr(self.plan, "cells", None)
+        cells = getattr(self.plan, "cells", None) or getattr(self.plan, "requests", None)
         if cells:
-            return sum(c.request.batch_size * c.request.n_iter for c in cells)
+            return sum(c.request.batch_size * c.request.n_iter if hasattr(c, "request") else c.batch_size * c.n_iter
+                       for c in cells)
         return self.request.batch_size * self.request.n_iter
 
 
@@ -182,7 +183,15 @@ class JobQueue:
         request = self.engine.apply_preset(request)  # few-step preset: the job's step count is the real one
         self.engine.check_inputs(request)  # an unknown sampler fails now, not when its turn comes
         plan = None
-        if xy is not None and any(xy):
+        from darkroom.services.control_batch import has_batch, plan_control_batch
+
+        if has_batch(request):
+            if (xy is not None and any(xy)) or sd_upscale is not None:
+                raise InvalidRequest("a ControlNet batch unit (several pictures, input_mode \"batch\") cannot be"
+                                     " combined with the X/Y/Z plot or SD upscale script")
+            plan = plan_control_batch(self.engine, request)  # checked and admitted
+            request = request.model_copy(update={"seed": plan.requests[0].seed, "subseed": plan.requests[0].subseed})
+        elif xy is not None and any(xy):
             from darkroom.services.xyplot import parse_axis_option, plan_xy
 
             x, y = (parse_axis_option(a) if a else None for a in xy)
@@ -377,8 +386,14 @@ class JobQueue:
         return INTERRUPTED if result.interrupted else DONE
 
     def _run_plan(self, job: Job, out: Path | None, on_step, on_image) -> str:
+        from darkroom.services.control_batch import ControlBatchPlan, run_control_batch
         from darkroom.services.sd_upscale import SDUpscalePlan, run_sd_upscale
 
+        if isinstance(job.plan, ControlBatchPlan):
+            result = run_control_batch(self.engine, job.plan, output_dir=out, on_step=on_step, cancel=job.cancel,
+                                       skip=job.skip, on_image=on_image)
+            job.model_name, job.model_hash, job.timings = result.model_name, result.model_hash, result.timings
+            return INTERRUPTED if result.interrupted else DONE
         if not isinstance(job.plan, SDUpscalePlan):
             return self._run_grid(job, out, on_step, on_image)
         result = run_sd_upscale(self.engine, job.plan, output_dir=out, on_step=on_step, cancel=job.cancel,
