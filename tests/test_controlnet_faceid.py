@@ -144,3 +144,17 @@ def test_errors_name_what_to_do(setup):
     finally:
         shutil.rmtree(pack)
         empty.rename(pack)
+
+
+def test_admission_counts_the_face_pack(setup):
+    """The InsightFace sessions stay loaded after a FaceID unit runs, so admission counts the pack's two files."""
+    from darkroom.engine.admission import control_weight_bytes, face_pack_bytes
+    from darkroom.request import GenerationRequest
+
+    req = GenerationRequest(model=str(setup["sd1"]), controlnet=[_unit()], **KW)
+    files = sum((setup["pack"] / name).stat().st_size for name in insightface.PACK_FILES["buffalo_l"])
+    assert files > 0 and face_pack_bytes(setup["engine"], req) == files
+    adapter = (setup["home"].controlnets / "ip-adapter-faceid_tiny.safetensors").stat().st_size
+    assert control_weight_bytes(setup["engine"], req, torch.float32) >= files + adapter // 2
+    canny = req.model_copy(update={"controlnet": [ControlUnit(model="x", module="canny", image=b"")]})
+    assert face_pack_bytes(setup["engine"], canny) == 0

@@ -268,8 +268,9 @@ def control_weight_bytes(engine, req: GenerationRequest, dtype) -> int:
     a pickle by its file size); their activations are left to the UNet's margin. 0 when a name is unknown:
     generating says so."""
     names = {u.model for u in req.controlnet if u.active and not u.model_free}
+    extra = clip_tower_bytes(engine, req, dtype) + face_pack_bytes(engine, req)
     if not names:
-        return clip_tower_bytes(engine, req, dtype)  # ReVision units: a tower, no model
+        return extra  # ReVision units: a tower, no model
     from darkroom.control.files import find_controlnets, resolve
     from darkroom.control.load import parameter_count
 
@@ -287,7 +288,32 @@ def control_weight_bytes(engine, req: GenerationRequest, dtype) -> int:
             total += count * dtype.itemsize if count is not None else path.stat().st_size
         except (DarkroomError, OSError):
             continue
-    return total + clip_tower_bytes(engine, req, dtype)
+    return total + extra
+
+
+def face_pack_bytes(engine, req: GenerationRequest) -> int:
+    """Bytes of the InsightFace files (ONNX, fp32 as on disk) the request's FaceID and InstantID units load: the
+    sessions stay loaded between requests (annotators.insightface keeps a few), so a first use needs their room."""
+    from darkroom.control.annotators import insightface
+    from darkroom.control.preprocess import MODULES, annotator_dirs, canonical_module
+
+    packs = set()
+    for unit in req.controlnet:
+        try:
+            pack = MODULES[canonical_module(unit.module)].face_pack if unit.active else None
+        except (DarkroomError, KeyError):
+            continue
+        if pack is not None:
+            packs.add(pack)
+    total = 0
+    dirs = annotator_dirs(engine.library.home) if packs else []
+    for pack in packs:
+        try:
+            folder = insightface.pack_dir(pack, dirs)
+            total += sum((folder / name).stat().st_size for name in insightface.PACK_FILES[pack])
+        except (DarkroomError, OSError):
+            continue  # missing: preparing the unit says so
+    return total
 
 
 def clip_tower_bytes(engine, req: GenerationRequest, dtype) -> int:
