@@ -333,3 +333,42 @@ def test_a_reference_unit_runs_without_a_model(open_page):
     assert unit["module"] == "reference_only" and unit["model"] == "None"
     expect(page.locator("#results pre.infotext")).to_contain_text('ControlNet 0: "Module: reference_only, Model: None')
     rec.check()
+
+
+def test_more_pictures_merge_into_a_unit_or_run_as_a_batch(open_page, tmp_path):
+    """"More pictures" beside the control image: "Merge" sends them as the unit's merge_images (one job, one
+    infotext entry per picture); "Batch" sends the control image and them as batch_images (one run each)."""
+    files = []
+    for k, colour in enumerate(("white", "gray")):
+        picture = Image.new("RGB", (64, 64), "black")
+        ImageDraw.Draw(picture).ellipse((10 + 8 * k, 10, 50, 50), outline=colour, width=3)
+        files.append(tmp_path / f"frame{k}.png")
+        picture.save(files[-1])
+    page, rec = open_page()
+    bodies = _job_bodies(page)
+    _small_job(page)
+    _open_section(page)
+    page.click("#cn0-draw")
+    _draw(page, page.locator("#cn0-canvas"), 0.2, 0.2, 0.7, 0.7)
+    _pick_model(page)
+    page.select_option("#cn0-module", "none")
+    expect(page.locator("#cn0-more-mode")).to_be_hidden()  # nothing to merge or batch yet
+    page.set_input_files("#cn0-more-file", [str(f) for f in files])
+    expect(page.locator("#cn0-more-count")).to_have_text("2 more pictures")
+    expect(page.locator("#cn0-more-list img")).to_have_count(2)
+    page.select_option("#cn0-more-mode", "batch")
+    page.click("#generate")
+    expect(page.locator("#progress-text")).to_have_text(re.compile(r"^Done · 3 images"))
+    unit = bodies[-1]["controlnet"][0]
+    assert len(unit["batch_images"]) == 3 and unit["batch_images"][0] == unit["image"] and "merge_images" not in unit
+    assert [_decode(u).size for u in unit["batch_images"][1:]] == [(64, 64), (64, 64)]
+    page.select_option("#cn0-more-mode", "merge")
+    page.click("#generate")
+    expect(page.locator("#progress-text")).to_have_text(re.compile(r"^Done · 1 image"))
+    unit = bodies[-1]["controlnet"][0]
+    assert len(unit["merge_images"]) == 2 and "batch_images" not in unit
+    expect(page.locator("#results pre.infotext").first).to_contain_text("ControlNet 2:")  # unfolded: 3 entries
+    page.click("#cn0-more-clear")
+    expect(page.locator("#cn0-more-count")).to_have_text("none")
+    expect(page.locator("#cn0-more-mode")).to_be_hidden()
+    rec.check()

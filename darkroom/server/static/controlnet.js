@@ -51,6 +51,11 @@
     processor_res: 'The resolution the preprocessor works at: higher finds finer detail and takes longer.',
     slider: 'A setting of this preprocessor (for canny, the edge thresholds: lower values find more edges).',
     preview: 'Run the preprocessor now and show the map the model will see; "Use map as control image" keeps it.',
+    more: 'More pictures for this unit, beside its control image. Choose several files at once; each is kept in the '
+      + 'order chosen.',
+    more_mode: '"Merge" gives the unit all its pictures at once: an IP-Adapter averages them, any other unit runs once '
+      + 'per picture at a share of the weight. "Batch" runs the whole job once per picture (the control image '
+      + 'first), each run with the same seed: for a sequence of frames or poses.',
   };
 
   const C = { models: [], modules: [], units: [], active: 0, section: null };
@@ -118,6 +123,19 @@
     u.brushField = el('div', { className: 'cn-brush-row' }, field('Brush size', u.brush.range, 'brush', u.brush.row),
       field('Brush colour', u.pen, 'pen'));
     u.brushField.hidden = true;
+    u.more = [];
+    u.moreFile = el('input', { type: 'file', id: id('more-file'), className: 'sr-only', tabIndex: -1, multiple: true,
+      accept: 'image/png,image/jpeg,image/webp', 'aria-label': `Add more pictures to unit ${i + 1}` });
+    const morePick = el('button', { type: 'button', className: 'btn btn-small', id: id('more-pick'), textContent: 'Add pictures…' });
+    u.moreClear = el('button', { type: 'button', className: 'btn btn-small', id: id('more-clear'), textContent: 'Clear them', hidden: true });
+    u.moreCount = el('span', { className: 'muted', id: id('more-count'), textContent: 'none', 'aria-live': 'polite' });
+    u.moreList = el('div', { className: 'cn-more-list', id: id('more-list') });
+    u.moreMode = select(id('more-mode'), ['merge', 'batch']);
+    u.moreMode.options[0].textContent = 'Merge into this unit';
+    u.moreMode.options[1].textContent = 'Batch: one run per picture';
+    const moreHelp = helpFor(morePick, 'more', 'More pictures');
+    u.moreModeField = field('Use them as', u.moreMode, 'more_mode');
+    u.moreModeField.hidden = true;
     u.drop = el('div', { className: 'drop-zone cn-drop', id: id('drop') }, u.hint, u.img, u.canvas,
       el('div', { className: 'inline cn-filebar' }, u.file, pick, draw, u.clear, u.remove));
     const imageHelp = helpFor(u.file, 'image', 'Control image');
@@ -147,6 +165,10 @@
       el('div', { className: 'cn-image-row' },
         el('div', { className: 'label-row' }, el('span', { className: 'label', textContent: 'Control image' }), imageHelp.btn),
         u.drop, imageHelp.p, u.brushField),
+      el('div', { className: 'cn-more' },
+        el('div', { className: 'label-row' }, el('span', { className: 'label', textContent: 'More pictures' }), moreHelp.btn),
+        el('div', { className: 'inline cn-more-bar' }, u.moreFile, morePick, u.moreClear, u.moreCount),
+        moreHelp.p, u.moreList, u.moreModeField),
       el('div', { className: 'section-body grid cn-grid' },
         field('Preprocessor', u.module, 'module'),
         field('Model', u.model, 'model'),
@@ -170,6 +192,15 @@
       const url = isResultDrag(e) ? e.dataTransfer.getData(DR.IMAGE_TYPE) : null;
       if (url) useAsControl(url, i);
     });
+    morePick.addEventListener('click', () => u.moreFile.click());
+    u.moreFile.addEventListener('change', async () => {
+      for (const f of [...u.moreFile.files]) await DR.loadImageFile(f, (url) => { u.more.push(url); });
+      u.moreFile.value = '';
+      showMore(u);
+      changed();
+    });
+    u.moreClear.addEventListener('click', () => { u.more = []; showMore(u); changed(); });
+    u.moreMode.addEventListener('change', changed);
     draw.addEventListener('click', () => startDrawing(u));
     u.clear.addEventListener('click', () => { blank(u); u.drawn = false; changed(); });
     u.remove.addEventListener('click', () => { u.image = null; u.prepared = false; u.mode = 'image'; u.drawn = false; showImage(u); changed(); });
@@ -211,6 +242,15 @@
     u.remove.hidden = !drawing && !u.image;
     u.hint.hidden = drawing || Boolean(u.image);
     u.drop.classList.toggle('loaded', drawing || Boolean(u.image));
+  }
+
+  function showMore(u) {
+    const n = u.more.length;
+    u.moreList.replaceChildren(...u.more.map((url, k) => el('img', { className: 'cn-more-thumb', src: url,
+      alt: `Picture ${k + 2} of unit ${u.i + 1}` })));
+    u.moreCount.textContent = n ? `${n} more picture${n === 1 ? '' : 's'}` : 'none';
+    u.moreClear.hidden = !n;
+    u.moreModeField.hidden = !n;
   }
 
   /** The generation size (the fields, else their placeholders: the model's or the source's size). */
@@ -609,7 +649,10 @@
         if (!image && !(DR.isImg2img && DR.isImg2img())) {
           throw new Error(`ControlNet unit ${u.i + 1}: choose or draw a control image (or turn the unit off)`);
         }
-        return { ...settingsOf(u), enabled: true, image, prepared: Boolean(u.prepared && image) };
+        if (!u.more.length) return { ...settingsOf(u), enabled: true, image, prepared: Boolean(u.prepared && image) };
+        if (!image) throw new Error(`ControlNet unit ${u.i + 1}: its more pictures need a control image too`);
+        const more = u.moreMode.value === 'batch' ? { batch_images: [image, ...u.more] } : { merge_images: [...u.more] };
+        return { ...settingsOf(u), enabled: true, image, prepared: false, ...more }; // the extra pictures are photos
       });
     },
     apply(req, notes, { restoring } = {}) {
