@@ -153,8 +153,8 @@ def test_openpose_is_listed_and_a_missing_file_is_named(tmp_path):
     assert "openpose needs body_pose_model.pth" in str(err.value)
     assert "annotator/downloads/openpose" in str(err.value) and str(tmp_path / "b") in str(err.value)
     assert pp.module_status("openpose", [tmp_path])[0] is False
-    with pytest.raises(InvalidRequest, match="cannot run the densepose .* preprocessor yet"):
-        pp.canonical_module("densepose")
+    with pytest.raises(InvalidRequest, match="cannot run the mediapipe_face preprocessor yet"):
+        pp.canonical_module("mediapipe_face")
 
 
 def test_released_widths_run_end_to_end():

@@ -305,9 +305,10 @@ def test_module_names_and_aliases():
     assert pp.canonical_module("fake_scribble") == "scribble_hed"
     with pytest.raises(InvalidRequest, match="available: none, .*canny"):
         pp.canonical_module("sharpen_everything")
-    with pytest.raises(InvalidRequest, match="cannot run the densepose .* preprocessor yet.*module none"):
-        pp.canonical_module("densepose")
-    for name in ("densepose", "depth_hand_refiner", "mediapipe_face", "depth_leres++"):
+    with pytest.raises(InvalidRequest, match="cannot run the mediapipe_face preprocessor yet.*module none"):
+        pp.canonical_module("mediapipe_face")
+    assert pp.canonical_module("densepose (pruple bg & purple torso)") == "densepose"
+    for name in ("depth_hand_refiner", "mediapipe_face", "depth_leres++"):
         with pytest.raises(InvalidRequest, match="cannot run"):
             pp.detect(name, Image.new("RGB", (8, 8)))
 
@@ -486,6 +487,9 @@ def test_no_preprocessor_touches_the_network(tmp_path):
 
     pack(full)  # FaceID's buffalo_l
     pack(full, name="antelopev2")  # InstantID's
+    from darkroom.testing.tiny_densepose import build
+
+    build(full / "densepose_r50_fpn_dl.torchscript")
     im = _square(64)
     mask = Image.new("L", (64, 64), 255)
     for name in pp.module_list()["module_list"]:

@@ -214,6 +214,15 @@ def _manga_line(img, res, a, b, ctx):
     return manga_line.detect(img, res, ctx.dirs, device=ctx.device)
 
 
+def _densepose(cmap: str) -> Callable:
+    def run(img, res, a, b, ctx):
+        from darkroom.control.annotators import densepose
+
+        return densepose.detect(img, res, ctx.dirs, cmap=cmap, device=ctx.device)
+
+    return run
+
+
 def _anime_face(img, res, a, b, ctx):
     from darkroom.control.annotators import anime_face
 
@@ -314,6 +323,10 @@ MODULES: dict[str, Module] = {m.name: m for m in (
     Module("depth_anything_v2", "depth_anything_v2", _depth_anything(True), resolution_slider=False,
            weights=(("depth_anything_v2_vitl.safetensors", "depth_anything_v2"),)),
     Module("anime_face_segment", "seg_anime_face", _anime_face, weights=(("UNet.pth", "anime_face_segment"),)),
+    Module("densepose", "densepose (pruple bg & purple torso)", _densepose("viridis"),  # the extension's spelling
+           weights=(("densepose_r50_fpn_dl.torchscript", "densepose"),)),
+    Module("densepose_parula", "densepose_parula (black bg & blue torso)", _densepose("parula"),
+           weights=(("densepose_r50_fpn_dl.torchscript", "densepose"),)),
     Module("segmentation", "seg_ufade20k", _segmentation, weights=(("upernet_global_small.pth", "uniformer"),)),
     # the extension hides OneFormer's resolution slider; the map still comes at the unit's resolution
     Module("oneformer_ade20k", "seg_ofade20k", _oneformer("ade20k"), resolution_slider=False, priority=100,
@@ -369,9 +382,7 @@ _OLD_NAMES = {"fake_scribble": "scribble_hed",  # v1.0: HED made into a scribble
 # What the extension offers and Darkroom cannot run yet: key -> display name.
 _NOT_YET = {
     "depth_leres++": "depth_leres++",
-    "depth_hand_refiner": "depth_hand_refiner",
-    "densepose": "densepose (pruple bg & purple torso)",
-    "densepose_parula": "densepose_parula (black bg & blue torso)", "mediapipe_face": "mediapipe_face",
+    "depth_hand_refiner": "depth_hand_refiner", "mediapipe_face": "mediapipe_face",
 }
 
 _ADVICE = {

@@ -47,6 +47,7 @@ _HUB_PATHS: dict[str, tuple[str, ...]] = {
     "MTEED.pth": ("TheMistoAI", "MistoLine", "Anyline"),  # Anyline
     "UNet.pth": ("bdsqlsz", "qinglong_controlnet-lllite", "Annotators"),  # anime face segmentation
     "dsine.pt": ("bdsqlsz", "qinglong_controlnet-lllite", "Annotators"),
+    "densepose_r50_fpn_dl.torchscript": ("LayerNorm", "DensePose-TorchScript-with-hint-image"),
     "yolox_l.onnx": ("yzd-v", "DWPose"), "dw-ll_ucoco_384.onnx": ("yzd-v", "DWPose"),
     "rtmpose-m_simcc-ap10k_pt-aic-coco_210e-256x256-7a041aa1_20230206.onnx": (
         "bdsqlsz", "qinglong_controlnet-lllite", "Annotators"),
