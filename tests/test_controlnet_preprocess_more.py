@@ -536,3 +536,32 @@ def test_area_shrink_is_opencvs_inter_area():
     assert float(grey[3, 4]) == pytest.approx(0.5343533754, abs=1e-6) and float(grey.sum()) == pytest.approx(
         207.2604675, abs=1e-4)
     assert int(imageops.resize(img[:44, :60], 30, 22, imageops.AREA).astype(np.int64).sum()) == 247382  # 2x: exact
+
+
+def test_cubic_is_opencvs_inter_cubic():
+    """The extension enlarges pictures with cv2.INTER_CUBIC (a = -0.75; PIL's BICUBIC, used before, has a = -0.5
+    and was up to 12 levels off). tests/data/opencv_cubic_reference.npz holds OpenCV 5.1.0's own results
+    (opencv-python-headless in a throwaway venv, numpy's default_rng(20261206) inputs, 7 uint8 and 2 float32
+    cases: enlarging, shrinking, uneven factors, 1 and 3 channels, with cv2.ipp.setUseIPP(False) and True).
+    uint8 must equal OpenCV's own path exactly and IPP's (most x86 pip wheels) within 1 level; floats within 1e-3."""
+    from pathlib import Path
+
+    from darkroom.control.annotators import imageops
+
+    with np.load(Path(__file__).parent / "data" / "opencv_cubic_reference.npz") as ref:
+        data = dict(ref)
+    cases = sorted({k.rsplit("_", 1)[0] for k in data if k.endswith("_in")})
+    assert len(cases) == 9
+    for case in cases:
+        img, generic, ipp = data[f"{case}_in"], data[f"{case}_generic"], data[f"{case}_ipp"]
+        out = imageops.resize(img, generic.shape[1], generic.shape[0], imageops.CUBIC)
+        out = out.reshape(generic.shape)
+        if img.dtype == np.uint8:
+            assert out.dtype == np.uint8
+            np.testing.assert_array_equal(out, generic, err_msg=case)
+            assert np.abs(out.astype(np.int64) - ipp).max() <= 1, case
+        else:
+            np.testing.assert_allclose(out, generic, atol=1e-3, rtol=0, err_msg=case)
+            np.testing.assert_allclose(out, ipp, atol=2e-3, rtol=0, err_msg=case)
+    grey = data["u8_0_in"][:, :, 0]  # a 2-D picture keeps its shape
+    assert imageops.resize(grey, 90, 64, imageops.CUBIC).shape == (64, 90)

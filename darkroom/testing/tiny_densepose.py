@@ -14,6 +14,7 @@ tests/test_controlnet_densepose.py).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -78,5 +79,7 @@ def build(path: Path) -> Path:
     model = TinyDensePose().eval().requires_grad_(False)
     _fill(model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.jit.save(torch.jit.script(model), str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated; the real file is TorchScript
+        torch.jit.save(torch.jit.script(model), str(path))
     return path

@@ -18,6 +18,7 @@ Unlike the extension, a box that reaches past the picture is clipped to it (the 
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -84,7 +85,8 @@ def load(path: Path) -> torch.jit.ScriptModule:
     TorchScript archive, or that calls an operator Darkroom lacks, is a clear ModelLoadError."""
     tv_ops.ensure_registered()
     try:
-        with open_regular(path, what="a TorchScript model file") as fh:
+        with open_regular(path, what="a TorchScript model file") as fh, warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated; the file is TorchScript
             model = torch.jit.load(fh, map_location="cpu")
     except NotARegularFile as e:
         raise ModelLoadError(str(e)) from None
