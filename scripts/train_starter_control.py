@@ -314,7 +314,7 @@ def export(controlnet: ControlNetModel, out: Path, step: int, args) -> Path:
         "darkroom.base": "darkroom-starter",
         "description": "Darkroom's tiny demo ControlNet for the starter model: white outlines on black "
                        "(a scribble or canny map, 128 px) place the objects",
-        "darkroom_train_steps": str(step),
+        "darkroom_train_steps": str(step + args.steps_before),
         "darkroom_control_type": "scribble/canny outlines",
     }
     weights = {k: v.detach().to(torch.float16).contiguous() for k, v in controlnet.state_dict().items()}
@@ -373,6 +373,8 @@ def main() -> None:
     ap.add_argument("--twin-share", type=float, default=0.0,
                     help="chance that a drawn pair comes with its colour-swapped twin (same map, noise and t)")
     ap.add_argument("--init", type=Path, default=None, help="start from this exported ControlNet file")
+    ap.add_argument("--steps-before", type=int, default=0,
+                    help="export: steps the --init file had been trained for (added to darkroom_train_steps)")
     ap.add_argument("--probe-every", type=int, default=250)
     ap.add_argument("--until-minutes", type=float, default=None, help="stop training cleanly after this long")
     ap.add_argument("--threads", type=int, default=2)
