@@ -147,3 +147,36 @@ def test_generate_with_a_controlnet_and_rerun_from_png(sd1_and_cn, shape, tmp_pa
     assert r.exit_code == 0, r.output
     [other] = (tmp_path / "other").glob("*.png")
     assert "Weight: 0.5" in parse_infotext(read_image_metadata(other).parameters)["ControlNet 0"]
+
+
+def test_a_batch_folder_runs_once_per_picture(sd1_and_cn, tmp_path):
+    """batch=FOLDER: the job once per picture of the folder (name order), the same seed each time; each image
+    equals a plain run with that picture; an empty or missing folder is a one-line error."""
+    home = sd1_and_cn
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    drawn_shape(frames / "frame0.png")
+    other = Image.new("RGB", (64, 64), "black")
+    ImageDraw.Draw(other).ellipse((4, 30, 30, 60), fill="white")
+    other.save(frames / "frame1.png")
+    (frames / "notes.txt").write_text("not a picture")
+    common = ["--model", "tiny-sd1", "--steps", "2", "--seed", "5", "-W", "64", "-H", "64", "--sampler", "Euler",
+              "--precision", "fp32"]
+    r = run(home, "generate", "a square", *common, "-o", str(tmp_path / "batch"),
+            "--controlnet", f"model=cn-tiny,batch={frames}")
+    assert r.exit_code == 0, r.output
+    assert "2 image(s) from 2 control pictures" in r.output and "seed 5" in r.output
+    made = sorted((tmp_path / "batch").glob("*.png"))
+    assert len(made) == 2
+    for k, image in enumerate(made):
+        r = run(home, "generate", "a square", *common, "-o", str(tmp_path / f"alone{k}"),
+                "--controlnet", f"model=cn-tiny,image={frames / f'frame{k}.png'}")
+        assert r.exit_code == 0, r.output
+        [alone] = (tmp_path / f"alone{k}").glob("*.png")
+        assert Image.open(alone).tobytes() == Image.open(image).tobytes(), k
+    assert Image.open(made[0]).tobytes() != Image.open(made[1]).tobytes()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder, needle in ((tmp_path / "nowhere", "not found"), (empty, "holds no PNG, JPEG or WebP")):
+        r = run(home, "generate", "a square", *common, "--controlnet", f"model=cn-tiny,batch={folder}")
+        assert r.exit_code != 0 and needle in r.output and "Traceback" not in r.output, r.output

@@ -22,7 +22,7 @@ OPTION = "--controlnet"
 ALIASES = {"start": "guidance_start", "end": "guidance_end", "mode": "control_mode", "resize": "resize_mode",
            "res": "processor_res", "resolution": "processor_res", "a": "threshold_a", "b": "threshold_b",
            "guess": "guess_mode", "pp": "pixel_perfect", "hr": "hr_option",
-           "preprocessor": "module", "input_image": "image", "union": "union_control_type"}
+           "preprocessor": "module", "input_image": "image", "union": "union_control_type", "batch": "batch_images"}
 # short words for the enumerations (the full names and 0/1/2 work too)
 WORDS = {
     "control_mode": {"balanced": CONTROL_MODES[0], "prompt": CONTROL_MODES[1], "control": CONTROL_MODES[2],
@@ -37,7 +37,9 @@ HELP = ("A ControlNet unit (repeat for several): comma-separated key=value, e.g.
         " mask, module, weight, start, end, mode (balanced, prompt, control), resize (just-resize, crop, fill), res,"
         " a, b (the preprocessor's thresholds), pixel_perfect, guess_mode, hr (both, low, high), prepared (the image"
         " is the module's map already: recorded, not run), union (a ControlNet Union model's control type: openpose,"
-        " depth, softedge, canny, normal, seg, tile, inpaint; default: from the module). The reference modules"
+        " depth, softedge, canny, normal, seg, tile, inpaint; default: from the module), batch (a folder of"
+        " pictures: the whole job runs once per picture, in name order, each with the same seed; for frames)."
+        " The reference modules"
         " (reference_only, reference_adain, reference_adain+attn; a: style fidelity) need no model. With --from-png it"
         " replaces the image's units. `darkroom controlnet list` shows the models and preprocessors.")
 
@@ -56,6 +58,26 @@ def _file(value: str, key: str, spec: str) -> bytes:
         raise _bad(spec, str(e)) from None
     except OSError as e:
         raise _bad(spec, f"cannot read {key} file {str(path)!r}: {e.strerror or e}") from None
+
+
+PICTURES = (".png", ".jpg", ".jpeg", ".webp")
+MAX_BATCH = ControlUnit.model_fields["batch_images"].metadata[0].max_length
+
+
+def _folder(value: str, spec: str) -> list[bytes]:
+    """The pictures (PNG, JPEG, WebP) of a folder, in name order: a batch unit's control images."""
+    folder = Path(value).expanduser()
+    if not folder.is_dir():
+        raise _bad(spec, f"batch folder {str(folder)!r} not found (batch=FOLDER: a folder of control pictures)")
+    try:
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in PICTURES and p.is_file())
+    except OSError as e:
+        raise _bad(spec, f"cannot list batch folder {str(folder)!r}: {e.strerror or e}") from None
+    if not files:
+        raise _bad(spec, f"batch folder {str(folder)!r} holds no PNG, JPEG or WebP pictures")
+    if len(files) > MAX_BATCH:
+        raise _bad(spec, f"batch folder {str(folder)!r} holds {len(files)} pictures; at most {MAX_BATCH} at once")
+    return [_file(str(path), "batch", spec) for path in files]
 
 
 def parse_unit(spec: str) -> ControlUnit:
@@ -79,6 +101,8 @@ def parse_unit(spec: str) -> ControlUnit:
             value = "true"
         if name in ("image", "mask"):
             fields[name] = _file(value, name, spec)
+        elif name == "batch_images":
+            fields[name] = _folder(value, spec)
         else:
             fields[name] = WORDS.get(name, {}).get(value.lower(), value)
     if not fields:

@@ -197,6 +197,10 @@ def generate(obj: Context, prompt, negative_prompt, model, n_iter, batch_size, s
         return _generate_sd_upscale(engine, req, sd_upscale, sd_upscale_overlap, sd_upscale_upscaler, out_dir, cancel)
     if any(axes):
         return _generate_grid(obj, engine, req, axes, output, out_dir, cancel)
+    from darkroom.services.control_batch import has_batch
+
+    if has_batch(req):
+        return _generate_control_batch(engine, req, out_dir, cancel)
     progress = _Progress(req)
     with _sigint_cancels(cancel):
         try:
@@ -212,6 +216,26 @@ def generate(obj: Context, prompt, negative_prompt, model, n_iter, batch_size, s
     click.echo(f"{done} (seed {result.seeds[0] if result.seeds else req.seed}; load {t.get('load', 0):.1f}s,"
                f" sampling {t.get('sampling', 0):.1f}s, total {t.get('total', 0):.1f}s)", err=True)
     log.info("generated %d image(s) into %s", len(result.images), out_dir)
+    if result.interrupted:
+        sys.exit(130)
+
+
+def _generate_control_batch(engine, req, out_dir: Path, cancel) -> None:
+    """A ControlNet batch unit (batch=FOLDER): the job once per picture, as the extension's batch input."""
+    from darkroom.services.control_batch import plan_control_batch, run_control_batch
+
+    plan = plan_control_batch(engine, req)
+    progress = _Progress(req, total=plan.total_steps)
+    with _sigint_cancels(cancel):
+        try:
+            result = run_control_batch(engine, plan, output_dir=out_dir, on_step=progress.update, cancel=cancel)
+        finally:
+            progress.close()
+    for image in result.images:
+        click.echo(image.path)
+    done = f"{len(result.images)} image(s) from {len(plan.requests)} control pictures in {out_dir}"
+    click.echo(("interrupted: kept " if result.interrupted else "") + done
+               + f" (seed {plan.requests[0].seed}; total {result.timings.get('total', 0):.1f}s)", err=True)
     if result.interrupted:
         sys.exit(130)
 
