@@ -31,6 +31,7 @@ _UNION_WORDS = {"pose": 0, "openpose": 0, "depth": 1, "softedge": 2, "hed": 2, "
                 "repaint": 7}
 """Other spellings clients use: the extension's from_str words, xinsir's and ComfyUI's names."""
 MAX_UNITS = 8
+MAX_BATCH_IMAGES = 1000  # pictures of one batch unit (the extension's input_mode "batch")
 MODEL_FREE_MODULES = ("reference_only", "reference_adain", "reference_adain+attn", "revision_clipvision",
                       "revision_ignore_prompt")
 """The extension's model-free preprocessors Darkroom runs (darkroom.control.reference, .vision_prompt): no
@@ -95,9 +96,10 @@ class ControlUnit(BaseModel):
         " \"merge\"): an IP-Adapter unit averages the tokens of `image` and these; any other unit runs once per"
         " picture, each at weight / their count.")
     batch_images: list[bytes] | None = Field(
-        None, repr=False, max_length=1000, description="The extension's batch input (input_mode \"batch\"): the"
-        " whole job runs once per picture, this unit taking the next one each time (with no mask), every run with"
-        " the same seed; with several batch units, as many runs as the shortest list. Runs through the job queue.")
+        None, repr=False, max_length=MAX_BATCH_IMAGES, description="The extension's batch input (input_mode"
+        " \"batch\"): the whole job runs once per picture, this unit taking the next one each time (with no mask),"
+        " every run with the same seed; with several batch units, as many runs as the shortest list. Runs through"
+        " the job queue.")
     merge_masks: list[bytes | None] | None = Field(
         None, repr=False, max_length=16, description="A mask for each of `merge_images` (None: no mask), as"
         " `mask` is for `image`: the extension's merge input gives every picture its own.")

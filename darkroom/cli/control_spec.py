@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 import pydantic
 
-from darkroom.control_unit import CONTROL_MODES, HR_OPTIONS, RESIZE_MODES, ControlUnit
+from darkroom.control_unit import CONTROL_MODES, HR_OPTIONS, MAX_BATCH_IMAGES, RESIZE_MODES, ControlUnit
 from darkroom.errors import DarkroomError
 from darkroom.fsutil import read_regular
 from darkroom.metadata.images import MAX_IMAGE_FILE_BYTES
@@ -61,7 +61,6 @@ def _file(value: str, key: str, spec: str) -> bytes:
 
 
 PICTURES = (".png", ".jpg", ".jpeg", ".webp")
-MAX_BATCH = ControlUnit.model_fields["batch_images"].metadata[0].max_length
 
 
 def _folder(value: str, spec: str) -> list[bytes]:
@@ -75,8 +74,9 @@ def _folder(value: str, spec: str) -> list[bytes]:
         raise _bad(spec, f"cannot list batch folder {str(folder)!r}: {e.strerror or e}") from None
     if not files:
         raise _bad(spec, f"batch folder {str(folder)!r} holds no PNG, JPEG or WebP pictures")
-    if len(files) > MAX_BATCH:
-        raise _bad(spec, f"batch folder {str(folder)!r} holds {len(files)} pictures; at most {MAX_BATCH} at once")
+    if len(files) > MAX_BATCH_IMAGES:
+        raise _bad(spec, f"batch folder {str(folder)!r} holds {len(files)} pictures; at most {MAX_BATCH_IMAGES}"
+                         " at once")
     return [_file(str(path), "batch", spec) for path in files]
 
 

@@ -18,7 +18,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,6 +50,18 @@ class StepEvent:
 
 
 StepCallback = Callable[[StepEvent], None]
+
+
+def renumbered_batches(on_step: StepCallback | None, first: int, count: int) -> StepCallback | None:
+    """`on_step` seeing one generation of a longer job (an SD upscale's tile, a ControlNet batch's run): its batches
+    numbered from `first`, out of `count` in all, so a progress bar reads "batch 3 of 12" across the whole job."""
+    if on_step is None:
+        return None
+
+    def step(event: StepEvent) -> None:
+        on_step(replace(event, batch_index=first + event.batch_index, batch_count=count))
+
+    return step
 
 
 class Guidance:

@@ -19,7 +19,7 @@ from typing import Any
 import pydantic
 from pydantic import BaseModel, ConfigDict
 
-from darkroom.control_unit import CORE_ONLY, MAX_UNITS, ControlUnit
+from darkroom.control_unit import CORE_ONLY, MAX_BATCH_IMAGES, MAX_UNITS, ControlUnit
 from darkroom.errors import DarkroomError, InvalidRequest
 from darkroom.server.common import location
 from darkroom.server.uploads import decode_base64_image, open_image
@@ -238,8 +238,8 @@ def _batch_images(value: Any, mode: str, where: str) -> list[bytes] | None:
     if not isinstance(value, (list, tuple)) or not value:
         raise InvalidRequest(f"{where}.batch_images: input_mode \"batch\" needs a list of base64 pictures (the"
                              " job runs once per picture)")
-    if len(value) > 1000:
-        raise InvalidRequest(f"{where}.batch_images: {len(value)} pictures; at most 1000 in one request")
+    if len(value) > MAX_BATCH_IMAGES:
+        raise InvalidRequest(f"{where}.batch_images: {len(value)} pictures; at most {MAX_BATCH_IMAGES} in one request")
     out = []
     for i, entry in enumerate(value):
         picture = entry.get("image") if isinstance(entry, dict) else entry
@@ -283,11 +283,10 @@ class NativeUnit(BaseModel):
     def to_unit(self, where: str) -> ControlUnit:
         fields = self.model_dump(exclude={"image", "mask", "effective_region_mask", "merge_images", "merge_masks",
                                           "batch_images"})
-        unit = build_unit(fields, where)
         more = [_image(b64, f"{where}.merge_images[{i}]") for i, b64 in enumerate(self.merge_images or [])]
         masks = None if self.merge_masks is None else [
             _image(b64, f"{where}.merge_masks[{i}]") for i, b64 in enumerate(self.merge_masks)]
-        return build_unit(unit.model_dump() | {
+        return build_unit(fields | {
             "image": _image(self.image, f"{where}.image"), "mask": _image(self.mask, f"{where}.mask"),
             "effective_region_mask": _image(self.effective_region_mask, f"{where}.effective_region_mask"),
             "merge_images": more or None, "merge_masks": masks,

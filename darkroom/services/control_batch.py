@@ -11,7 +11,6 @@ An interrupt stops the run in progress and starts no other; a skip skips the cur
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +35,10 @@ class ControlBatchPlan:
     @property
     def total_steps(self) -> int:
         return sum(r.steps_per_batch * r.n_iter for r in self.requests)
+
+    @property
+    def images_total(self) -> int:
+        return sum(r.batch_size * r.n_iter for r in self.requests)
 
 
 @dataclass
@@ -79,6 +82,8 @@ def plan_control_batch(engine, request: GenerationRequest) -> ControlBatchPlan:
 def run_control_batch(engine, plan: ControlBatchPlan, *, output_dir: Path | None = None, on_step=None,
                       cancel=None, skip=None, on_image: Callable[[Any], None] | None = None) -> ControlBatchResult:
     """Run the plan's requests in turn; progress counts every run's batches as the job's batches."""
+    from darkroom.engine.sampling import renumbered_batches
+
     result = ControlBatchResult()
     t0 = time.perf_counter()
     offset = 0
@@ -86,7 +91,7 @@ def run_control_batch(engine, plan: ControlBatchPlan, *, output_dir: Path | None
         if cancel is not None and cancel.is_set():
             result.interrupted = True
             break
-        done = engine.generate(request, on_step=_offset_progress(on_step, offset, plan.runs), cancel=cancel,
+        done = engine.generate(request, on_step=renumbered_batches(on_step, offset, plan.runs), cancel=cancel,
                                skip=skip, output_dir=output_dir, on_image=on_image)
         offset += request.n_iter
         for key, value in done.timings.items():
@@ -99,13 +104,3 @@ def run_control_batch(engine, plan: ControlBatchPlan, *, output_dir: Path | None
     result.timings["total"] = time.perf_counter() - t0
     return result
 
-
-def _offset_progress(on_step, offset: int, count: int):
-    """Progress events with this run's batches numbered after the earlier runs' ones."""
-    if on_step is None:
-        return None
-
-    def step(event: Any) -> None:
-        on_step(dataclasses.replace(event, batch_index=offset + event.batch_index, batch_count=count))
-
-    return step

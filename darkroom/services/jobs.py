@@ -123,11 +123,14 @@ class Job:
 
     @property
     def images_total(self) -> int:
-        """How many images the job makes: every batch, or every cell of an X/Y plot."""
-        cells = getattr(self.plan, "cells", None) or getattr(self.plan, "requests", None)
+        """How many images the job makes: every batch, every cell of an X/Y plot or every run of a ControlNet
+        batch."""
+        planned = getattr(self.plan, "images_total", None)  # a ControlNet batch's runs
+        if planned is not None:
+            return planned
+        cells = getattr(self.plan, "cells", None)
         if cells:
-            return sum(c.request.batch_size * c.request.n_iter if hasattr(c, "request") else c.batch_size * c.n_iter
-                       for c in cells)
+            return sum(c.request.batch_size * c.request.n_iter for c in cells)
         return self.request.batch_size * self.request.n_iter
 
 

@@ -34,7 +34,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from darkroom.errors import Interrupted, InvalidRequest
 
@@ -351,6 +351,7 @@ def run_sd_upscale(engine, plan: SDUpscalePlan, *, output_dir: Path | None = Non
     from PIL import Image
 
     from darkroom.engine.img2img import decode_image
+    from darkroom.engine.sampling import renumbered_batches
 
     result = SDUpscaleResult(images=[])
     t0 = time.perf_counter()
@@ -374,7 +375,7 @@ def run_sd_upscale(engine, plan: SDUpscalePlan, *, output_dir: Path | None = Non
                 result.interrupted = True
                 break
             tile = upscaled.crop(box)
-            step = _tile_progress(on_step, n * len(boxes) + t, plan.runs)
+            step = renumbered_batches(on_step, n * len(boxes) + t, plan.runs)  # a tile is one batch
             done = engine.generate(plan.tile_request(n, t, _png(tile)), on_step=step, cancel=cancel, skip=skip)
             for key, value in done.timings.items():
                 result.timings[key] = result.timings.get(key, 0.0) + value
@@ -398,17 +399,6 @@ def run_sd_upscale(engine, plan: SDUpscalePlan, *, output_dir: Path | None = Non
             on_image(image)
     result.timings["total"] = time.perf_counter() - t0
     return result
-
-
-def _tile_progress(on_step, index: int, count: int):
-    """Progress events with the tile as the batch, so a bar reads "tile 3 of 12"."""
-    if on_step is None:
-        return None
-
-    def step(event: Any) -> None:
-        on_step(dataclasses.replace(event, batch_index=index, batch_count=count))
-
-    return step
 
 
 def run(engine, request: GenerationRequest, options: SDUpscale, **kw) -> SDUpscaleResult:
