@@ -272,7 +272,7 @@ def test_generate_with_the_starter_model_then_history(open_page, tmp_path):
     expect(page.locator("#seed")).to_have_value("8")
 
     # a reload keeps the form (localStorage) and shows the tab's last job again (sessionStorage)
-    page.wait_for_timeout(500)  # the form is saved 400 ms after the last change
+    page.wait_for_function("() => (JSON.parse(localStorage.getItem('darkroom.form.v1')) || {}).seed === 8")  # saved
     page.reload()
     expect(page.locator("#prompt")).to_have_value(PROMPT)
     expect(page.locator("#seed")).to_have_value("8")

@@ -86,6 +86,35 @@ def test_schedule_list_follows_the_sampler(open_page):
     rec.check()
 
 
+def test_a_change_made_while_the_page_loads_survives_the_restore(open_page):
+    """The form is restored twice on load (text fields at once, again once the selects have options):
+    what the user changes in between is theirs and must not be put back to the saved value."""
+    page, rec = open_page()
+    page.select_option("#sampler", "Euler")
+    page.check("#private")
+    page.fill("#steps", "7")
+    page.wait_for_function("() => { const v = JSON.parse(localStorage.getItem('darkroom.form.v1')) || {};"
+                           " return v.sampler === 'Euler' && v.private === true && v.steps === 7; }")
+    held = []
+    page.route("**/api/samplers", lambda route: held.append(route))  # the list is answered when we say
+    page.reload(wait_until="domcontentloaded")
+    page.wait_for_function("() => document.getElementById('steps').value === '7'")  # the first restore
+    expect(page.locator("#private")).to_be_checked()
+    page.uncheck("#private")
+    page.fill("#steps", "9")
+    while not held:  # the request is on its way once the first restore has run; wait for it to be held
+        page.wait_for_timeout(50)
+    held[0].continue_()
+    page.unroute("**/api/samplers")
+    expect(page.locator("#sampler option[value='Euler a']")).to_have_count(1)
+    expect(page.locator("#sampler")).to_have_value("Euler")  # the second restore has run
+    expect(page.locator("#private")).not_to_be_checked()
+    expect(page.locator("#steps")).to_have_value("9")
+    page.wait_for_function("() => { const v = JSON.parse(localStorage.getItem('darkroom.form.v1')) || {};"
+                           " return v.private === false && v.steps === 9; }")
+    rec.check()
+
+
 # ------------------------------------------------------------------------------------------ extras
 
 

@@ -567,10 +567,22 @@
     route();
     const saved = savedForm();
     if (saved) applyValues(saved, { restoring: true }); // text fields right away
+    // What the user changes while the lists load wins over the second restore below.
+    const touched = new Set();
+    const mark = (e) => { if (e.isTrusted && e.target && e.target.id) touched.add(e.target); };
+    document.addEventListener('input', mark, true);
+    document.addEventListener('change', mark, true);
     const results = await Promise.allSettled([loadModels(), loadSamplers(), loadSchedules(), loadFewStep(), DR.refreshStatus(),
       ...DR.loaders.map((f) => f())]);
+    document.removeEventListener('input', mark, true);
+    document.removeEventListener('change', mark, true);
     for (const r of results) if (r.status === 'rejected') showError(r.reason);
-    if (saved) applyValues(saved, { restoring: true }); // again now that the selects have options
+    if (saved) {
+      const kept = [...touched].map((t) => [t, t.type === 'checkbox' || t.type === 'radio' ? t.checked : t.value]);
+      applyValues(saved, { restoring: true }); // again now that the selects have options
+      for (const [t, v] of kept) { if (typeof v === 'boolean') t.checked = v; else t.value = v; }
+      if (kept.length) { syncPreset(); saveForm(); }
+    }
     syncPreset();
     DR.startJobs(); // event stream, status refresh, resume this tab's last job (jobs.js)
   }
