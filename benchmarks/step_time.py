@@ -369,7 +369,11 @@ def run_diffusers(pipe, make_scheduler, steps: int, size: int, monitor: RssMonit
         return kwargs
 
     pipe.scheduler = make_scheduler()
-    with monitor.phase(f"{phase} run"):
+    from darkroom.engine.memory import lean_allocations
+
+    # glibc's own thresholds, as diffusers runs in a process of its own (Darkroom's engine, built first,
+    # changed them for this whole process: darkroom.engine.memory.keep_large_allocations)
+    with monitor.phase(f"{phase} run"), lean_allocations():
         t0 = time.perf_counter()
         latents = pipe(
             PROMPT,

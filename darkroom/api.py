@@ -22,10 +22,12 @@ def build_engine(home: Home, *, device: str | None = None, precision: str | None
     from darkroom.engine.cache import ModelCache
     from darkroom.engine.device import choose_device
     from darkroom.engine.generate import Engine
+    from darkroom.engine.memory import keep_large_allocations
     from darkroom.engine.placement import Placement
     from darkroom.models.library import ModelLibrary
     from darkroom.models.starter import starter_path
 
+    keep_large_allocations()  # before the job thread's first allocation: big layers reuse freed memory
     library = ModelLibrary(home)
     cache = ModelCache(choose_device(device, precision), allow_pickle=allow_pickle, v_prediction=v_prediction)
     cache.placement = Placement(vram, fp8=fp8)

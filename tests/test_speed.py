@@ -63,12 +63,52 @@ def test_unet_and_vae_outputs_are_unchanged(tiny_model, variant):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
 
 
-def test_bf16_outputs_are_unchanged(tiny_model):
+def test_bf16_outputs_stay_within_rounding_and_as_close_to_fp32(tiny_model):
+    """In bf16 the oneDNN epilogues (bias in the GEMM; GEGLU's GELU and gating product) round once
+    where diffusers rounds three times: not the same bits, but no further from an fp32 run."""
     path = tiny_model("sd1")["path"]
-    plain, fast = _load(path, torch.bfloat16), _load(path, torch.bfloat16)
-    speed.optimize(fast)
-    for (a, b) in zip(_run(plain), _run(fast), strict=True):
-        torch.testing.assert_close(b.float(), a.float(), rtol=0, atol=1e-2)
+    plain, fast, exact = _load(path, torch.bfloat16), _load(path, torch.bfloat16), _load(path)
+    counts = speed.optimize(fast)["eager"]["unet"]
+    if speed._fused_linear_available():
+        assert counts["linear_fused_bias"] > 0 and counts["geglu_fused"] > 0
+    for a, b, ref in zip(_run(plain), _run(fast), _run(exact), strict=True):
+        torch.testing.assert_close(b.float(), a.float(), rtol=0, atol=5e-2)
+        err_plain = ((a.float() - ref).norm() / ref.norm()).item()
+        err_fast = ((b.float() - ref).norm() / ref.norm()).item()
+        assert err_fast <= 1.25 * err_plain + 1e-4, (err_fast, err_plain)
+
+
+def _geglu(dim=16, hidden=32, seed=0):
+    from diffusers.models.activations import GEGLU
+
+    torch.manual_seed(seed)
+    mod = GEGLU(dim, hidden).to(torch.bfloat16).eval()
+    x = torch.randn(2, 24, dim, dtype=torch.bfloat16)
+    return mod, x
+
+
+@pytest.mark.skipif(not speed._fused_linear_available(), reason="this torch build has no oneDNN bf16 linear epilogues")
+def test_fused_geglu_follows_weight_changes_and_hooks():
+    plain, x = _geglu()
+    fast, _ = _geglu()
+    assert speed.optimize_module(fast, channels_last=False)["geglu_fused"] == 1
+    assert fast.forward.__func__ is speed._geglu_fused
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x).float(), plain(x).float(), rtol=0.02, atol=0.02)
+        for mod in (plain, fast):  # what a LoRA merge does: the weight changed in place
+            mod.proj.weight.add_(0.5)
+        torch.testing.assert_close(fast(x).float(), plain(x).float(), rtol=0.02, atol=0.05)
+        seen = []
+        handle = fast.proj.register_forward_pre_hook(lambda m, args: seen.append(1) or (args[0] * 0,))
+        try:  # a hook on the projection (an extension's) is honoured: diffusers' path runs
+            assert torch.equal(fast(x), plain(x * 0))
+            assert seen
+        finally:
+            handle.remove()
+        assert not torch.equal(fast(x), plain(x * 0))
+        fp32, _ = _geglu()  # other dtypes keep diffusers' forward
+        speed.optimize_module(fp32.float(), channels_last=False)
+        assert torch.equal(fp32(x.float()), type(fp32).forward(fp32, x.float()))
 
 
 @pytest.fixture(params=["fp32", "bf16"])
@@ -86,7 +126,11 @@ def two_homes(request, tmp_path, tiny_model, engine_factory):
     return out
 
 
-def test_images_and_loras_are_the_same_with_the_speedups(two_homes):
+def _mean_diff(a: bytes, b: bytes) -> float:
+    return sum(abs(x - y) for x, y in zip(a, b, strict=True)) / len(a)
+
+
+def test_images_and_loras_are_the_same_with_the_speedups(two_homes, tmp_path, engine_factory):
     fast, plain = two_homes
     with_lora = REQ.model_copy(update={"prompt": "a red circle <lora:inked:0.8>"})
     images = {}
@@ -96,9 +140,13 @@ def test_images_and_loras_are_the_same_with_the_speedups(two_homes):
     assert "forward" not in vars(plain.cache.current.unet.down_blocks[0].resnets[0])
     if fast.cache.current.dtype == torch.float32:
         assert images["fast"] == images["plain"]
-    else:  # bf16: the same kernels and values here; allow one level for other CPUs' kernels
-        for a, b in zip(images["fast"], images["plain"], strict=True):
-            assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= 1
+    else:  # bf16: the fused epilogues round differently (see the test above), no further from fp32's images
+        exact = engine_factory(Home(tmp_path / "plain"), precision="fp32")
+        exact.cache.speedups = False
+        reference = [_pixels(exact.generate(r).images[0]) for r in (REQ, with_lora)]
+        for ref, a, b in zip(reference, images["plain"], images["fast"], strict=False):
+            assert _mean_diff(a, b) < 3
+            assert _mean_diff(ref, b) <= 1.25 * _mean_diff(ref, a) + 0.5, (_mean_diff(ref, b), _mean_diff(ref, a))
     base, lora, again = images["fast"]
     assert lora != base  # the LoRA merged into the (patched) model's weights takes effect ...
     assert again == base  # ... and is gone afterwards

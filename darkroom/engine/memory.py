@@ -33,7 +33,10 @@ and multiplied by MARGIN, so the estimate errs on the high side.
 from __future__ import annotations
 
 import json
+import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -377,6 +380,63 @@ def _meminfo_available() -> int | None:
 
 
 _LIBC: list = []
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc's mallopt parameters (malloc.h)
+KEEP_FREED_BYTES = 2**31 - 1  # the largest value mallopt takes: big blocks come from the heap and stay mapped
+_KEPT: list[bool] = []
+
+
+def keep_large_allocations() -> bool:
+    """Let glibc reuse big freed blocks instead of handing them back to the system after each op.
+
+    By default glibc serves every block above its mmap threshold (at most 32 MiB) with a fresh
+    `mmap` and unmaps it on free, and a thread other than the main one gets blocks above 64 MiB the
+    same way. A UNet or VAE layer whose output is that large (an SDXL 64x64 feed-forward's 42 MiB
+    GELU half, the VAE's full-resolution maps) then page-faults and zeroes every page of it on every
+    call: a GEMM with such an output ran at half speed here (1,150 against 2,790 GFLOP/s;
+    benchmarks/README.md). So the mmap threshold and the trim threshold go to mallopt's maximum and
+    all threads share the main heap (generation runs on the job thread). Freed memory then stays in
+    the heap for the next layer; `return_freed_memory()` still gives it back between phases and after
+    each generation, and the VAE decode and encode (the peak of a generation, where the heap's holes
+    would add 0.2-0.7 GiB) run with glibc's own thresholds (lean_allocations). Called once per process
+    by `build_engine`, before the job thread starts; $DARKROOM_MALLOC=default leaves glibc's defaults
+    throughout. Elsewhere than glibc: nothing. Returns whether the settings were applied."""
+    if _KEPT:
+        return _KEPT[0]
+    applied = False
+    if os.environ.get("DARKROOM_MALLOC", "").strip().lower() != "default":
+        try:
+            import ctypes
+
+            mallopt = ctypes.CDLL("libc.so.6").mallopt
+            applied = all(mallopt(param, value) == 1 for param, value in (
+                (_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, KEEP_FREED_BYTES), (_M_TRIM_THRESHOLD, KEEP_FREED_BYTES)))
+        except (OSError, AttributeError):
+            applied = False
+    _KEPT.append(applied)
+    return applied
+
+
+GLIBC_MMAP_BYTES = 32 << 20  # where glibc's dynamic mmap threshold settles (its maximum); trim at twice it
+
+
+@contextmanager
+def lean_allocations(lean: bool = True) -> Iterator[None]:
+    """glibc's own thresholds for the block (big blocks mmapped and unmapped on free: no heap holes
+    adding to the peak), where keep_large_allocations applied; as they were afterwards. Process-wide:
+    meant for the one generation the job queue runs at a time."""
+    if not (lean and _KEPT and _KEPT[0]):
+        yield
+        return
+    import ctypes
+
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
+    mallopt(_M_MMAP_THRESHOLD, GLIBC_MMAP_BYTES)
+    mallopt(_M_TRIM_THRESHOLD, 2 * GLIBC_MMAP_BYTES)
+    try:
+        yield
+    finally:
+        mallopt(_M_MMAP_THRESHOLD, KEEP_FREED_BYTES)
+        mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES)
 
 
 def return_freed_memory() -> None:

@@ -114,10 +114,14 @@ def decode(model: LoadedModel, latents: torch.Tensor, *, mode: str = "auto", til
     n, _, h, w = z.shape
     if model.device.type == "cpu":
         memory.return_freed_memory()  # the sampling's freed heap, before the generation's biggest activations
-    if _decide(model, mode, h * f, w * f, n, available):
-        with tiled(vae, tile_pixels):
-            return vae.decode(z).sample.float()
-    return vae.decode(z).sample.float()
+    tile = _decide(model, mode, h * f, w * f, n, available)
+    # glibc's own thresholds: the decode is the peak, and freed blocks kept in the heap for speed
+    # (memory.keep_large_allocations) would raise it (SD1.5 512x512 3.06 -> 3.2-3.4 GiB)
+    with memory.lean_allocations(model.device.type == "cpu"):
+        if tile:
+            with tiled(vae, tile_pixels):
+                return vae.decode(z).sample.float()
+        return vae.decode(z).sample.float()
 
 
 def encode(model: LoadedModel, pixels: torch.Tensor, *, mode: str = "auto", tile_pixels: int = TILE_PIXELS,
@@ -129,9 +133,11 @@ def encode(model: LoadedModel, pixels: torch.Tensor, *, mode: str = "auto", tile
     vae = model.vae
     x = pixels.to(model.device, model.vae_dtype)
     n, _, height, width = x.shape
-    if _decide(model, mode, height, width, n, available):
-        with tiled(vae, tile_pixels):
+    tile = _decide(model, mode, height, width, n, available)
+    with memory.lean_allocations(model.device.type == "cpu"):  # as the decode
+        if tile:
+            with tiled(vae, tile_pixels):
+                latent = vae.encode(x).latent_dist.mode()
+        else:
             latent = vae.encode(x).latent_dist.mode()
-    else:
-        latent = vae.encode(x).latent_dist.mode()
     return latent.float() * vae.config.scaling_factor
