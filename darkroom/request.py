@@ -29,6 +29,9 @@ longer prompt is a mistake (a pasted file, a runaway script): refused at once, n
 TEXT_FIELDS = ("prompt", "negative_prompt", "sampler", "schedule", "model", "vae", "hr_upscaler", "preset")
 
 
+MAX_TOKEN_MERGING = 0.9  # the webui's slider stops there (darkroom/engine/token_merging.py)
+
+
 class GenerationRequest(BaseModel):
     """Everything that decides the pixels of a txt2img generation."""
 
@@ -71,6 +74,13 @@ class GenerationRequest(BaseModel):
     tiling: bool = Field(False, description="Seamless tiling: the image wraps around at its edges (A1111 'Tiling').")
     restore_faces: bool = Field(False, description="Restore faces after decoding with the face_restoration_model"
                                 " setting (CodeFormer or GFPGAN; darkroom/faces).")
+    token_merging_ratio: float | None = Field(
+        None, ge=0.0, le=MAX_TOKEN_MERGING, description="Token merging (ToMe, the webui's option): share of the"
+        " full-resolution self-attention tokens merged; faster, changes the picture. 0 = off; None = the"
+        " token_merging_ratio setting (token_merging_ratio_img2img for img2img). See docs/speed.md.")
+    token_merging_ratio_hr: float | None = Field(
+        None, ge=0.0, le=MAX_TOKEN_MERGING, description="Token merging in the hires pass; 0 = the same as"
+        " token_merging_ratio; None = the setting.")
 
     # img2img / inpainting (A1111 names); images are encoded files (PNG, JPEG, WebP)
     init_image: bytes | None = Field(None, repr=False, description="img2img source image.")

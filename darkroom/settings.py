@@ -41,6 +41,10 @@ def _folders(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) and v for v in value)
 
 
+def _ratio(top: float) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= top
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -65,6 +69,13 @@ SETTINGS: tuple[Setting, ...] = (
             _whole(1, 100), "a whole number from 1 to 100"),
     Setting("webp_lossless", False, "webp_lossless", "Save WebP outputs losslessly.",
             lambda v: isinstance(v, bool), "true or false"),
+    # Token merging (darkroom/engine/token_merging.py): the webui's options, for requests that leave it unset.
+    Setting("token_merging_ratio", 0.0, "token_merging_ratio", "Token merging ratio (ToMe): faster, changes the"
+            " picture; 0 = off.", _ratio(0.9), "a number from 0 to 0.9"),
+    Setting("token_merging_ratio_img2img", 0.0, "token_merging_ratio_img2img", "Token merging ratio for img2img;"
+            " 0 = token_merging_ratio.", _ratio(0.9), "a number from 0 to 0.9"),
+    Setting("token_merging_ratio_hr", 0.0, "token_merging_ratio_hr", "Token merging ratio for the hires pass;"
+            " 0 = token_merging_ratio.", _ratio(0.9), "a number from 0 to 0.9"),
     # Face restoration (restore_faces: true; darkroom/faces): the webui's options of the same names and defaults.
     Setting("face_restoration_model", "CodeFormer", "face_restoration_model", "Model that restores faces when a"
             " request asks for it: CodeFormer or GFPGAN.", lambda v: v in ("CodeFormer", "GFPGAN"),

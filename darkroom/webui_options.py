@@ -144,7 +144,7 @@ _AS_DEFAULT_KEYS = (
     "skip_early_cond", "sdxl_crop_top", "sdxl_crop_left", "sdxl_refiner_low_aesthetic_score",
     "sdxl_refiner_high_aesthetic_score", "sd_vae_encode_method", "sd_vae_decode_method", "inpainting_mask_weight",
     "initial_noise_multiplier", "img2img_extra_noise", "img2img_background_color", "s_min_uncond",
-    "token_merging_ratio", "token_merging_ratio_img2img", "token_merging_ratio_hr", "extra_networks_default_multiplier",
+    "extra_networks_default_multiplier",
     "sd_hypernetwork", "eta_ddim", "eta_ancestral", "ddim_discretize", "s_churn", "s_tmin", "s_tmax", "s_noise",
     "k_sched_type", "sigma_min", "sigma_max", "rho", "uni_pc_variant", "uni_pc_skip_type", "uni_pc_order",
     "uni_pc_lower_order_final", "beta_dist_alpha", "beta_dist_beta",

@@ -37,13 +37,16 @@ def _ours(engine, path, req_kw):
     return seen[-1], pixels
 
 
-def _theirs(pipe_cls, path, config, req_kw, v_prediction=False, **extra):
-    """(final latents, pixels) from diffusers' pipeline on the same file, scheduler and seed."""
+def _theirs(pipe_cls, path, config, req_kw, v_prediction=False, prepare=None, **extra):
+    """(final latents, pixels) from diffusers' pipeline on the same file, scheduler and seed; `prepare(pipe)`
+    may patch the pipeline first (tests/test_token_merging.py: tomesd, as the webui applies it)."""
     import torch
 
     from darkroom.models.configs import scheduler_config
 
     pipe = pipe_cls.from_single_file(str(path), config=str(config), local_files_only=True, torch_dtype=torch.float32)
+    if prepare is not None:
+        prepare(pipe)
     spec, schedule = samplers.resolve(req_kw["sampler"], "Automatic")
     tok = pipe.tokenizer or pipe.tokenizer_2
     assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]

@@ -204,7 +204,7 @@ STYLES_CSV = ('name,prompt,negative_prompt\r\n'
               'Vivid,vivid colors,\r\n')
 
 
-def test_styles_picker_and_tiling(open_page, tmp_path):
+def test_styles_picker_tiling_and_token_merging(open_page, tmp_path):
     styles_file = ui.UI_HOME.styles_file
     styles_file.unlink(missing_ok=True)
     page, rec = open_page()
@@ -227,6 +227,8 @@ def test_styles_picker_and_tiling(open_page, tmp_path):
 
     expect(page.locator("#tiling")).not_to_be_checked()
     page.check("#tiling")
+    expect(page.locator("#token-merging")).to_have_value("0")
+    page.fill("#token-merging", "0.5")
     _use_starter(page)
     page.fill("#prompt", "a red circle")
     page.fill("#negative", "")
@@ -236,30 +238,35 @@ def test_styles_picker_and_tiling(open_page, tmp_path):
     expect(page.locator("#progress-text")).to_have_text(re.compile(r"^Done · 1 image"), timeout=TIMEOUT)
     body = bodies[-1]
     assert body["styles"] == ["Vivid", "Film look"]
-    assert body["tiling"] is True
+    assert body["tiling"] is True and body["token_merging_ratio"] == 0.5
     assert body["prompt"] == "a red circle"  # the server applies the styles
     info = page.locator("#results pre.infotext")
     expect(info).to_contain_text("a red circle, vivid colors, film grain")
     expect(info).to_contain_text("Negative prompt: digital")
+    expect(info).to_contain_text("Token merging ratio: 0.5")
     page.locator("#styles-section").scroll_into_view_if_needed()
     shot(page, tmp_path, "styles-desktop.png")
 
     # "Use these settings" brings styles and tiling back
     page.get_by_label("Vivid").uncheck()
     page.uncheck("#tiling")
+    page.fill("#token-merging", "0")
     expect(page.locator("#styles-info")).to_have_text("Film look")
     page.locator("#results button", has_text="Use these settings").click()
     expect(page.locator("#styles-info")).to_have_text("Vivid, Film look")
     expect(page.locator("#tiling")).to_be_checked()
+    expect(page.locator("#token-merging")).to_have_value("0.5")
 
     # a form without styles or tiling sends them off
     page.get_by_label("Vivid").uncheck()
     page.get_by_label("Film look").uncheck()
     page.uncheck("#tiling")
+    page.fill("#token-merging", "0")
     page.fill("#steps", "2")
     page.click("#generate")
     expect(page.locator("#progress-text")).to_have_text(re.compile(r"^Done · 1 image"), timeout=TIMEOUT)
     assert bodies[-1]["styles"] == [] and bodies[-1]["tiling"] is False
+    assert bodies[-1]["token_merging_ratio"] is None  # the setting's (0 here)
     expect(info).to_have_text(re.compile(r"^a red circle\n"))
 
     # "Send to extras" from a result

@@ -46,6 +46,11 @@ def _engine(home: Home, device: str | None, precision: str | None, allow_pickle:
 @click.option("--combinatorial", is_flag=True, default=None,
               help="Dynamic prompts: one image per combination instead of a random pick per image.")
 @click.option("--tiling", is_flag=True, default=None, help="Seamless tiling: the image wraps around at its edges.")
+@click.option("--token-merging", "token_merging_ratio", type=click.FloatRange(0, 0.9), default=None, metavar="RATIO",
+              help="Token merging (ToMe, the webui's option): merge this share of the full-resolution self-attention"
+                   " tokens, e.g. 0.5. Faster (SD1.x/2.x; SDXL has no attention there), changes the picture.")
+@click.option("--token-merging-hr", "token_merging_ratio_hr", type=click.FloatRange(0, 0.9), default=None,
+              metavar="RATIO", help="Token merging in the hires pass (default: --token-merging's).")
 @click.option("--restore-faces", is_flag=True, default=None,
               help="Restore faces with the face_restoration_model setting (CodeFormer or GFPGAN): needs its file and"
                    " detection_Resnet50_Final.pth in models/faces or an A1111 install's models/GFPGAN, Codeformer.")
@@ -136,7 +141,8 @@ def generate(obj: Context, prompt, negative_prompt, model, n_iter, batch_size, s
              hr_scale, hr_upscaler, hr_second_pass_steps, hr_size, vae, subseed, subseed_strength, x_axis, y_axis,
              device, precision, allow_pickle, v_prediction, preset, vram, fp8, randn_source=None,
              eta_noise_seed_delta=None, styles=(), dynamic_prompts=None, combinatorial=None, tiling=None,
-             restore_faces=None, output_format=None, sd_upscale=None, sd_upscale_overlap=None,
+             restore_faces=None, token_merging_ratio=None, token_merging_ratio_hr=None, output_format=None,
+             sd_upscale=None, sd_upscale_overlap=None,
              sd_upscale_upscaler=None, controlnet=()) -> None:
     """Generate images from PROMPT (txt2img, img2img, inpainting, hires fix) and write PNGs with their parameters."""
     from darkroom.api import output_folder, request_from_png
@@ -164,7 +170,8 @@ def generate(obj: Context, prompt, negative_prompt, model, n_iter, batch_size, s
                   init_image=_read(init_image), mask=_read(mask), preset=preset,
                   randn_source=randn_source and randn_source.upper(), eta_noise_seed_delta=eta_noise_seed_delta)
     fields.update(styles=list(styles) or None, dynamic_prompts=dynamic_prompts, combinatorial=combinatorial,
-                  tiling=tiling, restore_faces=restore_faces, output_format=output_format and output_format.lower())
+                  tiling=tiling, restore_faces=restore_faces, output_format=output_format and output_format.lower(),
+                  token_merging_ratio=token_merging_ratio, token_merging_ratio_hr=token_merging_ratio_hr)
     given = {k: v for k, v in fields.items() if v is not None}
     if controlnet:  # replaces the units of --from-png's image
         given["controlnet"] = parse_units(controlnet)

@@ -22,7 +22,7 @@ from PIL import Image
 
 import darkroom
 from darkroom.control.load import ControlNetCache
-from darkroom.engine import presets, rng, samplers, vae_tiling
+from darkroom.engine import memory, presets, rng, samplers, vae_tiling
 from darkroom.engine.admission import Limits, admit_engine
 from darkroom.engine.cache import ModelCache
 from darkroom.engine.img2img import FILL_NAMES, RESIZE_NAMES, Source, prepare_source
@@ -30,6 +30,7 @@ from darkroom.engine.interrupt import answering, answering_any, stoppable, units
 from darkroom.engine.lora import LoraLibrary, apply_loras, extract_lora_tags, lora_hashes_infotext
 from darkroom.engine.sampling import SKIPPED, Guidance, Init, Noise, StepCallback, StepEvent, denoise
 from darkroom.engine.tiling import seamless
+from darkroom.engine.token_merging import token_merging
 from darkroom.errors import DarkroomError, Interrupted, InvalidRequest, NonFiniteResult, StorageError
 from darkroom.faces import FaceRestorer
 from darkroom.metadata.images import SUFFIXES, encode_file, encode_png
@@ -200,10 +201,13 @@ class Engine:
         plan = self.prompts.plan(req, max_images=self.limits.max_batch_count * req.batch_size,
                                  random_seed=random_seed)
         run = dict(cancel=cancel, output_dir=output_dir, skip=skip, on_image=on_image)
-        if plan.uniform:
-            result = self._generate(plan.single(), on_step=on_step, **run)
-        else:
-            result = self._generate_chunks(plan, on_step, run)
+        try:
+            if plan.uniform:
+                result = self._generate(plan.single(), on_step=on_step, **run)
+            else:
+                result = self._generate_chunks(plan, on_step, run)
+        finally:
+            memory.return_freed_memory()  # big freed blocks stay in the heap while working
         result.request = plan.restore(result.request)
         return result
 
@@ -350,9 +354,10 @@ class Engine:
         """Sample one batch (and its hires pass); each pass's latents are checked before anything decodes them."""
         f = model.vae_scale_factor
         shape = (model.unet.config.out_channels, req.height // f, req.width // f)
-        latents = denoise(model, spec, schedule, steps=req.steps, noise=noise, shape=shape, guidance=guidance,
-                          init=init, eta=req.eta, batch=batch, batch_count=req.n_iter, on_step=on_step,
-                          cancel=cancel, skip=skip, control=control.first_pass(req.enable_hr) if control else None)
+        with token_merging(model.unet, req.token_merging_ratio or 0.0):
+            latents = denoise(model, spec, schedule, steps=req.steps, noise=noise, shape=shape, guidance=guidance,
+                              init=init, eta=req.eta, batch=batch, batch_count=req.n_iter, on_step=on_step,
+                              cancel=cancel, skip=skip, control=control.first_pass(req.enable_hr) if control else None)
         suspects.check(latents)
         if req.enable_hr and isinstance(latents, torch.Tensor):
             latents = self._hires(model, req, spec, schedule, latents, noise, guidance, batch, on_step, cancel, skip,
@@ -434,9 +439,10 @@ class Engine:
         steps = req.hr_second_pass_steps or req.steps
         init = Init(up, req.denoising_strength)
         shape = (model.unet.config.out_channels, h2 // f, w2 // f)
-        return denoise(model, spec, schedule, steps=steps, noise=noise, shape=shape, guidance=guidance, init=init,
-                       eta=req.eta, batch=batch, batch_count=req.n_iter, phase="hires", on_step=on_step,
-                       cancel=cancel, skip=skip, control=control)
+        with token_merging(model.unet, req.token_merging_ratio_hr or req.token_merging_ratio or 0.0):
+            return denoise(model, spec, schedule, steps=steps, noise=noise, shape=shape, guidance=guidance,
+                           init=init, eta=req.eta, batch=batch, batch_count=req.n_iter, phase="hires",
+                           on_step=on_step, cancel=cancel, skip=skip, control=control)
 
     def _control(self, model: LoadedModel, req: GenerationRequest, source: Source | None, seed: int, loras=(),
                  cancel=None):
@@ -497,6 +503,10 @@ class Engine:
                 extra["Mask mode"] = "Inpaint not masked"
         if req.init_image is not None and req.resize_mode:
             extra["Resize mode"] = RESIZE_NAMES[req.resize_mode]
+        if req.token_merging_ratio:  # the webui's keys and rule: the hires one only when hires fix runs
+            extra["Token merging ratio"] = req.token_merging_ratio
+        if req.enable_hr and (req.token_merging_ratio_hr or req.token_merging_ratio):
+            extra["Token merging ratio hr"] = req.token_merging_ratio_hr or req.token_merging_ratio
         if req.enable_hr:
             if req.hr_resize_x or req.hr_resize_y:
                 w2, h2 = req.hires_size()

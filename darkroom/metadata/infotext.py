@@ -328,6 +328,10 @@ def request_from_infotext(text: str) -> GenerationRequest:
         fields["restore_faces"] = True
     if "Clip skip" in params:
         fields["clip_skip"] = _number(params, "Clip skip", int)
+    for key, name in (("Token merging ratio", "token_merging_ratio"),
+                      ("Token merging ratio hr", "token_merging_ratio_hr")):
+        if key in params:
+            fields[name] = _number(params, key, float)
     if "Eta" in params and not sdcpp:  # sd.cpp's "Eta" is DDIM/TCD eta, not ancestral noise
         fields["eta"] = _number(params, "Eta", float)
     model = params.get("Model", "").strip() or params.get("Model hash", "").strip()

@@ -233,7 +233,8 @@ def set_options(options: dict[str, Any], studio: StudioDep) -> None:
             changes[name] = value
         elif name == "face_restoration_model":  # the webui's names, any case; Settings.update checks the rest
             changes[name] = {"codeformer": "CodeFormer", "gfpgan": "GFPGAN"}.get(str(value).strip().lower(), value)
-        elif name == "code_former_weight":
+        elif name in ("code_former_weight", "token_merging_ratio", "token_merging_ratio_img2img",
+                      "token_merging_ratio_hr"):  # Settings.update checks the value
             changes[name] = value
     store = webui_only_changes(options, studio.settings.get("webui_options"))
     if store is not None:

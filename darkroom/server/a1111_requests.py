@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 import darkroom
 from darkroom.engine import samplers
 from darkroom.errors import DarkroomError, InvalidRequest
-from darkroom.request import MAX_ENSD, RANDN_SOURCES, GenerationRequest, unicode_problem
+from darkroom.request import MAX_ENSD, MAX_TOKEN_MERGING, RANDN_SOURCES, GenerationRequest, unicode_problem
 from darkroom.server.a1111_scripts import check_script_name
 from darkroom.server.common import current_model_info, find_model, require_model, validation_message
 from darkroom.server.control_units import SCRIPT as CONTROLNET_SCRIPT
@@ -500,6 +500,7 @@ def to_generation_request(body: ProcessingRequest, studio: Studio) -> Generation
     ensd = overrides.get("eta_noise_seed_delta")
     fields["eta_noise_seed_delta"] = ensd_option(studio.settings.get("eta_noise_seed_delta") if ensd is None else ensd,
                                                  "override_settings.")
+    fields.update(_token_merging_fields(overrides, studio, img2img=isinstance(body, Img2ImgRequest)))
     # seeds are resolved here, as the webui does, so all_seeds is known even for an interrupted job
     from darkroom.engine.generate import random_seed
 
@@ -518,6 +519,25 @@ def to_generation_request(body: ProcessingRequest, studio: Studio) -> Generation
         return GenerationRequest(**fields)
     except pydantic.ValidationError as e:
         raise InvalidRequest(validation_message(e.errors())) from None
+
+
+def _token_merging_fields(overrides: dict[str, Any], studio: Studio, *, img2img: bool) -> dict[str, float]:
+    """The webui's token merging options (stored, or this request's override_settings) as the request's ratios,
+    by its rule: img2img takes token_merging_ratio when this request overrides it, else the img2img option,
+    else the common one; the hires pass its own option, else the first pass's (0 here)."""
+    def option(key: str) -> float:
+        value = overrides[key] if key in overrides else studio.settings.get(key)
+        if value is None:
+            return 0.0
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_TOKEN_MERGING:
+            raise InvalidRequest(f"{'override_settings.' if key in overrides else ''}{key} must be a number from 0"
+                                 f" to {MAX_TOKEN_MERGING}, not {value!r}")
+        return float(value)
+
+    first = option("token_merging_ratio")
+    if img2img and not (first and "token_merging_ratio" in overrides):
+        first = option("token_merging_ratio_img2img") or first
+    return {"token_merging_ratio": first, "token_merging_ratio_hr": option("token_merging_ratio_hr")}
 
 
 def _b64(data: bytes) -> str:

@@ -260,6 +260,11 @@ class Studio:
             update["vae"] = self.settings.get("vae")
         if request.clip_skip == 1 and int(self.settings.get("clip_skip") or 1) != 1:
             update["clip_skip"] = int(self.settings.get("clip_skip"))
+        if request.token_merging_ratio is None:  # the webui's rule: img2img's own option, else the common one
+            own = self.settings.get("token_merging_ratio_img2img") if request.init_image is not None else 0
+            update["token_merging_ratio"] = float(own or self.settings.get("token_merging_ratio") or 0)
+        if request.token_merging_ratio_hr is None:
+            update["token_merging_ratio_hr"] = float(self.settings.get("token_merging_ratio_hr") or 0)
         for name, setting in (("output_format", "samples_format"), ("output_quality", "jpeg_quality"),
                               ("output_lossless", "webp_lossless")):  # how outputs are saved (webui options)
             if getattr(request, name) is None:

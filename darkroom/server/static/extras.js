@@ -338,6 +338,8 @@
         vae: $('vae').value || null,
         styles: [...ST.selected],
         tiling: $('tiling').checked,
+        // 0 leaves it to the token_merging_ratio setting (0 unless an A1111 client stored another)
+        token_merging_ratio: Math.min(0.9, Math.max(0, floatOr($('token-merging').value, 0))) || null,
       }, readXY(submit));
     },
     apply(req, notes, { restoring }) {
@@ -364,6 +366,7 @@
         else if ($('vae').options.length > 1 || !restoring) notes.push(`VAE ${v} not found`);
       }
       if (has(req, 'tiling')) $('tiling').checked = !!req.tiling;
+      if (req.token_merging_ratio !== undefined) $('token-merging').value = req.token_merging_ratio || 0;
       // a request without styles (e.g. from an image's infotext, whose prompt has them applied) clears them
       if (Array.isArray(req.styles)) applyStyles(req.styles.filter((n) => typeof n === 'string'), notes, restoring);
       else if (!restoring) applyStyles([], notes, restoring);
