@@ -48,7 +48,8 @@ def _engine(home: Home, device: str | None, precision: str | None, allow_pickle:
 @click.option("--tiling", is_flag=True, default=None, help="Seamless tiling: the image wraps around at its edges.")
 @click.option("--token-merging", "token_merging_ratio", type=click.FloatRange(0, 0.9), default=None, metavar="RATIO",
               help="Token merging (ToMe, the webui's option): merge this share of the full-resolution self-attention"
-                   " tokens, e.g. 0.5. Faster (SD1.x/2.x; SDXL has no attention there), changes the picture.")
+                   " tokens, e.g. 0.5. Faster (SD1.x/2.x; SDXL and the starter model have no attention there), changes"
+                   " the picture.")
 @click.option("--token-merging-hr", "token_merging_ratio_hr", type=click.FloatRange(0, 0.9), default=None,
               metavar="RATIO", help="Token merging in the hires pass (default: --token-merging's).")
 @click.option("--restore-faces", is_flag=True, default=None,

@@ -40,7 +40,7 @@
     tiling: 'Make the image wrap around at its edges, so it tiles as a seamless texture.',
     'token-merging': 'Token merging (ToMe): merge this share of the most alike parts of the image inside the model\'s '
       + 'largest attention layers. 0.3–0.5 makes SD 1.5 steps faster on a CPU and changes the picture a little; '
-      + 'it does nothing for SDXL. 0 is off (or the token_merging_ratio setting).',
+      + 'it does nothing for SDXL or the built-in starter model. 0 is off (or the token_merging_ratio setting).',
     'styles-search': 'Styles are saved prompt snippets (the webui\'s styles.csv). A checked style adds its text to '
       + 'the prompt and the negative prompt when the job runs.',
     'batch-count': 'How many batches to run one after another. Each adds time, not memory.',
