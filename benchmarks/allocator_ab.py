@@ -15,23 +15,17 @@ the heap's holes raise its peak, the generation's peak (SD1.5 512x512 3.04 -> 3.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import json
-import os
-import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 import darkroom  # noqa: F401  (offline first)
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from fusions_ab import unet_inputs  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import one_model  # noqa: E402
 
 MIB = 1 << 20
 GLIBC_SETTLED = {-3: 32 * MIB, -1: 64 * MIB}  # M_MMAP_THRESHOLD's dynamic maximum, and twice it for M_TRIM
@@ -46,65 +40,43 @@ def set_malloc(params: dict[int, int]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", type=Path, nargs="?", default=HERE / "out" / "sd15-random-fp16.safetensors")
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--pairs", type=int, default=6)
+    parser = one_model.parser(__doc__, "allocator_ab.json", pairs=6)
     parser.add_argument("--only", choices=("unet", "decode"), default=None)
-    parser.add_argument("--out", type=Path, default=HERE / "out" / "allocator_ab.json")
     args = parser.parse_args(argv)
 
-    from darkroom.api import build_engine
     from darkroom.engine import memory
-    from darkroom.home import Home
-    from darkroom.request import GenerationRequest
 
-    home = Home(Path(tempfile.mkdtemp(prefix="allocator_ab_"))).ensure()
-    engine = build_engine(home, device="cpu")
+    _, model = one_model.load(args.checkpoint, args.size, "allocator_ab_")
     if not memory.keep_large_allocations():
         raise SystemExit("keep_large_allocations() did not apply here (not glibc, or DARKROOM_MALLOC=default)")
-    engine.load(GenerationRequest(prompt="x", model=str(args.checkpoint), width=args.size, height=args.size))
-    model = engine.cache.current
-    x, ctx, kwargs = unet_inputs(model, args.size)
     g = torch.Generator().manual_seed(1)
     cells = args.size // model.vae_scale_factor
     lat = torch.randn(1, model.vae.config.latent_channels, cells, cells, generator=g).to(model.vae_dtype)
-    calls = {
-        "unet": lambda: model.unet(x, torch.tensor(500.0), encoder_hidden_states=ctx, **kwargs).sample,
-        "decode": lambda: model.vae.decode(lat).sample,
-    }
+    calls = {"unet": one_model.unet_call(model, args.size), "decode": lambda: model.vae.decode(lat).sample}
     if args.only:
         calls = {args.only: calls[args.only]}
     sides = {"A": GLIBC_SETTLED, "B": DARKROOM}
-    print(f"{args.checkpoint.name}, {args.size}x{args.size}, dtype {model.dtype}, threads {torch.get_num_threads()}",
-          flush=True)
+
+    def set_side(side: str) -> None:
+        set_malloc(sides[side])
+        memory.return_freed_memory()
+
+    print(one_model.describe(args.checkpoint, args.size, model), flush=True)
     record: dict = {"checkpoint": str(args.checkpoint), "size": args.size, "threads": torch.get_num_threads(),
                     "torch": torch.__version__}
     with torch.no_grad():
         for what, call in calls.items():
-            times: dict[str, list[float]] = {"A": [], "B": []}
             outs = {}
             for side in ("A", "B"):  # warm-up, and the outputs to compare
                 set_malloc(sides[side])
                 outs[side] = call()
             same = torch.equal(outs["A"], outs["B"])
             del outs
-            for i in range(args.pairs):
-                for side in ("A", "B") if i % 2 == 0 else ("B", "A"):
-                    set_malloc(sides[side])
-                    memory.return_freed_memory()
-                    t0 = time.perf_counter()
-                    call()
-                    times[side].append(time.perf_counter() - t0)
-                print(f"{what} pair {i + 1}: A {times['A'][-1]:.3f} s, B {times['B'][-1]:.3f} s, "
-                      f"load {os.getloadavg()[0]:.2f}", flush=True)
-            ratios = sorted(a / b for a, b in zip(times["A"], times["B"], strict=True))
-            q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-            a_med, b_med = statistics.median(times["A"]), statistics.median(times["B"])
-            print(f"{what}: A median {a_med:.3f} s, B median {b_med:.3f} s;"
-                  f" A/B per pair median {statistics.median(ratios):.3f} (quartiles {q[0]:.3f}-{q[2]:.3f}, "
-                  f"n={len(ratios)}); outputs identical: {same}", flush=True)
-            record[what] = {"times": times, "ratios": ratios, "identical": same}
+            times = one_model.alternate(call, set_side, args.pairs, label=f"{what} ")
+            s = one_model.summary(times)
+            print(f"{what}: A median {s['A']:.3f} s, B median {s['B']:.3f} s; {one_model.ratio_text(s)};"
+                  f" outputs identical: {same}", flush=True)
+            record[what] = {"times": times, "ratios": s["ratios"], "identical": same}
     set_malloc(DARKROOM)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1))

@@ -380,6 +380,21 @@ def _meminfo_available() -> int | None:
 
 
 _LIBC: list = []
+
+
+def _libc():
+    """glibc (ctypes), loaded once; None elsewhere (musl, macOS, Windows), where these tunings do nothing."""
+    if not _LIBC:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL("libc.so.6")
+            _LIBC.append(libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None)
+        except (OSError, AttributeError):
+            _LIBC.append(None)
+    return _LIBC[0]
+
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc's mallopt parameters (malloc.h)
 KEEP_FREED_BYTES = 2**31 - 1  # the largest value mallopt takes: big blocks come from the heap and stay mapped
 _KEPT: list[bool] = []
@@ -402,16 +417,10 @@ def keep_large_allocations() -> bool:
     throughout. Elsewhere than glibc: nothing. Returns whether the settings were applied."""
     if _KEPT:
         return _KEPT[0]
-    applied = False
-    if os.environ.get("DARKROOM_MALLOC", "").strip().lower() != "default":
-        try:
-            import ctypes
-
-            mallopt = ctypes.CDLL("libc.so.6").mallopt
-            applied = all(mallopt(param, value) == 1 for param, value in (
-                (_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, KEEP_FREED_BYTES), (_M_TRIM_THRESHOLD, KEEP_FREED_BYTES)))
-        except (OSError, AttributeError):
-            applied = False
+    libc = _libc()
+    applied = (libc is not None and os.environ.get("DARKROOM_MALLOC", "").strip().lower() != "default"
+               and all(libc.mallopt(param, value) == 1 for param, value in (
+                   (_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, KEEP_FREED_BYTES), (_M_TRIM_THRESHOLD, KEEP_FREED_BYTES))))
     _KEPT.append(applied)
     return applied
 
@@ -427,9 +436,7 @@ def lean_allocations(lean: bool = True) -> Iterator[None]:
     if not (lean and _KEPT and _KEPT[0]):
         yield
         return
-    import ctypes
-
-    mallopt = ctypes.CDLL("libc.so.6").mallopt
+    mallopt = _libc().mallopt
     mallopt(_M_MMAP_THRESHOLD, GLIBC_MMAP_BYTES)
     mallopt(_M_TRIM_THRESHOLD, 2 * GLIBC_MMAP_BYTES)
     try:
@@ -446,16 +453,9 @@ def return_freed_memory() -> None:
     threshold, torn into pieces the next phase's tensors do not fit) in its arenas; it stays resident and
     the decode's tensors come on top of it. `malloc_trim(0)` returns it: measured 0.3-0.5 GiB off the
     SDXL 1024x1024 peak (benchmarks/README.md). It costs milliseconds. Elsewhere than glibc: nothing."""
-    if not _LIBC:
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL("libc.so.6")
-            _LIBC.append(libc.malloc_trim)
-        except (OSError, AttributeError):
-            _LIBC.append(None)
-    if _LIBC[0] is not None:
-        _LIBC[0](0)
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def human_gb(n: float) -> str:

@@ -141,10 +141,11 @@ def _geglu_fused(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Te
     fp32 reference 0.0011 vs 0.0016 for diffusers' bf16). The weight halves are views of the
     parameter, so LoRA merges in place still count. Anything else goes to diffusers' forward."""
     proj = self.proj
+    own = vars(proj).get("forward")  # none, or ours: anything else (an extension's) keeps diffusers' path
     if (hidden_states.dtype is not torch.bfloat16 or proj.weight.dtype is not torch.bfloat16
             or proj.bias is None or hidden_states.device.type != "cpu" or not hidden_states.is_contiguous()
             or torch.is_grad_enabled() or proj._forward_hooks or proj._forward_pre_hooks
-            or "forward" in vars(proj) and vars(proj)["forward"].__func__ is not _linear_fused_bias
+            or (own is not None and getattr(own, "__func__", None) is not _linear_fused_bias)
             or _global_hooks()):
         return type(self).forward(self, hidden_states, *args, **kwargs)
     half = proj.weight.shape[0] // 2
