@@ -8,9 +8,9 @@ its defaults settle (blocks above 32 MiB mmapped and unmapped on free; the heap 
 64 MiB free); side B is Darkroom's setting (big blocks from the heap, kept for reuse). Single UNet
 calls on the CFG batch, then VAE decodes, alternate A, B, B, A, ... on the main thread; prints
 the per-pair ratios A/B with quartiles. The values computed are the same on both sides (only where
-the memory comes from differs): checked. The decode is called directly here, to show what keeping
-freed blocks would give it; a generation's decode runs lean (`memory.lean_allocations`), because
-the heap's holes raise its peak, the generation's peak (SD1.5 512x512 3.04 -> 3.2-3.4 GiB).
+the memory comes from differs): checked. The decode is a generation's (`vae_tiling.decode`, which
+hands the freed heap back before each upsampler and banded resnet, so that kept blocks do not raise
+the generation's peak); its trims run on both sides.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("unet", "decode"), default=None)
     args = parser.parse_args(argv)
 
-    from darkroom.engine import memory
+    from darkroom.engine import memory, vae_tiling
 
     _, model = one_model.load(args.checkpoint, args.size, "allocator_ab_")
     if not memory.keep_large_allocations():
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     g = torch.Generator().manual_seed(1)
     cells = args.size // model.vae_scale_factor
     lat = torch.randn(1, model.vae.config.latent_channels, cells, cells, generator=g).to(model.vae_dtype)
-    calls = {"unet": one_model.unet_call(model, args.size), "decode": lambda: model.vae.decode(lat).sample}
+    calls = {"unet": one_model.unet_call(model, args.size), "decode": lambda: vae_tiling.decode(model, lat)}
     if args.only:
         calls = {args.only: calls[args.only]}
     sides = {"A": GLIBC_SETTLED, "B": DARKROOM}

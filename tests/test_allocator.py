@@ -79,25 +79,42 @@ def test_glibc_defaults_without_the_setting_or_when_the_user_asks_for_them():
     assert refused["applied"] is False and refused["main"] >= 96 and refused["lean"] >= 160
 
 
-def test_the_vae_runs_lean_and_the_sampling_keeps(tiny_model, monkeypatch):
-    """The decode and encode (a generation's peak) run inside lean_allocations; the rest does not."""
+def test_the_encode_runs_lean_and_the_decode_returns_freed_memory_where_sizes_change(tiny_model, monkeypatch):
+    """The encode runs inside lean_allocations; the decode keeps freed blocks (faster) but trims the heap
+    before each upsampler and each banded resnet, so the holes it keeps do not add to the peak."""
     import contextlib
 
     import torch
 
-    from darkroom.engine import vae_tiling
+    from darkroom.engine import vae_bands, vae_tiling
     from darkroom.models.loader import LoadOptions, load_checkpoint
 
     seen = []
 
     @contextlib.contextmanager
     def spy(lean=True):
-        seen.append(lean)
+        seen.append(("lean", lean))
         yield
 
     monkeypatch.setattr(memory, "lean_allocations", spy)
+    monkeypatch.setattr(memory, "return_freed_memory", lambda: seen.append("trim"))
     model = load_checkpoint(tiny_model("sd1")["path"], LoadOptions(device=torch.device("cpu"), dtype=torch.float32))
+    upsamplers = sum(len(b.upsamplers or ()) for b in model.vae.decoder.up_blocks)
+    resnets = sum(len(b.resnets) for b in model.vae.decoder.up_blocks)
+    assert upsamplers >= 1
     with torch.no_grad():
         latents = vae_tiling.encode(model, torch.zeros(1, 3, 64, 64))
+        assert seen == [("lean", True)]
+        seen.clear()
+        plain = model.vae.decode(latents / model.vae.config.scaling_factor).sample
+        assert seen == []
+        out = vae_tiling.decode(model, latents)
+        assert seen == ["trim"] * (1 + upsamplers)  # the sampling's heap, then before each upsampler
+        torch.testing.assert_close(out, plain.float(), rtol=0, atol=0)
+        seen.clear()
+        monkeypatch.setattr(vae_bands, "BIG_BYTES", 1)  # every resnet's input counts as big now
         vae_tiling.decode(model, latents)
-    assert seen == [True, True]
+        assert seen == ["trim"] * (1 + upsamplers + resnets)
+        seen.clear()
+        model.vae.decode(latents)  # the hooks are gone after the call
+        assert seen == []
