@@ -79,34 +79,30 @@ def test_glibc_defaults_without_the_setting_or_when_the_user_asks_for_them():
     assert refused["applied"] is False and refused["main"] >= 96 and refused["lean"] >= 160
 
 
-def test_the_encode_runs_lean_and_the_decode_returns_freed_memory_where_sizes_change(tiny_model, monkeypatch):
-    """The encode runs inside lean_allocations; the decode keeps freed blocks (faster) but trims the heap
-    before each upsampler and each banded resnet, so the holes it keeps do not add to the peak."""
-    import contextlib
-
+def test_the_vae_returns_freed_memory_where_its_maps_change_size(tiny_model, monkeypatch):
+    """The encode and decode keep freed blocks (faster) but trim the heap first, then before each down- or
+    upsampler and each resnet with a big input, so the holes they keep do not add to the peak."""
     import torch
 
     from darkroom.engine import vae_bands, vae_tiling
     from darkroom.models.loader import LoadOptions, load_checkpoint
 
     seen = []
-
-    @contextlib.contextmanager
-    def spy(lean=True):
-        seen.append(("lean", lean))
-        yield
-
-    monkeypatch.setattr(memory, "lean_allocations", spy)
+    monkeypatch.setattr(memory, "lean_allocations", lambda *a: pytest.fail("the VAE no longer runs lean"))
     monkeypatch.setattr(memory, "return_freed_memory", lambda: seen.append("trim"))
     model = load_checkpoint(tiny_model("sd1")["path"], LoadOptions(device=torch.device("cpu"), dtype=torch.float32))
-    upsamplers = sum(len(b.upsamplers or ()) for b in model.vae.decoder.up_blocks)
-    resnets = sum(len(b.resnets) for b in model.vae.decoder.up_blocks)
-    assert upsamplers >= 1
+    vae = model.vae
+    upsamplers = sum(len(b.upsamplers or ()) for b in vae.decoder.up_blocks)
+    downsamplers = sum(len(b.downsamplers or ()) for b in vae.encoder.down_blocks)
+    resnets = sum(len(b.resnets) for b in vae.decoder.up_blocks)
+    assert upsamplers >= 1 and downsamplers >= 1
+    pixels = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
-        latents = vae_tiling.encode(model, torch.zeros(1, 3, 64, 64))
-        assert seen == [("lean", True)]
+        latents = vae_tiling.encode(model, pixels)
+        assert seen == ["trim"] * (1 + downsamplers)  # the previous phase's heap, then before each downsampler
+        torch.testing.assert_close(latents / vae.config.scaling_factor, vae.encode(pixels).latent_dist.mode())
         seen.clear()
-        plain = model.vae.decode(latents / model.vae.config.scaling_factor).sample
+        plain = vae.decode(latents / vae.config.scaling_factor).sample
         assert seen == []
         out = vae_tiling.decode(model, latents)
         assert seen == ["trim"] * (1 + upsamplers)  # the sampling's heap, then before each upsampler
@@ -116,5 +112,6 @@ def test_the_encode_runs_lean_and_the_decode_returns_freed_memory_where_sizes_ch
         vae_tiling.decode(model, latents)
         assert seen == ["trim"] * (1 + upsamplers + resnets)
         seen.clear()
-        model.vae.decode(latents)  # the hooks are gone after the call
+        vae.decode(latents)  # the hooks are gone after the call
+        vae.encode(pixels)
         assert seen == []

@@ -17,11 +17,12 @@ available). The engine's `vae_tiling` attribute is the mode it passes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
 from diffusers import AutoencoderKL
+from diffusers.models.downsampling import Downsample2D
 from diffusers.models.upsampling import Upsample2D
 
 from darkroom.engine import memory, vae_bands
@@ -116,7 +117,7 @@ def decode(model: LoadedModel, latents: torch.Tensor, *, mode: str = "auto", til
     if model.device.type == "cpu":
         memory.return_freed_memory()  # the sampling's freed heap, before the generation's biggest activations
     tile = _decide(model, mode, h * f, w * f, n, available)
-    with _returning_freed_memory(vae.decoder, model.device.type == "cpu"):
+    with _returning_freed_memory(vae.decoder.up_blocks, model.device.type == "cpu"):
         if tile:
             with tiled(vae, tile_pixels):
                 return vae.decode(z).sample.float()
@@ -124,22 +125,25 @@ def decode(model: LoadedModel, latents: torch.Tensor, *, mode: str = "auto", til
 
 
 @contextmanager
-def _returning_freed_memory(decoder: torch.nn.Module, on: bool) -> Iterator[None]:
-    """The decode keeps freed blocks for reuse (memory.keep_large_allocations: 1.3-1.4x faster than
+def _returning_freed_memory(blocks: Iterable[torch.nn.Module], on: bool) -> Iterator[None]:
+    """The VAE keeps freed blocks for reuse (memory.keep_large_allocations: 1.3-1.4x faster than
     glibc's mmap per block, which faults and zeroes every activation anew), and hands the freed heap
-    back to the system where the activations change size: before each 2x upsampler, and before each
-    resnet whose input goes through vae_bands (SDXL's 1024x1024 maps, where a hole left by the last
-    block would add to the peak). The decode is a generation's memory peak: kept blocks alone raise
-    it (SD1.5 512x512 2.98 -> 3.28 GiB); trimmed here, 3.12 GiB (benchmarks/README.md)."""
+    back to the system where the activations change size: before each 2x up- or downsampler, and
+    before each resnet whose input is big (vae_bands.big: SDXL's 1024x1024 maps, where a hole left by
+    the last block would add to the peak). The decode is a generation's memory peak: kept blocks
+    alone raise it (SD1.5 512x512 2.98 -> 3.28 GiB); trimmed here, 3.15 GiB (benchmarks/README.md)."""
     if not on:
         yield
         return
+
     def before(module: torch.nn.Module, args: tuple) -> None:
-        if isinstance(module, Upsample2D) or (args and isinstance(args[0], torch.Tensor) and vae_bands.big(args[0])):
+        if isinstance(module, (Upsample2D, Downsample2D)) or (
+                args and isinstance(args[0], torch.Tensor) and vae_bands.big(args[0])):
             memory.return_freed_memory()
 
-    hooks = [m.register_forward_pre_hook(before)
-             for block in getattr(decoder, "up_blocks", ()) for m in (*block.resnets, *(block.upsamplers or ()))]
+    hooks = [m.register_forward_pre_hook(before) for block in blocks
+             for m in (*block.resnets, *(getattr(block, "upsamplers", None) or ()),
+                       *(getattr(block, "downsamplers", None) or ()))]
     try:
         yield
     finally:
@@ -157,8 +161,9 @@ def encode(model: LoadedModel, pixels: torch.Tensor, *, mode: str = "auto", tile
     x = pixels.to(model.device, model.vae_dtype)
     n, _, height, width = x.shape
     tile = _decide(model, mode, height, width, n, available)
-    # glibc's own thresholds: the encoder's biggest maps come first, at full resolution (not measured kept)
-    with memory.lean_allocations(model.device.type == "cpu"):
+    if model.device.type == "cpu":
+        memory.return_freed_memory()  # e.g. the first pass's freed heap, before a hires pass's encode
+    with _returning_freed_memory(vae.encoder.down_blocks, model.device.type == "cpu"):
         if tile:
             with tiled(vae, tile_pixels):
                 latent = vae.encode(x).latent_dist.mode()
