@@ -6,8 +6,11 @@
 One engine loads the file with Darkroom's default CPU path (all of speed.py). Side B is that;
 side A is the same model with the fusions taken off again: the GEGLU feed-forwards
 (`_geglu_fused`: two GEMMs with GELU and the gating product in their epilogues) and the linear
-layers with the bias inside the GEMM (`_linear_fused_bias`) go back to diffusers' forwards.
-Single UNet calls on the CFG batch alternate A, B, B, A, ... so each pair ran on the same
+layers with the bias inside the GEMM (`_linear_fused_bias`) go back to diffusers' forwards, and
+the resnets add their residual after conv2 instead of in its epilogue (`_conv_add`).
+`--which conv-add` takes off only the last; `--call decode` times VAE decodes
+(`vae_tiling.decode`, where only the resnets' conv-add applies) instead of UNet calls.
+Single calls (UNet: on the CFG batch) alternate A, B, B, A, ... so each pair ran on the same
 machine state; prints the per-pair ratio A/B (median and quartiles), the share of one call the
 fusions saved, and how far B's output is from A's (relative to A's size). One model in memory,
 so SDXL at 1024x1024 fits (about 9 GiB).
@@ -26,6 +29,10 @@ import darkroom  # noqa: F401  (offline first)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import one_model  # noqa: E402
 
+from darkroom.engine import speed  # noqa: E402
+
+_FUSED_CONV_AVAILABLE = speed._fused_conv_available
+
 
 def fused_modules(unet: torch.nn.Module) -> list[tuple[torch.nn.Module, object]]:
     from darkroom.engine import speed
@@ -38,12 +45,16 @@ def fused_modules(unet: torch.nn.Module) -> list[tuple[torch.nn.Module, object]]
     return found
 
 
-def set_fused(found, on: bool) -> None:
+def set_fused(found, on: bool, conv_add: bool = True) -> None:
+    """Side B (on) or A (off); with `conv_add` A also adds the resnets' residual after conv2."""
+    from darkroom.engine import speed
+
     for mod, fwd in found:
         if on:
             mod.forward = fwd
         else:
             vars(mod).pop("forward", None)
+    speed._fused_conv_available = _FUSED_CONV_AVAILABLE if on or not conv_add else (lambda: False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,18 +62,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp32-reference", action="store_true",
                         help="also run an fp32 copy of the UNet and print both sides' distance to it "
                              "(needs 2x the UNet's bf16 size more memory: fine for SD1.5)")
+    parser.add_argument("--which", choices=("all", "conv-add"), default="all",
+                        help="what side A takes off: every fusion (default) or only the resnets' conv-add")
+    parser.add_argument("--call", choices=("unet", "decode"), default="unet")
     args = parser.parse_args(argv)
 
     _, model = one_model.load(args.checkpoint, args.size, "fusions_ab_")
-    found = fused_modules(model.unet)
+    found = fused_modules(model.unet) if args.which == "all" else []
     kinds = {}
     for _, fwd in found:
         kinds[fwd.__func__.__name__] = kinds.get(fwd.__func__.__name__, 0) + 1
-    print(f"{one_model.describe(args.checkpoint, args.size, model)}, fused modules {kinds}", flush=True)
-    if not found:
-        print("nothing fused on this model/CPU (bf16 only): nothing to compare")
+    kinds["conv_add"] = sum(any(getattr(vars(m).get(name), "__func__", None) is speed._resnet_forward
+                                for name in ("forward", "_whole_forward"))  # under vae_bands' forward
+                            for m in (model.unet if args.call == "unet" else model.vae).modules())
+    print(f"{one_model.describe(args.checkpoint, args.size, model)}, fused modules {kinds}, "
+          f"A takes off: {args.which}, timing: {args.call}", flush=True)
+    if not _FUSED_CONV_AVAILABLE() or model.dtype is not torch.bfloat16:
+        print("nothing fused on this model/CPU (bf16 with oneDNN only): nothing to compare")
         return 1
-    call = one_model.unet_call(model, args.size)
+    if args.call == "unet":
+        call = one_model.unet_call(model, args.size)
+    else:
+        from darkroom.engine import vae_tiling
+
+        g = torch.Generator().manual_seed(1)
+        cells = args.size // model.vae_scale_factor
+        lat = torch.randn(1, model.vae.config.latent_channels, cells, cells, generator=g)
+        call = lambda: vae_tiling.decode(model, lat)  # noqa: E731
 
     def set_side(side: str) -> None:
         set_fused(found, side == "B")
@@ -75,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         times = one_model.alternate(call, set_side, args.pairs)
         set_fused(found, True)
         ref_err = {}
-        if args.fp32_reference:
+        if args.fp32_reference and args.call == "unet":
             import copy
 
             x, ctx, kwargs = one_model.unet_inputs(model, args.size)
@@ -86,15 +112,17 @@ def main(argv: list[str] | None = None) -> int:
             ref_err = {side: ((outs[side] - ref).norm() / ref.norm()).item() for side in ("A", "B")}
     s = one_model.summary(times)
     rel = ((outs["B"] - outs["A"]).norm() / outs["A"].norm()).item()
-    print(f"\nA (diffusers' GEGLU and linear forwards): median {s['A']:.3f} s per UNet call")
-    print(f"B (fused epilogues, the default):          median {s['B']:.3f} s per UNet call")
+    what = "diffusers' GEGLU, linear and residual adds" if args.which == "all" else "residual added after conv2"
+    print(f"\nA ({what}): median {s['A']:.3f} s per {args.call} call")
+    print(f"B (fused epilogues, the default): median {s['B']:.3f} s per {args.call} call")
     print(f"{one_model.ratio_text(s)}; saved {100 * (1 - s['B'] / s['A']):.1f}% of a call")
-    print(f"output difference |B - A| / |A| = {rel:.2e} (bf16 rounding: the product is rounded once instead of "
-          f"three times)")
+    print(f"output difference |B - A| / |A| = {rel:.2e} (bf16 rounding: products and sums rounded once, not "
+          f"two or three times)")
     if ref_err:
         print(f"distance to an fp32 UNet |side - fp32| / |fp32|: A {ref_err['A']:.2e}, B {ref_err['B']:.2e}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"checkpoint": str(args.checkpoint), "size": args.size, "times": times,
+                                    "which": args.which, "call": args.call,
                                     "fp32_reference_error": ref_err,
                                     "ratios": s["ratios"], "relative_difference": rel, "fused": kinds,
                                     "threads": torch.get_num_threads(), "torch": torch.__version__}, indent=1))

@@ -111,6 +111,53 @@ def test_fused_geglu_follows_weight_changes_and_hooks():
         assert torch.equal(fp32(x.float()), type(fp32).forward(fp32, x.float()))
 
 
+def _ops(fn) -> tuple[torch.Tensor, set[str]]:
+    with torch.profiler.profile() as prof:
+        out = fn()
+    return out, {e.key for e in prof.key_averages()}
+
+
+@pytest.mark.skipif(not speed._fused_conv_available(), reason="this torch build has no oneDNN conv epilogues")
+@pytest.mark.parametrize("channels", [(16, 16), (8, 16)])  # the residual is the input / a 1x1 shortcut's output
+def test_fused_conv_add_matches_diffusers_follows_weights_and_honours_hooks(channels):
+    """The resnet's residual is added in conv2's epilogue (into the fresh shortcut output, in place, where
+    there is one): within bf16 rounding of diffusers' forward, no further from fp32, the input untouched."""
+    import copy
+
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    cin, cout = channels
+    exact = ResnetBlock2D(in_channels=cin, out_channels=cout, temb_channels=None, groups=4,
+                          time_embedding_norm="group").eval()  # a VAE resnet
+    plain = copy.deepcopy(exact).to(torch.bfloat16, memory_format=torch.channels_last)
+    fast = copy.deepcopy(plain)
+    assert speed.optimize_module(fast, channels_last=True)["resnet_no_div"] == 1
+    x = torch.randn(2, cin, 16, 16).to(torch.bfloat16, memory_format=torch.channels_last)
+    before = x.clone()
+    fused_op = "mkldnn::_convolution_pointwise_" if cin != cout else "mkldnn::_convolution_pointwise"
+    with torch.no_grad():
+        out, ops = _ops(lambda: fast(x, None))
+        assert fused_op in ops and "aten::add_" not in ops
+        assert torch.equal(x, before)
+        ref, want = exact(x.float(), None), plain(x, None)
+        torch.testing.assert_close(out.float(), want.float(), rtol=0.02, atol=0.05)
+        err_fast = ((out.float() - ref).norm() / ref.norm()).item()
+        err_plain = ((want.float() - ref).norm() / ref.norm()).item()
+        assert err_fast <= 1.25 * err_plain + 1e-4, (err_fast, err_plain)
+        for mod in (plain, fast):  # a LoRA merge changes the weight in place
+            mod.conv2.weight.add_(0.25)
+        torch.testing.assert_close(fast(x, None).float(), plain(x, None).float(), rtol=0.02, atol=0.05)
+        handle = fast.conv2.register_forward_hook(lambda m, args, y: y * 0)
+        try:  # a hook on conv2 (an extension's) is honoured: conv2 runs as a module, then the add
+            out, ops = _ops(lambda: fast(x, None))
+            assert fused_op not in ops
+            shortcut = x if fast.conv_shortcut is None else fast.conv_shortcut(x)
+            assert torch.equal(out, shortcut)
+        finally:
+            handle.remove()
+
+
 @pytest.fixture(params=["fp32", "bf16"])
 def two_homes(request, tmp_path, tiny_model, engine_factory):
     """Two engines over the same models: one with the speed-ups (the default), one without."""
