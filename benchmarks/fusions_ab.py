@@ -7,7 +7,7 @@ One engine loads the file with Darkroom's default CPU path (all of speed.py). Si
 side A is the same model with the fusions taken off again: the GEGLU feed-forwards
 (`_geglu_fused`: two GEMMs with GELU and the gating product in their epilogues) and the linear
 layers with the bias inside the GEMM (`_linear_fused_bias`) go back to diffusers' forwards, and
-the resnets add their residual after conv2 instead of in its epilogue (`_conv_add`).
+the resnets add their residual after conv2 instead of in its epilogue (`conv_epilogue`).
 `--which conv-add` takes off only the last; `--call decode` times VAE decodes
 (`vae_tiling.decode`, where only the resnets' conv-add applies) instead of UNet calls.
 Single calls (UNet: on the CFG batch) alternate A, B, B, A, ... so each pair ran on the same
@@ -29,9 +29,9 @@ import darkroom  # noqa: F401  (offline first)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import one_model  # noqa: E402
 
-from darkroom.engine import speed  # noqa: E402
+from darkroom.engine import conv_epilogue, speed  # noqa: E402
 
-_FUSED_CONV_AVAILABLE = speed._fused_conv_available
+_FUSED_CONV_AVAILABLE = conv_epilogue.available
 
 
 def fused_modules(unet: torch.nn.Module) -> list[tuple[torch.nn.Module, object]]:
@@ -47,14 +47,12 @@ def fused_modules(unet: torch.nn.Module) -> list[tuple[torch.nn.Module, object]]
 
 def set_fused(found, on: bool, conv_add: bool = True) -> None:
     """Side B (on) or A (off); with `conv_add` A also adds the resnets' residual after conv2."""
-    from darkroom.engine import speed
-
     for mod, fwd in found:
         if on:
             mod.forward = fwd
         else:
             vars(mod).pop("forward", None)
-    speed._fused_conv_available = _FUSED_CONV_AVAILABLE if on or not conv_add else (lambda: False)
+    conv_epilogue.available = _FUSED_CONV_AVAILABLE if on or not conv_add else (lambda: False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from darkroom.engine import speed
+from darkroom.engine import conv_epilogue, speed
 from darkroom.home import Home
 from darkroom.models.loader import LoadOptions, load_checkpoint
 from darkroom.request import GenerationRequest
@@ -117,7 +117,7 @@ def _ops(fn) -> tuple[torch.Tensor, set[str]]:
     return out, {e.key for e in prof.key_averages()}
 
 
-@pytest.mark.skipif(not speed._fused_conv_available(), reason="this torch build has no oneDNN conv epilogues")
+@pytest.mark.skipif(not conv_epilogue.available(), reason="this torch build has no oneDNN conv epilogues")
 @pytest.mark.parametrize("channels", [(16, 16), (8, 16)])  # the residual is the input / a 1x1 shortcut's output
 def test_fused_conv_add_matches_diffusers_follows_weights_and_honours_hooks(channels):
     """The resnet's residual is added in conv2's epilogue (into the fresh shortcut output, in place, where

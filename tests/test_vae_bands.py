@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from darkroom.engine import speed, vae_bands
+from darkroom.engine import conv_epilogue, speed, vae_bands
 
 
 def _vae() -> AutoencoderKL:
@@ -54,6 +54,20 @@ def test_banded_bf16_is_as_close_to_fp32_as_the_whole_bf16_decode(monkeypatch):
     whole = (_decode(vae, z, torch.bfloat16, banded=False, monkeypatch=monkeypatch) - reference).abs().mean()
     banded = (_decode(vae, z, torch.bfloat16, banded=True, monkeypatch=monkeypatch) - reference).abs().mean()
     assert banded < whole * 1.1
+
+
+@pytest.mark.skipif(not conv_epilogue.available(), reason="this torch build has no oneDNN conv epilogues")
+@pytest.mark.parametrize("batch", [1, 2])  # 2: a band of the input is a strided view, not a block
+def test_banded_bf16_adds_the_residual_in_the_conv_epilogue(monkeypatch, batch):
+    """Each inner band's conv2 runs unpadded across its halo rows and takes its rows' residual in its
+    epilogue: the fused op runs, and the decode stays within bf16 rounding of the whole bf16 decode (a
+    misaligned residual would not)."""
+    vae, z = _vae(), torch.randn(batch, 4, 12, 12)
+    whole = _decode(vae, z, torch.bfloat16, banded=False, monkeypatch=monkeypatch)
+    with torch.profiler.profile() as prof:
+        banded = _decode(vae, z, torch.bfloat16, banded=True, monkeypatch=monkeypatch)
+    assert "mkldnn::_convolution_pointwise" in {e.key for e in prof.key_averages()}
+    assert (banded - whole).abs().mean() < 0.02 * whole.abs().mean()
 
 
 def test_a_wrong_band_edge_would_show(monkeypatch):

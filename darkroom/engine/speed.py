@@ -28,7 +28,7 @@ benchmarks/speed_ab.py; the numbers are below):
   time-embedding norm, no time embedding) get the same forward: its 14 divisions per decode go,
   and its SiLUs run in place.
 
-* **the resnets' residual in conv2's epilogue** (`_conv_add`, a oneDNN binary post-op; into the
+* **the resnets' residual in conv2's epilogue** (`conv_epilogue.conv_add`, a oneDNN binary post-op; into the
   1x1 shortcut's fresh output in place where there is one): no separate pass over the output to add
   it. bf16 only, rounded once instead of twice (a VAE decode is as close to fp32 as before: 1.47e-2
   against 1.54e-2). A VAE decode 1.036x faster; a UNet call unchanged within noise.
@@ -56,7 +56,6 @@ LoRA merged later (in place, engine/lora.py) would be silently ignored.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import types
@@ -66,7 +65,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from darkroom.engine import vae_bands
+from darkroom.engine import conv_epilogue, vae_bands
+from darkroom.engine.conv_epilogue import global_hooks as _global_hooks
 
 if TYPE_CHECKING:
     from darkroom.home import Home
@@ -99,7 +99,7 @@ def _resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None,
     (or the VAE's "group" without a time embedding) and no up/downsampling (checked before it is
     installed): no division by 1.0, the additions and the activations after the norms land in tensors
     this function just made (one full-size tensor less alive at a time), and the residual is added in
-    conv2's epilogue (`_conv_add`)."""
+    conv2's epilogue (`conv_epilogue.conv_add`)."""
     hidden_states = _act(self, self.norm1(input_tensor))
     hidden_states = self.conv1(hidden_states)
     if self.time_emb_proj is not None:
@@ -111,53 +111,12 @@ def _resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None,
     hidden_states = _act(self, self.norm2(hidden_states))
     hidden_states = self.dropout(hidden_states)
     if self.conv_shortcut is None:
-        return _conv_add(self.conv2, hidden_states, input_tensor)
-    if not _conv_add_fusible(self.conv2, hidden_states, input_tensor):
+        return conv_epilogue.conv_add(self.conv2, hidden_states, input_tensor)
+    if not conv_epilogue.fusible(self.conv2, hidden_states, input_tensor):
         hidden_states = self.conv2(hidden_states)
         return _add(hidden_states, self.conv_shortcut(input_tensor))
     shortcut = self.conv_shortcut(input_tensor)  # fresh: conv2's output is summed into it, in place
-    return _conv_add(self.conv2, hidden_states, shortcut, into_other=True)
-
-
-def _conv_add_fusible(conv: torch.nn.Conv2d, x: torch.Tensor, other: torch.Tensor) -> bool:
-    return (x.dtype is torch.bfloat16 and conv.weight.dtype is torch.bfloat16 and x.device.type == "cpu"
-            and other.dtype is torch.bfloat16 and type(conv) is torch.nn.Conv2d and "forward" not in vars(conv)
-            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
-            and not torch.is_grad_enabled() and not conv._forward_hooks and not conv._forward_pre_hooks
-            and not torch.compiler.is_compiling() and not _global_hooks() and _fused_conv_available())
-
-
-def _conv_add(conv: torch.nn.Conv2d, x: torch.Tensor, other: torch.Tensor, into_other: bool = False) -> torch.Tensor:
-    """conv(x) + other, the sum done in the convolution's epilogue (a oneDNN binary post-op) where it can
-    be: no separate pass that reads the conv's output and the residual and writes them back (a VAE
-    resnet at 512x512 x 128 channels: 57 -> 39 ms). `into_other`: `other` is a fresh tensor and takes
-    the sum in place (no new output, so no more memory alive than diffusers' order). bf16 only, as the
-    GEGLU: the sum is rounded once instead of twice, so not the same bits. Grad, hooks on the conv, an
-    extension's forward, torch.compile or an unusual conv take conv(x) then the in-place add."""
-    if _conv_add_fusible(conv, x, other):
-        args = (x, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
-                "add", 1.0, None, [], None)
-        if into_other and other.is_contiguous(memory_format=torch.channels_last) and other.shape[0] == x.shape[0]:
-            return torch.ops.mkldnn._convolution_pointwise_(other, *args)
-        out = torch.ops.mkldnn._convolution_pointwise(args[0], other, *args[1:])
-        if out.shape == other.shape:
-            return out
-    return _add(conv(x), other)
-
-
-@functools.cache
-def _fused_conv_available() -> bool:
-    """Whether this torch build has oneDNN's convolution with a sum epilogue, giving conv + other."""
-    try:
-        x = torch.ones(1, 4, 6, 6, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
-        conv = torch.nn.Conv2d(4, 4, 3, padding=1).to(torch.bfloat16, memory_format=torch.channels_last)
-        other = torch.full((1, 4, 6, 6), 2.0, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
-        with torch.no_grad():
-            out = torch.ops.mkldnn._convolution_pointwise(x, other, conv.weight, conv.bias, [1, 1], [1, 1], [1, 1],
-                                                          1, "add", 1.0, None, [], None)
-            return torch.allclose(out.float(), (conv(x) + other).float(), rtol=0.02, atol=0.02)
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return False
+    return conv_epilogue.conv_add(self.conv2, hidden_states, shortcut, into_other=True)
 
 
 def _act(block, fresh: torch.Tensor) -> torch.Tensor:
@@ -205,12 +164,6 @@ def _geglu_fused(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Te
     weight, bias = proj.weight, proj.bias
     gate = torch.ops.mkldnn._linear_pointwise(hidden_states, weight[half:], bias[half:], "gelu", [], "none")
     return torch.ops.mkldnn._linear_pointwise.binary(hidden_states, gate, weight[:half], bias[:half], "mul")
-
-
-def _global_hooks() -> bool:
-    from torch.nn.modules import module as nn_module
-
-    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
 
 
 def _geglu_is_plain(mod) -> bool:

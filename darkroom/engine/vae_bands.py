@@ -31,6 +31,8 @@ import types
 import torch
 import torch.nn.functional as F
 
+from darkroom.engine import conv_epilogue
+
 BIG_BYTES = 192 << 20
 """An input this big or bigger goes through bands: SDXL and SD1.5 at 1024x1024 do, 512x512 does not."""
 BAND_BYTES = 48 << 20
@@ -123,9 +125,15 @@ def norm_act_conv(x: torch.Tensor, norm: torch.nn.GroupNorm, conv: torch.nn.Conv
 
     lo, band = prepared(0)
     for k, (top, bottom) in enumerate(bands):
-        y = _conv_rows(band, conv, lo, top, bottom)
-        if residual is not None:
-            y += residual(top, bottom)
+        if (residual is not None and lo == top - halo and lo + band.shape[2] == bottom + halo
+                and conv_epilogue.fusible(conv, band, band)):
+            # a band with real rows above and below: the conv, unpadded across them, gives exactly rows
+            # top:bottom, and their residual is added in its epilogue (same-size blocks band after band)
+            y = conv_epilogue.conv_add(conv, band, residual(top, bottom), padding=(0, conv.padding[1]))
+        else:
+            y = _conv_rows(band, conv, lo, top, bottom)
+            if residual is not None:
+                y += residual(top, bottom)
         if k + 1 < len(bands):
             lo, band = prepared(k + 1)  # before row bottom - 1 of x may be overwritten below
         out[:, :, top:bottom] = y
