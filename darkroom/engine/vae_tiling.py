@@ -131,7 +131,8 @@ def _returning_freed_memory(blocks: Iterable[torch.nn.Module], on: bool) -> Iter
     back to the system where the activations change size: before each 2x up- or downsampler, and
     before each resnet whose input is big (vae_bands.big: SDXL's 1024x1024 maps, where a hole left by
     the last block would add to the peak). The decode is a generation's memory peak: kept blocks
-    alone raise it (SD1.5 512x512 2.98 -> 3.28 GiB); trimmed here, 3.15 GiB (benchmarks/README.md)."""
+    alone raise it (SD1.5 512x512 2.98 -> 3.28 GiB); trimmed here, 3.15 GiB (2.91 with
+    speed.py's resnet forward on the VAE; benchmarks/README.md)."""
     if not on:
         yield
         return
