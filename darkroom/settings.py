@@ -17,6 +17,7 @@ from typing import Any
 
 from darkroom.errors import InvalidRequest
 from darkroom.fsutil import read_error, write_atomic, writes_to
+from darkroom.request import MAX_TOKEN_MERGING
 from darkroom.webui_options import valid_store
 
 log = logging.getLogger("darkroom.settings")
@@ -71,11 +72,11 @@ SETTINGS: tuple[Setting, ...] = (
             lambda v: isinstance(v, bool), "true or false"),
     # Token merging (darkroom/engine/token_merging.py): the webui's options, for requests that leave it unset.
     Setting("token_merging_ratio", 0.0, "token_merging_ratio", "Token merging ratio (ToMe): faster, changes the"
-            " picture; 0 = off.", _ratio(0.9), "a number from 0 to 0.9"),
+            " picture; 0 = off.", _ratio(MAX_TOKEN_MERGING), f"a number from 0 to {MAX_TOKEN_MERGING}"),
     Setting("token_merging_ratio_img2img", 0.0, "token_merging_ratio_img2img", "Token merging ratio for img2img;"
-            " 0 = token_merging_ratio.", _ratio(0.9), "a number from 0 to 0.9"),
+            " 0 = token_merging_ratio.", _ratio(MAX_TOKEN_MERGING), f"a number from 0 to {MAX_TOKEN_MERGING}"),
     Setting("token_merging_ratio_hr", 0.0, "token_merging_ratio_hr", "Token merging ratio for the hires pass;"
-            " 0 = token_merging_ratio.", _ratio(0.9), "a number from 0 to 0.9"),
+            " 0 = token_merging_ratio.", _ratio(MAX_TOKEN_MERGING), f"a number from 0 to {MAX_TOKEN_MERGING}"),
     # Face restoration (restore_faces: true; darkroom/faces): the webui's options of the same names and defaults.
     Setting("face_restoration_model", "CodeFormer", "face_restoration_model", "Model that restores faces when a"
             " request asks for it: CodeFormer or GFPGAN.", lambda v: v in ("CodeFormer", "GFPGAN"),

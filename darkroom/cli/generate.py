@@ -16,6 +16,7 @@ from darkroom.cli.group import Context, log, user_errors, vram_options
 from darkroom.fsutil import read_regular
 from darkroom.home import Home
 from darkroom.metadata.images import MAX_IMAGE_FILE_BYTES
+from darkroom.request import MAX_TOKEN_MERGING
 from darkroom.services.xyplot import axis_names
 
 RESIZE_CHOICES = {"just-resize": 0, "crop": 1, "fill": 2}
@@ -46,11 +47,12 @@ def _engine(home: Home, device: str | None, precision: str | None, allow_pickle:
 @click.option("--combinatorial", is_flag=True, default=None,
               help="Dynamic prompts: one image per combination instead of a random pick per image.")
 @click.option("--tiling", is_flag=True, default=None, help="Seamless tiling: the image wraps around at its edges.")
-@click.option("--token-merging", "token_merging_ratio", type=click.FloatRange(0, 0.9), default=None, metavar="RATIO",
+@click.option("--token-merging", "token_merging_ratio", type=click.FloatRange(0, MAX_TOKEN_MERGING), default=None,
+              metavar="RATIO",
               help="Token merging (ToMe, the webui's option): merge this share of the full-resolution self-attention"
                    " tokens, e.g. 0.5. Faster (SD1.x/2.x; SDXL and the starter model have no attention there), changes"
                    " the picture.")
-@click.option("--token-merging-hr", "token_merging_ratio_hr", type=click.FloatRange(0, 0.9), default=None,
+@click.option("--token-merging-hr", "token_merging_ratio_hr", type=click.FloatRange(0, MAX_TOKEN_MERGING), default=None,
               metavar="RATIO", help="Token merging in the hires pass (default: --token-merging's).")
 @click.option("--restore-faces", is_flag=True, default=None,
               help="Restore faces with the face_restoration_model setting (CodeFormer or GFPGAN): needs its file and"

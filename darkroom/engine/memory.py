@@ -410,9 +410,9 @@ def keep_large_allocations() -> bool:
     call: a GEMM with such an output ran at half speed here (1,150 against 2,790 GFLOP/s;
     benchmarks/README.md). So the mmap threshold and the trim threshold go to mallopt's maximum and
     all threads share the main heap (generation runs on the job thread). Freed memory then stays in
-    the heap for the next layer; `return_freed_memory()` still gives it back between phases and after
-    each generation, and the VAE decode and encode (the peak of a generation, where the heap's holes
-    would add 0.2-0.7 GiB) run with glibc's own thresholds (lean_allocations). Called once per process
+    the heap for the next layer; `return_freed_memory()` still gives it back between phases, after
+    each generation, and inside the VAE decode and encode wherever their maps change size (the decode
+    is a generation's peak, where the heap's holes would add 0.2-0.7 GiB; vae_tiling). Called once per process
     by `build_engine`, before the job thread starts; $DARKROOM_MALLOC=default leaves glibc's defaults
     throughout. Elsewhere than glibc: nothing. Returns whether the settings were applied."""
     if _KEPT:
@@ -431,8 +431,9 @@ GLIBC_MMAP_BYTES = 32 << 20  # where glibc's dynamic mmap threshold settles (its
 @contextmanager
 def lean_allocations(lean: bool = True) -> Iterator[None]:
     """glibc's own thresholds for the block (big blocks mmapped and unmapped on free: no heap holes
-    adding to the peak), where keep_large_allocations applied; as they were afterwards. Process-wide:
-    meant for the one generation the job queue runs at a time."""
+    adding to the peak), where keep_large_allocations applied; as they were afterwards. Process-wide.
+    The engine no longer uses it (the VAE trims instead); benchmarks run other pipelines inside it, as
+    they would run in a process of their own."""
     if not (lean and _KEPT and _KEPT[0]):
         yield
         return
@@ -447,7 +448,8 @@ def lean_allocations(lean: bool = True) -> Iterator[None]:
 
 
 def return_freed_memory() -> None:
-    """Give the heap's freed pages back to the system before a phase that allocates a lot (the VAE decode).
+    """Give the heap's freed pages back to the system before a phase that allocates a lot (the VAE decode,
+    and inside it wherever its maps change size).
 
     glibc keeps memory freed by the previous phase (the sampling's activations below its 32 MiB mmap
     threshold, torn into pieces the next phase's tensors do not fit) in its arenas; it stays resident and

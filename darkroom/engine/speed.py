@@ -22,7 +22,8 @@ benchmarks/speed_ab.py; the numbers are below):
 * **no divisions by 1.0.** `ResnetBlock2D` divides its output by `output_scale_factor` and
   the attention processor by `rescale_output_factor`, both 1.0 in every SD family: one pass
   over the activation each (57 per SD1.5 UNet call). Blocks with those factors at 1.0 get a
-  forward without the division (and with the residual added in place); attention modules
+  forward without the division (and with the residual added in place, or in conv2's epilogue:
+  below); attention modules
   with the default SDPA processor get `LeanAttnProcessor`, which falls back to diffusers'
   processor for anything but plain self/cross attention on tokens. The VAE's resnets ("group"
   time-embedding norm, no time embedding) get the same forward: its 14 divisions per decode go,
@@ -42,8 +43,9 @@ The VAE also gets darkroom.engine.vae_bands (its big layers a band of rows at a 
 the same arithmetic), installed here with the rest.
 
 Measured (bf16, 2 threads, quiet machine; benchmarks/speed_ab.py and fusions_ab.py): all the eager
-changes make an SD1.5 512x512 UNet call 1.095x faster, the VAE decode unchanged; the two epilogue
-fusions alone 1.068x for SD1.5 and about 1.1x for SDXL at 1024x1024 (70 transformer blocks).
+changes make an SD1.5 512x512 UNet call 1.095x faster; the two linear epilogue fusions alone 1.068x for
+SD1.5 and about 1.1x for SDXL at 1024x1024 (70 transformer blocks); the residual epilogue, a VAE decode
+1.03-1.04x.
 
 `compile_mode="unet"` (opt-in) adds `torch.compile` (inductor, static shapes) of the UNet:
 1.09x over the eager changes, but the first call compiles for 70 s (2 cores), and each new
