@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from darkroom.engine import memory, vae_tiling
 
-    _, model = one_model.load(args.checkpoint, args.size, "allocator_ab_")
+    _, model = one_model.load(args.checkpoint, args.size, "allocator_ab_", args.precision)
     if not memory.keep_large_allocations():
         raise SystemExit("keep_large_allocations() did not apply here (not glibc, or DARKROOM_MALLOC=default)")
     g = torch.Generator().manual_seed(1)

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = one_model.parser(__doc__, "int8_probe.json", pairs=4)
     parser.add_argument("--layers", choices=("linear", "conv", "both"), default="both")
     args = parser.parse_args(argv)
-    _, model = one_model.load(args.checkpoint, args.size, "int8_probe_")
+    _, model = one_model.load(args.checkpoint, args.size, "int8_probe_", args.precision)
     swaps = int8_swaps(model.unet, args.layers)
     call = one_model.unet_call(model, args.size)
 

@@ -23,22 +23,26 @@ HERE = Path(__file__).resolve().parent
 
 
 def parser(doc: str, out_name: str, pairs: int) -> argparse.ArgumentParser:
-    """checkpoint (default: step_time.py's SD1.5 file), --size, --pairs, --out; the script adds its own."""
+    """checkpoint (default: step_time.py's SD1.5 file), --size, --pairs, --out, --precision; the script
+    adds its own."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("checkpoint", type=Path, nargs="?", default=HERE / "out" / "sd15-random-fp16.safetensors")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--pairs", type=int, default=pairs)
     p.add_argument("--out", type=Path, default=HERE / "out" / out_name)
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="the engine's CPU precision (auto: bf16 where the CPU has it, as Darkroom runs)")
     return p
 
 
-def load(checkpoint: Path, size: int, prefix: str):
+def load(checkpoint: Path, size: int, prefix: str, precision: str = "auto"):
     """(engine, loaded model): a Darkroom engine over a fresh temporary home, the file loaded."""
     from darkroom.api import build_engine
     from darkroom.home import Home
     from darkroom.request import GenerationRequest
 
-    engine = build_engine(Home(Path(tempfile.mkdtemp(prefix=prefix))).ensure(), device="cpu")
+    engine = build_engine(Home(Path(tempfile.mkdtemp(prefix=prefix))).ensure(), device="cpu",
+                          precision=None if precision == "auto" else precision)
     engine.load(GenerationRequest(prompt="x", model=str(checkpoint), width=size, height=size))
     return engine, engine.cache.current
 
@@ -82,6 +86,25 @@ def alternate(call: Callable[[], object], set_side: Callable[[str], None], pairs
         print(f"{label}pair {i + 1}: A {times['A'][-1]:.3f} s, B {times['B'][-1]:.3f} s, "
               f"load {os.getloadavg()[0]:.2f}", flush=True)
     return times
+
+
+def peak_rss(call: Callable[[], object], into: list[float]) -> object:
+    """`call()`, appending the process's peak RSS during it (bytes) to `into`: Linux resets the peak
+    (VmHWM) when "5" is written to /proc/self/clear_refs. Elsewhere nothing is appended."""
+    import re
+
+    from darkroom.engine import memory
+
+    memory.return_freed_memory()  # each call starts from the same trimmed heap
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return call()
+    out = call()
+    found = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    if found:
+        into.append(int(found.group(1)) * 1024)
+    return out
 
 
 def summary(times: dict[str, list[float]]) -> dict:

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from darkroom.engine.token_merging import token_merging
 
-    _, model = one_model.load(args.checkpoint, args.size, "tome_ab_")
+    _, model = one_model.load(args.checkpoint, args.size, "tome_ab_", args.precision)
     unet = one_model.unet_call(model, args.size)
     print(one_model.describe(args.checkpoint, args.size, model), flush=True)
     record: dict = {"checkpoint": str(args.checkpoint), "size": args.size, "torch": torch.__version__}

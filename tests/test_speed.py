@@ -186,7 +186,10 @@ def test_images_and_loras_are_the_same_with_the_speedups(two_homes, tmp_path, en
     assert fast.cache.current.unet.down_blocks[0].resnets[0].forward.__func__ is speed._resnet_forward
     assert "forward" not in vars(plain.cache.current.unet.down_blocks[0].resnets[0])
     if fast.cache.current.dtype == torch.float32:
-        assert images["fast"] == images["plain"]
+        # the same arithmetic up to float32 rounding (the VAE's upsamplers sum their taps first, see
+        # upsample_conv): a pixel value may move by one level, never more
+        for a, b in zip(images["fast"], images["plain"], strict=True):
+            assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= 1
     else:  # bf16: the fused epilogues round differently (see the test above), no further from fp32's images
         exact = engine_factory(Home(tmp_path / "plain"), precision="fp32")
         exact.cache.speedups = False

@@ -35,12 +35,13 @@ benchmarks/speed_ab.py; the numbers are below):
   against 1.54e-2). A VAE decode 1.036x faster; a UNet call unchanged within noise.
 
 The other changes are exact (x / 1.0 == x; a copy changes no value; the fused bias gave the same
-bits as addmm on every SD1.5 shape on this AVX512-BF16/AMX CPU), so fp32 images are the same
-(tests/test_speed.py), and weights stay ordinary parameters that LoRA merging
-(engine/lora.py, in place) keeps changing.
+bits as addmm on every SD1.5 shape on this AVX512-BF16/AMX CPU), and weights stay ordinary parameters
+that LoRA merging (engine/lora.py, in place) keeps changing.
 
 The VAE also gets darkroom.engine.vae_bands (its big layers a band of rows at a time: less memory,
-the same arithmetic), installed here with the rest.
+the same arithmetic) and, through it, darkroom.engine.upsample_conv (its upsamplers as 2x2 phase
+convolutions: the same sums with the kernel's taps added first, so fp32 images can move by one level
+of 255; tests/test_speed.py), installed here with the rest.
 
 Measured (bf16, 2 threads, quiet machine; benchmarks/speed_ab.py and fusions_ab.py): all the eager
 changes make an SD1.5 512x512 UNet call 1.095x faster; the two linear epilogue fusions alone 1.068x for

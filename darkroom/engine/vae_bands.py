@@ -14,7 +14,8 @@ Here, for inputs of at least `BIG_BYTES`:
   current band is written, so no row is read after it is overwritten), with the residual added per
   band. Only the input, one output and a band's temporaries are alive;
 - the 2x upsampler interpolates and convolves band by band, so the interpolated copy never exists
-  whole;
+  whole (on the CPU in bf16/fp32 it makes no copy at all: darkroom.engine.upsample_conv's 2x2 phase
+  convolutions, also on maps too small for bands);
 - the decoder's final norm + SiLU + conv_out runs the same way.
 The arithmetic is GroupNorm's (statistics in float32, normalisation rounded once to the input's
 dtype), so a bf16 decode moves by a unit in the last place now and then (summation order) and an
@@ -31,7 +32,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from darkroom.engine import conv_epilogue
+from darkroom.engine import conv_epilogue, upsample_conv
 
 BIG_BYTES = 192 << 20
 """An input this big or bigger goes through bands: SDXL and SD1.5 at 1024x1024 do, 512x512 does not."""
@@ -185,13 +186,22 @@ def upsampler_is_bandable(up) -> bool:
 
 
 def _upsample_forward(self, hidden_states: torch.Tensor, output_size=None, *args, **kwargs) -> torch.Tensor:
-    """Nearest 2x then the conv, by bands of output rows: the interpolated copy never exists whole."""
-    if output_size is not None or args or kwargs or not big(hidden_states, growth=4):
+    """Nearest 2x then the conv; by bands of output rows on a big map, so that the interpolated copy
+    never exists whole; as 2x2 phase convolutions (upsample_conv) where they pay."""
+    if output_size is not None or args or kwargs:
         return self._whole_forward(hidden_states, output_size, *args, **kwargs)
+    phased = upsample_conv.pays(self, hidden_states)
+    if not big(hidden_states, growth=4):
+        return upsample_conv.forward(self, hidden_states) if phased else self._whole_forward(hidden_states)
     n, _, h, w = hidden_states.shape
     out_h, halo = 2 * h, self.conv.kernel_size[0] // 2
     out = torch.empty((n, self.conv.out_channels, out_h, 2 * w), dtype=hidden_states.dtype,
                       device=hidden_states.device, memory_format=torch.channels_last)
+    if phased:  # each phase's output is the size of the input rows it reads: a band of them at a time
+        kernels = upsample_conv.kernel(self.conv)
+        for first, last in _bands(h, _rows_per_band(hidden_states)):
+            upsample_conv.rows(hidden_states, kernels, first, last, out[:, :, 2 * first:2 * last])
+        return out
     for top, bottom in _bands(out_h, 2 * _rows_per_band(hidden_states) // 4 * 2 or 2):
         lo, hi = max(0, top - halo), min(out_h, bottom + halo)  # interpolated rows the band's conv reads
         src = hidden_states[:, :, lo // 2:(hi - 1) // 2 + 1]
