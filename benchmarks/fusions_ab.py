@@ -8,8 +8,9 @@ side A is the same model with the fusions taken off again: the GEGLU feed-forwar
 (`_geglu_fused`: two GEMMs with GELU and the gating product in their epilogues) and the linear
 layers with the bias inside the GEMM (`_linear_fused_bias`) go back to diffusers' forwards, and
 the resnets add their residual after conv2 instead of in its epilogue (`conv_epilogue`).
-`--which conv-add` takes off only the last; `--which upsample` (with `--call decode`) takes off
-only the VAE upsamplers' 2x2 phase convolutions (`upsample_conv`: nearest 2x + 3x3 conv as they
+`--which conv-add` takes off only the last; `--which gemm-conv` only the small maps' convolutions as
+matrix products (`gemm_conv`); `--which upsample` (with `--call decode`) only the VAE upsamplers' 2x2
+phase convolutions (`upsample_conv`: nearest 2x + 3x3 conv as they
 were). `--call decode` times VAE decodes (`vae_tiling.decode`) instead of UNet calls.
 Single calls (UNet: on the CFG batch) alternate A, B, B, A, ... so each pair ran on the same
 machine state; prints the per-pair ratio A/B (median and quartiles), the share of one call the
@@ -30,10 +31,11 @@ import darkroom  # noqa: F401  (offline first)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import one_model  # noqa: E402
 
-from darkroom.engine import conv_epilogue, speed, upsample_conv  # noqa: E402
+from darkroom.engine import conv_epilogue, gemm_conv, speed, upsample_conv  # noqa: E402
 
 _FUSED_CONV_AVAILABLE = conv_epilogue.available
 _PHASE_MIN_PIXELS = upsample_conv.MIN_PIXELS
+_GEMM_MAX_PIXELS = gemm_conv.MAX_PIXELS
 
 
 def fused_modules(unet: torch.nn.Module) -> list[tuple[torch.nn.Module, object]]:
@@ -47,9 +49,10 @@ def fused_modules(unet: torch.nn.Module) -> list[tuple[torch.nn.Module, object]]
     return found
 
 
-def set_fused(found, on: bool, conv_add: bool = True, phases: bool = False) -> None:
+def set_fused(found, on: bool, conv_add: bool = True, phases: bool = False, gemm: bool = True) -> None:
     """Side B (on) or A (off); with `conv_add` A also adds the resnets' residual after conv2; with
-    `phases` A upsamples and convolves where B runs upsample_conv's phase convolutions."""
+    `phases` A upsamples and convolves where B runs upsample_conv's phase convolutions; with `gemm` A
+    runs every convolution as a conv (no gemm_conv)."""
     for mod, fwd in found:
         if on:
             mod.forward = fwd
@@ -57,6 +60,7 @@ def set_fused(found, on: bool, conv_add: bool = True, phases: bool = False) -> N
             vars(mod).pop("forward", None)
     conv_epilogue.available = _FUSED_CONV_AVAILABLE if on or not conv_add else (lambda: False)
     upsample_conv.MIN_PIXELS = _PHASE_MIN_PIXELS if on or not phases else {}
+    gemm_conv.MAX_PIXELS = _GEMM_MAX_PIXELS if on or not gemm else ()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,9 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp32-reference", action="store_true",
                         help="also run an fp32 copy of the UNet (with --call decode: the VAE) and print both sides' "
                              "distance to it (needs 2x its bf16 size more memory: fine for SD1.5)")
-    parser.add_argument("--which", choices=("all", "conv-add", "upsample"), default="all",
-                        help="what side A takes off: every fusion (default), only the resnets' conv-add, or "
-                             "only the VAE upsamplers' phase convolutions")
+    parser.add_argument("--which", choices=("all", "conv-add", "gemm-conv", "upsample"), default="all",
+                        help="what side A takes off: every fusion (default), only the resnets' conv-add, only "
+                             "the small maps' convs as matrix products, or only the VAE upsamplers' phase "
+                             "convolutions")
     parser.add_argument("--call", choices=("unet", "decode"), default="unet")
     parser.add_argument("--peak", action="store_true",
                         help="also the peak RSS of each call (Linux: the peak is reset before each call)")
@@ -74,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
 
     _, model = one_model.load(args.checkpoint, args.size, "fusions_ab_", args.precision)
     found = fused_modules(model.unet) if args.which == "all" else []
-    conv_add, phases = args.which != "upsample", args.which == "upsample"
+    conv_add, phases, gemm = args.which == "all", args.which == "upsample", args.which in ("all", "gemm-conv")
+    conv_add = conv_add or args.which == "conv-add"
     kinds = {}
     for _, fwd in found:
         kinds[fwd.__func__.__name__] = kinds.get(fwd.__func__.__name__, 0) + 1
@@ -104,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     current = ["A"]
 
     def set_side(side: str) -> None:
-        set_fused(found, side == "B", conv_add, phases)
+        set_fused(found, side == "B", conv_add, phases, gemm)
         current[0] = side
 
     if args.peak:
@@ -131,17 +137,18 @@ def main(argv: list[str] | None = None) -> int:
             import copy
 
             vae32 = copy.deepcopy(model.vae).float()
-            set_fused(found, False, conv_add, phases)  # the reference upsamples as diffusers does
+            set_fused(found, False, conv_add, phases, gemm)  # the reference upsamples as diffusers does
             ref = vae32.decode(lat / model.vae.config.scaling_factor).sample
             set_fused(found, True)
             del vae32
             ref_err = {side: ((outs[side] - ref).norm() / ref.norm()).item() for side in ("A", "B")}
     s = one_model.summary(times)
     rel = ((outs["B"] - outs["A"]).norm() / outs["A"].norm()).item()
-    what = {"all": "diffusers' GEGLU, linear and residual adds", "conv-add": "residual added after conv2",
-            "upsample": "upsample, then the 3x3 conv"}[args.which]
+    what = {"all": "diffusers' GEGLU, linear and residual adds, convs", "conv-add": "residual added after conv2",
+            "gemm-conv": "every 3x3 conv as a conv", "upsample": "upsample, then the 3x3 conv"}[args.which]
     print(f"\nA ({what}): median {s['A']:.3f} s per {args.call} call")
-    b_side = "phase convolutions" if phases else "fused epilogues"
+    b_side = {"upsample": "phase convolutions", "gemm-conv": "small maps' convs as products"}.get(
+        args.which, "fused epilogues")
     print(f"B ({b_side}, the default): median {s['B']:.3f} s per {args.call} call")
     print(f"{one_model.ratio_text(s)}; saved {100 * (1 - s['B'] / s['A']):.1f}% of a call")
     if args.peak:
