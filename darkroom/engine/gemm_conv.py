@@ -30,28 +30,28 @@ channels up to 512 pixels (16x16 on a CFG batch of 2), 1.0-1.8x with 640 channel
 
 def pays(conv: torch.nn.Module, x: torch.Tensor) -> bool:
     """Whether `conv(x)` is done here: a plain 3x3 "same" conv with a channels-last bf16 weight, a
-    channels-last bf16 input of few enough pixels, inference, nothing hooked on the conv."""
-    if not (type(conv) is torch.nn.Conv2d and x.dim() == 4 and x.dtype is torch.bfloat16
-            and conv.weight.dtype is torch.bfloat16 and x.device.type == "cpu"):
-        return False
-    pixels = x.shape[0] * x.shape[2] * x.shape[3]
-    return (any(conv.in_channels >= channels and pixels <= most for channels, most in MAX_PIXELS)
+    channels-last bf16 input of few enough pixels, inference, nothing hooked on the conv (the last
+    conditions are conv_epilogue's)."""
+    return (conv_epilogue.fusible(conv, x, x) and x.dim() == 4
+            and any(conv.in_channels >= channels and x.shape[0] * x.shape[2] * x.shape[3] <= most
+                    for channels, most in MAX_PIXELS)
             and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
-            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+            and conv.dilation == (1, 1) and conv.groups == 1
             and x.shape[1] == conv.in_channels and x.is_contiguous(memory_format=torch.channels_last)
-            and conv.weight.is_contiguous(memory_format=torch.channels_last)
-            and conv_epilogue.fusible(conv, x, x) and _available())
+            and conv.weight.is_contiguous(memory_format=torch.channels_last) and _available())
 
 
-def forward(conv: torch.nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """conv(x) [+ residual]: as a matrix product where `pays`, else the conv as a module (the residual
-    then added in its epilogue where conv_epilogue can)."""
+def forward(conv: torch.nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None = None,
+            into_residual: bool = False) -> torch.Tensor:
+    """conv(x) [+ residual]: as a matrix product where `pays`, else the conv as a module, the residual
+    then added in its epilogue where conv_epilogue can (`into_residual`: in place into `residual`, a
+    tensor nothing else holds, as conv_epilogue.conv_add's `into_other`)."""
     if pays(conv, x) and (residual is None or (residual.shape == (x.shape[0], conv.out_channels, *x.shape[2:])
                                                and residual.dtype is x.dtype)):
         return _product(conv, x, residual)
     if residual is None:
         return conv(x)
-    return conv_epilogue.conv_add(conv, x, residual)
+    return conv_epilogue.conv_add(conv, x, residual, into_other=into_residual)
 
 
 def _product(conv: torch.nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:

@@ -122,9 +122,7 @@ def _resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None,
         hidden_states = self.conv2(hidden_states)
         return _add(hidden_states, self.conv_shortcut(input_tensor))
     shortcut = self.conv_shortcut(input_tensor)  # fresh: conv2's output is summed into it, in place
-    if gemm_conv.pays(self.conv2, hidden_states):
-        return gemm_conv.forward(self.conv2, hidden_states, shortcut)
-    return conv_epilogue.conv_add(self.conv2, hidden_states, shortcut, into_other=True)
+    return gemm_conv.forward(self.conv2, hidden_states, shortcut, into_residual=True)
 
 
 def _act(block, fresh: torch.Tensor) -> torch.Tensor:

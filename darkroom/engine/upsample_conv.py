@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from darkroom.engine import conv_epilogue
 
-__all__ = ["MIN_PIXELS", "forward", "kernel", "pays", "rows"]
+__all__ = ["MIN_PIXELS", "forward", "is_plain", "kernel", "pays", "rows"]
 
 MIN_PIXELS = {torch.bfloat16: 96 * 96, torch.float32: 32 * 32}
 """Per dtype, the smallest input map done here: below it the phase convolutions do not pay. Measured
@@ -32,16 +32,22 @@ channels, 1.01x at 64x64, 1.28x at 96x96, 1.64x at 128x128; float32 0.70x at 16x
 _PHASES = ((0, 0), (0, 1), (1, 0), (1, 1))  # (dy, dx); phase p = 2 * dy + dx
 
 
+def is_plain(up: torch.nn.Module) -> bool:
+    """Whether `up` (a diffusers Upsample2D) is a nearest 2x copy followed by its conv and nothing else
+    (no norm, not a transposed conv): what vae_bands and the phases both compute."""
+    return (getattr(up, "interpolate", False) and getattr(up, "use_conv", False)
+            and not getattr(up, "use_conv_transpose", True) and getattr(up, "norm", None) is None
+            and getattr(up, "name", "conv") == "conv")
+
+
 def pays(up: torch.nn.Module, x: torch.Tensor) -> bool:
-    """Whether `up` (a diffusers Upsample2D) doubling `x` is done here: a plain nearest 2x + 3x3 "same"
-    conv, bf16 or float32 on the CPU, inference, a map of at least MIN_PIXELS, nothing hooked on the
-    conv or replacing its forward (an offload or an extension would be bypassed)."""
+    """Whether `up` doubling `x` is done here: `is_plain` with a 3x3 "same" conv, bf16 or float32 on the
+    CPU, inference, a map of at least MIN_PIXELS, nothing hooked on the conv or replacing its forward
+    (an offload or an extension would be bypassed)."""
     conv = getattr(up, "conv", None)
     limit = MIN_PIXELS.get(x.dtype)
-    return (limit is not None and x.dim() == 4 and x.shape[2] * x.shape[3] >= limit
-            and getattr(up, "interpolate", False) and getattr(up, "use_conv", False)
-            and not getattr(up, "use_conv_transpose", True) and getattr(up, "norm", None) is None
-            and getattr(up, "name", "conv") == "conv" and type(conv) is torch.nn.Conv2d
+    return (limit is not None and x.dim() == 4 and x.shape[2] * x.shape[3] >= limit and is_plain(up)
+            and type(conv) is torch.nn.Conv2d
             and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
             and x.shape[1] == conv.in_channels and conv.weight.dtype is x.dtype and x.device.type == "cpu"

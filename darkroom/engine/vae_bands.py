@@ -181,8 +181,7 @@ def _resnet_forward(self, input_tensor: torch.Tensor, temb=None, *args, **kwargs
 
 
 def upsampler_is_bandable(up) -> bool:
-    return (getattr(up, "interpolate", False) and up.use_conv and not up.use_conv_transpose and up.norm is None
-            and getattr(up, "name", "conv") == "conv" and conv_is_bandable(getattr(up, "conv", None)))
+    return upsample_conv.is_plain(up) and conv_is_bandable(getattr(up, "conv", None))
 
 
 def _upsample_forward(self, hidden_states: torch.Tensor, output_size=None, *args, **kwargs) -> torch.Tensor:
